@@ -1,0 +1,3 @@
+"""modelyard: one OpenAI-compatible endpoint in front of many on-demand model engines."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,290 @@
+"""The configuration file's shape, validated by pydantic.
+
+Every setting a user may write lives here, so `modelyard check` can reject a bad file before
+anything starts. Cross-field rules (name clashes, routes, groups) are checked in
+`GatewayConfig._check_cross_references`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from modelyard.config.units import ByteSize, Duration
+
+EngineKindName = Literal["vllm", "command", "diffusion"]
+
+# Names travel in URLs, file names and log lines: keep them to a safe alphabet.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
+_ROUTE_RE = re.compile(r"^/[A-Za-z0-9._-]+$")
+
+
+def check_model_name(name: str) -> str:
+    if not _NAME_RE.match(name) or ".." in name or "//" in name or name.endswith("/"):
+        raise ValueError(
+            f"{name!r} is not a valid model name (letters, digits and . _ : @ / -, "
+            "starting with a letter or digit, no '..')"
+        )
+    return name
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors: a typo must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraConfig(StrictModel):
+    """LoRA adapters served on top of one base vLLM engine."""
+
+    max_loras: int = Field(default=4, ge=1, description="adapters active in one batch (--max-loras)")
+    max_rank: int = Field(default=16, ge=1, description="largest adapter rank (--max-lora-rank)")
+    max_cpu_loras: int | None = Field(default=None, ge=1, description="adapters kept loaded")
+    adapters: dict[str, str] = Field(default_factory=dict, description="name -> adapter folder")
+    adapter_dirs: list[str] = Field(default_factory=list, description="folders scanned for adapters")
+    scan_interval: Duration = 2.0
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, adapters: dict[str, str]) -> dict[str, str]:
+        for name in adapters:
+            check_model_name(name)
+            if "/" in name:
+                raise ValueError(f"adapter name {name!r} may not contain '/'")
+        return adapters
+
+
+class ModelConfig(StrictModel):
+    """One model the gateway can start on demand."""
+
+    engine: EngineKindName = "vllm"
+    model: str | None = Field(default=None, description="weights path or name (vllm, diffusion)")
+    served_name: str | None = Field(default=None, description="name the engine uses; default the key")
+    aliases: list[str] = Field(default_factory=list)
+    route: str | None = Field(default=None, description="path prefix such as /coder")
+    command: list[str] | None = Field(default=None, description="argv for engine: command; {port}")
+    executable: list[str] | None = Field(default=None, description="vllm: argv that starts vLLM")
+    args: list[str] = Field(default_factory=list, description="extra engine arguments, last")
+    env: dict[str, str] = Field(default_factory=dict)
+    health_path: str | None = None
+    idle_timeout: Duration | None = None
+    start_timeout: Duration | None = None
+    stop_grace: Duration | None = None
+    max_model_len: int | None = Field(default=None, ge=1)
+    # Placement (GPU memory).
+    gpus: list[int] | None = Field(default=None, description="GPU indexes this model may use")
+    tensor_parallel: int = Field(default=1, ge=1)
+    memory: ByteSize | None = Field(default=None, description="footprint hint before measuring")
+    pinned: bool = False
+    sleep: Literal[0, 1, 2] = Field(default=0, description="vLLM sleep level when idle; 0 = never")
+    # Back-pressure.
+    max_queue: int | None = Field(default=None, ge=0, description="requests waiting for a start")
+    lora: LoraConfig | None = None
+
+    @field_validator("aliases")
+    @classmethod
+    def _alias_names(cls, aliases: list[str]) -> list[str]:
+        for alias in aliases:
+            check_model_name(alias)
+        return aliases
+
+    @field_validator("route")
+    @classmethod
+    def _route_shape(cls, route: str | None) -> str | None:
+        if route is not None and not _ROUTE_RE.match(route):
+            raise ValueError(f"{route!r} is not a route: use one path segment such as '/coder'")
+        return route
+
+    @field_validator("health_path")
+    @classmethod
+    def _health_path_shape(cls, path: str | None) -> str | None:
+        if path is not None and not path.startswith("/"):
+            raise ValueError("health_path must start with '/'")
+        return path
+
+    @model_validator(mode="after")
+    def _engine_fields(self) -> ModelConfig:
+        if self.engine == "command":
+            if not self.command:
+                raise ValueError("engine 'command' needs 'command:', an argv list using {port}")
+            if not any("{port}" in part for part in self.command):
+                raise ValueError("'command' must contain {port} so the gateway can pick the port")
+        elif self.command is not None:
+            raise ValueError(f"'command' is only for engine 'command', not {self.engine!r}")
+        if self.engine in ("vllm", "diffusion") and not self.model:
+            raise ValueError(f"engine {self.engine!r} needs 'model:' (a weights path or name)")
+        if self.lora is not None and self.engine != "vllm":
+            raise ValueError("'lora' is only supported for engine 'vllm'")
+        if self.sleep and self.engine != "vllm":
+            raise ValueError("'sleep' is only supported for engine 'vllm'")
+        if self.gpus is not None and len(self.gpus) < self.tensor_parallel:
+            raise ValueError(
+                f"tensor_parallel is {self.tensor_parallel} but only {len(self.gpus)} gpus are allowed"
+            )
+        return self
+
+
+class GpuConfig(StrictModel):
+    """A GPU declared by hand, for machines without NVML and for tests."""
+
+    index: int = Field(ge=0)
+    memory: ByteSize
+    name: str | None = None
+
+
+class GroupConfig(StrictModel):
+    members: list[str]
+    exclusive: bool = Field(default=False, description="at most one member runs at a time")
+
+
+class ApiKeyConfig(StrictModel):
+    name: str
+    sha256: str = Field(description="hex SHA-256 of the key; the key itself is never stored")
+    models: list[str] = Field(default_factory=lambda: ["*"], description="glob patterns")
+    rpm: int | None = Field(default=None, ge=1, description="requests per minute")
+    admin: bool = False
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, digest: str) -> str:
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+            raise ValueError("sha256 must be 64 hex digits (see `modelyard keys create NAME`)")
+        return digest.lower()
+
+
+class AuthConfig(StrictModel):
+    keys: list[ApiKeyConfig] = Field(default_factory=list)
+    allow_unauthenticated: bool = Field(
+        default=False, description="allow a non-loopback listen address with no keys"
+    )
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AuthConfig:
+        names = [key.name for key in self.keys]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate key names: {', '.join(duplicates)}")
+        return self
+
+
+class LimitsConfig(StrictModel):
+    max_body_bytes: ByteSize = 4 * 1024 * 1024
+    max_queue: int = Field(default=512, ge=0, description="requests waiting across all models")
+    max_queue_per_model: int = Field(default=128, ge=0)
+    upstream_connect_timeout: Duration = 10.0
+    upstream_read_timeout: Duration = 600.0
+    shutdown_grace: Duration = 30.0
+
+
+class DefaultsConfig(StrictModel):
+    idle_timeout: Duration = 600.0  # the seed 000's IDLE_SECONDS default
+    start_timeout: Duration = 300.0
+    stop_grace: Duration = 10.0
+
+
+class VllmConfig(StrictModel):
+    """How to run vLLM: the argv that starts it, so it can live in its own venv."""
+
+    executable: list[str] = Field(default_factory=lambda: ["vllm", "serve"])
+
+
+class DiffusionConfig(StrictModel):
+    """How to run the built-in diffusion server: a Python that has diffusers and torch."""
+
+    executable: list[str] = Field(default_factory=lambda: ["python3"])
+
+
+class GatewayConfig(StrictModel):
+    listen: str = "127.0.0.1:8000"
+    state_dir: str = ".state"
+    defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    vllm: VllmConfig = Field(default_factory=VllmConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    gpus: list[GpuConfig] | None = Field(default=None, description="declared GPU inventory")
+    host_ram_for_sleep: ByteSize | None = Field(
+        default=None, description="host RAM that level-1 sleeping engines may hold"
+    )
+    groups: dict[str, GroupConfig] = Field(default_factory=dict)
+    log_format: Literal["text", "json"] = "text"
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen_shape(cls, listen: str) -> str:
+        host, sep, port = listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"{listen!r} is not HOST:PORT")
+        return listen
+
+    @field_validator("models")
+    @classmethod
+    def _model_keys(cls, models: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+        for name in models:
+            check_model_name(name)
+        return models
+
+    @model_validator(mode="after")
+    def _check_cross_references(self) -> GatewayConfig:
+        owners: dict[str, str] = {}
+
+        def claim(public_name: str, owner: str) -> None:
+            if public_name in owners and owners[public_name] != owner:
+                raise ValueError(
+                    f"name {public_name!r} is used by both {owners[public_name]!r} and {owner!r}"
+                )
+            owners[public_name] = owner
+
+        for name in self.models:
+            claim(name, name)
+        for name, model in self.models.items():
+            for alias in model.aliases:
+                claim(alias, name)
+        for name, model in self.models.items():
+            for adapter in model.lora.adapters if model.lora else {}:
+                claim(adapter, f"{name} (adapter)")
+        routes: dict[str, str] = {}
+        for name, model in self.models.items():
+            if model.route is None:
+                continue
+            if model.route in routes:
+                raise ValueError(
+                    f"route {model.route!r} is used by both {routes[model.route]!r} and {name!r}"
+                )
+            if model.route in _RESERVED_ROUTES:
+                raise ValueError(f"route {model.route!r} is reserved by the gateway")
+            routes[model.route] = name
+        declared = {gpu.index for gpu in self.gpus or []}
+        if self.gpus is not None and len(declared) != len(self.gpus):
+            raise ValueError("gpus: each index may be declared once")
+        for name, model in self.models.items():
+            for index in model.gpus or []:
+                if self.gpus is not None and index not in declared:
+                    raise ValueError(f"model {name!r} asks for gpu {index}, which is not declared")
+        grouped: dict[str, str] = {}
+        for group_name, group in self.groups.items():
+            for member in group.members:
+                if member not in self.models:
+                    raise ValueError(f"group {group_name!r} names unknown model {member!r}")
+                if group.exclusive and member in grouped:
+                    raise ValueError(
+                        f"model {member!r} is in two exclusive groups: {grouped[member]!r}"
+                        f" and {group_name!r}"
+                    )
+                if group.exclusive:
+                    grouped[member] = group_name
+        return self
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+_RESERVED_ROUTES = {"/v1", "/admin", "/gateway", "/upstream", "/ui", "/metrics", "/health"}

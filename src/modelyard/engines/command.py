@@ -1,0 +1,28 @@
+"""Any OpenAI-compatible server started from an argv with `{port}` (like llama-swap's `cmd`)."""
+
+from __future__ import annotations
+
+from modelyard.config.schema import GatewayConfig, ModelConfig
+from modelyard.engines.base import Capabilities, LaunchSpec, MemoryBudget, gpu_env
+
+
+class CommandEngine:
+    def problems(self, name: str, model: ModelConfig, gateway: GatewayConfig) -> list[str]:
+        return []
+
+    def launch_spec(
+        self,
+        name: str,
+        model: ModelConfig,
+        gateway: GatewayConfig,
+        port: int,
+        budget: MemoryBudget | None,
+    ) -> LaunchSpec:
+        assert model.command is not None  # the schema requires it for this kind
+        argv = [part.replace("{port}", str(port)) for part in model.command] + list(model.args)
+        return LaunchSpec(
+            argv=argv,
+            env={**gpu_env(budget), **model.env},
+            health_path=model.health_path or "/health",
+            capabilities=Capabilities(),
+        )
