@@ -39,11 +39,15 @@ class StrictModel(BaseModel):
 class LoraConfig(StrictModel):
     """LoRA adapters served on top of one base vLLM engine."""
 
-    max_loras: int = Field(default=4, ge=1, description="adapters active in one batch (--max-loras)")
+    max_loras: int = Field(
+        default=4, ge=1, description="adapters active in one batch (--max-loras)"
+    )
     max_rank: int = Field(default=16, ge=1, description="largest adapter rank (--max-lora-rank)")
     max_cpu_loras: int | None = Field(default=None, ge=1, description="adapters kept loaded")
     adapters: dict[str, str] = Field(default_factory=dict, description="name -> adapter folder")
-    adapter_dirs: list[str] = Field(default_factory=list, description="folders scanned for adapters")
+    adapter_dirs: list[str] = Field(
+        default_factory=list, description="folders scanned for adapters"
+    )
     scan_interval: Duration = 2.0
 
     @field_validator("adapters")
@@ -61,7 +65,9 @@ class ModelConfig(StrictModel):
 
     engine: EngineKindName = "vllm"
     model: str | None = Field(default=None, description="weights path or name (vllm, diffusion)")
-    served_name: str | None = Field(default=None, description="name the engine uses; default the key")
+    served_name: str | None = Field(
+        default=None, description="name the engine uses; default the key"
+    )
     aliases: list[str] = Field(default_factory=list)
     route: str | None = Field(default=None, description="path prefix such as /coder")
     command: list[str] | None = Field(default=None, description="argv for engine: command; {port}")

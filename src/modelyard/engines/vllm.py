@@ -32,11 +32,15 @@ class VllmEngine:
         for index, arg in enumerate(model.args):
             flag = _flag_name(arg)
             if flag in _GATEWAY_OWNED_FLAGS:
-                found.append(f"models.{name}.args.{index}: {flag} is set by the gateway; "
-                             f"{_GATEWAY_OWNED_FLAGS[flag]}")
+                found.append(
+                    f"models.{name}.args.{index}: {flag} is set by the gateway; "
+                    f"{_GATEWAY_OWNED_FLAGS[flag]}"
+                )
             if flag in _BUDGET_FLAGS and gateway.gpus is not None:
-                found.append(f"models.{name}.args.{index}: {flag} is decided by the gateway "
-                             "from the measured footprint when GPUs are managed")
+                found.append(
+                    f"models.{name}.args.{index}: {flag} is decided by the gateway "
+                    "from the measured footprint when GPUs are managed"
+                )
         return found
 
     def launch_spec(
@@ -50,8 +54,16 @@ class VllmEngine:
         assert model.model is not None  # the schema requires it for this kind
         executable = list(model.executable or gateway.vllm.executable)
         served = served_name(name, model)
-        argv = [*executable, model.model,
-                "--host", "127.0.0.1", "--port", str(port), "--served-model-name", served]
+        argv = [
+            *executable,
+            model.model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--served-model-name",
+            served,
+        ]
         if model.max_model_len is not None:
             argv += ["--max-model-len", str(model.max_model_len)]
         if model.tensor_parallel > 1:
@@ -66,13 +78,20 @@ class VllmEngine:
             env.setdefault("VLLM_SERVER_DEV_MODE", "1")  # exposes /sleep, /wake_up, /is_sleeping
         if model.lora is not None:
             lora = model.lora
-            argv += ["--enable-lora", "--max-loras", str(lora.max_loras),
-                     "--max-lora-rank", str(lora.max_rank)]
+            argv += [
+                "--enable-lora",
+                "--max-loras",
+                str(lora.max_loras),
+                "--max-lora-rank",
+                str(lora.max_rank),
+            ]
             if lora.max_cpu_loras is not None:
                 argv += ["--max-cpu-loras", str(max(lora.max_cpu_loras, lora.max_loras))]
             if lora.adapters:
-                argv += ["--lora-modules",
-                         *(f"{adapter}={path}" for adapter, path in lora.adapters.items())]
+                argv += [
+                    "--lora-modules",
+                    *(f"{adapter}={path}" for adapter, path in lora.adapters.items()),
+                ]
             env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
         argv += list(model.args)
         return LaunchSpec(

@@ -1,0 +1,1 @@
+"""The HTTP API: OpenAI routes, seed-compatible routes, admin routes."""

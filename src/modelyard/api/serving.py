@@ -1,0 +1,227 @@
+"""Routes that serve models: OpenAI's `/v1/...`, the seeds' `/{route}/...`, `/upstream/...`."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+from modelyard.api.bodies import model_field, parse_json_object, read_body
+from modelyard.api.errors import ApiError
+from modelyard.api.principal import principal_of
+from modelyard.gateway import Gateway, RequestRecord
+from modelyard.proxy.forward import UpstreamError
+from modelyard.proxy.sse import (
+    StreamTransformer,
+    model_name_replacements,
+    rewrite_model_in_json,
+)
+from modelyard.scheduler.supervisor import ModelUnavailable
+from modelyard.scheduler.yard import Target, UnknownModel
+
+GATEWAY_KEY = web.AppKey("gateway", Gateway)
+
+
+def gateway_of(request: web.Request) -> Gateway:
+    return request.app[GATEWAY_KEY]
+
+
+def resolve(gateway: Gateway, name: str) -> Target:
+    try:
+        return gateway.yard.resolve(name)
+    except UnknownModel as error:
+        known = ", ".join(error.known) or "(none configured)"
+        raise ApiError(404, f"model {name!r} does not exist; known models: {known}",
+                       "model_not_found", "model") from None
+
+
+async def openai_model_route(request: web.Request) -> web.StreamResponse:
+    """POST /v1/<anything>: the `model` field picks the engine."""
+    gateway = gateway_of(request)
+    body = await read_body(request, gateway.config.limits.max_body_bytes)
+    payload = parse_json_object(body)
+    target = resolve(gateway, model_field(payload))
+    return await proxy_json(request, gateway, target, "/v1/" + request.match_info["tail"], payload,
+                            body, route_label="/v1/" + request.match_info["tail"].split("/")[0])
+
+
+async def seed_route(request: web.Request) -> web.StreamResponse:
+    """`/{route}/...` (the seed 000's `/coder/v1/chat/completions`, `/vision/generate`)."""
+    gateway = gateway_of(request)
+    route, tail = request.match_info["route"], request.match_info["tail"]
+    model = gateway.yard.model_for_route(route)
+    if model is None:
+        raise ApiError(404, f"no route /{route}; routes: "
+                       + ", ".join(sorted(f"/{r}" for r in gateway.yard.routes())),
+                       "route_not_found")
+    target = gateway.yard.resolve(model)
+    if tail in ("v1/models", "v1/models/") and request.method == "GET":
+        return web.json_response(model_listing(gateway, only=model))
+    body = await read_body(request, gateway.config.limits.max_body_bytes)
+    label = f"/{route}/" + tail.split("/")[0]
+    if request.method == "POST" and tail.startswith("v1/") and body:
+        payload = parse_json_object(body)
+        asked = payload.get("model")
+        chosen = _route_target(gateway, target, asked)
+        return await proxy_json(request, gateway, chosen, "/" + tail, payload, body, label)
+    return await proxy_raw(request, gateway, target, "/" + tail, body, label)
+
+
+def _route_target(gateway: Gateway, base: Target, asked: object) -> Target:
+    # The route decides the engine "whatever model says" (seed 000); an adapter of that same
+    # base model is the one exception, so LoRA fine-tunes work behind a route too.
+    if isinstance(asked, str):
+        try:
+            candidate = gateway.yard.resolve(asked)
+        except UnknownModel:
+            candidate = None
+        if candidate is not None and candidate.model == base.model:
+            return candidate
+    return base
+
+
+async def upstream_route(request: web.Request) -> web.StreamResponse:
+    """`/upstream/{model}/{path}`: any engine path, after starting the engine."""
+    gateway = gateway_of(request)
+    target = resolve(gateway, request.match_info["model"])
+    body = await read_body(request, gateway.config.limits.max_body_bytes)
+    return await proxy_raw(request, gateway, target, "/" + request.match_info["tail"], body,
+                           "/upstream")
+
+
+async def proxy_json(
+    request: web.Request,
+    gateway: Gateway,
+    target: Target,
+    path: str,
+    payload: dict[str, Any],
+    body: bytes,
+    route_label: str,
+) -> web.StreamResponse:
+    """Forward an OpenAI-style JSON request, rewriting model names both ways when aliased."""
+    principal_of(request).require_model(target)
+    if payload.get("model") != target.upstream_name:
+        payload["model"] = target.upstream_name
+        body = json.dumps(payload).encode()
+    replacements = model_name_replacements(target.upstream_name, target.public_name)
+
+    def transformer() -> StreamTransformer | None:
+        return StreamTransformer(replacements) if replacements else None
+
+    rewrite = (lambda data: rewrite_model_in_json(data, replacements)) if replacements else None
+    return await _forward(request, gateway, target, path, body, route_label, transformer, rewrite)
+
+
+async def proxy_raw(
+    request: web.Request,
+    gateway: Gateway,
+    target: Target,
+    path: str,
+    body: bytes,
+    route_label: str,
+) -> web.StreamResponse:
+    """Forward any request unchanged (seed routes such as /vision/generate, /upstream)."""
+    principal_of(request).require_model(target)
+    return await _forward(request, gateway, target, path, body or None, route_label,
+                          lambda: None, None)
+
+
+async def _forward(
+    request: web.Request,
+    gateway: Gateway,
+    target: Target,
+    path: str,
+    body: bytes | None,
+    route_label: str,
+    transformer: Any,
+    rewrite: Any,
+) -> web.StreamResponse:
+    started = time.perf_counter()
+    status = 500
+    first_byte: float | None = None
+    streamed = False
+    usage: dict[str, int] = {}
+    try:
+        async with gateway.yard.engine_for(target.model) as engine:
+            if request.query_string:
+                path = f"{path}?{request.query_string}"
+            response, outcome = await gateway.upstream.forward(
+                request, engine.base_url + path, body, transformer, rewrite
+            )
+            status, first_byte, streamed = outcome.status, outcome.first_byte_s, outcome.streamed
+            usage = outcome.usage or _usage_of(outcome.body)
+            return response
+    except ModelUnavailable as error:
+        status = error.status
+        raise ApiError(error.status, _with_log_tail(str(error), error.log_tail), error.code,
+                       retry_after=error.retry_after) from None
+    except UpstreamError as error:
+        status = 502
+        supervisor = gateway.yard.supervisors[target.model]
+        tail = supervisor.failure.log_tail if supervisor.failure else []
+        raise ApiError(502, _with_log_tail(f"model {target.model!r}: {error}", tail),
+                       "upstream_error") from None
+    finally:
+        gateway.observe(RequestRecord(
+            model=target.model, route=route_label, key_name=principal_of(request).name,
+            status=status, duration_s=time.perf_counter() - started, first_byte_s=first_byte,
+            streamed=streamed, prompt_tokens=usage.get("prompt_tokens"),
+            completion_tokens=usage.get("completion_tokens"),
+        ))
+
+
+def _usage_of(body: bytes | None) -> dict[str, int]:
+    if not body or b'"usage"' not in body:
+        return {}
+    try:
+        usage = json.loads(body).get("usage")
+    except (ValueError, AttributeError):
+        return {}
+    return {k: v for k, v in usage.items() if isinstance(v, int)} if isinstance(usage, dict) else {}
+
+
+def _with_log_tail(message: str, tail: list[str]) -> str:
+    if not tail:
+        return message
+    return message + "\nlast engine log lines:\n" + "\n".join(tail[-10:])
+
+
+def model_listing(gateway: Gateway, only: str | None = None) -> dict[str, Any]:
+    """GET /v1/models: every configured name, answered at once (never waits for an engine)."""
+    yard = gateway.yard
+    created = int(gateway.started_at)
+    data = []
+    for public in yard.public_names():
+        target = yard.resolve(public)
+        if only is not None and target.model != only:
+            continue
+        supervisor = yard.supervisors[target.model]
+        entry: dict[str, Any] = {
+            "id": public,
+            "object": "model",
+            "created": created,
+            "owned_by": "modelyard",
+            "root": target.model,
+            "parent": target.model if target.adapter else None,
+            "state": supervisor.state.value,
+        }
+        if public != target.model and target.adapter is None:
+            entry["alias_of"] = target.model
+        data.append(entry)
+    return {"object": "list", "data": data}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return web.json_response(model_listing(gateway_of(request)))
+
+
+async def get_model(request: web.Request) -> web.Response:
+    gateway = gateway_of(request)
+    name = request.match_info["name"]
+    resolve(gateway, name)
+    for entry in model_listing(gateway)["data"]:
+        if entry["id"] == name:
+            return web.json_response(entry)
+    raise ApiError(404, f"model {name!r} does not exist", "model_not_found")

@@ -1,0 +1,184 @@
+"""The `modelyard` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from modelyard.config import ConfigError, GatewayConfig, load_config
+from modelyard.config.units import format_bytes
+from modelyard.engines import engine_kind
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    result: int = args.run(args)
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelyard", description=__doc__)
+    verbs = parser.add_subparsers(title="commands")
+
+    serve = verbs.add_parser("serve", help="run the gateway")
+    serve.add_argument("-c", "--config", required=True, help="YAML config file")
+    serve.add_argument("--host", help="listen address (overrides the config's listen)")
+    serve.add_argument("--port", type=int, help="listen port (overrides the config's listen)")
+    serve.add_argument("--log-level", default=os.environ.get("MODELYARD_LOG_LEVEL", "INFO"))
+    serve.set_defaults(run=_serve)
+
+    check = verbs.add_parser("check", help="validate a config and print what would run")
+    check.add_argument("-c", "--config", required=True)
+    check.set_defaults(run=_check)
+
+    for verb, helptext in (("status", "models and their states, from a running gateway"),):
+        command = verbs.add_parser(verb, help=helptext)
+        _client_args(command)
+        command.set_defaults(run=_status)
+
+    for verb in ("load", "unload", "sleep"):
+        command = verbs.add_parser(verb, help=f"{verb} a model on a running gateway")
+        command.add_argument("model")
+        if verb == "sleep":
+            command.add_argument("--level", type=int, choices=(1, 2))
+        _client_args(command)
+        command.set_defaults(run=_admin_action, verb=verb)
+    return parser
+
+
+def _client_args(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--url", default=os.environ.get("MODELYARD_URL", DEFAULT_URL))
+    command.add_argument("--key", default=os.environ.get("MODELYARD_API_KEY"),
+                         help="API key (default: $MODELYARD_API_KEY)")
+    command.add_argument("--json", action="store_true", help="print raw JSON")
+
+
+def _load(path: str) -> GatewayConfig | None:
+    try:
+        config = load_config(path)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(problem, file=sys.stderr)
+        return None
+    problems = [
+        f"{path}: {problem}"
+        for name, model in config.models.items()
+        for problem in engine_kind(model.engine).problems(name, model, config)
+    ]
+    if problems:
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        return None
+    return config
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 1
+    host = args.host or config.host
+    port = args.port if args.port is not None else config.port
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    config = config.model_copy(update={"listen": listen})
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from modelyard.server import serve
+
+    serve(config)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 1
+    console = Console()
+    table = Table(title=f"{args.config}: {len(config.models)} models, listen {config.listen}")
+    for column in ("model", "engine", "route", "aliases", "idle", "command"):
+        table.add_column(column, overflow="fold")
+    for name, model in config.models.items():
+        spec = engine_kind(model.engine).launch_spec(name, model, config, 0, None)
+        argv = " ".join(spec.argv).replace(" --port 0", " --port {port}")
+        idle = model.idle_timeout if model.idle_timeout is not None else config.defaults.idle_timeout
+        table.add_row(name, model.engine, model.route or "-", ", ".join(model.aliases) or "-",
+                      f"{idle:.0f}s", argv)
+    console.print(table)
+    if config.gpus:
+        for gpu in config.gpus:
+            console.print(f"gpu {gpu.index}: {format_bytes(gpu.memory)} (declared)")
+    console.print("config OK")
+    return 0
+
+
+def _request(args: argparse.Namespace, method: str, path: str) -> Any:
+    request = urllib.request.Request(args.url.rstrip("/") + path, method=method)
+    if args.key:
+        request.add_header("Authorization", f"Bearer {args.key}")
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        try:
+            message = json.loads(error.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = error.reason
+        raise SystemExit(f"modelyard: {method} {path}: {error.code}: {message}") from None
+    except urllib.error.URLError as error:
+        raise SystemExit(f"modelyard: cannot reach {args.url}: {error.reason}") from None
+
+
+def _status(args: argparse.Namespace) -> int:
+    status = _request(args, "GET", "/gateway/status")
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    console = Console()
+    table = Table(title=f"modelyard at {args.url}")
+    for column in ("model", "state", "engine", "route", "in flight", "queued", "last use",
+                   "gpus", "note"):
+        table.add_column(column)
+    for model in status["models"]:
+        ago = model.get("last_used_ago_s")
+        failure = model.get("failure") or {}
+        table.add_row(
+            model["name"], model["state"], model["engine"], model.get("route") or "-",
+            str(model["in_flight"]), str(model["queued"]),
+            "-" if ago is None else f"{ago:.0f}s ago",
+            ",".join(str(g) for g in model.get("gpus") or []) or "-",
+            (failure.get("message") or "")[:60],
+        )
+    console.print(table)
+    return 0
+
+
+def _admin_action(args: argparse.Namespace) -> int:
+    path = f"/admin/models/{args.model}/{args.verb}"
+    if args.verb == "sleep" and args.level:
+        path += f"?level={args.level}"
+    result = _request(args, "POST", path)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['name']}: {result['state']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

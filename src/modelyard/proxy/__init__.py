@@ -1,0 +1,1 @@
+"""Proxy: forwards requests to engines without buffering streams."""

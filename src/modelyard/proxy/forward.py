@@ -1,0 +1,172 @@
+"""Forwarding one request to an engine: no buffering of streams, upstream closed on disconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from modelyard.proxy.sse import StreamTransformer
+
+# Headers that describe one hop, not the message (RFC 9110 7.6.1), plus ones we recompute.
+_HOP_HEADERS = frozenset(
+    {
+        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+        "trailer", "transfer-encoding", "upgrade", "host", "content-length",
+        "content-encoding", "accept-encoding",
+    }
+)
+# Credentials for the gateway must never reach an engine (or its logs).
+_PRIVATE_HEADERS = frozenset({"authorization", "x-api-key", "cookie"})
+
+
+class UpstreamError(Exception):
+    """The engine could not be reached or broke off; becomes a 502 for the client."""
+
+
+@dataclass
+class ProxyOutcome:
+    """What happened, for metrics and logs."""
+
+    status: int = 0
+    streamed: bool = False
+    first_byte_s: float | None = None
+    upstream_broke: bool = False
+    client_gone: bool = False
+    body: bytes | None = None  # the non-streamed response body, for usage accounting
+    usage: dict[str, int] = field(default_factory=dict)
+
+
+def forward_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    return {
+        key: value
+        for key, value in headers.items()
+        if key.lower() not in _HOP_HEADERS and key.lower() not in _PRIVATE_HEADERS
+    }
+
+
+def response_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:
+    return {k: v for k, v in upstream.headers.items() if k.lower() not in _HOP_HEADERS}
+
+
+class UpstreamClient:
+    """One pooled HTTP client for all engines (aiohttp: several times httpx's speed)."""
+
+    def __init__(self, connect_timeout: float, read_timeout: float) -> None:
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=connect_timeout, sock_read=read_timeout
+            ),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def forward(
+        self,
+        request: web.Request,
+        url: str,
+        body: bytes | None,
+        transformer_for: Callable[[], StreamTransformer | None],
+        rewrite_body: Callable[[bytes], bytes] | None = None,
+    ) -> tuple[web.StreamResponse, ProxyOutcome]:
+        """Send the request to `url`; stream the answer back as it comes."""
+        outcome = ProxyOutcome()
+        started = time.perf_counter()
+        headers = forward_headers(request.headers)
+        try:
+            upstream = await self.session.request(
+                request.method, url, data=body, headers=headers, allow_redirects=False
+            )
+        except (aiohttp.ClientError, TimeoutError) as error:
+            raise UpstreamError(f"engine unreachable: {describe(error)}") from error
+        try:
+            content_type = upstream.headers.get("Content-Type", "")
+            if content_type.startswith("text/event-stream"):
+                response = await self._stream(request, upstream, transformer_for(), outcome,
+                                              started)
+            else:
+                try:
+                    data = await upstream.read()
+                except (aiohttp.ClientError, TimeoutError) as error:
+                    raise UpstreamError(f"engine broke off its answer: {describe(error)}") from error
+                outcome.first_byte_s = time.perf_counter() - started
+                if rewrite_body is not None and upstream.status < 400:
+                    data = rewrite_body(data)
+                outcome.body = data
+                response = web.Response(
+                    body=data, status=upstream.status, headers=response_headers(upstream)
+                )
+            outcome.status = upstream.status
+            return response, outcome
+        finally:
+            if outcome.client_gone or outcome.upstream_broke:
+                upstream.close()  # drop the connection so the engine stops generating
+            else:
+                upstream.release()
+
+    async def _stream(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        transformer: StreamTransformer | None,
+        outcome: ProxyOutcome,
+        started: float,
+    ) -> web.StreamResponse:
+        outcome.streamed = True
+        response = web.StreamResponse(status=upstream.status, headers=response_headers(upstream))
+        response.headers["Cache-Control"] = "no-cache"
+        response.headers["X-Accel-Buffering"] = "no"  # tell nginx in front not to buffer
+        try:
+            await response.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                if outcome.first_byte_s is None:
+                    outcome.first_byte_s = time.perf_counter() - started
+                if transformer is not None:
+                    chunk = transformer.feed(chunk)
+                    if not chunk:
+                        continue
+                await response.write(chunk)
+            if transformer is not None:
+                tail = transformer.flush()
+                if tail:
+                    await response.write(tail)
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError, asyncio.CancelledError):
+            outcome.client_gone = True
+            raise
+        except (aiohttp.ClientError, TimeoutError) as error:
+            # The engine died or hung mid-stream: end the stream with an error event so the
+            # client sees a clear failure instead of a silent truncation.
+            outcome.upstream_broke = True
+            if transformer is not None:
+                transformer.flush()
+            message = f"the engine broke off the stream: {describe(error)}"
+            event = {"error": {"message": message, "type": "server_error", "param": None,
+                               "code": "upstream_stream_broken"}}
+            try:
+                await response.write(f"data: {json.dumps(event)}\n\n".encode())
+            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                outcome.client_gone = True
+                return response
+        if transformer is not None:
+            outcome.usage = transformer.usage
+        try:
+            await response.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            outcome.client_gone = True
+        return response
+
+
+def describe(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return f"{type(error).__name__}: {text}" if text != type(error).__name__ else text

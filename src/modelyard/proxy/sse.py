@@ -1,0 +1,75 @@
+"""Line-level edits of a Server-Sent-Events stream, applied as chunks pass through.
+
+Used only when needed (alias names to rewrite, usage to collect); otherwise chunks are
+forwarded untouched. Lines are buffered only up to the next newline, never a whole stream.
+"""
+
+from __future__ import annotations
+
+import json
+
+
+def model_name_replacements(upstream_name: str, public_name: str) -> list[tuple[bytes, bytes]]:
+    """The byte patterns that name the model in JSON, compact or with a space after ':'."""
+    if upstream_name == public_name:
+        return []
+    old, new = json.dumps(upstream_name).encode(), json.dumps(public_name).encode()
+    return [(b'"model":' + old, b'"model":' + new), (b'"model": ' + old, b'"model": ' + new)]
+
+
+def rewrite_model_in_json(body: bytes, replacements: list[tuple[bytes, bytes]]) -> bytes:
+    for old, new in replacements:
+        body = body.replace(old, new)
+    return body
+
+
+class StreamTransformer:
+    def __init__(
+        self,
+        replacements: list[tuple[bytes, bytes]],
+        capture_usage: bool = False,
+        drop_usage_only_chunk: bool = False,
+    ) -> None:
+        self._replacements = replacements
+        self._capture_usage = capture_usage
+        self._drop_usage_only_chunk = drop_usage_only_chunk
+        self._pending = b""
+        self.usage: dict[str, int] = {}
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._pending + chunk
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            self._pending = data
+            return b""
+        self._pending = data[cut + 1 :]
+        return self._edit(data[: cut + 1])
+
+    def flush(self) -> bytes:
+        data, self._pending = self._pending, b""
+        return self._edit(data) if data else b""
+
+    def _edit(self, block: bytes) -> bytes:
+        for old, new in self._replacements:
+            block = block.replace(old, new)
+        if not self._capture_usage or b'"usage"' not in block:
+            return block
+        lines = block.split(b"\n")
+        kept = [line for line in lines if not self._take_usage(line)]
+        return b"\n".join(kept)
+
+    def _take_usage(self, line: bytes) -> bool:
+        """Record usage from a data line; True if the line must be dropped."""
+        if not line.startswith(b"data:") or (
+            b'"usage":{' not in line and b'"usage": {' not in line
+        ):
+            return False
+        try:
+            event = json.loads(line[5:])
+        except ValueError:
+            return False
+        usage = event.get("usage") if isinstance(event, dict) else None
+        if isinstance(usage, dict):
+            self.usage = {k: v for k, v in usage.items() if isinstance(v, int)}
+        # The chunk vLLM sends only because we asked for usage: the client did not ask for it.
+        return self._drop_usage_only_chunk and event.get("choices") == []

@@ -1,0 +1,231 @@
+"""Engines as local processes: own process group, kept logs, fast readiness, verified stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from modelyard.engines.base import LaunchSpec
+from modelyard.runtime.logs import EngineLog, pump_lines
+from modelyard.runtime.proctree import group_members, signal_group
+from modelyard.runtime.registry import ProcessRegistry
+
+# Readiness polling: start fast, back off to a cap. Any new line of engine output triggers an
+# immediate check as well, so a request does not wait for the next poll once the engine says
+# it is up (llama-swap polls once a second and adds up to a second to every cold start).
+FIRST_POLL_S = 0.05
+MAX_POLL_S = 0.5
+POLL_GROWTH = 1.5
+HEALTH_REQUEST_TIMEOUT_S = 2.0
+
+
+class EngineStartError(Exception):
+    """The engine did not become ready: it exited, or the deadline passed."""
+
+    def __init__(self, message: str, exit_code: int | None, log_tail: list[str]) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.log_tail = log_tail
+
+
+def pick_free_port(host: str = "127.0.0.1") -> int:
+    """A port the kernel says is free now (the engine binds it moments later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    code: int | None
+    at: float
+
+
+class EngineProcess:
+    """One running engine. Created by `ProcessRuntime.start`; owned by one model's supervisor."""
+
+    def __init__(
+        self,
+        name: str,
+        spec: LaunchSpec,
+        port: int,
+        process: asyncio.subprocess.Process,
+        log: EngineLog,
+        registry: ProcessRegistry | None,
+        health_session: aiohttp.ClientSession,
+    ) -> None:
+        self.name = name
+        self.spec = spec
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.pid = process.pid
+        self.started_at = time.monotonic()
+        self.log = log
+        self._process = process
+        self._registry = registry
+        self._health_session = health_session
+        self._output_seen = asyncio.Event()
+        self._unsubscribe = log.subscribe(lambda _line: self._output_seen.set())
+        assert process.stdout is not None
+        self._pump = asyncio.create_task(pump_lines(process.stdout, log))
+        self.exited: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiter = asyncio.create_task(self._wait_exit())
+
+    async def _wait_exit(self) -> None:
+        code = await self._process.wait()
+        # Let the output pump drain so the last log lines are there for the error message.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._pump), timeout=1.0)
+        if not self.exited.done():
+            self.exited.set_result(ExitInfo(code, time.monotonic()))
+
+    @property
+    def alive(self) -> bool:
+        return not self.exited.done()
+
+    def exit_code(self) -> int | None:
+        return self.exited.result().code if self.exited.done() else None
+
+    def log_tail(self, count: int) -> list[str]:
+        return self.log.tail(count)
+
+    async def wait_ready(self, deadline: float) -> float:
+        """Wait until the engine answers its health check; returns seconds spent.
+
+        Raises `EngineStartError` at once if the process exits, or when `deadline`
+        (a `time.monotonic()` value) passes.
+        """
+        started = time.monotonic()
+        delay = FIRST_POLL_S
+        while True:
+            if self.exited.done():
+                raise self._start_error("exited while starting")
+            if await self._is_ready(self._health_session):
+                return time.monotonic() - started
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._start_error("was not ready before the start timeout")
+            self._output_seen.clear()
+            output: asyncio.Future[Any] = asyncio.ensure_future(self._output_seen.wait())
+            done, _ = await asyncio.wait(
+                {output, self.exited},
+                timeout=min(delay, remaining),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            output.cancel()
+            if output not in done:
+                delay = min(delay * POLL_GROWTH, MAX_POLL_S)
+
+    async def _is_ready(self, session: aiohttp.ClientSession) -> bool:
+        timeout = aiohttp.ClientTimeout(total=HEALTH_REQUEST_TIMEOUT_S)
+        try:
+            async with session.get(self.base_url + self.spec.health_path, timeout=timeout) as resp:
+                if resp.status != 200:
+                    return False
+            if self.spec.expect_served_name is None:
+                return True
+            async with session.get(self.base_url + "/v1/models", timeout=timeout) as resp:
+                if resp.status != 200:
+                    return False
+                listing = await resp.json(content_type=None)
+            names = {entry.get("id") for entry in listing.get("data", [])}
+            return self.spec.expect_served_name in names
+        except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError):
+            return False
+
+    def _start_error(self, what: str) -> EngineStartError:
+        code = self.exit_code()
+        tail = self.log.tail(20)
+        detail = f" (exit code {code})" if code is not None else ""
+        return EngineStartError(f"engine for {self.name!r} {what}{detail}", code, tail)
+
+    async def stop(self, grace: float) -> int | None:
+        """SIGTERM the whole process group, SIGKILL after `grace`, then verify it is gone."""
+        pgid = self.pid
+        if self.alive:
+            signal_group(pgid, signal.SIGTERM)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self.exited), timeout=grace)
+        # Children (vLLM's engine core, workers) may outlive the leader: kill what is left.
+        if self.alive or group_members(pgid):
+            signal_group(pgid, signal.SIGKILL)
+        await asyncio.shield(self.exited)
+        await wait_group_gone(pgid, timeout=max(grace, 5.0))
+        self._unsubscribe()
+        self._pump.cancel()
+        self.log.close()
+        if self._registry is not None:
+            self._registry.forget(self.name, self.pid)
+        return self.exit_code()
+
+    def kill_now(self) -> None:
+        """Last resort on gateway exit: SIGKILL the group without waiting."""
+        signal_group(self.pid, signal.SIGKILL)
+
+
+async def wait_group_gone(pgid: int, timeout: float) -> bool:
+    """Poll until no live process is left in the group; SIGKILL stragglers halfway."""
+    deadline = time.monotonic() + timeout
+    killed = False
+    while group_members(pgid):
+        if time.monotonic() > deadline:
+            return False
+        if not killed and time.monotonic() > deadline - timeout / 2:
+            signal_group(pgid, signal.SIGKILL)
+            killed = True
+        await asyncio.sleep(0.02)
+    return True
+
+
+class ProcessRuntime:
+    """Starts engines as child processes, each in its own process group."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        health_session: aiohttp.ClientSession,
+        registry: ProcessRegistry | None = None,
+    ) -> None:
+        self.state_dir = state_dir
+        self.registry = registry
+        self._health_session = health_session
+
+    async def start(self, name: str, spec_for_port: Callable[[int], LaunchSpec]) -> EngineProcess:
+        port = pick_free_port()
+        spec = spec_for_port(port)
+        log = EngineLog(self.state_dir / "logs" / f"{_file_safe(name)}.log")
+        log.append(f"[modelyard] starting: {' '.join(spec.argv)}")
+        env = {**os.environ, **spec.env, "PYTHONUNBUFFERED": "1"}
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *spec.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # own process group: a stop reaches its children too
+                limit=1024 * 1024,
+            )
+        except OSError as error:
+            log.append(f"[modelyard] could not start: {error}")
+            log.close()
+            raise EngineStartError(
+                f"engine for {name!r} could not be started: {error}", None, log.tail(5)
+            ) from error
+        if self.registry is not None:
+            self.registry.record(name, process.pid, spec.argv)
+        return EngineProcess(name, spec, port, process, log, self.registry, self._health_session)
+
+
+def _file_safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)

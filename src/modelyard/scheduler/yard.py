@@ -1,0 +1,240 @@
+"""The yard: every configured model's supervisor, name resolution, queue bounds, idle timers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from modelyard.config.schema import GatewayConfig, ModelConfig
+from modelyard.engines import engine_kind, served_name
+from modelyard.engines.base import LaunchSpec, MemoryBudget
+from modelyard.observability.events import EventBus
+from modelyard.scheduler.supervisor import (
+    EngineHandle,
+    EngineStarter,
+    ModelState,
+    ModelSupervisor,
+    ModelUnavailable,
+    Placement,
+    SleepControl,
+    SupervisorSettings,
+)
+
+# How often idle timers are checked: idle stops happen within this much of their timeout.
+IDLE_CHECK_INTERVAL_S = 0.25
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a public model name resolves to."""
+
+    model: str  # the configured model (the engine to run)
+    public_name: str  # what the client asked for
+    upstream_name: str  # what the engine calls it (served name, or the adapter's name)
+    adapter: str | None = None
+
+
+class UnknownModel(Exception):
+    def __init__(self, name: str, known: list[str]) -> None:
+        super().__init__(name)
+        self.name = name
+        self.known = known
+
+
+class Yard:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        start_engine: EngineStarter,
+        events: EventBus,
+        clock: Callable[[], float] = time.monotonic,
+        placement: Placement | None = None,
+        sleep_control: SleepControl | None = None,
+    ) -> None:
+        self.config = config
+        self.events = events
+        self._clock = clock
+        self.supervisors: dict[str, ModelSupervisor] = {}
+        self._names: dict[str, Target] = {}
+        self._routes: dict[str, str] = {}
+        self._reaper: asyncio.Task[None] | None = None
+        self._closing = False
+        for name, model in config.models.items():
+            self.supervisors[name] = ModelSupervisor(
+                name=name,
+                spec_for=self._spec_factory(name, model),
+                start_engine=start_engine,
+                settings=SupervisorSettings(
+                    idle_timeout=_pick(model.idle_timeout, config.defaults.idle_timeout),
+                    start_timeout=_pick(model.start_timeout, config.defaults.start_timeout),
+                    stop_grace=_pick(model.stop_grace, config.defaults.stop_grace),
+                ),
+                events=events,
+                clock=clock,
+                placement=placement,
+                sleep_control=sleep_control if model.sleep else None,
+            )
+            served = served_name(name, model)
+            self._names[name] = Target(name, name, served)
+            for alias in model.aliases:
+                self._names[alias] = Target(name, alias, served)
+            if model.route:
+                self._routes[model.route.strip("/")] = name
+        self.adapter_targets: dict[str, Target] = {}
+
+    def _spec_factory(
+        self, name: str, model: ModelConfig
+    ) -> Callable[[int, MemoryBudget | None], LaunchSpec]:
+        kind = engine_kind(model.engine)
+        return lambda port, budget: kind.launch_spec(name, model, self.config, port, budget)
+
+    # ----- names -----
+
+    def public_names(self) -> list[str]:
+        return sorted({*self._names, *self.adapter_targets})
+
+    def resolve(self, public_name: str) -> Target:
+        target = self._names.get(public_name) or self.adapter_targets.get(public_name)
+        if target is None:
+            raise UnknownModel(public_name, self.public_names())
+        return target
+
+    def routes(self) -> list[str]:
+        return sorted(self._routes)
+
+    def model_for_route(self, route: str) -> str | None:
+        return self._routes.get(route)
+
+    def model_config(self, name: str) -> ModelConfig:
+        return self.config.models[name]
+
+    # ----- serving -----
+
+    @contextlib.asynccontextmanager
+    async def engine_for(self, model: str) -> AsyncIterator[EngineHandle]:
+        """A ready engine for one request, within the model's start timeout and queue bounds."""
+        if self._closing:
+            raise ModelUnavailable("the gateway is shutting down", retry_after=5.0,
+                                   code="shutting_down")
+        supervisor = self.supervisors[model]
+        if supervisor.state is not ModelState.READY:
+            self._check_queue_bounds(supervisor)
+        deadline = self._clock() + supervisor.settings.start_timeout
+        async with supervisor.use(deadline) as engine:
+            yield engine
+
+    def _check_queue_bounds(self, supervisor: ModelSupervisor) -> None:
+        limits = self.config.limits
+        model_limit = self.config.models[supervisor.name].max_queue
+        if model_limit is None:
+            model_limit = limits.max_queue_per_model
+        if supervisor.waiting >= model_limit:
+            raise ModelUnavailable(
+                f"too many requests are waiting for model {supervisor.name!r} "
+                f"(limit {model_limit}); retry later",
+                retry_after=self._retry_hint(supervisor), code="queue_full",
+            )
+        if self.total_waiting() >= limits.max_queue:
+            raise ModelUnavailable(
+                f"the gateway is busy: {limits.max_queue} requests are already waiting; "
+                "retry later",
+                retry_after=self._retry_hint(supervisor), code="queue_full",
+            )
+
+    def _retry_hint(self, supervisor: ModelSupervisor) -> float:
+        # The typical time for this model to come up is a fair hint for when to try again.
+        return max(1.0, round(supervisor.timings.last_start_s or 5.0))
+
+    def total_waiting(self) -> int:
+        return sum(s.waiting for s in self.supervisors.values())
+
+    # ----- timers and lifecycle -----
+
+    def start_background(self) -> None:
+        self._reaper = asyncio.create_task(self._reap_idle_forever())
+
+    async def _reap_idle_forever(self) -> None:
+        while True:
+            await asyncio.sleep(IDLE_CHECK_INTERVAL_S)
+            await self.reap_idle(self._clock())
+
+    async def reap_idle(self, now: float) -> list[str]:
+        """Stop (or put to sleep) every engine idle past its timeout; returns their names."""
+        acted = []
+        for supervisor in list(self.supervisors.values()):
+            idle = supervisor.idle_for(now)
+            timeout = supervisor.settings.idle_timeout
+            if idle is None or timeout <= 0 or idle < timeout:
+                continue
+            model = self.config.models[supervisor.name]
+            if model.pinned:
+                continue
+            reason = f"idle for {idle:.0f}s"
+            if supervisor.can_sleep:
+                done = await supervisor.sleep(model.sleep, reason)
+            else:
+                done = await supervisor.stop(reason, if_idle=True)
+            if done:
+                acted.append(supervisor.name)
+        return acted
+
+    async def load(self, model: str, reason: str = "admin load") -> None:
+        supervisor = self.supervisors[model]
+        await supervisor.load(self._clock() + supervisor.settings.start_timeout, reason)
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop every engine: wait up to `grace` for requests in flight, then stop all."""
+        self._closing = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        busy = [s.drained() for s in self.supervisors.values() if s.in_flight]
+        if busy:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*busy), grace)
+        await asyncio.gather(
+            *(s.stop("gateway shutdown", drain=False) for s in self.supervisors.values()),
+            return_exceptions=True,
+        )
+
+    # ----- status -----
+
+    def model_status(self, name: str) -> dict[str, Any]:
+        supervisor = self.supervisors[name]
+        model = self.config.models[name]
+        now = self._clock()
+        failure = supervisor.failure
+        return {
+            "name": name,
+            "engine": model.engine,
+            "served_name": served_name(name, model),
+            "aliases": list(model.aliases),
+            "route": model.route,
+            "state": supervisor.state.value,
+            "pid": supervisor.engine.pid if supervisor.engine else None,
+            "in_flight": supervisor.in_flight,
+            "queued": supervisor.waiting,
+            "idle_s": supervisor.idle_for(now),
+            "last_used_ago_s": None if supervisor.last_used is None else now - supervisor.last_used,
+            "idle_timeout_s": supervisor.settings.idle_timeout,
+            "last_start_s": supervisor.timings.last_start_s,
+            "last_wake_s": supervisor.timings.last_wake_s,
+            "starts": supervisor.timings.starts,
+            "crashes": supervisor.timings.crashes,
+            "gpus": list(supervisor.budget.gpu_indexes) if supervisor.budget else [],
+            "failure": None if failure is None else {
+                "message": failure.message,
+                "exit_code": failure.exit_code,
+                "log_tail": failure.log_tail,
+                "retry_in_s": supervisor.backoff_remaining(),
+            },
+        }
+
+
+def _pick(value: float | None, default: float) -> float:
+    return default if value is None else value

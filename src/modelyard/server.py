@@ -1,0 +1,61 @@
+"""Running the gateway: listen, handle signals, shut down cleanly leaving no engine behind."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from aiohttp import web
+
+from modelyard.api.app import build_app
+from modelyard.config.schema import GatewayConfig
+from modelyard.gateway import Gateway
+
+log = logging.getLogger("modelyard")
+
+
+async def run_gateway(config: GatewayConfig, ready_message: bool = True) -> None:
+    gateway = Gateway.create(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    runner: web.AppRunner | None = None
+    try:
+        await gateway.start()
+        app = build_app(gateway)
+        runner = web.AppRunner(
+            app,
+            handler_cancellation=True,  # a client that goes away cancels its request
+            access_log=None,  # requests are logged by the gateway with model and status
+            shutdown_timeout=config.limits.shutdown_grace,
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, config.host, config.port, backlog=2048, reuse_address=True)
+        await site.start()
+        if ready_message:
+            print(f"modelyard listening on http://{config.listen} "
+                  f"({len(config.models)} models)", flush=True)
+        await stop.wait()
+        log.info("shutting down: finishing requests in flight, then stopping engines")
+    finally:
+        if runner is not None:
+            # Stops accepting, then waits (bounded) for requests in flight.
+            await runner.cleanup()
+        await gateway.close()
+        for supervisor in gateway.yard.supervisors.values():
+            if supervisor.engine is not None:  # pragma: no cover - last resort
+                kill = getattr(supervisor.engine, "kill_now", None)
+                if kill is not None:
+                    kill()
+        log.info("modelyard stopped")
+
+
+def serve(config: GatewayConfig) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
+        asyncio.run(run_gateway(config))
+    else:
+        uvloop.run(run_gateway(config))

@@ -1,0 +1,280 @@
+"""A test engine that speaks the parts of vLLM's OpenAI server the gateway relies on.
+
+It stands in for what cannot run in tests: slow or failing starts, crashes on demand, slow
+streams, GPU memory claims and vLLM's GPU-only sleep mode. Its wire format follows vLLM's
+(`/health`, `/v1/models`, chat/completions/embeddings with SSE chunks and `[DONE]`,
+`/sleep?level=N`, `/wake_up`, `/is_sleeping`, runtime LoRA endpoints).
+
+Run: python fake_engine.py --port P --served-name NAME [--ready-delay S] [--crash-on-start]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from aiohttp import web
+
+STATE: dict[str, Any] = {
+    "requests": [],
+    "disconnects": 0,
+    "sleeping": 0,
+    "loras": {},
+    "in_flight": 0,
+}
+
+
+def _id() -> str:
+    return f"cmpl-{time.time_ns()}"
+
+
+def _error(status: int, message: str) -> web.Response:
+    body = {"error": {"message": message, "type": "BadRequestError", "param": None,
+                      "code": status}}
+    return web.json_response(body, status=status)
+
+
+def _known_models(args: argparse.Namespace) -> list[str]:
+    return [args.served_name, *STATE["loras"]]
+
+
+async def health(request: web.Request) -> web.Response:
+    args = request.app["args"]
+    if args.hang_health and time.monotonic() > request.app["ready_at"]:
+        await asyncio.sleep(3600)
+    if time.monotonic() < request.app["ready_at"]:
+        return web.Response(status=503)
+    return web.Response(status=200)
+
+
+async def models(request: web.Request) -> web.Response:
+    args = request.app["args"]
+    data = [{"id": args.served_name, "object": "model", "owned_by": "vllm", "root": args.root,
+             "parent": None}]
+    data += [{"id": name, "object": "model", "owned_by": "vllm", "root": path,
+              "parent": args.served_name} for name, path in STATE["loras"].items()]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    args = request.app["args"]
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return _error(400, "invalid JSON")
+    STATE["requests"].append({"path": request.path, "body": body,
+                              "headers": dict(request.headers)})
+    if STATE["sleeping"]:
+        return _error(503, "engine is sleeping")
+    if body.get("model") not in _known_models(args):
+        return web.json_response(
+            {"error": {"message": f"The model `{body.get('model')}` does not exist.",
+                       "type": "NotFoundError", "param": None, "code": 404}}, status=404)
+    if body.get("fake_crash"):
+        os._exit(int(body["fake_crash"]))
+    if body.get("fake_status"):
+        return _error(int(body["fake_status"]), "fake error requested")
+    delay = float(body.get("fake_delay", 0))
+    chat = request.path.endswith("chat/completions")
+    text = _answer(body, args)
+    if request.path.endswith("embeddings"):
+        await asyncio.sleep(delay)
+        return web.json_response({"object": "list", "model": body["model"], "data": [
+            {"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+            "usage": {"prompt_tokens": 3, "total_tokens": 3, "completion_tokens": 0}})
+    STATE["in_flight"] += 1
+    try:
+        if body.get("stream"):
+            return await _stream(request, body, text, chat)
+        await asyncio.sleep(delay)
+        usage = {"prompt_tokens": 5, "completion_tokens": len(text.split()),
+                 "total_tokens": 5 + len(text.split())}
+        choice: dict[str, Any] = (
+            {"index": 0, "message": {"role": "assistant", "content": text,
+                                     "reasoning_content": None}, "finish_reason": "stop"}
+            if chat else {"index": 0, "text": text, "finish_reason": "stop"})
+        return web.json_response({
+            "id": _id(), "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": body["model"], "choices": [choice],
+            "usage": usage, "kv_transfer_params": None,
+        }, dumps=lambda obj: json.dumps(obj, separators=(",", ":")))
+    finally:
+        STATE["in_flight"] -= 1
+
+
+def _answer(body: dict[str, Any], args: argparse.Namespace) -> str:
+    if "messages" in body:
+        last = body["messages"][-1].get("content", "") if body["messages"] else ""
+    else:
+        last = body.get("prompt", "")
+    return f"{args.served_name} says: {last}"
+
+
+async def _stream(request: web.Request, body: dict[str, Any], text: str, chat: bool
+                  ) -> web.StreamResponse:
+    chunks = int(body.get("fake_chunks", 5))
+    interval = float(body.get("fake_chunk_delay", 0.01))
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    words = (text.split() * chunks)[:chunks] or [""]
+    try:
+        for index, word in enumerate(words):
+            delta = {"content": word + " "} if chat else None
+            choice: dict[str, Any] = (
+                {"index": 0, "delta": delta, "finish_reason": None} if chat
+                else {"index": 0, "text": word + " ", "finish_reason": None})
+            event = {"id": "chunk", "object": "chat.completion.chunk", "created": 0,
+                     "model": body["model"], "choices": [choice], "seq": index}
+            await response.write(f"data: {json.dumps(event, separators=(',', ':'))}\n\n"
+                                 .encode())
+            await asyncio.sleep(interval)
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {"id": "chunk", "object": "chat.completion.chunk", "created": 0,
+                     "model": body["model"], "choices": [],
+                     "usage": {"prompt_tokens": 5, "completion_tokens": chunks,
+                               "total_tokens": 5 + chunks}}
+            await response.write(f"data: {json.dumps(usage, separators=(',', ':'))}\n\n"
+                                 .encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+    except (ConnectionResetError, asyncio.CancelledError):
+        STATE["disconnects"] += 1
+        _write_report(request.app["args"])
+        raise
+    return response
+
+
+async def sleep(request: web.Request) -> web.Response:
+    if not request.app["args"].sleep_mode:
+        return web.Response(status=404)
+    level = int(request.query.get("level", "1"))
+    if STATE["in_flight"]:
+        STATE["aborted_by_sleep"] = STATE.get("aborted_by_sleep", 0) + STATE["in_flight"]
+    STATE["sleeping"] = level
+    _write_report(request.app["args"])
+    return web.Response(status=200)
+
+
+async def wake_up(request: web.Request) -> web.Response:
+    if not request.app["args"].sleep_mode:
+        return web.Response(status=404)
+    await asyncio.sleep(request.app["args"].wake_delay)
+    STATE["sleeping"] = 0
+    STATE["wakes"] = STATE.get("wakes", 0) + 1
+    _write_report(request.app["args"])
+    return web.Response(status=200)
+
+
+async def is_sleeping(request: web.Request) -> web.Response:
+    return web.json_response({"is_sleeping": bool(STATE["sleeping"])})
+
+
+async def load_lora(request: web.Request) -> web.Response:
+    body = await request.json()
+    name, path = body.get("lora_name"), body.get("lora_path")
+    if name in STATE["loras"]:
+        return _error(400, f"The lora adapter '{name}' has already been loaded.")
+    if not path or not os.path.isdir(path):
+        return _error(400, f"No adapter found for {path}")
+    STATE["loras"][name] = path
+    return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+
+async def unload_lora(request: web.Request) -> web.Response:
+    body = await request.json()
+    name = body.get("lora_name")
+    if name not in STATE["loras"]:
+        return _error(404, f"The lora adapter '{name}' cannot be found.")
+    del STATE["loras"][name]
+    return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+
+
+async def seen(request: web.Request) -> web.Response:
+    return web.json_response({"requests": len(STATE["requests"]),
+                              "disconnects": STATE["disconnects"],
+                              "last": STATE["requests"][-1] if STATE["requests"] else None,
+                              "pid": os.getpid(), "memory": request.app["args"].memory,
+                              "sleeping": STATE["sleeping"]})
+
+
+async def echo_any(request: web.Request) -> web.Response:
+    """Any other path (a non-OpenAI route such as the seed's /generate)."""
+    raw = await request.read()
+    return web.json_response({"path": request.path, "method": request.method,
+                              "query": request.query_string, "body": raw.decode() or None})
+
+
+def _write_report(args: argparse.Namespace) -> None:
+    if args.report:
+        report = {"pid": os.getpid(), "disconnects": STATE["disconnects"],
+                  "requests": len(STATE["requests"]), "sleeping": STATE["sleeping"],
+                  "wakes": STATE.get("wakes", 0),
+                  "aborted_by_sleep": STATE.get("aborted_by_sleep", 0)}
+        tmp = args.report + ".tmp"
+        with open(tmp, "w") as handle:
+            json.dump(report, handle)
+        os.replace(tmp, args.report)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--served-name", default="fake")
+    parser.add_argument("--root", default="/models/fake")
+    parser.add_argument("--ready-delay", type=float, default=0.0,
+                        help="seconds before /health turns 200 (port opens at once)")
+    parser.add_argument("--bind-delay", type=float, default=0.0,
+                        help="seconds before the port opens (vLLM opens it only when ready)")
+    parser.add_argument("--crash-on-start", type=int, default=0, help="exit with this code")
+    parser.add_argument("--hang-health", action="store_true")
+    parser.add_argument("--sleep-mode", action="store_true")
+    parser.add_argument("--wake-delay", type=float, default=0.05)
+    parser.add_argument("--memory", type=int, default=0, help="GPU bytes this engine claims")
+    parser.add_argument("--report", help="file to write counters to (for tests)")
+    parser.add_argument("--spawn-child", action="store_true",
+                        help="start a child process too, like vLLM's engine core")
+    parser.add_argument("--ignore-sigterm", action="store_true")
+    args = parser.parse_args()
+
+    print(f"fake engine {args.served_name} starting on port {args.port}", flush=True)
+    if args.crash_on_start:
+        print("loading weights...", flush=True)
+        print("RuntimeError: CUDA out of memory (fake)", flush=True)
+        sys.exit(args.crash_on_start)
+    if args.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if args.spawn_child:
+        import subprocess
+
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+    time.sleep(args.bind_delay)
+    app = web.Application()
+    app["args"] = args
+    app["ready_at"] = time.monotonic() + args.ready_delay
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/chat/completions", completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", completions)
+    app.router.add_post("/sleep", sleep)
+    app.router.add_post("/wake_up", wake_up)
+    app.router.add_get("/is_sleeping", is_sleeping)
+    app.router.add_post("/v1/load_lora_adapter", load_lora)
+    app.router.add_post("/v1/unload_lora_adapter", unload_lora)
+    app.router.add_get("/fake/seen", seen)
+    app.router.add_route("*", "/{tail:.*}", echo_any)
+    _write_report(args)
+    print("INFO:     Application startup complete.", flush=True)
+    web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None,
+                handler_cancellation=True)
+
+
+if __name__ == "__main__":
+    main()
