@@ -35,8 +35,7 @@ def _id() -> str:
 
 
 def _error(status: int, message: str) -> web.Response:
-    body = {"error": {"message": message, "type": "BadRequestError", "param": None,
-                      "code": status}}
+    body = {"error": {"message": message, "type": "BadRequestError", "param": None, "code": status}}
     return web.json_response(body, status=status)
 
 
@@ -55,10 +54,25 @@ async def health(request: web.Request) -> web.Response:
 
 async def models(request: web.Request) -> web.Response:
     args = request.app["args"]
-    data = [{"id": args.served_name, "object": "model", "owned_by": "vllm", "root": args.root,
-             "parent": None}]
-    data += [{"id": name, "object": "model", "owned_by": "vllm", "root": path,
-              "parent": args.served_name} for name, path in STATE["loras"].items()]
+    data = [
+        {
+            "id": args.served_name,
+            "object": "model",
+            "owned_by": "vllm",
+            "root": args.root,
+            "parent": None,
+        }
+    ]
+    data += [
+        {
+            "id": name,
+            "object": "model",
+            "owned_by": "vllm",
+            "root": path,
+            "parent": args.served_name,
+        }
+        for name, path in STATE["loras"].items()
+    ]
     return web.json_response({"object": "list", "data": data})
 
 
@@ -69,14 +83,21 @@ async def completions(request: web.Request) -> web.StreamResponse:
         body = json.loads(raw)
     except ValueError:
         return _error(400, "invalid JSON")
-    STATE["requests"].append({"path": request.path, "body": body,
-                              "headers": dict(request.headers)})
+    STATE["requests"].append({"path": request.path, "body": body, "headers": dict(request.headers)})
     if STATE["sleeping"]:
         return _error(503, "engine is sleeping")
     if body.get("model") not in _known_models(args):
         return web.json_response(
-            {"error": {"message": f"The model `{body.get('model')}` does not exist.",
-                       "type": "NotFoundError", "param": None, "code": 404}}, status=404)
+            {
+                "error": {
+                    "message": f"The model `{body.get('model')}` does not exist.",
+                    "type": "NotFoundError",
+                    "param": None,
+                    "code": 404,
+                }
+            },
+            status=404,
+        )
     if body.get("fake_crash"):
         os._exit(int(body["fake_crash"]))
     if body.get("fake_status"):
@@ -86,25 +107,45 @@ async def completions(request: web.Request) -> web.StreamResponse:
     text = _answer(body, args)
     if request.path.endswith("embeddings"):
         await asyncio.sleep(delay)
-        return web.json_response({"object": "list", "model": body["model"], "data": [
-            {"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
-            "usage": {"prompt_tokens": 3, "total_tokens": 3, "completion_tokens": 0}})
+        return web.json_response(
+            {
+                "object": "list",
+                "model": body["model"],
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+                "usage": {"prompt_tokens": 3, "total_tokens": 3, "completion_tokens": 0},
+            }
+        )
     STATE["in_flight"] += 1
     try:
         if body.get("stream"):
             return await _stream(request, body, text, chat)
         await asyncio.sleep(delay)
-        usage = {"prompt_tokens": 5, "completion_tokens": len(text.split()),
-                 "total_tokens": 5 + len(text.split())}
+        usage = {
+            "prompt_tokens": 5,
+            "completion_tokens": len(text.split()),
+            "total_tokens": 5 + len(text.split()),
+        }
         choice: dict[str, Any] = (
-            {"index": 0, "message": {"role": "assistant", "content": text,
-                                     "reasoning_content": None}, "finish_reason": "stop"}
-            if chat else {"index": 0, "text": text, "finish_reason": "stop"})
-        return web.json_response({
-            "id": _id(), "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": body["model"], "choices": [choice],
-            "usage": usage, "kv_transfer_params": None,
-        }, dumps=lambda obj: json.dumps(obj, separators=(",", ":")))
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "reasoning_content": None},
+                "finish_reason": "stop",
+            }
+            if chat
+            else {"index": 0, "text": text, "finish_reason": "stop"}
+        )
+        return web.json_response(
+            {
+                "id": _id(),
+                "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()),
+                "model": body["model"],
+                "choices": [choice],
+                "usage": usage,
+                "kv_transfer_params": None,
+            },
+            dumps=lambda obj: json.dumps(obj, separators=(",", ":")),
+        )
     finally:
         STATE["in_flight"] -= 1
 
@@ -117,8 +158,9 @@ def _answer(body: dict[str, Any], args: argparse.Namespace) -> str:
     return f"{args.served_name} says: {last}"
 
 
-async def _stream(request: web.Request, body: dict[str, Any], text: str, chat: bool
-                  ) -> web.StreamResponse:
+async def _stream(
+    request: web.Request, body: dict[str, Any], text: str, chat: bool
+) -> web.StreamResponse:
     chunks = int(body.get("fake_chunks", 5))
     interval = float(body.get("fake_chunk_delay", 0.01))
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -128,20 +170,34 @@ async def _stream(request: web.Request, body: dict[str, Any], text: str, chat: b
         for index, word in enumerate(words):
             delta = {"content": word + " "} if chat else None
             choice: dict[str, Any] = (
-                {"index": 0, "delta": delta, "finish_reason": None} if chat
-                else {"index": 0, "text": word + " ", "finish_reason": None})
-            event = {"id": "chunk", "object": "chat.completion.chunk", "created": 0,
-                     "model": body["model"], "choices": [choice], "seq": index}
-            await response.write(f"data: {json.dumps(event, separators=(',', ':'))}\n\n"
-                                 .encode())
+                {"index": 0, "delta": delta, "finish_reason": None}
+                if chat
+                else {"index": 0, "text": word + " ", "finish_reason": None}
+            )
+            event = {
+                "id": "chunk",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": body["model"],
+                "choices": [choice],
+                "seq": index,
+            }
+            await response.write(f"data: {json.dumps(event, separators=(',', ':'))}\n\n".encode())
             await asyncio.sleep(interval)
         if (body.get("stream_options") or {}).get("include_usage"):
-            usage = {"id": "chunk", "object": "chat.completion.chunk", "created": 0,
-                     "model": body["model"], "choices": [],
-                     "usage": {"prompt_tokens": 5, "completion_tokens": chunks,
-                               "total_tokens": 5 + chunks}}
-            await response.write(f"data: {json.dumps(usage, separators=(',', ':'))}\n\n"
-                                 .encode())
+            usage = {
+                "id": "chunk",
+                "object": "chat.completion.chunk",
+                "created": 0,
+                "model": body["model"],
+                "choices": [],
+                "usage": {
+                    "prompt_tokens": 5,
+                    "completion_tokens": chunks,
+                    "total_tokens": 5 + chunks,
+                },
+            }
+            await response.write(f"data: {json.dumps(usage, separators=(',', ':'))}\n\n".encode())
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
     except (ConnectionResetError, asyncio.CancelledError):
@@ -197,26 +253,41 @@ async def unload_lora(request: web.Request) -> web.Response:
 
 
 async def seen(request: web.Request) -> web.Response:
-    return web.json_response({"requests": len(STATE["requests"]),
-                              "disconnects": STATE["disconnects"],
-                              "last": STATE["requests"][-1] if STATE["requests"] else None,
-                              "pid": os.getpid(), "memory": request.app["args"].memory,
-                              "sleeping": STATE["sleeping"]})
+    return web.json_response(
+        {
+            "requests": len(STATE["requests"]),
+            "disconnects": STATE["disconnects"],
+            "last": STATE["requests"][-1] if STATE["requests"] else None,
+            "pid": os.getpid(),
+            "memory": request.app["args"].memory,
+            "sleeping": STATE["sleeping"],
+        }
+    )
 
 
 async def echo_any(request: web.Request) -> web.Response:
     """Any other path (a non-OpenAI route such as the seed's /generate)."""
     raw = await request.read()
-    return web.json_response({"path": request.path, "method": request.method,
-                              "query": request.query_string, "body": raw.decode() or None})
+    return web.json_response(
+        {
+            "path": request.path,
+            "method": request.method,
+            "query": request.query_string,
+            "body": raw.decode() or None,
+        }
+    )
 
 
 def _write_report(args: argparse.Namespace) -> None:
     if args.report:
-        report = {"pid": os.getpid(), "disconnects": STATE["disconnects"],
-                  "requests": len(STATE["requests"]), "sleeping": STATE["sleeping"],
-                  "wakes": STATE.get("wakes", 0),
-                  "aborted_by_sleep": STATE.get("aborted_by_sleep", 0)}
+        report = {
+            "pid": os.getpid(),
+            "disconnects": STATE["disconnects"],
+            "requests": len(STATE["requests"]),
+            "sleeping": STATE["sleeping"],
+            "wakes": STATE.get("wakes", 0),
+            "aborted_by_sleep": STATE.get("aborted_by_sleep", 0),
+        }
         tmp = args.report + ".tmp"
         with open(tmp, "w") as handle:
             json.dump(report, handle)
@@ -228,18 +299,29 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--served-name", default="fake")
     parser.add_argument("--root", default="/models/fake")
-    parser.add_argument("--ready-delay", type=float, default=0.0,
-                        help="seconds before /health turns 200 (port opens at once)")
-    parser.add_argument("--bind-delay", type=float, default=0.0,
-                        help="seconds before the port opens (vLLM opens it only when ready)")
+    parser.add_argument(
+        "--ready-delay",
+        type=float,
+        default=0.0,
+        help="seconds before /health turns 200 (port opens at once)",
+    )
+    parser.add_argument(
+        "--bind-delay",
+        type=float,
+        default=0.0,
+        help="seconds before the port opens (vLLM opens it only when ready)",
+    )
     parser.add_argument("--crash-on-start", type=int, default=0, help="exit with this code")
     parser.add_argument("--hang-health", action="store_true")
     parser.add_argument("--sleep-mode", action="store_true")
     parser.add_argument("--wake-delay", type=float, default=0.05)
     parser.add_argument("--memory", type=int, default=0, help="GPU bytes this engine claims")
     parser.add_argument("--report", help="file to write counters to (for tests)")
-    parser.add_argument("--spawn-child", action="store_true",
-                        help="start a child process too, like vLLM's engine core")
+    parser.add_argument(
+        "--spawn-child",
+        action="store_true",
+        help="start a child process too, like vLLM's engine core",
+    )
     parser.add_argument("--ignore-sigterm", action="store_true")
     args = parser.parse_args()
 
@@ -272,8 +354,14 @@ def main() -> None:
     app.router.add_route("*", "/{tail:.*}", echo_any)
     _write_report(args)
     print("INFO:     Application startup complete.", flush=True)
-    web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None,
-                handler_cancellation=True)
+    web.run_app(
+        app,
+        host="127.0.0.1",
+        port=args.port,
+        print=None,
+        access_log=None,
+        handler_cancellation=True,
+    )
 
 
 if __name__ == "__main__":

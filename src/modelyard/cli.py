@@ -63,8 +63,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _client_args(command: argparse.ArgumentParser) -> None:
     command.add_argument("--url", default=os.environ.get("MODELYARD_URL", DEFAULT_URL))
-    command.add_argument("--key", default=os.environ.get("MODELYARD_API_KEY"),
-                         help="API key (default: $MODELYARD_API_KEY)")
+    command.add_argument(
+        "--key",
+        default=os.environ.get("MODELYARD_API_KEY"),
+        help="API key (default: $MODELYARD_API_KEY)",
+    )
     command.add_argument("--json", action="store_true", help="print raw JSON")
 
 
@@ -116,9 +119,17 @@ def _check(args: argparse.Namespace) -> int:
     for name, model in config.models.items():
         spec = engine_kind(model.engine).launch_spec(name, model, config, 0, None)
         argv = " ".join(spec.argv).replace(" --port 0", " --port {port}")
-        idle = model.idle_timeout if model.idle_timeout is not None else config.defaults.idle_timeout
-        table.add_row(name, model.engine, model.route or "-", ", ".join(model.aliases) or "-",
-                      f"{idle:.0f}s", argv)
+        idle = (
+            model.idle_timeout if model.idle_timeout is not None else config.defaults.idle_timeout
+        )
+        table.add_row(
+            name,
+            model.engine,
+            model.route or "-",
+            ", ".join(model.aliases) or "-",
+            f"{idle:.0f}s",
+            argv,
+        )
     console.print(table)
     if config.gpus:
         for gpu in config.gpus:
@@ -151,15 +162,28 @@ def _status(args: argparse.Namespace) -> int:
         return 0
     console = Console()
     table = Table(title=f"modelyard at {args.url}")
-    for column in ("model", "state", "engine", "route", "in flight", "queued", "last use",
-                   "gpus", "note"):
+    for column in (
+        "model",
+        "state",
+        "engine",
+        "route",
+        "in flight",
+        "queued",
+        "last use",
+        "gpus",
+        "note",
+    ):
         table.add_column(column)
     for model in status["models"]:
         ago = model.get("last_used_ago_s")
         failure = model.get("failure") or {}
         table.add_row(
-            model["name"], model["state"], model["engine"], model.get("route") or "-",
-            str(model["in_flight"]), str(model["queued"]),
+            model["name"],
+            model["state"],
+            model["engine"],
+            model.get("route") or "-",
+            str(model["in_flight"]),
+            str(model["queued"]),
             "-" if ago is None else f"{ago:.0f}s ago",
             ",".join(str(g) for g in model.get("gpus") or []) or "-",
             (failure.get("message") or "")[:60],

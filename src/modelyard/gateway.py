@@ -67,7 +67,8 @@ class Gateway:
     async def start(self) -> None:
         for orphan in self.registry.stop_orphans():
             self.events.emit(
-                "orphan_stopped", orphan.name,
+                "orphan_stopped",
+                orphan.name,
                 f"engine pid {orphan.pid} left by an earlier gateway was "
                 + ("stopped" if orphan.stopped else "still running after SIGKILL"),
             )
@@ -86,4 +87,3 @@ class Gateway:
     def observe(self, record: RequestRecord) -> None:
         for observer in self.request_observers:
             observer(record)
-

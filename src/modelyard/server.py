@@ -35,11 +35,14 @@ async def run_gateway(config: GatewayConfig, ready_message: bool = True) -> None
         site = web.TCPSite(runner, config.host, config.port, backlog=2048, reuse_address=True)
         await site.start()
         if ready_message:
-            print(f"modelyard listening on http://{config.listen} "
-                  f"({len(config.models)} models)", flush=True)
+            print(
+                f"modelyard listening on http://{config.listen} ({len(config.models)} models)",
+                flush=True,
+            )
         await stop.wait()
         log.info("shutting down: finishing requests in flight, then stopping engines")
     finally:
+        gateway.yard.begin_shutdown()
         if runner is not None:
             # Stops accepting, then waits (bounded) for requests in flight.
             await runner.cleanup()

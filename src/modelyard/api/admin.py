@@ -16,8 +16,11 @@ from modelyard.api.serving import gateway_of
 from modelyard.gateway import Gateway
 from modelyard.scheduler.supervisor import ModelSupervisor, ModelUnavailable
 
-SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-               "X-Accel-Buffering": "no"}
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
 KEEPALIVE_S = 15.0
 T = TypeVar("T")
 
@@ -36,20 +39,28 @@ def _admin_supervisor(request: web.Request) -> tuple[Gateway, ModelSupervisor]:
     name = request.match_info["model"]
     supervisor = gateway.yard.supervisors.get(name)
     if supervisor is None:
-        raise ApiError(404, f"model {name!r} does not exist; known: "
-                       + ", ".join(gateway.yard.supervisors), "model_not_found")
+        raise ApiError(
+            404,
+            f"model {name!r} does not exist; known: " + ", ".join(gateway.yard.supervisors),
+            "model_not_found",
+        )
     return gateway, supervisor
 
 
 async def load_model(request: web.Request) -> web.Response:
     gateway, supervisor = _admin_supervisor(request)
     try:
-        await gateway.yard.load(supervisor.name, reason=f"admin load ({principal_of(request).name})")
+        await gateway.yard.load(
+            supervisor.name, reason=f"admin load ({principal_of(request).name})"
+        )
     except ModelUnavailable as error:
-        raise ApiError(error.status, str(error), error.code, retry_after=error.retry_after) from None
+        raise ApiError(
+            error.status, str(error), error.code, retry_after=error.retry_after
+        ) from None
     except Exception as error:
-        raise ApiError(502, f"model {supervisor.name!r} failed to start: {error}",
-                       "start_failed") from None
+        raise ApiError(
+            502, f"model {supervisor.name!r} failed to start: {error}", "start_failed"
+        ) from None
     return web.json_response(gateway.yard.model_status(supervisor.name))
 
 
@@ -69,8 +80,11 @@ async def sleep_model(request: web.Request) -> web.Response:
     except ModelUnavailable as error:
         raise ApiError(error.status, str(error), error.code) from None
     if not slept:
-        raise ApiError(409, f"model {supervisor.name!r} is {supervisor.state.value}; only a "
-                       "ready model can sleep", "not_ready")
+        raise ApiError(
+            409,
+            f"model {supervisor.name!r} is {supervisor.state.value}; only a ready model can sleep",
+            "not_ready",
+        )
     return web.json_response(gateway.yard.model_status(supervisor.name))
 
 
@@ -82,8 +96,11 @@ async def engine_logs(request: web.Request) -> web.StreamResponse:
     except ValueError:
         raise ApiError(400, "lines must be an integer", "invalid_lines", "lines") from None
     engine = supervisor.engine
-    tail = engine.log_tail(lines) if engine else (supervisor.failure.log_tail
-                                                  if supervisor.failure else [])
+    tail = (
+        engine.log_tail(lines)
+        if engine
+        else (supervisor.failure.log_tail if supervisor.failure else [])
+    )
     if request.query.get("follow") not in ("1", "true"):
         return web.json_response({"model": supervisor.name, "lines": tail})
     log = getattr(engine, "log", None)
@@ -122,8 +139,7 @@ async def event_stream(request: web.Request) -> web.StreamResponse:
         for event in gateway.events.recent(int(request.query.get("recent", "50") or 50)):
             if event.id > after:
                 await response.write(_sse_event(event.id, json.dumps(event.to_json())))
-        await _pump_sse(response, queue, lambda e: json.dumps(e.to_json()),
-                        id_of=lambda e: e.id)
+        await _pump_sse(response, queue, lambda e: json.dumps(e.to_json()), id_of=lambda e: e.id)
     finally:
         gateway.events.unsubscribe(queue)
     return response

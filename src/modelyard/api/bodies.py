@@ -12,13 +12,17 @@ from modelyard.api.errors import ApiError
 
 async def read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, f"request body is {request.content_length} bytes; the limit is "
-                       f"{limit} bytes", "body_too_large")
+        raise ApiError(
+            413,
+            f"request body is {request.content_length} bytes; the limit is {limit} bytes",
+            "body_too_large",
+        )
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
-        raise ApiError(413, f"request body is larger than the limit of {limit} bytes",
-                       "body_too_large") from None
+        raise ApiError(
+            413, f"request body is larger than the limit of {limit} bytes", "body_too_large"
+        ) from None
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:

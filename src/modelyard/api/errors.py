@@ -19,8 +19,12 @@ _TYPES = {
 }
 
 
-def error_body(status: int, message: str, code: str | None = None, param: str | None = None,
-               ) -> dict[str, dict[str, str | None]]:
+def error_body(
+    status: int,
+    message: str,
+    code: str | None = None,
+    param: str | None = None,
+) -> dict[str, dict[str, str | None]]:
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
@@ -46,8 +50,14 @@ def error_response(
 class ApiError(Exception):
     """Raised by handlers and helpers; the error middleware renders it."""
 
-    def __init__(self, status: int, message: str, code: str | None = None,
-                 param: str | None = None, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message

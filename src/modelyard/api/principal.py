@@ -22,20 +22,21 @@ class Principal:
     def may_use(self, target: Target) -> bool:
         names = {target.public_name, target.model}
         return any(
-            fnmatch.fnmatchcase(name, pattern)
-            for pattern in self.model_patterns
-            for name in names
+            fnmatch.fnmatchcase(name, pattern) for pattern in self.model_patterns for name in names
         )
 
     def require_model(self, target: Target) -> None:
         if not self.may_use(target):
-            raise ApiError(403, f"this API key ({self.name}) may not use model "
-                           f"{target.public_name!r}", "model_not_allowed", "model")
+            raise ApiError(
+                403,
+                f"this API key ({self.name}) may not use model {target.public_name!r}",
+                "model_not_allowed",
+                "model",
+            )
 
     def require_admin(self) -> None:
         if not self.admin:
-            raise ApiError(403, f"this API key ({self.name}) is not an admin key",
-                           "admin_required")
+            raise ApiError(403, f"this API key ({self.name}) is not an admin key", "admin_required")
 
 
 # With no keys configured (loopback only), whoever can connect is trusted with everything.

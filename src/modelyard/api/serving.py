@@ -33,8 +33,9 @@ def resolve(gateway: Gateway, name: str) -> Target:
         return gateway.yard.resolve(name)
     except UnknownModel as error:
         known = ", ".join(error.known) or "(none configured)"
-        raise ApiError(404, f"model {name!r} does not exist; known models: {known}",
-                       "model_not_found", "model") from None
+        raise ApiError(
+            404, f"model {name!r} does not exist; known models: {known}", "model_not_found", "model"
+        ) from None
 
 
 async def openai_model_route(request: web.Request) -> web.StreamResponse:
@@ -43,8 +44,15 @@ async def openai_model_route(request: web.Request) -> web.StreamResponse:
     body = await read_body(request, gateway.config.limits.max_body_bytes)
     payload = parse_json_object(body)
     target = resolve(gateway, model_field(payload))
-    return await proxy_json(request, gateway, target, "/v1/" + request.match_info["tail"], payload,
-                            body, route_label="/v1/" + request.match_info["tail"].split("/")[0])
+    return await proxy_json(
+        request,
+        gateway,
+        target,
+        "/v1/" + request.match_info["tail"],
+        payload,
+        body,
+        route_label="/v1/" + request.match_info["tail"].split("/")[0],
+    )
 
 
 async def seed_route(request: web.Request) -> web.StreamResponse:
@@ -53,9 +61,12 @@ async def seed_route(request: web.Request) -> web.StreamResponse:
     route, tail = request.match_info["route"], request.match_info["tail"]
     model = gateway.yard.model_for_route(route)
     if model is None:
-        raise ApiError(404, f"no route /{route}; routes: "
-                       + ", ".join(sorted(f"/{r}" for r in gateway.yard.routes())),
-                       "route_not_found")
+        raise ApiError(
+            404,
+            f"no route /{route}; routes: "
+            + ", ".join(sorted(f"/{r}" for r in gateway.yard.routes())),
+            "route_not_found",
+        )
     target = gateway.yard.resolve(model)
     if tail in ("v1/models", "v1/models/") and request.method == "GET":
         return web.json_response(model_listing(gateway, only=model))
@@ -87,8 +98,9 @@ async def upstream_route(request: web.Request) -> web.StreamResponse:
     gateway = gateway_of(request)
     target = resolve(gateway, request.match_info["model"])
     body = await read_body(request, gateway.config.limits.max_body_bytes)
-    return await proxy_raw(request, gateway, target, "/" + request.match_info["tail"], body,
-                           "/upstream")
+    return await proxy_raw(
+        request, gateway, target, "/" + request.match_info["tail"], body, "/upstream"
+    )
 
 
 async def proxy_json(
@@ -124,8 +136,9 @@ async def proxy_raw(
 ) -> web.StreamResponse:
     """Forward any request unchanged (seed routes such as /vision/generate, /upstream)."""
     principal_of(request).require_model(target)
-    return await _forward(request, gateway, target, path, body or None, route_label,
-                          lambda: None, None)
+    return await _forward(
+        request, gateway, target, path, body or None, route_label, lambda: None, None
+    )
 
 
 async def _forward(
@@ -155,21 +168,33 @@ async def _forward(
             return response
     except ModelUnavailable as error:
         status = error.status
-        raise ApiError(error.status, _with_log_tail(str(error), error.log_tail), error.code,
-                       retry_after=error.retry_after) from None
+        raise ApiError(
+            error.status,
+            _with_log_tail(str(error), error.log_tail),
+            error.code,
+            retry_after=error.retry_after,
+        ) from None
     except UpstreamError as error:
         status = 502
         supervisor = gateway.yard.supervisors[target.model]
         tail = supervisor.failure.log_tail if supervisor.failure else []
-        raise ApiError(502, _with_log_tail(f"model {target.model!r}: {error}", tail),
-                       "upstream_error") from None
+        raise ApiError(
+            502, _with_log_tail(f"model {target.model!r}: {error}", tail), "upstream_error"
+        ) from None
     finally:
-        gateway.observe(RequestRecord(
-            model=target.model, route=route_label, key_name=principal_of(request).name,
-            status=status, duration_s=time.perf_counter() - started, first_byte_s=first_byte,
-            streamed=streamed, prompt_tokens=usage.get("prompt_tokens"),
-            completion_tokens=usage.get("completion_tokens"),
-        ))
+        gateway.observe(
+            RequestRecord(
+                model=target.model,
+                route=route_label,
+                key_name=principal_of(request).name,
+                status=status,
+                duration_s=time.perf_counter() - started,
+                first_byte_s=first_byte,
+                streamed=streamed,
+                prompt_tokens=usage.get("prompt_tokens"),
+                completion_tokens=usage.get("completion_tokens"),
+            )
+        )
 
 
 def _usage_of(body: bytes | None) -> dict[str, int]:

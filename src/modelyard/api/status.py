@@ -19,13 +19,15 @@ async def gateway_status(request: web.Request) -> web.Response:
     gateway = gateway_of(request)
     principal_of(request).require_admin()
     yard = gateway.yard
-    return web.json_response({
-        "version": __version__,
-        "uptime_s": round(_now() - gateway.started_at, 3),
-        "queued": yard.total_waiting(),
-        "models": [yard.model_status(name) for name in yard.supervisors],
-        "gpus": gateway.gpu_status(),
-    })
+    return web.json_response(
+        {
+            "version": __version__,
+            "uptime_s": round(_now() - gateway.started_at, 3),
+            "queued": yard.total_waiting(),
+            "models": [yard.model_status(name) for name in yard.supervisors],
+            "gpus": gateway.gpu_status(),
+        }
+    )
 
 
 def _now() -> float:

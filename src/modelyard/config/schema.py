@@ -127,7 +127,8 @@ class ModelConfig(StrictModel):
             raise ValueError("'sleep' is only supported for engine 'vllm'")
         if self.gpus is not None and len(self.gpus) < self.tensor_parallel:
             raise ValueError(
-                f"tensor_parallel is {self.tensor_parallel} but only {len(self.gpus)} gpus are allowed"
+                f"tensor_parallel is {self.tensor_parallel} but only "
+                f"{len(self.gpus)} gpus are allowed"
             )
         return self
 

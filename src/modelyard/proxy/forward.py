@@ -16,9 +16,18 @@ from modelyard.proxy.sse import StreamTransformer
 # Headers that describe one hop, not the message (RFC 9110 7.6.1), plus ones we recompute.
 _HOP_HEADERS = frozenset(
     {
-        "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-        "trailer", "transfer-encoding", "upgrade", "host", "content-length",
-        "content-encoding", "accept-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "content-encoding",
+        "accept-encoding",
     }
 )
 # Credentials for the gateway must never reach an engine (or its logs).
@@ -93,13 +102,16 @@ class UpstreamClient:
         try:
             content_type = upstream.headers.get("Content-Type", "")
             if content_type.startswith("text/event-stream"):
-                response = await self._stream(request, upstream, transformer_for(), outcome,
-                                              started)
+                response = await self._stream(
+                    request, upstream, transformer_for(), outcome, started
+                )
             else:
                 try:
                     data = await upstream.read()
                 except (aiohttp.ClientError, TimeoutError) as error:
-                    raise UpstreamError(f"engine broke off its answer: {describe(error)}") from error
+                    raise UpstreamError(
+                        f"engine broke off its answer: {describe(error)}"
+                    ) from error
                 outcome.first_byte_s = time.perf_counter() - started
                 if rewrite_body is not None and upstream.status < 400:
                     data = rewrite_body(data)
@@ -151,8 +163,14 @@ class UpstreamClient:
             if transformer is not None:
                 transformer.flush()
             message = f"the engine broke off the stream: {describe(error)}"
-            event = {"error": {"message": message, "type": "server_error", "param": None,
-                               "code": "upstream_stream_broken"}}
+            event = {
+                "error": {
+                    "message": message,
+                    "type": "server_error",
+                    "param": None,
+                    "code": "upstream_stream_broken",
+                }
+            }
             try:
                 await response.write(f"data: {json.dumps(event)}\n\n".encode())
             except (ConnectionResetError, aiohttp.ClientConnectionResetError):

@@ -199,6 +199,27 @@ class ModelSupervisor:
                     await asyncio.wait_for(asyncio.shield(operation), remaining)
                 except TimeoutError:
                     raise self._timeout_error() from None
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if operation.cancelled() and current is not None and not current.cancelling():
+                        raise ModelUnavailable(
+                            f"the start of model {self.name!r} was cancelled "
+                            "(the gateway is shutting down)",
+                            retry_after=5.0,
+                            code="shutting_down",
+                        ) from None
+                    raise
+                except ModelUnavailable:
+                    raise
+                except Exception as error:
+                    # Every waiter of a failed start gets the same clear error.
+                    failure = self.failure
+                    raise ModelUnavailable(
+                        f"model {self.name!r} failed to start: {error}",
+                        status=502,
+                        log_tail=failure.log_tail if failure else [],
+                        code="engine_start_failed",
+                    ) from error
         finally:
             self.waiting -= 1
 
@@ -287,10 +308,26 @@ class ModelSupervisor:
         await self._run_exclusive(run)
         return done
 
+    def cancel_start(self) -> None:
+        """Abandon a start or wake in progress (gateway shutdown); its engine is stopped."""
+        if (
+            self._operation is not None
+            and not self._operation.done()
+            and self.state in (ModelState.STARTING, ModelState.WAKING)
+        ):
+            self._operation.cancel()
+
     async def _run_exclusive(self, make: Callable[[], Awaitable[None]]) -> None:
         while self._operation is not None and not self._operation.done():
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._operation)
+            operation = self._operation
+            try:
+                await asyncio.shield(operation)
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if not operation.cancelled() or (current is not None and current.cancelling()):
+                    raise  # we were cancelled ourselves, not the operation we waited for
+            except Exception:
+                pass
         self._operation = asyncio.ensure_future(make())
         await asyncio.shield(self._operation)
 

@@ -118,8 +118,9 @@ class Yard:
     async def engine_for(self, model: str) -> AsyncIterator[EngineHandle]:
         """A ready engine for one request, within the model's start timeout and queue bounds."""
         if self._closing:
-            raise ModelUnavailable("the gateway is shutting down", retry_after=5.0,
-                                   code="shutting_down")
+            raise ModelUnavailable(
+                "the gateway is shutting down", retry_after=5.0, code="shutting_down"
+            )
         supervisor = self.supervisors[model]
         if supervisor.state is not ModelState.READY:
             self._check_queue_bounds(supervisor)
@@ -136,13 +137,15 @@ class Yard:
             raise ModelUnavailable(
                 f"too many requests are waiting for model {supervisor.name!r} "
                 f"(limit {model_limit}); retry later",
-                retry_after=self._retry_hint(supervisor), code="queue_full",
+                retry_after=self._retry_hint(supervisor),
+                code="queue_full",
             )
         if self.total_waiting() >= limits.max_queue:
             raise ModelUnavailable(
                 f"the gateway is busy: {limits.max_queue} requests are already waiting; "
                 "retry later",
-                retry_after=self._retry_hint(supervisor), code="queue_full",
+                retry_after=self._retry_hint(supervisor),
+                code="queue_full",
             )
 
     def _retry_hint(self, supervisor: ModelSupervisor) -> float:
@@ -186,9 +189,15 @@ class Yard:
         supervisor = self.supervisors[model]
         await supervisor.load(self._clock() + supervisor.settings.start_timeout, reason)
 
+    def begin_shutdown(self) -> None:
+        """Refuse new requests and abandon starts in progress; requests in flight go on."""
+        self._closing = True
+        for supervisor in self.supervisors.values():
+            supervisor.cancel_start()
+
     async def shutdown(self, grace: float) -> None:
         """Stop every engine: wait up to `grace` for requests in flight, then stop all."""
-        self._closing = True
+        self.begin_shutdown()
         if self._reaper is not None:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -227,7 +236,9 @@ class Yard:
             "starts": supervisor.timings.starts,
             "crashes": supervisor.timings.crashes,
             "gpus": list(supervisor.budget.gpu_indexes) if supervisor.budget else [],
-            "failure": None if failure is None else {
+            "failure": None
+            if failure is None
+            else {
                 "message": failure.message,
                 "exit_code": failure.exit_code,
                 "log_tail": failure.log_tail,

@@ -1,0 +1,291 @@
+"""The gateway end to end: a real `modelyard serve` process with test engines behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+
+from tests.conftest import fake_model, processes_with, start_gateway
+
+CHAT = {"messages": [{"role": "user", "content": "hello"}]}
+
+
+def chat_body(model: str, **extra: object) -> dict[str, object]:
+    return {"model": model, **CHAT, **extra}
+
+
+async def post(url: str, body: object, **kwargs: object) -> tuple[int, dict[str, object]]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, json=body, **kwargs) as response,
+    ):
+        return response.status, await response.json(content_type=None)
+
+
+async def test_cold_start_then_reuse(gateway_factory):
+    gateway = gateway_factory({"chat": fake_model("chat", "--ready-delay", "0.2")})
+    assert gateway.model_state("chat") == "stopped"
+    status, body = await post(gateway.url + "/v1/chat/completions", chat_body("chat"))
+    assert status == 200, body
+    assert body["choices"][0]["message"]["content"] == "chat says: hello"
+    first_pid = gateway.status()["models"][0]["pid"]
+    status, body = await post(gateway.url + "/v1/chat/completions", chat_body("chat"))
+    assert status == 200
+    assert gateway.status()["models"][0]["pid"] == first_pid
+    assert gateway.status()["models"][0]["starts"] == 1
+
+
+async def test_concurrent_first_requests_share_one_start(gateway_factory):
+    gateway = gateway_factory({"chat": fake_model("chat", "--ready-delay", "0.5")})
+    results = await asyncio.gather(
+        *(post(gateway.url + "/v1/chat/completions", chat_body("chat")) for _ in range(50))
+    )
+    assert [status for status, _ in results] == [200] * 50
+    model = gateway.status()["models"][0]
+    assert model["starts"] == 1
+    assert len(gateway.engine_pids()) == 1
+
+
+async def test_idle_engine_is_stopped_but_never_while_busy(gateway_factory):
+    gateway = gateway_factory({"chat": fake_model("chat", idle_timeout="1s")})
+    # A request that lasts longer than the idle timeout keeps the engine alive.
+    status, _ = await post(gateway.url + "/v1/chat/completions", chat_body("chat", fake_delay=2.0))
+    assert status == 200
+    assert gateway.model_state("chat") == "ready"
+    gateway.wait_state("chat", "stopped", timeout=5)
+    assert gateway.engine_pids() == []
+
+
+async def test_crash_during_start_fails_fast_with_log_tail(gateway_factory):
+    gateway = gateway_factory({"bad": fake_model("bad", "--crash-on-start", "3")})
+    started = time.monotonic()
+    status, body = await post(gateway.url + "/v1/chat/completions", chat_body("bad"))
+    assert time.monotonic() - started < 5  # the exit is noticed at once, not at a timeout
+    assert status == 502
+    message = body["error"]["message"]
+    assert "exit code 3" in message
+    assert "CUDA out of memory (fake)" in message  # the engine's own last log lines
+    assert body["error"]["type"] == "server_error"
+    assert gateway.model_state("bad") == "failed"
+
+
+async def test_engine_killed_mid_stream_then_restarted(gateway_factory):
+    gateway = gateway_factory({"chat": fake_model("chat")})
+    async with aiohttp.ClientSession() as session:
+        body = chat_body("chat", stream=True, fake_chunks=200, fake_chunk_delay=0.02)
+        async with session.post(gateway.url + "/v1/chat/completions", json=body) as response:
+            assert response.status == 200
+            await response.content.readline()
+            pid = gateway.status()["models"][0]["pid"]
+            os.killpg(pid, signal.SIGKILL)
+            rest = (await response.read()).decode()
+        assert '"code": "upstream_stream_broken"' in rest
+        assert "[DONE]" not in rest
+        gateway.wait_state("chat", "failed")
+        assert gateway.status()["models"][0]["failure"]["exit_code"] == -9
+        # The gateway keeps working; the next request starts a new engine.
+        async with session.post(
+            gateway.url + "/v1/chat/completions", json=chat_body("chat")
+        ) as response:
+            assert response.status == 200
+    assert gateway.status()["models"][0]["pid"] != pid
+
+
+async def test_client_disconnect_closes_upstream_request(gateway_factory, tmp_path):
+    report = tmp_path / "engine-report.json"
+    gateway = gateway_factory({"chat": fake_model("chat", "--report", str(report))})
+    async with aiohttp.ClientSession() as session:
+        body = chat_body("chat", stream=True, fake_chunks=500, fake_chunk_delay=0.02)
+        response = await session.post(gateway.url + "/v1/chat/completions", json=body)
+        await response.content.readline()
+        response.close()  # the client goes away mid-stream
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if json.loads(report.read_text())["disconnects"] == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert json.loads(report.read_text())["disconnects"] == 1
+    # And the in-flight count went back to zero.
+    assert gateway.status()["models"][0]["in_flight"] == 0
+
+
+async def test_alias_and_route_rewriting(gateway_factory):
+    gateway = gateway_factory(
+        {
+            "coder": fake_model("qwen-coder-7b", aliases=["coder-fast"], route="/coder"),
+            "chat": fake_model("llama-8b", route="/chat"),
+        }
+    )
+    # Alias: the engine sees its served name, the client sees the name it asked for.
+    status, body = await post(gateway.url + "/v1/chat/completions", chat_body("coder-fast"))
+    assert status == 200
+    assert body["model"] == "coder-fast"
+    assert body["choices"][0]["message"]["content"] == "qwen-coder-7b says: hello"
+    # Streams too, chunk by chunk.
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            gateway.url + "/v1/chat/completions", json=chat_body("coder-fast", stream=True)
+        ) as response,
+    ):
+        text = (await response.read()).decode()
+    assert '"model":"coder-fast"' in text
+    assert 'qwen-coder-7b"' not in text
+    # Route prefix: /chat/v1/... goes to the chat model whatever `model` says.
+    status, body = await post(
+        gateway.url + "/chat/v1/chat/completions", chat_body("something-else")
+    )
+    assert status == 200
+    assert body["choices"][0]["message"]["content"] == "llama-8b says: hello"
+    # /{route}/v1/models answers without starting anything.
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(gateway.url + "/coder/v1/models") as response,
+    ):
+        listing = await response.json()
+    assert {m["id"] for m in listing["data"]} == {"coder", "coder-fast"}
+    # Other paths under a route pass through (the seed's /vision/generate shape).
+    status, body = await post(gateway.url + "/chat/generate?x=1", {"prompt": "p"})
+    assert body["path"] == "/generate"
+    assert body["query"] == "x=1"
+
+
+async def test_models_listing_is_immediate_and_complete(gateway_factory):
+    gateway = gateway_factory(
+        {
+            "slow": fake_model("slow", "--ready-delay", "30", aliases=["slow-alias"]),
+        }
+    )
+    async with aiohttp.ClientSession() as session:
+        pending = asyncio.ensure_future(
+            session.post(gateway.url + "/v1/chat/completions", json=chat_body("slow"))
+        )
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        async with session.get(gateway.url + "/v1/models") as response:
+            listing = await response.json()
+        assert time.monotonic() - started < 1.0
+        states = {m["id"]: m["state"] for m in listing["data"]}
+        assert states == {"slow": "starting", "slow-alias": "starting"}
+        assert all(m["object"] == "model" and "created" in m for m in listing["data"])
+        pending.cancel()
+
+
+async def test_unknown_model_and_malformed_bodies(gateway_factory):
+    gateway = gateway_factory({"chat": fake_model("chat")})
+    url = gateway.url + "/v1/chat/completions"
+    async with aiohttp.ClientSession() as session:
+        cases = [
+            (b'{"model": "nope"}', 404, "model_not_found"),
+            (b"{not json", 400, "invalid_json"),
+            (b"[1, 2]", 400, "invalid_json"),
+            (b"", 400, "invalid_json"),
+            (b'{"messages": []}', 400, "missing_model"),
+            (b'{"model": 7}', 400, "invalid_model"),
+            (b'\xff\xfe{"model": "chat"}', 400, "invalid_json"),
+            (b"[" * 100000, 400, "invalid_json"),
+        ]
+        for raw, status, code in cases:
+            async with session.post(url, data=raw) as response:
+                body = await response.json()
+                assert response.status == status, (raw[:20], body)
+                assert body["error"]["code"] == code
+                assert set(body["error"]) == {"message", "type", "param", "code"}
+        async with session.post(url, data=b'{"model": "nope"}') as response:
+            message = (await response.json())["error"]["message"]
+        assert "known models: chat" in message
+        # Upstream error statuses are passed through unchanged.
+        async with session.post(url, json=chat_body("chat", fake_status=422)) as response:
+            assert response.status == 422
+        async with session.get(gateway.url + "/nowhere/at/all") as response:
+            assert response.status == 404
+            assert "error" in await response.json()
+    assert gateway.model_state("chat") == "ready"
+
+
+async def test_start_timeout_gives_503_with_retry_after(gateway_factory):
+    gateway = gateway_factory(
+        {"slow": fake_model("slow", "--ready-delay", "30", start_timeout="1s")}
+    )
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(gateway.url + "/v1/chat/completions", json=chat_body("slow")) as response,
+    ):
+        body = await response.json()
+        assert response.status == 503
+        assert int(response.headers["Retry-After"]) >= 1
+    assert body["error"]["code"] == "start_timeout"
+
+
+def test_openai_sdk_streaming_and_not(gateway_factory):
+    gateway = gateway_factory({"chat": fake_model("chat-engine", aliases=["smol"])})
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert reply.model == "smol"
+    assert reply.choices[0].message.content == "chat-engine says: hi"
+    stream = client.chat.completions.create(
+        model="smol",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.startswith("chat-engine says: hi")
+    assert chunks[-1].usage is not None  # the client asked for usage: it gets it
+    models = client.models.list()
+    assert {m.id for m in models.data} == {"chat", "smol"}
+    embedding = client.embeddings.create(model="chat", input="x")
+    assert embedding.data[0].embedding == [0.1, 0.2, 0.3]
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="missing", messages=[])
+
+
+def test_sigterm_leaves_no_process_behind(gateway_factory):
+    gateway = gateway_factory(
+        {
+            "a": fake_model("a", "--spawn-child"),
+            "b": fake_model("b", "--ignore-sigterm"),
+        },
+        defaults={"stop_grace": "1s"},
+    )
+    for name in ("a", "b"):
+        asyncio.run(post(gateway.url + "/v1/chat/completions", chat_body(name)))
+    assert len(gateway.engine_pids()) >= 2
+    children = processes_with("time.sleep(3600)")
+    assert children, "engine 'a' should have started a child process"
+    assert gateway.stop(signal.SIGTERM) == 0
+    assert gateway.engine_pids() == []
+    assert not set(children) & set(processes_with("time.sleep(3600)"))
+
+
+def test_sigkilled_gateway_orphans_are_stopped_on_restart(tmp_path: Path):
+    models = {"chat": fake_model("chat")}
+    first = start_gateway(tmp_path, models, marker=f"orphan-{tmp_path.name}")
+    try:
+        asyncio.run(post(first.url + "/v1/chat/completions", chat_body("chat")))
+        orphans = first.engine_pids()
+        assert len(orphans) == 1
+        first.stop(signal.SIGKILL)
+        assert first.engine_pids() == orphans  # SIGKILL gave the gateway no chance to clean up
+        models = {"chat": fake_model("chat")}
+        second = start_gateway(tmp_path, models, marker=f"orphan-{tmp_path.name}")
+        try:
+            assert first.engine_pids() == []  # stopped before the new gateway listened
+            events = second.log_text()
+            assert "stopped orphaned engine chat" in events
+        finally:
+            second.stop()
+    finally:
+        for pid in processes_with(f"orphan-{tmp_path.name}"):
+            os.kill(pid, signal.SIGKILL)
