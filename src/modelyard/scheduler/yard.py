@@ -226,6 +226,7 @@ class Yard:
             "route": model.route,
             "state": supervisor.state.value,
             "pid": supervisor.engine.pid if supervisor.engine else None,
+            "port": getattr(supervisor.engine, "port", None),
             "in_flight": supervisor.in_flight,
             "queued": supervisor.waiting,
             "idle_s": supervisor.idle_for(now),

@@ -1,0 +1,43 @@
+# modelyard: the two commands a newcomer needs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+
+.PHONY: setup demo test lint unit bench bench-proxy bench-placement clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Sets up everything (gateway venv, engine venv with vLLM for CPU, demo models) and serves.
+demo: setup
+	$(VENV)/bin/modelyard demo
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/mypy
+
+# Everything CI runs: lint, types, unit and integration tests, real vLLM engines on CPU.
+test: setup
+	$(MAKE) lint
+	$(PY) -m pytest tests
+
+unit: setup
+	$(PY) -m pytest tests -m "not vllm and not chromium and not diffusion"
+
+bench: bench-proxy bench-placement
+
+bench-proxy: setup
+	$(PY) -m bench.proxy
+
+bench-placement: setup
+	$(PY) -m bench.placement.simulate
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts

@@ -1,0 +1,300 @@
+"""The model state machine and single-flight starts, in-process, with no real sleeps.
+
+Engines here are in-memory fakes implementing the supervisor's `EngineHandle` interface;
+readiness, exits and time are driven by the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from modelyard.config import parse_config
+from modelyard.engines.base import LaunchSpec
+from modelyard.observability.events import EventBus
+from modelyard.scheduler.supervisor import ModelState, ModelUnavailable
+from modelyard.scheduler.yard import Yard
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeEngine:
+    def __init__(self, number: int) -> None:
+        self.base_url = f"http://fake-{number}"
+        self.pid = 10_000 + number
+        self._exited: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.ready = asyncio.Event()
+        self.stopped = False
+        self.stop_gate = asyncio.Event()
+        self.stop_gate.set()
+
+    @property
+    def exited(self) -> asyncio.Future[Any]:
+        return self._exited
+
+    async def wait_ready(self, deadline: float) -> float:
+        exit_wait = asyncio.ensure_future(asyncio.shield(self._exited))
+        ready_wait = asyncio.ensure_future(self.ready.wait())
+        await asyncio.wait({exit_wait, ready_wait}, return_when=asyncio.FIRST_COMPLETED)
+        exit_wait.cancel()
+        ready_wait.cancel()
+        if self._exited.done():
+            raise RuntimeError("exited while starting (exit code 1)")
+        return 0.0
+
+    def crash(self, code: int = 1) -> None:
+        self._exited.set_result(type("Exit", (), {"code": code})())
+
+    async def stop(self, grace: float) -> int | None:
+        await self.stop_gate.wait()
+        self.stopped = True
+        if not self._exited.done():
+            self._exited.set_result(type("Exit", (), {"code": 0})())
+        return 0
+
+    def log_tail(self, count: int) -> list[str]:
+        return ["fake log line"]
+
+
+class FakeRuntime:
+    def __init__(self) -> None:
+        self.engines: list[FakeEngine] = []
+        self.auto_ready = True
+
+    async def __call__(self, name: str, spec_for_port: Callable[[int], LaunchSpec]) -> FakeEngine:
+        spec_for_port(12345)
+        engine = FakeEngine(len(self.engines))
+        if self.auto_ready:
+            engine.ready.set()
+        self.engines.append(engine)
+        return engine
+
+
+def make_yard(
+    models: dict[str, Any] | None = None, **settings: Any
+) -> tuple[Yard, FakeRuntime, FakeClock, EventBus]:
+    models = models or {"m": {"engine": "command", "command": ["x", "{port}"], "idle_timeout": 60}}
+    config = parse_config({"models": models, **settings})
+    runtime, clock, events = FakeRuntime(), FakeClock(), EventBus()
+    return Yard(config, runtime, events, clock=clock), runtime, clock, events
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+async def test_single_flight_start_for_concurrent_requests():
+    yard, runtime, _clock, events = make_yard()
+    runtime.auto_ready = False
+    supervisor = yard.supervisors["m"]
+
+    async def request() -> str:
+        async with yard.engine_for("m") as engine:
+            return engine.base_url
+
+    tasks = [asyncio.create_task(request()) for _ in range(50)]
+    await settle()
+    assert len(runtime.engines) == 1
+    assert supervisor.state is ModelState.STARTING
+    assert supervisor.waiting == 50
+    runtime.engines[0].ready.set()
+    results = await asyncio.gather(*tasks)
+    assert set(results) == {"http://fake-0"}
+    assert supervisor.state is ModelState.READY
+    assert [e.kind for e in events.recent()] == ["start", "ready"]
+    assert supervisor.waiting == 0
+    assert supervisor.in_flight == 0
+
+
+async def test_failed_start_reaches_every_waiter_then_next_request_retries():
+    yard, runtime, _clock, events = make_yard()
+    runtime.auto_ready = False
+
+    async def request() -> None:
+        async with yard.engine_for("m"):
+            pass
+
+    tasks = [asyncio.create_task(request()) for _ in range(3)]
+    await settle()
+    runtime.engines[0].crash(3)
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert all(isinstance(r, ModelUnavailable) and r.status == 502 for r in results)
+    assert yard.supervisors["m"].state is ModelState.FAILED
+    assert events.recent()[-1].kind == "start_failed"
+    # One failure is no crash loop: the next request starts again at once.
+    runtime.auto_ready = True
+    async with yard.engine_for("m") as engine:
+        assert engine is runtime.engines[1]
+
+
+async def test_crash_loop_backs_off_exponentially():
+    yard, runtime, clock, _events = make_yard()
+    supervisor = yard.supervisors["m"]
+    # One crash restarts at once; from the second in a row, waits of 1, 2, 4 s follow.
+    for expected_backoff in (None, 1.0, 2.0, 4.0):
+        async with yard.engine_for("m"):
+            pass
+        runtime.engines[-1].crash(1)
+        await settle()
+        assert supervisor.state is ModelState.FAILED
+        if expected_backoff is not None:
+            with pytest.raises(ModelUnavailable) as refused:
+                async with yard.engine_for("m"):
+                    pass
+            assert refused.value.status == 503
+            assert refused.value.retry_after == pytest.approx(expected_backoff)
+            starts_before = len(runtime.engines)
+            clock.now += expected_backoff
+            assert len(runtime.engines) == starts_before
+    assert supervisor.timings.crashes == 4
+
+
+async def test_idle_stop_never_while_in_flight():
+    yard, runtime, clock, events = make_yard()
+    supervisor = yard.supervisors["m"]
+    async with yard.engine_for("m"):
+        clock.now += 3600  # long past the idle timeout, but a request is in flight
+        assert await yard.reap_idle(clock.now) == []
+        assert supervisor.state is ModelState.READY
+    clock.now += 59
+    assert await yard.reap_idle(clock.now) == []
+    clock.now += 2
+    assert await yard.reap_idle(clock.now) == ["m"]
+    assert supervisor.state is ModelState.STOPPED
+    assert runtime.engines[0].stopped
+    assert events.recent()[-1].kind == "stop"
+    assert events.recent()[-1].reason.startswith("idle for")
+
+
+async def test_idle_stop_abandoned_when_request_arrives_first():
+    yard, _runtime, clock, _events = make_yard()
+    supervisor = yard.supervisors["m"]
+    async with yard.engine_for("m"):
+        pass
+    clock.now += 120
+    # A request takes the engine between the idle check and the stop operation.
+    stop = asyncio.ensure_future(supervisor.stop("idle", if_idle=True))
+    async with yard.engine_for("m"):
+        assert await stop is False
+        assert supervisor.state is ModelState.READY
+
+
+async def test_request_during_stop_waits_then_restarts():
+    yard, runtime, _clock, _events = make_yard()
+    supervisor = yard.supervisors["m"]
+    async with yard.engine_for("m"):
+        pass
+    runtime.engines[0].stop_gate.clear()
+    stopping = asyncio.ensure_future(supervisor.stop("admin"))
+    await settle()
+    assert supervisor.state is ModelState.STOPPING
+
+    async def request() -> str:
+        async with yard.engine_for("m") as engine:
+            return engine.base_url
+
+    pending = asyncio.create_task(request())
+    await settle()
+    assert supervisor.waiting == 1  # it waits for the stop instead of using a dying engine
+    runtime.engines[0].stop_gate.set()
+    assert await pending == "http://fake-1"
+    await stopping
+    assert len(runtime.engines) == 2
+
+
+async def test_stop_drains_requests_in_flight_first():
+    yard, runtime, _clock, _events = make_yard()
+    supervisor = yard.supervisors["m"]
+    async with yard.engine_for("m"):
+        stopping = asyncio.ensure_future(supervisor.stop("admin"))
+        await settle()
+        assert supervisor.state is ModelState.DRAINING
+        assert not runtime.engines[0].stopped
+    await stopping
+    assert runtime.engines[0].stopped
+
+
+async def test_unexpected_exit_marks_failed_with_exit_code():
+    yard, runtime, _clock, events = make_yard()
+    async with yard.engine_for("m"):
+        pass
+    runtime.engines[0].crash(137)
+    await settle()
+    supervisor = yard.supervisors["m"]
+    assert supervisor.state is ModelState.FAILED
+    assert supervisor.failure is not None
+    assert supervisor.failure.exit_code == 137
+    assert events.recent()[-1].kind == "crash"
+
+
+async def test_queue_bound_refuses_at_once():
+    yard, runtime, _clock, _events = make_yard(
+        {"m": {"engine": "command", "command": ["x", "{port}"], "max_queue": 2}}
+    )
+    runtime.auto_ready = False
+
+    async def request() -> None:
+        async with yard.engine_for("m"):
+            pass
+
+    waiting = [asyncio.create_task(request()) for _ in range(2)]
+    await settle()
+    with pytest.raises(ModelUnavailable) as refused:
+        await request()
+    assert refused.value.code == "queue_full"
+    assert refused.value.retry_after is not None
+    runtime.engines[0].ready.set()
+    await asyncio.gather(*waiting)
+
+
+async def test_waiter_that_goes_away_leaves_the_queue():
+    yard, runtime, _clock, _events = make_yard()
+    runtime.auto_ready = False
+
+    async def request() -> None:
+        async with yard.engine_for("m"):
+            pass
+
+    task = asyncio.create_task(request())
+    await settle()
+    assert yard.total_waiting() == 1
+    task.cancel()
+    await settle()
+    assert yard.total_waiting() == 0
+    # The start itself goes on for the next request.
+    assert yard.supervisors["m"].state is ModelState.STARTING
+
+
+async def test_shutdown_cancels_start_and_stops_engines():
+    yard, runtime, _clock, _events = make_yard(
+        {
+            "a": {"engine": "command", "command": ["x", "{port}"]},
+            "b": {"engine": "command", "command": ["x", "{port}"]},
+        }
+    )
+    async with yard.engine_for("a"):
+        pass
+    runtime.auto_ready = False
+
+    async def request() -> None:
+        async with yard.engine_for("b"):
+            pass
+
+    pending = asyncio.create_task(request())
+    await settle()
+    await yard.shutdown(grace=1.0)
+    with pytest.raises(ModelUnavailable) as refused:
+        await pending
+    assert refused.value.code == "shutting_down"
+    assert all(engine.stopped for engine in runtime.engines)
+    assert {s.state for s in yard.supervisors.values()} == {ModelState.STOPPED}
