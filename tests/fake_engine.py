@@ -214,6 +214,7 @@ async def sleep(request: web.Request) -> web.Response:
     if STATE["in_flight"]:
         STATE["aborted_by_sleep"] = STATE.get("aborted_by_sleep", 0) + STATE["in_flight"]
     STATE["sleeping"] = level
+    _claim_gpu(request.app["args"], request.app["args"].sleep_residual)
     _write_report(request.app["args"])
     return web.Response(status=200)
 
@@ -222,6 +223,10 @@ async def wake_up(request: web.Request) -> web.Response:
     if not request.app["args"].sleep_mode:
         return web.Response(status=404)
     await asyncio.sleep(request.app["args"].wake_delay)
+    try:
+        _claim_gpu(request.app["args"])
+    except Exception as error:
+        return _error(500, f"wake failed: {error}")
     STATE["sleeping"] = 0
     STATE["wakes"] = STATE.get("wakes", 0) + 1
     _write_report(request.app["args"])
@@ -261,6 +266,9 @@ async def seen(request: web.Request) -> web.Response:
             "pid": os.getpid(),
             "memory": request.app["args"].memory,
             "sleeping": STATE["sleeping"],
+            "argv": request.app["args"].argv,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "loras": sorted(STATE["loras"]),
         }
     )
 
@@ -294,8 +302,47 @@ def _write_report(args: argparse.Namespace) -> None:
         os.replace(tmp, args.report)
 
 
+def _claim_gpu(args: argparse.Namespace, fraction: float = 1.0) -> None:
+    """Claim this engine's GPU memory on the simulated GPU (see fake_gpu.py)."""
+    ledger = os.environ.get("FAKE_GPU_DIR")
+    if not ledger:
+        return
+    from pathlib import Path
+
+    import fake_gpu
+
+    directory = Path(ledger)
+    visible = [int(i) for i in os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",") if i]
+    totals = fake_gpu.totals(directory)
+    if args.gpu_memory_utilization is not None:
+        per_gpu = {
+            gpu: int(totals[gpu] * args.gpu_memory_utilization * fraction) for gpu in visible
+        }
+    else:
+        per_gpu = {gpu: int(args.memory * fraction) for gpu in visible}
+    fake_gpu.claim(directory, os.getpid(), per_gpu)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    # vLLM's own command line (`vllm serve MODEL --host H --port P --served-model-name N ...`)
+    # so tests can run this engine with `engine: vllm` and check the flags the gateway sets.
+    parser.add_argument("model", nargs="?", default=None)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--served-model-name", dest="served_name")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None)
+    parser.add_argument("--enable-sleep-mode", dest="sleep_mode", action="store_true")
+    parser.add_argument("--enable-lora", action="store_true")
+    parser.add_argument("--max-loras", type=int, default=1)
+    parser.add_argument("--max-lora-rank", type=int, default=16)
+    parser.add_argument("--max-cpu-loras", type=int, default=None)
+    parser.add_argument("--lora-modules", nargs="+", default=[])
+    parser.add_argument(
+        "--sleep-residual",
+        type=float,
+        default=0.05,
+        help="fraction of its memory a sleeping engine keeps on the GPU",
+    )
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--served-name", default="fake")
     parser.add_argument("--root", default="/models/fake")
@@ -323,9 +370,20 @@ def main() -> None:
         help="start a child process too, like vLLM's engine core",
     )
     parser.add_argument("--ignore-sigterm", action="store_true")
-    args = parser.parse_args()
+    args, ignored = parser.parse_known_args()
+    args.argv = sys.argv[1:]
+    for module in args.lora_modules:
+        name, _, path = module.partition("=")
+        STATE["loras"][name] = path
 
     print(f"fake engine {args.served_name} starting on port {args.port}", flush=True)
+    if ignored:
+        print(f"ignoring engine flags: {' '.join(ignored)}", flush=True)
+    try:
+        _claim_gpu(args)
+    except Exception as error:  # fake_gpu.OutOfMemory, as vLLM's torch.OutOfMemoryError
+        print(f"torch.OutOfMemoryError: {error}", flush=True)
+        sys.exit(1)
     if args.crash_on_start:
         print("loading weights...", flush=True)
         print("RuntimeError: CUDA out of memory (fake)", flush=True)
