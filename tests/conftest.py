@@ -66,11 +66,15 @@ class RunningGateway:
     state_dir: Path
     marker: str
     output: list[str] = field(default_factory=list)
+    admin_key: str | None = None  # sent by status() when the gateway has API keys
 
     def status(self) -> dict[str, Any]:
         import urllib.request
 
-        with urllib.request.urlopen(self.url + "/gateway/status", timeout=10) as response:
+        request = urllib.request.Request(self.url + "/gateway/status")
+        if self.admin_key is not None:
+            request.add_header("Authorization", f"Bearer {self.admin_key}")
+        with urllib.request.urlopen(request, timeout=10) as response:
             result: dict[str, Any] = json.loads(response.read())
             return result
 
@@ -111,6 +115,8 @@ def start_gateway(
     for model in models.values():
         if model.get("engine") == "command":
             model["command"] = [*model["command"], "--root", marker]
+        elif FAKE_ENGINE in model.get("executable", []):
+            model["args"] = [*model.get("args", []), "--root", marker]
     config = {
         "listen": f"127.0.0.1:{port}",
         "state_dir": str(state_dir),
@@ -133,7 +139,7 @@ def start_gateway(
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise AssertionError(f"gateway exited early:\n{gateway.log_text()}")
-        if "listening on" in gateway.log_text():
+        if "modelyard listening on http" in gateway.log_text():
             return gateway
         time.sleep(0.05)
     process.kill()

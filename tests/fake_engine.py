@@ -47,6 +47,8 @@ async def health(request: web.Request) -> web.Response:
     args = request.app["args"]
     if args.hang_health and time.monotonic() > request.app["ready_at"]:
         await asyncio.sleep(3600)
+    if STATE.get("hung"):
+        await asyncio.sleep(3600)
     if time.monotonic() < request.app["ready_at"]:
         return web.Response(status=503)
     return web.Response(status=200)
@@ -100,11 +102,22 @@ async def completions(request: web.Request) -> web.StreamResponse:
         )
     if body.get("fake_crash"):
         os._exit(int(body["fake_crash"]))
+    if STATE.get("hung") or STATE.get("stalled"):
+        await asyncio.sleep(3600)
+    if body.get("fake_hang"):  # the process stays alive but answers nothing, /health included
+        STATE["hung"] = True
+        await asyncio.sleep(3600)
+    if body.get("fake_stall"):  # requests get no answer while /health stays 200 (vLLM's case)
+        STATE["stalled"] = True
+        await asyncio.sleep(3600)
     if body.get("fake_status"):
         return _error(int(body["fake_status"]), "fake error requested")
     delay = float(body.get("fake_delay", 0))
     chat = request.path.endswith("chat/completions")
-    text = _answer(body, args)
+    try:
+        text = _answer(body, args)
+    except (AttributeError, TypeError, IndexError, KeyError):
+        return _error(400, "malformed messages or prompt")  # vLLM validates bodies: a 400
     if request.path.endswith("embeddings"):
         await asyncio.sleep(delay)
         return web.json_response(
@@ -286,6 +299,30 @@ async def echo_any(request: web.Request) -> web.Response:
     )
 
 
+async def prometheus_metrics(request: web.Request) -> web.Response:
+    """A few of vLLM's own `vllm:` metrics, in its exposition format."""
+    name = request.app["args"].served_name
+    labels = f'engine="0",model_name="{name}"'
+    text = (
+        "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+        "# TYPE vllm:num_requests_running gauge\n"
+        f"vllm:num_requests_running{{{labels}}} {float(STATE['in_flight'])}\n"
+        "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
+        "# TYPE vllm:num_requests_waiting gauge\n"
+        f"vllm:num_requests_waiting{{{labels}}} 0.0\n"
+        "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n"
+        "# TYPE vllm:kv_cache_usage_perc gauge\n"
+        f"vllm:kv_cache_usage_perc{{{labels}}} 0.25\n"
+        "# HELP vllm:generation_tokens_total Number of generation tokens processed.\n"
+        "# TYPE vllm:generation_tokens_total counter\n"
+        f"vllm:generation_tokens_total{{{labels}}} {float(len(STATE['requests']) * 5)}\n"
+        "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.\n"
+        "# TYPE vllm:prompt_tokens_total counter\n"
+        f"vllm:prompt_tokens_total{{{labels}}} {float(len(STATE['requests']) * 5)}\n"
+    )
+    return web.Response(text=text, content_type="text/plain")
+
+
 def _write_report(args: argparse.Namespace) -> None:
     if args.report:
         report = {
@@ -320,6 +357,8 @@ def _claim_gpu(args: argparse.Namespace, fraction: float = 1.0) -> None:
         }
     else:
         per_gpu = {gpu: int(args.memory * fraction) for gpu in visible}
+    # The weights need this much whatever the budget says (the gateway's estimate was low).
+    per_gpu = {gpu: max(size, int(args.fake_min_bytes * fraction)) for gpu, size in per_gpu.items()}
     fake_gpu.claim(directory, os.getpid(), per_gpu)
 
 
@@ -343,6 +382,7 @@ def main() -> None:
         default=0.05,
         help="fraction of its memory a sleeping engine keeps on the GPU",
     )
+    parser.add_argument("--fake-min-bytes", type=int, default=0)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--served-name", default="fake")
     parser.add_argument("--root", default="/models/fake")
@@ -409,6 +449,7 @@ def main() -> None:
     app.router.add_post("/v1/load_lora_adapter", load_lora)
     app.router.add_post("/v1/unload_lora_adapter", unload_lora)
     app.router.add_get("/fake/seen", seen)
+    app.router.add_get("/metrics", prometheus_metrics)
     app.router.add_route("*", "/{tail:.*}", echo_any)
     _write_report(args)
     print("INFO:     Application startup complete.", flush=True)

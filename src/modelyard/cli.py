@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import urllib.error
@@ -14,9 +13,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from modelyard.auth.commands import add_key_commands
+from modelyard.auth.exposure import auth_mode, exposure_problem
 from modelyard.config import ConfigError, GatewayConfig, load_config
 from modelyard.config.units import format_bytes
 from modelyard.engines import engine_kind
+from modelyard.observability import console as views
+from modelyard.observability.log_format import configure_logging
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -51,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
         _client_args(command)
         command.set_defaults(run=_status)
 
+    events = verbs.add_parser("events", help="recent events from a running gateway")
+    events.add_argument("-f", "--follow", action="store_true", help="keep printing new events")
+    events.add_argument("-n", "--recent", type=int, default=50, help="past events to show")
+    events.add_argument("--model", help="only this model's events")
+    _client_args(events)
+    events.set_defaults(run=_events)
+
     for verb in ("load", "unload", "sleep"):
         command = verbs.add_parser(verb, help=f"{verb} a model on a running gateway")
         command.add_argument("model")
@@ -58,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--level", type=int, choices=(1, 2))
         _client_args(command)
         command.set_defaults(run=_admin_action, verb=verb)
+    add_key_commands(verbs)  # keys create, keys hash
     return parser
 
 
@@ -98,10 +109,12 @@ def _serve(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else config.port
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     config = config.model_copy(update={"listen": listen})
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    problem = exposure_problem(config)  # no keys: loopback only, unless explicitly allowed
+    if problem is not None:
+        print(f"modelyard: {problem}", file=sys.stderr)
+        return 1
+    print(f"modelyard: {auth_mode(config)}", flush=True)
+    configure_logging(args.log_level, config.log_format)
     from modelyard.server import serve
 
     serve(config)
@@ -160,35 +173,37 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
-    console = Console()
-    table = Table(title=f"modelyard at {args.url}")
-    for column in (
-        "model",
-        "state",
-        "engine",
-        "route",
-        "in flight",
-        "queued",
-        "last use",
-        "gpus",
-        "note",
-    ):
-        table.add_column(column)
-    for model in status["models"]:
-        ago = model.get("last_used_ago_s")
-        failure = model.get("failure") or {}
-        table.add_row(
-            model["name"],
-            model["state"],
-            model["engine"],
-            model.get("route") or "-",
-            str(model["in_flight"]),
-            str(model["queued"]),
-            "-" if ago is None else f"{ago:.0f}s ago",
-            ",".join(str(g) for g in model.get("gpus") or []) or "-",
-            (failure.get("message") or "")[:60],
+    views.print_status(Console(), status, f"modelyard at {args.url}")
+    return 0
+
+
+def _events(args: argparse.Namespace) -> int:
+    if not args.follow:
+        result = _request(args, "GET", views.events_path(args.recent, args.model, follow=False))
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            Console().print(views.events_table(result["events"], f"events at {args.url}"))
+        return 0
+    console = Console(highlight=False, soft_wrap=True)
+
+    def show(event: dict[str, Any]) -> None:
+        if args.json:
+            print(json.dumps(event), flush=True)
+        else:
+            console.print(views.event_line(event))
+
+    def reconnecting(reason: str) -> None:
+        console.print(f"[dim]event stream lost ({reason}); reconnecting[/dim]")
+
+    try:
+        views.follow_events(
+            views.Endpoint(args.url, args.key), args.recent, args.model, show, reconnecting
         )
-    console.print(table)
+    except KeyboardInterrupt:
+        return 0
+    except urllib.error.HTTPError as error:
+        raise SystemExit(f"modelyard: GET /admin/events: {error.code}: {error.reason}") from None
     return 0
 
 

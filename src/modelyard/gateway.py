@@ -10,11 +10,27 @@ from pathlib import Path
 
 import aiohttp
 
+from modelyard.auth.middleware import Authenticator
 from modelyard.config.schema import GatewayConfig
+from modelyard.observability.activity_log import log_event, log_request
+from modelyard.observability.event_store import EventStore, open_event_store
 from modelyard.observability.events import EventBus
+from modelyard.observability.metrics import GatewayMetrics
 from modelyard.proxy.forward import UpstreamClient
+from modelyard.placement.coordinator import PlacementCoordinator
+from modelyard.placement.footprints import FootprintStore
+from modelyard.placement.inventory import (
+    DeclaredInventory,
+    GpuInventory,
+    GpuInventoryError,
+    NvmlInventory,
+)
 from modelyard.runtime import ProcessRegistry, ProcessRuntime
+from modelyard.runtime.vllm_sleep import VllmSleepControl
+from modelyard.scheduler.supervisor import Placement
+from modelyard.scheduler.watchdog import EngineWatchdog, WatchdogSettings, health_probe
 from modelyard.scheduler.yard import Yard
+from modelyard.state import SetAside, StateDirectory
 
 log = logging.getLogger("modelyard")
 
@@ -46,23 +62,52 @@ class Gateway:
     upstream: UpstreamClient
     health_session: aiohttp.ClientSession
     registry: ProcessRegistry
+    placement: PlacementCoordinator | None = None
     request_observers: list[RequestObserver] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
+    event_store: EventStore | None = None
+    metrics: GatewayMetrics = field(init=False)
+    state: StateDirectory | None = None
+    auth: Authenticator | None = None
+    watchdog: EngineWatchdog | None = None
+
+    def __post_init__(self) -> None:
+        # Observability hangs off the two hooks every part already feeds: events, requests.
+        self.metrics = GatewayMetrics(self, self.config.models)
+        self.events.add_sink(self.metrics.observe_event)
+        self.events.add_sink(log_event)
+        self.request_observers += [self.metrics.observe_request, log_request]
 
     @classmethod
     def create(cls, config: GatewayConfig) -> Gateway:
         """Build the parts (call inside a running event loop)."""
         state_dir = Path(config.state_dir).expanduser()
         state_dir.mkdir(parents=True, exist_ok=True)
-        events = EventBus()
+        event_store = open_event_store(state_dir)  # the history survives restarts
+        events = EventBus(archive=event_store)
         registry = ProcessRegistry(state_dir / "engines")
         health_session = aiohttp.ClientSession()
         runtime = ProcessRuntime(state_dir, health_session, registry)
-        yard = Yard(config, runtime.start, events)
+        coordinator = _placement_for(config, state_dir, events)
+        hook = None
+        if coordinator is not None:
+            hook = Placement(coordinator.prepare, coordinator.finished,
+                             coordinator.note_out_of_memory)
+        yard = Yard(config, runtime.start, events, placement=hook,
+                    sleep_control=VllmSleepControl(health_session))
+        if coordinator is not None:
+            coordinator.attach(yard.supervisors)
         upstream = UpstreamClient(
             config.limits.upstream_connect_timeout, config.limits.upstream_read_timeout
         )
-        return cls(config, state_dir, events, yard, upstream, health_session, registry)
+        state = StateDirectory(state_dir, report=_state_reporter(events))
+        for record in event_store.set_aside if event_store is not None else []:
+            state.note(record)  # the event history was set aside before the bus existed
+        watchdog = _watchdog_for(config, yard, health_session)
+        return cls(config, state_dir, events, yard, upstream, health_session, registry,
+                   coordinator, event_store=event_store, state=state,
+                   auth=Authenticator.create(config.auth, state), watchdog=watchdog,
+                   request_observers=[_watchdog_observer(watchdog)])
 
     async def start(self) -> None:
         for orphan in self.registry.stop_orphans():
@@ -74,16 +119,94 @@ class Gateway:
             )
             log.warning("stopped orphaned engine %s (pid %d)", orphan.name, orphan.pid)
         self.yard.start_background()
+        if self.watchdog is not None:
+            self.watchdog.start()
+        if self.auth is not None:
+            self.auth.usage.start()
 
     async def close(self) -> None:
+        if self.watchdog is not None:
+            await self.watchdog.close()  # first: a stopping engine is not a hung one
         await self.yard.shutdown(self.config.limits.shutdown_grace)
+        if self.auth is not None:
+            await self.auth.usage.close()
         await self.upstream.close()
         await self.health_session.close()
+        if self.event_store is not None:
+            self.event_store.close()  # last: the engines' stop events are written first
 
     def gpu_status(self) -> list[dict[str, object]]:
         """GPUs with total, used and planned memory (empty without managed GPUs)."""
-        return []
+        if self.placement is None:
+            return []
+        try:
+            return self.placement.gpu_status()
+        except GpuInventoryError as error:
+            log.warning("GPU status unavailable: %s", error)
+            return []
+
+    def model_status(self, name: str) -> dict[str, object]:
+        status = self.yard.model_status(name)
+        if self.placement is not None:
+            status.update(self.placement.model_placement(name))
+        return status
 
     def observe(self, record: RequestRecord) -> None:
         for observer in self.request_observers:
             observer(record)
+
+
+def _placement_for(
+    config: GatewayConfig, state_dir: Path, events: EventBus
+) -> PlacementCoordinator | None:
+    """Declared GPUs, else NVML when a driver answers, else no GPU management (CPU engines)."""
+    inventory: GpuInventory
+    if config.gpus is not None:
+        inventory, measures = DeclaredInventory.from_config(config.gpus), False
+    else:
+        nvml = NvmlInventory()
+        try:
+            if not nvml.gpus():
+                return None
+        except GpuInventoryError as error:
+            log.info("no GPU management: %s", error)
+            return None
+        inventory, measures = nvml, True
+
+    def corrupt(path: Path, detail: str) -> None:
+        events.emit("state_file_corrupt", None, f"{path} was unreadable ({detail}); set aside")
+
+    footprints = FootprintStore(state_dir, on_corrupt=corrupt)
+    return PlacementCoordinator(config, inventory, footprints, events, measures)
+
+
+def _state_reporter(events: EventBus) -> Callable[[SetAside], None]:
+    """A damaged state file is an event (and a log line), never a silent loss."""
+
+    def report(record: SetAside) -> None:
+        events.emit(
+            "state_file_corrupt",
+            None,
+            record.describe(),
+            path=str(record.path),
+            moved_to=str(record.moved_to),
+        )
+
+    return report
+
+
+def _watchdog_for(
+    config: GatewayConfig, yard: Yard, session: aiohttp.ClientSession
+) -> EngineWatchdog:
+    limits = config.limits
+    settings = WatchdogSettings(
+        limits.health_check_interval, limits.health_check_timeout, limits.health_check_failures
+    )
+    return EngineWatchdog(yard.supervisors, health_probe(session), settings)
+
+
+def _watchdog_observer(watchdog: EngineWatchdog) -> RequestObserver:
+    # 504 is what serving answers when the engine sent nothing within the read timeout.
+    return lambda record: watchdog.observe_request(
+        record.model, record.status, timed_out=record.status == 504
+    )

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from modelyard.api import admin, serving, status
+from modelyard.api import admin, keys, live, observe, openapi, serving, status
 from modelyard.api.errors import ApiError, error_response
 from modelyard.gateway import Gateway
 
@@ -40,7 +40,9 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
 
 
 def build_app(gateway: Gateway, middlewares: list[Middleware] | None = None) -> web.Application:
-    stack: list[Middleware] = [openai_errors, *(middlewares or [])]
+    # With API keys configured, nothing past `openai_errors` runs for a request without one.
+    auth = [gateway.auth.middleware()] if gateway.auth is not None and gateway.auth.enabled else []
+    stack: list[Middleware] = [openai_errors, *auth, *(middlewares or [])]
     app = web.Application(
         middlewares=stack,
         # Bodies beyond the limit are refused by aiohttp before they are read (413).
@@ -54,6 +56,10 @@ def build_app(gateway: Gateway, middlewares: list[Middleware] | None = None) -> 
     router.add_post("/v1/{tail:.+}", serving.openai_model_route)
     router.add_get("/gateway/status", status.gateway_status)
     admin.add_routes(router)
+    keys.add_routes(router)  # /admin/keys
+    openapi.add_routes(router)  # /openapi.yaml, /openapi.json
+    observe.add_routes(router)  # /metrics, /metrics/engines, /ui
+    live.install(app)  # open SSE streams end at shutdown instead of delaying it
     router.add_route("*", "/upstream/{model}/{tail:.*}", serving.upstream_route)
     # Last: the seeds' route prefixes (`/coder/v1/...`, `/vision/generate`).
     router.add_route("*", "/{route}/{tail:.*}", serving.seed_route)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from modelyard.api.errors import ApiError
+from modelyard.auth.engine_paths import is_engine_control, normalized
 from modelyard.scheduler.yard import Target
 
 PRINCIPAL_KEY = "modelyard.principal"
@@ -37,6 +38,16 @@ class Principal:
     def require_admin(self) -> None:
         if not self.admin:
             raise ApiError(403, f"this API key ({self.name}) is not an admin key", "admin_required")
+
+    def require_engine_path(self, path: str) -> None:
+        """Engine control endpoints (`/sleep`, `/v1/load_lora_adapter`, ...) need an admin."""
+        if not self.admin and is_engine_control(path):
+            raise ApiError(
+                403,
+                f"{normalized(path.split('?', 1)[0])!r} controls the engine itself; "
+                f"this API key ({self.name}) is not an admin key",
+                "admin_required",
+            )
 
 
 # With no keys configured (loopback only), whoever can connect is trusted with everything.

@@ -10,9 +10,9 @@ from aiohttp import web
 
 from modelyard.api.bodies import model_field, parse_json_object, read_body
 from modelyard.api.errors import ApiError
-from modelyard.api.principal import principal_of
+from modelyard.api.principal import Principal, principal_of
 from modelyard.gateway import Gateway, RequestRecord
-from modelyard.proxy.forward import UpstreamError
+from modelyard.proxy.forward import UpstreamError, UpstreamTimeout
 from modelyard.proxy.sse import (
     StreamTransformer,
     model_name_replacements,
@@ -28,11 +28,17 @@ def gateway_of(request: web.Request) -> Gateway:
     return request.app[GATEWAY_KEY]
 
 
-def resolve(gateway: Gateway, name: str) -> Target:
+def resolve(gateway: Gateway, name: str, principal: Principal | None = None) -> Target:
     try:
         return gateway.yard.resolve(name)
     except UnknownModel as error:
-        known = ", ".join(error.known) or "(none configured)"
+        # Only the names this key may use: the error must not list other keys' models.
+        usable = [
+            known
+            for known in error.known
+            if principal is None or principal.may_use(gateway.yard.resolve(known))
+        ]
+        known = ", ".join(usable) or "(none configured)"
         raise ApiError(
             404, f"model {name!r} does not exist; known models: {known}", "model_not_found", "model"
         ) from None
@@ -43,7 +49,7 @@ async def openai_model_route(request: web.Request) -> web.StreamResponse:
     gateway = gateway_of(request)
     body = await read_body(request, gateway.config.limits.max_body_bytes)
     payload = parse_json_object(body)
-    target = resolve(gateway, model_field(payload))
+    target = resolve(gateway, model_field(payload), principal_of(request))
     return await proxy_json(
         request,
         gateway,
@@ -69,6 +75,7 @@ async def seed_route(request: web.Request) -> web.StreamResponse:
         )
     target = gateway.yard.resolve(model)
     if tail in ("v1/models", "v1/models/") and request.method == "GET":
+        principal_of(request).require_model(target)
         return web.json_response(model_listing(gateway, only=model))
     body = await read_body(request, gateway.config.limits.max_body_bytes)
     label = f"/{route}/" + tail.split("/")[0]
@@ -96,7 +103,7 @@ def _route_target(gateway: Gateway, base: Target, asked: object) -> Target:
 async def upstream_route(request: web.Request) -> web.StreamResponse:
     """`/upstream/{model}/{path}`: any engine path, after starting the engine."""
     gateway = gateway_of(request)
-    target = resolve(gateway, request.match_info["model"])
+    target = resolve(gateway, request.match_info["model"], principal_of(request))
     body = await read_body(request, gateway.config.limits.max_body_bytes)
     return await proxy_raw(
         request, gateway, target, "/" + request.match_info["tail"], body, "/upstream"
@@ -114,16 +121,36 @@ async def proxy_json(
 ) -> web.StreamResponse:
     """Forward an OpenAI-style JSON request, rewriting model names both ways when aliased."""
     principal_of(request).require_model(target)
-    if payload.get("model") != target.upstream_name:
+    principal_of(request).require_engine_path(path)
+    usage_added = _ask_stream_for_usage(path, payload)
+    if payload.get("model") != target.upstream_name or usage_added:
         payload["model"] = target.upstream_name
         body = json.dumps(payload).encode()
     replacements = model_name_replacements(target.upstream_name, target.public_name)
 
     def transformer() -> StreamTransformer | None:
-        return StreamTransformer(replacements) if replacements else None
+        # Usage is always read for the token metrics; the usage-only chunk that we asked
+        # for on the client's behalf is dropped, so the client sees the stream it asked for.
+        return StreamTransformer(
+            replacements, capture_usage=True, drop_usage_only_chunk=usage_added
+        )
 
     rewrite = (lambda data: rewrite_model_in_json(data, replacements)) if replacements else None
     return await _forward(request, gateway, target, path, body, route_label, transformer, rewrite)
+
+
+def _ask_stream_for_usage(path: str, payload: dict[str, Any]) -> bool:
+    """Add `stream_options.include_usage` to a completion stream that lacks it (for token
+    metrics); True when added. Engines send usage in a last chunk with no choices."""
+    if payload.get("stream") is not True or not path.endswith("/completions"):
+        return False
+    options = payload.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        return False  # malformed: the engine's own error is the right answer
+    if options and options.get("include_usage") is True:
+        return False
+    payload["stream_options"] = {**(options or {}), "include_usage": True}
+    return True
 
 
 async def proxy_raw(
@@ -136,6 +163,7 @@ async def proxy_raw(
 ) -> web.StreamResponse:
     """Forward any request unchanged (seed routes such as /vision/generate, /upstream)."""
     principal_of(request).require_model(target)
+    principal_of(request).require_engine_path(path)
     return await _forward(
         request, gateway, target, path, body or None, route_label, lambda: None, None
     )
@@ -175,11 +203,16 @@ async def _forward(
             retry_after=error.retry_after,
         ) from None
     except UpstreamError as error:
-        status = 502
+        # 504 for an engine that sent nothing in time (the watchdog counts these as signs of
+        # a hung engine), 502 for one that could not be reached or broke off.
+        timed_out = isinstance(error, UpstreamTimeout)
+        status = 504 if timed_out else 502
         supervisor = gateway.yard.supervisors[target.model]
         tail = supervisor.failure.log_tail if supervisor.failure else []
         raise ApiError(
-            502, _with_log_tail(f"model {target.model!r}: {error}", tail), "upstream_error"
+            status,
+            _with_log_tail(f"model {target.model!r}: {error}", tail),
+            "upstream_timeout" if timed_out else "upstream_error",
         ) from None
     finally:
         gateway.observe(
@@ -213,14 +246,19 @@ def _with_log_tail(message: str, tail: list[str]) -> str:
     return message + "\nlast engine log lines:\n" + "\n".join(tail[-10:])
 
 
-def model_listing(gateway: Gateway, only: str | None = None) -> dict[str, Any]:
-    """GET /v1/models: every configured name, answered at once (never waits for an engine)."""
+def model_listing(
+    gateway: Gateway, only: str | None = None, principal: Principal | None = None
+) -> dict[str, Any]:
+    """GET /v1/models: every configured name the key may use, answered at once (never waits
+    for an engine)."""
     yard = gateway.yard
     created = int(gateway.started_at)
     data = []
     for public in yard.public_names():
         target = yard.resolve(public)
         if only is not None and target.model != only:
+            continue
+        if principal is not None and not principal.may_use(target):
             continue
         supervisor = yard.supervisors[target.model]
         entry: dict[str, Any] = {
@@ -239,13 +277,14 @@ def model_listing(gateway: Gateway, only: str | None = None) -> dict[str, Any]:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return web.json_response(model_listing(gateway_of(request)))
+    listing = model_listing(gateway_of(request), principal=principal_of(request))
+    return web.json_response(listing)
 
 
 async def get_model(request: web.Request) -> web.Response:
     gateway = gateway_of(request)
     name = request.match_info["name"]
-    resolve(gateway, name)
+    principal_of(request).require_model(resolve(gateway, name, principal_of(request)))
     for entry in model_listing(gateway)["data"]:
         if entry["id"] == name:
             return web.json_response(entry)

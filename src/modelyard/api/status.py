@@ -24,7 +24,7 @@ async def gateway_status(request: web.Request) -> web.Response:
             "version": __version__,
             "uptime_s": round(_now() - gateway.started_at, 3),
             "queued": yard.total_waiting(),
-            "models": [yard.model_status(name) for name in yard.supervisors],
+            "models": [gateway.model_status(name) for name in yard.supervisors],
             "gpus": gateway.gpu_status(),
         }
     )

@@ -153,6 +153,16 @@ class ApiKeyConfig(StrictModel):
     rpm: int | None = Field(default=None, ge=1, description="requests per minute")
     admin: bool = False
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        # The name is what logs, events and metric labels show for this key.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}", name):
+            raise ValueError(
+                f"{name!r} is not a valid key name (letters, digits and . _ @ -, up to 64)"
+            )
+        return name
+
     @field_validator("sha256")
     @classmethod
     def _hex_digest(cls, digest: str) -> str:
@@ -183,12 +193,21 @@ class LimitsConfig(StrictModel):
     upstream_connect_timeout: Duration = 10.0
     upstream_read_timeout: Duration = 600.0
     shutdown_grace: Duration = 30.0
+    # Hung engines (scheduler/watchdog.py): a ready engine whose health check fails or whose
+    # requests time out this many times in a row is stopped and marked failed.
+    health_check_interval: Duration = Field(default=10.0, description="0 turns checks off")
+    health_check_timeout: Duration = 5.0
+    health_check_failures: int = Field(default=3, ge=1)
 
 
 class DefaultsConfig(StrictModel):
     idle_timeout: Duration = 600.0  # the seed 000's IDLE_SECONDS default
     start_timeout: Duration = 300.0
     stop_grace: Duration = 10.0
+    # Crash loops: from the second crash in a row, restarts wait 1, 2, 4 ... s, up to this.
+    crash_backoff_max: Duration = 60.0
+    # An engine that served this long before it crashed starts a new count.
+    crash_stable_after: Duration = 30.0
 
 
 class VllmConfig(StrictModel):

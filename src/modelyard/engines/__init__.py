@@ -5,11 +5,13 @@ from __future__ import annotations
 from modelyard.config.schema import EngineKindName
 from modelyard.engines.base import Capabilities, EngineKind, LaunchSpec, MemoryBudget, served_name
 from modelyard.engines.command import CommandEngine
+from modelyard.engines.diffusion import DiffusionEngine
 from modelyard.engines.vllm import VllmEngine
 
 ENGINE_KINDS: dict[EngineKindName, EngineKind] = {
     "vllm": VllmEngine(),
     "command": CommandEngine(),
+    "diffusion": DiffusionEngine(),
 }
 
 

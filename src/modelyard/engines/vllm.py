@@ -70,8 +70,8 @@ class VllmEngine:
             argv += ["--tensor-parallel-size", str(model.tensor_parallel)]
         if budget is not None and budget.gpu_total_bytes > 0:
             # A fraction of the whole GPU (vLLM's meaning), rounded down so we never overshoot.
-            fraction = int(budget.bytes_per_gpu / budget.gpu_total_bytes * 1000) / 1000
-            argv += ["--gpu-memory-utilization", f"{max(fraction, 0.01):.3f}"]
+            fraction = int(budget.bytes_per_gpu / budget.gpu_total_bytes * 10_000) / 10_000
+            argv += ["--gpu-memory-utilization", f"{max(fraction, 0.01):.4f}"]
         env = {**gpu_env(budget), **model.env}
         if model.sleep:
             argv.append("--enable-sleep-mode")

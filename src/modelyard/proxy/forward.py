@@ -38,6 +38,10 @@ class UpstreamError(Exception):
     """The engine could not be reached or broke off; becomes a 502 for the client."""
 
 
+class UpstreamTimeout(UpstreamError):
+    """The engine sent nothing within the read timeout; a 504, and a sign it may be hung."""
+
+
 @dataclass
 class ProxyOutcome:
     """What happened, for metrics and logs."""
@@ -97,7 +101,9 @@ class UpstreamClient:
             upstream = await self.session.request(
                 request.method, url, data=body, headers=headers, allow_redirects=False
             )
-        except (aiohttp.ClientError, TimeoutError) as error:
+        except TimeoutError as error:
+            raise self._timeout(error) from error
+        except aiohttp.ClientError as error:
             raise UpstreamError(f"engine unreachable: {describe(error)}") from error
         try:
             content_type = upstream.headers.get("Content-Type", "")
@@ -108,7 +114,9 @@ class UpstreamClient:
             else:
                 try:
                     data = await upstream.read()
-                except (aiohttp.ClientError, TimeoutError) as error:
+                except TimeoutError as error:
+                    raise self._timeout(error) from error
+                except aiohttp.ClientError as error:
                     raise UpstreamError(
                         f"engine broke off its answer: {describe(error)}"
                     ) from error
@@ -126,6 +134,16 @@ class UpstreamClient:
                 upstream.close()  # drop the connection so the engine stops generating
             else:
                 upstream.release()
+
+    def _timeout(self, error: TimeoutError) -> UpstreamTimeout:
+        if isinstance(error, aiohttp.ConnectionTimeoutError):
+            return UpstreamTimeout(
+                f"engine did not accept a connection within {self._connect_timeout:g}s "
+                "(limits.upstream_connect_timeout)"
+            )
+        return UpstreamTimeout(
+            f"engine sent nothing for {self._read_timeout:g}s (limits.upstream_read_timeout)"
+        )
 
     async def _stream(
         self,

@@ -117,6 +117,8 @@ class Placement:
 
     prepare: Callable[[ModelSupervisor], Awaitable[MemoryBudget | None]] | None = None
     finished: Callable[[ModelSupervisor, bool], Awaitable[None]] | None = None
+    # Told when a start failed for lack of GPU memory, before the one retry.
+    out_of_memory: Callable[[ModelSupervisor], None] | None = None
 
 
 @dataclass
@@ -333,7 +335,24 @@ class ModelSupervisor:
 
     # ----- operations: each runs as the single `_operation` task -----
 
+    def launch_spec_for(self, port: int, budget: MemoryBudget | None) -> LaunchSpec:
+        return self._spec_for(port, budget)
+
     async def _start(self) -> None:
+        try:
+            await self._start_once()
+        except Exception:
+            tail = self.failure.log_tail if self.failure else []
+            if self._placement.out_of_memory is None or not _looks_out_of_memory(tail):
+                raise
+            # vLLM sized itself on memory that was not really free (an estimate was low, or
+            # another program grew): make more room and try once more.
+            self._placement.out_of_memory(self)
+            self._events.emit("oom_retry", self.name, "engine ran out of GPU memory while "
+                              "starting; evicting more and retrying once")
+            await self._start_once()
+
+    async def _start_once(self) -> None:
         self.state = ModelState.STARTING
         self.failure = None
         started = self._clock()
@@ -510,6 +529,46 @@ class ModelSupervisor:
         if self._placement.finished is not None:
             self._background = asyncio.ensure_future(self._placement.finished(self, False))
 
+    async def declare_hung(self, reason: str) -> bool:
+        """Stop a ready engine that no longer answers and mark the model failed, like a crash
+        (the watchdog's verdict). Returns whether it was stopped; the next request restarts it."""
+        stopped = False
+
+        async def run() -> None:
+            nonlocal stopped
+            engine = self.engine
+            if self.state is not ModelState.READY or engine is None:
+                return  # it changed meanwhile: stopped, slept or already restarted
+            serving_for = self._clock() - (self.ready_since or self._clock())
+            if serving_for >= self.settings.stable_after:
+                self.consecutive_failures = 0
+            self.state = ModelState.STOPPING
+            self._expected_exit = True
+            # No drain: requests in flight are stuck on this engine and end with its exit.
+            code = await engine.stop(self.settings.stop_grace)
+            tail = engine.log_tail(20)
+            self.consecutive_failures += 1
+            self.timings.crashes += 1
+            self.engine = None
+            self.budget = None
+            self.ready_since = None
+            self.failure = Failure(
+                f"engine for {self.name!r} was hung and has been stopped: {reason}",
+                code,
+                tail,
+                self._clock(),
+            )
+            self.state = ModelState.FAILED
+            self._events.emit(
+                "hung", self.name, reason, exit_code=code, log_tail=tail[-10:], pid=engine.pid
+            )
+            if self._placement.finished is not None:
+                await self._placement.finished(self, False)
+            stopped = True
+
+        await self._run_exclusive(run)
+        return stopped
+
     def mark_serving_healthy(self) -> None:
         """A request succeeded: a later crash starts a new count once the engine was stable."""
         if (
@@ -518,6 +577,15 @@ class ModelSupervisor:
             and self._clock() - self.ready_since >= self.settings.stable_after
         ):
             self.consecutive_failures = 0
+
+
+_OOM_MARKERS = ("out of memory", "outofmemoryerror", "cuda error: out of memory",
+                "not enough memory", "insufficient memory")
+
+
+def _looks_out_of_memory(log_tail: list[str]) -> bool:
+    text = "\n".join(log_tail).lower()
+    return any(marker in text for marker in _OOM_MARKERS)
 
 
 def _exit_code(engine: EngineHandle) -> int | None:

@@ -72,6 +72,8 @@ class Yard:
                     idle_timeout=_pick(model.idle_timeout, config.defaults.idle_timeout),
                     start_timeout=_pick(model.start_timeout, config.defaults.start_timeout),
                     stop_grace=_pick(model.stop_grace, config.defaults.stop_grace),
+                    stable_after=config.defaults.crash_stable_after,
+                    max_backoff=config.defaults.crash_backoff_max,
                 ),
                 events=events,
                 clock=clock,

@@ -1,0 +1,114 @@
+"""Write the request traces the placement simulator replays (seeded, so the files are stable).
+
+    python -m bench.placement.make_traces
+
+Six models of 2-16 GiB on one 24 GiB GPU, as in issue 4. Start times follow the seed 000's
+measurements (28-38 s for 7-8B models, RTX 4080), scaled by size: 12 s + 2 s per GiB. Level-1
+wake times follow vLLM's documented 0.3-3 s (0.3 s + 0.12 s per GiB); a level-2 wake reloads
+the weights (1 s + 1 s per 1.5 GiB). A sleeping engine keeps 0.5-1 GiB on the GPU. The
+diffusion model cannot sleep (vLLM's sleep mode only). Host RAM for level-1 sleepers: 32 GiB,
+less than all the weights together, so level 2 matters too.
+
+The traces were generated once and committed; they are not tuned to any policy.
+- bursty: three users; each picks a model (skewed popularity), sends a burst of requests a
+  few seconds apart (an agent loop, a chat), then goes quiet for a while.
+- steady: Poisson arrivals, each request for a model drawn independently by popularity.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+GIB = 1024**3
+HERE = Path(__file__).parent
+TRACES = HERE / "traces"
+DURATION_S = 2 * 3600.0
+
+MODELS = [
+    # name, size GiB, vLLM sleep level (0: cannot sleep)
+    ("general-2g", 2, 1),
+    ("agent-4g", 4, 1),
+    ("vision-6g", 6, 0),
+    ("chat-8g", 8, 1),
+    ("coder-12g", 12, 1),
+    ("coderslow-16g", 16, 1),
+]
+POPULARITY = [0.30, 0.22, 0.16, 0.13, 0.11, 0.08]  # shuffled onto models per trace
+
+
+def model_table() -> list[dict[str, Any]]:
+    return [
+        {
+            "name": name,
+            "bytes": size * GIB,
+            "start_s": round(12.0 + 2.0 * size, 2),
+            "wake_s": round(0.3 + 0.12 * size, 2),
+            "wake2_s": round(1.0 + size / 1.5, 2),
+            "asleep_bytes": (GIB if size >= 8 else GIB // 2),
+            "sleep_level": level,
+        }
+        for name, size, level in MODELS
+    ]
+
+
+def popularity(rng: random.Random) -> dict[str, float]:
+    names = [name for name, _, _ in MODELS]
+    rng.shuffle(names)
+    return dict(zip(names, POPULARITY, strict=True))
+
+
+def bursty(rng: random.Random) -> list[tuple[float, str, float]]:
+    weights = popularity(rng)
+    requests = []
+    for _user in range(3):
+        t = rng.uniform(0, 60)
+        while t < DURATION_S:
+            model = rng.choices(list(weights), list(weights.values()))[0]
+            for _ in range(1 + int(rng.expovariate(1 / 7))):
+                requests.append((round(t, 3), model, round(rng.lognormvariate(1.0, 0.6), 3)))
+                t += rng.expovariate(1 / 6.0)
+            t += rng.expovariate(1 / 90.0)
+    return sorted(requests)
+
+
+def steady(rng: random.Random) -> list[tuple[float, str, float]]:
+    weights = popularity(rng)
+    requests = []
+    t = 0.0
+    while True:
+        t += rng.expovariate(1 / 8.0)
+        if t >= DURATION_S:
+            return requests
+        model = rng.choices(list(weights), list(weights.values()))[0]
+        requests.append((round(t, 3), model, round(rng.expovariate(1 / 5.0), 3)))
+
+
+def write(name: str, seed: int, requests: list[tuple[float, str, float]], about: str) -> Path:
+    TRACES.mkdir(exist_ok=True)
+    path = TRACES / f"{name}.json"
+    trace = {
+        "name": name,
+        "about": about,
+        "seed": seed,
+        "gpu_bytes": 24 * GIB,
+        "host_ram_for_sleep": 32 * GIB,
+        "models": model_table(),
+        "requests": requests,
+    }
+    text = json.dumps(trace, indent=1)
+    # One request per line keeps the file readable and its diffs small.
+    text = text.replace("[\n   ", "[").replace(",\n   ", ", ").replace("\n  ]", "]")
+    path.write_text(text + "\n")
+    return path
+
+
+def main() -> None:
+    print(write("bursty", 1, bursty(random.Random(1)), "3 users, bursts of requests per model"))
+    print(write("steady", 2, steady(random.Random(2)), "Poisson arrivals, popularity-weighted"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""The terminal side of observability: `modelyard events [--follow]` and the status tables.
+
+Talks to a running gateway over HTTP with the standard library only, so the CLI needs
+nothing that the gateway does not already install.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from modelyard.config.units import format_bytes
+
+_KIND_STYLES = {
+    "start": "cyan",
+    "ready": "green",
+    "wake": "green",
+    "sleep": "blue",
+    "stop": "yellow",
+    "evict": "magenta",
+    "crash": "bold red",
+    "start_failed": "bold red",
+    "wake_failed": "bold red",
+}
+RECONNECT_S = 2.0
+# Longer than the gateway's 15 s keep-alive comments: a silence this long means a dead link.
+READ_TIMEOUT_S = 45.0
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    url: str
+    key: str | None
+
+    def request(self, path: str, **headers: str) -> urllib.request.Request:
+        request = urllib.request.Request(self.url.rstrip("/") + path, headers=headers)
+        if self.key:
+            request.add_header("Authorization", f"Bearer {self.key}")
+        return request
+
+
+def events_path(recent: int, model: str | None, follow: bool) -> str:
+    query: dict[str, str] = {"recent": str(recent), "follow": "1" if follow else "0"}
+    if model:
+        query["model"] = model
+    return "/admin/events?" + urllib.parse.urlencode(query)
+
+
+def sse_events(lines: Iterator[bytes]) -> Iterator[tuple[int | None, str]]:
+    """(id, data) for each event in a Server-Sent-Events byte stream; comments skipped."""
+    event_id: int | None = None
+    data: list[str] = []
+    for raw in lines:
+        line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        if not line:
+            if data:
+                yield event_id, "\n".join(data)
+            event_id, data = None, []
+        elif line.startswith(":"):
+            continue
+        elif line.startswith("id:"):
+            try:
+                event_id = int(line[3:].strip())
+            except ValueError:
+                event_id = None
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+
+
+def follow_events(
+    endpoint: Endpoint,
+    recent: int,
+    model: str | None,
+    on_event: Callable[[dict[str, Any]], None],
+    on_reconnect: Callable[[str], None],
+) -> None:
+    """Print events as they happen until interrupted; reconnects and resumes by event id."""
+    last_id: int | None = None
+    while True:
+        headers = {"Accept": "text/event-stream"}
+        if last_id is not None:
+            headers["Last-Event-ID"] = str(last_id)
+        request = endpoint.request(events_path(recent, model, True), **headers)
+        try:
+            with urllib.request.urlopen(request, timeout=READ_TIMEOUT_S) as response:
+                for event_id, data in sse_events(iter(response.readline, b"")):
+                    on_event(json.loads(data))
+                    last_id = event_id if event_id is not None else last_id
+            reason = "the gateway closed the stream"
+        except urllib.error.HTTPError:
+            raise  # a wrong key or URL does not get better by retrying
+        except (OSError, ValueError) as error:
+            reason = str(getattr(error, "reason", None) or error)
+        on_reconnect(reason)
+        time.sleep(RECONNECT_S)
+
+
+def _when(at: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+
+
+def _duration(value: object) -> str:
+    return f"{value:.2f}s" if isinstance(value, int | float) else ""
+
+
+def event_line(event: dict[str, Any]) -> Text:
+    """One event as one line of text, for `events --follow`."""
+    kind = str(event.get("kind", "?"))
+    line = Text()
+    line.append(f"{_when(float(event.get('time', 0)))} ", style="dim")
+    line.append(f"#{event.get('id', '?'):<5} ", style="dim")
+    line.append(f"{kind:<13}", style=_KIND_STYLES.get(kind, "default"))
+    line.append(f" {event.get('model') or '-':<16}", style="bold")
+    reason = str(event.get("reason") or "")
+    duration = _duration(event.get("duration_s"))
+    line.append(f" {reason}" + (f" ({duration})" if duration else ""))
+    return line
+
+
+def events_table(events: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("id", "time", "event", "model", "reason", "took"):
+        table.add_column(column, overflow="fold")
+    for event in events:
+        kind = str(event.get("kind", "?"))
+        table.add_row(
+            str(event.get("id", "")),
+            _when(float(event.get("time", 0))),
+            Text(kind, style=_KIND_STYLES.get(kind, "default")),
+            event.get("model") or "-",
+            str(event.get("reason") or ""),
+            _duration(event.get("duration_s")),
+        )
+    return table
+
+
+def gpu_table(gpus: list[dict[str, Any]]) -> Table:
+    """GPU memory as placement sees it: total, used, planned and free, and who is there."""
+    table = Table(title="GPUs")
+    for column in ("gpu", "name", "total", "used", "planned", "free", "models"):
+        table.add_column(column)
+    for gpu in gpus:
+        table.add_row(
+            str(gpu.get("index", "?")),
+            str(gpu.get("name") or "-"),
+            format_bytes(gpu.get("total_bytes")),
+            format_bytes(gpu.get("used_bytes")),
+            format_bytes(gpu.get("planned_bytes")),
+            format_bytes(gpu.get("free_bytes")),
+            ", ".join(gpu.get("models") or []) or "-",
+        )
+    return table
+
+
+def print_status(console: Console, status: dict[str, Any], title: str) -> None:
+    """`modelyard status`: every model; footprint and GPU columns only when there is data."""
+    models: list[dict[str, Any]] = status.get("models") or []
+    with_footprint = any(m.get("footprint_bytes") is not None for m in models)
+    with_gpus = bool(status.get("gpus")) or any(m.get("gpus") for m in models)
+    columns = ["model", "state", "engine", "route", "in flight", "queued", "last use"]
+    if with_footprint:
+        columns.append("footprint")
+    if with_gpus:
+        columns.append("gpus")
+    columns.append("note")
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for model in models:
+        ago = model.get("last_used_ago_s")
+        failure = model.get("failure") or {}
+        row = [
+            model["name"],
+            model["state"],
+            model.get("engine") or "-",
+            model.get("route") or "-",
+            str(model.get("in_flight", 0)),
+            str(model.get("queued", 0)),
+            "-" if ago is None else f"{ago:.0f}s ago",
+        ]
+        if with_footprint:
+            size = format_bytes(model.get("footprint_bytes"))
+            measured = model.get("footprint_measured")
+            row.append(size if measured or size == "-" else f"~{size}")
+        if with_gpus:
+            row.append(",".join(str(g) for g in model.get("gpus") or []) or "-")
+        row.append((failure.get("message") or "")[:60])
+        table.add_row(*row)
+    console.print(table)
+    if status.get("gpus"):
+        console.print(gpu_table(status["gpus"]))

@@ -1,0 +1,313 @@
+"""Prometheus metrics for one gateway, served at `GET /metrics`.
+
+Each gateway owns its own `CollectorRegistry` (never the global one), so tests and embedding
+applications can run several gateways in one process. Counters and histograms are fed by two
+hooks the gateway already has: every proxied request (`observe_request`) and every event
+(`observe_event`). Everything that is a *state* (engine states, queues, GPU memory,
+footprints) is read from the gateway at scrape time instead, so it can never drift from the
+truth. Every metric is documented in docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from modelyard import __version__
+from modelyard.observability.events import Event
+from modelyard.scheduler.supervisor import ModelState
+
+if TYPE_CHECKING:
+    from modelyard.gateway import RequestRecord
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+FIRST_TOKEN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+START_BUCKETS = (0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600)
+WAKE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 30, 60)
+
+# Route labels come from request paths; past this many distinct values new ones are counted
+# as "other", so a client sending random paths cannot grow the registry without bound.
+MAX_ROUTE_LABELS = 100
+OTHER = "other"
+
+
+class ModelView(Protocol):
+    """What the metrics read from one model's supervisor."""
+
+    state: ModelState
+    in_flight: int
+    waiting: int
+
+
+class YardView(Protocol):
+    @property
+    def supervisors(self) -> Mapping[str, ModelView]: ...
+
+
+class GatewayView(Protocol):
+    """The parts of `Gateway` read at scrape time (a stub in unit tests)."""
+
+    @property
+    def yard(self) -> YardView: ...
+
+    @property
+    def started_at(self) -> float: ...
+
+    def gpu_status(self) -> list[dict[str, object]]: ...
+
+    def model_status(self, name: str) -> dict[str, object]: ...
+
+
+class _BoundedLabel:
+    """Passes label values through until `limit` distinct ones were seen, then says OTHER."""
+
+    def __init__(self, limit: int) -> None:
+        self._seen: set[str] = set()
+        self._limit = limit
+
+    def __call__(self, value: str) -> str:
+        if value in self._seen:
+            return value
+        if len(self._seen) >= self._limit:
+            return OTHER
+        self._seen.add(value)
+        return value
+
+
+class GatewayMetrics:
+    """The gateway's metrics registry and the two hooks that feed it."""
+
+    def __init__(self, gateway: GatewayView, model_names: Iterable[str] = ()) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+        self._route = _BoundedLabel(MAX_ROUTE_LABELS)
+        self.requests = Counter(
+            "modelyard_requests",
+            "Proxied requests by model, route, API key name and HTTP status.",
+            ["model", "route", "key", "status"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "modelyard_request_duration_seconds",
+            "Time from receiving a request to its last byte, including any cold start.",
+            ["model", "route"],
+            buckets=REQUEST_BUCKETS,
+            registry=registry,
+        )
+        self.first_token = Histogram(
+            "modelyard_time_to_first_token_seconds",
+            "Streamed requests: time from forwarding to the engine to its first chunk.",
+            ["model", "route"],
+            buckets=FIRST_TOKEN_BUCKETS,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter(
+            "modelyard_prompt_tokens",
+            "Prompt (input) tokens, from the engine's usage report.",
+            ["model"],
+            registry=registry,
+        )
+        self.completion_tokens = Counter(
+            "modelyard_completion_tokens",
+            "Completion (output) tokens, from the engine's usage report.",
+            ["model"],
+            registry=registry,
+        )
+        per_model = ["model"]
+        self.cold_starts = Counter(
+            "modelyard_cold_starts", "Engine starts begun.", per_model, registry=registry
+        )
+        self.start_failures = Counter(
+            "modelyard_start_failures", "Engine starts that failed.", per_model, registry=registry
+        )
+        self.wakes = Counter(
+            "modelyard_wakes", "Sleeping engines woken.", per_model, registry=registry
+        )
+        self.wake_failures = Counter(
+            "modelyard_wake_failures", "Wakes that failed.", per_model, registry=registry
+        )
+        self.sleeps = Counter(
+            "modelyard_sleeps", "Engines put to sleep.", per_model, registry=registry
+        )
+        self.evictions = Counter(
+            "modelyard_evictions",
+            "Engines evicted (stopped or put to sleep) to make room on a GPU.",
+            per_model,
+            registry=registry,
+        )
+        self.crashes = Counter(
+            "modelyard_crashes", "Engines that exited unexpectedly.", per_model, registry=registry
+        )
+        self.stops = Counter(
+            "modelyard_stops",
+            "Engines stopped on purpose (idle, admin, eviction, shutdown).",
+            per_model,
+            registry=registry,
+        )
+        self.events = Counter(
+            "modelyard_events", "Events of every kind.", ["kind"], registry=registry
+        )
+        self.start_duration = Histogram(
+            "modelyard_start_duration_seconds",
+            "Cold start time: from launching the engine until it answered its health check.",
+            per_model,
+            buckets=START_BUCKETS,
+            registry=registry,
+        )
+        self.wake_duration = Histogram(
+            "modelyard_wake_duration_seconds",
+            "Wake time of a sleeping engine.",
+            per_model,
+            buckets=WAKE_BUCKETS,
+            registry=registry,
+        )
+        self._per_model_counters = (
+            self.cold_starts,
+            self.start_failures,
+            self.wakes,
+            self.wake_failures,
+            self.sleeps,
+            self.evictions,
+            self.crashes,
+            self.stops,
+        )
+        for name in model_names:
+            # Series that exist from the start at 0, so rate() and alerts see the first event.
+            for counter in self._per_model_counters:
+                counter.labels(name)
+            self.start_duration.labels(name)
+            self.wake_duration.labels(name)
+        registry.register(LiveStateCollector(gateway))
+        ProcessCollector(registry=registry)
+
+    # ----- hooks -----
+
+    def observe_request(self, record: RequestRecord) -> None:
+        route = self._route(record.route)
+        self.requests.labels(record.model, route, record.key_name, str(record.status)).inc()
+        self.request_duration.labels(record.model, route).observe(record.duration_s)
+        if record.streamed and record.first_byte_s is not None:
+            self.first_token.labels(record.model, route).observe(record.first_byte_s)
+        if record.prompt_tokens:
+            self.prompt_tokens.labels(record.model).inc(record.prompt_tokens)
+        if record.completion_tokens:
+            self.completion_tokens.labels(record.model).inc(record.completion_tokens)
+
+    def observe_event(self, event: Event) -> None:
+        self.events.labels(event.kind).inc()
+        if event.model is None:
+            return
+        model = event.model
+        counter = {
+            "start": self.cold_starts,
+            "start_failed": self.start_failures,
+            "wake": self.wakes,
+            "wake_failed": self.wake_failures,
+            "sleep": self.sleeps,
+            "evict": self.evictions,
+            "crash": self.crashes,
+            "stop": self.stops,
+        }.get(event.kind)
+        if counter is not None:
+            counter.labels(model).inc()
+        if event.duration_s is None:
+            return
+        if event.kind == "ready":
+            self.start_duration.labels(model).observe(event.duration_s)
+        elif event.kind == "wake":
+            self.wake_duration.labels(model).observe(event.duration_s)
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format (version 0.0.4)."""
+        return generate_latest(self.registry)
+
+
+class LiveStateCollector(Collector):
+    """Gauges read from the gateway at scrape time: states, queues, GPUs, footprints."""
+
+    def __init__(self, gateway: GatewayView) -> None:
+        self._gateway = gateway
+
+    def describe(self) -> Iterable[Metric]:
+        # Declared so the registry knows the names; values come only from collect().
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        families = self._families()
+        state, in_flight, queued, footprint = families[:4]
+        yard = self._gateway.yard
+        for name, supervisor in yard.supervisors.items():
+            for known in ModelState:
+                state.add_metric([name, known.value], 1.0 if supervisor.state is known else 0.0)
+            in_flight.add_metric([name], supervisor.in_flight)
+            queued.add_metric([name], supervisor.waiting)
+            size = self._gateway.model_status(name).get("footprint_bytes")
+            if isinstance(size, int | float):
+                footprint.add_metric([name], size)
+        total, used, planned = families[4:7]
+        for gpu in self._gateway.gpu_status():
+            labels = [str(gpu.get("index", "")), str(gpu.get("name") or "")]
+            for family, key in (
+                (total, "total_bytes"),
+                (used, "used_bytes"),
+                (planned, "planned_bytes"),
+            ):
+                value = gpu.get(key)
+                if isinstance(value, int | float):
+                    family.add_metric(labels, value)
+        info, started = families[7:]
+        info.add_metric([__version__], 1.0)
+        started.add_metric([], self._gateway.started_at)
+        return families
+
+    @staticmethod
+    def _families() -> list[GaugeMetricFamily]:
+        gpu = ["gpu", "gpu_name"]
+        return [
+            GaugeMetricFamily(
+                "modelyard_engine_state",
+                "1 for the state each model is in, 0 for the others.",
+                labels=["model", "state"],
+            ),
+            GaugeMetricFamily(
+                "modelyard_in_flight_requests",
+                "Requests being served by each model's engine.",
+                labels=["model"],
+            ),
+            GaugeMetricFamily(
+                "modelyard_queue_depth",
+                "Requests waiting for each model to start or wake.",
+                labels=["model"],
+            ),
+            GaugeMetricFamily(
+                "modelyard_model_footprint_bytes",
+                "GPU memory each model's engine needs (measured, or estimated before it ran).",
+                labels=["model"],
+            ),
+            GaugeMetricFamily(
+                "modelyard_gpu_memory_total_bytes", "Total memory of each GPU.", labels=gpu
+            ),
+            GaugeMetricFamily(
+                "modelyard_gpu_memory_used_bytes",
+                "Memory in use on each GPU, by any process.",
+                labels=gpu,
+            ),
+            GaugeMetricFamily(
+                "modelyard_gpu_memory_planned_bytes",
+                "Memory the placement plan assigns on each GPU to running and starting engines.",
+                labels=gpu,
+            ),
+            GaugeMetricFamily(
+                "modelyard_info", "Always 1; the gateway version is a label.", labels=["version"]
+            ),
+            GaugeMetricFamily(
+                "modelyard_start_time_seconds", "When the gateway started (Unix time)."
+            ),
+        ]

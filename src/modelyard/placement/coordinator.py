@@ -1,0 +1,409 @@
+"""Placement in motion: asks the pure policy for a plan, carries it out, measures the result.
+
+The supervisors call `prepare` before an engine starts or wakes and `finished` after any
+change of residency. Plans are made one at a time (one lock), so two starts never plan
+into the same free memory, and the policy keeps at most one start or wake per GPU (vLLM's
+profiling counts other processes' memory: vLLM issues 55827, 56830). Ready models are never
+blocked by this: serving does not go through placement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from modelyard.config.schema import GatewayConfig
+from modelyard.engines.base import MemoryBudget
+from modelyard.observability.events import EventBus
+from modelyard.placement.estimate import estimate_bytes
+from modelyard.placement.footprints import FootprintStore, engine_fingerprint
+from modelyard.placement.inventory import GpuInventory, GpuInventoryError, process_trees
+from modelyard.placement.policy import (
+    CannotFit,
+    Engine,
+    EngineState,
+    GpuCapacity,
+    Plan,
+    Sleep,
+    Target,
+    plan_placement,
+)
+from modelyard.scheduler.supervisor import ModelState, ModelSupervisor, ModelUnavailable
+
+log = logging.getLogger("modelyard.placement")
+
+# Without per-process measurement (declared GPUs), a sleeping vLLM engine is assumed to keep
+# this share of its memory (CUDA context, allocator pools); measured values replace it.
+ASSUMED_SLEEP_RESIDUAL = 0.1
+MEMORY_RETURN_TIMEOUT_S = 10.0
+MEMORY_POLL_S = 0.1
+MAX_PLAN_ROUNDS = 8
+
+_POLICY_STATE = {
+    ModelState.STARTING: EngineState.STARTING,
+    ModelState.READY: EngineState.READY,
+    ModelState.DRAINING: EngineState.DRAINING,
+    ModelState.SLEEPING: EngineState.SLEEPING,
+    ModelState.WAKING: EngineState.WAKING,
+    ModelState.STOPPING: EngineState.STOPPING,
+}
+
+
+@dataclass
+class Residency:
+    """What one engine holds on the GPUs, as planned and then as measured."""
+
+    gpus: tuple[int, ...]
+    awake_bytes_per_gpu: int
+    asleep_bytes_per_gpu: int
+    measured: bool = False
+
+
+class PlacementCoordinator:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        inventory: GpuInventory,
+        footprints: FootprintStore,
+        events: EventBus,
+        measures_processes: bool,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.inventory = inventory
+        self.footprints = footprints
+        self.events = events
+        # NVML sees each process's memory; a declared inventory does not.
+        self.measures_processes = measures_processes
+        self._clock = clock
+        self._supervisors: dict[str, ModelSupervisor] = {}
+        self._plan_lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+        self.residency: dict[str, Residency] = {}
+        self._whole_gpu_next: set[str] = set()  # after an OOM: plan the next try generously
+        self.last_plan: dict[str, str] = {}
+
+    def attach(self, supervisors: dict[str, ModelSupervisor]) -> None:
+        self._supervisors = supervisors
+
+    # ----- hooks called by the supervisors -----
+
+    async def prepare(self, supervisor: ModelSupervisor) -> MemoryBudget | None:
+        """Make room for `supervisor`'s engine and return the memory budget to start it with."""
+        name = supervisor.name
+        model = self.config.models[name]
+        waking = supervisor.state is ModelState.WAKING
+        deadline = self._clock() + supervisor.settings.start_timeout
+        async with self._plan_lock:
+            for _round in range(MAX_PLAN_ROUNDS * 4):
+                plan = plan_placement(
+                    self._target(supervisor),
+                    self._gpu_capacities(),
+                    self._engines(name),
+                    now=self._clock(),
+                    host_ram_for_sleep=self._host_ram_left(),
+                )
+                if isinstance(plan, CannotFit):
+                    self.events.emit("placement_failed", name, plan.reason)
+                    raise ModelUnavailable(
+                        f"model {name!r} cannot be placed: {plan.reason}",
+                        status=503,
+                        code="insufficient_gpu_memory",
+                    )
+                self.last_plan[name] = plan.explanation
+                if plan.wait_for:
+                    await self._wait_for_change(deadline, name, plan)
+                    continue
+                if plan.actions:
+                    await self._carry_out(plan, name)
+                    continue
+                if waking:
+                    residency = self.residency.get(name)
+                    if residency is not None:
+                        return MemoryBudget(
+                            residency.gpus,
+                            residency.awake_bytes_per_gpu,
+                            self._total(residency.gpus),
+                        )
+                self.residency[name] = Residency(
+                    plan.gpus,
+                    plan.bytes_per_gpu,
+                    int(plan.bytes_per_gpu * ASSUMED_SLEEP_RESIDUAL) if model.sleep else 0,
+                )
+                self._whole_gpu_next.discard(name)
+                self.events.emit(
+                    "placed",
+                    name,
+                    plan.explanation or "fits",
+                    gpus=list(plan.gpus),
+                    bytes_per_gpu=plan.bytes_per_gpu,
+                )
+                return MemoryBudget(plan.gpus, plan.bytes_per_gpu, self._total(plan.gpus))
+        raise ModelUnavailable(
+            f"model {name!r}: placement did not settle", status=503, code="placement_stuck"
+        )
+
+    async def finished(self, supervisor: ModelSupervisor, ok: bool) -> None:
+        """After a start, wake, sleep or stop: measure, learn, and wake up waiting plans."""
+        name = supervisor.name
+        try:
+            if supervisor.state is ModelState.READY and ok:
+                self._learn_awake(supervisor)
+            elif supervisor.state is ModelState.SLEEPING:
+                self._learn_asleep(supervisor)
+            elif supervisor.state in (ModelState.STOPPED, ModelState.FAILED):
+                self.residency.pop(name, None)
+        except GpuInventoryError as error:
+            log.warning("could not measure %s: %s", name, error)
+        finally:
+            self._changed.set()
+
+    def note_out_of_memory(self, supervisor: ModelSupervisor) -> None:
+        """The engine ran out of GPU memory while starting: plan its retry generously."""
+        self._whole_gpu_next.add(supervisor.name)
+
+    # ----- planning inputs -----
+
+    def _fingerprint(self, supervisor: ModelSupervisor) -> str:
+        spec = supervisor.launch_spec_for(0, None)
+        return engine_fingerprint(
+            spec.argv, spec.env, self.config.models[supervisor.name].model, port=0
+        )
+
+    def _target(self, supervisor: ModelSupervisor) -> Target:
+        name = supervisor.name
+        model = self.config.models[name]
+        if name in self._whole_gpu_next:
+            need = None
+        else:
+            estimate = estimate_bytes(
+                footprint=self.footprints.get(name, self._fingerprint(supervisor)),
+                hint_bytes=model.memory,
+                model=model.model,
+                tensor_parallel=model.tensor_parallel,
+            )
+            need = estimate.bytes_per_gpu
+        return Target(
+            name=name,
+            bytes_per_gpu=need,
+            gpus=tuple(model.gpus or ()),
+            tensor_parallel=model.tensor_parallel,
+            exclusive_group=self._exclusive_group(name),
+        )
+
+    def _exclusive_group(self, name: str) -> str | None:
+        for group_name, group in self.config.groups.items():
+            if group.exclusive and name in group.members:
+                return group_name
+        return None
+
+    def _gpu_capacities(self) -> list[GpuCapacity]:
+        ours: dict[int, int] = {}
+        for residency_name, residency in self.residency.items():
+            supervisor = self._supervisors.get(residency_name)
+            asleep = supervisor is not None and supervisor.state is ModelState.SLEEPING
+            for index in residency.gpus:
+                held = residency.asleep_bytes_per_gpu if asleep else residency.awake_bytes_per_gpu
+                ours[index] = ours.get(index, 0) + held
+        capacities = []
+        for gpu in self.inventory.gpus():
+            # Memory we cannot account to our engines belongs to someone else (a desktop,
+            # another user's job): the policy plans around it.
+            foreign = (
+                max(gpu.used_bytes - ours.get(gpu.index, 0), 0) if (self.measures_processes) else 0
+            )
+            capacities.append(GpuCapacity(gpu.index, gpu.total_bytes, foreign))
+        return capacities
+
+    def _engines(self, target: str) -> list[Engine]:
+        engines = []
+        for name, supervisor in self._supervisors.items():
+            state = _POLICY_STATE.get(supervisor.state)
+            residency = self.residency.get(name)
+            if state is None or residency is None:
+                continue
+            if name == target and state is not EngineState.SLEEPING:
+                continue
+            model = self.config.models[name]
+            footprint = self.footprints.get(name, self._fingerprint(supervisor))
+            engines.append(
+                Engine(
+                    name=name,
+                    state=state,
+                    gpus=residency.gpus,
+                    awake_bytes_per_gpu=residency.awake_bytes_per_gpu,
+                    asleep_bytes_per_gpu=residency.asleep_bytes_per_gpu,
+                    in_flight=supervisor.in_flight + supervisor.waiting,
+                    last_used=supervisor.last_used
+                    if supervisor.last_used is not None
+                    else supervisor.ready_since,
+                    start_seconds=supervisor.timings.last_start_s
+                    or (footprint.start_seconds if footprint else None),
+                    wake_seconds=supervisor.timings.last_wake_s
+                    or (footprint.wake_seconds if footprint else None),
+                    sleep_level=model.sleep if supervisor.can_sleep else 0,
+                    sleeping_level=supervisor.sleep_level if state is EngineState.SLEEPING else 0,
+                    pinned=model.pinned,
+                    exclusive_group=self._exclusive_group(name),
+                )
+            )
+        return engines
+
+    def _host_ram_left(self) -> int | None:
+        budget = self.config.host_ram_for_sleep
+        if budget is None:
+            return None
+        held = sum(
+            r.awake_bytes_per_gpu * len(r.gpus)
+            for name, r in self.residency.items()
+            if (s := self._supervisors.get(name)) is not None
+            and s.state is ModelState.SLEEPING
+            and s.sleep_level == 1
+        )
+        return max(budget - held, 0)
+
+    def _total(self, gpus: tuple[int, ...]) -> int:
+        totals = {gpu.index: gpu.total_bytes for gpu in self.inventory.gpus()}
+        return min(totals[index] for index in gpus) if gpus else 0
+
+    # ----- carrying out a plan -----
+
+    async def _carry_out(self, plan: Plan, target: str) -> None:
+        for action in plan.actions:
+            victim = self._supervisors[action.name]
+            reason = f"evicted to make room for {target!r}"
+            self.events.emit(
+                "evict",
+                victim.name,
+                reason,
+                for_model=target,
+                action="sleep" if isinstance(action, Sleep) else "stop",
+            )
+            if isinstance(action, Sleep):
+                if not await victim.sleep(action.level, reason):
+                    await victim.stop(reason)
+            else:
+                await victim.stop(reason)
+        await self._wait_memory_back(plan, target)
+
+    async def _wait_memory_back(self, plan: Plan, target: str) -> None:
+        """Until the GPUs really show the freed memory (stop verified the processes gone)."""
+        if not self.measures_processes:
+            return
+        deadline = self._clock() + MEMORY_RETURN_TIMEOUT_S
+        while True:
+            free = {gpu.index: gpu.free_bytes for gpu in self.inventory.gpus()}
+            if all(free.get(index, 0) >= plan.bytes_per_gpu for index in plan.gpus):
+                return
+            if self._clock() > deadline:
+                self.events.emit(
+                    "memory_not_returned",
+                    target,
+                    f"GPU memory did not come back within {MEMORY_RETURN_TIMEOUT_S:.0f}s after "
+                    "evicting; planning again with what is free now",
+                )
+                return
+            await asyncio.sleep(MEMORY_POLL_S)
+
+    async def _wait_for_change(self, deadline: float, name: str, plan: Plan) -> None:
+        remaining = deadline - self._clock()
+        if remaining <= 0:
+            waits = ", ".join(f"{w.name} ({w.reason})" for w in plan.wait_for)
+            raise ModelUnavailable(
+                f"model {name!r} is waiting for room on the GPU: {waits}",
+                status=503,
+                retry_after=5.0,
+                code="waiting_for_gpu",
+            )
+        self._changed.clear()
+        # A drain ends when a request finishes, which does not pass through placement:
+        # poll as well as waiting for a residency change.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), min(remaining, 0.1))
+
+    # ----- learning -----
+
+    def _measure(self, supervisor: ModelSupervisor) -> dict[int, int] | None:
+        if not self.measures_processes or supervisor.engine is None:
+            return None
+        return self.inventory.process_memory(process_trees([supervisor.engine.pid]))
+
+    def _learn_awake(self, supervisor: ModelSupervisor) -> None:
+        name = supervisor.name
+        residency = self.residency.get(name)
+        if residency is None:
+            return
+        measured = self._measure(supervisor)
+        if measured:
+            residency.awake_bytes_per_gpu = max(measured.values())
+            residency.measured = True
+        woke = (
+            supervisor.timings.last_wake_s is not None
+            and supervisor.timings.wakes > 0
+            and (self._clock() - (supervisor.ready_since or 0) < 1.0)
+        )
+        self.footprints.record(
+            name,
+            self._fingerprint(supervisor),
+            awake_bytes_per_gpu=residency.awake_bytes_per_gpu if residency.measured else None,
+            start_seconds=None if woke else supervisor.timings.last_start_s,
+            wake_seconds=supervisor.timings.last_wake_s if woke else None,
+        )
+
+    def _learn_asleep(self, supervisor: ModelSupervisor) -> None:
+        residency = self.residency.get(supervisor.name)
+        if residency is None:
+            return
+        measured = self._measure(supervisor)
+        if measured is not None:
+            residency.asleep_bytes_per_gpu = max(measured.values(), default=0)
+            self.footprints.record(
+                supervisor.name,
+                self._fingerprint(supervisor),
+                asleep_bytes_per_gpu=residency.asleep_bytes_per_gpu,
+            )
+
+    # ----- status -----
+
+    def gpu_status(self) -> list[dict[str, Any]]:
+        planned: dict[int, int] = {}
+        for name, residency in self.residency.items():
+            supervisor = self._supervisors.get(name)
+            asleep = supervisor is not None and supervisor.state is ModelState.SLEEPING
+            for index in residency.gpus:
+                held = residency.asleep_bytes_per_gpu if asleep else residency.awake_bytes_per_gpu
+                planned[index] = planned.get(index, 0) + held
+        result = []
+        for gpu in self.inventory.gpus():
+            used = gpu.used_bytes if self.measures_processes else planned.get(gpu.index, 0)
+            result.append(
+                {
+                    "index": gpu.index,
+                    "name": gpu.name,
+                    "total_bytes": gpu.total_bytes,
+                    "used_bytes": used,
+                    "planned_bytes": planned.get(gpu.index, 0),
+                    "free_bytes": max(gpu.total_bytes - max(used, planned.get(gpu.index, 0)), 0),
+                    "models": sorted(n for n, r in self.residency.items() if gpu.index in r.gpus),
+                }
+            )
+        return result
+
+    def model_placement(self, name: str) -> dict[str, Any]:
+        residency = self.residency.get(name)
+        supervisor = self._supervisors.get(name)
+        footprint = self.footprints.get(name, self._fingerprint(supervisor)) if supervisor else None
+        return {
+            "gpus": list(residency.gpus) if residency else [],
+            "footprint_bytes": residency.awake_bytes_per_gpu
+            if residency
+            else (footprint.awake_bytes_per_gpu if footprint else None),
+            "footprint_measured": bool(residency and residency.measured)
+            or bool(footprint and footprint.awake_bytes_per_gpu),
+            "last_plan": self.last_plan.get(name),
+        }

@@ -1,0 +1,147 @@
+"""Hung engines: the process is alive but does not answer. Found, stopped and reported.
+
+A crash is seen at once (the process exits); a hang is not. Every `interval` the watchdog asks
+each ready engine's health path, with a timeout; `failures` failed checks in a row mean the
+engine is hung. vLLM's `/health` stays 200 while its engine core is stuck (the API server is a
+separate process), so upstream read timeouts on real requests count as well: `failures` of them
+in a row, with no answered request in between, mean the same. A hung engine is stopped and its
+model marked failed (`ModelSupervisor.declare_hung`); the next request starts it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+
+from modelyard.scheduler.supervisor import EngineHandle, ModelState, ModelSupervisor
+
+log = logging.getLogger("modelyard.watchdog")
+
+Probe = Callable[[EngineHandle, float], Awaitable[bool]]
+
+
+@dataclass(frozen=True)
+class WatchdogSettings:
+    interval: float  # seconds between checks; 0 turns the periodic check off
+    timeout: float  # a check slower than this failed
+    failures: int  # this many failures in a row (checks, or request timeouts) mean hung
+
+
+def health_probe(session: aiohttp.ClientSession) -> Probe:
+    """A probe that GETs the engine's health path and wants a 200 within the timeout."""
+
+    async def probe(engine: EngineHandle, timeout: float) -> bool:
+        spec = getattr(engine, "spec", None)
+        path = getattr(spec, "health_path", None) or "/health"
+        try:
+            async with session.get(
+                engine.base_url + path, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as response:
+                return response.status == 200
+        except (TimeoutError, aiohttp.ClientError):
+            return False
+
+    return probe
+
+
+@dataclass
+class _Strikes:
+    pid: int
+    failed_checks: int = 0
+    timeouts: int = 0
+
+
+class EngineWatchdog:
+    def __init__(
+        self,
+        supervisors: Mapping[str, ModelSupervisor],
+        probe: Probe,
+        settings: WatchdogSettings,
+    ) -> None:
+        self.settings = settings
+        self._supervisors = supervisors
+        self._probe = probe
+        self._strikes: dict[str, _Strikes] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._verdicts: set[asyncio.Task[bool]] = set()
+
+    def start(self) -> None:
+        if self.settings.interval > 0:
+            self._task = asyncio.create_task(self._check_forever())
+
+    async def close(self) -> None:
+        tasks = [t for t in (self._task, *self._verdicts) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _check_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.interval)
+            try:
+                await self.check_all()
+            except Exception:  # pragma: no cover - the watchdog must outlive any one bug
+                log.exception("engine health check failed")
+
+    async def check_all(self) -> list[str]:
+        """Check every ready engine once; returns the models declared hung."""
+        ready = [s for s in self._supervisors.values() if s.state is ModelState.READY]
+        results = await asyncio.gather(*(self._check(supervisor) for supervisor in ready))
+        return [s.name for s, hung in zip(ready, results, strict=True) if hung]
+
+    async def _check(self, supervisor: ModelSupervisor) -> bool:
+        engine = supervisor.engine
+        if engine is None:
+            return False
+        healthy = await self._probe(engine, self.settings.timeout)
+        if supervisor.engine is not engine or supervisor.state is not ModelState.READY:
+            return False  # stopped, slept or restarted while we asked: the answer is stale
+        strikes = self._strikes_of(supervisor.name, engine.pid)
+        strikes.failed_checks = 0 if healthy else strikes.failed_checks + 1
+        if strikes.failed_checks < self.settings.failures:
+            return False
+        return await self._declare_hung(
+            supervisor,
+            f"{strikes.failed_checks} health checks in a row failed or took longer than "
+            f"{self.settings.timeout:g}s",
+        )
+
+    def observe_request(self, model: str, status: int, timed_out: bool) -> None:
+        """A proxied request ended: a read timeout is a strike, an engine answer clears them."""
+        supervisor = self._supervisors.get(model)
+        engine = supervisor.engine if supervisor is not None else None
+        if supervisor is None or engine is None or supervisor.state is not ModelState.READY:
+            return
+        strikes = self._strikes_of(model, engine.pid)
+        if not timed_out:
+            if status < 500:
+                strikes.timeouts = 0
+            return
+        strikes.timeouts += 1
+        if strikes.timeouts >= self.settings.failures:
+            strikes.timeouts = 0
+            reason = (
+                f"{self.settings.failures} requests in a row got no answer within the upstream "
+                "read timeout"
+            )
+            task = asyncio.ensure_future(self._declare_hung(supervisor, reason))
+            self._verdicts.add(task)
+            task.add_done_callback(self._verdicts.discard)
+
+    def _strikes_of(self, model: str, pid: int) -> _Strikes:
+        strikes = self._strikes.get(model)
+        if strikes is None or strikes.pid != pid:  # a new engine starts with a clean slate
+            strikes = self._strikes[model] = _Strikes(pid)
+        return strikes
+
+    async def _declare_hung(self, supervisor: ModelSupervisor, reason: str) -> bool:
+        log.error("model %s: engine is hung (%s); stopping it", supervisor.name, reason)
+        self._strikes.pop(supervisor.name, None)
+        return await supervisor.declare_hung(reason)
