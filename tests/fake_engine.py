@@ -85,6 +85,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
         body = json.loads(raw)
     except ValueError:
         return _error(400, "invalid JSON")
+    if not isinstance(body, dict):
+        return _error(400, "the body must be a JSON object")
     STATE["requests"].append({"path": request.path, "body": body, "headers": dict(request.headers)})
     if STATE["sleeping"]:
         return _error(503, "engine is sleeping")
@@ -168,7 +170,8 @@ def _answer(body: dict[str, Any], args: argparse.Namespace) -> str:
         last = body["messages"][-1].get("content", "") if body["messages"] else ""
     else:
         last = body.get("prompt", "")
-    return f"{args.served_name} says: {last}"
+    # The model field names the base or one of its LoRA adapters, as in vLLM.
+    return f"{body.get('model', args.served_name)} says: {last}"
 
 
 async def _stream(
@@ -294,7 +297,7 @@ async def echo_any(request: web.Request) -> web.Response:
             "path": request.path,
             "method": request.method,
             "query": request.query_string,
-            "body": raw.decode() or None,
+            "body": raw.decode(errors="replace") or None,
         }
     )
 

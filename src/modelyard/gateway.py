@@ -17,6 +17,7 @@ from modelyard.observability.event_store import EventStore, open_event_store
 from modelyard.observability.events import EventBus
 from modelyard.observability.metrics import GatewayMetrics
 from modelyard.proxy.forward import UpstreamClient
+from modelyard.lora.manager import LoraManager
 from modelyard.placement.coordinator import PlacementCoordinator
 from modelyard.placement.footprints import FootprintStore
 from modelyard.placement.inventory import (
@@ -70,6 +71,7 @@ class Gateway:
     state: StateDirectory | None = None
     auth: Authenticator | None = None
     watchdog: EngineWatchdog | None = None
+    lora: LoraManager | None = None
 
     def __post_init__(self) -> None:
         # Observability hangs off the two hooks every part already feeds: events, requests.
@@ -104,10 +106,12 @@ class Gateway:
         for record in event_store.set_aside if event_store is not None else []:
             state.note(record)  # the event history was set aside before the bus existed
         watchdog = _watchdog_for(config, yard, health_session)
+        lora = LoraManager(config, yard, health_session, events) if any(
+            model.lora is not None for model in config.models.values()) else None
         return cls(config, state_dir, events, yard, upstream, health_session, registry,
                    coordinator, event_store=event_store, state=state,
                    auth=Authenticator.create(config.auth, state), watchdog=watchdog,
-                   request_observers=[_watchdog_observer(watchdog)])
+                   request_observers=[_watchdog_observer(watchdog)], lora=lora)
 
     async def start(self) -> None:
         for orphan in self.registry.stop_orphans():
@@ -119,6 +123,8 @@ class Gateway:
             )
             log.warning("stopped orphaned engine %s (pid %d)", orphan.name, orphan.pid)
         self.yard.start_background()
+        if self.lora is not None:
+            self.lora.start_background()
         if self.watchdog is not None:
             self.watchdog.start()
         if self.auth is not None:
@@ -127,6 +133,8 @@ class Gateway:
     async def close(self) -> None:
         if self.watchdog is not None:
             await self.watchdog.close()  # first: a stopping engine is not a hung one
+        if self.lora is not None:
+            await self.lora.close()
         await self.yard.shutdown(self.config.limits.shutdown_grace)
         if self.auth is not None:
             await self.auth.usage.close()
@@ -134,6 +142,15 @@ class Gateway:
         await self.health_session.close()
         if self.event_store is not None:
             self.event_store.close()  # last: the engines' stop events are written first
+
+    def lora_manager(self) -> LoraManager:
+        """The adapter manager (only asked for when a target is an adapter, so one exists)."""
+        assert self.lora is not None
+        return self.lora
+
+    def adapter_servable(self, name: str) -> bool:
+        adapter = self.lora.adapters.get(name) if self.lora is not None else None
+        return adapter is not None and adapter.problem is None
 
     def gpu_status(self) -> list[dict[str, object]]:
         """GPUs with total, used and planned memory (empty without managed GPUs)."""

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from modelyard.api import admin, keys, live, observe, openapi, serving, status
+from modelyard.api import adapters, admin, keys, live, observe, openapi, serving, status
 from modelyard.api.errors import ApiError, error_response
 from modelyard.gateway import Gateway
 
@@ -56,6 +56,7 @@ def build_app(gateway: Gateway, middlewares: list[Middleware] | None = None) -> 
     router.add_post("/v1/{tail:.+}", serving.openai_model_route)
     router.add_get("/gateway/status", status.gateway_status)
     admin.add_routes(router)
+    adapters.add_routes(router)  # /admin/adapters
     keys.add_routes(router)  # /admin/keys
     openapi.add_routes(router)  # /openapi.yaml, /openapi.json
     observe.add_routes(router)  # /metrics, /metrics/engines, /ui

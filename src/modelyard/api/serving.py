@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from typing import Any
@@ -12,6 +13,7 @@ from modelyard.api.bodies import model_field, parse_json_object, read_body
 from modelyard.api.errors import ApiError
 from modelyard.api.principal import Principal, principal_of
 from modelyard.gateway import Gateway, RequestRecord
+from modelyard.lora.manager import AdapterError
 from modelyard.proxy.forward import UpstreamError, UpstreamTimeout
 from modelyard.proxy.sse import (
     StreamTransformer,
@@ -185,7 +187,12 @@ async def _forward(
     streamed = False
     usage: dict[str, int] = {}
     try:
-        async with gateway.yard.engine_for(target.model) as engine:
+        if target.adapter is not None:
+            gateway.lora_manager().check(target)  # a bad adapter never starts the engine
+        async with contextlib.AsyncExitStack() as stack:
+            engine = await stack.enter_async_context(gateway.yard.engine_for(target.model))
+            if target.adapter is not None:
+                await stack.enter_async_context(gateway.lora_manager().use(target, engine))
             if request.query_string:
                 path = f"{path}?{request.query_string}"
             response, outcome = await gateway.upstream.forward(
@@ -194,6 +201,9 @@ async def _forward(
             status, first_byte, streamed = outcome.status, outcome.first_byte_s, outcome.streamed
             usage = outcome.usage or _usage_of(outcome.body)
             return response
+    except AdapterError as error:
+        status = error.status
+        raise ApiError(error.status, str(error), error.code, "model") from None
     except ModelUnavailable as error:
         status = error.status
         raise ApiError(
@@ -260,6 +270,8 @@ def model_listing(
             continue
         if principal is not None and not principal.may_use(target):
             continue
+        if target.adapter is not None and not gateway.adapter_servable(target.adapter):
+            continue  # refused adapters answer requests with their problem, but are not listed
         supervisor = yard.supervisors[target.model]
         entry: dict[str, Any] = {
             "id": public,

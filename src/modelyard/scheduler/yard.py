@@ -96,6 +96,10 @@ class Yard:
 
     # ----- names -----
 
+    def model_names(self) -> list[str]:
+        """Configured models and their aliases (adapters may not take these names)."""
+        return sorted(self._names)
+
     def public_names(self) -> list[str]:
         return sorted({*self._names, *self.adapter_targets})
 

@@ -1,0 +1,84 @@
+"""Admin routes for LoRA adapters: list them with their state, load and unload by hand."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from modelyard.api.errors import ApiError
+from modelyard.api.principal import principal_of
+from modelyard.api.serving import gateway_of
+from modelyard.gateway import Gateway
+from modelyard.lora.manager import AdapterError, LoraManager
+from modelyard.scheduler.supervisor import ModelUnavailable
+from modelyard.scheduler.yard import Target
+
+
+def add_routes(router: web.UrlDispatcher) -> None:
+    router.add_get("/admin/adapters", list_adapters)
+    router.add_post("/admin/adapters/rescan", rescan)
+    router.add_post("/admin/adapters/{name}/load", load_adapter)
+    router.add_post("/admin/adapters/{name}/unload", unload_adapter)
+
+
+def _manager(request: web.Request) -> tuple[Gateway, LoraManager]:
+    principal_of(request).require_admin()
+    gateway = gateway_of(request)
+    if gateway.lora is None:
+        raise ApiError(404, "no model has a 'lora:' section", "no_adapters")
+    return gateway, gateway.lora
+
+
+def _target(manager: LoraManager, request: web.Request) -> Target:
+    name = request.match_info["name"]
+    target = manager.yard.adapter_targets.get(name)
+    if target is None:
+        raise ApiError(
+            404,
+            f"adapter {name!r} does not exist; known: " + ", ".join(sorted(manager.adapters)),
+            "adapter_not_found",
+        )
+    return target
+
+
+async def list_adapters(request: web.Request) -> web.Response:
+    _gateway, manager = _manager(request)
+    return web.json_response({"adapters": manager.status()})
+
+
+async def rescan(request: web.Request) -> web.Response:
+    _gateway, manager = _manager(request)
+    added, removed = manager.refresh()
+    return web.json_response({"added": added, "removed": removed})
+
+
+async def load_adapter(request: web.Request) -> web.Response:
+    """Start the base engine if needed and load the adapter into it."""
+    gateway, manager = _manager(request)
+    target = _target(manager, request)
+    try:
+        manager.check(target)
+        async with gateway.yard.engine_for(target.model) as engine, manager.use(target, engine):
+            pass
+    except AdapterError as error:
+        raise ApiError(error.status, str(error), error.code) from None
+    except ModelUnavailable as error:
+        raise ApiError(
+            error.status, str(error), error.code, retry_after=error.retry_after
+        ) from None
+    return web.json_response({"adapters": manager.status()})
+
+
+async def unload_adapter(request: web.Request) -> web.Response:
+    gateway, manager = _manager(request)
+    target = _target(manager, request)
+    engine = gateway.yard.supervisors[target.model].engine
+    unloaded = engine is not None and await manager.unload(
+        target.model, target.public_name, engine, reason=f"admin ({principal_of(request).name})"
+    )
+    if not unloaded:
+        raise ApiError(
+            409,
+            f"adapter {target.public_name!r} is not loaded, or requests are using it",
+            "not_unloadable",
+        )
+    return web.json_response({"adapters": manager.status()})
