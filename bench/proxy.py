@@ -155,9 +155,9 @@ async def streams(url: str, count: int, chunks: int, rate: float) -> dict[str, f
         try:
             async with session.post(url + "/v1/chat/completions", json=body) as response:
                 async for line in response.content:
-                    if line.startswith(b"data: {"):
-                        event = json.loads(line[6:])
-                        delays.append((time.time() - event["sent"]) * 1000)
+                    if line.startswith(b'data: {"sent":'):
+                        sent = float(line[14 : line.index(b",", 14)])
+                        delays.append((time.time() - sent) * 1000)
                         seen += 1
                     elif line.startswith(b"data: [DONE]"):
                         break

@@ -29,14 +29,14 @@ async def chat(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
     next_at = time.monotonic()
+    model = json.dumps(body.get("model"))
     for index in range(chunks):
-        event = {
-            "model": body.get("model"),
-            "choices": [{"index": 0, "delta": {"content": "x"}}],
-            "seq": index,
-            "sent": time.time(),
-        }
-        await response.write(f"data: {json.dumps(event)}\n\n".encode())
+        # The send time comes first so the client can read it without parsing the JSON.
+        event = (
+            f'data: {{"sent":{time.time():.6f},"model":{model},"seq":{index},'
+            '"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'
+        )
+        await response.write(event.encode())
         next_at += interval
         await asyncio.sleep(max(0.0, next_at - time.monotonic()))
     await response.write(b"data: [DONE]\n\n")

@@ -62,7 +62,7 @@ def popularity(rng: random.Random) -> dict[str, float]:
 
 def bursty(rng: random.Random) -> list[tuple[float, str, float]]:
     weights = popularity(rng)
-    requests = []
+    requests: list[tuple[float, str, float]] = []
     for _user in range(3):
         t = rng.uniform(0, 60)
         while t < DURATION_S:
@@ -76,7 +76,7 @@ def bursty(rng: random.Random) -> list[tuple[float, str, float]]:
 
 def steady(rng: random.Random) -> list[tuple[float, str, float]]:
     weights = popularity(rng)
-    requests = []
+    requests: list[tuple[float, str, float]] = []
     t = 0.0
     while True:
         t += rng.expovariate(1 / 8.0)

@@ -92,10 +92,12 @@ class LruByFootprint:
 class Modelyard:
     """`modelyard.placement.policy.plan_placement`, fed what the gateway would measure."""
 
-    name = "modelyard"
-
-    def __init__(self, settings: policy.PolicySettings = policy.DEFAULT_SETTINGS) -> None:
+    def __init__(
+        self, settings: policy.PolicySettings = policy.DEFAULT_SETTINGS, sleep: bool = True
+    ) -> None:
         self.settings = settings
+        self.sleep = sleep
+        self.name = "modelyard" if sleep else "modelyard, sleep off (ablation)"
 
     def decide(self, target: str, world: World, out_of_memory: bool) -> Decision:
         engines = [self._engine(e) for e in world.engines.values() if e.resident]
@@ -114,13 +116,11 @@ class Modelyard:
             return Decision(wait_for=tuple(w.name for w in plan.wait_for))
         return Decision(
             evict=tuple(
-                Evict(a.name, a.level if isinstance(a, policy.Sleep) else 0)
-                for a in plan.actions
+                Evict(a.name, a.level if isinstance(a, policy.Sleep) else 0) for a in plan.actions
             )
         )
 
-    @staticmethod
-    def _engine(engine: Engine) -> policy.Engine:
+    def _engine(self, engine: Engine) -> policy.Engine:
         spec = engine.spec
         asleep = engine.state is State.SLEEPING
         return policy.Engine(
@@ -135,11 +135,12 @@ class Modelyard:
             # What the gateway would have measured: the wake at the level it last slept at
             # (level 1 before any sleep, the level it is configured for).
             wake_seconds=spec.wake_seconds(engine.sleeping_level or 1),
-            sleep_level=spec.sleep_level,
+            sleep_level=spec.sleep_level if self.sleep else 0,
             sleeping_level=engine.sleeping_level if asleep else 0,
             sleep_host_bytes=spec.bytes,
         )
 
 
 def all_policies() -> list[SimPolicy]:
-    return [OneAtATime(), LruByCount(2), LruByFootprint(), Modelyard()]
+    """The four policies of issue 4, and modelyard without sleep to show what sleep adds."""
+    return [OneAtATime(), LruByCount(2), LruByFootprint(), Modelyard(sleep=False), Modelyard()]

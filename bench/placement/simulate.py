@@ -162,6 +162,7 @@ class Simulation:
             return
         for engine in self.world.engines.values():
             engine.draining = False  # plan again from the world as it is now
+        self._release_ready()  # a model that just became ready serves its waiters first
         while self._queue:
             head = self.world.engines[self._queue[0]]
             if head.waiters and head.state in (State.STOPPED, State.SLEEPING):

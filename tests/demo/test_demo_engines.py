@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from modelyard.config import GatewayConfig, load_config
-from modelyard.demo import DemoSetup, demo_config_path, prepare_demo
+from modelyard.demo import DemoSetup, demo_config_path, prepare_demo, write_adapters
 from modelyard.engines.base import LaunchSpec
 from modelyard.engines.vllm import VllmEngine
 
@@ -69,10 +69,12 @@ def running(spec: LaunchSpec, port: int, log: Path) -> Iterator[str]:
         while True:
             assert process.poll() is None, f"engine exited:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"not ready:\n{log.read_text()[-3000:]}"
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(url + spec.health_path, timeout=2) as response:
-                    if response.status == 200:
-                        break
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(url + spec.health_path, timeout=2) as response,
+            ):
+                if response.status == 200:
+                    break
             time.sleep(0.2)
         yield url
     finally:
@@ -134,3 +136,18 @@ def test_coder_serves_gemma3(config: GatewayConfig, tmp_path: Path):
     with running(spec, port, tmp_path / "coder.log") as url:
         assert [m["id"] for m in request(url + "/v1/models")["data"]] == ["coder"]
         assert chat(url, "coder")
+
+
+def test_many_adapters_for_lora_tests(demo: DemoSetup, tmp_path: Path):
+    paths = write_adapters(tmp_path, count=20, rank_for={"lora-07": 16}, setup=demo)
+    assert [path.name for path in paths][:2] == ["lora-01", "lora-02"]
+    assert len(paths) == 20
+    ranks = [json.loads((path / "adapter_config.json").read_text())["r"] for path in paths]
+    assert ranks.count(16) == 1
+    assert ranks.count(8) == 19
+    (other,) = write_adapters(tmp_path, ["for-gemma"], base=demo.coder_model, setup=demo)
+    config = json.loads((other / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(demo.coder_model)
+    (again,) = write_adapters(tmp_path / "again", ["lora-01"], setup=demo)
+    weights = "adapter_model.safetensors"
+    assert (again / weights).read_bytes() == (paths[0] / weights).read_bytes()  # reproducible

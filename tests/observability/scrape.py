@@ -17,9 +17,7 @@ async def scrape(url: str, headers: dict[str, str] | None = None) -> tuple[Sampl
         assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         text = await response.text()
     families = list(text_string_to_metric_families(text))
-    samples = {
-        (s.name, frozenset(s.labels.items())): s.value for f in families for s in f.samples
-    }
+    samples = {(s.name, frozenset(s.labels.items())): s.value for f in families for s in f.samples}
     return samples, families
 
 

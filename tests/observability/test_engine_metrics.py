@@ -59,6 +59,4 @@ def test_an_engine_label_named_model_is_kept_as_exported_model() -> None:
 
 def test_no_engines_running_is_a_valid_exposition() -> None:
     text = merge_expositions({}).decode()
-    assert [f.name for f in text_string_to_metric_families(text)] == [
-        "modelyard_engine_metrics_up"
-    ]
+    assert [f.name for f in text_string_to_metric_families(text)] == ["modelyard_engine_metrics_up"]

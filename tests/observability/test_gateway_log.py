@@ -47,7 +47,8 @@ def test_request_line_has_the_fields_as_json(captured: list[str]) -> None:
         "streamed": True,
     }
     assert line["duration_s"] == 0.1235
-    assert line["prompt_tokens"] == 5 and line["completion_tokens"] == 7
+    assert line["prompt_tokens"] == 5
+    assert line["completion_tokens"] == 7
     assert "status=200" in line["message"]
 
 
@@ -60,9 +61,14 @@ def test_engine_events_are_logged_without_their_log_tail(captured: list[str]) ->
     log_event(Event(8, 0.0, "ready", "chat", "started", 1.25, {"port": 4000}))
     crash, ready = (json.loads(text) for text in captured)
     assert crash["level"] == "WARNING"
-    assert crash["event"] == "crash" and crash["exit_code"] == -9 and crash["event_id"] == 7
-    assert "log_tail" not in crash and "line one" not in json.dumps(crash)
-    assert ready["level"] == "INFO" and ready["duration_s"] == 1.25 and ready["port"] == 4000
+    assert crash["event"] == "crash"
+    assert crash["exit_code"] == -9
+    assert crash["event_id"] == 7
+    assert "log_tail" not in crash
+    assert "line one" not in json.dumps(crash)
+    assert ready["level"] == "INFO"
+    assert ready["duration_s"] == 1.25
+    assert ready["port"] == 4000
 
 
 def test_exceptions_are_one_json_line(captured: list[str]) -> None:

@@ -182,12 +182,9 @@ def group_members(scenario: Scenario) -> set[str]:
     }
 
 
-@settings(max_examples=400, deadline=None)
-@given(scenarios())
-def test_pinned_and_busy_engines_are_never_evicted_unwaited(scenario: Scenario) -> None:
-    result = run(scenario)
-    if isinstance(result, CannotFit):
-        return
+def check_pinned_and_busy_engines_are_never_evicted_unwaited(
+    scenario: Scenario, result: Plan
+) -> None:
     target, _, engines, _ = scenario
     by_name = {e.name: e for e in engines}
     waited = {w.name for w in result.wait_for}
@@ -206,12 +203,7 @@ def test_pinned_and_busy_engines_are_never_evicted_unwaited(scenario: Scenario) 
             assert engine.sleep_level == 1 or action.level == 2
 
 
-@settings(max_examples=400, deadline=None)
-@given(scenarios())
-def test_after_the_plan_the_target_fits(scenario: Scenario) -> None:
-    result = run(scenario)
-    if isinstance(result, CannotFit):
-        return
+def check_after_the_plan_the_target_fits(scenario: Scenario, result: Plan) -> None:
     target, _, _, _ = scenario
     assert len(result.gpus) == (target.tensor_parallel if not result.wake else len(result.gpus))
     if target.gpus and not result.wake:
@@ -221,12 +213,9 @@ def test_after_the_plan_the_target_fits(scenario: Scenario) -> None:
     assert fits(scenario, result)
 
 
-@settings(max_examples=400, deadline=None)
-@given(scenarios())
-def test_cannot_fit_only_when_nothing_could_make_room(scenario: Scenario) -> None:
-    result = run(scenario)
-    if not isinstance(result, CannotFit):
-        return
+def check_cannot_fit_only_when_nothing_could_make_room(
+    scenario: Scenario, result: CannotFit
+) -> None:
     target, gpus, engines, _ = scenario
     assert result.reason
     if any(e.pinned and e.name in group_members(scenario) for e in engines):
@@ -257,6 +246,17 @@ def test_cannot_fit_only_when_nothing_could_make_room(scenario: Scenario) -> Non
         unpinned_room = {i: capacity[i].total_bytes - capacity[i].foreign_bytes for i in on}
         if size is None and all(room[i] >= min(unpinned_room.values()) for i in on):
             pytest.fail(f"{on} had the whole GPU: {result.reason}")
+
+
+@settings(max_examples=600, deadline=None)
+@given(scenarios())
+def test_every_answer_is_safe_sufficient_and_complete(scenario: Scenario) -> None:
+    result = run(scenario)
+    if isinstance(result, CannotFit):
+        check_cannot_fit_only_when_nothing_could_make_room(scenario, result)
+    else:
+        check_pinned_and_busy_engines_are_never_evicted_unwaited(scenario, result)
+        check_after_the_plan_the_target_fits(scenario, result)
 
 
 @settings(max_examples=300, deadline=None)
@@ -306,7 +306,7 @@ def cheapest_by_brute_force(scenario: Scenario) -> float | None:
     return best
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     scenarios(
         max_engines=6,

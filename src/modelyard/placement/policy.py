@@ -488,8 +488,7 @@ class _Planner:
         if engine.pinned:
             return []
         wait = _wait_reason(engine)
-        if wait is not None and not allow_waits:
-            return []
+        pass
 
         def frees(per_gpu: int) -> tuple[int, ...]:
             return tuple(per_gpu if index in engine.gpus else 0 for index in gpus)

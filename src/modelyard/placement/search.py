@@ -195,9 +195,14 @@ def _exact(
     count = len(cands)
     # reach[c][g]: the most that candidates c.. could still free on GPU g (feasibility bound).
     reach = [[0] * width for _ in range(count + 1)]
+    # cheapest[c][g]: the least cost per byte freed on GPU g among candidates c.. . Freeing
+    # R more bytes there costs at least R times that: a lower bound that prunes early.
+    cheapest = [[math.inf] * width for _ in range(count + 1)]
     for c in reversed(range(count)):
         for g in range(width):
             reach[c][g] = reach[c + 1][g] + max(o.frees[g] for o in cands[c])
+            rates = [o.cost / o.frees[g] for o in cands[c] if o.frees[g] > 0]
+            cheapest[c][g] = min([cheapest[c + 1][g], *rates])
     best = seed
     best_rank = (math.inf, 0, 0, 0) if seed is None else _rank(cands, seed, need, width)
     nodes = 0
@@ -214,6 +219,9 @@ def _exact(
                 best, best_rank = dict(choice), rank
             return
         if c == count or any(freed[g] + reach[c][g] < need[g] for g in range(width)):
+            return
+        bound = max((need[g] - freed[g]) * cheapest[c][g] for g in range(width))
+        if cost + bound > best_rank[0] * (1 + 1e-12):
             return
         for o, option in enumerate(cands[c]):
             if host + option.host_delta < 0:

@@ -188,11 +188,11 @@ function modelRow(name) {
   const cells = {
     name: el("td"),
     state: el("td"),
-    footprint: el("td", "num"),
-    gpus: el("td"),
-    inFlight: el("td", "num in-flight"),
-    queued: el("td", "num queued"),
-    lastUse: el("td", "last-use"),
+    footprint: el("td", "num admin-only"),
+    gpus: el("td", "admin-only"),
+    inFlight: el("td", "num in-flight admin-only"),
+    queued: el("td", "num queued admin-only"),
+    lastUse: el("td", "last-use admin-only"),
     actions: el("td", "admin-only"),
   };
   const actions = el("div", "actions");
@@ -329,10 +329,13 @@ function stopEventFeed() {
   pill.textContent = "no live feed";
 }
 
+const pageOpened = Date.now() / 1000;
+
 function addEvent(event) {
   const list = $("events");
   if (list.querySelector(`[data-id="${CSS.escape(String(event.id))}"]`)) return;
-  const item = el("li", "fresh");
+  // Only what happens while one watches flashes; the replayed history does not.
+  const item = el("li", event.time > pageOpened ? "fresh" : "");
   item.dataset.id = event.id;
   item.dataset.kind = event.kind;
   if (event.model) item.dataset.model = event.model;
@@ -476,6 +479,7 @@ async function sendChat(event) {
     answer.node.classList.remove("pending");
     view.chatAbort = null;
     $("chat-send").textContent = "Send";
+    scheduleRefresh(); // the model may have started for this answer
   }
 }
 
