@@ -45,6 +45,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", default=os.environ.get("MODELYARD_LOG_LEVEL", "INFO"))
     serve.set_defaults(run=_serve)
 
+    demo = verbs.add_parser(
+        "demo", help="set up and serve the built-in demo (real vLLM on CPU, no GPU needed)"
+    )
+    demo.add_argument("--port", type=int, help="listen port (default: the demo config's 8000)")
+    demo.add_argument(
+        "--setup-only",
+        action="store_true",
+        help="build the engine venv and the demo models, then exit",
+    )
+    demo.add_argument("--log-level", default=os.environ.get("MODELYARD_LOG_LEVEL", "INFO"))
+    demo.set_defaults(run=_demo)
+
     check = verbs.add_parser("check", help="validate a config and print what would run")
     check.add_argument("-c", "--config", required=True)
     check.set_defaults(run=_check)
@@ -119,6 +131,32 @@ def _serve(args: argparse.Namespace) -> int:
 
     serve(config)
     return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """`make demo`: everything the demo needs, once, then the gateway on examples/demo.yaml."""
+    from modelyard.demo import demo_config_path, prepare_demo
+
+    setup = prepare_demo()
+    if args.setup_only:
+        return 0
+    os.environ.update(setup.environ)  # the demo config reads MODELYARD_HOME and friends
+    path = str(demo_config_path())
+    config = _load(path)
+    if config is None:
+        return 1
+    port = args.port if args.port is not None else config.port
+    url = f"http://{config.host}:{port}"
+    print(
+        f"\nmodelyard demo: {', '.join(config.models)} at {url}\n"
+        "Models start on their first request (about 30-60 s on a CPU), then answer at once:\n"
+        f"  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+        """    -d '{"model": "chat", "messages": [{"role": "user", "content": "Say hello"}]}'\n"""
+        f"  curl -s {url}/v1/models\n"
+        f"Dashboard: {url}/ui    Status: modelyard status --url {url}\n",
+        flush=True,
+    )
+    return _serve(argparse.Namespace(config=path, host=None, port=port, log_level=args.log_level))
 
 
 def _check(args: argparse.Namespace) -> int:

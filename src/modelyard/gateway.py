@@ -12,12 +12,11 @@ import aiohttp
 
 from modelyard.auth.middleware import Authenticator
 from modelyard.config.schema import GatewayConfig
+from modelyard.lora.manager import LoraManager
 from modelyard.observability.activity_log import log_event, log_request
 from modelyard.observability.event_store import EventStore, open_event_store
 from modelyard.observability.events import EventBus
 from modelyard.observability.metrics import GatewayMetrics
-from modelyard.proxy.forward import UpstreamClient
-from modelyard.lora.manager import LoraManager
 from modelyard.placement.coordinator import PlacementCoordinator
 from modelyard.placement.footprints import FootprintStore
 from modelyard.placement.inventory import (
@@ -26,6 +25,7 @@ from modelyard.placement.inventory import (
     GpuInventoryError,
     NvmlInventory,
 )
+from modelyard.proxy.forward import UpstreamClient
 from modelyard.runtime import ProcessRegistry, ProcessRuntime
 from modelyard.runtime.vllm_sleep import VllmSleepControl
 from modelyard.scheduler.supervisor import Placement

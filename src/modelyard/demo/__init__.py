@@ -52,8 +52,17 @@ class DemoSetup:
 
     @property
     def environ(self) -> dict[str, str]:
-        """`MODELYARD_HOME` and `MODELYARD_VLLM`, as `examples/demo.yaml` reads them."""
-        return {HOME_ENV: str(self.home.root), VLLM_ENV: self.engine.vllm_executable}
+        """`MODELYARD_HOME`, `MODELYARD_VLLM` and `MODELYARD_ENGINE_PYTHON`, as
+        `examples/demo.yaml` reads them."""
+        return {
+            HOME_ENV: str(self.home.root),
+            VLLM_ENV: self.engine.vllm_executable,
+            ENGINE_PYTHON_ENV: str(self.engine.build_python),
+        }
+
+
+ENGINE_PYTHON_ENV = "MODELYARD_ENGINE_PYTHON"
+DIFFUSION_BUILD_SCRIPT = Path(__file__).with_name("build_tiny_diffusion.py")
 
 
 def demo_config_path() -> Path:
@@ -97,6 +106,11 @@ def run_model_builder(
             f"building the demo's models failed (exit {result.returncode}): {' '.join(argv)}"
         )
     progress(f"models in {home.models}, adapters in {home.adapters}")
+    diffusion = [str(engine.build_python), str(DIFFUSION_BUILD_SCRIPT), str(home.diffusion_model)]
+    if subprocess.run(diffusion, env=env, check=False).returncode != 0:
+        raise EngineEnvError(
+            f"building the demo's tiny diffusion pipeline failed: {' '.join(diffusion)}"
+        )
 
 
 def write_adapters(

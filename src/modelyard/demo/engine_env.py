@@ -1,7 +1,7 @@
 """The engine venv: vLLM for CPU (plus torch, transformers, peft) in its own virtual environment.
 
 The gateway starts vLLM as a process and never imports it, so vLLM lives in a venv of its own,
-`$MODELYARD_HOME/engine-venv`. `ensure_engine_env()` creates it on first use (about 3 to 4 minutes and
+`$MODELYARD_HOME/engine-venv`. `ensure_engine_env()` creates it on first use (3 to 4 minutes,
 3.8 GB on a 2-core machine) and returns at once on later calls: a stamp file naming the hash of
 the requirements is written only after every step succeeded, so an interrupted install is redone
 and a finished one is skipped.

@@ -84,6 +84,11 @@ class DemoHome:
         """Gemma 3 270M, served as the demo's `coder` model."""
         return self.models / CODER_MODEL
 
+    @property
+    def diffusion_model(self) -> Path:
+        """The tiny random Stable-Diffusion-shaped pipeline the demo's `vision` model serves."""
+        return self.models / "tiny-diffusion"
+
     def adapter(self, name: str) -> Path:
         """The folder of one LoRA adapter."""
         return self.adapters / name

@@ -20,6 +20,8 @@ _GATEWAY_OWNED_FLAGS = {
     "--tensor-parallel-size": "use 'tensor_parallel:' instead",
 }
 _BUDGET_FLAGS = ("--gpu-memory-utilization", "--kv-cache-memory-bytes")
+# The ranks vLLM 0.32 accepts for --max-lora-rank (others exit at start).
+_LORA_RANKS = frozenset({1, 8, 16, 32, 64, 128, 256, 320, 512})
 
 
 def _flag_name(arg: str) -> str:
@@ -29,6 +31,15 @@ def _flag_name(arg: str) -> str:
 class VllmEngine:
     def problems(self, name: str, model: ModelConfig, gateway: GatewayConfig) -> list[str]:
         found = []
+        if model.lora is not None and model.lora.max_rank not in _LORA_RANKS:
+            found.append(
+                f"models.{name}.lora.max_rank: vLLM accepts only "
+                f"{', '.join(map(str, sorted(_LORA_RANKS)))} (--max-lora-rank); "
+                f"use {min(r for r in _LORA_RANKS if r >= model.lora.max_rank)}"
+                if model.lora.max_rank <= max(_LORA_RANKS)
+                else f"models.{name}.lora.max_rank: {model.lora.max_rank} is above vLLM's largest, "
+                f"{max(_LORA_RANKS)}"
+            )
         for index, arg in enumerate(model.args):
             flag = _flag_name(arg)
             if flag in _GATEWAY_OWNED_FLAGS:
