@@ -154,7 +154,8 @@ async def engine_log_response(
     if engine is not None:
         tail = engine.log_tail(lines)
     else:
-        tail = (supervisor.failure.log_tail if supervisor.failure else [])[-lines:] if lines else []
+        # A stopped engine's last lines are kept (a failed start's too) until the next start.
+        tail = supervisor.last_log_tail[-lines:] if lines else []
     if not _follow(request, default=False):
         return web.json_response(
             {"model": supervisor.name, "state": supervisor.state.value, "lines": tail}

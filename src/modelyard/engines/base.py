@@ -60,4 +60,8 @@ def gpu_env(budget: MemoryBudget | None) -> dict[str, str]:
     """Pin an engine to the GPUs placement chose for it."""
     if budget is None or not budget.gpu_indexes:
         return {}
-    return {"CUDA_VISIBLE_DEVICES": ",".join(str(index) for index in budget.gpu_indexes)}
+    # NVML numbers GPUs in PCI bus order, CUDA by default "fastest first": make them agree.
+    return {
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+        "CUDA_VISIBLE_DEVICES": ",".join(str(index) for index in budget.gpu_indexes),
+    }

@@ -29,9 +29,19 @@ _KIND_STYLES = {
     "stop": "yellow",
     "evict": "magenta",
     "crash": "bold red",
-    "start_failed": "bold red",
-    "wake_failed": "bold red",
+    "hung": "bold red",
+    "oom_retry": "yellow",
 }
+
+
+def _style(kind: str) -> str:
+    if kind.endswith("_failed") or kind == "adapter_refused":
+        return "bold red"
+    if kind.startswith("adapter_"):
+        return "blue"
+    return _KIND_STYLES.get(kind, "default")
+
+
 RECONNECT_S = 2.0
 # Longer than the gateway's 15 s keep-alive comments: a silence this long means a dead link.
 READ_TIMEOUT_S = 45.0
@@ -119,7 +129,7 @@ def event_line(event: dict[str, Any]) -> Text:
     line = Text()
     line.append(f"{_when(float(event.get('time', 0)))} ", style="dim")
     line.append(f"#{event.get('id', '?'):<5} ", style="dim")
-    line.append(f"{kind:<13}", style=_KIND_STYLES.get(kind, "default"))
+    line.append(f"{kind:<13}", style=_style(kind))
     line.append(f" {event.get('model') or '-':<16}", style="bold")
     reason = str(event.get("reason") or "")
     duration = _duration(event.get("duration_s"))
@@ -136,7 +146,7 @@ def events_table(events: list[dict[str, Any]], title: str) -> Table:
         table.add_row(
             str(event.get("id", "")),
             _when(float(event.get("time", 0))),
-            Text(kind, style=_KIND_STYLES.get(kind, "default")),
+            Text(kind, style=_style(kind)),
             event.get("model") or "-",
             str(event.get("reason") or ""),
             _duration(event.get("duration_s")),

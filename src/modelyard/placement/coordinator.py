@@ -62,6 +62,9 @@ class Residency:
     awake_bytes_per_gpu: int
     asleep_bytes_per_gpu: int
     measured: bool = False
+    # vLLM fills whatever budget it gets: a start planned as "the whole GPU" (unknown size,
+    # or the retry after an OOM) measures the budget, not the model, so it is not learned.
+    learnable: bool = True
 
 
 class PlacementCoordinator:
@@ -101,8 +104,9 @@ class PlacementCoordinator:
         deadline = self._clock() + supervisor.settings.start_timeout
         async with self._plan_lock:
             for _round in range(MAX_PLAN_ROUNDS * 4):
+                target = self._target(supervisor)
                 plan = plan_placement(
-                    self._target(supervisor),
+                    target,
                     self._gpu_capacities(),
                     self._engines(name),
                     now=self._clock(),
@@ -134,6 +138,7 @@ class PlacementCoordinator:
                     plan.gpus,
                     plan.bytes_per_gpu,
                     int(plan.bytes_per_gpu * ASSUMED_SLEEP_RESIDUAL) if model.sleep else 0,
+                    learnable=target.bytes_per_gpu is not None or model.engine != "vllm",
                 )
                 self._whole_gpu_next.discard(name)
                 self.events.emit(
@@ -227,8 +232,8 @@ class PlacementCoordinator:
             residency = self.residency.get(name)
             if state is None or residency is None:
                 continue
-            if name == target and state is not EngineState.SLEEPING:
-                continue
+            if name == target and state not in (EngineState.SLEEPING, EngineState.WAKING):
+                continue  # a wake is planned on the GPUs it sleeps on; a start is not
             model = self.config.models[name]
             footprint = self.footprints.get(name, self._fingerprint(supervisor))
             engines.append(
@@ -350,7 +355,11 @@ class PlacementCoordinator:
         self.footprints.record(
             name,
             self._fingerprint(supervisor),
-            awake_bytes_per_gpu=residency.awake_bytes_per_gpu if residency.measured else None,
+            awake_bytes_per_gpu=(
+                residency.awake_bytes_per_gpu
+                if residency.measured and residency.learnable
+                else None
+            ),
             start_seconds=None if woke else supervisor.timings.last_start_s,
             wake_seconds=supervisor.timings.last_wake_s if woke else None,
         )

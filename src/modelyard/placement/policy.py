@@ -488,7 +488,8 @@ class _Planner:
         if engine.pinned:
             return []
         wait = _wait_reason(engine)
-        pass
+        if wait is not None and not allow_waits:
+            return []
 
         def frees(per_gpu: int) -> tuple[int, ...]:
             return tuple(per_gpu if index in engine.gpus else 0 for index in gpus)

@@ -152,6 +152,7 @@ class ModelSupervisor:
         self.consecutive_failures = 0
         self.timings = ModelTimings()
         self.sleep_level = 0
+        self._last_engine: EngineHandle | None = None
         self._background: asyncio.Future[None] | None = None
         self._spec_for = spec_for
         self._start_engine = start_engine
@@ -335,6 +336,14 @@ class ModelSupervisor:
 
     # ----- operations: each runs as the single `_operation` task -----
 
+    @property
+    def last_log_tail(self) -> list[str]:
+        """The output of the current engine, or of the last one once it is gone."""
+        engine = self.engine or self._last_engine
+        if engine is not None:
+            return engine.log_tail(1000)
+        return self.failure.log_tail if self.failure else []
+
     def launch_spec_for(self, port: int, budget: MemoryBudget | None) -> LaunchSpec:
         return self._spec_for(port, budget)
 
@@ -348,8 +357,11 @@ class ModelSupervisor:
             # vLLM sized itself on memory that was not really free (an estimate was low, or
             # another program grew): make more room and try once more.
             self._placement.out_of_memory(self)
-            self._events.emit("oom_retry", self.name, "engine ran out of GPU memory while "
-                              "starting; evicting more and retrying once")
+            self._events.emit(
+                "oom_retry",
+                self.name,
+                "engine ran out of GPU memory while starting; evicting more and retrying once",
+            )
             await self._start_once()
 
     async def _start_once(self) -> None:
@@ -366,6 +378,7 @@ class ModelSupervisor:
                 self.name, lambda port: self._spec_for(port, self.budget)
             )
             self.engine = engine
+            self._last_engine = engine
             self._expected_exit = False
             engine.exited.add_done_callback(self._exit_callback(engine))
             await engine.wait_ready(started + self.settings.start_timeout)
@@ -579,8 +592,13 @@ class ModelSupervisor:
             self.consecutive_failures = 0
 
 
-_OOM_MARKERS = ("out of memory", "outofmemoryerror", "cuda error: out of memory",
-                "not enough memory", "insufficient memory")
+_OOM_MARKERS = (
+    "out of memory",
+    "outofmemoryerror",
+    "cuda error: out of memory",
+    "not enough memory",
+    "insufficient memory",
+)
 
 
 def _looks_out_of_memory(log_tail: list[str]) -> bool:

@@ -231,6 +231,8 @@ class Yard:
             "aliases": list(model.aliases),
             "route": model.route,
             "state": supervisor.state.value,
+            "can_sleep": supervisor.can_sleep,
+            "sleep_level": supervisor.sleep_level if supervisor.state.value == "sleeping" else 0,
             "pid": supervisor.engine.pid if supervisor.engine else None,
             "port": getattr(supervisor.engine, "port", None),
             "in_flight": supervisor.in_flight,

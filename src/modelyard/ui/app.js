@@ -255,7 +255,8 @@ function renderModels(models) {
     const state = model.state;
     const busy = (action) => view.pending.has(`${model.name}:${action}`);
     buttons.load.disabled = busy("load") || !["stopped", "failed", "sleeping"].includes(state);
-    buttons.sleep.disabled = busy("sleep") || state !== "ready";
+    buttons.sleep.disabled = busy("sleep") || state !== "ready" || !model.can_sleep;
+    buttons.sleep.title = model.can_sleep ? "" : "this model cannot sleep (set sleep: 1 or 2)";
     buttons.unload.disabled = busy("unload") || ["stopped", "stopping"].includes(state);
   });
   for (const [name, entry] of view.rows) {

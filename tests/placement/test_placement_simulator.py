@@ -1,0 +1,87 @@
+"""The placement simulator: its mechanics on tiny traces, and the README's table stays true."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from bench.placement.policies import LruByCount, LruByFootprint, Modelyard, OneAtATime
+from bench.placement.simulate import TRACES, Request, Simulation, Trace, main
+from bench.placement.world import STOP_S, ModelSpec
+
+GIB = 1024**3
+README = Path(__file__).resolve().parents[2] / "bench" / "placement" / "README.md"
+
+
+def model(name: str, gib: int, start: float = 20.0, sleep: int = 1) -> ModelSpec:
+    return ModelSpec(name, gib * GIB, start, 1.0, 5.0, GIB // 2, sleep)
+
+
+def trace(models: list[ModelSpec], requests: list[tuple[float, str, float]]) -> Trace:
+    return Trace(
+        name="tiny",
+        gpu_bytes=24 * GIB,
+        host_ram_for_sleep=64 * GIB,
+        models=tuple(models),
+        requests=tuple(Request(*r) for r in requests),
+    )
+
+
+def test_a_busy_engine_drains_before_it_is_evicted() -> None:
+    # "a" loads (20 s) and serves until 30; "b" does not fit beside it, so it waits for the
+    # drain, a stop (2 s) and its own start (20 s).
+    tiny = trace([model("a", 16, sleep=0), model("b", 16, sleep=0)], [(0, "a", 10), (1, "b", 1)])
+    result = Simulation(tiny, LruByFootprint()).run()
+    assert result.waits == [pytest.approx(20.0), pytest.approx(30 + STOP_S + 20 - 1)]
+    assert result.cold_starts == 2
+
+
+def test_requests_for_a_loading_model_join_the_load() -> None:
+    tiny = trace([model("a", 4)], [(0, "a", 1), (5, "a", 1), (30, "a", 1)])
+    result = Simulation(tiny, LruByFootprint()).run()
+    assert result.waits == [pytest.approx(20.0), pytest.approx(15.0), 0.0]
+    assert result.cold_starts == 1
+
+
+def test_models_that_fit_together_stay_together() -> None:
+    tiny = trace([model("a", 8), model("b", 8)], [(0, "a", 1), (0, "b", 1), (100, "a", 1)])
+    for policy in (LruByFootprint(), Modelyard()):
+        result = Simulation(tiny, policy).run()
+        assert result.cold_starts == 2
+        assert result.waits[2] == 0.0
+    assert Simulation(tiny, OneAtATime()).run().cold_starts == 3
+
+
+def test_modelyard_sleeps_and_wakes_instead_of_restarting() -> None:
+    requests = [(0, "a", 1), (30, "b", 1), (60, "a", 1)]
+    tiny = trace([model("a", 16), model("b", 16)], requests)
+    result = Simulation(tiny, Modelyard()).run()
+    assert result.cold_starts == 2
+    assert result.wakes_l1 == 1
+    assert result.waits[2] < 5  # a wake (1 s) after b's sleep, not a 20 s start
+
+
+def test_count_based_lru_runs_out_of_memory_and_retries() -> None:
+    tiny = trace([model("a", 16), model("b", 16)], [(0, "a", 1), (30, "b", 1)])
+    result = Simulation(tiny, LruByCount(2)).run()
+    assert result.ooms == 1
+    assert result.cold_starts == 3  # a, b (OOM), b again
+
+
+def test_every_request_is_served_on_the_shipped_traces() -> None:
+    for path in sorted(TRACES.glob("*.json")):
+        loaded = Trace.load(path)
+        result = Simulation(loaded, Modelyard()).run()
+        assert len(result.waits) == len(loaded.requests)
+
+
+def test_readme_table_is_what_the_simulator_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    # The goal of issue 4 (--check) and the numbers the README shows, both from one run.
+    assert main(["--check"]) == 0
+    printed = capsys.readouterr().out
+    tables = re.findall(r"^\|.*\|$", printed, re.MULTILINE)
+    assert tables
+    readme = README.read_text()
+    for line in tables:
+        assert line in readme, f"README table is stale (run the simulator): {line}"

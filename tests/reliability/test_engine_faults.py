@@ -1,0 +1,153 @@
+"""Engines that crash, crash-loop or hang: detected, reported, and never a hung request."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import time
+from typing import Any
+
+import aiohttp
+
+from tests.conftest import fake_model
+
+CHAT = {"messages": [{"role": "user", "content": "hello"}]}
+
+
+def chat(model: str, **extra: Any) -> dict[str, Any]:
+    return {"model": model, **CHAT, **extra}
+
+
+async def post(session: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any, str]:
+    async with session.post(url, json=body) as response:
+        text = (await response.read()).decode()
+        try:
+            payload = await response.json(content_type=None)
+        except ValueError:
+            payload = None
+        return response.status, payload, text
+
+
+async def events(session: aiohttp.ClientSession, gateway, kind: str) -> list[dict[str, Any]]:
+    async with session.get(gateway.url + "/admin/events?follow=0&recent=500") as response:
+        return [e for e in (await response.json())["events"] if e["kind"] == kind]
+
+
+async def test_requests_in_flight_get_an_error_when_the_engine_dies(gateway_factory):
+    gateway = gateway_factory({"chat": fake_model("chat")})
+    url = gateway.url + "/v1/chat/completions"
+    async with aiohttp.ClientSession() as session:
+        assert (await post(session, url, chat("chat")))[0] == 200
+        slow = [asyncio.ensure_future(post(session, url, chat("chat", fake_delay=30)))]
+        slow += [
+            asyncio.ensure_future(
+                post(
+                    session, url, chat("chat", stream=True, fake_chunks=500, fake_chunk_delay=0.05)
+                )
+            )
+        ]
+        while gateway.status()["models"][0]["in_flight"] < 2:
+            await asyncio.sleep(0.02)
+        pid = gateway.status()["models"][0]["pid"]
+        os.killpg(pid, signal.SIGKILL)
+        (status, body, _), (stream_status, _, stream_text) = await asyncio.wait_for(
+            asyncio.gather(*slow), timeout=10
+        )
+        assert status == 502
+        assert body["error"]["code"] == "upstream_error"
+        assert stream_status == 200
+        assert '"code": "upstream_stream_broken"' in stream_text
+        model = gateway.status()["models"][0]
+        assert model["state"] == "failed"
+        assert model["failure"]["exit_code"] == -9
+        assert model["failure"]["log_tail"]  # the engine's last lines, for the operator
+        crashes = await events(session, gateway, "crash")
+        assert crashes[-1]["data"]["exit_code"] == -9
+        # The next request restarts it.
+        assert (await post(session, url, chat("chat")))[0] == 200
+
+
+async def test_a_crash_looping_engine_is_restarted_only_as_the_backoff_allows(gateway_factory):
+    gateway = gateway_factory({"bad": fake_model("bad", "--crash-on-start", "3")})
+    url = gateway.url + "/v1/chat/completions"
+    statuses: dict[int, int] = {}
+    retry_afters = []
+    async with aiohttp.ClientSession() as session:
+        began = time.monotonic()
+        while time.monotonic() - began < 6.0:  # a client that retries 20 times a second
+            status, body, _ = await post(session, url, chat("bad"))
+            statuses[status] = statuses.get(status, 0) + 1
+            assert body["error"]["code"] in ("engine_start_failed", "engine_crash_loop"), body
+            if body["error"]["code"] == "engine_crash_loop":
+                retry_afters.append(body["error"]["message"])
+            await asyncio.sleep(0.05)
+        starts = await events(session, gateway, "start")
+    requests = sum(statuses.values())
+    # Starts at 0 s and right after (one crash is not a loop), then after 1, 2 and 4 s of
+    # back-off: at most 5 in 6 s, whatever the request rate.
+    assert requests > 40
+    assert 3 <= len(starts) <= 5, (len(starts), statuses)
+    assert statuses.get(503, 0) >= requests - 5
+    gaps = [b["time"] - a["time"] for a, b in itertools.pairwise(starts[1:])]
+    assert all(gap >= 0.9 for gap in gaps), gaps  # back-off held between attempts
+    assert gaps == sorted(gaps)  # and grew
+    assert gateway.engine_pids() == []
+
+
+async def test_a_hung_engine_is_found_by_health_checks_stopped_and_reported(gateway_factory):
+    gateway = gateway_factory(
+        {"chat": fake_model("chat")},
+        limits={
+            "health_check_interval": "300ms",
+            "health_check_timeout": "300ms",
+            "health_check_failures": 2,
+        },
+    )
+    url = gateway.url + "/v1/chat/completions"
+    async with aiohttp.ClientSession() as session:
+        assert (await post(session, url, chat("chat")))[0] == 200
+        pid = gateway.status()["models"][0]["pid"]
+        # The engine stops answering anything; the request that hung it gets an error when
+        # the watchdog stops the engine, not a hang.
+        status, body, _ = await asyncio.wait_for(post(session, url, chat("chat", fake_hang=1)), 20)
+        assert status == 502
+        assert body["error"]["type"] == "server_error"
+        gateway.wait_state("chat", "failed", timeout=10)
+        model = gateway.status()["models"][0]
+        assert "hung" in model["failure"]["message"]
+        assert "health checks" in model["failure"]["message"]
+        hung = await events(session, gateway, "hung")
+        assert hung[-1]["data"]["pid"] == pid
+        assert pid not in gateway.engine_pids()
+        # Served again by a new engine.
+        assert (await post(session, url, chat("chat")))[0] == 200
+        assert gateway.status()["models"][0]["pid"] != pid
+
+
+async def test_an_engine_whose_requests_time_out_is_hung_even_if_health_is_200(gateway_factory):
+    gateway = gateway_factory(
+        {"chat": fake_model("chat")},
+        limits={
+            "upstream_read_timeout": "1s",
+            "health_check_interval": "200ms",
+            "health_check_failures": 2,
+        },
+    )
+    url = gateway.url + "/v1/chat/completions"
+    async with aiohttp.ClientSession() as session:
+        assert (await post(session, url, chat("chat")))[0] == 200
+        pid = gateway.status()["models"][0]["pid"]
+        first = await post(session, url, chat("chat", fake_stall=1))
+        assert first[0] == 504
+        await asyncio.sleep(1.0)  # several health checks pass meanwhile: /health is 200
+        assert gateway.model_state("chat") == "ready"
+        second = await post(session, url, chat("chat"))
+        assert second[0] == 504
+        assert second[1]["error"]["code"] == "upstream_timeout"
+        gateway.wait_state("chat", "failed", timeout=10)
+        model = gateway.status()["models"][0]
+        assert "upstream read timeout" in model["failure"]["message"]
+        assert pid not in gateway.engine_pids()
+        assert (await post(session, url, chat("chat")))[0] == 200

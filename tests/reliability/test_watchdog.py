@@ -1,0 +1,114 @@
+"""The watchdog's verdicts, in-process: fake engines, a fake probe, no sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from modelyard.config import parse_config
+from modelyard.engines.base import LaunchSpec
+from modelyard.observability.events import EventBus
+from modelyard.scheduler.supervisor import ModelState
+from modelyard.scheduler.watchdog import EngineWatchdog, WatchdogSettings
+from modelyard.scheduler.yard import Yard
+
+
+class Engine:
+    def __init__(self, number: int) -> None:
+        self.base_url = f"http://engine-{number}"
+        self.pid = 20_000 + number
+        self.exited: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.stops = 0
+
+    async def wait_ready(self, deadline: float) -> float:
+        return 0.0
+
+    async def stop(self, grace: float) -> int | None:
+        self.stops += 1
+        if not self.exited.done():
+            self.exited.set_result(type("Exit", (), {"code": -15})())
+        return -15
+
+    def log_tail(self, count: int) -> list[str]:
+        return ["stuck in a collective"]
+
+
+class Runtime:
+    def __init__(self) -> None:
+        self.engines: list[Engine] = []
+
+    async def __call__(self, name: str, spec_for_port: Callable[[int], LaunchSpec]) -> Engine:
+        self.engines.append(Engine(len(self.engines)))
+        return self.engines[-1]
+
+
+def setup(failures: int = 3) -> tuple[Yard, Runtime, EventBus, dict[str, bool], EngineWatchdog]:
+    config = parse_config({"models": {"m": {"engine": "command", "command": ["x", "{port}"]}}})
+    runtime, events = Runtime(), EventBus()
+    yard = Yard(config, runtime, events)
+    healthy = {"http://engine-0": True, "http://engine-1": True}
+
+    async def probe(engine: Any, timeout: float) -> bool:
+        return healthy[engine.base_url]
+
+    watchdog = EngineWatchdog(yard.supervisors, probe, WatchdogSettings(1.0, 1.0, failures))
+    return yard, runtime, events, healthy, watchdog
+
+
+async def ready(yard: Yard) -> None:
+    async with yard.engine_for("m"):
+        pass
+
+
+async def test_failed_checks_in_a_row_stop_the_engine_and_mark_it_failed():
+    yard, runtime, events, healthy, watchdog = setup(failures=3)
+    await ready(yard)
+    healthy["http://engine-0"] = False
+    assert await watchdog.check_all() == []
+    healthy["http://engine-0"] = True  # one good answer clears the count
+    assert await watchdog.check_all() == []
+    healthy["http://engine-0"] = False
+    assert await watchdog.check_all() == []
+    assert await watchdog.check_all() == []
+    assert await watchdog.check_all() == ["m"]
+    supervisor = yard.supervisors["m"]
+    assert supervisor.state is ModelState.FAILED
+    assert runtime.engines[0].stops == 1
+    assert supervisor.failure is not None
+    assert "hung" in supervisor.failure.message
+    assert supervisor.failure.log_tail == ["stuck in a collective"]
+    hung = [e for e in events.recent() if e.kind == "hung"]
+    assert hung[-1].data["pid"] == 20_000
+    # The next request starts a new engine, which is checked from a clean slate.
+    await ready(yard)
+    assert supervisor.state is ModelState.READY
+    assert len(runtime.engines) == 2
+    assert await watchdog.check_all() == []
+
+
+async def test_request_timeouts_count_even_when_health_is_200():
+    yard, runtime, _events, _healthy, watchdog = setup(failures=2)
+    await ready(yard)
+    watchdog.observe_request("m", 504, timed_out=True)
+    watchdog.observe_request("m", 200, timed_out=False)  # an answer clears the count
+    watchdog.observe_request("m", 504, timed_out=True)
+    watchdog.observe_request("m", 502, timed_out=False)  # neither clears nor counts
+    assert await watchdog.check_all() == []  # /health is fine
+    watchdog.observe_request("m", 504, timed_out=True)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert yard.supervisors["m"].state is ModelState.FAILED
+    assert runtime.engines[0].stops == 1
+    failure = yard.supervisors["m"].failure
+    assert failure is not None
+    assert "upstream read timeout" in failure.message
+    await watchdog.close()
+
+
+async def test_only_ready_engines_are_checked():
+    yard, _runtime, _events, healthy, watchdog = setup(failures=1)
+    healthy["http://engine-0"] = False
+    assert await watchdog.check_all() == []  # stopped: nothing to check
+    watchdog.observe_request("m", 504, timed_out=True)  # and nothing to count against
+    assert yard.supervisors["m"].state is ModelState.STOPPED
