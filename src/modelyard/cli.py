@@ -185,6 +185,11 @@ def _check(args: argparse.Namespace) -> int:
     if config.gpus:
         for gpu in config.gpus:
             console.print(f"gpu {gpu.index}: {format_bytes(gpu.memory)} (declared)")
+    problem = exposure_problem(config)  # what `serve` would refuse, `check` refuses too
+    if problem is not None:
+        print(f"modelyard: {problem}", file=sys.stderr)
+        return 1
+    console.print(auth_mode(config), markup=False)
     console.print("config OK")
     return 0
 

@@ -28,6 +28,7 @@ from modelyard.placement.inventory import (
 from modelyard.proxy.forward import UpstreamClient
 from modelyard.runtime import ProcessRegistry, ProcessRuntime
 from modelyard.runtime.vllm_sleep import VllmSleepControl
+from modelyard.scheduler.groups import ExclusiveGroups
 from modelyard.scheduler.supervisor import Placement
 from modelyard.scheduler.watchdog import EngineWatchdog, WatchdogSettings, health_probe
 from modelyard.scheduler.yard import Yard
@@ -92,13 +93,25 @@ class Gateway:
         runtime = ProcessRuntime(state_dir, health_session, registry)
         coordinator = _placement_for(config, state_dir, events)
         hook = None
+        # Without managed GPUs, exclusive groups are kept by their own small hook.
+        groups = ExclusiveGroups(config) if coordinator is None else None
         if coordinator is not None:
-            hook = Placement(coordinator.prepare, coordinator.finished,
-                             coordinator.note_out_of_memory)
-        yard = Yard(config, runtime.start, events, placement=hook,
-                    sleep_control=VllmSleepControl(health_session))
+            hook = Placement(
+                coordinator.prepare, coordinator.finished, coordinator.note_out_of_memory
+            )
+        elif groups:
+            hook = Placement(prepare=groups.prepare)
+        yard = Yard(
+            config,
+            runtime.start,
+            events,
+            placement=hook,
+            sleep_control=VllmSleepControl(health_session),
+        )
         if coordinator is not None:
             coordinator.attach(yard.supervisors)
+        if groups:
+            groups.attach(yard.supervisors)
         upstream = UpstreamClient(
             config.limits.upstream_connect_timeout, config.limits.upstream_read_timeout
         )
@@ -106,12 +119,27 @@ class Gateway:
         for record in event_store.set_aside if event_store is not None else []:
             state.note(record)  # the event history was set aside before the bus existed
         watchdog = _watchdog_for(config, yard, health_session)
-        lora = LoraManager(config, yard, health_session, events) if any(
-            model.lora is not None for model in config.models.values()) else None
-        return cls(config, state_dir, events, yard, upstream, health_session, registry,
-                   coordinator, event_store=event_store, state=state,
-                   auth=Authenticator.create(config.auth, state), watchdog=watchdog,
-                   request_observers=[_watchdog_observer(watchdog)], lora=lora)
+        lora = (
+            LoraManager(config, yard, health_session, events)
+            if any(model.lora is not None for model in config.models.values())
+            else None
+        )
+        return cls(
+            config,
+            state_dir,
+            events,
+            yard,
+            upstream,
+            health_session,
+            registry,
+            coordinator,
+            event_store=event_store,
+            state=state,
+            auth=Authenticator.create(config.auth, state),
+            watchdog=watchdog,
+            request_observers=[_watchdog_observer(watchdog)],
+            lora=lora,
+        )
 
     async def start(self) -> None:
         for orphan in self.registry.stop_orphans():

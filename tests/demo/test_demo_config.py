@@ -24,8 +24,11 @@ def test_the_demo_config_exists():
 
 
 def test_models_routes_and_aliases(config):
-    assert set(config.models) == {"chat", "coder"}
+    assert set(config.models) == {"chat", "coder", "vision"}
     chat, coder = config.models["chat"], config.models["coder"]
+    vision = config.models["vision"]
+    assert (vision.engine, vision.route) == ("diffusion", "/vision")
+    assert vision.model == "/yard/models/tiny-diffusion"
     assert (chat.route, coder.route) == ("/chat", "/coder")
     assert "smollm2" in chat.aliases
     assert chat.engine == coder.engine == "vllm"
@@ -47,7 +50,7 @@ def test_chat_serves_the_two_adapters(config):
 
 
 def test_cpu_settings(config):
-    for model in config.models.values():
+    for model in (m for m in config.models.values() if m.engine == "vllm"):
         assert {"--enforce-eager", "-O0"} <= set(model.args)
         assert model.env["VLLM_CPU_KVCACHE_SPACE"] == "1"
         assert model.env["HF_HUB_OFFLINE"] == "1"

@@ -2,7 +2,7 @@
 
 The test engine stands in for vLLM's `--enable-lora` server with
 VLLM_ALLOW_RUNTIME_LORA_UPDATING: `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`, and
-adapters listed in `/v1/models` with `parent`. tests/lora/test_lora_vllm.py does the same
+adapters listed in `/v1/models` with `parent`. tests/vllm/test_lora_real.py does the same
 against real vLLM on CPU.
 """
 
@@ -142,6 +142,13 @@ async def test_adapter_folders_appear_and_disappear_without_restart(gateway_fact
         assert "email-adapter" not in ids
         status, body = await ask(session, gateway.url, "email-adapter")
         assert status == 404
+        # Unloaded from the engine too, so the gateway's record and the engine agree.
+        for _ in range(50):
+            engine = await get(session, gateway.url + "/upstream/chat/v1/models")
+            if "email-adapter" not in {m["id"] for m in engine["data"]}:
+                break
+            await asyncio.sleep(0.1)
+        assert {m["id"] for m in engine["data"] if m["parent"]} == {"new-adapter"}
     assert gateway.status()["models"][0]["starts"] == 1
 
 

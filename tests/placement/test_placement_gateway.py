@@ -30,8 +30,9 @@ def gpu(tmp_path: Path) -> Path:
     return directory
 
 
-def vllm_like(served: str, gpu_dir: Path, memory: str, *extra: str, **settings: Any
-              ) -> dict[str, Any]:
+def vllm_like(
+    served: str, gpu_dir: Path, memory: str, *extra: str, **settings: Any
+) -> dict[str, Any]:
     return {
         "engine": "vllm",
         "model": f"/models/{served}",
@@ -47,17 +48,22 @@ def declared(gpu_dir: Path) -> dict[str, Any]:
     return {"gpus": [{"index": 0, "memory": "24GiB"}]}
 
 
-async def ask(session: aiohttp.ClientSession, url: str, model: str, **extra: Any
-              ) -> tuple[int, Any]:
-    async with session.post(url + "/v1/chat/completions", json={"model": model, **CHAT,
-                                                                **extra}) as response:
+async def ask(
+    session: aiohttp.ClientSession, url: str, model: str, **extra: Any
+) -> tuple[int, Any]:
+    async with session.post(
+        url + "/v1/chat/completions", json={"model": model, **CHAT, **extra}
+    ) as response:
         return response.status, await response.json(content_type=None)
 
 
 async def events(url: str) -> list[dict[str, Any]]:
-    async with aiohttp.ClientSession() as session, session.get(
-        url + "/admin/events?recent=500", timeout=aiohttp.ClientTimeout(total=2)
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            url + "/admin/events?recent=500", timeout=aiohttp.ClientTimeout(total=2)
+        ) as response,
+    ):
         found = []
         try:
             async for line in response.content:
@@ -71,12 +77,15 @@ async def events(url: str) -> list[dict[str, Any]]:
 
 
 async def test_three_models_that_do_not_fit_evict_the_right_one(gateway_factory, gpu):
-    gateway = gateway_factory({
-        # a takes long to start; b is quick to bring back.
-        "a": vllm_like("a", gpu, "10GiB", "--ready-delay", "1.5"),
-        "b": vllm_like("b", gpu, "10GiB"),
-        "c": vllm_like("c", gpu, "10GiB"),
-    }, **declared(gpu))
+    gateway = gateway_factory(
+        {
+            # a takes long to start; b is quick to bring back.
+            "a": vllm_like("a", gpu, "10GiB", "--ready-delay", "1.5"),
+            "b": vllm_like("b", gpu, "10GiB"),
+            "c": vllm_like("c", gpu, "10GiB"),
+        },
+        **declared(gpu),
+    )
     async with aiohttp.ClientSession() as session:
         assert (await ask(session, gateway.url, "a"))[0] == 200
         assert (await ask(session, gateway.url, "b"))[0] == 200
@@ -95,17 +104,19 @@ async def test_three_models_that_do_not_fit_evict_the_right_one(gateway_factory,
 
 
 async def test_busy_engine_is_never_evicted_and_its_stream_is_not_cut(gateway_factory, gpu):
-    gateway = gateway_factory({
-        "a": vllm_like("a", gpu, "10GiB"),
-        "b": vllm_like("b", gpu, "10GiB"),
-        "c": vllm_like("c", gpu, "10GiB"),
-    }, **declared(gpu))
+    gateway = gateway_factory(
+        {
+            "a": vllm_like("a", gpu, "10GiB"),
+            "b": vllm_like("b", gpu, "10GiB"),
+            "c": vllm_like("c", gpu, "10GiB"),
+        },
+        **declared(gpu),
+    )
     async with aiohttp.ClientSession() as session:
         assert (await ask(session, gateway.url, "b"))[0] == 200
         assert (await ask(session, gateway.url, "a"))[0] == 200
         # b is the least recently used, but it is busy with a long stream.
-        body = {"model": "b", **CHAT, "stream": True, "fake_chunks": 60,
-                "fake_chunk_delay": 0.03}
+        body = {"model": "b", **CHAT, "stream": True, "fake_chunks": 60, "fake_chunk_delay": 0.03}
         async with session.post(gateway.url + "/v1/chat/completions", json=body) as stream:
             await stream.content.readline()
             status, _ = await ask(session, gateway.url, "c")
@@ -119,13 +130,14 @@ async def test_busy_engine_is_never_evicted_and_its_stream_is_not_cut(gateway_fa
 
 
 async def test_interleaved_requests_lose_nothing(gateway_factory, gpu):
-    gateway = gateway_factory({
-        name: vllm_like(name, gpu, "10GiB", "--ready-delay", "0.2") for name in "abc"
-    }, **declared(gpu))
+    gateway = gateway_factory(
+        {name: vllm_like(name, gpu, "10GiB", "--ready-delay", "0.2") for name in "abc"},
+        **declared(gpu),
+    )
     async with aiohttp.ClientSession() as session:
-        results = await asyncio.gather(*(
-            ask(session, gateway.url, "abc"[i % 3], fake_delay=0.05) for i in range(30)
-        ))
+        results = await asyncio.gather(
+            *(ask(session, gateway.url, "abc"[i % 3], fake_delay=0.05) for i in range(30))
+        )
     assert [status for status, _ in results] == [200] * 30
     for index, (_, body) in enumerate(results):
         assert body["choices"][0]["message"]["content"] == f"{'abc'[index % 3]} says: hi"
@@ -133,16 +145,23 @@ async def test_interleaved_requests_lose_nothing(gateway_factory, gpu):
 
 
 async def test_cold_models_requested_together_start_one_after_the_other(gateway_factory, gpu):
-    gateway = gateway_factory({
-        "a": vllm_like("a", gpu, "8GiB", "--ready-delay", "0.5"),
-        "b": vllm_like("b", gpu, "8GiB", "--ready-delay", "0.5"),
-    }, **declared(gpu))
+    gateway = gateway_factory(
+        {
+            "a": vllm_like("a", gpu, "8GiB", "--ready-delay", "0.5"),
+            "b": vllm_like("b", gpu, "8GiB", "--ready-delay", "0.5"),
+        },
+        **declared(gpu),
+    )
     async with aiohttp.ClientSession() as session:
-        results = await asyncio.gather(ask(session, gateway.url, "a"),
-                                       ask(session, gateway.url, "b"))
+        results = await asyncio.gather(
+            ask(session, gateway.url, "a"), ask(session, gateway.url, "b")
+        )
     assert [status for status, _ in results] == [200, 200]
-    timeline = [(e["kind"], e["model"], e["time"]) for e in await events(gateway.url)
-                if e["kind"] in ("placed", "ready")]
+    timeline = [
+        (e["kind"], e["model"], e["time"])
+        for e in await events(gateway.url)
+        if e["kind"] in ("placed", "ready")
+    ]
     kinds = [(kind, model) for kind, model, _ in timeline]
     first = kinds[0][1]
     second = "b" if first == "a" else "a"
@@ -151,9 +170,12 @@ async def test_cold_models_requested_together_start_one_after_the_other(gateway_
 
 
 async def test_sleep_then_wake_and_first_request_after_wake_succeeds(gateway_factory, gpu):
-    gateway = gateway_factory({
-        "s": vllm_like("s", gpu, "12GiB", sleep=1, idle_timeout="1s"),
-    }, **declared(gpu))
+    gateway = gateway_factory(
+        {
+            "s": vllm_like("s", gpu, "12GiB", sleep=1, idle_timeout="1s"),
+        },
+        **declared(gpu),
+    )
     async with aiohttp.ClientSession() as session:
         assert (await ask(session, gateway.url, "s"))[0] == 200
         assert fake_gpu.used(gpu)[0] == pytest.approx(12 * GIB, rel=0.001)
@@ -170,10 +192,13 @@ async def test_sleep_then_wake_and_first_request_after_wake_succeeds(gateway_fac
 
 
 async def test_sleeping_engine_makes_room_for_another(gateway_factory, gpu):
-    gateway = gateway_factory({
-        "s": vllm_like("s", gpu, "14GiB", sleep=1),
-        "t": vllm_like("t", gpu, "14GiB"),
-    }, **declared(gpu))
+    gateway = gateway_factory(
+        {
+            "s": vllm_like("s", gpu, "14GiB", sleep=1),
+            "t": vllm_like("t", gpu, "14GiB"),
+        },
+        **declared(gpu),
+    )
     async with aiohttp.ClientSession() as session:
         assert (await ask(session, gateway.url, "s"))[0] == 200
         assert (await ask(session, gateway.url, "t"))[0] == 200  # s is put to sleep for t
@@ -184,11 +209,14 @@ async def test_sleeping_engine_makes_room_for_another(gateway_factory, gpu):
 
 
 async def test_out_of_memory_start_evicts_more_and_retries_once(gateway_factory, gpu):
-    gateway = gateway_factory({
-        "big": vllm_like("big", gpu, "12GiB"),
-        # Its hint says 4 GiB, but its weights need 14 GiB whatever budget it gets.
-        "liar": vllm_like("liar", gpu, "4GiB", "--fake-min-bytes", str(14 * GIB)),
-    }, **declared(gpu))
+    gateway = gateway_factory(
+        {
+            "big": vllm_like("big", gpu, "12GiB"),
+            # Its hint says 4 GiB, but its weights need 14 GiB whatever budget it gets.
+            "liar": vllm_like("liar", gpu, "4GiB", "--fake-min-bytes", str(14 * GIB)),
+        },
+        **declared(gpu),
+    )
     async with aiohttp.ClientSession() as session:
         assert (await ask(session, gateway.url, "big"))[0] == 200
         status, body = await ask(session, gateway.url, "liar")

@@ -140,7 +140,10 @@ def test_an_unreadable_path_is_set_aside(tmp_path: Path):
     assert reports[0].moved_to.is_dir()
 
 
-def test_a_file_in_use_by_another_process_is_an_error_not_set_aside(tmp_path: Path):
+def test_a_file_in_use_by_another_process_is_an_error_not_set_aside(tmp_path, monkeypatch):
+    import modelyard.state.database as module
+
+    monkeypatch.setattr(module, "BUSY_TIMEOUT_MS", 100)
     path = tmp_path / "s.sqlite3"
     StateDatabase(path, SCHEMA).close()
     holder = sqlite3.connect(path, isolation_level=None)
@@ -149,29 +152,12 @@ def test_a_file_in_use_by_another_process_is_an_error_not_set_aside(tmp_path: Pa
     reports: list[SetAside] = []
     try:
         with pytest.raises(StateError, match="in use"):
-            _open_quickly(path, reports)
+            StateDatabase(path, SCHEMA, reports.append)
     finally:
         holder.execute("ROLLBACK")
         holder.close()
     assert reports == []
     assert path.exists()
-
-
-def _open_quickly(path: Path, reports: list[SetAside]) -> None:
-    import modelyard.state.database as module
-
-    original = module.sqlite3.connect
-
-    def connect(*args: object, **kwargs: object) -> sqlite3.Connection:
-        connection = original(*args, **kwargs)  # type: ignore[arg-type]
-        connection.execute("PRAGMA busy_timeout = 100")
-        return connection
-
-    module.sqlite3.connect = connect  # type: ignore[assignment]
-    try:
-        StateDatabase(path, SCHEMA, reports.append)
-    finally:
-        module.sqlite3.connect = original
 
 
 def test_an_unwritable_directory_is_a_clear_error(tmp_path: Path):
@@ -232,6 +218,10 @@ async def test_the_gateway_sets_a_corrupt_state_file_aside_and_says_so(gateway_f
     for companion in gateway.state_dir.glob("key_usage.sqlite3-*"):
         companion.unlink()
     usage.write_bytes(b"garbage" * 1000)
+    history = gateway.state_dir / "events.sqlite3"
+    for companion in gateway.state_dir.glob("events.sqlite3-*"):
+        companion.unlink()
+    history.write_bytes(b"\x00" * 100 + b"not a database" * 100)
     again = restart(gateway)
     try:
         async with (
@@ -239,11 +229,14 @@ async def test_the_gateway_sets_a_corrupt_state_file_aside_and_says_so(gateway_f
             session.get(again.url + "/admin/events?follow=0&recent=100") as response,
         ):
             events = (await response.json())["events"]
-        reports = [e for e in events if e["kind"] == "state_file_corrupt"]
-        assert len(reports) == 1
-        assert "key_usage.sqlite3" in reports[0]["reason"]
-        moved = Path(reports[0]["data"]["moved_to"])
-        assert moved.read_bytes() == b"garbage" * 1000
+        reports = {
+            Path(e["data"]["path"]).name: Path(e["data"]["moved_to"])
+            for e in events
+            if e["kind"] == "state_file_corrupt"
+        }
+        assert set(reports) == {"key_usage.sqlite3", "events.sqlite3"}
+        assert reports["key_usage.sqlite3"].read_bytes() == b"garbage" * 1000
+        assert reports["events.sqlite3"].exists()
         assert "key_usage.sqlite3 could not be used" in again.log_text()
         assert again.status()["models"][0]["state"] == "stopped"  # and it serves on
     finally:

@@ -170,3 +170,13 @@ def test_keys_hash_reads_the_key_from_stdin(capsys, monkeypatch):
     entries = yaml.safe_load(out)
     assert entries[0]["sha256"] == key_digest("my-existing-secret")
     assert entries[0]["admin"] is True
+
+
+def test_check_refuses_what_serve_would_refuse(tmp_path, capsys):
+    config = tmp_path / "modelyard.yaml"
+    config.write_text("listen: 0.0.0.0:8000\nmodels: {}\n")
+    assert main(["check", "-c", str(config)]) == 1
+    assert "refusing to listen on 0.0.0.0:8000" in capsys.readouterr().err
+    config.write_text("listen: 0.0.0.0:8000\nauth: {allow_unauthenticated: true}\n")
+    assert main(["check", "-c", str(config)]) == 0
+    assert "auth: NONE" in capsys.readouterr().out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from modelyard.api.admin import audit
 from modelyard.api.errors import ApiError
 from modelyard.api.principal import principal_of
 from modelyard.api.serving import gateway_of
@@ -55,6 +56,7 @@ async def load_adapter(request: web.Request) -> web.Response:
     """Start the base engine if needed and load the adapter into it."""
     gateway, manager = _manager(request)
     target = _target(manager, request)
+    audit(request, gateway, target.model, f"load adapter {target.public_name}")
     try:
         manager.check(target)
         async with gateway.yard.engine_for(target.model) as engine, manager.use(target, engine):
@@ -71,6 +73,7 @@ async def load_adapter(request: web.Request) -> web.Response:
 async def unload_adapter(request: web.Request) -> web.Response:
     gateway, manager = _manager(request)
     target = _target(manager, request)
+    audit(request, gateway, target.model, f"unload adapter {target.public_name}")
     engine = gateway.yard.supervisors[target.model].engine
     unloaded = engine is not None and await manager.unload(
         target.model, target.public_name, engine, reason=f"admin ({principal_of(request).name})"

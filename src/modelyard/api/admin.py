@@ -34,7 +34,7 @@ def _admin_supervisor(request: web.Request) -> tuple[Gateway, ModelSupervisor]:
     return gateway, supervisor
 
 
-def _audit(request: web.Request, gateway: Gateway, model: str, action: str) -> None:
+def audit(request: web.Request, gateway: Gateway, model: str, action: str) -> None:
     """Who asked for what: every admin action is an event carrying the key's name."""
     key = principal_of(request).name
     gateway.events.emit(
@@ -44,7 +44,7 @@ def _audit(request: web.Request, gateway: Gateway, model: str, action: str) -> N
 
 async def load_model(request: web.Request) -> web.Response:
     gateway, supervisor = _admin_supervisor(request)
-    _audit(request, gateway, supervisor.name, "load")
+    audit(request, gateway, supervisor.name, "load")
     try:
         await gateway.yard.load(
             supervisor.name, reason=f"admin load ({principal_of(request).name})"
@@ -62,7 +62,7 @@ async def load_model(request: web.Request) -> web.Response:
 
 async def unload_model(request: web.Request) -> web.Response:
     gateway, supervisor = _admin_supervisor(request)
-    _audit(request, gateway, supervisor.name, "unload")
+    audit(request, gateway, supervisor.name, "unload")
     await supervisor.stop(f"admin unload ({principal_of(request).name})")
     return web.json_response(gateway.model_status(supervisor.name))
 
@@ -72,7 +72,7 @@ async def sleep_model(request: web.Request) -> web.Response:
     level = request.query.get("level") or str(gateway.yard.model_config(supervisor.name).sleep or 1)
     if level not in ("1", "2"):
         raise ApiError(400, "level must be 1 or 2", "invalid_level", "level")
-    _audit(request, gateway, supervisor.name, f"sleep level {level}")
+    audit(request, gateway, supervisor.name, f"sleep level {level}")
     try:
         slept = await supervisor.sleep(int(level), f"admin sleep ({principal_of(request).name})")
     except ModelUnavailable as error:

@@ -24,7 +24,7 @@ import aiohttp
 from modelyard.config.schema import GatewayConfig, ModelConfig
 from modelyard.lora.adapters import Adapter, read_adapter, scan_adapter_dir
 from modelyard.observability.events import EventBus
-from modelyard.scheduler.supervisor import EngineHandle
+from modelyard.scheduler.supervisor import EngineHandle, ModelState
 from modelyard.scheduler.yard import Target, Yard
 
 log = logging.getLogger("modelyard.lora")
@@ -169,8 +169,32 @@ class LoraManager:
             try:
                 # Directory walks can be slow on network disks: read in a thread, apply here.
                 self._apply(await asyncio.to_thread(self._collect))
+                await self.unload_removed()
             except Exception:  # a scan must never end the scanner
                 log.exception("adapter scan failed")
+
+    async def unload_removed(self) -> list[str]:
+        """Unload adapters whose folders are gone from the engines that hold them.
+
+        Otherwise the engine would go on listing (and serving, through /upstream) an adapter
+        the gateway no longer knows, and a new folder of the same name would be taken for
+        the old one, still loaded. One in use is retried at the next scan.
+        """
+        dropped = []
+        for base, record in list(self._engines.items()):
+            supervisor = self.yard.supervisors.get(base)
+            engine = supervisor.engine if supervisor is not None else None
+            if (
+                supervisor is None
+                or engine is None
+                or supervisor.state is not ModelState.READY
+                or record.engine_id[0] != engine.pid
+            ):
+                continue
+            for name in [n for n in record.loaded if n not in self.adapters]:
+                if await self.unload(base, name, engine, reason="its folder is gone"):
+                    dropped.append(name)
+        return dropped
 
     def listed(self) -> list[Adapter]:
         """Adapters to show in /v1/models: the ones that can be served."""

@@ -213,6 +213,7 @@ class GatewayMetrics:
             "sleep": self.sleeps,
             "evict": self.evictions,
             "crash": self.crashes,
+            "hung": self.crashes,  # the watchdog stopped it: a crash the engine did not notice
             "stop": self.stops,
         }.get(event.kind)
         if counter is not None:

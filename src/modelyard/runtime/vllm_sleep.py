@@ -43,7 +43,6 @@ class VllmSleepControl:
             async with self._session.post(url, timeout=timeout) as response:
                 if response.status >= 400:
                     text = (await response.text())[:300]
-                    raise SleepError(f"{url.rsplit('/', 1)[-1]} answered {response.status}: "
-                                     f"{text}")
+                    raise SleepError(f"{url.rsplit('/', 1)[-1]} answered {response.status}: {text}")
         except (aiohttp.ClientError, TimeoutError) as error:
             raise SleepError(f"{url.rsplit('/', 1)[-1]} failed: {error}") from error

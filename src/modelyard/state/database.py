@@ -25,6 +25,8 @@ log = logging.getLogger("modelyard.state")
 
 T = TypeVar("T")
 
+# How long to wait for another connection's write lock before calling the file busy.
+BUSY_TIMEOUT_MS = 5000
 # Errors that mean "someone else holds this file": never a reason to move it aside.
 _IN_USE = frozenset({"SQLITE_BUSY", "SQLITE_LOCKED"})
 # Errors that mean the file itself is damaged, whenever they are seen.
@@ -131,7 +133,7 @@ def _connect(path: Path, migrations: Sequence[str]) -> sqlite3.Connection:
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE ... COMMIT).
         connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         connection.row_factory = sqlite3.Row
-        connection.execute("PRAGMA busy_timeout = 5000")
+        connection.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_MS)}")
         mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise _Unusable(f"cannot switch to WAL mode (journal mode is {mode})")
