@@ -64,6 +64,9 @@ class FakeEngine:
     def log_tail(self, count: int) -> list[str]:
         return ["fake log line"]
 
+    def process_gone(self) -> bool:
+        return self._exited.done()
+
 
 class FakeRuntime:
     def __init__(self) -> None:

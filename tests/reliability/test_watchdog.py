@@ -33,6 +33,9 @@ class Engine:
     def log_tail(self, count: int) -> list[str]:
         return ["stuck in a collective"]
 
+    def process_gone(self) -> bool:
+        return self.exited.done()
+
 
 class Runtime:
     def __init__(self) -> None:

@@ -218,6 +218,7 @@ async def _forward(
         timed_out = isinstance(error, UpstreamTimeout)
         status = 504 if timed_out else 502
         supervisor = gateway.yard.supervisors[target.model]
+        await supervisor.notice_exit(timeout=1.0)
         tail = supervisor.failure.log_tail if supervisor.failure else []
         raise ApiError(
             status,

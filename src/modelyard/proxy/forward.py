@@ -34,6 +34,11 @@ _HOP_HEADERS = frozenset(
 _PRIVATE_HEADERS = frozenset({"authorization", "x-api-key", "cookie"})
 
 
+# Below uvicorn's (and so vLLM's) 5 s keep-alive: a pooled connection is never reused just as
+# the engine closes it, which would fail a POST that cannot be retried.
+KEEPALIVE_S = 4.0
+
+
 class UpstreamError(Exception):
     """The engine could not be reached or broke off; becomes a 502 for the client."""
 
@@ -74,7 +79,7 @@ class UpstreamClient:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0),
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S),
             timeout=aiohttp.ClientTimeout(
                 total=None, connect=connect_timeout, sock_read=read_timeout
             ),

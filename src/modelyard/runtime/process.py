@@ -17,14 +17,22 @@ import aiohttp
 
 from modelyard.engines.base import LaunchSpec
 from modelyard.runtime.logs import EngineLog, pump_lines
-from modelyard.runtime.proctree import group_members, signal_group
+from modelyard.runtime.proctree import (
+    group_members,
+    is_zombie,
+    process_start_ticks,
+    signal_group,
+)
 from modelyard.runtime.registry import ProcessRegistry
 
-# Readiness polling: start fast, back off to a cap. Any new line of engine output triggers an
-# immediate check as well, so a request does not wait for the next poll once the engine says
-# it is up (llama-swap polls once a second and adds up to a second to every cold start).
-FIRST_POLL_S = 0.05
-MAX_POLL_S = 0.5
+# Readiness polling: start fast, back off to a small cap. Any new line of engine output triggers
+# an immediate check as well, so a request does not wait for the next poll once the engine says
+# it is up (llama-swap polls once a second and adds up to a second to every cold start). The cap
+# must stay small: vLLM prints its last line ("Route: ...") before its port opens and nothing
+# when it does, so a 0.5 s cap added ~450 ms to real cold starts (bench/cold_start.py). A poll
+# of a port that is not open yet costs a refused connection, well under a millisecond.
+FIRST_POLL_S = 0.02
+MAX_POLL_S = 0.05
 POLL_GROWTH = 1.5
 HEALTH_REQUEST_TIMEOUT_S = 2.0
 
@@ -98,6 +106,9 @@ class EngineProcess:
 
     def log_tail(self, count: int) -> list[str]:
         return self.log.tail(count)
+
+    def process_gone(self) -> bool:
+        return self.exited.done() or is_zombie(self.pid) or process_start_ticks(self.pid) is None
 
     async def wait_ready(self, deadline: float) -> float:
         """Wait until the engine answers its health check; returns seconds spent.

@@ -46,6 +46,10 @@ class EngineHandle(Protocol):
 
     def log_tail(self, count: int) -> list[str]: ...
 
+    def process_gone(self) -> bool:
+        """The OS says the process has exited (before the exit is reported to us)."""
+        ...
+
 
 class SleepControl(Protocol):
     """vLLM's sleep endpoints (`POST /sleep?level=N`, `POST /wake_up`) for one engine."""
@@ -506,6 +510,20 @@ class ModelSupervisor:
             await self._placement.finished(self, False)
         return True
 
+    def _record_engine_lost(self, message: str, code: int | None, tail: list[str]) -> None:
+        """The engine is gone without our asking (a crash, or stopped as hung): mark the model
+        failed, counting toward a crash loop unless the engine had served stably first."""
+        serving_for = self._clock() - (self.ready_since or self._clock())
+        if serving_for >= self.settings.stable_after:
+            self.consecutive_failures = 0
+        self.consecutive_failures += 1
+        self.timings.crashes += 1
+        self.engine = None
+        self.budget = None
+        self.ready_since = None
+        self.failure = Failure(message, code, tail, self._clock())
+        self.state = ModelState.FAILED
+
     def _exit_callback(self, engine: EngineHandle) -> Callable[[asyncio.Future[Any]], None]:
         return lambda _future: self._on_exit(engine)
 
@@ -516,21 +534,10 @@ class ModelSupervisor:
             return  # wait_ready sees the exit and reports it with the start error
         code = _exit_code(engine)
         tail = engine.log_tail(20)
-        serving_for = self._clock() - (self.ready_since or self._clock())
-        if serving_for >= self.settings.stable_after:
-            self.consecutive_failures = 0
-        self.consecutive_failures += 1
-        self.timings.crashes += 1
-        self.engine = None
-        self.budget = None
-        self.ready_since = None
-        self.failure = Failure(
-            f"engine for {self.name!r} exited unexpectedly (exit code {code})",
-            code,
-            tail,
-            self._clock(),
+        self._record_engine_lost(
+            f"engine for {self.name!r} exited unexpectedly (exit code {code})", code, tail
         )
-        self.state = ModelState.FAILED
+        assert self.failure is not None
         self._events.emit(
             "crash",
             self.name,
@@ -552,26 +559,14 @@ class ModelSupervisor:
             engine = self.engine
             if self.state is not ModelState.READY or engine is None:
                 return  # it changed meanwhile: stopped, slept or already restarted
-            serving_for = self._clock() - (self.ready_since or self._clock())
-            if serving_for >= self.settings.stable_after:
-                self.consecutive_failures = 0
             self.state = ModelState.STOPPING
             self._expected_exit = True
             # No drain: requests in flight are stuck on this engine and end with its exit.
             code = await engine.stop(self.settings.stop_grace)
             tail = engine.log_tail(20)
-            self.consecutive_failures += 1
-            self.timings.crashes += 1
-            self.engine = None
-            self.budget = None
-            self.ready_since = None
-            self.failure = Failure(
-                f"engine for {self.name!r} was hung and has been stopped: {reason}",
-                code,
-                tail,
-                self._clock(),
+            self._record_engine_lost(
+                f"engine for {self.name!r} was hung and has been stopped: {reason}", code, tail
             )
-            self.state = ModelState.FAILED
             self._events.emit(
                 "hung", self.name, reason, exit_code=code, log_tail=tail[-10:], pid=engine.pid
             )
@@ -581,6 +576,24 @@ class ModelSupervisor:
 
         await self._run_exclusive(run)
         return stopped
+
+    async def notice_exit(self, timeout: float) -> None:
+        """After a broken upstream connection: if the engine is dying, wait (briefly) until
+        its exit is recorded, so the client's error carries the exit code and the log.
+
+        The kernel closes a killed process's sockets before the process is reaped, so the
+        gateway can see the reset first; a live engine is given up on after 0.2 s.
+        """
+        engine = self.engine
+        if engine is None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline, still_alive_after = loop.time() + timeout, loop.time() + 0.2
+        while not engine.exited.done() and loop.time() < deadline:
+            if loop.time() > still_alive_after and not engine.process_gone():
+                return
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0)  # the exit callback runs on the next loop turn
 
     def mark_serving_healthy(self) -> None:
         """A request succeeded: a later crash starts a new count once the engine was stable."""
