@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 from typing import Any
 
@@ -191,7 +192,7 @@ async def _forward(
             gateway.lora_manager().check(target)  # a bad adapter never starts the engine
         async with contextlib.AsyncExitStack() as stack:
             engine = await stack.enter_async_context(gateway.yard.engine_for(target.model))
-            if target.adapter is not None:
+            if target.adapter is not None:  # the adapter stays loaded while it serves
                 await stack.enter_async_context(gateway.lora_manager().use(target, engine))
             if request.query_string:
                 path = f"{path}?{request.query_string}"
@@ -241,14 +242,20 @@ async def _forward(
         )
 
 
+_USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*\})')
+
+
 def _usage_of(body: bytes | None) -> dict[str, int]:
-    if not body or b'"usage"' not in body:
+    """Token counts from a JSON answer, parsing only its flat `usage` object (an embeddings
+    answer can be megabytes of floats: not worth parsing whole for two integers)."""
+    match = _USAGE_RE.search(body) if body else None
+    if match is None:
         return {}
     try:
-        usage = json.loads(body).get("usage")
-    except (ValueError, AttributeError):
+        usage = json.loads(match.group(1))
+    except ValueError:
         return {}
-    return {k: v for k, v in usage.items() if isinstance(v, int)} if isinstance(usage, dict) else {}
+    return {k: v for k, v in usage.items() if isinstance(v, int)}
 
 
 def _with_log_tail(message: str, tail: list[str]) -> str:

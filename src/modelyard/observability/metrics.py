@@ -11,7 +11,7 @@ truth. Every metric is documented in docs/metrics.md.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -184,17 +184,30 @@ class GatewayMetrics:
                 counter.labels(name)
             self.start_duration.labels(name)
             self.wake_duration.labels(name)
+        self._request_children: dict[tuple[str, str, str, int], tuple[Any, Any, Any]] = {}
         registry.register(LiveStateCollector(gateway))
         ProcessCollector(registry=registry)
 
     # ----- hooks -----
 
     def observe_request(self, record: RequestRecord) -> None:
-        route = self._route(record.route)
-        self.requests.labels(record.model, route, record.key_name, str(record.status)).inc()
-        self.request_duration.labels(record.model, route).observe(record.duration_s)
+        # The hot path: labelled children are looked up once per label set, then cached
+        # (prometheus_client's labels() validates and locks on every call).
+        key = (record.model, record.route, record.key_name, record.status)
+        children = self._request_children.get(key)
+        if children is None:
+            route = self._route(record.route)
+            children = (
+                self.requests.labels(record.model, route, record.key_name, str(record.status)),
+                self.request_duration.labels(record.model, route),
+                self.first_token.labels(record.model, route),
+            )
+            if len(self._request_children) < 10_000:
+                self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(record.duration_s)
         if record.streamed and record.first_byte_s is not None:
-            self.first_token.labels(record.model, route).observe(record.first_byte_s)
+            children[2].observe(record.first_byte_s)
         if record.prompt_tokens:
             self.prompt_tokens.labels(record.model).inc(record.prompt_tokens)
         if record.completion_tokens:
