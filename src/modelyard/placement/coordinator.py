@@ -207,14 +207,19 @@ class PlacementCoordinator:
                 return group_name
         return None
 
-    def _gpu_capacities(self) -> list[GpuCapacity]:
-        ours: dict[int, int] = {}
-        for residency_name, residency in self.residency.items():
-            supervisor = self._supervisors.get(residency_name)
+    def _held_per_gpu(self) -> dict[int, int]:
+        """Bytes our engines hold on each GPU as planned (a sleeping one, its residual)."""
+        held: dict[int, int] = {}
+        for name, residency in self.residency.items():
+            supervisor = self._supervisors.get(name)
             asleep = supervisor is not None and supervisor.state is ModelState.SLEEPING
+            size = residency.asleep_bytes_per_gpu if asleep else residency.awake_bytes_per_gpu
             for index in residency.gpus:
-                held = residency.asleep_bytes_per_gpu if asleep else residency.awake_bytes_per_gpu
-                ours[index] = ours.get(index, 0) + held
+                held[index] = held.get(index, 0) + size
+        return held
+
+    def _gpu_capacities(self) -> list[GpuCapacity]:
+        ours = self._held_per_gpu()
         capacities = []
         for gpu in self.inventory.gpus():
             # Memory we cannot account to our engines belongs to someone else (a desktop,
@@ -380,13 +385,7 @@ class PlacementCoordinator:
     # ----- status -----
 
     def gpu_status(self) -> list[dict[str, Any]]:
-        planned: dict[int, int] = {}
-        for name, residency in self.residency.items():
-            supervisor = self._supervisors.get(name)
-            asleep = supervisor is not None and supervisor.state is ModelState.SLEEPING
-            for index in residency.gpus:
-                held = residency.asleep_bytes_per_gpu if asleep else residency.awake_bytes_per_gpu
-                planned[index] = planned.get(index, 0) + held
+        planned = self._held_per_gpu()
         result = []
         for gpu in self.inventory.gpus():
             used = gpu.used_bytes if self.measures_processes else planned.get(gpu.index, 0)
