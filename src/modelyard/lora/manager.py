@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -95,28 +96,18 @@ class LoraManager:
             for name, path, static in candidates:
                 adapter = read_adapter(name, base, path, model.model, lora.max_rank, static)
                 if name in taken:
-                    adapter = Adapter(
-                        name,
-                        base,
-                        path,
-                        adapter.rank,
-                        adapter.trained_on,
-                        static,
-                        f"adapter folder {name!r} has the name of a model or "
-                        "alias; rename the folder",
-                        409,
+                    adapter = dataclasses.replace(
+                        adapter,
+                        status=409,
+                        problem=f"adapter folder {name!r} has the name of a model or alias; "
+                        "rename the folder",
                     )
                 elif name in found:
-                    adapter = Adapter(
-                        name,
-                        base,
-                        path,
-                        adapter.rank,
-                        adapter.trained_on,
-                        static,
-                        f"adapter {name!r} is offered by two base models "
+                    adapter = dataclasses.replace(
+                        adapter,
+                        status=409,
+                        problem=f"adapter {name!r} is offered by two base models "
                         f"({found[name].base!r} and {base!r})",
-                        409,
                     )
                 found.setdefault(name, adapter)
         return found
