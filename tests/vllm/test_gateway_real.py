@@ -73,6 +73,14 @@ def ask(gateway: RunningGateway, model: str, max_tokens: int = 16) -> str:
     return reply.choices[0].message.content or ""
 
 
+def logprobs(gateway: RunningGateway, model: str) -> list[float]:
+    reply = client(gateway).chat.completions.create(
+        model=model, messages=QUESTION, max_tokens=4, temperature=0, logprobs=True
+    )
+    assert reply.choices[0].logprobs is not None
+    return [token.logprob for token in reply.choices[0].logprobs.content or []]
+
+
 def events(gateway: RunningGateway, model: str) -> list[dict[str, Any]]:
     url = f"{gateway.url}/admin/events?follow=0&recent=200&model={model}"
     with urllib.request.urlopen(url, timeout=10) as response:
@@ -90,16 +98,15 @@ def test_models_are_listed_at_once_while_every_engine_is_stopped(gateway: Runnin
     assert all(m["starts"] == 0 for m in gateway.status()["models"])
 
 
-def test_a_completion_from_coder_by_its_route_prefix(
-    gateway: RunningGateway, watch: ProcessWatch
-):
+def test_a_completion_from_coder_by_its_route_prefix(gateway: RunningGateway, watch: ProcessWatch):
     coder = client(gateway, "/coder")  # base_url .../coder/v1
     result = coder.completions.create(
         model="coder", prompt="def fibonacci(n):", max_tokens=12, temperature=0
     )
     assert result.model == "coder"
     assert result.choices[0].text.strip()
-    assert result.usage is not None and result.usage.completion_tokens > 0
+    assert result.usage is not None
+    assert result.usage.completion_tokens > 0
     status = model_status(gateway, "coder")
     assert (status["state"], status["starts"]) == ("ready", 1)
     tree = watch.note(status["pid"])
@@ -116,7 +123,8 @@ def test_a_chat_completion_from_chat_stops_coder_first(
     )
     assert reply.model == "chat"
     assert reply.choices[0].message.content
-    assert reply.usage is not None and reply.usage.completion_tokens > 0
+    assert reply.usage is not None
+    assert reply.usage.completion_tokens > 0
     # The exclusive group: coder was stopped to make room, and all of its processes are gone.
     assert model_status(gateway, "coder")["state"] == "stopped"
     assert not watch.wait_gone(coder_processes, timeout=10)
@@ -141,11 +149,14 @@ def test_a_streamed_chat_completion_matches_the_plain_one(gateway: RunningGatewa
 
 def test_a_static_lora_adapter_answers_differently_from_the_base(gateway: RunningGateway):
     base = ask(gateway, "chat")
-    sql, email = ask(gateway, "sql-adapter"), ask(gateway, "email-adapter")
-    assert base and sql and email
+    sql = ask(gateway, "sql-adapter")
+    assert base
+    assert sql
     assert sql != base  # the adapter's weights were applied
-    assert email != base
     assert ask(gateway, "sql-adapter") == sql  # greedy and reproducible
+    # The other adapter may pick the same greedy tokens for this prompt (random weights);
+    # its token probabilities show that it was applied all the same.
+    assert logprobs(gateway, "email-adapter") != logprobs(gateway, "chat")
     assert model_status(gateway, "chat")["starts"] == 1  # adapters did not restart the engine
 
 

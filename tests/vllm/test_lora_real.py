@@ -165,10 +165,12 @@ async def test_an_adapter_answers_the_same_loaded_statically_or_at_run_time(yard
         runtime = await answer(session, url, "lora-01")  # /v1/load_lora_adapter, same files
         assert {"twin-static", "lora-01"} <= await on_engine(session, url)
         record = await adapter_record(session, url)
-    assert base and static
+    assert base
+    assert static
     assert static != base
     assert runtime == static
-    assert record["twin-static"]["static"] and not record["lora-01"]["static"]
+    assert record["twin-static"]["static"]
+    assert not record["lora-01"]["static"]
 
 
 async def test_twenty_adapters_cycled_concurrently_on_one_engine(yard: Yard):
