@@ -42,8 +42,8 @@ def fake_model(served_name: str, *extra: str, **settings: Any) -> dict[str, Any]
     }
 
 
-def processes_with(marker: str) -> list[int]:
-    """Live processes whose command line contains `marker` (to find leaked engines)."""
+def processes_with(*markers: str) -> list[int]:
+    """Live processes whose command line contains any of `markers` (to find leaked engines)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -53,7 +53,7 @@ def processes_with(marker: str) -> list[int]:
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if marker in cmdline and state != "Z":
+        if state != "Z" and any(marker in cmdline for marker in markers):
             found.append(int(entry.name))
     return found
 

@@ -25,7 +25,7 @@ from typing import Any
 from modelyard.config import load_config
 from modelyard.demo import DemoSetup, demo_config_path, write_adapters
 from modelyard.runtime.proctree import group_members, process_start_ticks, process_tree
-from tests.conftest import RunningGateway, start_gateway
+from tests.conftest import RunningGateway, processes_with, start_gateway
 
 LOCK_PATH = Path(tempfile.gettempdir()) / "modelyard-vllm-engine.lock"
 """Held by whoever runs vLLM engines in tests or benchmarks on this machine."""
@@ -38,18 +38,7 @@ STRAY_WAIT_S = 300.0
 
 def vllm_processes() -> list[int]:
     """Live vLLM engine processes on this machine (any owner, any run)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z" and any(marker in cmdline for marker in VLLM_MARKERS):
-            found.append(int(entry.name))
-    return found
+    return processes_with(*VLLM_MARKERS)
 
 
 @contextlib.contextmanager
