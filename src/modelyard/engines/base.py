@@ -65,3 +65,28 @@ def gpu_env(budget: MemoryBudget | None) -> dict[str, str]:
         "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
         "CUDA_VISIBLE_DEVICES": ",".join(str(index) for index in budget.gpu_indexes),
     }
+
+
+def flag_name(arg: str) -> str:
+    """`--flag` of `--flag` or `--flag=value`."""
+    return arg.split("=", 1)[0]
+
+
+def owned_flag_problems(name: str, args: list[str], owned: dict[str, str]) -> list[str]:
+    """Flags in a model's `args` that the gateway sets itself, each with what to do instead."""
+    return [
+        f"models.{name}.args.{index}: {flag_name(arg)} is set by the gateway; "
+        f"{owned[flag_name(arg)]}"
+        for index, arg in enumerate(args)
+        if flag_name(arg) in owned
+    ]
+
+
+def gpu_share(budget: MemoryBudget | None, digits: int) -> str | None:
+    """The planned share of one GPU, rounded down (the engine must never take more than
+    planned), at least 0.01; None without a budget."""
+    if budget is None or budget.gpu_total_bytes <= 0 or budget.bytes_per_gpu <= 0:
+        return None
+    scale = 10**digits
+    fraction = int(budget.bytes_per_gpu / budget.gpu_total_bytes * scale) / scale
+    return f"{min(max(fraction, 0.01), 1.0):.{digits}f}"

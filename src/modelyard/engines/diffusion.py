@@ -9,7 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from modelyard.config.schema import GatewayConfig, ModelConfig
-from modelyard.engines.base import Capabilities, LaunchSpec, MemoryBudget, gpu_env, served_name
+from modelyard.engines.base import (
+    Capabilities,
+    LaunchSpec,
+    MemoryBudget,
+    gpu_env,
+    gpu_share,
+    owned_flag_problems,
+    served_name,
+)
 
 SERVER_SCRIPT = Path(__file__).resolve().with_name("diffusion_server.py")
 """The server file, shipped inside this package and run by path (it imports nothing from us)."""
@@ -24,31 +32,11 @@ _GATEWAY_OWNED_FLAGS = {
 }
 
 
-def _flag_name(arg: str) -> str:
-    return arg.split("=", 1)[0]
-
-
-def memory_fraction(budget: MemoryBudget | None) -> str | None:
-    """The planned share of one GPU, rounded down so the engine never takes more than planned."""
-    if budget is None or budget.gpu_total_bytes <= 0 or budget.bytes_per_gpu <= 0:
-        return None
-    fraction = int(budget.bytes_per_gpu / budget.gpu_total_bytes * 1000) / 1000
-    return f"{min(max(fraction, 0.01), 1.0):.3f}"
-
-
 class DiffusionEngine:
     """Engine kind `diffusion`: one diffusers text-to-image pipeline behind OpenAI's images API."""
 
     def problems(self, name: str, model: ModelConfig, gateway: GatewayConfig) -> list[str]:
-        found = []
-        for index, arg in enumerate(model.args):
-            flag = _flag_name(arg)
-            if flag in _GATEWAY_OWNED_FLAGS:
-                found.append(
-                    f"models.{name}.args.{index}: {flag} is set by the gateway; "
-                    f"{_GATEWAY_OWNED_FLAGS[flag]}"
-                )
-        return found
+        return owned_flag_problems(name, model.args, _GATEWAY_OWNED_FLAGS)
 
     def launch_spec(
         self,
@@ -72,7 +60,7 @@ class DiffusionEngine:
             "--served-name",
             served,
         ]
-        fraction = memory_fraction(budget)
+        fraction = gpu_share(budget, digits=3)
         if fraction is not None:
             argv += ["--memory-fraction", fraction]
         argv += list(model.args)

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from modelyard.config.schema import GatewayConfig, ModelConfig
-from modelyard.engines.base import Capabilities, LaunchSpec, MemoryBudget, gpu_env, served_name
+from modelyard.engines.base import (
+    Capabilities,
+    LaunchSpec,
+    MemoryBudget,
+    flag_name,
+    gpu_env,
+    gpu_share,
+    owned_flag_problems,
+    served_name,
+)
 
 # Flags the gateway owns: a user setting them would break routing or memory planning.
 _GATEWAY_OWNED_FLAGS = {
@@ -24,10 +33,6 @@ _BUDGET_FLAGS = ("--gpu-memory-utilization", "--kv-cache-memory-bytes")
 _LORA_RANKS = frozenset({1, 8, 16, 32, 64, 128, 256, 320, 512})
 
 
-def _flag_name(arg: str) -> str:
-    return arg.split("=", 1)[0]
-
-
 class VllmEngine:
     def problems(self, name: str, model: ModelConfig, gateway: GatewayConfig) -> list[str]:
         found = []
@@ -40,18 +45,14 @@ class VllmEngine:
                 else f"models.{name}.lora.max_rank: {model.lora.max_rank} is above vLLM's largest, "
                 f"{max(_LORA_RANKS)}"
             )
-        for index, arg in enumerate(model.args):
-            flag = _flag_name(arg)
-            if flag in _GATEWAY_OWNED_FLAGS:
-                found.append(
-                    f"models.{name}.args.{index}: {flag} is set by the gateway; "
-                    f"{_GATEWAY_OWNED_FLAGS[flag]}"
-                )
-            if flag in _BUDGET_FLAGS and gateway.gpus is not None:
-                found.append(
-                    f"models.{name}.args.{index}: {flag} is decided by the gateway "
-                    "from the measured footprint when GPUs are managed"
-                )
+        found += owned_flag_problems(name, model.args, _GATEWAY_OWNED_FLAGS)
+        if gateway.gpus is not None:
+            found += [
+                f"models.{name}.args.{index}: {flag_name(arg)} is decided by the gateway "
+                "from the measured footprint when GPUs are managed"
+                for index, arg in enumerate(model.args)
+                if flag_name(arg) in _BUDGET_FLAGS
+            ]
         return found
 
     def launch_spec(
@@ -79,10 +80,9 @@ class VllmEngine:
             argv += ["--max-model-len", str(model.max_model_len)]
         if model.tensor_parallel > 1:
             argv += ["--tensor-parallel-size", str(model.tensor_parallel)]
-        if budget is not None and budget.gpu_total_bytes > 0:
-            # A fraction of the whole GPU (vLLM's meaning), rounded down so we never overshoot.
-            fraction = int(budget.bytes_per_gpu / budget.gpu_total_bytes * 10_000) / 10_000
-            argv += ["--gpu-memory-utilization", f"{max(fraction, 0.01):.4f}"]
+        share = gpu_share(budget, digits=4)  # a fraction of the whole GPU, vLLM's meaning
+        if share is not None:
+            argv += ["--gpu-memory-utilization", share]
         env = {**gpu_env(budget), **model.env}
         if model.sleep:
             argv.append("--enable-sleep-mode")
