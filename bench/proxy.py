@@ -1,11 +1,21 @@
-"""Proxy overhead, side by side in one run: straight to a fast upstream vs through the gateway.
+"""Proxy overhead, side by side in one run: straight to fast upstreams, through modelyard,
+through vllm-router (Rust, PyPI `vllm-router`) and through LiteLLM's proxy (PyPI `litellm`).
 
-    python -m bench.proxy [--duration 8]
+    python -m bench.proxy [--duration 4] [--repeat 1] [--no-litellm] [--json FILE]
 
-Needs `wrk` and `nginx` (Debian: apt-get install wrk nginx-light). The gateway starts both
-upstreams itself, as `command` engines, exactly as it would start a real engine. Prints a
-table: requests/s and latency p50/p99 at concurrency 1 and 64 (non-streaming), and for 200
-concurrent streams of 20 chunks/s the delay each chunk picked up (p50/p99) and broken streams.
+Needs `wrk` and `nginx` (`make bench-deps`). The gateway starts the upstreams itself, as
+`command` engines, exactly as it would start a real engine; the other proxies are pointed at
+the same upstreams and installed on first use, each in its own venv under
+~/.cache/modelyard-bench (bench/contenders.py). Workloads, each proxy in turn:
+
+- wrk, POST /v1/chat/completions, 1 and 64 connections (nginx answering a fixed completion);
+- SSE: 16 concurrent streams, again and again, of 400 events each (nginx, a fixed stream);
+- 1,000 concurrent slow streams of 100 events at 20/s (bench/stream_upstream.py);
+- core scaling: c=64 with the proxy pinned to core 0, then to cores 0-1 (wrk and nginx on
+  core 1), as `taskset -a -p` would.
+
+CPU is charged to a proxy from /proc (utime + stime of all its processes and threads, engines
+left out) before and after each workload: per proxied request and per streamed event.
 """
 
 from __future__ import annotations
@@ -22,14 +32,20 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import yaml
 
+from bench import contenders
+from bench.proc_usage import ProcessTree
+
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+SSE_EVENTS = 400
+SSE_STREAMS = 16
 
 
 def free_port() -> int:
@@ -38,17 +54,24 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def is_upstream(cmdline: str) -> bool:
+    """The benchmark's engines, which the gateway starts as children: not the proxy's CPU."""
+    return "nginx" in cmdline or "bench.stream_upstream" in cmdline
+
+
 def start_gateway(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
+    upstream = str(ROOT / "bench" / "upstream_nginx.sh")
     config = {
         "listen": f"127.0.0.1:{port}",
         "state_dir": str(workdir / "state"),
         "limits": {"max_queue": 10_000, "max_queue_per_model": 10_000},
         "models": {
-            "fast": {
+            "fast": {"engine": "command", "idle_timeout": 0, "command": [upstream, "{port}"]},
+            "sse": {
                 "engine": "command",
                 "idle_timeout": 0,
-                "command": [str(ROOT / "bench" / "upstream_nginx.sh"), "{port}"],
+                "command": [upstream, "{port}", "sse", str(SSE_EVENTS)],
             },
             "stream": {
                 "engine": "command",
@@ -67,15 +90,8 @@ def start_gateway(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
         cwd=ROOT,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url + "/health", timeout=1).read()
-            return process, url
-        except OSError:
-            time.sleep(0.1)
-    process.kill()
-    raise SystemExit("gateway did not start; see " + str(workdir / "gateway.log"))
+    contenders.wait_ready(process, url + "/health", workdir / "gateway.log", 20)
+    return process, url
 
 
 def engine_url(gateway_url: str, model: str) -> str:
@@ -95,35 +111,26 @@ def engine_url(gateway_url: str, model: str) -> str:
     raise SystemExit(f"no port for {model}")
 
 
-def wrk(url: str, connections: int, duration: float, workdir: Path) -> dict[str, float]:
+def wrk(
+    url: str, connections: int, duration: float, workdir: Path, cpus: str | None = None
+) -> dict[str, float]:
     script = workdir / "post.lua"
     script.write_text(
         'wrk.method = "POST"\n'
         f"wrk.body = '{json.dumps({'model': 'fast', **CHAT})}'\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
     )
-    output = subprocess.run(
-        [
-            "wrk",
-            "-t",
-            "1",
-            "-c",
-            str(connections),
-            "-d",
-            f"{int(duration)}s",
-            "--latency",
-            "-s",
-            str(script),
-            url + "/v1/chat/completions",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    command = ["wrk", "-t", "1", "-c", str(connections), "-d", f"{int(duration)}s", "--latency"]
+    command += ["-s", str(script), url + "/v1/chat/completions"]
+    if cpus is not None:
+        command = ["taskset", "-c", cpus, *command]
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    done = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     return {
         "rps": rps,
+        "requests": float(done),
         "p50_ms": _latency(output, "50%"),
         "p99_ms": _latency(output, "99%"),
         "non2xx": float(errors.group(1)) if errors else 0.0,
@@ -137,58 +144,94 @@ def _latency(output: str, label: str) -> float:
     return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
 
-async def streams(url: str, count: int, chunks: int, rate: float) -> dict[str, float]:
-    """`count` concurrent streams of `chunks` chunks at `rate` per second.
+async def sse_throughput(url: str, duration: float) -> dict[str, float]:
+    """SSE_STREAMS clients, each asking for one 400-event stream after another."""
+    events = 0
+    failed = 0
+    marker = b'"delta":'
+    body = {"model": "sse", **CHAT, "stream": True}
 
-    Per chunk, the delay is its receive time minus the upstream's send time. The inter-chunk
-    delay is how much later a chunk arrived after the one before it than it was sent after
-    it: the jitter the path added to the stream, which a reader sees as stutter.
+    async def client(session: aiohttp.ClientSession, until: float) -> None:
+        nonlocal events, failed
+        while time.monotonic() < until:
+            async with session.post(url + "/v1/chat/completions", json=body) as response:
+                if response.status != 200:
+                    failed += 1
+                    await response.read()
+                    continue
+                tail = b""
+                async for chunk in response.content.iter_any():
+                    data = tail + chunk
+                    events += data.count(marker)
+                    tail = data[-(len(marker) - 1) :]
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        began = time.monotonic()
+        await asyncio.gather(*(client(session, began + duration) for _ in range(SSE_STREAMS)))
+        elapsed = time.monotonic() - began
+    return {"events": float(events), "events_per_s": events / elapsed, "failed": float(failed)}
+
+
+async def slow_streams(
+    url: str, count: int, chunks: int, rate: float, tree: ProcessTree | None
+) -> dict[str, float]:
+    """`count` concurrent streams of `chunks` events at `rate`/s, all started at once.
+
+    Inter-chunk is the time between two events of one stream as the client received them
+    (1/rate when nothing stutters); first chunk is from sending the request to the first event.
     """
-    delays: list[float] = []
-    gaps: list[float] = []
-    broken = 0
+    intervals: list[float] = []
+    firsts: list[float] = []
+    done = 0
+    peak_rss = 0
+    body = {"model": "stream", **CHAT, "stream": True, "bench_chunks": chunks, "bench_rate": rate}
 
     async def one(session: aiohttp.ClientSession) -> None:
-        nonlocal broken
-        body = {
-            "model": "stream",
-            **CHAT,
-            "stream": True,
-            "bench_chunks": chunks,
-            "bench_rate": rate,
-        }
-        previous: float | None = None
+        nonlocal done
         seen = 0
+        began = time.monotonic()
+        previous: float | None = None
         try:
             async with session.post(url + "/v1/chat/completions", json=body) as response:
                 async for line in response.content:
                     if line.startswith(b'data: {"sent":'):
-                        sent = float(line[14 : line.index(b",", 14)])
-                        delay = (time.time() - sent) * 1000
-                        delays.append(delay)
-                        if previous is not None:
-                            gaps.append(delay - previous)
-                        previous = delay
+                        now = time.monotonic()
+                        if previous is None:
+                            firsts.append(now - began)
+                        else:
+                            intervals.append(now - previous)
+                        previous = now
                         seen += 1
                     elif line.startswith(b"data: [DONE]"):
                         break
-        except aiohttp.ClientError:
+        except (aiohttp.ClientError, TimeoutError):
             pass
-        if seen != chunks:
-            broken += 1
+        if seen == chunks:
+            done += 1
 
+    async def watch_rss() -> None:
+        nonlocal peak_rss
+        while tree is not None:
+            peak_rss = max(peak_rss, tree.rss())
+            await asyncio.sleep(0.25)
+
+    rss_before = tree.rss() if tree is not None else 0
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
+    watcher = asyncio.create_task(watch_rss())
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         await asyncio.gather(*(one(session) for _ in range(count)))
-    delays.sort()
-    gaps.sort()
+    watcher.cancel()
+    intervals.sort()
+    firsts.sort()
     return {
-        "p50_ms": _percentile(delays, 0.5),
-        "p99_ms": _percentile(delays, 0.99),
-        "gap_p50_ms": _percentile(gaps, 0.5),
-        "gap_p99_ms": _percentile(gaps, 0.99),
-        "broken": float(broken),
-        "chunks": float(len(delays)),
+        "done": float(done),
+        "count": float(count),
+        "gap_p99_ms": _percentile(intervals, 0.99) * 1000,
+        "gap_max_ms": (intervals[-1] if intervals else float("nan")) * 1000,
+        "first_p50_ms": _percentile(firsts, 0.5) * 1000,
+        "rss_growth_mib": (max(peak_rss, rss_before) - rss_before) / 2**20 if tree else 0.0,
     }
 
 
@@ -198,62 +241,236 @@ def _percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+@dataclass
+class Proxy:
+    name: str
+    fast: str  # base URLs, one per upstream (vllm-router runs one router per upstream)
+    sse: str
+    stream: str
+    trees: list[ProcessTree] = field(default_factory=list)  # empty: direct, nothing charged
+
+    def cpu(self) -> float:
+        return sum(tree.cpu() for tree in self.trees)
+
+
+def measure(proxy: Proxy, workload: Any) -> tuple[dict[str, float], float]:
+    before = proxy.cpu()
+    result = workload()
+    return result, proxy.cpu() - before
+
+
+def run_matrix(
+    proxies: list[Proxy], args: argparse.Namespace, workdir: Path, upstream_trees: list[ProcessTree]
+) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for proxy in proxies:
+        row: dict[str, Any] = {}
+        for connections in (1, 64):
+            result, cpu = measure(
+                proxy, lambda c=connections, p=proxy: wrk(p.fast, c, args.duration, workdir)
+            )
+            result["cpu_us_per_request"] = cpu / max(result["requests"], 1) * 1e6
+            row[f"c{connections}"] = result
+        result, cpu = measure(
+            proxy, lambda p=proxy: asyncio.run(sse_throughput(p.sse, args.duration))
+        )
+        result["cpu_us_per_event"] = cpu / max(result["events"], 1) * 1e6
+        row["sse"] = result
+        results[proxy.name] = row
+        print(f"  {proxy.name}: done with requests and SSE", flush=True)
+    for proxy in proxies:
+        if proxy.name == "LiteLLM" and not args.litellm_slow:
+            continue
+        tree = proxy.trees[0] if proxy.trees else None
+        result, cpu = measure(
+            proxy,
+            lambda p=proxy, t=tree: asyncio.run(
+                slow_streams(p.stream, args.slow_streams, 100, 20.0, t)
+            ),
+        )
+        result["cpu_s"] = cpu
+        results[proxy.name]["slow"] = result
+        print(f"  {proxy.name}: done with {args.slow_streams} slow streams", flush=True)
+    for proxy in proxies:
+        if not proxy.trees or proxy.name == "LiteLLM":
+            continue
+        scaling = {}
+        for upstream in upstream_trees:
+            upstream.pin("1")
+        for cpus in ("0", "0-1"):
+            for tree in proxy.trees:
+                tree.pin(cpus)
+            result, cpu = measure(
+                proxy, lambda p=proxy: wrk(p.fast, 64, args.duration, workdir, cpus="1")
+            )
+            result["cpu_us_per_request"] = cpu / max(result["requests"], 1) * 1e6
+            scaling[cpus] = result
+        for tree in [*proxy.trees, *upstream_trees]:
+            tree.pin("0-1")
+        results[proxy.name]["scaling"] = scaling
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
-    parser.add_argument("--streams", type=int, default=200)
+    parser.add_argument("--duration", type=float, default=4.0, help="seconds per load cell")
+    parser.add_argument("--repeat", type=int, default=1, help="run the whole matrix N times")
+    parser.add_argument("--slow-streams", type=int, default=1000)
+    parser.add_argument("--no-litellm", action="store_true", help="skip LiteLLM")
     parser.add_argument(
-        "--stream-seconds",
-        type=float,
-        default=10.0,
-        help="how long each stream lasts, at 20 chunks/s",
+        "--litellm-slow",
+        action="store_true",
+        help="also put LiteLLM through the slow streams (it takes minutes at 1,000)",
     )
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
-    for tool in ("wrk", "nginx"):
+    for tool in ("wrk", "nginx", "taskset"):
         if shutil.which(tool) is None:
-            raise SystemExit(f"{tool} is missing: apt-get install wrk nginx-light")
+            raise SystemExit(f"{tool} is missing: make bench-deps")
     workdir = Path(tempfile.mkdtemp(prefix="modelyard-bench-"))
+    started: list[subprocess.Popen[bytes]] = []
     gateway, url = start_gateway(workdir)
-    results: dict[str, Any] = {}
+    runs: list[dict[str, Any]] = []
     try:
-        direct = engine_url(url, "fast")
-        for connections in (1, 64):
-            results[f"direct_c{connections}"] = wrk(direct, connections, args.duration, workdir)
-            results[f"gateway_c{connections}"] = wrk(url, connections, args.duration, workdir)
-        stream_direct = engine_url(url, "stream")
-        chunks = int(args.stream_seconds * 20)
-        results["stream_direct"] = asyncio.run(streams(stream_direct, args.streams, chunks, 20))
-        results["stream_gateway"] = asyncio.run(streams(url, args.streams, chunks, 20))
+        direct = {model: engine_url(url, model) for model in ("fast", "sse", "stream")}
+        upstream_trees = [
+            ProcessTree(pid)
+            for pid in ProcessTree(gateway.pid).pids()
+            if pid != gateway.pid and _is_engine_root(pid)
+        ]
+        proxies = [
+            Proxy("direct", direct["fast"], direct["sse"], direct["stream"]),
+            Proxy("modelyard", url, url, url, [ProcessTree(gateway.pid, is_upstream)]),
+        ]
+        routers = {
+            model: contenders.start_vllm_router(direct[model], free_port(), free_port(), workdir)
+            for model in direct
+        }
+        started += [router.process for router in routers.values()]
+        proxies.append(
+            Proxy(
+                "vllm-router",
+                routers["fast"].url,
+                routers["sse"].url,
+                routers["stream"].url,
+                [ProcessTree(router.process.pid) for router in routers.values()],
+            )
+        )
+        if not args.no_litellm:
+            litellm = contenders.start_litellm(direct, free_port(), workdir)
+            started.append(litellm.process)
+            proxies.append(
+                Proxy(
+                    "LiteLLM",
+                    litellm.url,
+                    litellm.url,
+                    litellm.url,
+                    [ProcessTree(litellm.process.pid)],
+                )
+            )
+        for number in range(args.repeat):
+            print(f"run {number + 1} of {args.repeat}", flush=True)
+            runs.append(run_matrix(proxies, args, workdir, upstream_trees))
     finally:
+        for process in started:
+            process.send_signal(signal.SIGTERM)
         gateway.send_signal(signal.SIGTERM)
-        gateway.wait(timeout=30)
-    print_table(results)
+        for process in [*started, gateway]:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    versions = contenders.describe_versions()
+    for number, results in enumerate(runs):
+        print(f"\nrun {number + 1} of {len(runs)} ({versions})")
+        print_tables(results, args.slow_streams)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps({"versions": versions, "runs": runs}, indent=2))
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def print_table(results: dict[str, Any]) -> None:
-    print(f"{'load':<28}{'direct':>12}{'gateway':>12}{'added':>12}")
-    for connections in (1, 64):
-        d, g = results[f"direct_c{connections}"], results[f"gateway_c{connections}"]
-        print(f"{f'c={connections} requests/s':<28}{d['rps']:>12.0f}{g['rps']:>12.0f}{'':>12}")
-        for key in ("p50_ms", "p99_ms"):
-            label = f"c={connections} latency {key[:3]} (ms)"
-            print(f"{label:<28}{d[key]:>12.2f}{g[key]:>12.2f}{g[key] - d[key]:>12.2f}")
-        if g["non2xx"]:
-            print(f"  gateway non-2xx answers at c={connections}: {g['non2xx']:.0f}")
-    d, g = results["stream_direct"], results["stream_gateway"]
-    for key, label in (
-        ("gap_p50_ms", "inter-chunk delay p50"),
-        ("gap_p99_ms", "inter-chunk delay p99"),
-        ("p50_ms", "chunk delay p50"),
-        ("p99_ms", "chunk delay p99"),
-    ):
-        label = f"streams {label} (ms)"
-        print(f"{label:<34}{d[key]:>10.2f}{g[key]:>12.2f}{g[key] - d[key]:>12.2f}")
-    print(f"{'streams broken':<34}{d['broken']:>10.0f}{g['broken']:>12.0f}")
+def _is_engine_root(pid: int) -> bool:
+    from bench.proc_usage import cmdline
+
+    return is_upstream(cmdline(pid))
+
+
+def print_tables(results: dict[str, Any], slow: int) -> None:
+    direct = results["direct"]
+    print(
+        "| | c=1 req/s | added p50 / p99 | c=64 req/s | added p50 / p99 | CPU/request "
+        f"(c=64) | SSE events/s ({SSE_STREAMS}x{SSE_EVENTS}) | CPU/event |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, row in results.items():
+        cells = [name]
+        for connections in (1, 64):
+            cell, base = row[f"c{connections}"], direct[f"c{connections}"]
+            cells.append(f"{cell['rps']:,.0f}" + (" ⚠" if cell["non2xx"] else ""))
+            if name == "direct":
+                cells.append(f"({cell['p50_ms']:.2f} / {cell['p99_ms']:.2f} ms)")
+            else:
+                added = cell["p50_ms"] - base["p50_ms"], cell["p99_ms"] - base["p99_ms"]
+                cells.append(f"{added[0]:.2f} / {added[1]:.2f} ms")
+        sse = row["sse"]
+        if name == "direct":
+            cells += ["", f"{sse['events_per_s'] / 1e6:.2f} M", ""]
+        else:
+            cells += [
+                f"{row['c64']['cpu_us_per_request']:.0f} µs",
+                f"{sse['events_per_s'] / 1e6:.3f} M" + (" ⚠" if sse["failed"] else ""),
+                f"{sse['cpu_us_per_event']:.2f} µs",
+            ]
+        print("| " + " | ".join(cells) + " |")
+    print(
+        f"\n| {slow} streams x 100 events at 20/s | done | inter-chunk p99 (added) | worst gap "
+        "| first chunk p50 (added) | proxy RSS growth | proxy CPU |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    base_slow = direct.get("slow")
+    for name, row in results.items():
+        if "slow" not in row:
+            continue
+        s = row["slow"]
+        added_gap = s["gap_p99_ms"] - base_slow["gap_p99_ms"] if base_slow else float("nan")
+        added_first = s["first_p50_ms"] - base_slow["first_p50_ms"] if base_slow else float("nan")
+        extra = (
+            ["", ""]
+            if name == "direct"
+            else [f"+{s['rss_growth_mib']:.0f} MiB", f"{s['cpu_s']:.1f} s"]
+        )
+        print(
+            f"| {name} | {s['done']:.0f}/{s['count']:.0f} | {s['gap_p99_ms']:.1f} ms"
+            + ("" if name == "direct" else f" ({added_gap:+.1f})")
+            + f" | {s['gap_max_ms']:.0f} ms | {s['first_p50_ms']:.0f} ms"
+            + ("" if name == "direct" else f" ({added_first:+.0f})")
+            + " | "
+            + " | ".join(extra)
+            + " |"
+        )
+    print(
+        "\n| core scaling, c=64 (wrk, nginx on core 1) | 1 core req/s | 2 cores req/s | ratio "
+        "| CPU/request 1 / 2 cores |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, row in results.items():
+        if "scaling" not in row:
+            continue
+        one, two = row["scaling"]["0"], row["scaling"]["0-1"]
+        print(
+            f"| {name} | {one['rps']:,.0f} | {two['rps']:,.0f} | {two['rps'] / one['rps']:.2f}x "
+            f"| {one['cpu_us_per_request']:.0f} / {two['cpu_us_per_request']:.0f} µs |"
+        )
+    ours, rust = results.get("modelyard"), results.get("vllm-router")
+    if ours and rust:
+        print(
+            "\nmodelyard / vllm-router: CPU per request "
+            f"{ours['c64']['cpu_us_per_request'] / rust['c64']['cpu_us_per_request']:.2f}x, "
+            "CPU per "
+            f"event {ours['sse']['cpu_us_per_event'] / rust['sse']['cpu_us_per_event']:.2f}x, c=64 "
+            f"throughput {ours['c64']['rps'] / rust['c64']['rps']:.2f}x, SSE throughput "
+            f"{ours['sse']['events_per_s'] / rust['sse']['events_per_s']:.2f}x"
+        )
 
 
 if __name__ == "__main__":
