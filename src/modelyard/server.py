@@ -11,6 +11,7 @@ from aiohttp import web
 from modelyard.api.app import build_app
 from modelyard.config.schema import GatewayConfig
 from modelyard.gateway import Gateway
+from modelyard.proxy.fastpath import FastLane, start_server
 
 log = logging.getLogger("modelyard")
 
@@ -22,6 +23,8 @@ async def run_gateway(config: GatewayConfig, ready_message: bool = True) -> None
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     runner: web.AppRunner | None = None
+    lane: FastLane | None = None
+    fast_server: asyncio.AbstractServer | None = None
     try:
         await gateway.start()
         app = build_app(gateway)
@@ -32,8 +35,14 @@ async def run_gateway(config: GatewayConfig, ready_message: bool = True) -> None
             shutdown_timeout=config.limits.shutdown_grace,
         )
         await runner.setup()
-        site = web.TCPSite(runner, config.host, config.port, backlog=2048, reuse_address=True)
-        await site.start()
+        if gateway.auth is not None and gateway.auth.enabled:
+            site = web.TCPSite(runner, config.host, config.port, backlog=2048, reuse_address=True)
+            await site.start()
+        else:
+            # Without keys, the common POSTs take the fast lane; the rest is aiohttp's.
+            assert runner.server is not None
+            lane = FastLane(gateway, runner.server)
+            fast_server = await start_server(lane, config.host, config.port)
         if ready_message:
             print(
                 f"modelyard listening on http://{config.listen} ({len(config.models)} models)",
@@ -43,6 +52,10 @@ async def run_gateway(config: GatewayConfig, ready_message: bool = True) -> None
         log.info("shutting down: finishing requests in flight, then stopping engines")
     finally:
         gateway.yard.begin_shutdown()
+        if fast_server is not None:
+            fast_server.close()  # stops accepting; connections in flight carry on
+        if lane is not None:
+            await lane.close(config.limits.shutdown_grace)
         if runner is not None:
             # Stops accepting, then waits (bounded) for requests in flight.
             await runner.cleanup()

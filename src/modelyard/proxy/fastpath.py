@@ -1,0 +1,473 @@
+"""The data path's fast lane: the common OpenAI POSTs served without aiohttp's machinery.
+
+A connection starts here. A request that is exactly `POST /v1/chat/completions` (or
+`/v1/completions`, `/v1/embeddings`) in plain HTTP/1.1, with one Content-Length, a JSON object
+body within the size limit and a known model without an adapter, is served by this module:
+parsed by hand, forwarded with the lean client (proxy/lean_client.py), answered with one write
+(or, for a stream, one write per chunk). It goes through everything the aiohttp route goes
+through: the yard's `engine_for` (queues, back-pressure, in-flight counts, idle timers), alias
+rewriting and usage capture (proxy/sse.py), the same error shapes, and `gateway.observe`
+(metrics, request log, watchdog).
+
+Anything else (another method or path, a query string, chunked or `Expect` requests, odd
+headers, a body that is not a JSON object, an unknown model, an adapter) is handed, with the
+bytes read so far, to aiohttp's own protocol for that connection, which then serves it for
+good: the fast lane never answers a request it is not sure about. It is used only while no API
+keys are configured; with keys, every request goes through aiohttp and the auth middleware.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+from modelyard.api.errors import error_body
+from modelyard.api.serving import _ask_stream_for_usage, _usage_of, _with_log_tail
+from modelyard.gateway import Gateway, RequestRecord
+from modelyard.proxy.forward import _HOP_HEADERS, _PRIVATE_HEADERS, UpstreamError, UpstreamTimeout
+from modelyard.proxy.lean_client import Exchange, LeanPool, UpstreamConnection
+from modelyard.proxy.sse import StreamTransformer, model_name_replacements, rewrite_model_in_json
+from modelyard.scheduler.supervisor import ModelUnavailable
+from modelyard.scheduler.yard import Target, UnknownModel
+
+log = logging.getLogger("modelyard.api")
+
+# The exact paths served here, with their metric route labels (as serving.openai_model_route).
+FAST_PATHS = {
+    b"/v1/chat/completions": "/v1/chat",
+    b"/v1/completions": "/v1/completions",
+    b"/v1/embeddings": "/v1/embeddings",
+}
+MAX_HEAD = 16 * 1024  # a longer head goes to aiohttp, which applies its own limits
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+_NOT_FAST = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
+_DROP_TO_ENGINE = frozenset(h.encode() for h in _HOP_HEADERS | _PRIVATE_HEADERS)
+_DROP_FROM_ENGINE = frozenset(h.encode() for h in _HOP_HEADERS)
+_STREAM_OWN = frozenset({b"cache-control", b"x-accel-buffering"})
+_REASONS = {status.value: status.phrase.encode() for status in http.HTTPStatus}
+
+
+class FastRequest:
+    __slots__ = ("body", "headers", "keep_alive", "label", "length", "path", "payload", "target")
+
+    def __init__(
+        self, path: bytes, headers: list[tuple[bytes, bytes]], length: int, keep_alive: bool
+    ) -> None:
+        self.path = path
+        self.label = FAST_PATHS[path]
+        self.headers = headers
+        self.length = length
+        self.body = b""
+        self.keep_alive = keep_alive
+        self.payload: dict[str, Any] = {}
+        self.target: Target | None = None
+
+
+class FastLane:
+    """What the fast lane shares across connections: the gateway and the lean pool."""
+
+    def __init__(self, gateway: Gateway, fallback: Callable[[], asyncio.Protocol]) -> None:
+        self.gateway = gateway
+        self.fallback = fallback
+        limits = gateway.config.limits
+        self.max_body = limits.max_body_bytes
+        self.pool = LeanPool(limits.upstream_connect_timeout, limits.upstream_read_timeout)
+        self.in_flight: set[asyncio.Task[None]] = set()
+        self._addresses: dict[str, tuple[str, int, bytes]] = {}
+
+    def protocol(self) -> FastProtocol:
+        return FastProtocol(self)
+
+    def address(self, base_url: str) -> tuple[str, int, bytes]:
+        known = self._addresses.get(base_url)
+        if known is None:
+            host_port = base_url.removeprefix("http://").rstrip("/")
+            host, _, port = host_port.rpartition(":")
+            known = (host.strip("[]"), int(port), host_port.encode())
+            self._addresses[base_url] = known
+        return known
+
+    def eligible(self, request: FastRequest) -> bool:
+        """Checks that send a request to aiohttp (which answers them properly) instead."""
+        try:
+            payload = json.loads(request.body)
+        except (ValueError, RecursionError):
+            return False
+        if not isinstance(payload, dict):
+            return False
+        model = payload.get("model")
+        if not isinstance(model, str) or not model:
+            return False
+        try:
+            target = self.gateway.yard.resolve(model)
+        except UnknownModel:
+            return False
+        if target.adapter is not None:
+            return False
+        request.payload = payload
+        request.target = target
+        return True
+
+    async def close(self, grace: float) -> None:
+        """Wait (bounded) for requests in flight, then drop pooled connections."""
+        if self.in_flight:
+            await asyncio.wait(list(self.in_flight), timeout=grace)
+        for task in list(self.in_flight):
+            task.cancel()
+        self.pool.close()
+
+
+class FastProtocol(asyncio.Protocol):
+    """One client connection: fast requests served in order, the rest handed to aiohttp."""
+
+    def __init__(self, lane: FastLane) -> None:
+        self.lane = lane
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.task: asyncio.Task[None] | None = None
+        self.gone = False
+        self.eof = False
+        self.keep_alive = True
+        self.writable: asyncio.Future[None] | None = None
+        self.upstream: UpstreamConnection | None = None  # paused while the client is slow
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.task is None:
+            self._next()
+
+    def eof_received(self) -> bool | None:
+        # Half-closed: answer what was asked, then close (not a reason to cancel a request).
+        self.eof = True
+        if self.task is None and self.transport is not None:
+            self.transport.close()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
+        if self.task is not None:
+            self.task.cancel()  # as aiohttp's handler_cancellation: the engine stops too
+        self._wake_writer()
+
+    def pause_writing(self) -> None:
+        if self.writable is None:
+            self.writable = asyncio.get_running_loop().create_future()
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        if self.writable is not None:
+            if not self.writable.done():
+                self.writable.set_result(None)
+            self.writable = None
+
+    # -- parsing --
+    def _next(self) -> None:
+        """Serve the next complete request in the buffer, or hand the connection over."""
+        buffer = self.buffer
+        if not buffer:
+            return
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buffer) > MAX_HEAD or not buffer.startswith(b"POST /v1/"[: len(buffer)]):
+                self._hand_over()
+            return
+        request = self._parse_head(buffer, end)
+        if request is None:
+            self._hand_over()
+            return
+        length = request.length
+        start = end + 4
+        if len(buffer) < start + length:
+            return  # the body is still coming
+        request.body = buffer[start : start + length]
+        if not self.lane.eligible(request):
+            self._hand_over()
+            return
+        self.buffer = buffer[start + length :]
+        task = asyncio.get_running_loop().create_task(self._serve(request))
+        self.task = task
+        self.lane.in_flight.add(task)
+        task.add_done_callback(self._served)
+
+    def _parse_head(self, buffer: bytes, end: int) -> FastRequest | None:
+        lines = buffer[:end].split(b"\r\n")
+        parts = lines[0].split(b" ")
+        if len(parts) != 3 or parts[0] != b"POST" or parts[2] != b"HTTP/1.1":
+            return None
+        path = parts[1]
+        if path not in FAST_PATHS:
+            return None
+        headers: list[tuple[bytes, bytes]] = []
+        length: int | None = None
+        keep_alive = True
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon or _TOKEN.fullmatch(name) is None:
+                return None
+            value = value.strip(b" \t")
+            if _VALUE.fullmatch(value) is None:
+                return None
+            lowered = name.lower()
+            if lowered == b"content-length":
+                if length is not None or not value.isdigit() or len(value) > 12:
+                    return None
+                length = int(value)
+            elif lowered in _NOT_FAST:
+                return None
+            elif lowered == b"connection":
+                tokens = {token.strip() for token in value.lower().split(b",")}
+                if b"upgrade" in tokens:
+                    return None
+                if b"close" in tokens:
+                    keep_alive = False
+            headers.append((name, value))
+        if length is None or length > self.lane.max_body:
+            return None
+        return FastRequest(path, headers, length, keep_alive)
+
+    def _hand_over(self) -> None:
+        """From here on aiohttp serves this connection, starting with the bytes we hold."""
+        transport = self.transport
+        if transport is None or self.gone:
+            return
+        handler = self.lane.fallback()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        data, self.buffer = self.buffer, b""
+        if data:
+            handler.data_received(data)
+
+    def _served(self, task: asyncio.Task[None]) -> None:
+        self.lane.in_flight.discard(task)
+        self.task = None
+        if self.gone or self.transport is None:
+            return
+        if task.cancelled() or task.exception() is not None or not self.keep_alive or self.eof:
+            self.transport.close()
+            return
+        self._next()
+
+    # -- serving --
+    async def _serve(self, request: FastRequest) -> None:
+        keep = await self._serve_one(request)
+        self.keep_alive = keep and request.keep_alive
+        if self.writable is not None:
+            await self.writable  # the client reads slowly: its next answer waits
+
+    async def _serve_one(self, request: FastRequest) -> bool:
+        """Serve one request; False when the connection must close afterwards."""
+        gateway = self.lane.gateway
+        target = request.target
+        assert target is not None
+        started = time.perf_counter()
+        status = 500
+        first_byte: float | None = None
+        streamed = False
+        usage: dict[str, int] = {}
+        path = request.path.decode()
+        payload = request.payload
+        usage_added = _ask_stream_for_usage(path, payload)
+        body = request.body
+        if payload.get("model") != target.upstream_name or usage_added:
+            payload["model"] = target.upstream_name
+            body = json.dumps(payload).encode()
+        replacements = model_name_replacements(target.upstream_name, target.public_name)
+        try:
+            async with gateway.yard.engine_for(target.model) as engine:
+                status, first_byte, streamed, usage = await self._forward(
+                    request, engine.base_url, path, body, replacements, usage_added
+                )
+                return True
+        except ModelUnavailable as error:
+            status = error.status
+            self._error(
+                status,
+                _with_log_tail(str(error), error.log_tail),
+                error.code,
+                retry_after=error.retry_after,
+            )
+            return True
+        except UpstreamError as error:
+            timed_out = isinstance(error, UpstreamTimeout)
+            status = 504 if timed_out else 502
+            supervisor = gateway.yard.supervisors[target.model]
+            await supervisor.notice_exit(timeout=1.0)
+            tail = supervisor.failure.log_tail if supervisor.failure else []
+            self._error(
+                status,
+                _with_log_tail(f"model {target.model!r}: {error}", tail),
+                "upstream_timeout" if timed_out else "upstream_error",
+            )
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("internal error on POST %s", path)
+            status = 500
+            self._error(500, "internal gateway error; see the gateway log", "internal_error")
+            return False
+        finally:
+            gateway.observe(
+                RequestRecord(
+                    model=target.model,
+                    route=request.label,
+                    key_name="anonymous",
+                    status=status,
+                    duration_s=time.perf_counter() - started,
+                    first_byte_s=first_byte,
+                    streamed=streamed,
+                    prompt_tokens=usage.get("prompt_tokens"),
+                    completion_tokens=usage.get("completion_tokens"),
+                )
+            )
+
+    async def _forward(
+        self,
+        request: FastRequest,
+        base_url: str,
+        path: str,
+        body: bytes,
+        replacements: list[tuple[bytes, bytes]],
+        usage_added: bool,
+    ) -> tuple[int, float | None, bool, dict[str, int]]:
+        host, port, host_header = self.lane.address(base_url)
+        started = time.perf_counter()
+        head = [b"POST ", request.path, b" HTTP/1.1\r\nHost: ", host_header, b"\r\n"]
+        for name, value in request.headers:
+            if name.lower() not in _DROP_TO_ENGINE:
+                head += [name, b": ", value, b"\r\n"]
+        head.append(b"Content-Length: %d\r\n\r\n" % len(body))
+        head.append(body)
+        connection = await self.lane.pool.acquire(host, port)
+        clean = False
+        try:
+            exchange = connection.send(b"".join(head))
+            await exchange.head_ready
+            first_byte = (exchange.first_byte_at or time.perf_counter()) - started
+            content_type = b""
+            for name, value in exchange.headers:
+                if name.lower() == b"content-type":
+                    content_type = value
+            if content_type.startswith(b"text/event-stream"):
+                transformer = StreamTransformer(
+                    replacements, capture_usage=True, drop_usage_only_chunk=usage_added
+                )
+                clean = await self._stream(exchange, transformer)
+                return exchange.status, first_byte, True, transformer.usage
+            await exchange.done
+            data = exchange.take_buffered()
+            if replacements and exchange.status < 400:
+                data = rewrite_model_in_json(data, replacements)
+            self._write_whole(exchange, data)
+            clean = True
+            return exchange.status, first_byte, False, _usage_of(data)
+        finally:
+            if clean and not self.gone:
+                self.lane.pool.release(host, port, connection)
+            else:
+                connection.close()  # drop the connection so the engine stops generating
+
+    def _response_head(self, exchange: Exchange, extra: list[bytes]) -> list[bytes]:
+        status = exchange.status
+        head = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Unknown"))]
+        for name, value in exchange.headers:
+            lowered = name.lower()
+            if lowered not in _DROP_FROM_ENGINE and (not extra or lowered not in _STREAM_OWN):
+                head += [name, b": ", value, b"\r\n"]
+        head += extra
+        return head
+
+    def _write_whole(self, exchange: Exchange, data: bytes) -> None:
+        head = self._response_head(exchange, [])
+        head.append(b"Content-Length: %d\r\n\r\n" % len(data))
+        head.append(data)
+        assert self.transport is not None
+        self.transport.write(b"".join(head))
+
+    async def _stream(self, exchange: Exchange, transformer: StreamTransformer) -> bool:
+        """Relay the stream chunk by chunk; False if the engine broke it off."""
+        transport = self.transport
+        assert transport is not None
+        extra = [
+            b"Cache-Control: no-cache\r\n",
+            b"X-Accel-Buffering: no\r\n",  # tell nginx in front not to buffer
+            b"Transfer-Encoding: chunked\r\n\r\n",
+        ]
+        transport.write(b"".join(self._response_head(exchange, extra)))
+        self.upstream = exchange.connection
+
+        def forward(piece: bytes) -> None:
+            # Runs inside the upstream's data_received: no task switch per chunk.
+            piece = transformer.feed(piece)
+            if piece and not self.gone:
+                transport.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+
+        exchange.set_sink(forward)
+        try:
+            await exchange.done
+        except UpstreamError as error:
+            # The engine died or hung mid-stream: an error event, then a clean end.
+            transformer.flush()
+            event = {
+                "error": {
+                    "message": f"the engine broke off the stream: {error}",
+                    "type": "server_error",
+                    "param": None,
+                    "code": "upstream_stream_broken",
+                }
+            }
+            piece = f"data: {json.dumps(event)}\n\n".encode()
+            if not self.gone:
+                transport.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(piece), piece))
+            return False
+        finally:
+            self.upstream = None
+        tail = transformer.flush()
+        if not self.gone:
+            if tail:
+                transport.write(b"%x\r\n%s\r\n" % (len(tail), tail))
+            transport.write(b"0\r\n\r\n")
+        return True
+
+    def _error(
+        self,
+        status: int,
+        message: str,
+        code: str | None,
+        retry_after: float | None = None,
+    ) -> None:
+        if self.gone or self.transport is None:
+            return
+        data = json.dumps(error_body(status, message, code)).encode()
+        head = [
+            b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error")),
+            b"Content-Type: application/json; charset=utf-8\r\n",
+        ]
+        if retry_after is not None:
+            head.append(b"Retry-After: %d\r\n" % max(1, math.ceil(retry_after)))
+        head += [b"Content-Length: %d\r\n\r\n" % len(data), data]
+        self.transport.write(b"".join(head))
+
+
+async def start_server(
+    lane: FastLane, host: str, port: int, backlog: int = 2048
+) -> asyncio.AbstractServer:
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lane.protocol, host, port, backlog=backlog, reuse_address=True)

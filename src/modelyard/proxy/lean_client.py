@@ -1,0 +1,265 @@
+"""A lean HTTP/1.1 client for the fast path: pooled keep-alive connections to engines, httptools
+(llhttp, as in uvicorn) to parse answers, and answer bodies handed on as they arrive.
+
+Why not aiohttp's client here: per request it builds a request object, a response object,
+header multidicts, a timer context and several tasks; at tens of thousands of requests a second
+that is most of the gateway's CPU. This client does one write per request and no allocation per
+streamed chunk beyond the chunk itself. It speaks only what engines answer (HTTP/1.1 with a
+length or chunked, or ended by close); anything odd is an `UpstreamError`, never a guess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import cast
+
+import httptools
+
+from modelyard.proxy.forward import KEEPALIVE_S, UpstreamError, UpstreamTimeout
+
+# A body piece goes to the sink at once; with no sink yet, pieces wait in a short list.
+BodySink = Callable[[bytes], None]
+
+
+class Exchange:
+    """One request and its answer on one connection."""
+
+    def __init__(self, connection: UpstreamConnection) -> None:
+        loop = connection.loop
+        self.connection = connection
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_ready: asyncio.Future[None] = loop.create_future()
+        self.done: asyncio.Future[None] = loop.create_future()
+        self.first_byte_at: float | None = None
+        self._early: list[bytes] = []  # body pieces that came before a sink was set
+        self._sink: BodySink | None = None
+
+    def set_sink(self, sink: BodySink) -> None:
+        early, self._early = self._early, []
+        self._sink = sink
+        for piece in early:
+            sink(piece)
+
+    def body(self, piece: bytes) -> None:
+        if self._sink is not None:
+            self._sink(piece)
+        else:
+            self._early.append(piece)
+
+    def take_buffered(self) -> bytes:
+        """The whole body once `done` (for answers read whole, with no sink)."""
+        data = b"".join(self._early)
+        self._early = []
+        return data
+
+    def fail(self, error: UpstreamError) -> None:
+        for future in (self.head_ready, self.done):
+            if not future.done():
+                future.set_exception(error)
+                future.exception()  # marked retrieved: the awaiting side may be gone
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One keep-alive connection to an engine, one exchange at a time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, read_timeout: float) -> None:
+        self.loop = loop
+        self.read_timeout = read_timeout
+        self.transport: asyncio.Transport | None = None
+        self.exchange: Exchange | None = None
+        self.closed = False
+        self.idle_since = 0.0
+        self._parser: httptools.HttpResponseParser | None = None
+        self._last_data = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._length_known = False
+        self._keep_alive = False
+
+    # -- asyncio.Protocol --
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self._last_data = self.loop.time()
+        if self._parser is None or self.exchange is None:
+            self.close()  # bytes nobody asked for: the connection cannot be trusted
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as error:
+            self._broken(UpstreamError(f"engine sent a malformed answer: {error}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._stop_timer()
+        exchange = self.exchange
+        if exchange is None or exchange.done.done():
+            return
+        if exchange.head_ready.done() and not self._length_known:
+            self._complete()  # an answer with neither length nor chunks ends at close
+            return
+        detail = f": {exc}" if exc else ""
+        exchange.fail(
+            UpstreamError(f"ServerDisconnectedError: engine closed the connection{detail}")
+        )
+
+    def pause_writing(self) -> None:  # request bodies are bounded and written at once
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # -- httptools callbacks --
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self.exchange is not None
+        self.exchange.headers.append((name, value))
+        lowered = name.lower()
+        if lowered == b"content-length" or (
+            lowered == b"transfer-encoding" and b"chunked" in value.lower()
+        ):
+            self._length_known = True
+
+    def on_headers_complete(self) -> None:
+        assert self.exchange is not None
+        assert self._parser is not None
+        self.exchange.status = self._parser.get_status_code()
+        self.exchange.first_byte_at = time.perf_counter()
+        if not self.exchange.head_ready.done():
+            self.exchange.head_ready.set_result(None)
+
+    def on_body(self, body: bytes) -> None:
+        assert self.exchange is not None
+        self.exchange.body(body)
+
+    def on_message_complete(self) -> None:
+        assert self._parser is not None
+        self._keep_alive = self._parser.should_keep_alive()  # llhttp forgets it afterwards
+        self._complete()
+
+    # -- use --
+    def send(self, request: bytes) -> Exchange:
+        assert self.transport is not None
+        self.exchange = Exchange(self)
+        self._parser = httptools.HttpResponseParser(self)
+        self._length_known = False
+        self._keep_alive = False
+        self._last_data = self.loop.time()
+        self._timer = self.loop.call_later(self.read_timeout, self._check_timeout)
+        self.transport.write(request)
+        return self.exchange
+
+    def reusable(self) -> bool:
+        return (
+            not self.closed
+            and self.exchange is not None
+            and self.exchange.done.done()
+            and not self.exchange.done.exception()
+            and self._keep_alive
+        )
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+            self._last_data = self.loop.time()  # waiting on our client is not the engine's
+
+    def close(self) -> None:
+        self.closed = True
+        self._stop_timer()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _complete(self) -> None:
+        self._stop_timer()
+        exchange = self.exchange
+        if exchange is not None and not exchange.done.done():
+            if not exchange.head_ready.done():
+                exchange.head_ready.set_result(None)
+            exchange.done.set_result(None)
+
+    def _broken(self, error: UpstreamError) -> None:
+        if self.exchange is not None:
+            self.exchange.fail(error)
+        self.close()
+
+    def _check_timeout(self) -> None:
+        # One timer per read-timeout period rather than one per chunk: cheap on long streams.
+        self._timer = None
+        if self.exchange is None or self.exchange.done.done() or self.closed:
+            return
+        if self.transport is not None and not self.transport.is_reading():
+            self._last_data = self.loop.time()  # paused for a slow client, not a silent engine
+        idle = self.loop.time() - self._last_data
+        if idle >= self.read_timeout:
+            self._broken(
+                UpstreamTimeout(
+                    f"engine sent nothing for {self.read_timeout:g}s (limits.upstream_read_timeout)"
+                )
+            )
+        else:
+            self._timer = self.loop.call_later(self.read_timeout - idle, self._check_timeout)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class LeanPool:
+    """Keep-alive connections per engine address, reused last-in first-out."""
+
+    def __init__(self, connect_timeout: float, read_timeout: float) -> None:
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
+        self._closing = False
+
+    async def acquire(self, host: str, port: int) -> UpstreamConnection:
+        loop = asyncio.get_running_loop()
+        idle = self._idle.get((host, port))
+        now = loop.time()
+        while idle:
+            connection = idle.pop()
+            # Below the engine's own keep-alive: never reuse one it may be closing right now.
+            if not connection.closed and now - connection.idle_since < KEEPALIVE_S:
+                return connection
+            connection.close()
+        try:
+            _transport, connection = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: UpstreamConnection(loop, self._read_timeout), host, port
+                ),
+                self._connect_timeout,
+            )
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"engine did not accept a connection within {self._connect_timeout:g}s "
+                "(limits.upstream_connect_timeout)"
+            ) from None
+        except OSError as error:
+            raise UpstreamError(
+                f"engine unreachable: ClientConnectorError: cannot connect to {host}:{port} "
+                f"[{error.strerror or error}]"
+            ) from None
+        return connection
+
+    def release(self, host: str, port: int, connection: UpstreamConnection) -> None:
+        if self._closing or not connection.reusable():
+            connection.close()
+            return
+        connection.exchange = None
+        connection.idle_since = asyncio.get_running_loop().time()
+        self._idle.setdefault((host, port), []).append(connection)
+
+    def close(self) -> None:
+        self._closing = True
+        for connections in self._idle.values():
+            for connection in connections:
+                connection.close()
+        self._idle.clear()
