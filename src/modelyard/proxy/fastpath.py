@@ -134,10 +134,11 @@ class FastProtocol(asyncio.Protocol):
         self.buffer = b""
         self.task: asyncio.Task[None] | None = None
         self.gone = False
-        self.eof = False
         self.keep_alive = True
         self.writable: asyncio.Future[None] | None = None
         self.upstream: UpstreamConnection | None = None  # paused while the client is slow
+        self.exchange: Exchange | None = None  # the one in flight
+        self.sent_done = False  # the stream's `[DONE]` has gone to the client
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -148,16 +149,18 @@ class FastProtocol(asyncio.Protocol):
             self._next()
 
     def eof_received(self) -> bool | None:
-        # Half-closed: answer what was asked, then close (not a reason to cancel a request).
-        self.eof = True
-        if self.task is None and self.transport is not None:
-            self.transport.close()
-        return True
+        # As aiohttp: a client that stops sending has gone; the transport closes, and the
+        # request in flight is cancelled (a client that disconnects leaves the queue).
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gone = True
-        if self.task is not None:
-            self.task.cancel()  # as aiohttp's handler_cancellation: the engine stops too
+        exchange = self.exchange
+        finished = self.sent_done or (exchange is not None and exchange.done.done())
+        if self.task is not None and not finished:
+            # As aiohttp's handler_cancellation: the engine stops too. An answer the client
+            # has whole (SDKs close right after `[DONE]`) is left to finish and counted served.
+            self.task.cancel()
         self._wake_writer()
 
     def pause_writing(self) -> None:
@@ -259,7 +262,7 @@ class FastProtocol(asyncio.Protocol):
         self.task = None
         if self.gone or self.transport is None:
             return
-        if task.cancelled() or task.exception() is not None or not self.keep_alive or self.eof:
+        if task.cancelled() or task.exception() is not None or not self.keep_alive:
             self.transport.close()
             return
         self._next()
@@ -358,7 +361,7 @@ class FastProtocol(asyncio.Protocol):
         connection = await self.lane.pool.acquire(host, port)
         clean = False
         try:
-            exchange = connection.send(b"".join(head))
+            exchange = self.exchange = connection.send(b"".join(head))
             await exchange.head_ready
             first_byte = (exchange.first_byte_at or time.perf_counter()) - started
             content_type = b""
@@ -379,6 +382,8 @@ class FastProtocol(asyncio.Protocol):
             clean = True
             return exchange.status, first_byte, False, _usage_of(data)
         finally:
+            self.exchange = None
+            self.sent_done = False
             if clean and not self.gone:
                 self.lane.pool.release(host, port, connection)
             else:
@@ -418,6 +423,7 @@ class FastProtocol(asyncio.Protocol):
             piece = transformer.feed(piece)
             if piece and not self.gone:
                 transport.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                self.sent_done = piece.endswith(b"data: [DONE]\n\n")
 
         exchange.set_sink(forward)
         try:

@@ -1,0 +1,190 @@
+"""The fast lane (proxy/fastpath.py) on the wire: what it serves itself, what it hands to aiohttp.
+
+Raw sockets, because the interesting cases are the ones a polite client never sends: pipelined
+requests that change lanes mid-connection, requests split into single bytes, duplicate
+Content-Length headers, chunked bodies. Every answer must be the one
+aiohttp's full stack would give (OpenAI-shaped errors), in order, with nothing lost.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.request
+
+import openai
+
+from tests.conftest import fake_model
+
+CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hello"}]}
+
+
+def request(path: str, body: bytes, *headers: str, method: str = "POST") -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: test", *headers]
+    if not any(h.lower().startswith(("content-length", "transfer-encoding")) for h in headers):
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def read_answers(sock: socket.socket, count: int, timeout: float = 10.0) -> list[tuple[int, bytes]]:
+    """Read `count` HTTP answers (Content-Length or chunked) from a raw socket."""
+    sock.settimeout(timeout)
+    data = b""
+    answers: list[tuple[int, bytes]] = []
+    while len(answers) < count:
+        end = data.find(b"\r\n\r\n")
+        if end >= 0:
+            head = data[:end].decode("latin-1")
+            status = int(head.split(" ", 2)[1])
+            fields = {
+                line.split(":", 1)[0].strip().lower(): line.split(":", 1)[1].strip()
+                for line in head.split("\r\n")[1:]
+            }
+            rest = data[end + 4 :]
+            if "content-length" in fields:
+                length = int(fields["content-length"])
+                if len(rest) >= length:
+                    answers.append((status, rest[:length]))
+                    data = rest[length:]
+                    continue
+            elif fields.get("transfer-encoding") == "chunked":
+                body, remaining = _dechunk(rest)
+                if body is not None:
+                    answers.append((status, body))
+                    data = remaining
+                    continue
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return answers
+
+
+def _dechunk(data: bytes) -> tuple[bytes | None, bytes]:
+    body = b""
+    while True:
+        line_end = data.find(b"\r\n")
+        if line_end < 0:
+            return None, data
+        size = int(data[:line_end], 16)
+        if len(data) < line_end + 2 + size + 2:
+            return None, data
+        body += data[line_end + 2 : line_end + 2 + size]
+        data = data[line_end + 2 + size + 2 :]
+        if size == 0:
+            return body, data
+
+
+def connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def test_pipelined_requests_change_lanes_and_stay_in_order(gateway_factory):
+    gateway = gateway_factory({"chat": fake_model("chat")})
+    body = json.dumps(CHAT).encode()
+    with connect(gateway.url) as sock:
+        # fast, fast, then one for aiohttp (GET): all three in one send, answered in order.
+        sock.sendall(
+            request("/v1/chat/completions", body)
+            + request("/v1/chat/completions", body)
+            + request("/v1/models", b"", method="GET")
+            + request("/v1/chat/completions", body)  # aiohttp serves the rest of the connection
+        )
+        answers = read_answers(sock, 4)
+    assert [status for status, _ in answers] == [200, 200, 200, 200]
+    assert json.loads(answers[0][1])["choices"][0]["message"]["content"] == "chat says: hello"
+    assert json.loads(answers[2][1])["object"] == "list"
+    assert json.loads(answers[3][1])["model"] == "chat"
+
+
+def test_a_request_sent_byte_by_byte_is_served(gateway_factory):
+    gateway = gateway_factory({"chat": fake_model("chat")})
+    raw = request("/v1/chat/completions", json.dumps(CHAT).encode())
+    with connect(gateway.url) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for index in range(len(raw)):
+            sock.send(raw[index : index + 1])
+            if index % 40 == 0:
+                time.sleep(0.001)
+        [(status, body)] = read_answers(sock, 1)
+    assert status == 200
+    assert json.loads(body)["choices"][0]["message"]["content"] == "chat says: hello"
+
+
+def test_hostile_requests_get_aiohttps_answers(gateway_factory):
+    gateway = gateway_factory({"chat": fake_model("chat")})
+    body = json.dumps(CHAT).encode()
+    # (request, statuses allowed, whether the answer is OpenAI-shaped: HTTP-level refusals
+    # come from aiohttp's parser as plain text, exactly as without the fast lane)
+    cases = [
+        # two lengths: a smuggling attempt; aiohttp refuses it
+        (
+            request(
+                "/v1/chat/completions",
+                body,
+                f"Content-Length: {len(body)}",
+                f"Content-Length: {len(body) + 5}",
+            ),
+            {400},
+            False,
+        ),
+        # a NUL in a header value
+        (request("/v1/chat/completions", body, "X-Odd: a\x00b"), {400}, False),
+        # not JSON, not an object, no model, unknown model: OpenAI-shaped errors
+        (request("/v1/chat/completions", b"{nope"), {400}, True),
+        (request("/v1/chat/completions", b"[1, 2]"), {400}, True),
+        (request("/v1/chat/completions", b'{"messages": []}'), {400}, True),
+        (request("/v1/chat/completions", b'{"model": "nosuch"}'), {404}, True),
+        # a query string is not the fast lane's: aiohttp serves it, as before
+        (request("/v1/chat/completions?trace=1", body), {200}, False),
+    ]
+    for raw, statuses, shaped in cases:
+        with connect(gateway.url) as sock:
+            sock.sendall(raw)
+            answers = read_answers(sock, 1)
+        assert answers, raw
+        status, answer = answers[0]
+        assert status in statuses, (raw, status, answer)
+        if shaped:
+            error = json.loads(answer)["error"]
+            assert set(error) == {"message", "type", "param", "code"}, answer
+    # and the gateway still serves
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="none")
+    assert client.chat.completions.create(**CHAT).choices[0].message.content == "chat says: hello"
+
+
+def test_chunked_request_body_goes_to_aiohttp_and_is_served(gateway_factory):
+    gateway = gateway_factory({"chat": fake_model("chat")})
+    body = json.dumps(CHAT).encode()
+    chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    with connect(gateway.url) as sock:
+        sock.sendall(request("/v1/chat/completions", chunked, "Transfer-Encoding: chunked"))
+        [(status, answer)] = read_answers(sock, 1)
+    assert status == 200
+    assert json.loads(answer)["model"] == "chat"
+
+
+def test_fast_lane_streams_rewrite_aliases_and_count_usage(gateway_factory):
+    gateway = gateway_factory({"chat": fake_model("chat-upstream", aliases=["friendly"])})
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="none")
+    stream = client.chat.completions.create(
+        model="friendly", messages=CHAT["messages"], stream=True
+    )
+    chunks = list(stream)
+    assert chunks, "no chunks"
+    assert {chunk.model for chunk in chunks} == {"friendly"}  # never the engine's own name
+    assert all(chunk.usage is None for chunk in chunks)  # usage was not asked for by the client
+    # The request is recorded just after its last byte: poll briefly.
+    served = 'modelyard_requests_total{key="anonymous",model="chat",route="/v1/chat",status="200"}'
+    tokens = 'modelyard_completion_tokens_total{model="chat"} 5.0'
+    deadline = time.monotonic() + 5
+    while True:
+        with urllib.request.urlopen(gateway.url + "/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+        if (served in metrics and tokens in metrics) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert served + " 1.0" in metrics
+    assert tokens in metrics  # the usage chunk was read (and dropped) on the way
