@@ -9,11 +9,13 @@ through: the yard's `engine_for` (queues, back-pressure, in-flight counts, idle 
 rewriting and usage capture (proxy/sse.py), the same error shapes, and `gateway.observe`
 (metrics, request log, watchdog).
 
-Anything else (another method or path, a query string, chunked or `Expect` requests, odd
-headers, a body that is not a JSON object, an unknown model, an adapter) is handed, with the
-bytes read so far, to aiohttp's own protocol for that connection, which then serves it for
-good: the fast lane never answers a request it is not sure about. It is used only while no API
-keys are configured; with keys, every request goes through aiohttp and the auth middleware.
+Anything else (another method or path, a query string, chunked or `Expect` requests, odd or
+repeated headers, a Host other than localhost/127.0.0.1/[::1], a Content-Type other than JSON,
+any browser header such as `Origin` or `Sec-Fetch-*`, a body that is not a JSON object, an
+unknown model, an adapter) is handed, with the bytes read so far, to aiohttp's own protocol for
+that connection, which serves it with every middleware and keeps the connection: the fast lane
+never answers a request it is not sure about. It is used only while no API keys are configured;
+with keys, every request goes through aiohttp and the auth middleware.
 """
 
 from __future__ import annotations
@@ -48,7 +50,24 @@ FAST_PATHS = {
 MAX_HEAD = 16 * 1024  # a longer head goes to aiohttp, which applies its own limits
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
-_NOT_FAST = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
+# Requests with these go to aiohttp: framing the lane does not handle, and anything a browser
+# sends (the web layer's Host, Origin and CORS rules decide those).
+_NOT_FAST = frozenset(
+    {
+        b"transfer-encoding",
+        b"expect",
+        b"upgrade",
+        b"origin",
+        b"sec-fetch-site",
+        b"sec-fetch-mode",
+        b"sec-fetch-dest",
+        b"access-control-request-method",
+        b"access-control-request-headers",
+    }
+)
+_JSON_TYPES = frozenset({b"application/json", b"application/json; charset=utf-8"})
+# Host names the lane serves without asking the web layer (which decides all others).
+_LOCAL_HOST = re.compile(rb"(?:localhost|127\.0\.0\.1|\[::1\])(?::[0-9]{1,5})?")
 _DROP_TO_ENGINE = frozenset(h.encode() for h in _HOP_HEADERS | _PRIVATE_HEADERS)
 _DROP_FROM_ENGINE = frozenset(h.encode() for h in _HOP_HEADERS)
 _STREAM_OWN = frozenset({b"cache-control", b"x-accel-buffering"})
@@ -220,6 +239,7 @@ class FastProtocol(asyncio.Protocol):
         headers: list[tuple[bytes, bytes]] = []
         length: int | None = None
         keep_alive = True
+        local_host = json_body = False
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
             if not colon or _TOKEN.fullmatch(name) is None:
@@ -234,6 +254,18 @@ class FastProtocol(asyncio.Protocol):
                 length = int(value)
             elif lowered in _NOT_FAST:
                 return None
+            elif lowered == b"host":
+                if local_host:
+                    return None  # two Host headers: aiohttp refuses them
+                local_host = _LOCAL_HOST.fullmatch(value) is not None
+                if not local_host:
+                    return None
+            elif lowered == b"content-type":
+                if json_body:
+                    return None
+                json_body = value.lower() in _JSON_TYPES
+                if not json_body:
+                    return None
             elif lowered == b"connection":
                 tokens = {token.strip() for token in value.lower().split(b",")}
                 if b"upgrade" in tokens:
@@ -241,7 +273,7 @@ class FastProtocol(asyncio.Protocol):
                 if b"close" in tokens:
                     keep_alive = False
             headers.append((name, value))
-        if length is None or length > self.lane.max_body:
+        if length is None or length > self.lane.max_body or not local_host or not json_body:
             return None
         return FastRequest(path, headers, length, keep_alive)
 
