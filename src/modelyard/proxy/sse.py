@@ -52,11 +52,25 @@ class StreamTransformer:
     def _edit(self, block: bytes) -> bytes:
         for old, new in self._replacements:
             block = block.replace(old, new)
-        if not self._capture_usage or b'"usage"' not in block:
+        if not self._capture_usage:
             return block
-        lines = block.split(b"\n")
-        kept = [line for line in lines if not self._take_usage(line)]
-        return b"\n".join(kept)
+        # Only the lines that mention usage are looked at (one in a whole stream, usually):
+        # a block of hundreds of events costs one search, not a split into lines.
+        start = 0
+        while (at := block.find(b'"usage"', start)) >= 0:
+            line_start = block.rfind(b"\n", 0, at) + 1
+            line_end = block.find(b"\n", at)
+            if line_end < 0:
+                line_end = len(block)
+            if self._take_usage(block[line_start:line_end]):
+                if line_end < len(block):
+                    block = block[:line_start] + block[line_end + 1 :]  # the line and its \n
+                else:
+                    block = block[: max(line_start - 1, 0)]  # the last line and the \n before
+                start = line_start
+            else:
+                start = line_end + 1
+        return block
 
     def _take_usage(self, line: bytes) -> bool:
         """Record usage from a data line; True if the line must be dropped."""
