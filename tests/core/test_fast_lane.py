@@ -14,6 +14,7 @@ import time
 import urllib.request
 
 import openai
+import pytest
 
 from tests.conftest import fake_model
 
@@ -190,3 +191,37 @@ def test_fast_lane_streams_rewrite_aliases_and_count_usage(gateway_factory):
         time.sleep(0.05)
     assert served + " 1.0" in metrics
     assert tokens in metrics  # the usage chunk was read (and dropped) on the way
+
+
+@pytest.mark.slow
+def test_a_slow_reader_pauses_the_engine_not_the_read_timeout(gateway_factory):
+    """A client that stops reading makes the fast lane stop reading from the engine (its
+    socket buffers fill), and that wait is not the engine's silence: with a 1 s read timeout,
+    a client that reads nothing for 2.5 s still gets every event, in order."""
+    gateway = gateway_factory({"chat": fake_model("chat")}, limits={"upstream_read_timeout": "1s"})
+    count = 40_000  # about 5 MB of events, beyond the socket buffers on both sides
+    body = json.dumps({**CHAT, "stream": True, "fake_chunks": count, "fake_chunk_delay": 0})
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        host, port = gateway.url.removeprefix("http://").split(":")
+        sock.connect((host, int(port)))
+        # Warm the engine first so the pause below is all about the slow reader.
+        sock.sendall(request("/v1/chat/completions", json.dumps(CHAT).encode()))
+        assert read_answers(sock, 1)[0][0] == 200
+        sock.sendall(request("/v1/chat/completions", body.encode()))
+        time.sleep(2.5)
+        sock.settimeout(30)
+        pieces = [sock.recv(65536)]
+        tail = pieces[0][-7:]
+        while not tail.endswith(b"\r\n0\r\n\r\n"):
+            piece = sock.recv(65536)
+            assert piece, "the stream ended early"
+            pieces.append(piece)
+            tail = (tail + piece)[-7:]
+    raw = b"".join(pieces)
+    assert raw.startswith(b"HTTP/1.1 200 ")
+    answer, _rest = _dechunk(raw[raw.index(b"\r\n\r\n") + 4 :])
+    assert answer is not None
+    events = [line for line in answer.split(b"\n\n") if line.startswith(b"data: {")]
+    assert [json.loads(event[6:])["seq"] for event in events] == list(range(count))
+    assert answer.rstrip().endswith(b"data: [DONE]")
