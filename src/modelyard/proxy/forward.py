@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
+from modelyard.auth.credentials import is_credential_header
 from modelyard.proxy.sse import StreamTransformer
 
 # Headers that describe one hop, not the message (RFC 9110 7.6.1), plus ones we recompute.
@@ -30,8 +32,6 @@ _HOP_HEADERS = frozenset(
         "accept-encoding",
     }
 )
-# Credentials for the gateway must never reach an engine (or its logs).
-_PRIVATE_HEADERS = frozenset({"authorization", "x-api-key", "cookie"})
 
 
 # Below uvicorn's (and so vLLM's) 5 s keep-alive: a pooled connection is never reused just as
@@ -61,10 +61,12 @@ class ProxyOutcome:
 
 
 def forward_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers an engine gets: no hop-by-hop ones, and no credential of any kind (keys
+    for the gateway must never reach an engine or its logs; see `auth.credentials`)."""
     return {
         key: value
         for key, value in headers.items()
-        if key.lower() not in _HOP_HEADERS and key.lower() not in _PRIVATE_HEADERS
+        if key.lower() not in _HOP_HEADERS and not is_credential_header(key)
     }
 
 
@@ -93,7 +95,7 @@ class UpstreamClient:
     async def forward(
         self,
         request: web.Request,
-        url: str,
+        url: str | URL,
         body: bytes | None,
         transformer_for: Callable[[], StreamTransformer | None],
         rewrite_body: Callable[[bytes], bytes] | None = None,
