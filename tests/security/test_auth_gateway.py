@@ -125,9 +125,7 @@ async def test_key_without_the_model_gets_404_and_the_model_is_not_started(gatew
         assert_openai_error(body, code)
         unknown = path.replace("secret", "nosuch")
         payload = payload and {**payload, "model": "nosuch"}
-        status, other, _ = await call(
-            method, gateway.url + unknown, bearer(USER_KEY), json=payload
-        )
+        status, other, _ = await call(method, gateway.url + unknown, bearer(USER_KEY), json=payload)
         assert status == 404
         assert other["error"]["message"] == body["error"]["message"].replace("secret", "nosuch")
     assert gateway.model_state("secret") == "stopped"

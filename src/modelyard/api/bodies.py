@@ -7,6 +7,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from modelyard.api.errors import ApiError
 
@@ -24,7 +25,7 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise ApiError(
             413, f"request body is larger than the limit of {limit} bytes", "body_too_large"
         ) from None
-    except (HttpProcessingError, ValueError, EOFError) as error:
+    except (RequestPayloadError, HttpProcessingError, ValueError, EOFError) as error:
         # A Content-Encoding (gzip, deflate, br) whose data does not decode, or a body cut off.
         raise ApiError(
             400, f"request body could not be read: {type(error).__name__}", "invalid_body"

@@ -7,8 +7,8 @@ on one reading while the engine gets another is how `/upstream/m/sleep%09` reach
 `/sleep`. So the request target is decoded once, here, and refused unless its decoded path
 has exactly one meaning:
 
-- no control characters, no `#`, `?`, `%` or backslash after decoding (nothing left that a
-  later decoder or URL parser could reinterpret);
+- no control characters or spaces, no `#`, `?`, `%` or backslash after decoding (nothing
+  left that a later decoder or URL parser could reinterpret or trim);
 - no `.` or `..` segments and no empty segments (`//`): nothing to resolve;
 - valid UTF-8, and a query of URL characters only.
 
@@ -26,7 +26,7 @@ from urllib.parse import quote, unquote
 _PLAIN_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*\Z")
 _QUERY = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*\Z")
 _ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
-_FORBIDDEN_DECODED = re.compile(r"[\x00-\x1f\x7f#?%\\]")
+_FORBIDDEN_DECODED = re.compile(r"[\x00-\x20\x7f#?%\\]")
 _SAFE_IN_PATH = "/!$&'()*+,;=:@~"
 
 
@@ -58,9 +58,10 @@ def canonical_target(raw_target: str) -> CanonicalTarget:
             raise NonCanonical("the path is not valid UTF-8") from None
         if _FORBIDDEN_DECODED.search(path):
             raise NonCanonical(
-                "the path contains a control character, '#', '?', '%' or '\\' (encoded or not)"
+                "the path contains a space, a control character, '#', '?', '%' or '\\' "
+                "(encoded or not)"
             )
-        if any(ord(char) > 0x7F for char in raw_path) or " " in raw_path:
+        if any(ord(char) > 0x7F for char in raw_path):
             raise NonCanonical("the path contains characters that must be percent-encoded")
     if "//" in path or "/./" in path or "/../" in path or path.endswith(("/.", "/..")):
         raise NonCanonical("the path has empty, '.' or '..' segments; send it resolved")
