@@ -9,6 +9,7 @@ heard of that is named like a credential is treated as one.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 CREDENTIAL_HEADERS = frozenset(
@@ -28,6 +29,7 @@ CREDENTIAL_HEADERS = frozenset(
 _CREDENTIAL_WORDS = ("api-key", "apikey", "api_key", "token", "secret", "auth", "cookie", "passw")
 
 
+@functools.lru_cache(maxsize=1024)  # on every forwarded header: names repeat, so look once
 def is_credential_header(name: str) -> bool:
     lowered = name.lower()
     return lowered in CREDENTIAL_HEADERS or any(word in lowered for word in _CREDENTIAL_WORDS)

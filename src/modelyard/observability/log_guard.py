@@ -16,7 +16,7 @@ import time
 from modelyard.redaction import one_line, printable, redact
 
 # Loggers whose lines a client can cause at will (bad requests, refused keys, bad paths).
-CLIENT_CAUSED = ("aiohttp.server", "aiohttp.web", "aiohttp.access", "modelyard.auth.refusals")
+CLIENT_CAUSED = ("aiohttp.server", "aiohttp.web", "aiohttp.access")
 CLIENT_CAUSED_ATTR = "client_caused"  # extra={"client_caused": True} marks one more record
 
 

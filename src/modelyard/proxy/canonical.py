@@ -24,7 +24,8 @@ from urllib.parse import quote, unquote
 
 # Characters a path may carry unencoded (RFC 3986 pchar and '/'), minus '%': the fast path.
 _PLAIN_PATH = re.compile(r"/[A-Za-z0-9\-._~!$&'()*+,;=:@/]*\Z")
-_QUERY = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?]|%[0-9A-Fa-f]{2})*\Z")
+# Brackets are not RFC 3986 query characters, but browsers and PHP-style clients send them raw.
+_QUERY = re.compile(r"(?:[A-Za-z0-9\-._~!$&'()*+,;=:@/?\[\]]|%[0-9A-Fa-f]{2})*\Z")
 _ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _FORBIDDEN_DECODED = re.compile(r"[\x00-\x20\x7f#?%\\]")
 _SAFE_IN_PATH = "/!$&'()*+,;=:@~"
