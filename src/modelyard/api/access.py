@@ -14,7 +14,7 @@ from modelyard.auth.principal import ANONYMOUS, Principal
 from modelyard.scheduler.yard import Target
 
 PRINCIPAL_KEY = web.RequestKey("modelyard.principal", Principal)
-FORBIDDEN_KEY = "modelyard.forbidden"  # set when access was refused (for the usage counter)
+FORBIDDEN_KEY = web.RequestKey("modelyard.forbidden", bool)  # access refused: counted per key
 
 
 def principal_of(request: web.Request) -> Principal:

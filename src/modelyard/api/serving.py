@@ -12,6 +12,7 @@ from aiohttp import web
 from yarl import URL
 
 from modelyard.api.access import (
+    FORBIDDEN_KEY,
     may_use,
     not_found,
     principal_of,
@@ -97,7 +98,7 @@ async def seed_route(request: web.Request) -> web.StreamResponse:
             if may_use(principal, gateway.yard.resolve(gateway.yard.model_for_route(r) or ""))
         ]
         if target is not None:
-            request["modelyard.forbidden"] = True
+            request[FORBIDDEN_KEY] = True
         raise ApiError(
             404,
             f"no route /{route}; routes: " + (", ".join(usable) or "(none)"),
