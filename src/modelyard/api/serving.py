@@ -64,8 +64,8 @@ def _require(request: web.Request, gateway: Gateway, target: Target) -> None:
 async def openai_model_route(request: web.Request) -> web.StreamResponse:
     """POST /v1/<anything>: the `model` field picks the engine."""
     gateway = gateway_of(request)
+    body = await read_body(request, gateway.config.limits.max_body_bytes)  # 413 first
     require_json_content_type(request)
-    body = await read_body(request, gateway.config.limits.max_body_bytes)
     payload = parse_json_object(body)
     target = _resolve_listing(request, gateway, model_field(payload))
     path = canonical_of(request).path  # "/v1/..." exactly as checked and as forwarded
