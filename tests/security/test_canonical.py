@@ -96,6 +96,9 @@ def test_the_credential_header_list_is_stripped_before_forwarding():
     assert set(kept) == {"Content-Type", "Accept", "X-Request-Id"}
     for name in ("Authorization", "API-KEY", "x-goog-api-key", "Cookie"):
         assert is_credential_header(name)
+    # The presented key copied into a header of any name does not leave either.
+    copied = forward_headers({"Authorization": "Bearer k-123456", "X-Echo": "k-123456 here"})
+    assert copied == {}
 
 
 def test_a_key_is_accepted_from_each_header_clients_use():

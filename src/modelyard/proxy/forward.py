@@ -12,7 +12,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from modelyard.auth.credentials import is_credential_header
+from modelyard.auth.credentials import is_credential_header, presented_key
 from modelyard.proxy.sse import StreamTransformer
 
 # Headers that describe one hop, not the message (RFC 9110 7.6.1), plus ones we recompute.
@@ -63,10 +63,14 @@ class ProxyOutcome:
 def forward_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """The headers an engine gets: no hop-by-hop ones, and no credential of any kind (keys
     for the gateway must never reach an engine or its logs; see `auth.credentials`)."""
+    # A client may also copy its key into a header of any name: such a header stays too.
+    key = presented_key(headers)
     return {
-        key: value
-        for key, value in headers.items()
-        if key.lower() not in _HOP_HEADERS and not is_credential_header(key)
+        name: value
+        for name, value in headers.items()
+        if name.lower() not in _HOP_HEADERS
+        and not is_credential_header(name)
+        and (key is None or key not in value)
     }
 
 
