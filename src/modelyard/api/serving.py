@@ -300,7 +300,7 @@ async def _forward(
         status = error.status
         raise ApiError(
             error.status,
-            _with_log_tail(request, str(error), error.log_tail),
+            _with_log_tail(str(error), error.log_tail, principal_of(request).admin),
             error.code,
             retry_after=error.retry_after,
         ) from None
@@ -314,7 +314,7 @@ async def _forward(
         tail = supervisor.failure.log_tail if supervisor.failure else []
         raise ApiError(
             status,
-            _with_log_tail(request, f"model {target.model!r}: {error}", tail),
+            _with_log_tail(f"model {target.model!r}: {error}", tail, principal_of(request).admin),
             "upstream_timeout" if timed_out else "upstream_error",
         ) from None
     finally:
@@ -349,11 +349,11 @@ def _usage_of(body: bytes | None) -> dict[str, int]:
     return {k: v for k, v in usage.items() if isinstance(v, int)}
 
 
-def _with_log_tail(request: web.Request, message: str, tail: list[str]) -> str:
-    """An engine failure's message; only an admin sees the engine's log lines (redacted): a
-    user learns that the engine failed, not how it was started or what it printed."""
+def _with_log_tail(message: str, tail: list[str], show_tail: bool = False) -> str:
+    """An engine failure's message; only an admin (`show_tail`) sees the engine's log lines,
+    masked: a user learns that the engine failed, not how it was started or what it printed."""
     message = redact(message)
-    if not tail or not principal_of(request).admin:
+    if not tail or not show_tail:
         return message
     return redact(message + "\nlast engine log lines:\n" + "\n".join(tail[-10:]))
 

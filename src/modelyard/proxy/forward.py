@@ -12,7 +12,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from modelyard.auth.credentials import is_credential_header, presented_key
+from modelyard.auth.credentials import CREDENTIAL_HEADERS, is_credential_header, presented_key
 from modelyard.proxy.sse import StreamTransformer
 
 # Headers that describe one hop, not the message (RFC 9110 7.6.1), plus ones we recompute.
@@ -33,6 +33,10 @@ _HOP_HEADERS = frozenset(
     }
 )
 
+
+# The named credential headers, for code that matches exact names; `forward_headers` also drops
+# any header named like a credential or carrying the presented key (auth/credentials.py).
+_PRIVATE_HEADERS = CREDENTIAL_HEADERS
 
 # Below uvicorn's (and so vLLM's) 5 s keep-alive: a pooled connection is never reused just as
 # the engine closes it, which would fail a POST that cannot be retried.
