@@ -127,6 +127,9 @@ async def test_2_adapter_scoped_key_reaches_only_its_adapter(gateway_factory, tm
         json.dumps({"model": "sql-adapter", **CHAT}).encode(),
     )
     assert answer.status == 200, answer
+    # The engine's own model list would name the base and every loaded sibling adapter.
+    listing = await request(gateway.url, "GET", "/upstream/sql-adapter/v1/models", bearer(sql_key))
+    assert [entry["id"] for entry in listing.json()["data"]] == ["sql-adapter"]
     models_served = {
         json.loads(entry["body"]).get("model")
         for entry in await received(gateway, "base")

@@ -11,6 +11,7 @@ from modelyard.api.access import require_admin
 from modelyard.api.serving import gateway_of
 from modelyard.observability.engine_metrics import merge_expositions, scrape_engines
 from modelyard.observability.metrics import CONTENT_TYPE
+from modelyard.redaction import redact
 from modelyard.scheduler.supervisor import ModelState
 
 UI_FILES = importlib.resources.files("modelyard") / "ui"
@@ -60,7 +61,9 @@ async def engine_metrics(request: web.Request) -> web.Response:
         if supervisor.state is ModelState.READY and supervisor.engine is not None
     }
     texts = await scrape_engines(gateway.health_session, ready)
-    return web.Response(body=merge_expositions(texts), headers={"Content-Type": CONTENT_TYPE})
+    # Engines describe their configuration in info metrics: masked like everything else.
+    masked = {name: None if text is None else redact(text) for name, text in texts.items()}
+    return web.Response(body=merge_expositions(masked), headers={"Content-Type": CONTENT_TYPE})
 
 
 async def ui_redirect(request: web.Request) -> web.Response:

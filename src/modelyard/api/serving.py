@@ -138,6 +138,14 @@ async def upstream_route(request: web.Request) -> web.StreamResponse:
     """`/upstream/{model}/{path}`: any engine path, after starting the engine."""
     gateway = gateway_of(request)
     target = _resolve_listing(request, gateway, request.match_info["model"])
+    principal = principal_of(request)
+    if (
+        request.method == "GET"
+        and request.match_info["tail"] in ("v1/models", "v1/models/")
+        and not principal.unrestricted
+    ):
+        # The engine would list every adapter it has loaded, other keys' included.
+        return web.json_response(model_listing(gateway, only=target.model, principal=principal))
     body = await read_body(request, gateway.config.limits.max_body_bytes)
     return await proxy_raw(
         request, gateway, target, "/" + request.match_info["tail"], body, "/upstream"
