@@ -30,10 +30,12 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from modelyard.api.errors import error_body
+from modelyard.api.bodies import parse_json_object
+from modelyard.api.errors import ApiError, error_body
 from modelyard.api.serving import _ask_stream_for_usage, _usage_of, _with_log_tail
+from modelyard.auth.credentials import is_credential_header
 from modelyard.gateway import Gateway, RequestRecord
-from modelyard.proxy.forward import _HOP_HEADERS, _PRIVATE_HEADERS, UpstreamError, UpstreamTimeout
+from modelyard.proxy.forward import _HOP_HEADERS, UpstreamError, UpstreamTimeout
 from modelyard.proxy.lean_client import Exchange, LeanPool, UpstreamConnection
 from modelyard.proxy.sse import StreamTransformer, model_name_replacements, rewrite_model_in_json
 from modelyard.scheduler.supervisor import ModelUnavailable
@@ -55,6 +57,7 @@ _VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 _NOT_FAST = frozenset(
     {
         b"transfer-encoding",
+        b"content-encoding",
         b"expect",
         b"upgrade",
         b"origin",
@@ -68,7 +71,8 @@ _NOT_FAST = frozenset(
 _JSON_TYPES = frozenset({b"application/json", b"application/json; charset=utf-8"})
 # Host names the lane serves without asking the web layer (which decides all others).
 _LOCAL_HOST = re.compile(rb"(?:localhost|127\.0\.0\.1|\[::1\])(?::[0-9]{1,5})?")
-_DROP_TO_ENGINE = frozenset(h.encode() for h in _HOP_HEADERS | _PRIVATE_HEADERS)
+_HOP_TO_ENGINE = frozenset(h.encode() for h in _HOP_HEADERS)
+_KEPT_NAMES: dict[bytes, bool] = {}  # header name -> forwarded to the engine (bounded cache)
 _DROP_FROM_ENGINE = frozenset(h.encode() for h in _HOP_HEADERS)
 _STREAM_OWN = frozenset({b"cache-control", b"x-accel-buffering"})
 _REASONS = {status.value: status.phrase.encode() for status in http.HTTPStatus}
@@ -117,10 +121,8 @@ class FastLane:
     def eligible(self, request: FastRequest) -> bool:
         """Checks that send a request to aiohttp (which answers them properly) instead."""
         try:
-            payload = json.loads(request.body)
-        except (ValueError, RecursionError):
-            return False
-        if not isinstance(payload, dict):
+            payload = parse_json_object(request.body)  # the web layer's own checks
+        except ApiError:
             return False
         model = payload.get("model")
         if not isinstance(model, str) or not model:
@@ -334,7 +336,7 @@ class FastProtocol(asyncio.Protocol):
             status = error.status
             self._error(
                 status,
-                _with_log_tail(str(error), error.log_tail),
+                _with_log_tail(str(error), error.log_tail, show_tail=True),
                 error.code,
                 retry_after=error.retry_after,
             )
@@ -347,11 +349,12 @@ class FastProtocol(asyncio.Protocol):
             tail = supervisor.failure.log_tail if supervisor.failure else []
             self._error(
                 status,
-                _with_log_tail(f"model {target.model!r}: {error}", tail),
+                _with_log_tail(f"model {target.model!r}: {error}", tail, show_tail=True),
                 "upstream_timeout" if timed_out else "upstream_error",
             )
             return True
         except asyncio.CancelledError:
+            status = 499  # the client hung up: nginx's "client closed request"
             raise
         except Exception:
             log.exception("internal error on POST %s", path)
@@ -386,7 +389,7 @@ class FastProtocol(asyncio.Protocol):
         started = time.perf_counter()
         head = [b"POST ", request.path, b" HTTP/1.1\r\nHost: ", host_header, b"\r\n"]
         for name, value in request.headers:
-            if name.lower() not in _DROP_TO_ENGINE:
+            if _to_engine(name):
                 head += [name, b": ", value, b"\r\n"]
         head.append(b"Content-Length: %d\r\n\r\n" % len(body))
         head.append(body)
@@ -405,7 +408,9 @@ class FastProtocol(asyncio.Protocol):
                     replacements, capture_usage=True, drop_usage_only_chunk=usage_added
                 )
                 clean = await self._stream(exchange, transformer)
-                return exchange.status, first_byte, True, transformer.usage
+                # A stream the engine broke off: the client got a 200 header, then an error.
+                status = exchange.status if clean else 502
+                return status, first_byte, True, transformer.usage
             await exchange.done
             data = exchange.take_buffered()
             if replacements and exchange.status < 400:
@@ -502,6 +507,19 @@ class FastProtocol(asyncio.Protocol):
             head.append(b"Retry-After: %d\r\n" % max(1, math.ceil(retry_after)))
         head += [b"Content-Length: %d\r\n\r\n" % len(data), data]
         self.transport.write(b"".join(head))
+
+
+def _to_engine(name: bytes) -> bool:
+    """Whether a client header goes on to the engine: no hop-by-hop header and no credential
+    of any kind (`auth.credentials`, the same rule as the aiohttp path)."""
+    kept = _KEPT_NAMES.get(name)
+    if kept is None:
+        kept = name.lower() not in _HOP_TO_ENGINE and not is_credential_header(
+            name.decode("latin-1")
+        )
+        if len(_KEPT_NAMES) < 1024:  # names are the client's: never an unbounded cache
+            _KEPT_NAMES[name] = kept
+    return kept
 
 
 async def start_server(
