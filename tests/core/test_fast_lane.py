@@ -9,10 +9,12 @@ aiohttp's full stack would give (OpenAI-shaped errors), in order, with nothing l
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import time
 import urllib.request
 
+import aiohttp
 import openai
 import pytest
 
@@ -225,3 +227,30 @@ def test_a_slow_reader_pauses_the_engine_not_the_read_timeout(gateway_factory):
     events = [line for line in answer.split(b"\n\n") if line.startswith(b"data: {")]
     assert [json.loads(event[6:])["seq"] for event in events] == list(range(count))
     assert answer.rstrip().endswith(b"data: [DONE]")
+
+
+@pytest.mark.slow
+async def test_shutdown_ends_a_long_stream_with_an_error_event(gateway_factory):
+    """SIGTERM with a stream still going: after `shutdown_grace` the stream ends with a final
+    `shutting_down` error event and a proper end, never a silent cut."""
+    gateway = gateway_factory({"chat": fake_model("chat")}, limits={"shutdown_grace": "1s"})
+    body = {**CHAT, "stream": True, "fake_chunks": 1000, "fake_chunk_delay": 0.05}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(gateway.url + "/v1/chat/completions", json=body) as response,
+    ):
+        assert response.status == 200
+        lines: list[bytes] = []
+        async for line in response.content:
+            if line.startswith(b"data: "):
+                lines.append(line)
+            if len(lines) == 3:
+                began = time.monotonic()
+                gateway.process.send_signal(signal.SIGTERM)
+        ended_after = time.monotonic() - began
+    last = json.loads(lines[-1][6:])
+    assert last["error"]["code"] == "shutting_down", lines[-3:]
+    assert "shutdown_grace" in last["error"]["message"]
+    assert 0.8 < ended_after < 8
+    assert len(lines) < 200  # ended, not streamed to the end
+    assert gateway.process.wait(timeout=20) == 0

@@ -104,6 +104,7 @@ class FastLane:
         self.max_body = limits.max_body_bytes
         self.pool = LeanPool(limits.upstream_connect_timeout, limits.upstream_read_timeout)
         self.in_flight: set[asyncio.Task[None]] = set()
+        self.streaming: set[FastProtocol] = set()
         self._addresses: dict[str, tuple[str, int, bytes]] = {}
 
     def protocol(self) -> FastProtocol:
@@ -137,10 +138,28 @@ class FastLane:
         request.target = target
         return True
 
+    def cut_streams(self, reason: str) -> int:
+        """End every stream in progress with a final SSE error event carrying `reason`
+        (shutdown past its grace: a clear end, not a silent truncation). Returns how many."""
+        cut = 0
+        for protocol in list(self.streaming):
+            exchange = protocol.exchange
+            if exchange is not None and not exchange.done.done():
+                exchange.fail(StreamCut(reason))
+                exchange.connection.close()
+                cut += 1
+        return cut
+
     async def close(self, grace: float) -> None:
-        """Wait (bounded) for requests in flight, then drop pooled connections."""
+        """Wait (bounded) for requests in flight; streams still going then end with an error
+        event; what is left after that is cancelled. Then drop pooled connections."""
         if self.in_flight:
             await asyncio.wait(list(self.in_flight), timeout=grace)
+        if self.in_flight and self.cut_streams(
+            f"the gateway is shutting down; this stream was ended after {grace:g}s "
+            "(limits.shutdown_grace)"
+        ):
+            await asyncio.wait(list(self.in_flight), timeout=5.0)
         for task in list(self.in_flight):
             task.cancel()
         self.pool.close()
@@ -463,25 +482,29 @@ class FastProtocol(asyncio.Protocol):
                 self.sent_done = piece.endswith(b"data: [DONE]\n\n")
 
         exchange.set_sink(forward)
+        self.lane.streaming.add(self)
         try:
             await exchange.done
         except UpstreamError as error:
-            # The engine died or hung mid-stream: an error event, then a clean end.
+            # The engine died or hung mid-stream, or the gateway ended it (shutdown past its
+            # grace): an error event that says which, then a clean end.
             transformer.flush()
+            cut = isinstance(error, StreamCut)
             event = {
                 "error": {
-                    "message": f"the engine broke off the stream: {error}",
+                    "message": str(error) if cut else f"the engine broke off the stream: {error}",
                     "type": "server_error",
                     "param": None,
-                    "code": "upstream_stream_broken",
+                    "code": "shutting_down" if cut else "upstream_stream_broken",
                 }
             }
             piece = f"data: {json.dumps(event)}\n\n".encode()
             if not self.gone:
                 transport.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(piece), piece))
-            return False
+            return cut  # a cut stream keeps its status: the engine did nothing wrong
         finally:
             self.upstream = None
+            self.lane.streaming.discard(self)
         tail = transformer.flush()
         if not self.gone:
             if tail:
@@ -507,6 +530,10 @@ class FastProtocol(asyncio.Protocol):
             head.append(b"Retry-After: %d\r\n" % max(1, math.ceil(retry_after)))
         head += [b"Content-Length: %d\r\n\r\n" % len(data), data]
         self.transport.write(b"".join(head))
+
+
+class StreamCut(UpstreamError):
+    """The gateway ended a stream (shutdown past its grace); the message says why."""
 
 
 def _to_engine(name: bytes) -> bool:
