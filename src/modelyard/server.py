@@ -78,14 +78,10 @@ async def run_gateway(config: GatewayConfig, ready_message: bool = True) -> None
         )
         await runner.setup()
         use_openai_errors(runner)  # bad request lines and headers: OpenAI's error shape too
-        if gateway.auth is not None and gateway.auth.enabled:
-            site = web.TCPSite(runner, config.host, config.port, backlog=2048, reuse_address=True)
-            await site.start()
-        else:
-            # Without keys, the common POSTs take the fast lane; the rest is aiohttp's.
-            assert runner.server is not None
-            lane = FastLane(gateway, runner.server)
-            fast_server = await start_server(lane, config.host, config.port)
+        # The common POSTs take the fast lane (proxy/fastpath.py); the rest is aiohttp's.
+        assert runner.server is not None
+        lane = FastLane(gateway, runner.server)
+        fast_server = await start_server(lane, config.host, config.port)
         if ready_message:
             print(
                 f"modelyard listening on http://{config.listen} ({len(config.models)} models)",

@@ -10,12 +10,17 @@ rewriting and usage capture (proxy/sse.py), the same error shapes, and `gateway.
 (metrics, request log, watchdog).
 
 Anything else (another method or path, a query string, chunked or `Expect` requests, odd or
-repeated headers, a Host other than localhost/127.0.0.1/[::1], a Content-Type other than JSON,
-any browser header such as `Origin` or `Sec-Fetch-*`, a body that is not a JSON object, an
-unknown model, an adapter) is handed, with the bytes read so far, to aiohttp's own protocol for
-that connection, which serves it with every middleware and keeps the connection: the fast lane
-never answers a request it is not sure about. It is used only while no API keys are configured;
-with keys, every request goes through aiohttp and the auth middleware.
+repeated headers, a Content-Type other than JSON, any browser header such as `Origin` or
+`Sec-Fetch-*`, a body that is not a JSON object, an unknown model, an adapter) is handed, with
+the bytes read so far, to aiohttp's own protocol for that connection, which serves it with
+every middleware and keeps the connection: the fast lane never answers a request it is not
+sure about.
+
+With API keys, the lane serves only a valid key without a rate limit, for a model it may use
+(then counted by the same `Authenticator.identify` as the middleware's); a missing or unknown
+key, a rate-limited key and a forbidden model go to the web layer untouched, for its 401, 429
+or 403 and its counts. Without keys, only a local Host (localhost, 127.0.0.1, [::1]) is served
+here: the web layer applies the DNS-rebinding rule to every other name.
 """
 
 from __future__ import annotations
@@ -30,10 +35,13 @@ import time
 from collections.abc import Callable
 from typing import Any, cast
 
+from multidict import CIMultiDict
+
 from modelyard.api.bodies import parse_json_object
 from modelyard.api.errors import ApiError, error_body
 from modelyard.api.serving import _ask_stream_for_usage, _usage_of, _with_log_tail
-from modelyard.auth.credentials import is_credential_header
+from modelyard.auth.credentials import is_credential_header, presented_key
+from modelyard.auth.principal import ANONYMOUS, Principal
 from modelyard.gateway import Gateway, RequestRecord
 from modelyard.proxy.forward import _HOP_HEADERS, UpstreamError, UpstreamTimeout
 from modelyard.proxy.lean_client import Exchange, LeanPool, UpstreamConnection
@@ -79,7 +87,17 @@ _REASONS = {status.value: status.phrase.encode() for status in http.HTTPStatus}
 
 
 class FastRequest:
-    __slots__ = ("body", "headers", "keep_alive", "label", "length", "path", "payload", "target")
+    __slots__ = (
+        "body",
+        "headers",
+        "keep_alive",
+        "label",
+        "length",
+        "path",
+        "payload",
+        "principal",
+        "target",
+    )
 
     def __init__(
         self, path: bytes, headers: list[tuple[bytes, bytes]], length: int, keep_alive: bool
@@ -92,6 +110,7 @@ class FastRequest:
         self.keep_alive = keep_alive
         self.payload: dict[str, Any] = {}
         self.target: Target | None = None
+        self.principal = ANONYMOUS
 
 
 class FastLane:
@@ -102,6 +121,8 @@ class FastLane:
         self.fallback = fallback
         limits = gateway.config.limits
         self.max_body = limits.max_body_bytes
+        keyed = gateway.auth is not None and gateway.auth.enabled
+        self.auth = gateway.auth if keyed else None
         self.pool = LeanPool(limits.upstream_connect_timeout, limits.upstream_read_timeout)
         self.in_flight: set[asyncio.Task[None]] = set()
         self.streaming: set[FastProtocol] = set()
@@ -134,9 +155,35 @@ class FastLane:
             return False
         if target.adapter is not None:
             return False
+        if self.auth is not None:
+            principal = self._principal(request, target)
+            if principal is None:
+                return False
+            request.principal = principal
         request.payload = payload
         request.target = target
         return True
+
+    def _principal(self, request: FastRequest, target: Target) -> Principal | None:
+        """The key's principal, when the lane can serve it; None hands the request to the web
+        layer, untouched: no key or an unknown one (its 401 and refusal log), a key with a
+        rate limit (the limiter counts there), a model the key may not use (its 403 and
+        forbidden count). Only then is the request counted for the key, by the same
+        `identify` the authentication middleware calls."""
+        assert self.auth is not None
+        headers = CIMultiDict(
+            (name.decode("latin-1"), value.decode("latin-1")) for name, value in request.headers
+        )
+        presented = presented_key(headers)
+        api_key = self.auth.keyring.find(presented) if presented is not None else None
+        if api_key is None or api_key.rpm is not None:
+            return None
+        if not Principal(api_key.name, api_key.admin, api_key.models).may_use(
+            target.public_name, target.model
+        ):
+            return None
+        identity = self.auth.identify(headers)
+        return identity if isinstance(identity, Principal) else None
 
     def cut_streams(self, reason: str) -> int:
         """End every stream in progress with a final SSE error event carrying `reason`
@@ -260,7 +307,7 @@ class FastProtocol(asyncio.Protocol):
         headers: list[tuple[bytes, bytes]] = []
         length: int | None = None
         keep_alive = True
-        local_host = json_body = False
+        has_host = json_body = False
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
             if not colon or _TOKEN.fullmatch(name) is None:
@@ -276,10 +323,12 @@ class FastProtocol(asyncio.Protocol):
             elif lowered in _NOT_FAST:
                 return None
             elif lowered == b"host":
-                if local_host:
+                if has_host:
                     return None  # two Host headers: aiohttp refuses them
-                local_host = _LOCAL_HOST.fullmatch(value) is not None
-                if not local_host:
+                has_host = True
+                # Without keys, the web layer checks the name (DNS rebinding): only the plain
+                # local names are served here. With keys, any name is served.
+                if self.lane.auth is None and _LOCAL_HOST.fullmatch(value) is None:
                     return None
             elif lowered == b"content-type":
                 if json_body:
@@ -294,7 +343,7 @@ class FastProtocol(asyncio.Protocol):
                 if b"close" in tokens:
                     keep_alive = False
             headers.append((name, value))
-        if length is None or length > self.lane.max_body or not local_host or not json_body:
+        if length is None or length > self.lane.max_body or not has_host or not json_body:
             return None
         return FastRequest(path, headers, length, keep_alive)
 
@@ -355,7 +404,7 @@ class FastProtocol(asyncio.Protocol):
             status = error.status
             self._error(
                 status,
-                _with_log_tail(str(error), error.log_tail, show_tail=True),
+                _with_log_tail(str(error), error.log_tail, request.principal.admin),
                 error.code,
                 retry_after=error.retry_after,
             )
@@ -368,7 +417,7 @@ class FastProtocol(asyncio.Protocol):
             tail = supervisor.failure.log_tail if supervisor.failure else []
             self._error(
                 status,
-                _with_log_tail(f"model {target.model!r}: {error}", tail, show_tail=True),
+                _with_log_tail(f"model {target.model!r}: {error}", tail, request.principal.admin),
                 "upstream_timeout" if timed_out else "upstream_error",
             )
             return True
@@ -385,7 +434,7 @@ class FastProtocol(asyncio.Protocol):
                 RequestRecord(
                     model=target.model,
                     route=request.label,
-                    key_name="anonymous",
+                    key_name=request.principal.name,
                     status=status,
                     duration_s=time.perf_counter() - started,
                     first_byte_s=first_byte,
