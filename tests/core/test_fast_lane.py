@@ -254,3 +254,44 @@ async def test_shutdown_ends_a_long_stream_with_an_error_event(gateway_factory):
     assert 0.8 < ended_after < 8
     assert len(lines) < 200  # ended, not streamed to the end
     assert gateway.process.wait(timeout=20) == 0
+
+
+def test_with_keys_the_lane_serves_valid_keys_and_leaves_refusals_to_the_web_layer(
+    gateway_factory,
+):
+    """One connection, pipelined: alice's request (served by the lane, counted for alice),
+    a wrong key (the web layer's 401), alice again on the same connection (now aiohttp's),
+    and on a fresh connection a model alice may not use (the web layer's 404, which names no
+    other key's model) and bob's rate-limited key (the web layer counts it)."""
+    from tests.security.keys import ADMIN_KEY, LIMITED_KEY, USER_KEY, auth_settings
+
+    gateway = gateway_factory(
+        {"chat": fake_model("chat"), "secret": fake_model("secret")}, **auth_settings()
+    )
+    body = json.dumps(CHAT).encode()
+    alice = f"Authorization: Bearer {USER_KEY}"
+    with connect(gateway.url) as sock:
+        sock.sendall(
+            request("/v1/chat/completions", body, alice)
+            + request("/v1/chat/completions", body, "Authorization: Bearer sk-wrong")
+            + request("/v1/chat/completions", body, alice)
+        )
+        answers = read_answers(sock, 3)
+    assert [status for status, _ in answers] == [200, 401, 200]
+    assert json.loads(answers[1][1])["error"]["code"] == "invalid_api_key"
+    secret = json.dumps({**CHAT, "model": "secret"}).encode()
+    with connect(gateway.url) as sock:
+        sock.sendall(request("/v1/chat/completions", secret, alice))
+        [(status, answer)] = read_answers(sock, 1)
+    assert status == 404
+    assert "secret" not in json.loads(answer)["error"]["message"].split("known models")[-1]
+    with connect(gateway.url) as sock:
+        sock.sendall(request("/v1/chat/completions", body, f"x-api-key: {LIMITED_KEY}"))
+        assert read_answers(sock, 1)[0][0] == 200
+    admin = urllib.request.Request(
+        gateway.url + "/admin/keys", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+    )
+    with urllib.request.urlopen(admin, timeout=10) as response:
+        keys = {key["name"]: key["usage"] for key in json.loads(response.read())["keys"]}
+    assert keys["alice"]["requests"] == 3  # two served (one by the lane), the 404 one
+    assert keys["bot"]["requests"] == 1
