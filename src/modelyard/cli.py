@@ -128,8 +128,13 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"modelyard: {auth_mode(config)}", flush=True)
     configure_logging(args.log_level, config.log_format)
     from modelyard.server import serve
+    from modelyard.tls import TlsError
 
-    serve(config)
+    try:
+        serve(config)
+    except TlsError as error:
+        print(f"modelyard: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -45,14 +45,14 @@ def add_routes(router: web.UrlDispatcher) -> None:
 
 async def metrics(request: web.Request) -> web.Response:
     """The gateway's own metrics in Prometheus' text format."""
-    principal_of(request).require_admin()
+    principal_of(request).require_metrics()
     body = gateway_of(request).metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def engine_metrics(request: web.Request) -> web.Response:
     """Every *ready* engine's own `/metrics`, labelled by model; never starts an engine."""
-    principal_of(request).require_admin()
+    principal_of(request).require_metrics()
     gateway = gateway_of(request)
     ready = {
         name: supervisor.engine.base_url

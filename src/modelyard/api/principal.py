@@ -19,6 +19,7 @@ class Principal:
     name: str
     admin: bool
     model_patterns: tuple[str, ...] = field(default=("*",))
+    metrics: bool = False  # a scraper's key: /metrics and /metrics/engines only
 
     def may_use(self, target: Target) -> bool:
         names = {target.public_name, target.model}
@@ -38,6 +39,16 @@ class Principal:
     def require_admin(self) -> None:
         if not self.admin:
             raise ApiError(403, f"this API key ({self.name}) is not an admin key", "admin_required")
+
+    def require_metrics(self) -> None:
+        """`/metrics` and `/metrics/engines`: an admin key or a read-only metrics key."""
+        if not (self.admin or self.metrics):
+            raise ApiError(
+                403,
+                f"this API key ({self.name}) may not read metrics: use an admin key or one "
+                "with 'metrics: true'",
+                "metrics_key_required",
+            )
 
     def require_engine_path(self, path: str) -> None:
         """Engine control endpoints (`/sleep`, `/v1/load_lora_adapter`, ...) need an admin."""

@@ -90,7 +90,9 @@ class Authenticator:
             response.headers["x-ratelimit-reset-requests"] = f"{wait:.3f}s"
             return response
         self.usage.count_request(api_key.name)
-        request[PRINCIPAL_KEY] = Principal(api_key.name, api_key.admin, api_key.models)
+        request[PRINCIPAL_KEY] = Principal(
+            api_key.name, api_key.admin, api_key.models, metrics=api_key.metrics
+        )
         try:
             return await handler(request)
         except ApiError as error:
@@ -129,6 +131,7 @@ class Authenticator:
             {
                 "name": key.name,
                 "admin": key.admin,
+                "metrics": key.metrics,
                 "models": list(key.models),
                 "rpm": key.rpm,
                 "usage": self.usage.get(key.name).to_json(),

@@ -152,6 +152,16 @@ class ApiKeyConfig(StrictModel):
     models: list[str] = Field(default_factory=lambda: ["*"], description="glob patterns")
     rpm: int | None = Field(default=None, ge=1, description="requests per minute")
     admin: bool = False
+    metrics: bool = Field(default=False, description="may read /metrics and /metrics/engines")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _metrics_keys_read_only(cls, data: object) -> object:
+        # A scraper's key sits in a file on the Prometheus host: unless `models:` says
+        # otherwise, it may read metrics and nothing else.
+        if isinstance(data, dict) and data.get("metrics") is True and "models" not in data:
+            return {**data, "models": []}
+        return data
 
     @field_validator("name")
     @classmethod
@@ -222,8 +232,16 @@ class DiffusionConfig(StrictModel):
     executable: list[str] = Field(default_factory=lambda: ["python3"])
 
 
+class TlsConfig(StrictModel):
+    """HTTPS on `listen`: PEM files, read again on SIGHUP (see modelyard.tls)."""
+
+    cert: str = Field(description="certificate chain (PEM), leaf first")
+    key: str = Field(description="private key (PEM)")
+
+
 class GatewayConfig(StrictModel):
     listen: str = "127.0.0.1:8000"
+    tls: TlsConfig | None = None
     state_dir: str = ".state"
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
