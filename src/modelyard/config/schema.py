@@ -154,14 +154,14 @@ class ApiKeyConfig(StrictModel):
     admin: bool = False
     metrics: bool = Field(default=False, description="may read /metrics and /metrics/engines")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _metrics_keys_read_only(cls, data: object) -> object:
-        # A scraper's key sits in a file on the Prometheus host: unless `models:` says
-        # otherwise, it may read metrics and nothing else.
-        if isinstance(data, dict) and data.get("metrics") is True and "models" not in data:
-            return {**data, "models": []}
-        return data
+    @model_validator(mode="after")
+    def _metrics_keys_read_only(self) -> ApiKeyConfig:
+        # A scraper's key sits in a file on the Prometheus host: unless `models:` is written
+        # out, it may read metrics and use no model. (After validation, so `metrics: yes` and
+        # any other spelling pydantic accepts as true count too.)
+        if self.metrics and "models" not in self.model_fields_set:
+            object.__setattr__(self, "models", [])  # frozen model: set once, here
+        return self
 
     @field_validator("name")
     @classmethod
