@@ -319,7 +319,11 @@ def private_docker(prefix: str = "myd-") -> Iterator[PrivateDocker]:
     import tempfile
 
     root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-    daemon = start_private_docker(root)
+    try:
+        daemon = start_private_docker(root)
+    except DockerUnavailable:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
     try:
         import_base_image(daemon)
         yield daemon
