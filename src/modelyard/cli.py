@@ -191,6 +191,13 @@ def _check(args: argparse.Namespace) -> int:
         for gpu in config.gpus:
             console.print(f"gpu {gpu.index}: {format_bytes(gpu.memory)} (declared)")
     problem = exposure_problem(config)  # what `serve` would refuse, `check` refuses too
+    if problem is None and config.tls is not None:
+        from modelyard.tls import TlsError, certificate_context
+
+        try:
+            certificate_context(config.tls.cert, config.tls.key)
+        except TlsError as error:
+            problem = str(error)
     if problem is not None:
         print(f"modelyard: {problem}", file=sys.stderr)
         return 1

@@ -157,16 +157,17 @@ def test_serve_refuses_a_certificate_it_cannot_use(tmp_path: Path, ca, problem: 
             }
         )
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "modelyard", "serve", "-c", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 1
-    assert "modelyard: tls:" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert "PRIVATE KEY" not in result.stderr
+    for verb in ("check", "serve"):  # `check` (systemd's ExecStartPre) refuses it too
+        result = subprocess.run(
+            [sys.executable, "-m", "modelyard", verb, "-c", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 1, (verb, result.stdout, result.stderr)
+        assert "modelyard: tls:" in result.stderr
+        assert "Traceback" not in result.stderr
+        assert "PRIVATE KEY" not in result.stderr
 
 
 def _wait_for_log(gateway: RunningGateway, text: str, count: int) -> None:
