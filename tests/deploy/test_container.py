@@ -157,6 +157,8 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         mark = time.monotonic()
         deployment.compose("build", SERVICE, timeout=900)
         timings["build_s"] = time.monotonic() - mark
+        size = docker.docker("image", "inspect", "-f", "{{.Size}}", "modelyard:test").stdout
+        timings["image_mb"] = int(size) / 1e6
         mark = time.monotonic()
         deployment.compose("up", "-d", SERVICE, timeout=120)
         _wait_healthy(deployment)
