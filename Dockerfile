@@ -88,6 +88,12 @@ RUN --mount=type=secret,id=pip_cert --mount=type=bind,source=deploy/wheels,targe
 # cpu: the demo in a container. Engines, models and adapters are in the image: the first
 # request starts vLLM at once, offline, and an upgrade of the gateway reuses these layers.
 FROM gateway AS cpu
+USER 0:0
+# vLLM's CPU kernels link the system's libnuma.
+RUN apt-get update; \
+    apt-get install -y --no-install-recommends libnuma1; \
+    rm -rf /var/lib/apt/lists/*
+USER 10001:10001
 COPY --from=cpu-engine /opt/modelyard-demo /opt/modelyard-demo
 COPY deploy/modelyard.cpu.yaml /etc/modelyard/modelyard.yaml
 ENV MODELYARD_HOME=/opt/modelyard-demo \
@@ -106,7 +112,7 @@ USER 0:0
 RUN --mount=type=secret,id=pip_cert \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi; \
     apt-get update; \
-    apt-get install -y --no-install-recommends gcc libc6-dev; \
+    apt-get install -y --no-install-recommends gcc libc6-dev libnuma1; \
     rm -rf /var/lib/apt/lists/*; \
     python3 -m venv /opt/engine; \
     /opt/engine/bin/pip install --no-cache-dir --disable-pip-version-check "vllm==${VLLM_VERSION}"
