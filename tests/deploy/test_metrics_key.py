@@ -61,7 +61,8 @@ async def test_ordinary_keys_may_not_read_metrics(gateway) -> None:
     for path in ("/metrics", "/metrics/engines"):
         status, body, _ = await call("GET", gateway.url + path, bearer(USER_KEY))
         assert status == 403
-        assert_openai_error(body, "metrics_key_required")
+        assert_openai_error(body, "admin_required")
+        assert "metrics: true" in body["error"]["message"]
         status, body, _ = await call("GET", gateway.url + path)
         assert status == 401
         status, _, _ = await call("GET", gateway.url + path, bearer(ADMIN_KEY))

@@ -47,7 +47,7 @@ class Principal:
                 403,
                 f"this API key ({self.name}) may not read metrics: use an admin key or one "
                 "with 'metrics: true'",
-                "metrics_key_required",
+                "admin_required",  # the code these routes always gave; the message says more
             )
 
     def require_engine_path(self, path: str) -> None:
