@@ -299,3 +299,29 @@ def test_pip_certificate_secret_is_optional_in_every_build_step() -> None:
             assert "if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=" in step, step
             assert "PIP_CERT=/run/secrets/pip_cert" not in step.split("then", 1)[0], step
     assert checked == 3  # build, cpu-engine, gpu
+
+
+@pytest.mark.parametrize("config", ["modelyard.gpu.yaml", "modelyard.cpu.yaml"])
+def test_modelyard_check_accepts_the_container_configs(env_file: Path, config: str) -> None:
+    # What the container's gateway will be given: the .env's digests and the image's paths.
+    import os
+    import sys
+
+    environ = {
+        **os.environ,
+        **read_env_file(env_file),
+        "MODELYARD_HOME": "/opt/modelyard-demo",
+        "MODELYARD_VLLM": "/opt/modelyard-demo/engine-venv/bin/modelyard-vllm",
+        "MODELYARD_ENGINE_PYTHON": "/opt/modelyard-demo/engine-venv/bin/python",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "modelyard", "check", "-c", str(DEPLOY / config)],
+        capture_output=True,
+        text=True,
+        env=environ,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "config OK" in result.stdout
+    assert "3 API key(s), 1 admin" in result.stdout
