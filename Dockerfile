@@ -83,6 +83,10 @@ RUN --mount=type=secret,id=pip_cert --mount=type=bind,source=deploy/wheels,targe
     export PIP_FIND_LINKS=/wheels; \
     PYTHONPATH=/opt/demo-src python3 -c 'from modelyard.demo import prepare_demo; prepare_demo()'; \
     rm -rf /opt/modelyard-demo/pip-cache /root/.cache
+# save_pretrained writes weights as 0600: the gateway's user (not root) must read them. A step
+# of its own, so the long one above stays cached.
+# hadolint ignore=DL3059
+RUN chmod -R a+rX /opt/modelyard-demo/models /opt/modelyard-demo/adapters
 
 # ---------------------------------------------------------------------------------------------
 # cpu: the demo in a container. Engines, models and adapters are in the image: the first

@@ -55,16 +55,17 @@ def _wait_health(url: str, timeout: float) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--keep", type=Path, help="keep the daemon's data here, reuse its image")
+    parser.add_argument("--rebuild", action="store_true", help="build even if the image exists")
     args = parser.parse_args()
     figures: dict[str, object] = {}
     if args.keep is None:
         with private_docker(prefix="myd-demo-") as docker:
-            figures = run_demo(docker)
+            figures = run_demo(docker, rebuild=args.rebuild)
     else:
         docker = start_private_docker(args.keep.absolute())
         try:
             import_base_image(docker)
-            figures = run_demo(docker)
+            figures = run_demo(docker, rebuild=args.rebuild)
         finally:
             docker.docker("rm", "-f", "demo", check=False)
             docker.process.terminate()  # data stays in --keep for the next run
@@ -76,13 +77,13 @@ def main() -> int:
     return 0 if ok else 1
 
 
-def run_demo(docker: PrivateDocker) -> dict[str, object]:
+def run_demo(docker: PrivateDocker, rebuild: bool = True) -> dict[str, object]:
     from openai import OpenAI
 
     figures: dict[str, object] = {}
     artifacts = REPO / "test-artifacts"
     artifacts.mkdir(exist_ok=True)
-    if docker.docker("image", "inspect", TAG, check=False).returncode == 0:
+    if not rebuild and docker.docker("image", "inspect", TAG, check=False).returncode == 0:
         print(f"{TAG} is already built here: not rebuilding", flush=True)
     else:
         started = time.monotonic()
