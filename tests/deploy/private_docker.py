@@ -172,6 +172,7 @@ def start_private_docker(root: Path, timeout: float = 60) -> PrivateDocker:
     config = root / "config"
     plugins = config / "cli-plugins"
     plugins.mkdir(parents=True, exist_ok=True)
+    (plugins / "docker-compose").unlink(missing_ok=True)  # a kept root (demo --keep)
     (plugins / "docker-compose").symlink_to(compose_binary())
     socket = root / "docker.sock"
     log = (root / "dockerd.log").open("wb")
