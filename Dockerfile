@@ -1,8 +1,8 @@
 # modelyard container images (see README, "Deploy"). Three targets:
 #
-#   gateway  modelyard alone (engines of kind `command`, or a vLLM you mount)   ~340 MB
+#   gateway  modelyard alone (engines of kind `command`, or a vLLM you mount)   300 MB
 #   gpu      modelyard + vLLM for NVIDIA GPUs in /opt/engine; the default target
-#   cpu      modelyard + vLLM for CPU + the demo's tiny models: `make demo-container`
+#   cpu      modelyard + vLLM for CPU + the demo's tiny models (5 GB): `make demo-container`
 #
 #   docker build --target gpu -t modelyard:gpu .
 #   DOCKER_BUILDKIT=1 docker build --target cpu -t modelyard:cpu .
