@@ -185,3 +185,19 @@ def _chat_body() -> str:
 
 def _json() -> dict[str, str]:
     return {"Content-Type": "application/json"}
+
+
+def test_reload_actions_all_run_even_when_one_fails(caplog: pytest.LogCaptureFixture) -> None:
+    # SIGHUP runs every reload action (TLS here; the config reload joins the same list): one
+    # that raises is logged and the others still run.
+    from modelyard.server import run_reload_actions
+
+    ran: list[str] = []
+
+    def broken() -> None:
+        ran.append("broken")
+        raise RuntimeError("cannot reload this part")
+
+    run_reload_actions([broken, lambda: ran.append("tls")])
+    assert ran == ["broken", "tls"]
+    assert "cannot reload this part" in caplog.text
