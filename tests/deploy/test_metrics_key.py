@@ -38,8 +38,8 @@ async def test_metrics_key_reads_both_metrics_routes_and_nothing_else(gateway) -
     status, body, _ = await call(
         "POST", gateway.url + "/v1/chat/completions", bearer(METRICS_KEY), json=CHAT
     )
-    assert status == 403
-    assert_openai_error(body, "model_not_allowed")
+    assert status == 404  # as for a model that does not exist: a scoped key learns nothing
+    assert_openai_error(body, "model_not_found")
     assert gateway.model_state("chat") == "stopped"
     status, body, _ = await call("GET", gateway.url + "/v1/models", bearer(METRICS_KEY))
     assert status == 200
