@@ -8,6 +8,7 @@ aiohttp's full stack would give (OpenAI-shaped errors), in order, with nothing l
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import socket
@@ -295,3 +296,34 @@ def test_with_keys_the_lane_serves_valid_keys_and_leaves_refusals_to_the_web_lay
         keys = {key["name"]: key["usage"] for key in json.loads(response.read())["keys"]}
     assert keys["alice"]["requests"] == 3  # two served (one by the lane), the 404 one
     assert keys["bot"]["requests"] == 1
+
+
+async def test_idle_kept_alive_connections_are_closed():
+    """As aiohttp's keepalive_timeout: a connection that sends nothing (a client that went
+    quiet, or one that opens sockets to hold them) is closed after the idle time, while one
+    that keeps talking is not. In process, with the idle time shortened from 75 s."""
+    from types import SimpleNamespace
+
+    from modelyard.proxy.fastpath import FastLane, start_server
+    from tests.conftest import free_port
+
+    limits = SimpleNamespace(
+        max_body_bytes=1024, upstream_connect_timeout=1.0, upstream_read_timeout=1.0
+    )
+    gateway = SimpleNamespace(config=SimpleNamespace(limits=limits), auth=None)
+    lane = FastLane(gateway, asyncio.Protocol, idle_close_s=0.5, sweep_s=0.1)  # type: ignore[arg-type]
+    port = free_port()
+    server = await start_server(lane, "127.0.0.1", port)
+    try:
+        quiet_reader, quiet_writer = await asyncio.open_connection("127.0.0.1", port)
+        _busy_reader, busy_writer = await asyncio.open_connection("127.0.0.1", port)
+        for byte in b"POST /v1":  # 1.2 s of a partial request head, a byte at a time
+            busy_writer.write(bytes([byte]))
+            await asyncio.sleep(0.15)
+        assert await asyncio.wait_for(quiet_reader.read(), timeout=2) == b""  # closed
+        assert len(lane.connections) == 1  # the busy one is still open
+        quiet_writer.close()
+        busy_writer.close()
+    finally:
+        server.close()
+        await lane.close(0)

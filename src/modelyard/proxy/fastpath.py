@@ -58,6 +58,10 @@ FAST_PATHS = {
     b"/v1/embeddings": "/v1/embeddings",
 }
 MAX_HEAD = 16 * 1024  # a longer head goes to aiohttp, which applies its own limits
+# An idle kept-alive connection is closed after this long, as aiohttp's keepalive_timeout does;
+# checked by one sweep for all connections rather than a timer per request.
+IDLE_CLOSE_S = 75.0
+SWEEP_S = 15.0
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 # Requests with these go to aiohttp: framing the lane does not handle, and anything a browser
@@ -116,8 +120,16 @@ class FastRequest:
 class FastLane:
     """What the fast lane shares across connections: the gateway and the lean pool."""
 
-    def __init__(self, gateway: Gateway, fallback: Callable[[], asyncio.Protocol]) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        fallback: Callable[[], asyncio.Protocol],
+        idle_close_s: float = IDLE_CLOSE_S,
+        sweep_s: float = SWEEP_S,
+    ) -> None:
         self.gateway = gateway
+        self.idle_close_s = idle_close_s
+        self.sweep_s = sweep_s
         self.fallback = fallback
         limits = gateway.config.limits
         self.max_body = limits.max_body_bytes
@@ -126,10 +138,28 @@ class FastLane:
         self.pool = LeanPool(limits.upstream_connect_timeout, limits.upstream_read_timeout)
         self.in_flight: set[asyncio.Task[None]] = set()
         self.streaming: set[FastProtocol] = set()
+        self.connections: set[FastProtocol] = set()  # while the lane serves them
+        self._sweeper: asyncio.Task[None] | None = None
         self._addresses: dict[str, tuple[str, int, bytes]] = {}
 
     def protocol(self) -> FastProtocol:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle())
         return FastProtocol(self)
+
+    async def _sweep_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.sweep_s)
+            now = loop.time()
+            for protocol in list(self.connections):
+                idle = protocol.task is None and now - protocol.last_active > self.idle_close_s
+                if idle and protocol.transport is not None:
+                    protocol.transport.close()
+
+    @staticmethod
+    def loop_time() -> float:
+        return asyncio.get_running_loop().time()
 
     def address(self, base_url: str) -> tuple[str, int, bytes]:
         known = self._addresses.get(base_url)
@@ -209,6 +239,8 @@ class FastLane:
             await asyncio.wait(list(self.in_flight), timeout=5.0)
         for task in list(self.in_flight):
             task.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         self.pool.close()
 
 
@@ -220,6 +252,7 @@ class FastProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
         self.task: asyncio.Task[None] | None = None
+        self.last_active = 0.0
         self.gone = False
         self.keep_alive = True
         self.writable: asyncio.Future[None] | None = None
@@ -229,9 +262,12 @@ class FastProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.lane.connections.add(self)
+        self.last_active = self.lane.loop_time()
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
+        self.last_active = self.lane.loop_time()
         if self.task is None:
             self._next()
 
@@ -242,6 +278,7 @@ class FastProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gone = True
+        self.lane.connections.discard(self)
         exchange = self.exchange
         finished = self.sent_done or (exchange is not None and exchange.done.done())
         if self.task is not None and not finished:
@@ -353,6 +390,7 @@ class FastProtocol(asyncio.Protocol):
         if transport is None or self.gone:
             return
         handler = self.lane.fallback()
+        self.lane.connections.discard(self)  # aiohttp keeps its own keep-alive timer
         transport.set_protocol(handler)
         handler.connection_made(transport)
         data, self.buffer = self.buffer, b""
@@ -362,6 +400,7 @@ class FastProtocol(asyncio.Protocol):
     def _served(self, task: asyncio.Task[None]) -> None:
         self.lane.in_flight.discard(task)
         self.task = None
+        self.last_active = self.lane.loop_time()
         if self.gone or self.transport is None:
             return
         if task.cancelled() or task.exception() is not None or not self.keep_alive:
