@@ -7,6 +7,8 @@ import math
 
 from aiohttp import web
 
+from modelyard.scheduler.supervisor import ModelUnavailable
+
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -67,3 +69,13 @@ class ApiError(Exception):
 
     def response(self) -> web.Response:
         return error_response(self.status, self.message, self.code, self.param, self.retry_after)
+
+
+def unavailable(error: ModelUnavailable) -> ApiError:
+    """The one mapping of "the model cannot serve now" to an HTTP error: its status, its code,
+    the engine's last log lines when there are any, and always a `Retry-After`."""
+    message = str(error)
+    if error.log_tail:
+        message += "\nlast engine log lines:\n" + "\n".join(error.log_tail[-10:])
+    retry_after = error.retry_after if error.retry_after is not None else 5.0
+    return ApiError(error.status, message, error.code, retry_after=retry_after)

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from modelyard.api.errors import ApiError
 from modelyard.auth.engine_paths import is_engine_control, normalized
-from modelyard.scheduler.yard import Target
+from modelyard.scheduler.names import Target
 
 PRINCIPAL_KEY = "modelyard.principal"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -11,18 +12,19 @@ from typing import Any
 from aiohttp import web
 
 from modelyard.api.bodies import model_field, parse_json_object, read_body
-from modelyard.api.errors import ApiError
+from modelyard.api.errors import ApiError, unavailable
 from modelyard.api.principal import Principal, principal_of
-from modelyard.gateway import Gateway, RequestRecord
+from modelyard.gateway import Gateway
 from modelyard.lora.manager import AdapterError
-from modelyard.proxy.forward import UpstreamError, UpstreamTimeout
+from modelyard.observability.requests import CLIENT_CLOSED_REQUEST, RequestRecord
+from modelyard.proxy.forward import ProxyOutcome, UpstreamError, UpstreamTimeout
 from modelyard.proxy.sse import (
     StreamTransformer,
     model_name_replacements,
     rewrite_model_in_json,
 )
+from modelyard.scheduler.names import Target, UnknownModel
 from modelyard.scheduler.supervisor import ModelUnavailable
-from modelyard.scheduler.yard import Target, UnknownModel
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)
 
@@ -33,13 +35,13 @@ def gateway_of(request: web.Request) -> Gateway:
 
 def resolve(gateway: Gateway, name: str, principal: Principal | None = None) -> Target:
     try:
-        return gateway.yard.resolve(name)
+        return gateway.scheduler.resolve(name)
     except UnknownModel as error:
         # Only the names this key may use: the error must not list other keys' models.
         usable = [
             known
             for known in error.known
-            if principal is None or principal.may_use(gateway.yard.resolve(known))
+            if principal is None or principal.may_use(gateway.scheduler.resolve(known))
         ]
         known = ", ".join(usable) or "(none configured)"
         raise ApiError(
@@ -68,15 +70,15 @@ async def seed_route(request: web.Request) -> web.StreamResponse:
     """`/{route}/...` (the seed 000's `/coder/v1/chat/completions`, `/vision/generate`)."""
     gateway = gateway_of(request)
     route, tail = request.match_info["route"], request.match_info["tail"]
-    model = gateway.yard.model_for_route(route)
+    model = gateway.scheduler.model_for_route(route)
     if model is None:
         raise ApiError(
             404,
             f"no route /{route}; routes: "
-            + ", ".join(sorted(f"/{r}" for r in gateway.yard.routes())),
+            + ", ".join(sorted(f"/{r}" for r in gateway.scheduler.routes())),
             "route_not_found",
         )
-    target = gateway.yard.resolve(model)
+    target = gateway.scheduler.resolve(model)
     if tail in ("v1/models", "v1/models/") and request.method == "GET":
         principal_of(request).require_model(target)
         return web.json_response(model_listing(gateway, only=model))
@@ -95,7 +97,7 @@ def _route_target(gateway: Gateway, base: Target, asked: object) -> Target:
     # base model is the one exception, so LoRA fine-tunes work behind a route too.
     if isinstance(asked, str):
         try:
-            candidate = gateway.yard.resolve(asked)
+            candidate = gateway.scheduler.resolve(asked)
         except UnknownModel:
             candidate = None
         if candidate is not None and candidate.model == base.model:
@@ -186,18 +188,20 @@ async def _forward(
     status = 500
     first_byte: float | None = None
     streamed = False
+    client_gone = False
     usage: dict[str, int] = {}
+    outcome = ProxyOutcome()
     try:
         if target.adapter is not None:
             gateway.lora_manager().check(target)  # a bad adapter never starts the engine
         async with contextlib.AsyncExitStack() as stack:
-            engine = await stack.enter_async_context(gateway.yard.engine_for(target.model))
+            engine = await stack.enter_async_context(gateway.scheduler.engine_for(target.model))
             if target.adapter is not None:  # the adapter stays loaded while it serves
                 await stack.enter_async_context(gateway.lora_manager().use(target, engine))
             if request.query_string:
                 path = f"{path}?{request.query_string}"
             response, outcome = await gateway.upstream.forward(
-                request, engine.base_url + path, body, transformer, rewrite
+                request, engine.base_url + path, body, transformer, rewrite, outcome
             )
             status, first_byte, streamed = outcome.status, outcome.first_byte_s, outcome.streamed
             usage = outcome.usage or _usage_of(outcome.body)
@@ -207,20 +211,22 @@ async def _forward(
         raise ApiError(error.status, str(error), error.code, "model") from None
     except ModelUnavailable as error:
         status = error.status
-        raise ApiError(
-            error.status,
-            _with_log_tail(str(error), error.log_tail),
-            error.code,
-            retry_after=error.retry_after,
-        ) from None
+        raise unavailable(error) from None
+    except (asyncio.CancelledError, ConnectionResetError):
+        # The client hung up: not a server error. A stream whose 200 was sent keeps it;
+        # otherwise 499, nginx's "client closed request" (issue 11, defect 6).
+        client_gone = True
+        status = outcome.status or CLIENT_CLOSED_REQUEST
+        first_byte, streamed = outcome.first_byte_s, outcome.streamed
+        raise
     except UpstreamError as error:
         # 504 for an engine that sent nothing in time (the watchdog counts these as signs of
         # a hung engine), 502 for one that could not be reached or broke off.
         timed_out = isinstance(error, UpstreamTimeout)
         status = 504 if timed_out else 502
-        supervisor = gateway.yard.supervisors[target.model]
-        await supervisor.notice_exit(timeout=1.0)
-        tail = supervisor.failure.log_tail if supervisor.failure else []
+        await gateway.scheduler.notice_exit(target.model, timeout=1.0)
+        failure = gateway.scheduler.failure_of(target.model)
+        tail = failure.log_tail if failure else []
         raise ApiError(
             status,
             _with_log_tail(f"model {target.model!r}: {error}", tail),
@@ -238,6 +244,7 @@ async def _forward(
                 streamed=streamed,
                 prompt_tokens=usage.get("prompt_tokens"),
                 completion_tokens=usage.get("completion_tokens"),
+                client_gone=client_gone,
             )
         )
 
@@ -269,18 +276,17 @@ def model_listing(
 ) -> dict[str, Any]:
     """GET /v1/models: every configured name the key may use, answered at once (never waits
     for an engine)."""
-    yard = gateway.yard
+    scheduler = gateway.scheduler
     created = int(gateway.started_at)
     data = []
-    for public in yard.public_names():
-        target = yard.resolve(public)
+    for public in scheduler.public_names():
+        target = scheduler.resolve(public)
         if only is not None and target.model != only:
             continue
         if principal is not None and not principal.may_use(target):
             continue
         if target.adapter is not None and not gateway.adapter_servable(target.adapter):
             continue  # refused adapters answer requests with their problem, but are not listed
-        supervisor = yard.supervisors[target.model]
         entry: dict[str, Any] = {
             "id": public,
             "object": "model",
@@ -288,7 +294,7 @@ def model_listing(
             "owned_by": "modelyard",
             "root": target.model,
             "parent": target.model if target.adapter else None,
-            "state": supervisor.state.value,
+            "state": scheduler.state_of(target.model).value,
         }
         if public != target.model and target.adapter is None:
             entry["alias_of"] = target.model

@@ -18,13 +18,13 @@ async def gateway_status(request: web.Request) -> web.Response:
     """GET /gateway/status (the seed 004's endpoint): models, states, GPUs."""
     gateway = gateway_of(request)
     principal_of(request).require_admin()
-    yard = gateway.yard
+    scheduler = gateway.scheduler
     return web.json_response(
         {
             "version": __version__,
             "uptime_s": round(_now() - gateway.started_at, 3),
-            "queued": yard.total_waiting(),
-            "models": [gateway.model_status(name) for name in yard.supervisors],
+            "queued": scheduler.total_waiting(),
+            "models": [gateway.model_status(name) for name in scheduler.models()],
             "gpus": gateway.gpu_status(),
         }
     )

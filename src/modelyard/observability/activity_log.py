@@ -14,7 +14,7 @@ from modelyard.observability.events import Event
 from modelyard.observability.log_format import key_values
 
 if TYPE_CHECKING:
-    from modelyard.gateway import RequestRecord
+    from modelyard.observability.requests import RequestRecord
 
 request_log = logging.getLogger("modelyard.requests")
 engine_log = logging.getLogger("modelyard.engines")

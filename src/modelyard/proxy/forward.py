@@ -86,6 +86,19 @@ class UpstreamClient:
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
         )
+        self._streams: set[aiohttp.ClientResponse] = set()
+        self._cut: set[aiohttp.ClientResponse] = set()
+        self._cut_reason: str | None = None
+
+    def cut_streams(self, reason: str) -> int:
+        """End every stream in progress with a final SSE error event carrying `reason`
+        (shutdown past its grace: a clear end, not a silent truncation). Returns how many."""
+        self._cut_reason = reason
+        streams = list(self._streams)
+        self._cut.update(streams)
+        for upstream in streams:
+            upstream.close()  # the stream loop sees the engine connection end and says why
+        return len(streams)
 
     async def close(self) -> None:
         await self.session.close()
@@ -97,9 +110,14 @@ class UpstreamClient:
         body: bytes | None,
         transformer_for: Callable[[], StreamTransformer | None],
         rewrite_body: Callable[[bytes], bytes] | None = None,
+        outcome: ProxyOutcome | None = None,
     ) -> tuple[web.StreamResponse, ProxyOutcome]:
-        """Send the request to `url`; stream the answer back as it comes."""
-        outcome = ProxyOutcome()
+        """Send the request to `url`; stream the answer back as it comes.
+
+        `outcome` (filled in as it goes) tells a caller whose request was cancelled what
+        had been sent already.
+        """
+        outcome = outcome if outcome is not None else ProxyOutcome()
         started = time.perf_counter()
         headers = forward_headers(request.headers)
         try:
@@ -162,8 +180,10 @@ class UpstreamClient:
         response = web.StreamResponse(status=upstream.status, headers=response_headers(upstream))
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"  # tell nginx in front not to buffer
+        self._streams.add(upstream)
         try:
             await response.prepare(request)
+            outcome.status = upstream.status  # sent: a later hang-up does not change it
             async for chunk in upstream.content.iter_any():
                 if outcome.first_byte_s is None:
                     outcome.first_byte_s = time.perf_counter() - started
@@ -172,6 +192,8 @@ class UpstreamClient:
                     if not chunk:
                         continue
                 await response.write(chunk)
+            if upstream in self._cut:  # closing may read as a clean end: say why it ended
+                raise aiohttp.ClientConnectionError("cut by the gateway")
             if transformer is not None:
                 tail = transformer.flush()
                 if tail:
@@ -186,12 +208,15 @@ class UpstreamClient:
             if transformer is not None:
                 transformer.flush()
             message = f"the engine broke off the stream: {describe(error)}"
+            code = "upstream_stream_broken"
+            if self._cut_reason is not None:  # the gateway ended it (shutdown), not the engine
+                message, code = self._cut_reason, "shutting_down"
             event = {
                 "error": {
                     "message": message,
                     "type": "server_error",
                     "param": None,
-                    "code": "upstream_stream_broken",
+                    "code": code,
                 }
             }
             try:
@@ -199,6 +224,9 @@ class UpstreamClient:
             except (ConnectionResetError, aiohttp.ClientConnectionResetError):
                 outcome.client_gone = True
                 return response
+        finally:
+            self._streams.discard(upstream)
+            self._cut.discard(upstream)
         if transformer is not None:
             outcome.usage = transformer.usage
         try:

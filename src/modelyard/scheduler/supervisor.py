@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from modelyard.engines.base import LaunchSpec, MemoryBudget
 from modelyard.observability.events import EventBus
+from modelyard.runtime.process import EngineStartError
 
 
 class ModelState(enum.StrEnum):
@@ -36,6 +37,10 @@ class EngineHandle(Protocol):
 
     base_url: str
     pid: int
+    port: int
+
+    @property
+    def health_path(self) -> str: ...
 
     @property
     def exited(self) -> asyncio.Future[Any]: ...
@@ -48,6 +53,14 @@ class EngineHandle(Protocol):
 
     def process_gone(self) -> bool:
         """The OS says the process has exited (before the exit is reported to us)."""
+        ...
+
+    def kill_now(self) -> None:
+        """Last resort on gateway exit: kill without waiting."""
+        ...
+
+    def subscribe_log(self, on_line: Callable[[str], None]) -> Callable[[], None]:
+        """Follow the engine's output; returns the unsubscribe function."""
         ...
 
 
@@ -81,6 +94,14 @@ class ModelUnavailable(Exception):
         self.retry_after = retry_after
         self.log_tail = log_tail or []
         self.code = code
+
+
+class Refused(ModelUnavailable):
+    """The scheduler said no (no room, or no room before the deadline): always 503 with
+    `Retry-After`, and never an engine failure (no crash-loop count, no failed start)."""
+
+    def __init__(self, message: str, retry_after: float, code: str) -> None:
+        super().__init__(message, status=503, retry_after=retry_after, code=code)
 
 
 @dataclass
@@ -119,6 +140,8 @@ Clock = Callable[[], float]
 class Placement:
     """The hook through which placement (GPU memory) takes part in a start or wake."""
 
+    # Waits (on events, up to the waiters' deadline) until the model may start or wake;
+    # raises `Refused` when it may not.
     prepare: Callable[[ModelSupervisor], Awaitable[MemoryBudget | None]] | None = None
     finished: Callable[[ModelSupervisor, bool], Awaitable[None]] | None = None
     # Told when a start failed for lack of GPU memory, before the one retry.
@@ -145,7 +168,8 @@ class ModelSupervisor:
     ) -> None:
         self.name = name
         self.settings = settings
-        self.state = ModelState.STOPPED
+        self._on_change: Callable[[], None] = lambda: None
+        self._state = ModelState.STOPPED
         self.engine: EngineHandle | None = None
         self.budget: MemoryBudget | None = None
         self.in_flight = 0
@@ -169,6 +193,29 @@ class ModelSupervisor:
         self._drained = asyncio.Event()
         self._drained.set()
         self._expected_exit = False
+        self._deadlines: list[float] = []  # of the requests waiting now
+        self._launched_at: float | None = None  # when the start or wake really began
+        # True while a start or wake waits for the scheduler's go: it holds nothing yet.
+        self.placing = False
+
+    # ----- state, observed by the scheduler -----
+
+    @property
+    def state(self) -> ModelState:
+        return self._state
+
+    @state.setter
+    def state(self, value: ModelState) -> None:
+        self._state = value
+        self._on_change()
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Called on every state change and every request end (the scheduler's events)."""
+        self._on_change = callback
+
+    def wait_deadline(self) -> float:
+        """Until when the requests waiting now may wait (the latest of their deadlines)."""
+        return max(self._deadlines, default=self._clock() + self.settings.start_timeout)
 
     # ----- public: serving -----
 
@@ -187,10 +234,17 @@ class ModelSupervisor:
             self.last_used = self._clock()
             if self.in_flight == 0:
                 self._drained.set()
+            self._on_change()  # a request ended: a drain someone waits for may be over
 
     async def ensure_ready(self, deadline: float) -> EngineHandle:
-        """Return the ready engine, starting or waking it if needed (one start for all)."""
+        """Return the ready engine, starting or waking it if needed (one start for all).
+
+        `deadline` bounds the wait for room (the request's start timeout from when it
+        arrived); once its engine really starts, the request waits up to a full start timeout
+        from then, so time spent queued behind other models is not taken from the start.
+        """
         self.waiting += 1
+        self._deadlines.append(deadline)
         try:
             while True:
                 if self.state is ModelState.READY and self.engine is not None:
@@ -199,13 +253,14 @@ class ModelSupervisor:
                     self._begin_needed_operation()
                 operation = self._operation
                 assert operation is not None
-                remaining = deadline - self._clock()
+                remaining = self._effective_deadline(deadline) - self._clock()
                 if remaining <= 0:
                     raise self._timeout_error()
                 try:
-                    await asyncio.wait_for(asyncio.shield(operation), remaining)
-                except TimeoutError:
-                    raise self._timeout_error() from None
+                    done, _ = await asyncio.wait({asyncio.shield(operation)}, timeout=remaining)
+                    if not done:
+                        continue  # the deadline may have moved (the start began): look again
+                    operation.result()
                 except asyncio.CancelledError:
                     current = asyncio.current_task()
                     if operation.cancelled() and current is not None and not current.cancelling():
@@ -219,16 +274,41 @@ class ModelSupervisor:
                 except ModelUnavailable:
                     raise
                 except Exception as error:
-                    # Every waiter of a failed start gets the same clear error.
-                    failure = self.failure
-                    raise ModelUnavailable(
-                        f"model {self.name!r} failed to start: {error}",
-                        status=502,
-                        log_tail=failure.log_tail if failure else [],
-                        code="engine_start_failed",
-                    ) from error
+                    raise self._start_failed_error(error) from error
         finally:
             self.waiting -= 1
+            self._deadlines.remove(deadline)
+
+    def _effective_deadline(self, deadline: float) -> float:
+        if self._launched_at is not None and self.state in (
+            ModelState.STARTING,
+            ModelState.WAKING,
+        ):
+            return max(deadline, self._launched_at + self.settings.start_timeout)
+        return deadline
+
+    def _start_failed_error(self, error: Exception) -> ModelUnavailable:
+        """What every waiter of a failed start gets: a clear error, always with Retry-After."""
+        failure = self.failure
+        tail = failure.log_tail if failure else []
+        retry = max(1.0, self.backoff_remaining() or self.timings.last_start_s or 5.0)
+        if getattr(error, "timed_out", False):
+            # Alive but never ready: the engine did not fail, it ran out of time (503).
+            return ModelUnavailable(
+                f"model {self.name!r} was not ready within {self.settings.start_timeout:.0f}s: "
+                f"{error}; try again shortly",
+                status=503,
+                retry_after=retry,
+                log_tail=tail,
+                code="start_timeout",
+            )
+        return ModelUnavailable(
+            f"model {self.name!r} failed to start: {error}",
+            status=502,
+            retry_after=retry,
+            log_tail=tail,
+            code="engine_start_failed",
+        )
 
     def _begin_needed_operation(self) -> None:
         if self.state is ModelState.SLEEPING:
@@ -246,8 +326,13 @@ class ModelSupervisor:
                     code="engine_crash_loop",
                 )
             self._operation = asyncio.create_task(self._start())
-        else:  # pragma: no cover - READY returns earlier; transitional states have an operation
-            raise AssertionError(f"no operation for state {self.state}")
+        else:
+            # Only reachable if the state and the engine disagree (READY without an engine):
+            # the engine is gone, so record it as lost rather than fail every request.
+            self._record_engine_lost(
+                f"engine for {self.name!r} is gone (state was {self.state})", None, []
+            )
+            self._operation = asyncio.create_task(self._start())
 
     def backoff_remaining(self) -> float:
         """Seconds until a crash-looping model may start again (0 when it may start now)."""
@@ -257,11 +342,13 @@ class ModelSupervisor:
         return max(0.0, self.failure.at + backoff - self._clock())
 
     def _timeout_error(self) -> ModelUnavailable:
+        retry = max(1.0, round(self.timings.last_start_s or 5.0))
+        what = "waiting for room to start" if self.placing else f"state: {self.state}"
         return ModelUnavailable(
             f"model {self.name!r} was not ready within {self.settings.start_timeout:.0f}s "
-            f"(state: {self.state}); try again shortly",
+            f"({what}); try again shortly",
             status=503,
-            retry_after=5.0,
+            retry_after=retry,
             code="start_timeout",
         )
 
@@ -369,15 +456,27 @@ class ModelSupervisor:
             await self._start_once()
 
     async def _start_once(self) -> None:
+        before = self.state
+        self._launched_at = None
+        self.placing = True
         self.state = ModelState.STARTING
+        try:
+            if self._placement.prepare is not None:
+                self.budget = await self._placement.prepare(self)
+        except BaseException:
+            # A refusal (or shutdown) before anything was launched: not a failure of the
+            # engine, so the model is as it was (a failed model keeps its failure).
+            self.placing = False
+            self.state = before if before is ModelState.FAILED else ModelState.STOPPED
+            raise
+        self.placing = False
         self.failure = None
         started = self._clock()
+        self._launched_at = started
         self._events.emit("start", self.name, self._start_reason)
         engine: EngineHandle | None = None
         ok = False
         try:
-            if self._placement.prepare is not None:
-                self.budget = await self._placement.prepare(self)
             engine = await self._start_engine(
                 self.name, lambda port: self._spec_for(port, self.budget)
             )
@@ -398,7 +497,7 @@ class ModelSupervisor:
         self.timings.starts += 1
         self.state = ModelState.READY
         self.ready_since = self._clock()
-        self._events.emit("ready", self.name, "started", took, port=_port_of(engine))
+        self._events.emit("ready", self.name, "started", took, port=engine.port)
 
     async def _record_failed_start(
         self, engine: EngineHandle | None, error: BaseException, started: float
@@ -411,8 +510,9 @@ class ModelSupervisor:
         if isinstance(error, asyncio.CancelledError):
             self.state = ModelState.STOPPED
             return
-        exit_code = getattr(error, "exit_code", None)
-        tail = list(getattr(error, "log_tail", None) or (engine.log_tail(20) if engine else []))
+        exit_code = error.exit_code if isinstance(error, EngineStartError) else None
+        tail = error.log_tail if isinstance(error, EngineStartError) else []
+        tail = list(tail or (engine.log_tail(20) if engine else []))
         self.failure = Failure(str(error), exit_code, tail, self._clock())
         self.consecutive_failures += 1
         self.state = ModelState.FAILED
@@ -429,12 +529,21 @@ class ModelSupervisor:
         engine = self.engine
         assert engine is not None
         assert self._sleep_control is not None
-        self.state = ModelState.WAKING
-        began = self._clock()
-        ok = False
+        # It stays SLEEPING (and counted at its asleep size) until the scheduler has made
+        # room; a refusal leaves it asleep, so the next try is a wake, not a cold start.
+        self.placing = True
         try:
             if self._placement.prepare is not None:
                 self.budget = await self._placement.prepare(self)
+        finally:
+            self.placing = False
+        if self.engine is not engine or self.state is not ModelState.SLEEPING:
+            return  # it died while waiting: the next try starts it afresh
+        began = self._clock()
+        self._launched_at = began
+        self.state = ModelState.WAKING
+        ok = False
+        try:
             await self._sleep_control.wake(engine.base_url)
             ok = True
         except BaseException as error:
@@ -470,6 +579,8 @@ class ModelSupervisor:
             # New requests wait for this operation instead of joining the engine we stop.
             self.state = ModelState.DRAINING
             await self._drained.wait()
+            if self.engine is not engine:
+                return False  # it died while draining: the exit is recorded already
         self.state = ModelState.STOPPING
         self._expected_exit = True
         began = self._clock()
@@ -494,15 +605,20 @@ class ModelSupervisor:
             )
         # vLLM's /sleep aborts requests in flight: wait for them to finish first. Requests
         # that arrive meanwhile wait on this operation and are served after the wake.
+        engine = self.engine
         self.state = ModelState.DRAINING
         await self._drained.wait()
+        if self.engine is not engine:
+            # It died while draining: its exit already marked the model failed. Setting
+            # READY here (as once) left a ready model with no engine (issue 11, defect 1).
+            return False
         began = self._clock()
-        engine = self.engine
         self.state = ModelState.SLEEPING
         try:
             await self._sleep_control.sleep(engine.base_url, level)
         except BaseException:
-            self.state = ModelState.READY  # it did not sleep; it still serves
+            if self.engine is engine and not engine.exited.done():
+                self.state = ModelState.READY  # it did not sleep; it still serves
             raise
         self.sleep_level = level
         self._events.emit("sleep", self.name, reason, self._clock() - began, level=level)
@@ -622,7 +738,3 @@ def _looks_out_of_memory(log_tail: list[str]) -> bool:
 def _exit_code(engine: EngineHandle) -> int | None:
     result = engine.exited.result() if engine.exited.done() else None
     return getattr(result, "code", None)
-
-
-def _port_of(engine: EngineHandle | None) -> int | None:
-    return getattr(engine, "port", None)
