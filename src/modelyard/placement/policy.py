@@ -308,7 +308,7 @@ class _Planner:
             EngineState.SLEEPING,
             EngineState.WAKING,
         )
-        self.others = _within_noise_as_equal(
+        self.others = within_noise_as_equal(
             [engine for engine in engines if engine.name != target.name], settings
         )
 
@@ -628,7 +628,7 @@ class _Planner:
         return text
 
 
-def _within_noise_as_equal(engines: list[Engine], settings: PolicySettings) -> list[Engine]:
+def within_noise_as_equal(engines: list[Engine], settings: PolicySettings) -> list[Engine]:
     """Restore times within `settings.noise` of each other count as equal (the smallest of
     them), so measurement noise never decides between two like engines: recency does, and
     the least recently used goes first. Three identical models once evicted the more recently
