@@ -30,6 +30,7 @@ from modelyard.proxy.forward import UpstreamClient
 from modelyard.runtime import ProcessRegistry, ProcessRuntime
 from modelyard.runtime.vllm_sleep import VllmSleepControl
 from modelyard.scheduler.scheduler import Scheduler
+from modelyard.scheduler.supervisor import EngineStarter
 from modelyard.scheduler.watchdog import EngineWatchdog, WatchdogSettings, health_probe
 from modelyard.state import SetAside, StateDirectory
 
@@ -63,8 +64,11 @@ class Gateway:
         self.request_observers += [self.metrics.observe_request, log_request]
 
     @classmethod
-    def create(cls, config: GatewayConfig) -> Gateway:
-        """Build the parts (call inside a running event loop)."""
+    def create(cls, config: GatewayConfig, start_engine: EngineStarter | None = None) -> Gateway:
+        """Build the parts (call inside a running event loop).
+
+        `start_engine` replaces the process runtime (the in-process test harness passes
+        engines that run in the test's own event loop)."""
         state_dir = Path(config.state_dir).expanduser()
         state_dir.mkdir(parents=True, exist_ok=True)
         event_store = open_event_store(state_dir)  # the history survives restarts
@@ -76,7 +80,7 @@ class Gateway:
         # Without managed GPUs the scheduler plans on an unlimited inventory: one behaviour.
         scheduler = Scheduler(
             config,
-            runtime.start,
+            start_engine or runtime.start,
             events,
             placement=coordinator,
             sleep_control=VllmSleepControl(health_session),
