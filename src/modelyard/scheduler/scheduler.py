@@ -289,7 +289,11 @@ class Scheduler:
     async def _evict(self, evict: Evict, target: str) -> None:
         for action in evict.actions:
             victim = self._supervisors[action.name]
-            reason = f"evicted to make room for {target!r}"
+            group = self._exclusive_group(target)
+            if group is not None and self._exclusive_group(action.name) == group:
+                reason = f"exclusive group: {target!r} is starting"
+            else:
+                reason = f"evicted to make room for {target!r}"
             self.events.emit(
                 "evict",
                 victim.name,

@@ -257,7 +257,9 @@ class ModelSupervisor:
                 if remaining <= 0:
                     raise self._timeout_error()
                 try:
-                    done, _ = await asyncio.wait({asyncio.shield(operation)}, timeout=remaining)
+                    # asyncio.wait never cancels what it waits for: the start goes on for
+                    # the other waiters if this one gives up or is cancelled.
+                    done, _ = await asyncio.wait({operation}, timeout=remaining)
                     if not done:
                         continue  # the deadline may have moved (the start began): look again
                     operation.result()
