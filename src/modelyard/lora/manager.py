@@ -73,6 +73,9 @@ class LoraManager:
         # record (the engine may still hold it) but no request may take it.
         self._unloading: dict[tuple[int, str], asyncio.Future[bool]] = {}
         self._in_use: collections.Counter[str] = collections.Counter()
+        # Requests inside `_acquire` for an adapter: it is not unloaded under them between
+        # its load and their taking it (else bursts churn: load, evict, load again).
+        self._wanted: collections.Counter[str] = collections.Counter()
         self._changed: dict[str, asyncio.Event] = {}
         self._scanner: asyncio.Task[None] | None = None
         self.refresh()
@@ -209,7 +212,13 @@ class LoraManager:
         unloads the least recently used idle adapter, or waits until one is idle.
         """
         adapter = self.check(target)
-        await self._acquire(adapter, engine)
+        self._wanted[adapter.name] += 1
+        try:
+            await self._acquire(adapter, engine)
+        finally:
+            self._wanted[adapter.name] -= 1
+            if not self._wanted[adapter.name]:
+                del self._wanted[adapter.name]
         try:
             yield
         finally:
@@ -271,7 +280,9 @@ class LoraManager:
                 (
                     n
                     for n in record.loaded
-                    if not self._in_use.get(n) and (engine.pid, n) not in self._unloading
+                    if not self._in_use.get(n)
+                    and not self._wanted.get(n)
+                    and (engine.pid, n) not in self._unloading
                 ),
                 None,
             )
