@@ -166,9 +166,7 @@ class InProcessEngine:
                     "id": "cmpl-1",
                     "object": "chat.completion",
                     "model": model,
-                    "choices": [
-                        {"index": 0, "message": {"role": "assistant", "content": text}}
-                    ],
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
                     "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
                 }
             )

@@ -7,16 +7,14 @@ readiness, exits and time are driven by the test.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from modelyard.config import parse_config
-from modelyard.engines.base import LaunchSpec
 from modelyard.observability.events import EventBus
-from modelyard.scheduler.supervisor import ModelState, ModelUnavailable
 from modelyard.scheduler.scheduler import Scheduler
+from modelyard.scheduler.supervisor import ModelState, ModelUnavailable
 from tests.fakes import FakeClock, FakeRuntime, settle
 
 

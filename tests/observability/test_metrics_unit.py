@@ -7,9 +7,9 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from modelyard.observability.requests import RequestRecord
 from modelyard.observability.events import EventBus
 from modelyard.observability.metrics import MAX_ROUTE_LABELS, OTHER, GatewayMetrics
+from modelyard.observability.requests import RequestRecord
 from modelyard.scheduler.supervisor import ModelState
 
 

@@ -9,9 +9,9 @@ from typing import Any
 from modelyard.config import parse_config
 from modelyard.engines.base import LaunchSpec
 from modelyard.observability.events import EventBus
+from modelyard.scheduler.scheduler import Scheduler
 from modelyard.scheduler.supervisor import ModelState
 from modelyard.scheduler.watchdog import EngineWatchdog, WatchdogSettings
-from modelyard.scheduler.scheduler import Scheduler
 
 
 class Engine:
@@ -54,7 +54,9 @@ class Runtime:
         return self.engines[-1]
 
 
-def setup(failures: int = 3) -> tuple[Scheduler, Runtime, EventBus, dict[str, bool], EngineWatchdog]:
+def setup(
+    failures: int = 3,
+) -> tuple[Scheduler, Runtime, EventBus, dict[str, bool], EngineWatchdog]:
     config = parse_config({"models": {"m": {"engine": "command", "command": ["x", "{port}"]}}})
     runtime, events = Runtime(), EventBus()
     yard = Scheduler(config, runtime, events)

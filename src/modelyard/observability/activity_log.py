@@ -40,6 +40,8 @@ def log_request(record: RequestRecord) -> None:
         "prompt_tokens": record.prompt_tokens,
         "completion_tokens": record.completion_tokens,
     }
+    if record.client_gone:
+        fields["client_gone"] = True
     request_log.info("request %s", key_values(fields), extra={"fields": fields})
 
 
