@@ -116,7 +116,7 @@ class InProcessEngine:
 
     def crash(self) -> None:
         """The engine dies (its server goes away, its exit is reported)."""
-        asyncio.ensure_future(self._server.close())
+        self._closing = asyncio.ensure_future(self._server.close())
         self._exit(-9)
 
     def log_tail(self, count: int) -> list[str]:

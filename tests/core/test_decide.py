@@ -86,7 +86,9 @@ def test_a_burst_past_the_start_timeout_is_refused_at_each_deadline_with_retry_a
     refused = [o for o in outcomes if o.served_at is None]
     assert refused, "20 starts of 60 s, one at a time, cannot all begin within 300 s"
     for outcome in refused:
-        assert outcome.status == 503 and outcome.retry_after and outcome.retry_after >= 1
+        assert outcome.status == 503
+        assert outcome.retry_after
+        assert outcome.retry_after >= 1
         assert outcome.refused_at == pytest.approx(300)  # at its deadline, never before
     assert all(o.waited <= 300 + 60 for o in outcomes if o.served_at is not None)
 
@@ -96,9 +98,11 @@ def test_a_pinned_model_is_never_evicted_and_the_other_is_refused_at_once() -> N
     world.set_ready("pin")
     (b,) = [world.request(5, "b")]
     outcome = world.run()[b]
-    assert outcome.status == 503 and outcome.code == "insufficient_gpu_memory"
+    assert outcome.status == 503
+    assert outcome.code == "insufficient_gpu_memory"
     assert outcome.refused_at == 5  # at once: no wait can help while the pin holds
-    assert outcome.retry_after and outcome.retry_after >= 1
+    assert outcome.retry_after
+    assert outcome.retry_after >= 1
     assert "pinned" in outcome.message
     assert world.live["pin"].state is EngineState.READY
 
@@ -108,8 +112,10 @@ def test_a_model_too_big_to_ever_fit_is_refused_at_once_with_a_clear_message() -
     world.request(0, "huge")
     (outcome,) = world.run()
     assert (outcome.status, outcome.code, outcome.refused_at) == (503, "model_cannot_fit", 0)
-    assert "can never be placed" in outcome.message and "24.0 GiB" in outcome.message
-    assert outcome.retry_after and outcome.retry_after >= 1
+    assert "can never be placed" in outcome.message
+    assert "24.0 GiB" in outcome.message
+    assert outcome.retry_after
+    assert outcome.retry_after >= 1
 
 
 def test_the_start_deadline_passing_while_waiting_refuses_with_retry_after() -> None:
@@ -118,9 +124,11 @@ def test_the_start_deadline_passing_while_waiting_refuses_with_retry_after() -> 
     world.request(0, "a", duration=600)  # a ten-minute stream holds the room
     b = world.request(10, "b")
     outcome = world.run()[b]
-    assert outcome.status == 503 and outcome.code in ("waiting_for_gpu", "start_timeout")
+    assert outcome.status == 503
+    assert outcome.code in ("waiting_for_gpu", "start_timeout")
     assert outcome.refused_at == pytest.approx(10 + 300)  # its own deadline, not 3.2 s
-    assert outcome.retry_after and outcome.retry_after >= 1
+    assert outcome.retry_after
+    assert outcome.retry_after >= 1
     assert world.live["a"].state is EngineState.READY  # the busy engine was never cut
 
 
@@ -161,7 +169,8 @@ def test_without_host_ram_for_a_level_1_sleep_it_sleeps_at_level_2_or_stops() ->
     world.request(100, "n")
     world.run()
     what = [w for _, m, w in world.log if m == "s"]
-    assert "sleep1" not in what and ("sleep2" in what or "stop" in what)
+    assert "sleep1" not in what
+    assert "sleep2" in what or "stop" in what
 
 
 @pytest.mark.parametrize("gpus", [GPU_24, None], ids=["with GPUs", "without GPUs"])
@@ -185,7 +194,8 @@ def test_exclusive_group_members_requested_together_take_turns(gpus) -> None:
     world.request(0, "x", duration=10)
     world.request(0, "y", duration=10)
     x, y = world.run()
-    assert x.served_at == 40 and y.served_at == pytest.approx(40 + 10 + 40)
+    assert x.served_at == 40
+    assert y.served_at == pytest.approx(40 + 10 + 40)
 
 
 def test_without_gpus_models_outside_groups_start_together() -> None:
@@ -219,7 +229,8 @@ def test_decide_is_pure_the_same_snapshot_gives_the_same_answer() -> None:
     ask = Ask(Target("a", 10 * GIB), deadline=305.0)
     first = decide(snapshot, ask)
     assert first == decide(snapshot, ask)
-    assert isinstance(first, Go) and first.gpus == (0,)
+    assert isinstance(first, Go)
+    assert first.gpus == (0,)
 
 
 def test_a_wait_is_bounded_by_the_asks_deadline() -> None:
@@ -228,9 +239,12 @@ def test_a_wait_is_bounded_by_the_asks_deadline() -> None:
     busy = Engine("a", EngineState.READY, (0,), 20 * GIB, in_flight=3)
     snapshot = Snapshot(now=5.0, gpus=(GpuCapacity(0, 24 * GIB),), engines=(busy,))
     waiting = decide(snapshot, Ask(Target("b", 10 * GIB), deadline=305.0))
-    assert isinstance(waiting, Wait) and waiting.until == 305.0
+    assert isinstance(waiting, Wait)
+    assert waiting.until == 305.0
     assert [w.name for w in waiting.for_models] == ["a"]
     late = Snapshot(now=305.0, gpus=snapshot.gpus, engines=(busy,), start_seconds={"a": 42.0})
     refused = decide(late, Ask(Target("b", 10 * GIB), deadline=305.0))
-    assert isinstance(refused, Refuse) and refused.status == 503
-    assert refused.retry_after == 42.0 and refused.code == "waiting_for_gpu"
+    assert isinstance(refused, Refuse)
+    assert refused.status == 503
+    assert refused.retry_after == 42.0
+    assert refused.code == "waiting_for_gpu"

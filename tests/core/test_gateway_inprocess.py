@@ -29,7 +29,8 @@ async def test_a_crashing_start_is_502_with_retry_after(tmp_path: Path) -> None:
     models = {"bad": engine_model()}
     async with in_process_gateway(tmp_path, models, {"bad": Behaviour(crash_on_start=True)}) as h:
         status, body, headers = await h.chat("bad")
-    assert status == 502 and body["error"]["code"] == "engine_start_failed"
+    assert status == 502
+    assert body["error"]["code"] == "engine_start_failed"
     assert int(headers["Retry-After"]) >= 1
 
 
@@ -47,9 +48,11 @@ async def test_a_client_that_hangs_up_while_waiting_is_recorded_as_499_not_500(
                 break
             await asyncio.sleep(0.02)
         (record,) = h.records
-        assert record.status == CLIENT_CLOSED_REQUEST and record.client_gone
+        assert record.status == CLIENT_CLOSED_REQUEST
+        assert record.client_gone
         exposition = h.gateway.metrics.exposition().decode()
-        assert 'status="499"' in exposition and 'status="500"' not in exposition
+        assert 'status="499"' in exposition
+        assert 'status="500"' not in exposition
 
 
 async def test_a_stream_the_client_stops_keeps_the_200_it_was_sent(tmp_path: Path) -> None:
@@ -70,7 +73,9 @@ async def test_a_stream_the_client_stops_keeps_the_200_it_was_sent(tmp_path: Pat
                 break
             await asyncio.sleep(0.02)
         (record,) = h.records
-        assert record.status == 200 and record.client_gone and record.streamed
+        assert record.status == 200
+        assert record.client_gone
+        assert record.streamed
         (engine,) = h.runtime.of("m")
         for _ in range(50):
             if engine.state.disconnects:
@@ -99,7 +104,8 @@ async def test_two_cold_models_on_one_gpu_requested_together_are_both_served(
         assert (sa, sb) == (200, 200), (ba, bb)
         assert took < 1.6 + 1.0  # two starts back to back, no polling rounds between
         kinds = [e.kind for e in h.gateway.events.recent()]
-        assert "placement_refused" not in kinds and "start_failed" not in kinds
+        assert "placement_refused" not in kinds
+        assert "start_failed" not in kinds
 
 
 async def test_model_list_answers_while_everything_waits(tmp_path: Path) -> None:

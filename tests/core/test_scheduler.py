@@ -100,7 +100,8 @@ async def test_engine_dying_while_a_sleep_drains_leaves_the_model_failed_not_rea
     assert scheduler.state_of("m") is ModelState.FAILED
     assert "crash" in kinds(events, "m")
     await serve_once(scheduler, "m")  # the next request simply starts a new engine
-    assert len(runtime.engines) == 2 and scheduler.state_of("m") is ModelState.READY
+    assert len(runtime.engines) == 2
+    assert scheduler.state_of("m") is ModelState.READY
 
 
 # ----- defect 2: one failed idle sleep ended the idle reaper -----
@@ -164,12 +165,15 @@ async def test_a_refusal_is_never_an_engine_failure(tmp_path: Path) -> None:
         with pytest.raises(ModelUnavailable) as caught:
             await serve_once(scheduler, "b")
         # Always the refusal, never "crash-looping, 2 failures in a row".
-        assert caught.value.status == 503 and caught.value.code == "insufficient_gpu_memory"
-        assert caught.value.retry_after and caught.value.retry_after >= 1
+        assert caught.value.status == 503
+        assert caught.value.code == "insufficient_gpu_memory"
+        assert caught.value.retry_after
+        assert caught.value.retry_after >= 1
     assert scheduler.state_of("b") is ModelState.STOPPED
     assert scheduler.failure_of("b") is None
     assert len(runtime.engines) == 1  # b was never launched
-    assert "start_failed" not in kinds(events) and "start" not in kinds(events, "b")
+    assert "start_failed" not in kinds(events)
+    assert "start" not in kinds(events, "b")
     assert kinds(events, "b").count("placement_refused") == 4
 
 
@@ -207,10 +211,12 @@ async def test_a_wake_that_cannot_get_room_leaves_the_model_asleep(tmp_path: Pat
     assert planned <= 24 * GIB
     with pytest.raises(ModelUnavailable) as caught:
         await waking
-    assert caught.value.status == 503 and caught.value.retry_after
+    assert caught.value.status == 503
+    assert caught.value.retry_after
     # Asleep still: the next request pays a wake, not a cold start.
     assert scheduler.state_of("s") is ModelState.SLEEPING
-    assert not runtime.engines[0].stopped and scheduler.failure_of("s") is None
+    assert not runtime.engines[0].stopped
+    assert scheduler.failure_of("s") is None
     assert "wake_failed" not in kinds(events, "s")
     release.set()
     await streaming
@@ -242,7 +248,8 @@ async def test_a_start_waiting_for_a_drain_begins_on_the_request_end_event(
     await held.wait()
     wanted = asyncio.ensure_future(serve_once(scheduler, "b"))
     await asyncio.sleep(0.5)  # far longer than the old 32 polls of 0.1 s... minus some
-    assert not wanted.done() and len(runtime.engines) == 1
+    assert not wanted.done()
+    assert len(runtime.engines) == 1
     release.set()
     await streaming
     await settle()  # no poll interval: the request's end is the event
@@ -292,7 +299,8 @@ async def test_shutdown_ends_waits_for_room_at_once(tmp_path: Path) -> None:
     scheduler.begin_shutdown()
     with pytest.raises(ModelUnavailable) as caught:
         await asyncio.wait_for(wanted, 1.0)
-    assert caught.value.status == 503 and caught.value.retry_after
+    assert caught.value.status == 503
+    assert caught.value.retry_after
     release.set()
     await streaming
     await scheduler.shutdown(grace=1.0)

@@ -236,7 +236,9 @@ async def test_model_larger_than_the_gpu_is_refused_clearly(gateway_factory, gpu
     assert "can never be placed" in body["error"]["message"]
     assert "24.0 GiB" in body["error"]["message"]
     state = {m["name"]: m for m in gateway.status()["models"]}["huge"]
-    assert state["state"] == "stopped" and state["failure"] is None and state["starts"] == 0
+    assert state["state"] == "stopped"
+    assert state["failure"] is None
+    assert state["starts"] == 0
 
 
 async def test_engine_gets_its_budget_and_gpu(gateway_factory, gpu):

@@ -27,14 +27,16 @@ async def test_shutdown_ends_a_long_stream_after_one_grace_with_a_final_error_ev
         "fake_chunk_delay": 0.1,
     }
     lines: list[str] = []
-    async with aiohttp.ClientSession() as session:
-        async with session.post(gateway.url + "/v1/chat/completions", json=body) as response:
-            assert response.status == 200
-            await response.content.readline()
-            began = time.monotonic()
-            gateway.process.send_signal(15)
-            async for raw in response.content:
-                lines.append(raw.decode().strip())
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(gateway.url + "/v1/chat/completions", json=body) as response,
+    ):
+        assert response.status == 200
+        await response.content.readline()
+        began = time.monotonic()
+        gateway.process.send_signal(15)
+        async for raw in response.content:
+            lines.append(raw.decode().strip())
     ended = time.monotonic() - began
     assert 1.5 < ended < 4.0  # one grace (2 s), not two
     events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
@@ -42,7 +44,9 @@ async def test_shutdown_ends_a_long_stream_after_one_grace_with_a_final_error_ev
     assert gateway.process.wait(timeout=15) == 0
     log = gateway.log_text()
     request_lines = [line for line in log.splitlines() if "request " in line and "model=m" in line]
-    assert request_lines and "status=200" in request_lines[-1] and "status=500" not in log
+    assert request_lines
+    assert "status=200" in request_lines[-1]
+    assert "status=500" not in log
     assert gateway.engine_pids() == []
 
 
