@@ -65,6 +65,9 @@ class FakeEngine:
     def kill_now(self) -> None:
         self.crash(-9)
 
+    def exit_code(self) -> int | None:
+        return self._exited.result().code if self._exited.done() else None
+
     def log_tail(self, count: int) -> list[str]:
         return ["fake log line"]
 

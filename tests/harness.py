@@ -114,6 +114,9 @@ class InProcessEngine:
     def kill_now(self) -> None:
         self._exit(-9)
 
+    def exit_code(self) -> int | None:
+        return self.exited.result().code if self.exited.done() else None
+
     def crash(self) -> None:
         """The engine dies (its server goes away, its exit is reported)."""
         self._closing = asyncio.ensure_future(self._server.close())

@@ -41,6 +41,9 @@ class Engine:
     def kill_now(self) -> None:
         pass
 
+    def exit_code(self) -> int | None:
+        return self.exited.result().code if self.exited.done() else None
+
     def subscribe_log(self, on_line: Callable[[str], None]) -> Callable[[], None]:
         return lambda: None
 

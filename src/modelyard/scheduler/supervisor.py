@@ -59,6 +59,10 @@ class EngineHandle(Protocol):
         """Last resort on gateway exit: kill without waiting."""
         ...
 
+    def exit_code(self) -> int | None:
+        """The process's exit code once it has exited (None while it runs)."""
+        ...
+
     def subscribe_log(self, on_line: Callable[[str], None]) -> Callable[[], None]:
         """Follow the engine's output; returns the unsubscribe function."""
         ...
@@ -294,7 +298,7 @@ class ModelSupervisor:
         failure = self.failure
         tail = failure.log_tail if failure else []
         retry = max(1.0, self.backoff_remaining() or self.timings.last_start_s or 5.0)
-        if getattr(error, "timed_out", False):
+        if isinstance(error, EngineStartError) and error.timed_out:
             # Alive but never ready: the engine did not fail, it ran out of time (503).
             return ModelUnavailable(
                 f"model {self.name!r} was not ready within {self.settings.start_timeout:.0f}s: "
@@ -650,7 +654,7 @@ class ModelSupervisor:
             return
         if self.state in (ModelState.STARTING,):
             return  # wait_ready sees the exit and reports it with the start error
-        code = _exit_code(engine)
+        code = engine.exit_code()
         tail = engine.log_tail(20)
         self._record_engine_lost(
             f"engine for {self.name!r} exited unexpectedly (exit code {code})", code, tail
@@ -737,6 +741,3 @@ def _looks_out_of_memory(log_tail: list[str]) -> bool:
     return any(marker in text for marker in _OOM_MARKERS)
 
 
-def _exit_code(engine: EngineHandle) -> int | None:
-    result = engine.exited.result() if engine.exited.done() else None
-    return getattr(result, "code", None)
