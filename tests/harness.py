@@ -160,6 +160,8 @@ class InProcessEngine:
         model = body.get("model")
         if model not in (self._served(), *self.state.loras):
             return _engine_error(404, f"The model `{model}` does not exist.")
+        if body.get("fake_status"):
+            return _engine_error(int(body["fake_status"]), "fake error requested")
         chunks, delay = int(body.get("fake_chunks", 3)), float(body.get("fake_chunk_delay", 0))
         text = f"{model} says hi"
         if not body.get("stream"):

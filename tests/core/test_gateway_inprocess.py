@@ -126,3 +126,79 @@ async def test_hostile_model_names_are_refused_without_starting_anything(tmp_pat
             status, body, _ = await h.chat(name)
             assert status in (400, 404), (name, body)
         assert h.runtime.engines == []
+
+
+# ----- moved from the process-level tests: nothing here needs a real process -----
+
+
+async def test_cold_start_then_reuse(tmp_path: Path) -> None:
+    async with in_process_gateway(tmp_path, {"chat": engine_model()}) as h:
+        assert h.gateway.scheduler.state_of("chat").value == "stopped"
+        status, body, _ = await h.chat("chat")
+        assert status == 200
+        assert body["choices"][0]["message"]["content"] == "chat says hi"
+        assert (await h.chat("chat"))[0] == 200
+        assert len(h.runtime.of("chat")) == 1
+        assert h.gateway.model_status("chat")["starts"] == 1
+
+
+async def test_concurrent_first_requests_share_one_start(tmp_path: Path) -> None:
+    models = {"chat": engine_model()}
+    async with in_process_gateway(tmp_path, models, {"chat": Behaviour(ready_after=0.5)}) as h:
+        results = await asyncio.gather(*(h.chat("chat") for _ in range(50)))
+        assert [status for status, _, _ in results] == [200] * 50
+        assert len(h.runtime.engines) == 1
+
+
+async def test_models_listing_is_immediate_and_complete(tmp_path: Path) -> None:
+    models = {"slow": engine_model(aliases=["slow-alias"])}
+    async with in_process_gateway(tmp_path, models, {"slow": Behaviour(ready_after=30)}) as h:
+        pending = asyncio.ensure_future(h.chat("slow"))
+        await asyncio.sleep(0.3)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        async with h.client.get("/v1/models") as response:
+            listing = await response.json()
+        assert loop.time() - began < 1.0
+        states = {m["id"]: m["state"] for m in listing["data"]}
+        assert states == {"slow": "starting", "slow-alias": "starting"}
+        assert all(m["object"] == "model" and "created" in m for m in listing["data"])
+        pending.cancel()
+
+
+async def test_unknown_model_and_malformed_bodies(tmp_path: Path) -> None:
+    async with in_process_gateway(tmp_path, {"chat": engine_model()}) as h:
+        cases = [
+            (b'{"model": "nope"}', 404, "model_not_found"),
+            (b"{not json", 400, "invalid_json"),
+            (b"[1, 2]", 400, "invalid_json"),
+            (b"", 400, "invalid_json"),
+            (b'{"messages": []}', 400, "missing_model"),
+            (b'{"model": 7}', 400, "invalid_model"),
+            (b'\xff\xfe{"model": "chat"}', 400, "invalid_json"),
+            (b"[" * 100000, 400, "invalid_json"),
+        ]
+        for raw, status, code in cases:
+            async with h.client.post("/v1/chat/completions", data=raw) as response:
+                body = await response.json()
+                assert response.status == status, (raw[:20], body)
+                assert body["error"]["code"] == code
+                assert set(body["error"]) == {"message", "type", "param", "code"}
+        async with h.client.post("/v1/chat/completions", data=b'{"model": "nope"}') as response:
+            message = (await response.json())["error"]["message"]
+        assert "known models: chat" in message
+        # Upstream error statuses are passed through unchanged.
+        assert (await h.chat("chat", fake_status=422))[0] == 422
+        async with h.client.get("/nowhere/at/all") as response:
+            assert response.status == 404
+            assert "error" in await response.json()
+        assert h.gateway.scheduler.state_of("chat").value == "ready"
+
+
+async def test_start_timeout_gives_503_with_retry_after(tmp_path: Path) -> None:
+    models = {"slow": engine_model(start_timeout="1s")}
+    async with in_process_gateway(tmp_path, models, {"slow": Behaviour(ready_after=30)}) as h:
+        status, body, headers = await h.chat("slow")
+    assert status == 503
+    assert int(headers["Retry-After"]) >= 1
+    assert body["error"]["code"] == "start_timeout"
