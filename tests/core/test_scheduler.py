@@ -304,3 +304,33 @@ async def test_shutdown_ends_waits_for_room_at_once(tmp_path: Path) -> None:
     release.set()
     await streaming
     await scheduler.shutdown(grace=1.0)
+
+
+async def test_a_start_whose_requests_all_left_while_waiting_for_room_is_dropped(
+    tmp_path: Path,
+) -> None:
+    scheduler, runtime, _sleeper, events = make(
+        {"a": model(memory="20GiB"), "b": model(memory="10GiB")},
+        tmp_path,
+        gpus=[{"index": 0, "memory": "24GiB"}],
+    )
+    release = asyncio.Event()
+
+    async def stream() -> None:
+        async with scheduler.engine_for("a"):
+            await release.wait()
+
+    streaming = asyncio.ensure_future(stream())
+    await settle()
+    wanted = asyncio.ensure_future(serve_once(scheduler, "b"))
+    await settle()
+    wanted.cancel()  # the client went away while b waited for a's drain
+    await settle()
+    release.set()
+    await streaming
+    await settle()
+    # Nothing was evicted and no engine started for nobody.
+    assert len(runtime.engines) == 1
+    assert scheduler.state_of("a") is ModelState.READY
+    assert scheduler.state_of("b") is ModelState.STOPPED
+    assert "evict" not in kinds(events)

@@ -264,6 +264,10 @@ class Scheduler:
             async with self._deciding:
                 if self._closing:
                     raise Refused("the gateway is shutting down", 5.0, "shutting_down")
+                if supervisor.waiting == 0:
+                    # Every request that wanted it went away while it waited for room: do
+                    # not evict anything or start an engine for nobody.
+                    raise Refused(f"nobody waits for {name!r} any more", 1.0, "abandoned")
                 ask = Ask(self._target(supervisor), supervisor.wait_deadline())
                 decision = decide(self._snapshot(name), ask)
                 if isinstance(decision, Refuse):
