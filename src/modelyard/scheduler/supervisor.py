@@ -318,7 +318,7 @@ class ModelSupervisor:
 
     def _begin_needed_operation(self) -> None:
         if self.state is ModelState.SLEEPING:
-            self._operation = asyncio.create_task(self._wake())
+            self._operation = _observed(asyncio.create_task(self._wake()))
         elif self.state in (ModelState.STOPPED, ModelState.FAILED):
             wait = self.backoff_remaining()
             if wait > 0:
@@ -331,14 +331,14 @@ class ModelSupervisor:
                     log_tail=self.failure.log_tail,
                     code="engine_crash_loop",
                 )
-            self._operation = asyncio.create_task(self._start())
+            self._operation = _observed(asyncio.create_task(self._start()))
         else:
             # Only reachable if the state and the engine disagree (READY without an engine):
             # the engine is gone, so record it as lost rather than fail every request.
             self._record_engine_lost(
                 f"engine for {self.name!r} is gone (state was {self.state})", None, []
             )
-            self._operation = asyncio.create_task(self._start())
+            self._operation = _observed(asyncio.create_task(self._start()))
 
     def backoff_remaining(self) -> float:
         """Seconds until a crash-looping model may start again (0 when it may start now)."""
@@ -741,3 +741,8 @@ def _looks_out_of_memory(log_tail: list[str]) -> bool:
     return any(marker in text for marker in _OOM_MARKERS)
 
 
+def _observed(task: asyncio.Task[None]) -> asyncio.Task[None]:
+    """A start or wake whose waiters all left may fail with nobody to read its error: its
+    outcome is recorded on the model already, so mark the error seen (no asyncio warning)."""
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return task
