@@ -86,39 +86,46 @@ class Scheduler:
         self._closing = False
         self._deciding = asyncio.Lock()  # one decision at a time: no two plan the same room
         self._changed = asyncio.Event()
-        hook = Placement(
+        self._start_engine = start_engine
+        self._sleep_control = sleep_control
+        self._hook = Placement(
             prepare=self._prepare,
             finished=placement.finished if placement is not None else None,
             out_of_memory=placement.note_out_of_memory if placement is not None else None,
         )
         for name, model in config.models.items():
-            supervisor = ModelSupervisor(
-                name=name,
-                spec_for=self._spec_factory(name, model),
-                start_engine=start_engine,
-                settings=SupervisorSettings(
-                    idle_timeout=_pick(model.idle_timeout, config.defaults.idle_timeout),
-                    start_timeout=_pick(model.start_timeout, config.defaults.start_timeout),
-                    stop_grace=_pick(model.stop_grace, config.defaults.stop_grace),
-                    stable_after=config.defaults.crash_stable_after,
-                    max_backoff=config.defaults.crash_backoff_max,
-                ),
-                events=events,
-                clock=clock,
-                placement=hook,
-                sleep_control=sleep_control if model.sleep else None,
-            )
-            supervisor.on_change(self._notify)
-            self._supervisors[name] = supervisor
-            served = served_name(name, model)
-            self._names[name] = Target(name, name, served)
-            for alias in model.aliases:
-                self._names[alias] = Target(name, alias, served)
-            if model.route:
-                self._routes[model.route.strip("/")] = name
+            self._add_model(name, model)
         if placement is not None:
             placement.attach(self._supervisors)
         self.adapter_targets: dict[str, Target] = {}
+
+    def _add_model(self, name: str, model: ModelConfig) -> None:
+        """A supervisor for one configured model, and its public names and route."""
+        config = self.config
+        supervisor = ModelSupervisor(
+            name=name,
+            spec_for=self._spec_factory(name, model),
+            start_engine=self._start_engine,
+            settings=SupervisorSettings(
+                idle_timeout=_pick(model.idle_timeout, config.defaults.idle_timeout),
+                start_timeout=_pick(model.start_timeout, config.defaults.start_timeout),
+                stop_grace=_pick(model.stop_grace, config.defaults.stop_grace),
+                stable_after=config.defaults.crash_stable_after,
+                max_backoff=config.defaults.crash_backoff_max,
+            ),
+            events=self.events,
+            clock=self._clock,
+            placement=self._hook,
+            sleep_control=self._sleep_control if model.sleep else None,
+        )
+        supervisor.on_change(self._notify)
+        self._supervisors[name] = supervisor
+        served = served_name(name, model)
+        self._names[name] = Target(name, name, served)
+        for alias in model.aliases:
+            self._names[alias] = Target(name, alias, served)
+        if model.route:
+            self._routes[model.route.strip("/")] = name
 
     def _spec_factory(
         self, name: str, model: ModelConfig
@@ -131,10 +138,12 @@ class Scheduler:
     def apply_config(self, new_config: GatewayConfig) -> None:
         """The seam for a live configuration reload (not implemented here).
 
-        A reload is one more event: build supervisors for added models, stop removed ones
-        through their supervisors (`stop`), swap `self.config`, then call `_notify()` so that
-        every waiting start decides again under the new limits. Decisions read the config
-        only through `self.config` and `decide()`, so nothing else needs to change.
+        A reload is one more event: swap `self.config` (and the placement's), build
+        supervisors for added models with `_add_model`, stop removed or changed ones through
+        their supervisors (`stop`, which drains first) and drop their names, then call
+        `_notify()` so that every waiting start decides again under the new limits.
+        Decisions read the config only through `self.config`, `_target` and `decide()`, so
+        nothing else needs to change.
         """
         raise NotImplementedError("live configuration reload is not part of this scheduler yet")
 
