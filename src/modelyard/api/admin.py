@@ -70,8 +70,6 @@ async def sleep_model(request: web.Request) -> web.Response:
             name, int(level), f"admin sleep ({principal_of(request).name})"
         )
     except ModelUnavailable as error:
-        if error.status == 409:
-            raise ApiError(error.status, str(error), error.code) from None
         raise unavailable(error) from None
     if not slept:
         raise ApiError(

@@ -73,9 +73,12 @@ class ApiError(Exception):
 
 def unavailable(error: ModelUnavailable) -> ApiError:
     """The one mapping of "the model cannot serve now" to an HTTP error: its status, its code,
-    the engine's last log lines when there are any, and always a `Retry-After`."""
+    the engine's last log lines when there are any, and a `Retry-After` on every 5xx (a 409,
+    such as a sleep asked of a model that cannot sleep, is not helped by retrying)."""
     message = str(error)
     if error.log_tail:
         message += "\nlast engine log lines:\n" + "\n".join(error.log_tail[-10:])
-    retry_after = error.retry_after if error.retry_after is not None else 5.0
+    retry_after: float | None = 5.0 if error.retry_after is None else error.retry_after
+    if error.status < 500:
+        retry_after = None
     return ApiError(error.status, message, error.code, retry_after=retry_after)
