@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,10 +133,14 @@ class Gateway:
             self.auth.usage.start()
 
     async def close(self) -> None:
+        # No error of a background part may stop the engines' shutdown (issue 11, defect 2:
+        # one stored error once left every engine running): each is logged and passed over.
         if self.watchdog is not None:
-            await self.watchdog.close()  # first: a stopping engine is not a hung one
+            with _logged("closing the watchdog"):
+                await self.watchdog.close()  # first: a stopping engine is not a hung one
         if self.lora is not None:
-            await self.lora.close()
+            with _logged("closing the adapter manager"):
+                await self.lora.close()
         await self.scheduler.shutdown(self.config.limits.shutdown_grace)
         if self.auth is not None:
             await self.auth.usage.close()
@@ -172,6 +177,14 @@ class Gateway:
     def observe(self, record: RequestRecord) -> None:
         for observer in self.request_observers:
             observer(record)
+
+
+@contextlib.contextmanager
+def _logged(what: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception:
+        log.exception("%s failed; shutting down the rest", what)
 
 
 def _placement_for(

@@ -88,8 +88,8 @@ class EngineWatchdog:
         for task in tasks:
             task.cancel()
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task  # (a failed verdict was logged when it failed)
 
     async def _check_forever(self) -> None:
         while True:
@@ -143,6 +143,7 @@ class EngineWatchdog:
             task = asyncio.ensure_future(self._declare_hung(model, engine.pid, reason))
             self._verdicts.add(task)
             task.add_done_callback(self._verdicts.discard)
+            task.add_done_callback(_log_failure)
 
     def _strikes_of(self, model: str, pid: int) -> _Strikes:
         strikes = self._strikes.get(model)
@@ -154,3 +155,9 @@ class EngineWatchdog:
         log.error("model %s: engine is hung (%s); stopping it", name, reason)
         self._strikes.pop(name, None)
         return await self._scheduler.declare_hung(name, pid, reason)
+
+
+def _log_failure(task: asyncio.Task[bool]) -> None:
+    """A verdict that failed is logged, never lost silently."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("stopping a hung engine failed", exc_info=task.exception())
