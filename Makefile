@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup system-deps bench-deps demo test lint unit bench bench-proxy bench-placement clean
+.PHONY: setup system-deps bench-deps demo test lint unit bench bench-proxy bench-placement gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ bench-proxy: setup bench-deps
 
 bench-placement: setup
 	$(PY) -m bench.placement.simulate
+
+# On a machine with a real NVIDIA GPU, PyTorch and nvidia-ml-py (no vLLM needed): < 8 min.
+gpu-check: setup
+	$(PY) -m pip install --quiet -e '.[nvml]'
+	$(PY) bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts
