@@ -52,10 +52,12 @@ bench-proxy: setup bench-deps
 bench-placement: setup
 	$(PY) -m bench.placement.simulate
 
-# On a machine with a real NVIDIA GPU, PyTorch and nvidia-ml-py (no vLLM needed): < 8 min.
-gpu-check: setup
-	$(PY) -m pip install --quiet -e '.[nvml]'
-	$(PY) bench/gpu_check.py
+# On a machine with a real NVIDIA GPU (no vLLM needed): < 8 min. GPU_PYTHON is a Python that
+# has PyTorch (and diffusers for the image check); the gateway is installed into it.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) -m pip install --quiet -e '.[nvml]'
+	$(GPU_PYTHON) bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts
