@@ -52,3 +52,71 @@ def test_a_machine_without_a_gpu_is_told_why_and_exits_2(
     assert gpu_check.main(["--out", str(tmp_path / "r.json")]) == 2
     assert "cannot run here" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+
+
+STUB_TORCH = """
+class _Block:
+    def __init__(self, size):
+        self.size = size
+
+    def fill_(self, value):
+        return self
+
+    def numel(self):
+        return self.size
+
+
+uint8 = "uint8"
+
+
+def empty(size, dtype=None, device=None):
+    assert device == "cuda"
+    return _Block(size)
+
+
+class cuda:
+    @staticmethod
+    def synchronize():
+        pass
+"""
+
+
+def test_the_test_engine_answers_like_a_small_vllm(tmp_path) -> None:
+    # Its HTTP side, with a stand-in for torch (no CUDA here): what the gateway will talk to.
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tests.conftest import free_port
+
+    (tmp_path / "torch.py").write_text(STUB_TORCH)
+    port = free_port()
+    argv = [sys.executable, gpu_check.__file__, "engine", "--port", str(port)]
+    argv += ["--served-name", "a", "--bytes", "4096", "--ready-delay", "0"]
+    process = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1) as response:
+                    assert response.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the test engine did not come up"
+                time.sleep(0.1)
+        with urllib.request.urlopen(url + "/v1/models") as response:
+            assert [m["id"] for m in json.loads(response.read())["data"]] == ["a"]
+        request = urllib.request.Request(
+            url + "/v1/chat/completions",
+            json.dumps({"model": "a", "messages": []}).encode(),
+            {"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request) as response:
+            assert json.loads(response.read())["allocated_bytes"] == 4096
+    finally:
+        process.terminate()
+        assert process.wait(timeout=10) == 0
