@@ -20,6 +20,11 @@ Unknown times fall back to `PolicySettings` defaults (a 60 s cold start, the top
 30-60 s; a wake at 10 % / 40 % of the start for level 1 / level 2). The floor keeps the
 restore time deciding between engines that have all been idle for hours.
 
+Restore times within `PolicySettings.noise` (25 %) of each other count as equal, so the
+noise of measurement never decides between like engines: recency does, and among like
+engines the least recently used is evicted first (issue 11: with three identical models the
+more recently used one was evicted in 2 runs of 3).
+
 The plan frees the *cheapest sufficient set*: the victims whose summed cost is least among
 all sets that free enough bytes on every GPU of the placement. Bytes enter as the
 constraint, so one big idle engine can beat three small ones, and a cheap small one is never
