@@ -203,7 +203,7 @@ class PlacementCoordinator:
                     gpus=residency.gpus,
                     awake_bytes_per_gpu=residency.awake_bytes_per_gpu,
                     asleep_bytes_per_gpu=residency.asleep_bytes_per_gpu,
-                    in_flight=supervisor.in_flight + supervisor.waiting,
+                    in_flight=supervisor.demand,
                     last_used=supervisor.last_used
                     if supervisor.last_used is not None
                     else supervisor.ready_since,

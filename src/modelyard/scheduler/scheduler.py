@@ -353,7 +353,7 @@ class Scheduler:
                     state=state,
                     gpus=(index,),
                     awake_bytes_per_gpu=0,
-                    in_flight=s.in_flight + s.waiting,
+                    in_flight=s.demand,
                     last_used=s.last_used if s.last_used is not None else s.ready_since,
                     start_seconds=s.timings.last_start_s,
                     wake_seconds=s.timings.last_wake_s,

@@ -213,6 +213,13 @@ class ModelSupervisor:
         self._state = value
         self._on_change()
 
+    @property
+    def demand(self) -> int:
+        """Requests that hold or want this engine, for planning: an engine with any is busy
+        and never evicted. A wake waiting for room counts too, even if its requests left:
+        evicting it would wait on that wake while the wake waits for the evictor."""
+        return self.in_flight + self.waiting + (1 if self.placing else 0)
+
     def on_change(self, callback: Callable[[], None]) -> None:
         """Called on every state change and every request end (the scheduler's events)."""
         self._on_change = callback
