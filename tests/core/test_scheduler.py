@@ -334,3 +334,40 @@ async def test_a_start_whose_requests_all_left_while_waiting_for_room_is_dropped
     assert scheduler.state_of("a") is ModelState.READY
     assert scheduler.state_of("b") is ModelState.STOPPED
     assert "evict" not in kinds(events)
+
+
+async def test_a_wake_left_waiting_by_its_requests_is_never_evicted_under_it(
+    tmp_path: Path,
+) -> None:
+    # Evicting a model whose wake still waits for room would wait on that wake, while the
+    # wake waits for the decision the evictor holds: a deadlock. It counts as busy instead.
+    scheduler, runtime, _sleeper, _events = make(
+        {
+            "s": model(memory="15GiB", sleep=1),  # its wake needs b's room
+            "b": model(memory="10GiB"),
+            "c": model(memory="13GiB"),  # fits once s's residual (1.5 GiB) is gone
+        },
+        tmp_path,
+        gpus=[{"index": 0, "memory": "24GiB"}],
+    )
+    await serve_once(scheduler, "s")
+    assert await scheduler.sleep("s", 1, "test")
+    release = asyncio.Event()
+
+    async def stream() -> None:
+        async with scheduler.engine_for("b"):
+            await release.wait()
+
+    streaming = asyncio.ensure_future(stream())
+    await settle()
+    waking = asyncio.ensure_future(serve_once(scheduler, "s"))
+    await settle()
+    waking.cancel()  # its only request leaves while the wake waits for b's drain
+    await settle()
+    wanted = asyncio.ensure_future(serve_once(scheduler, "c"))
+    await settle()
+    release.set()
+    await streaming
+    await asyncio.wait_for(wanted, 5.0)  # served: no deadlock
+    assert scheduler.state_of("c") is ModelState.READY
+    assert len(runtime.of("c")) == 1
