@@ -11,7 +11,7 @@ from pathlib import Path
 
 import aiohttp
 
-from modelyard.auth.middleware import Authenticator
+from modelyard.auth.authenticator import Authenticator
 from modelyard.config.schema import GatewayConfig
 from modelyard.lora.manager import LoraManager
 from modelyard.observability.activity_log import log_event, log_request

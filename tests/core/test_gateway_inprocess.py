@@ -178,13 +178,19 @@ async def test_unknown_model_and_malformed_bodies(tmp_path: Path) -> None:
             (b'\xff\xfe{"model": "chat"}', 400, "invalid_json"),
             (b"[" * 100000, 400, "invalid_json"),
         ]
+        # JSON routes take JSON only (a browser's "simple" text/plain requests are refused).
+        json_type = {"Content-Type": "application/json"}
         for raw, status, code in cases:
-            async with h.client.post("/v1/chat/completions", data=raw) as response:
+            async with h.client.post(
+                "/v1/chat/completions", data=raw, headers=json_type
+            ) as response:
                 body = await response.json()
                 assert response.status == status, (raw[:20], body)
                 assert body["error"]["code"] == code
                 assert set(body["error"]) == {"message", "type", "param", "code"}
-        async with h.client.post("/v1/chat/completions", data=b'{"model": "nope"}') as response:
+        async with h.client.post(
+            "/v1/chat/completions", data=b'{"model": "nope"}', headers=json_type
+        ) as response:
             message = (await response.json())["error"]["message"]
         assert "known models: chat" in message
         # Upstream error statuses are passed through unchanged.

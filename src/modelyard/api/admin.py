@@ -5,10 +5,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from modelyard.api import live
+from modelyard.api.access import principal_of, require_admin
 from modelyard.api.errors import ApiError, unavailable
-from modelyard.api.principal import principal_of
 from modelyard.api.serving import gateway_of
 from modelyard.gateway import Gateway
+from modelyard.redaction import redact_value
 from modelyard.scheduler.supervisor import ModelUnavailable
 
 
@@ -21,7 +22,7 @@ def add_routes(router: web.UrlDispatcher) -> None:
 
 
 def _admin_model(request: web.Request) -> tuple[Gateway, str]:
-    principal_of(request).require_admin()
+    require_admin(request)
     gateway = gateway_of(request)
     name = request.match_info["model"]
     if name not in gateway.scheduler.models():
@@ -48,14 +49,14 @@ async def load_model(request: web.Request) -> web.Response:
         await gateway.scheduler.load(name, reason=f"admin load ({principal_of(request).name})")
     except ModelUnavailable as error:
         raise unavailable(error) from None
-    return web.json_response(gateway.model_status(name))
+    return web.json_response(redact_value(gateway.model_status(name)))
 
 
 async def unload_model(request: web.Request) -> web.Response:
     gateway, name = _admin_model(request)
     audit(request, gateway, name, "unload")
     await gateway.scheduler.unload(name, f"admin unload ({principal_of(request).name})")
-    return web.json_response(gateway.model_status(name))
+    return web.json_response(redact_value(gateway.model_status(name)))
 
 
 async def sleep_model(request: web.Request) -> web.Response:
@@ -77,7 +78,7 @@ async def sleep_model(request: web.Request) -> web.Response:
             f"model {name!r} is {scheduler.state_of(name).value}; only a ready model can sleep",
             "not_ready",
         )
-    return web.json_response(gateway.model_status(name))
+    return web.json_response(redact_value(gateway.model_status(name)))
 
 
 async def engine_logs(request: web.Request) -> web.StreamResponse:
@@ -88,5 +89,5 @@ async def engine_logs(request: web.Request) -> web.StreamResponse:
 
 async def event_stream(request: web.Request) -> web.StreamResponse:
     """GET /admin/events: recent events, then new ones live (SSE)."""
-    principal_of(request).require_admin()
+    require_admin(request)
     return await live.event_stream_response(request, gateway_of(request))

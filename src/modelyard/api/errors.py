@@ -7,6 +7,7 @@ import math
 
 from aiohttp import web
 
+from modelyard.redaction import redact
 from modelyard.scheduler.supervisor import ModelUnavailable
 
 _TYPES = {
@@ -17,6 +18,8 @@ _TYPES = {
     405: "invalid_request_error",
     409: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
+    421: "invalid_request_error",
     429: "rate_limit_error",
 }
 
@@ -28,6 +31,8 @@ def error_body(
     param: str | None = None,
 ) -> dict[str, dict[str, str | None]]:
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    # The last line of defence: no error body shows a secret (modelyard.redaction).
+    message = redact(message)
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -71,13 +76,15 @@ class ApiError(Exception):
         return error_response(self.status, self.message, self.code, self.param, self.retry_after)
 
 
-def unavailable(error: ModelUnavailable) -> ApiError:
+def unavailable(error: ModelUnavailable, show_tail: bool = True) -> ApiError:
     """The one mapping of "the model cannot serve now" to an HTTP error: its status, its code,
-    the engine's last log lines when there are any, and a `Retry-After` on every 5xx (a 409,
-    such as a sleep asked of a model that cannot sleep, is not helped by retrying)."""
+    the engine's last log lines for an admin (`show_tail`), all masked, and a `Retry-After` on
+    every 5xx (a 409, such as a sleep asked of a model that cannot sleep, is not helped by
+    retrying)."""
     message = str(error)
-    if error.log_tail:
+    if error.log_tail and show_tail:
         message += "\nlast engine log lines:\n" + "\n".join(error.log_tail[-10:])
+    message = redact(message)  # engines' output is masked like every other output
     retry_after: float | None = 5.0 if error.retry_after is None else error.retry_after
     if error.status < 500:
         retry_after = None
