@@ -60,6 +60,8 @@ class ProxyOutcome:
     first_byte_s: float | None = None
     upstream_broke: bool = False
     client_gone: bool = False
+    # Ended by the gateway at shutdown (with a final error event): neither side failed.
+    cut_by_gateway: bool = False
     body: bytes | None = None  # the non-streamed response body, for usage accounting
     usage: dict[str, int] = field(default_factory=dict)
 
@@ -163,7 +165,7 @@ class UpstreamClient:
             outcome.status = upstream.status
             return response, outcome
         finally:
-            if outcome.client_gone or outcome.upstream_broke:
+            if outcome.client_gone or outcome.upstream_broke or outcome.cut_by_gateway:
                 upstream.close()  # drop the connection so the engine stops generating
             else:
                 upstream.release()
@@ -214,13 +216,16 @@ class UpstreamClient:
         except (aiohttp.ClientError, TimeoutError) as error:
             # The engine died or hung mid-stream: end the stream with an error event so the
             # client sees a clear failure instead of a silent truncation.
-            outcome.upstream_broke = True
             if transformer is not None:
                 transformer.flush()
             message = f"the engine broke off the stream: {describe(error)}"
             code = "upstream_stream_broken"
-            if self._cut_reason is not None:  # the gateway ended it (shutdown), not the engine
+            if upstream in self._cut and self._cut_reason is not None:
+                # The gateway ended it (shutdown past its grace), not the engine.
                 message, code = self._cut_reason, "shutting_down"
+                outcome.cut_by_gateway = True
+            else:
+                outcome.upstream_broke = True
             event = {
                 "error": {
                     "message": message,
