@@ -371,3 +371,23 @@ async def test_a_wake_left_waiting_by_its_requests_is_never_evicted_under_it(
     await asyncio.wait_for(wanted, 5.0)  # served: no deadlock
     assert scheduler.state_of("c") is ModelState.READY
     assert len(runtime.of("c")) == 1
+
+
+async def test_evictions_that_keep_failing_end_in_a_refusal_not_a_spin(tmp_path: Path) -> None:
+    scheduler, runtime, _sleeper, _events = make(
+        {"a": model(memory="20GiB"), "b": model(memory="10GiB")},
+        tmp_path,
+        gpus=[{"index": 0, "memory": "24GiB"}],
+    )
+    await serve_once(scheduler, "a")
+
+    async def stop_fails(grace: float) -> int | None:
+        raise RuntimeError("the process cannot be signalled")
+
+    runtime.engines[0].stop = stop_fails  # type: ignore[method-assign]
+    with pytest.raises(ModelUnavailable) as caught:
+        await asyncio.wait_for(serve_once(scheduler, "b"), 5.0)
+    assert caught.value.status == 503
+    assert caught.value.code == "eviction_failed"
+    assert caught.value.retry_after
+    assert len(runtime.engines) == 1  # b never started on memory that was not freed

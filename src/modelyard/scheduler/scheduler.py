@@ -269,6 +269,9 @@ class Scheduler:
     async def _prepare(self, supervisor: ModelSupervisor) -> MemoryBudget | None:
         """Wait (on events) until `supervisor` may start or wake; its memory budget then."""
         name = supervisor.name
+        # Each eviction round changes some engine's state; more rounds than models means the
+        # evictions are failing (a stop that errs): refuse rather than spin.
+        evictions_left = len(self._supervisors) + 1
         while True:
             async with self._deciding:
                 if self._closing:
@@ -285,6 +288,14 @@ class Scheduler:
                 if isinstance(decision, Go):
                     return self._go(supervisor, decision)
                 if isinstance(decision, Evict):
+                    if evictions_left == 0:
+                        raise Refused(
+                            f"model {name!r}: evicting {decision.explanation!r} did not make "
+                            "room (see the engines' events)",
+                            5.0,
+                            "eviction_failed",
+                        )
+                    evictions_left -= 1
                     await self._evict(decision, name)
                     continue
                 assert isinstance(decision, Wait)

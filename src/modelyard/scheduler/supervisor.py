@@ -597,7 +597,16 @@ class ModelSupervisor:
         self.state = ModelState.STOPPING
         self._expected_exit = True
         began = self._clock()
-        code = await engine.stop(self.settings.stop_grace)
+        try:
+            code = await engine.stop(self.settings.stop_grace)
+        except Exception:
+            if not engine.exited.done():
+                # It could not be stopped and still runs: say so, rather than stay STOPPING
+                # forever (a state that would hold every plan waiting for its memory).
+                self._expected_exit = False
+                self.state = ModelState.READY
+                raise
+            code = engine.exit_code()
         self.engine = None
         self.budget = None
         self.ready_since = None
