@@ -245,7 +245,10 @@ class ModelSupervisor:
             self.last_used = self._clock()
             if self.in_flight == 0:
                 self._drained.set()
-            self._on_change()  # a request ended: a drain someone waits for may be over
+            if self.demand == 0:
+                # The engine is idle now: a drain someone waits for is over. (Plans only ask
+                # whether an engine is busy, so other request ends change no decision.)
+                self._on_change()
 
     async def ensure_ready(self, deadline: float) -> EngineHandle:
         """Return the ready engine, starting or waking it if needed (one start for all).
@@ -291,6 +294,8 @@ class ModelSupervisor:
         finally:
             self.waiting -= 1
             self._deadlines.remove(deadline)
+            if self.demand == 0:
+                self._on_change()  # its last waiter left: it may be evicted now
 
     def _effective_deadline(self, deadline: float) -> float:
         if self._launched_at is not None and self.state in (
