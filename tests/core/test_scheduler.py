@@ -391,3 +391,25 @@ async def test_evictions_that_keep_failing_end_in_a_refusal_not_a_spin(tmp_path:
     assert caught.value.code == "eviction_failed"
     assert caught.value.retry_after
     assert len(runtime.engines) == 1  # b never started on memory that was not freed
+
+
+async def test_a_sleeping_engine_counts_at_its_awake_size_until_it_has_slept(
+    tmp_path: Path,
+) -> None:
+    # vLLM frees the weights only when /sleep answers: until then no plan may use them.
+    scheduler, _runtime, sleeper, _events = make(
+        {"s": model(memory="14GiB", sleep=1)},
+        tmp_path,
+        gpus=[{"index": 0, "memory": "24GiB"}],
+    )
+    assert scheduler._placement is not None
+    await serve_once(scheduler, "s")
+    sleeper.gate.clear()  # the engine takes its time to answer /sleep
+    sleeping = asyncio.ensure_future(scheduler.sleep("s", 1, "test"))
+    await settle()
+    assert scheduler.state_of("s") is ModelState.DRAINING
+    assert scheduler._placement.gpu_status()[0]["planned_bytes"] == 14 * GIB
+    sleeper.gate.set()
+    assert await sleeping
+    assert scheduler.state_of("s") is ModelState.SLEEPING
+    assert scheduler._placement.gpu_status()[0]["planned_bytes"] < 2 * GIB

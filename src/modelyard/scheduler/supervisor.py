@@ -640,14 +640,18 @@ class ModelSupervisor:
             # READY here (as once) left a ready model with no engine (issue 11, defect 1).
             return False
         began = self._clock()
-        self.state = ModelState.SLEEPING
+        # Still DRAINING (counted at its awake size) until the engine says it sleeps: its
+        # memory is not free before that, so no plan may count on it.
         try:
             await self._sleep_control.sleep(engine.base_url, level)
         except BaseException:
             if self.engine is engine and not engine.exited.done():
                 self.state = ModelState.READY  # it did not sleep; it still serves
             raise
+        if self.engine is not engine:
+            return False  # it died during the call: its exit is recorded already
         self.sleep_level = level
+        self.state = ModelState.SLEEPING
         self._events.emit("sleep", self.name, reason, self._clock() - began, level=level)
         if self._placement.finished is not None:
             await self._placement.finished(self, False)
