@@ -38,16 +38,17 @@ from typing import Any, cast
 from multidict import CIMultiDict
 
 from modelyard.api.bodies import parse_json_object
-from modelyard.api.errors import ApiError, error_body
+from modelyard.api.errors import ApiError, error_body, unavailable
 from modelyard.api.serving import _ask_stream_for_usage, _usage_of, _with_log_tail
 from modelyard.auth.credentials import is_credential_header, presented_key
 from modelyard.auth.principal import ANONYMOUS, Principal
-from modelyard.gateway import Gateway, RequestRecord
+from modelyard.gateway import Gateway
+from modelyard.observability.requests import CLIENT_CLOSED_REQUEST, RequestRecord
 from modelyard.proxy.forward import _HOP_HEADERS, UpstreamError, UpstreamTimeout
 from modelyard.proxy.lean_client import Exchange, LeanPool, UpstreamConnection
 from modelyard.proxy.sse import StreamTransformer, model_name_replacements, rewrite_model_in_json
+from modelyard.scheduler.names import Target, UnknownModel
 from modelyard.scheduler.supervisor import ModelUnavailable
-from modelyard.scheduler.yard import Target, UnknownModel
 
 log = logging.getLogger("modelyard.api")
 
@@ -180,7 +181,7 @@ class FastLane:
         if not isinstance(model, str) or not model:
             return False
         try:
-            target = self.gateway.yard.resolve(model)
+            target = self.gateway.scheduler.resolve(model)
         except UnknownModel:
             return False
         if target.adapter is not None:
@@ -259,6 +260,7 @@ class FastProtocol(asyncio.Protocol):
         self.upstream: UpstreamConnection | None = None  # paused while the client is slow
         self.exchange: Exchange | None = None  # the one in flight
         self.sent_done = False  # the stream's `[DONE]` has gone to the client
+        self.answer_status: int | None = None  # a stream's status, once its head is sent
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -424,6 +426,8 @@ class FastProtocol(asyncio.Protocol):
         status = 500
         first_byte: float | None = None
         streamed = False
+        client_gone = False
+        self.answer_status = None
         usage: dict[str, int] = {}
         path = request.path.decode()
         payload = request.payload
@@ -434,26 +438,22 @@ class FastProtocol(asyncio.Protocol):
             body = json.dumps(payload).encode()
         replacements = model_name_replacements(target.upstream_name, target.public_name)
         try:
-            async with gateway.yard.engine_for(target.model) as engine:
+            async with gateway.scheduler.engine_for(target.model) as engine:
                 status, first_byte, streamed, usage = await self._forward(
                     request, engine.base_url, path, body, replacements, usage_added
                 )
                 return True
         except ModelUnavailable as error:
-            status = error.status
-            self._error(
-                status,
-                _with_log_tail(str(error), error.log_tail, request.principal.admin),
-                error.code,
-                retry_after=error.retry_after,
-            )
+            refusal = unavailable(error, show_tail=request.principal.admin)
+            status = refusal.status
+            self._error(status, refusal.message, refusal.code, retry_after=refusal.retry_after)
             return True
         except UpstreamError as error:
             timed_out = isinstance(error, UpstreamTimeout)
             status = 504 if timed_out else 502
-            supervisor = gateway.yard.supervisors[target.model]
-            await supervisor.notice_exit(timeout=1.0)
-            tail = supervisor.failure.log_tail if supervisor.failure else []
+            await gateway.scheduler.notice_exit(target.model, timeout=1.0)
+            failure = gateway.scheduler.failure_of(target.model)
+            tail = failure.log_tail if failure else []
             self._error(
                 status,
                 _with_log_tail(f"model {target.model!r}: {error}", tail, request.principal.admin),
@@ -461,7 +461,10 @@ class FastProtocol(asyncio.Protocol):
             )
             return True
         except asyncio.CancelledError:
-            status = 499  # the client hung up: nginx's "client closed request"
+            # The client hung up: a stream whose 200 was sent keeps it; otherwise 499.
+            client_gone = True
+            status = self.answer_status or CLIENT_CLOSED_REQUEST
+            streamed = self.answer_status is not None
             raise
         except Exception:
             log.exception("internal error on POST %s", path)
@@ -480,6 +483,7 @@ class FastProtocol(asyncio.Protocol):
                     streamed=streamed,
                     prompt_tokens=usage.get("prompt_tokens"),
                     completion_tokens=usage.get("completion_tokens"),
+                    client_gone=client_gone,
                 )
             )
 
@@ -560,6 +564,7 @@ class FastProtocol(asyncio.Protocol):
             b"Transfer-Encoding: chunked\r\n\r\n",
         ]
         transport.write(b"".join(self._response_head(exchange, extra)))
+        self.answer_status = exchange.status
         self.upstream = exchange.connection
 
         def forward(piece: bytes) -> None:
