@@ -5,9 +5,9 @@ A connection starts here. A request that is exactly `POST /v1/chat/completions` 
 body within the size limit and a known model without an adapter, is served by this module:
 parsed by hand, forwarded with the lean client (proxy/lean_client.py), answered with one write
 (or, for a stream, one write per chunk). It goes through everything the aiohttp route goes
-through: the yard's `engine_for` (queues, back-pressure, in-flight counts, idle timers), alias
-rewriting and usage capture (proxy/sse.py), the same error shapes, and `gateway.observe`
-(metrics, request log, watchdog).
+through: the scheduler's `engine_for` (queues, back-pressure, in-flight counts, idle timers),
+alias rewriting and usage capture (proxy/sse.py), the same error shapes, and
+`gateway.observe` (metrics, request log, watchdog).
 
 Anything else (another method or path, a query string, chunked or `Expect` requests, odd or
 repeated headers, a Content-Type other than JSON, any browser header such as `Origin` or
