@@ -436,7 +436,8 @@ def main() -> None:
     if args.spawn_child:
         import subprocess
 
-        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+        # The child carries the engine's --root in its argv, so a test finds it by its marker.
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)", args.root])
     time.sleep(args.bind_delay)
     app = web.Application()
     app["args"] = args
@@ -458,7 +459,7 @@ def main() -> None:
     print("INFO:     Application startup complete.", flush=True)
     web.run_app(
         app,
-        host="127.0.0.1",
+        host=args.host,  # 127.0.0.1 on one machine; the node's address on a Ray cluster
         port=args.port,
         print=None,
         access_log=None,

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
 from modelyard.auth.middleware import Authenticator
 from modelyard.config.schema import GatewayConfig
+from modelyard.engines.base import MemoryBudget
 from modelyard.lora.manager import LoraManager
 from modelyard.observability.activity_log import log_event, log_request
 from modelyard.observability.event_store import EventStore, open_event_store
@@ -29,10 +31,13 @@ from modelyard.proxy.forward import UpstreamClient
 from modelyard.runtime import ProcessRegistry, ProcessRuntime
 from modelyard.runtime.vllm_sleep import VllmSleepControl
 from modelyard.scheduler.groups import ExclusiveGroups
-from modelyard.scheduler.supervisor import Placement
+from modelyard.scheduler.supervisor import EngineStarter, ModelSupervisor, Placement
 from modelyard.scheduler.watchdog import EngineWatchdog, WatchdogSettings, health_probe
 from modelyard.scheduler.yard import Yard
 from modelyard.state import SetAside, StateDirectory
+
+if TYPE_CHECKING:  # Ray is imported only when the config says `runtime: ray`
+    from modelyard.runtime.ray import RayCluster
 
 log = logging.getLogger("modelyard")
 
@@ -73,6 +78,7 @@ class Gateway:
     auth: Authenticator | None = None
     watchdog: EngineWatchdog | None = None
     lora: LoraManager | None = None
+    cluster: RayCluster | None = None
 
     def __post_init__(self) -> None:
         # Observability hangs off the two hooks every part already feeds: events, requests.
@@ -90,20 +96,33 @@ class Gateway:
         events = EventBus(archive=event_store)
         registry = ProcessRegistry(state_dir / "engines")
         health_session = aiohttp.ClientSession()
-        runtime = ProcessRuntime(state_dir, health_session, registry)
-        coordinator = _placement_for(config, state_dir, events)
+        cluster: RayCluster | None = None
+        start_engine: EngineStarter
+        if config.runtime == "ray":
+            from modelyard.runtime.ray import RayCluster, RayRuntime
+
+            cluster = RayCluster(config.ray, events)
+            cluster.connect()
+            start_engine = RayRuntime(cluster, state_dir, health_session).start
+        else:
+            start_engine = ProcessRuntime(state_dir, health_session, registry).start
+        coordinator = _placement_for(config, state_dir, events, cluster)
         hook = None
         # Without managed GPUs, exclusive groups are kept by their own small hook.
         groups = ExclusiveGroups(config) if coordinator is None else None
         if coordinator is not None:
             hook = Placement(
-                coordinator.prepare, coordinator.finished, coordinator.note_out_of_memory
+                coordinator.prepare
+                if cluster is None
+                else _placed_when_gpus(cluster, coordinator.prepare),
+                coordinator.finished,
+                coordinator.note_out_of_memory,
             )
         elif groups:
             hook = Placement(prepare=groups.prepare)
         yard = Yard(
             config,
-            runtime.start,
+            start_engine,
             events,
             placement=hook,
             sleep_control=VllmSleepControl(health_session),
@@ -139,9 +158,12 @@ class Gateway:
             watchdog=watchdog,
             request_observers=[_watchdog_observer(watchdog)],
             lora=lora,
+            cluster=cluster,
         )
 
     async def start(self) -> None:
+        if self.cluster is not None:
+            await self.cluster.start()  # agents first: they stop orphans, report GPUs
         for orphan in self.registry.stop_orphans():
             self.events.emit(
                 "orphan_stopped",
@@ -168,6 +190,8 @@ class Gateway:
             await self.auth.usage.close()
         await self.upstream.close()
         await self.health_session.close()
+        if self.cluster is not None:
+            await self.cluster.close()
         if self.event_store is not None:
             self.event_store.close()  # last: the engines' stop events are written first
 
@@ -190,10 +214,18 @@ class Gateway:
             log.warning("GPU status unavailable: %s", error)
             return []
 
+    def node_status(self) -> list[dict[str, Any]]:
+        """Ray nodes: address, liveness, GPUs, engines (empty unless `runtime: ray`)."""
+        return self.cluster.node_status() if self.cluster is not None else []
+
     def model_status(self, name: str) -> dict[str, object]:
         status = self.yard.model_status(name)
         if self.placement is not None:
             status.update(self.placement.model_placement(name))
+        if self.cluster is not None:
+            engine = self.yard.supervisors[name].engine
+            status["node"] = getattr(engine, "node", None)
+            status["ray_actor"] = getattr(engine, "actor_name", None)
         return status
 
     def observe(self, record: RequestRecord) -> None:
@@ -202,11 +234,17 @@ class Gateway:
 
 
 def _placement_for(
-    config: GatewayConfig, state_dir: Path, events: EventBus
+    config: GatewayConfig, state_dir: Path, events: EventBus, cluster: RayCluster | None = None
 ) -> PlacementCoordinator | None:
-    """Declared GPUs, else NVML when a driver answers, else no GPU management (CPU engines)."""
+    """Declared GPUs, else NVML when a driver answers, else no GPU management (CPU engines).
+
+    On a Ray cluster the cluster is the inventory: every node's GPUs, read by its agent
+    through NVML (placement is managed even before the first report arrives).
+    """
     inventory: GpuInventory
-    if config.gpus is not None:
+    if cluster is not None:
+        inventory, measures = cluster, True
+    elif config.gpus is not None:
         inventory, measures = DeclaredInventory.from_config(config.gpus), False
     else:
         nvml = NvmlInventory()
@@ -223,6 +261,17 @@ def _placement_for(
 
     footprints = FootprintStore(state_dir, on_corrupt=corrupt)
     return PlacementCoordinator(config, inventory, footprints, events, measures)
+
+
+def _placed_when_gpus(
+    cluster: RayCluster, prepare: Callable[[ModelSupervisor], Awaitable[MemoryBudget | None]]
+) -> Callable[[ModelSupervisor], Awaitable[MemoryBudget | None]]:
+    """A cluster without GPUs runs CPU engines: no memory to plan (the runtime spreads them)."""
+
+    async def prepare_if_gpus(supervisor: ModelSupervisor) -> MemoryBudget | None:
+        return await prepare(supervisor) if cluster.gpus() else None
+
+    return prepare_if_gpus
 
 
 def _state_reporter(events: EventBus) -> Callable[[SetAside], None]:

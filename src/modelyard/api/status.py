@@ -26,6 +26,7 @@ async def gateway_status(request: web.Request) -> web.Response:
             "queued": yard.total_waiting(),
             "models": [gateway.model_status(name) for name in yard.supervisors],
             "gpus": gateway.gpu_status(),
+            "nodes": gateway.node_status(),
         }
     )
 

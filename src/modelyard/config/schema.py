@@ -222,6 +222,28 @@ class DiffusionConfig(StrictModel):
     executable: list[str] = Field(default_factory=lambda: ["python3"])
 
 
+class RayConfig(StrictModel):
+    """Where the Ray cluster is (`runtime: ray`): Ray places engines on nodes, never proxies."""
+
+    address: str = Field(default="auto", description="the cluster: HOST:PORT of the head, or auto")
+    namespace: str = Field(
+        default="modelyard", description="Ray namespace; one gateway per namespace"
+    )
+    node_address: str | None = Field(
+        default=None, description="this machine's address in the cluster, when not detectable"
+    )
+    node_check_interval: Duration = Field(
+        default=0.5, description="how often each node agent reports its GPUs"
+    )
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_shape(cls, namespace: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", namespace):
+            raise ValueError(f"{namespace!r} is not a valid namespace (letters, digits, . _ -)")
+        return namespace
+
+
 class GatewayConfig(StrictModel):
     listen: str = "127.0.0.1:8000"
     state_dir: str = ".state"
@@ -230,6 +252,10 @@ class GatewayConfig(StrictModel):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     vllm: VllmConfig = Field(default_factory=VllmConfig)
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    runtime: Literal["process", "ray"] = Field(
+        default="process", description="process: engines on this machine; ray: on a Ray cluster"
+    )
+    ray: RayConfig = Field(default_factory=RayConfig)
     gpus: list[GpuConfig] | None = Field(default=None, description="declared GPU inventory")
     host_ram_for_sleep: ByteSize | None = Field(
         default=None, description="host RAM that level-1 sleeping engines may hold"
@@ -283,6 +309,8 @@ class GatewayConfig(StrictModel):
             if model.route in _RESERVED_ROUTES:
                 raise ValueError(f"route {model.route!r} is reserved by the gateway")
             routes[model.route] = name
+        if self.runtime == "ray":
+            self._check_ray_placement()
         declared = {gpu.index for gpu in self.gpus or []}
         if self.gpus is not None and len(declared) != len(self.gpus):
             raise ValueError("gpus: each index may be declared once")
@@ -303,6 +331,17 @@ class GatewayConfig(StrictModel):
                 if group.exclusive:
                     grouped[member] = group_name
         return self
+
+    def _check_ray_placement(self) -> None:
+        # On a cluster each node agent reads its own GPUs, and GPU numbers name a GPU only on
+        # its node: a declared inventory or fixed indexes would say nothing about which node.
+        if self.gpus is not None:
+            raise ValueError("gpus: with runtime: ray each node's agent reads its GPUs (NVML)")
+        for name, model in self.models.items():
+            if model.gpus is not None:
+                raise ValueError(
+                    f"models.{name}.gpus: with runtime: ray placement chooses the node and GPU"
+                )
 
     @property
     def host(self) -> str:

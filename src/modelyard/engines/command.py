@@ -1,4 +1,5 @@
-"""Any OpenAI-compatible server started from an argv with `{port}` (like llama-swap's `cmd`)."""
+"""Any OpenAI-compatible server started from an argv with `{port}` (like llama-swap's `cmd`)
+and optionally `{host}`."""
 
 from __future__ import annotations
 
@@ -19,7 +20,11 @@ class CommandEngine:
         budget: MemoryBudget | None,
     ) -> LaunchSpec:
         assert model.command is not None  # the schema requires it for this kind
-        argv = [part.replace("{port}", str(port)) for part in model.command] + list(model.args)
+        # {host}: 127.0.0.1 here; on a Ray cluster the runtime binds the node's address.
+        argv = [
+            part.replace("{port}", str(port)).replace("{host}", "127.0.0.1")
+            for part in model.command
+        ] + list(model.args)
         return LaunchSpec(
             argv=argv,
             env={**gpu_env(budget), **model.env},
