@@ -19,6 +19,7 @@ from modelyard.observability.activity_log import log_event, log_request
 from modelyard.observability.event_store import EventStore, open_event_store
 from modelyard.observability.events import EventBus
 from modelyard.observability.metrics import GatewayMetrics
+from modelyard.observability.node_metrics import NodeCollector
 from modelyard.placement.coordinator import PlacementCoordinator
 from modelyard.placement.footprints import FootprintStore
 from modelyard.placement.inventory import (
@@ -86,6 +87,10 @@ class Gateway:
         self.events.add_sink(self.metrics.observe_event)
         self.events.add_sink(log_event)
         self.request_observers += [self.metrics.observe_request, log_request]
+        if self.cluster is not None:
+            self.metrics.registry.register(
+                NodeCollector(self.node_status, self.gpu_status, self._model_nodes)
+            )
 
     @classmethod
     def create(cls, config: GatewayConfig) -> Gateway:
@@ -214,6 +219,12 @@ class Gateway:
             log.warning("GPU status unavailable: %s", error)
             return []
 
+    def _model_nodes(self) -> dict[str, str | None]:
+        return {
+            name: getattr(supervisor.engine, "node", None)
+            for name, supervisor in self.yard.supervisors.items()
+        }
+
     def node_status(self) -> list[dict[str, Any]]:
         """Ray nodes: address, liveness, GPUs, engines (empty unless `runtime: ray`)."""
         return self.cluster.node_status() if self.cluster is not None else []
@@ -225,6 +236,7 @@ class Gateway:
         if self.cluster is not None:
             engine = self.yard.supervisors[name].engine
             status["node"] = getattr(engine, "node", None)
+            status["node_gpus"] = self.cluster.node_gpus(status.get("gpus"))
             status["ray_actor"] = getattr(engine, "actor_name", None)
         return status
 

@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("ray", reason="needs the ray extra: pip install 'modelyard[ray]'")
 
-from tests.ray.cluster import GIB, LocalCluster  # noqa: E402
+from tests.ray.cluster import GIB, LocalCluster
 
 
 def _ports_free(base: int) -> bool:

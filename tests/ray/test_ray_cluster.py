@@ -78,9 +78,7 @@ def start(
 ) -> RunningGateway:
     directory = tmp_path / f"gw{len(gateways)}"
     directory.mkdir()
-    gateway = start_gateway(
-        directory, models, marker=marker, **ray_settings(cluster, namespace)
-    )
+    gateway = start_gateway(directory, models, marker=marker, **ray_settings(cluster, namespace))
     gateways.append(gateway)
     return gateway
 

@@ -261,6 +261,14 @@ class RayCluster:
                 return pair
         raise KeyError(index)
 
+    def node_gpus(self, indexes: object) -> list[int]:
+        """The GPUs' numbers on their node, for cluster-wide `indexes` (for status)."""
+        found = []
+        for index in indexes if isinstance(indexes, list) else []:
+            with contextlib.suppress(KeyError):
+                found.append(self.locate(int(index))[1])
+        return found
+
     def gpus(self) -> list[GpuInfo]:
         """Every GPU of every live node, as last reported."""
         found = []

@@ -27,7 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from modelyard.placement.inventory import GpuInventoryError, NvmlInventory
-from modelyard.runtime.proctree import group_members, process_start_ticks, process_tree
+from modelyard.runtime.proctree import (
+    group_members,
+    is_zombie,
+    process_start_ticks,
+    process_tree,
+)
 
 # Engines carry these in their environment: the node agent finds orphans by them.
 ENGINE_MARKER = "MODELYARD_RAY_ENGINE"
@@ -84,7 +89,12 @@ def stop_pids(pids: list[int], grace: float) -> list[int]:
     ticks = {pid: process_start_ticks(pid) for pid in pids}
 
     def alive() -> list[int]:
-        return [pid for pid, t in ticks.items() if t is not None and process_start_ticks(pid) == t]
+        # A zombie has exited (its parent has not reaped it yet): it is gone for our purpose.
+        return [
+            pid
+            for pid, t in ticks.items()
+            if t is not None and process_start_ticks(pid) == t and not is_zombie(pid)
+        ]
 
     for pid in alive():
         with contextlib.suppress(ProcessLookupError, PermissionError):
