@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-import ray
 from modelyard.config.schema import RayConfig
 from modelyard.observability.events import EventBus
 from modelyard.placement.inventory import GpuInfo

@@ -25,15 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-import ray
 from modelyard.engines.base import LaunchSpec
 from modelyard.runtime.logs import EngineLog
 from modelyard.runtime.process import EngineStartError, ExitInfo
 from modelyard.runtime.ray.cluster import RayCluster
-from modelyard.runtime.readiness import engine_answers, poll_until_ready
 from modelyard.runtime.ray.node_side import EngineActor
+from modelyard.runtime.readiness import engine_answers, poll_until_ready
 
 log = logging.getLogger("modelyard.ray")
 
