@@ -129,7 +129,15 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, config.log_format)
     from modelyard.server import serve
 
-    serve(config)
+    try:
+        serve(config)
+    except Exception as error:
+        # A Ray cluster that cannot be reached (runtime: ray) is a setup problem: say so
+        # plainly instead of with a traceback.
+        if type(error).__name__ != "RayUnavailable":
+            raise
+        print(f"modelyard: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

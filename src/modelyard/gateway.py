@@ -100,14 +100,15 @@ class Gateway:
         event_store = open_event_store(state_dir)  # the history survives restarts
         events = EventBus(archive=event_store)
         registry = ProcessRegistry(state_dir / "engines")
-        health_session = aiohttp.ClientSession()
         cluster: RayCluster | None = None
-        start_engine: EngineStarter
         if config.runtime == "ray":
             from modelyard.runtime.ray import RayCluster, RayRuntime
 
             cluster = RayCluster(config.ray, events)
-            cluster.connect()
+            cluster.connect()  # first: a cluster that cannot be reached fails the start
+        health_session = aiohttp.ClientSession()
+        start_engine: EngineStarter
+        if cluster is not None:
             start_engine = RayRuntime(cluster, state_dir, health_session).start
         else:
             start_engine = ProcessRuntime(state_dir, health_session, registry).start

@@ -121,6 +121,13 @@ def events(gateway: RunningGateway) -> list[dict[str, Any]]:
     return asyncio.run(read())
 
 
+def scrape(gateway: RunningGateway) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(gateway.url + "/metrics", timeout=10) as response:
+        return response.read().decode()
+
+
 def wait_until(check: Any, timeout: float, what: str) -> float:
     began = time.monotonic()
     while time.monotonic() - began < timeout:
@@ -175,6 +182,11 @@ def test_engine_lands_on_the_planned_node_and_answers_through_the_gateway(
     gpu = next(g for g in gateway.status()["gpus"] if g["node"] == a["node"])
     assert gpu["used_bytes"] == pytest.approx(10 * GIB, rel=0.001)  # its share of the GPU
     assert gpu["models"] == ["a"]
+    assert a["node_gpus"] == [0]
+    metrics = scrape(gateway)
+    assert f'modelyard_model_node{{model="a",node="{a["node"]}"}} 1.0' in metrics
+    assert 'modelyard_node_up{node="127.0.0.3"} 1.0' in metrics
+    assert f'modelyard_node_engines{{node="{a["node"]}"}} 1.0' in metrics
     # A graceful stop leaves nothing on the node: engine, its child, its claim.
     engine_tree = processes_with(gateway.marker)
     assert len(engine_tree) >= 2, "the engine and the child it forked"
@@ -248,4 +260,5 @@ def test_dead_node_fails_its_models_and_the_next_request_uses_the_other(
     assert model_status(gateway, "a")["node"] not in (lost, None)
     nodes = {n["node"]: n["alive"] for n in gateway.status()["nodes"]}
     assert nodes[lost] is False
+    assert f'modelyard_node_up{{node="{lost}"}} 0.0' in scrape(gateway)
     assert [g["node"] for g in gateway.status()["gpus"]] != [lost]

@@ -45,3 +45,22 @@ def test_the_gateway_does_not_import_ray_unless_asked():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_an_unreachable_cluster_is_a_clear_error(tmp_path):
+    config = tmp_path / "modelyard.yaml"
+    config.write_text(
+        "runtime: ray\n"
+        "ray: {address: '127.0.0.2:1', node_address: 127.0.0.2}\n"
+        f"state_dir: {tmp_path / 'state'}\n"
+        "models: {}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "modelyard", "serve", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "cannot connect to the Ray cluster at '127.0.0.2:1'" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -235,6 +235,9 @@ class RayConfig(StrictModel):
     node_check_interval: Duration = Field(
         default=0.5, description="how often each node agent reports its GPUs"
     )
+    warm_actors: bool = Field(
+        default=True, description="keep one idle engine actor per node: starts skip a worker start"
+    )
 
     @field_validator("namespace")
     @classmethod

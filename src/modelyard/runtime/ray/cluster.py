@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -71,12 +72,15 @@ class RayCluster:
         self._keys: dict[tuple[str, int], int] = {}  # (node_id, gpu) -> cluster-wide index
         self._engine_roots: dict[str, set[int]] = {}  # node_id -> engine root pids
         self._node_lost_listeners: list[NodeLostListener] = []
+        self._started_listeners: list[Callable[[], None]] = []
+        self._close_listeners: list[Callable[[], None]] = []
         self._monitor: asyncio.Task[None] | None = None
 
     # ----- connecting -----
 
     def connect(self) -> None:
         """`ray.init` to the configured cluster (blocking, well under a second)."""
+        self._check_reachable()
         try:
             ray.init(
                 address=self.config.address,
@@ -91,14 +95,33 @@ class RayCluster:
                 f"cannot connect to the Ray cluster at {self.config.address!r}: {error}"
             ) from error
 
+    def _check_reachable(self) -> None:
+        # Ray's core retries an unreachable GCS for about a minute and then ends the process
+        # from C++ ("The program will terminate"): look first, and fail with a clear message.
+        host, sep, port = self.config.address.rpartition(":")
+        if not sep or not port.isdigit():
+            return  # "auto", or a form Ray resolves itself
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+        except OSError as error:
+            raise RayUnavailable(
+                f"cannot connect to the Ray cluster at {self.config.address!r}: {error} "
+                "(is the head started with `ray start --head`?)"
+            ) from error
+
     async def start(self) -> None:
         """One agent per live node (each stops that node's orphaned engines first)."""
         await self._add_new_nodes()
         if not any(node.alive for node in self.nodes.values()):
             raise RayUnavailable("the Ray cluster has no live node")
         self._monitor = asyncio.create_task(self._monitor_forever())
+        for listener in self._started_listeners:
+            listener()
 
     async def close(self) -> None:
+        for listener in self._close_listeners:
+            with contextlib.suppress(Exception):
+                listener()
         if self._monitor is not None:
             self._monitor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -233,6 +256,12 @@ class RayCluster:
 
     def on_node_lost(self, listener: NodeLostListener) -> None:
         self._node_lost_listeners.append(listener)
+
+    def on_started(self, listener: Callable[[], None]) -> None:
+        self._started_listeners.append(listener)
+
+    def on_close(self, listener: Callable[[], None]) -> None:
+        self._close_listeners.append(listener)
 
     def node_alive(self, node_id: str) -> bool:
         node = self.nodes.get(node_id)

@@ -38,6 +38,7 @@ from modelyard.runtime.readiness import engine_answers, poll_until_ready
 log = logging.getLogger("modelyard.ray")
 
 ACTOR_START_TIMEOUT_S = 60.0
+SPARE_CHECK_TIMEOUT_S = 2.0
 LOG_POLL_S = 1.0
 # 127.0.0.1 as a whole address ("--host 127.0.0.1", "--host=127.0.0.1", "127.0.0.1:8000").
 _LOOPBACK = re.compile(r"(?<![\d.])127\.0\.0\.1(?![\d.])")
@@ -206,9 +207,18 @@ class RayRuntime:
         self._health_session = health_session
         self._engines: set[RayEngine] = set()
         self._count = 0
+        self._spares: dict[str, tuple[Any, str]] = {}  # node id -> a warm, unused actor
+        self._warming: set[str] = set()
+        self._tasks: set[asyncio.Future[None]] = set()
         cluster.on_node_lost(self._node_lost)
+        cluster.on_started(self.warm_all)
+        cluster.on_close(self.close)
 
     def _node_lost(self, node_id: str, reason: str) -> None:
+        spare = self._spares.pop(node_id, None)
+        if spare is not None:
+            with contextlib.suppress(Exception):
+                ray.kill(spare[0])
         for engine in list(self._engines):
             if engine.node_id == node_id:
                 engine.node_lost(reason)
@@ -238,27 +248,21 @@ class RayRuntime:
             node_id, visible = self._choose_node(spec_for_port(0))
             if not self.cluster.node_alive(node_id):
                 raise EngineStartError(f"the node planned for {name!r} is lost", None, [])
-            self._count += 1
-            actor_name = f"modelyard-engine:{name}:{os.getpid()}:{self._count}"
-            actor: Any = (
-                ray.remote(EngineActor)
-                .options(
-                    name=actor_name,  # `ray list actors` shows which model it is
-                    num_cpus=0,
-                    max_restarts=0,
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-                )
-                .remote(name, self.cluster.config.namespace)
-            )
+            began = time.monotonic()
+            actor, actor_name, where = await self._take_actor(node_id)
             try:
-                where = await asyncio.wait_for(actor.where.remote(), ACTOR_START_TIMEOUT_S)
                 spec = spec_for_port(int(where["port"]))
                 env = dict(spec.env)
                 if visible is not None:
                     env["CUDA_VISIBLE_DEVICES"] = visible  # the GPUs' numbers on that node
                 argv = bind_to(spec.argv, str(where["ip"]))
-                log_file.append(f"[modelyard] placed on node {where['ip']} ({node_id[:12]})")
-                pid = await asyncio.wait_for(actor.start.remote(argv, env), ACTOR_START_TIMEOUT_S)
+                log_file.append(
+                    f"[modelyard] placed on node {where['ip']} ({node_id[:12]}), actor "
+                    f"{actor_name} ready in {(time.monotonic() - began) * 1000:.0f} ms"
+                )
+                pid = await asyncio.wait_for(
+                    actor.start.remote(name, argv, env), ACTOR_START_TIMEOUT_S
+                )
             except BaseException:
                 with contextlib.suppress(Exception):
                     ray.kill(actor)
@@ -285,7 +289,82 @@ class RayRuntime:
         engine.exited.add_done_callback(lambda _f: self._engines.discard(engine))
         return engine
 
-    def kill_all(self) -> None:
+    # ----- actors -----
+
+    def _new_actor(self, node_id: str) -> tuple[Any, str]:
+        self._count += 1
+        actor_name = f"modelyard-engine:{os.getpid()}:{self._count}"
+        actor: Any = (
+            ray.remote(EngineActor)
+            .options(
+                name=actor_name,  # `ray list actors` finds it; status shows it per model
+                num_cpus=0,
+                max_restarts=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+            )
+            .remote(self.cluster.config.namespace)
+        )
+        return actor, actor_name
+
+    async def _take_actor(self, node_id: str) -> tuple[Any, str, dict[str, Any]]:
+        """An actor on the node, ready: the node's warm spare if there is one (a new actor
+        needs a new worker process, most of a second), then a new spare is warmed."""
+        spare = self._spares.pop(node_id, None)
+        self._warm(node_id)
+        if spare is not None:
+            actor, actor_name = spare
+            try:
+                where = await asyncio.wait_for(actor.where.remote(), SPARE_CHECK_TIMEOUT_S)
+                return actor, actor_name, where
+            except Exception:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor)
+        actor, actor_name = self._new_actor(node_id)
+        try:
+            where = await asyncio.wait_for(actor.where.remote(), ACTOR_START_TIMEOUT_S)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
+            raise
+        return actor, actor_name, where
+
+    def _warm(self, node_id: str) -> None:
+        if not self.cluster.config.warm_actors or node_id in self._warming:
+            return
+        self._warming.add(node_id)
+        task = asyncio.ensure_future(self._warm_spare(node_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _warm_spare(self, node_id: str) -> None:
+        try:
+            actor, actor_name = self._new_actor(node_id)
+            try:
+                await asyncio.wait_for(actor.ping.remote(), ACTOR_START_TIMEOUT_S)
+            except Exception:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor)
+                return
+            if node_id in self._spares or not self.cluster.node_alive(node_id):
+                with contextlib.suppress(Exception):
+                    ray.kill(actor)
+                return
+            self._spares[node_id] = (actor, actor_name)
+        finally:
+            self._warming.discard(node_id)
+
+    def warm_all(self) -> None:
+        """A spare actor on every live node, so even the first start skips a worker start."""
+        for node in self.cluster.live_nodes():
+            self._warm(node.node_id)
+
+    def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for actor, _name in self._spares.values():
+            with contextlib.suppress(Exception):
+                ray.kill(actor)
+        self._spares.clear()
         for engine in list(self._engines):
             engine.kill_now()
 

@@ -171,8 +171,8 @@ class NodeAgent:
 class EngineActor:
     """One per engine: runs its process tree on this node, reports it, stops it."""
 
-    def __init__(self, name: str, namespace: str) -> None:
-        self.name = name
+    def __init__(self, namespace: str) -> None:
+        self.name = ""  # the model, once an engine is started (a spare actor has none yet)
         self.namespace = namespace
         self._lines: collections.deque[str] = collections.deque(maxlen=LOG_LINES)
         self._count = 0  # lines ever written (the index after the last one)
@@ -188,8 +188,13 @@ class EngineActor:
             port = int(sock.getsockname()[1])
         return {"node_id": node_id(), "ip": ip, "port": port, "worker_pid": os.getpid()}
 
-    async def start(self, argv: list[str], env: dict[str, str]) -> int:
+    def ping(self) -> bool:
+        """Answers once the actor's worker runs (a spare is warmed up with this)."""
+        return True
+
+    async def start(self, name: str, argv: list[str], env: dict[str, str]) -> int:
         """Start the engine in this worker's process group (not a new session); its pid."""
+        self.name = name
         me = os.getpid()
         marks = {
             ENGINE_MARKER: f"{self.namespace}/{self.name}",
