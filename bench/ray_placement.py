@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import statistics
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import FAKE_ENGINE, RunningGateway, start_gateway
-from tests.ray.cluster import GIB, LocalCluster
+from tests.ray.cluster import GIB, LocalCluster, free_base_port
 
 
 def model() -> dict[str, Any]:
@@ -63,6 +62,10 @@ def cold_starts(gateway: RunningGateway, rounds: int) -> list[float]:
         began = time.perf_counter()
         assert request(gateway, "/v1/chat/completions", CHAT) == 200
         times.append(time.perf_counter() - began)
+        with urllib.request.urlopen(gateway.url + "/admin/logs/a?lines=50", timeout=10) as reply:
+            placed = [line for line in json.load(reply)["lines"] if "placed on node" in line]
+        if placed:
+            print(f"  {times[-1] * 1000:.0f} ms; {placed[-1].split('), ')[-1]}")
         assert request(gateway, "/admin/models/a/unload", {}) == 200
         gateway.wait_state("a", "stopped")
     return times
@@ -80,7 +83,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     options = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="modelyard-raybench-"))
-    base = random.randrange(20000, 40000, 500)
+    base = free_base_port()
     cluster = LocalCluster(base, root)
     gateways: list[RunningGateway] = []
     try:

@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -38,6 +40,23 @@ NODE_ENV = {
     "RAY_raylet_start_wait_time_s": "120",
 }
 OBJECT_STORE_BYTES = 80 * 1024 * 1024
+
+
+def free_base_port() -> int:
+    """A base port whose block (the ports the nodes use) is free on 127.0.0.2 now."""
+    for base in random.sample(range(20000, 40000, 500), 40):
+        if all(_port_free(port) for port in (base, base + 1, *range(base + 10, base + 40))):
+            return base
+    raise AssertionError("no free block of ports for a Ray cluster")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.2", port))
+        except OSError:
+            return False
+    return True
 
 
 @dataclass

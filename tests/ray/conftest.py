@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import random
 import shutil
-import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,22 +11,12 @@ import pytest
 
 pytest.importorskip("ray", reason="needs the ray extra: pip install 'modelyard[ray]'")
 
-from tests.ray.cluster import GIB, LocalCluster
-
-
-def _ports_free(base: int) -> bool:
-    for port in (base, base + 1, *range(base + 10, base + 40)):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.2", port))
-            except OSError:
-                return False
-    return True
+from tests.ray.cluster import GIB, LocalCluster, free_base_port
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalCluster]:
-    base = next(b for b in random.sample(range(20000, 40000, 500), 20) if _ports_free(b))
+    base = free_base_port()
     # Not under pytest's temporary folder: a pytest run elsewhere on the machine may prune
     # that, and Ray's sockets and session live here while the cluster runs.
     root = Path(tempfile.mkdtemp(prefix="modelyard-ray-"))

@@ -77,6 +77,9 @@ class RayEngine:
         self.base_url = f"http://{self.host}:{self.port}"
         self.pid = pid
         self.actor_name = ""
+        # Told when the engine is ready: the runtime warms the node's next spare actor then,
+        # not while this engine loads (a worker start costs a core for most of a second).
+        self.on_ready: Callable[[str], None] | None = None
         self.started_at = time.monotonic()
         self.log = log
         self._actor = actor
@@ -169,6 +172,8 @@ class RayEngine:
             )
         # Measure what the engine holds now: placement learns its footprint from this.
         await self._cluster.refresh(self.node_id)
+        if self.on_ready is not None:
+            self.on_ready(self.node_id)
         return time.monotonic() - started
 
     async def stop(self, grace: float) -> int | None:
@@ -285,6 +290,7 @@ class RayRuntime:
             name, spec, actor, where, int(pid), log_file, self.cluster, self._health_session
         )
         engine.actor_name = actor_name
+        engine.on_ready = self._warm
         self._engines.add(engine)
         engine.exited.add_done_callback(lambda _f: self._engines.discard(engine))
         return engine
@@ -310,7 +316,6 @@ class RayRuntime:
         """An actor on the node, ready: the node's warm spare if there is one (a new actor
         needs a new worker process, most of a second), then a new spare is warmed."""
         spare = self._spares.pop(node_id, None)
-        self._warm(node_id)
         if spare is not None:
             actor, actor_name = spare
             try:
