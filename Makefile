@@ -42,7 +42,7 @@ test: setup system-deps
 	$(PY) -m pytest tests
 
 unit: setup
-	$(PY) -m pytest tests -m "not vllm and not chromium and not diffusion"
+	$(PY) -m pytest tests -m "not vllm and not chromium and not diffusion and not ray"
 
 bench: bench-proxy bench-placement
 

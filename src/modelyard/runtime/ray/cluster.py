@@ -36,6 +36,7 @@ log = logging.getLogger("modelyard.ray")
 
 AGENT_START_TIMEOUT_S = 60.0
 REPORT_TIMEOUT_S = 2.0
+REPORTS_MISSED_FOR_LOSS = 2
 NODE_SCAN_EVERY_S = 2.0
 
 
@@ -55,6 +56,7 @@ class NodeView:
     problem: str | None = None
     reported_at: float | None = None
     lost_reason: str | None = None
+    missed: int = 0  # reports in a row that did not come in time
 
     @property
     def label(self) -> str:
@@ -219,10 +221,18 @@ class RayCluster:
         roots = sorted(self._engine_roots.get(node_id, set()))
         try:
             report = await asyncio.wait_for(node.agent.report.remote(roots), REPORT_TIMEOUT_S)
-        except Exception as error:
-            reason = "its agent did not answer" if isinstance(error, TimeoutError) else str(error)
-            self.mark_lost(node_id, reason.splitlines()[0] if reason else type(error).__name__)
+        except TimeoutError:
+            # A slow answer may be a busy machine: lost only at the second one in a row. An
+            # agent that Ray reports dead (the raylet is gone) is lost at once, below.
+            node.missed += 1
+            if node.missed >= REPORTS_MISSED_FOR_LOSS:
+                self.mark_lost(node_id, f"its agent did not answer {node.missed} times in a row")
             return
+        except Exception as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            self.mark_lost(node_id, f"its agent is gone ({type(error).__name__}: {first})")
+            return
+        node.missed = 0
         self._take_report(node, report)
 
     def _take_report(self, node: NodeView, report: dict[str, Any]) -> None:

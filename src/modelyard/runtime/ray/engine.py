@@ -119,6 +119,10 @@ class RayEngine:
         if not self.exited.done():
             self.log.append(f"[modelyard] engine lost: {reason}")
             self._gone(None)
+        # If the node was only unreachable for a while, its engine must not serve on unseen:
+        # ending the actor ends the engine's process group (a no-op on a dead node).
+        with contextlib.suppress(Exception):
+            ray.kill(self._actor)
 
     async def _mirror_log(self) -> None:
         # The engine's output lives on its node; a copy here serves errors, the log route and
@@ -139,6 +143,14 @@ class RayEngine:
         for line in lines:
             self.log.append(line)
         self._lines_read = count
+
+    @property
+    def health_path(self) -> str:
+        return self.spec.health_path
+
+    def subscribe_log(self, on_line: Callable[[str], None]) -> Callable[[], None]:
+        """Call `on_line` with each new output line (mirrored from the node)."""
+        return self.log.subscribe(on_line)
 
     @property
     def alive(self) -> bool:
@@ -165,11 +177,14 @@ class RayEngine:
             what = "exited while starting" if outcome == "exited" else "was not ready in time"
             code = self.exit_code()
             detail = f" (exit code {code})" if code is not None else ""
-            raise EngineStartError(
+            error = EngineStartError(
                 f"engine for {self.name!r} on node {self.node} {what}{detail}",
                 code,
                 self.log.tail(20),
             )
+            # Alive but not ready in time is not a crash (the scheduler tells them apart).
+            error.timed_out = outcome == "timeout"  # type: ignore[attr-defined]
+            raise error
         # Measure what the engine holds now: placement learns its footprint from this.
         await self._cluster.refresh(self.node_id)
         if self.on_ready is not None:
