@@ -230,6 +230,31 @@ def test_sigkilled_gateway_takes_its_engines_with_it(cluster, gateways, tmp_path
     print(f"engines gone {took:.1f}s after the gateway was SIGKILLed")
 
 
+def test_node_agents_stop_engines_left_by_an_earlier_gateway(cluster, gateways, tmp_path):
+    """An engine whose actor is gone (here: never existed) is stopped by the node agents when
+    a gateway starts, with an event (the belt to Ray's process-group braces)."""
+    marker = f"orphan-{tmp_path.name}"
+    env = {
+        **os.environ,
+        "MODELYARD_RAY_ENGINE": "t-orphan/ghost",
+        "MODELYARD_RAY_OWNER": "999999999:1",  # an actor worker that is long gone
+    }
+    orphan = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)", marker], env=env
+    )
+    try:
+        gateway = start(gateways, tmp_path, cluster, {"a": engine_model("a", "10GiB")}, "t-orphan")
+        assert orphan.wait(timeout=15) is not None
+        stopped = [e for e in events(gateway) if e["kind"] == "orphan_stopped"]
+        assert stopped
+        assert stopped[0]["model"] == "ghost"
+        assert f"engine pid {orphan.pid} on node 127.0.0." in stopped[0]["reason"]
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+        orphan.wait()
+
+
 def test_two_models_too_big_for_one_node_land_on_two_nodes(cluster, gateways, tmp_path):
     models = {"a": engine_model("a", "16GiB"), "b": engine_model("b", "16GiB")}
     gateway = start(gateways, tmp_path, cluster, models, "t-two")
