@@ -304,7 +304,7 @@ class RayCluster:
         """The GPUs' numbers on their node, for cluster-wide `indexes` (for status)."""
         found = []
         for index in indexes if isinstance(indexes, list) else []:
-            with contextlib.suppress(KeyError):
+            with contextlib.suppress(KeyError, ValueError, TypeError):
                 found.append(self.locate(int(index))[1])
         return found
 
