@@ -100,8 +100,8 @@ def main() -> None:
 
         began = time.perf_counter()
         cluster.wait_started(cluster.start_node(0, {}))
-        cluster.wait_started(cluster.start_node(1, {0: 24 * GIB}))
-        cluster.wait_started(cluster.start_node(2, {0: 24 * GIB}))
+        cluster.start_worker(1, {0: 24 * GIB})
+        cluster.start_worker(2, {0: 24 * GIB})
         cluster.wait_nodes(3)
         print(f"cluster up (head + 2 workers) in {time.perf_counter() - began:.1f} s")
         ray_dir = root / "gw-ray"

@@ -45,7 +45,7 @@ OBJECT_STORE_BYTES = 80 * 1024 * 1024
 def free_base_port() -> int:
     """A base port whose block (the ports the nodes use) is free on 127.0.0.2 now."""
     for base in random.sample(range(20000, 40000, 500), 40):
-        if all(_port_free(port) for port in (base, base + 1, *range(base + 10, base + 40))):
+        if all(_port_free(port) for port in (base, base + 1, *range(base + 10, base + 70))):
             return base
     raise AssertionError("no free block of ports for a Ray cluster")
 
@@ -57,6 +57,10 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+class NodeStartFailed(AssertionError):
+    pass
 
 
 @dataclass
@@ -97,17 +101,20 @@ class LocalCluster:
     base_port: int
     root: Path
     nodes: list[Node] = field(default_factory=list)
+    failed: list[Node] = field(default_factory=list)  # nodes that did not start (cleaned up)
 
     @property
     def address(self) -> str:
         return f"127.0.0.2:{self.base_port}"
 
-    def start_node(self, index: int, gpus: dict[int, int]) -> Node:
-        """Node `index` (0 is the head) at 127.0.0.{index + 2} with simulated GPUs."""
+    def start_node(self, index: int, gpus: dict[int, int], slot: int | None = None) -> Node:
+        """Node `index` (0 is the head) at 127.0.0.{index + 2} with simulated GPUs; `slot`
+        picks its block of ports (default: `index`; a retry takes another)."""
         ip = f"127.0.0.{index + 2}"
+        slot = index if slot is None else slot
         gpu_dir = self.root / f"gpu-{ip}"
         fake_gpu.create(gpu_dir, gpus)
-        ports = self.base_port + 10 + index * 10
+        ports = self.base_port + 10 + slot * 10
         argv = [
             RAY,
             "start",
@@ -122,8 +129,8 @@ class LocalCluster:
             f"--runtime-env-agent-port={ports + 3}",
             f"--node-manager-port={ports + 4}",
             f"--object-manager-port={ports + 5}",
-            f"--min-worker-port={self.base_port + 200 + index * 100}",
-            f"--max-worker-port={self.base_port + 299 + index * 100}",
+            f"--min-worker-port={self.base_port + 100 + slot * 60}",
+            f"--max-worker-port={self.base_port + 159 + slot * 60}",
             "--disable-usage-stats",
         ]
         if index == 0:
@@ -157,9 +164,34 @@ class LocalCluster:
         """Until the node says it runs (workers that start before the head time out)."""
         deadline = time.monotonic() + timeout
         while "Ray runtime started" not in node.log.read_text(errors="replace"):
+            node.remember_tree()  # so a node that fails half-way is still cleaned up
             if node.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"ray node {node.ip} did not start:\n{node.log.read_text()}")
+                node.kill()
+                raise NodeStartFailed(
+                    f"ray node {node.ip} did not start:\n{node.log.read_text()[-3000:]}\n"
+                    + self._raylet_errors()
+                )
             time.sleep(0.1)
+
+    def start_worker(self, index: int, gpus: dict[int, int]) -> Node:
+        """A worker node, tried twice: on a loaded machine a node may fail to register, and
+        a port in its block may have been taken since we looked (the retry takes another)."""
+        try:
+            node = self.start_node(index, gpus)
+            self.wait_started(node)
+        except NodeStartFailed as first:
+            print(f"retrying: {first}", file=sys.stderr)
+            failed = self.nodes.pop()
+            self.failed.append(failed)
+            node = self.start_node(index, gpus, slot=index + 3)
+            self.wait_started(node)
+        return node
+
+    def _raylet_errors(self) -> str:
+        tails = []
+        for path in sorted((self.root / "ray").glob("session_*/logs/raylet*.err")):
+            tails.append(f"{path.name}: {path.read_text(errors='replace')[-1500:]}")
+        return "\n".join(tails)
 
     def wait_nodes(self, count: int, timeout: float = 60.0) -> None:
         """Until `count` nodes are alive in the cluster (asked through a short driver)."""
@@ -198,7 +230,7 @@ class LocalCluster:
         for node in reversed(self.nodes):
             with contextlib.suppress(subprocess.TimeoutExpired):
                 node.process.wait(timeout=15)
-        for node in self.nodes:
+        for node in [*self.nodes, *self.failed]:
             for pid in node.alive_pids():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)

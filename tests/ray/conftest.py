@@ -25,12 +25,12 @@ def cluster() -> Iterator[LocalCluster]:
         # The head runs the gateway; the GPUs are on the workers. One node at a time: on a
         # loaded 2-core machine, nodes that register together can time out.
         local.wait_started(local.start_node(0, {}))
-        local.wait_started(local.start_node(1, {0: 24 * GIB}))
-        local.wait_started(local.start_node(2, {0: 24 * GIB}))
+        local.start_worker(1, {0: 24 * GIB})
+        local.start_worker(2, {0: 24 * GIB})
         local.wait_nodes(3)
         yield local
     finally:
         local.stop()
-        left = [pid for node in local.nodes for pid in node.alive_pids()]
+        left = [pid for node in [*local.nodes, *local.failed] for pid in node.alive_pids()]
         shutil.rmtree(root, ignore_errors=True)
         assert not left, f"ray processes left running: {left}"

@@ -40,6 +40,15 @@ REPORTS_MISSED_FOR_LOSS = 2
 NODE_SCAN_EVERY_S = 2.0
 
 
+def end_actor(actor: Any) -> None:
+    """`ray.kill`, never raising, and never on a Ray that is not connected (any Ray call
+    there would start a local Ray instance of its own)."""
+    if actor is None or not ray.is_initialized():
+        return
+    with contextlib.suppress(Exception):
+        ray.kill(actor)
+
+
 class RayUnavailable(Exception):
     """The cluster cannot be reached or has no node to run on."""
 
@@ -130,8 +139,7 @@ class RayCluster:
                 await self._monitor
         for node in self.nodes.values():
             if node.agent is not None:
-                with contextlib.suppress(Exception):
-                    ray.kill(node.agent)
+                end_actor(node.agent)
         with contextlib.suppress(Exception):
             ray.shutdown()
 
@@ -161,8 +169,7 @@ class RayCluster:
             report = await asyncio.wait_for(agent.start.remote(), AGENT_START_TIMEOUT_S)
         except Exception as error:
             log.warning("no agent on node %s: %s", ip, error)
-            with contextlib.suppress(Exception):
-                ray.kill(agent)
+            end_actor(agent)
             return
         node = NodeView(node_id, ip, agent)
         self.nodes[node_id] = node
@@ -261,8 +268,7 @@ class RayCluster:
         )
         for listener in list(self._node_lost_listeners):
             listener(node_id, f"node {node.ip} is lost: {reason}")
-        with contextlib.suppress(Exception):
-            ray.kill(node.agent)
+        end_actor(node.agent)
 
     def on_node_lost(self, listener: NodeLostListener) -> None:
         self._node_lost_listeners.append(listener)

@@ -15,7 +15,6 @@ failed with a crash event like any other engine crash, and the next request star
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import re
@@ -31,7 +30,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from modelyard.engines.base import LaunchSpec
 from modelyard.runtime.logs import EngineLog
 from modelyard.runtime.process import EngineStartError, ExitInfo
-from modelyard.runtime.ray.cluster import RayCluster
+from modelyard.runtime.ray.cluster import RayCluster, end_actor
 from modelyard.runtime.ray.node_side import EngineActor
 from modelyard.runtime.readiness import engine_answers, poll_until_ready
 
@@ -121,8 +120,7 @@ class RayEngine:
             self._gone(None)
         # If the node was only unreachable for a while, its engine must not serve on unseen:
         # ending the actor ends the engine's process group (a no-op on a dead node).
-        with contextlib.suppress(Exception):
-            ray.kill(self._actor)
+        end_actor(self._actor)
 
     async def _mirror_log(self) -> None:
         # The engine's output lives on its node; a copy here serves errors, the log route and
@@ -201,8 +199,7 @@ class RayEngine:
                 self.log.append(f"[modelyard] stop: actor unreachable ({type(error).__name__})")
                 code = None
             self._gone(code)
-        with contextlib.suppress(Exception):
-            ray.kill(self._actor)
+        end_actor(self._actor)
         self._mirror.cancel()
         self._waiter.cancel()
         self._unsubscribe()
@@ -212,8 +209,7 @@ class RayEngine:
         return self.exit_code()
 
     def kill_now(self) -> None:
-        with contextlib.suppress(Exception):
-            ray.kill(self._actor)
+        end_actor(self._actor)
 
 
 class RayRuntime:
@@ -237,8 +233,7 @@ class RayRuntime:
     def _node_lost(self, node_id: str, reason: str) -> None:
         spare = self._spares.pop(node_id, None)
         if spare is not None:
-            with contextlib.suppress(Exception):
-                ray.kill(spare[0])
+            end_actor(spare[0])
         for engine in list(self._engines):
             if engine.node_id == node_id:
                 engine.node_lost(reason)
@@ -284,8 +279,7 @@ class RayRuntime:
                     actor.start.remote(name, argv, env), ACTOR_START_TIMEOUT_S
                 )
             except BaseException:
-                with contextlib.suppress(Exception):
-                    ray.kill(actor)
+                end_actor(actor)
                 raise
         except EngineStartError as error:
             log_file.append(f"[modelyard] could not start: {error}")
@@ -337,14 +331,12 @@ class RayRuntime:
                 where = await asyncio.wait_for(actor.where.remote(), SPARE_CHECK_TIMEOUT_S)
                 return actor, actor_name, where
             except Exception:
-                with contextlib.suppress(Exception):
-                    ray.kill(actor)
+                end_actor(actor)
         actor, actor_name = self._new_actor(node_id)
         try:
             where = await asyncio.wait_for(actor.where.remote(), ACTOR_START_TIMEOUT_S)
         except BaseException:
-            with contextlib.suppress(Exception):
-                ray.kill(actor)
+            end_actor(actor)
             raise
         return actor, actor_name, where
 
@@ -362,12 +354,10 @@ class RayRuntime:
             try:
                 await asyncio.wait_for(actor.ping.remote(), ACTOR_START_TIMEOUT_S)
             except Exception:
-                with contextlib.suppress(Exception):
-                    ray.kill(actor)
+                end_actor(actor)
                 return
             if node_id in self._spares or not self.cluster.node_alive(node_id):
-                with contextlib.suppress(Exception):
-                    ray.kill(actor)
+                end_actor(actor)
                 return
             self._spares[node_id] = (actor, actor_name)
         finally:
@@ -382,8 +372,7 @@ class RayRuntime:
         for task in list(self._tasks):
             task.cancel()
         for actor, _name in self._spares.values():
-            with contextlib.suppress(Exception):
-                ray.kill(actor)
+            end_actor(actor)
         self._spares.clear()
         for engine in list(self._engines):
             engine.kill_now()
