@@ -20,6 +20,7 @@ from modelyard.config.units import format_bytes
 from modelyard.engines import engine_kind
 from modelyard.observability import console as views
 from modelyard.observability.log_format import configure_logging
+from modelyard.redaction import redact, register_secrets
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -127,10 +128,13 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
     print(f"modelyard: {auth_mode(config)}", flush=True)
     configure_logging(args.log_level, config.log_format)
-    from modelyard.server import serve
+    from modelyard.server import StateDirError, serve
 
     try:
         serve(config)
+    except StateDirError as error:
+        print(f"modelyard: {error}", file=sys.stderr)
+        return 1
     except Exception as error:
         # A Ray cluster that cannot be reached (runtime: ray) is a setup problem: say so
         # plainly instead of with a traceback.
@@ -171,13 +175,15 @@ def _check(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
+    register_secrets(config.secret_values())
     console = Console()
     table = Table(title=f"{args.config}: {len(config.models)} models, listen {config.listen}")
     for column in ("model", "engine", "route", "aliases", "idle", "command"):
         table.add_column(column, overflow="fold")
     for name, model in config.models.items():
         spec = engine_kind(model.engine).launch_spec(name, model, config, 0, None)
-        argv = " ".join(spec.argv).replace(" --port 0", " --port {port}")
+        # The plan may be pasted into an issue or a CI log: `${env:}` secrets stay masked.
+        argv = redact(" ".join(spec.argv).replace(" --port 0", " --port {port}"))
         idle = (
             model.idle_timeout if model.idle_timeout is not None else config.defaults.idle_timeout
         )
@@ -196,6 +202,12 @@ def _check(args: argparse.Namespace) -> int:
     problem = exposure_problem(config)  # what `serve` would refuse, `check` refuses too
     if problem is not None:
         print(f"modelyard: {problem}", file=sys.stderr)
+        return 1
+    from modelyard.server import state_dir_problem
+
+    problem = state_dir_problem(config.state_dir, create=False)
+    if problem is not None:
+        print(f"modelyard: {args.config}: {problem}", file=sys.stderr)
         return 1
     console.print(auth_mode(config), markup=False)
     console.print("config OK")

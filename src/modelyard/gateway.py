@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
-from modelyard.auth.middleware import Authenticator
+from modelyard.auth.authenticator import Authenticator
 from modelyard.config.schema import GatewayConfig
 from modelyard.engines.base import MemoryBudget
 from modelyard.lora.manager import LoraManager

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from modelyard.api.principal import principal_of
+from modelyard.api.access import require_admin
 from modelyard.api.serving import gateway_of
 
 
@@ -13,7 +13,7 @@ def add_routes(router: web.UrlDispatcher) -> None:
 
 
 async def key_usage(request: web.Request) -> web.Response:
-    principal_of(request).require_admin()
+    require_admin(request)
     auth = gateway_of(request).auth
     keys = auth.key_report() if auth is not None else []
     refused = auth.refused if auth is not None else 0
