@@ -32,7 +32,12 @@ from modelyard.proxy.forward import UpstreamClient
 from modelyard.runtime import ProcessRegistry, ProcessRuntime
 from modelyard.runtime.vllm_sleep import VllmSleepControl
 from modelyard.scheduler.groups import ExclusiveGroups
-from modelyard.scheduler.supervisor import EngineStarter, ModelSupervisor, Placement
+from modelyard.scheduler.supervisor import (
+    EngineStarter,
+    ModelSupervisor,
+    Placement,
+    SleepControl,
+)
 from modelyard.scheduler.watchdog import EngineWatchdog, WatchdogSettings, health_probe
 from modelyard.scheduler.yard import Yard
 from modelyard.state import SetAside, StateDirectory
@@ -131,7 +136,7 @@ class Gateway:
             start_engine,
             events,
             placement=hook,
-            sleep_control=VllmSleepControl(health_session),
+            sleep_control=_sleep_control(health_session, cluster),
         )
         if coordinator is not None:
             coordinator.attach(yard.supervisors)
@@ -274,6 +279,15 @@ def _placement_for(
 
     footprints = FootprintStore(state_dir, on_corrupt=corrupt)
     return PlacementCoordinator(config, inventory, footprints, events, measures)
+
+
+def _sleep_control(session: aiohttp.ClientSession, cluster: RayCluster | None) -> SleepControl:
+    control = VllmSleepControl(session)
+    if cluster is None:
+        return control
+    from modelyard.runtime.ray.sleep import ClusterSleepControl
+
+    return ClusterSleepControl(control, cluster)
 
 
 def _placed_when_gpus(

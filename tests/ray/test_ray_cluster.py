@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +267,28 @@ def test_two_models_too_big_for_one_node_land_on_two_nodes(cluster, gateways, tm
     assert not [e for e in events(gateway) if e["kind"] == "evict"]
     for node in cluster.nodes[1:]:
         assert fake_gpu.peak(node.gpu_dir)[0] <= 24 * GIB
+
+
+def test_sleep_and_wake_on_a_node_are_measured_there(cluster, gateways, tmp_path):
+    """vLLM's sleep keeps a residual on the GPU (here 5 %): placement learns it from the
+    node's agent right after the sleep, not from a report taken before."""
+    model = {**engine_model("a", "10GiB"), "sleep": 1}
+    gateway = start(gateways, tmp_path, cluster, {"a": model}, "t-sleep")
+    chat(gateway, "a")
+    awake = model_status(gateway, "a")
+    request = urllib.request.Request(
+        gateway.url + "/admin/models/a/sleep?level=1", data=b"", method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200
+    assert gateway.model_state("a") == "sleeping"
+    gpu = next(g for g in gateway.status()["gpus"] if g["node"] == awake["node"])
+    held = fake_gpu.used(node_at(cluster, awake["node"]).gpu_dir)[0]
+    assert held == pytest.approx(0.05 * 10 * GIB, rel=0.01)
+    assert gpu["planned_bytes"] == pytest.approx(held, rel=0.01)
+    assert "hello" in chat(gateway, "a")  # woken on its node, not started again
+    woke = model_status(gateway, "a")
+    assert (woke["state"], woke["pid"], woke["node"]) == ("ready", awake["pid"], awake["node"])
 
 
 def test_dead_node_fails_its_models_and_the_next_request_uses_the_other(
