@@ -45,7 +45,7 @@ OBJECT_STORE_BYTES = 80 * 1024 * 1024
 def free_base_port() -> int:
     """A base port whose block (the ports the nodes use) is free on 127.0.0.2 now."""
     for base in random.sample(range(20000, 40000, 500), 40):
-        if all(_port_free(port) for port in (base, base + 1, *range(base + 10, base + 70))):
+        if all(_port_free(port) for port in range(base, base + 460)):
             return base
     raise AssertionError("no free block of ports for a Ray cluster")
 
@@ -53,7 +53,7 @@ def free_base_port() -> int:
 def _port_free(port: int) -> bool:
     with socket.socket() as sock:
         try:
-            sock.bind(("127.0.0.2", port))
+            sock.bind(("", port))  # any address: a node binds some ports on all of them
         except OSError:
             return False
     return True
@@ -163,9 +163,14 @@ class LocalCluster:
     def wait_started(self, node: Node, timeout: float = 150.0) -> None:
         """Until the node says it runs (workers that start before the head time out)."""
         deadline = time.monotonic() + timeout
+        raylets: set[int] = set()
         while "Ray runtime started" not in node.log.read_text(errors="replace"):
             node.remember_tree()  # so a node that fails half-way is still cleaned up
-            if node.process.poll() is not None or time.monotonic() > deadline:
+            raylets.update(pid for pid in node.descendants if _command(pid) == "raylet")
+            # A raylet that died (a port taken meanwhile) never registers: fail now, not
+            # after Ray's registration timeout.
+            raylet_died = bool(raylets) and not any(_alive(pid) for pid in raylets)
+            if node.process.poll() is not None or raylet_died or time.monotonic() > deadline:
                 node.kill()
                 raise NodeStartFailed(
                     f"ray node {node.ip} did not start:\n{node.log.read_text()[-3000:]}\n"
@@ -234,6 +239,13 @@ class LocalCluster:
             for pid in node.alive_pids():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _alive(pid: int) -> bool:
