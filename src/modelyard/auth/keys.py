@@ -39,6 +39,7 @@ class ApiKey:
     models: tuple[str, ...]
     rpm: int | None
     admin: bool
+    metrics: bool = False  # may read /metrics and /metrics/engines
 
 
 class KeyRing:
@@ -46,7 +47,14 @@ class KeyRing:
 
     def __init__(self, keys: Sequence[ApiKeyConfig]) -> None:
         self.keys = tuple(
-            ApiKey(key.name, bytes.fromhex(key.sha256), tuple(key.models), key.rpm, key.admin)
+            ApiKey(
+                key.name,
+                bytes.fromhex(key.sha256),
+                tuple(key.models),
+                key.rpm,
+                key.admin,
+                key.metrics,
+            )
             for key in keys
         )
 
