@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,7 +13,6 @@ import aiohttp
 
 from modelyard.auth.authenticator import Authenticator
 from modelyard.config.schema import GatewayConfig
-from modelyard.engines.base import MemoryBudget
 from modelyard.lora.manager import LoraManager
 from modelyard.observability.activity_log import log_event, log_request
 from modelyard.observability.event_store import EventStore, open_event_store
@@ -34,7 +33,6 @@ from modelyard.runtime.vllm_sleep import VllmSleepControl
 from modelyard.scheduler.groups import ExclusiveGroups
 from modelyard.scheduler.supervisor import (
     EngineStarter,
-    ModelSupervisor,
     Placement,
     SleepControl,
 )
@@ -111,6 +109,7 @@ class Gateway:
 
             cluster = RayCluster(config.ray, events)
             cluster.connect()  # first: a cluster that cannot be reached fails the start
+            cluster.discover()  # the nodes' agents (they stop orphans) and their GPUs
         health_session = aiohttp.ClientSession()
         start_engine: EngineStarter
         if cluster is not None:
@@ -123,9 +122,7 @@ class Gateway:
         groups = ExclusiveGroups(config) if coordinator is None else None
         if coordinator is not None:
             hook = Placement(
-                coordinator.prepare
-                if cluster is None
-                else _placed_when_gpus(cluster, coordinator.prepare),
+                coordinator.prepare,
                 coordinator.finished,
                 coordinator.note_out_of_memory,
             )
@@ -257,10 +254,12 @@ def _placement_for(
     """Declared GPUs, else NVML when a driver answers, else no GPU management (CPU engines).
 
     On a Ray cluster the cluster is the inventory: every node's GPUs, read by its agent
-    through NVML (placement is managed even before the first report arrives).
+    through NVML; a cluster without GPUs at the gateway's start runs CPU engines unplanned.
     """
     inventory: GpuInventory
     if cluster is not None:
+        if not cluster.gpus():
+            return None  # CPU engines: the runtime spreads them over the nodes
         inventory, measures = cluster, True
     elif config.gpus is not None:
         inventory, measures = DeclaredInventory.from_config(config.gpus), False
@@ -288,17 +287,6 @@ def _sleep_control(session: aiohttp.ClientSession, cluster: RayCluster | None) -
     from modelyard.runtime.ray.sleep import ClusterSleepControl
 
     return ClusterSleepControl(control, cluster)
-
-
-def _placed_when_gpus(
-    cluster: RayCluster, prepare: Callable[[ModelSupervisor], Awaitable[MemoryBudget | None]]
-) -> Callable[[ModelSupervisor], Awaitable[MemoryBudget | None]]:
-    """A cluster without GPUs runs CPU engines: no memory to plan (the runtime spreads them)."""
-
-    async def prepare_if_gpus(supervisor: ModelSupervisor) -> MemoryBudget | None:
-        return await prepare(supervisor) if cluster.gpus() else None
-
-    return prepare_if_gpus
 
 
 def _state_reporter(events: EventBus) -> Callable[[SetAside], None]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from modelyard.config.schema import RayConfig
 from modelyard.observability.events import EventBus
+from modelyard.runtime.process import EngineStartError
 from modelyard.runtime.ray.cluster import NodeView, RayCluster
 
 GIB = 1024**3
@@ -64,3 +67,32 @@ def test_engine_memory_is_read_on_the_engine_s_own_node():
     assert cluster.process_memory([4242]) == {1: 30 * GIB}
     cluster.engine_gone("n2", 4242)
     assert cluster.process_memory([4242]) == {}
+
+
+def test_a_cluster_without_gpus_runs_engines_unplanned(tmp_path):
+    from modelyard.config.schema import GatewayConfig
+    from modelyard.gateway import _placement_for
+
+    config = GatewayConfig.model_validate({"runtime": "ray", "models": {}})
+    cpu_only, _ = cluster_of(("n1", report()), ("n2", report()))
+    assert _placement_for(config, tmp_path, EventBus(), cpu_only) is None
+    with_gpus, _ = cluster_of(("n1", report()), ("n2", report((0, 0))))
+    assert _placement_for(config, tmp_path, EventBus(), with_gpus) is not None
+
+
+def test_the_runtime_starts_an_engine_on_the_node_of_its_gpus(tmp_path):
+    from modelyard.engines.base import LaunchSpec
+    from modelyard.runtime.ray.engine import RayRuntime
+
+    cluster, _ = cluster_of(("n1", report((0, 0), (1, 0))), ("n2", report((0, 0), (1, 0))))
+    runtime = RayRuntime(cluster, tmp_path, health_session=None)  # type: ignore[arg-type]
+    # Placement chose cluster-wide GPUs 2 and 3: the second node's GPUs 0 and 1.
+    spec = LaunchSpec(argv=["x"], env={"CUDA_VISIBLE_DEVICES": "2,3"})
+    assert runtime._choose_node(spec) == ("n2", "0,1")
+    # GPUs of two nodes for one engine are refused (the policy never plans that).
+    split = LaunchSpec(argv=["x"], env={"CUDA_VISIBLE_DEVICES": "1,2"})
+    with pytest.raises(EngineStartError, match="cannot span nodes"):
+        runtime._choose_node(split)
+    # Without GPUs: the live node with the fewest engines.
+    cluster.mark_lost("n1", "gone")
+    assert runtime._choose_node(LaunchSpec(argv=["x"])) == ("n2", None)

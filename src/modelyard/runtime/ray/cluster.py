@@ -121,7 +121,7 @@ class RayCluster:
             ) from error
 
     async def start(self) -> None:
-        """One agent per live node (each stops that node's orphaned engines first)."""
+        """Agents on nodes that joined since `discover`, then the reports in the background."""
         await self._add_new_nodes()
         if not any(node.alive for node in self.nodes.values()):
             raise RayUnavailable("the Ray cluster has no live node")
@@ -143,34 +143,61 @@ class RayCluster:
         with contextlib.suppress(Exception):
             ray.shutdown()
 
+    def discover(self) -> None:
+        """Start an agent on every live node and wait for their first reports (blocking: at
+        gateway start, so that placement knows from the outset whether there are GPUs)."""
+        listed = ray.nodes()  # type: ignore[no-untyped-call]
+        fresh = [self._new_agent(entry) for entry in self._fresh_nodes(listed)]
+        for entry, agent in fresh:
+            try:
+                report = ray.get(agent.start.remote(), timeout=AGENT_START_TIMEOUT_S)
+            except Exception as error:
+                self._no_agent(entry, agent, error)
+                continue
+            self._joined(entry, agent, report)
+
     async def _add_new_nodes(self) -> None:
         listed = await asyncio.to_thread(ray.nodes)
-        fresh = [
+        fresh = [self._new_agent(entry) for entry in self._fresh_nodes(listed)]
+        await asyncio.gather(*(self._start_agent(entry, agent) for entry, agent in fresh))
+
+    def _fresh_nodes(self, listed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
             entry
             for entry in listed
             if entry.get("Alive")
             and (entry["NodeID"] not in self.nodes or not self.nodes[entry["NodeID"]].alive)
         ]
-        await asyncio.gather(*(self._start_agent(entry) for entry in fresh))
 
-    async def _start_agent(self, entry: dict[str, Any]) -> None:
-        node_id, ip = str(entry["NodeID"]), str(entry["NodeManagerAddress"])
+    def _new_agent(self, entry: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         # Actor handles are typed as Any: Ray's stubs do not follow `.options(...).remote()`.
         agent: Any = (
             ray.remote(NodeAgent)
             .options(
                 num_cpus=0,  # agents must not queue behind engines on 1-CPU nodes
                 max_restarts=0,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+                scheduling_strategy=NodeAffinitySchedulingStrategy(
+                    str(entry["NodeID"]), soft=False
+                ),
             )
             .remote()
         )
+        return entry, agent
+
+    async def _start_agent(self, entry: dict[str, Any], agent: Any) -> None:
         try:
             report = await asyncio.wait_for(agent.start.remote(), AGENT_START_TIMEOUT_S)
         except Exception as error:
-            log.warning("no agent on node %s: %s", ip, error)
-            end_actor(agent)
+            self._no_agent(entry, agent, error)
             return
+        self._joined(entry, agent, report)
+
+    def _no_agent(self, entry: dict[str, Any], agent: Any, error: Exception) -> None:
+        log.warning("no agent on node %s: %s", entry["NodeManagerAddress"], error)
+        end_actor(agent)
+
+    def _joined(self, entry: dict[str, Any], agent: Any, report: dict[str, Any]) -> None:
+        node_id, ip = str(entry["NodeID"]), str(entry["NodeManagerAddress"])
         node = NodeView(node_id, ip, agent)
         self.nodes[node_id] = node
         self._take_report(node, report)
