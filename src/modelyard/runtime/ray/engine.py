@@ -88,6 +88,8 @@ class RayEngine:
         self._unsubscribe = log.subscribe(lambda _line: self._output_seen.set())
         self.exited: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._lines_read = 0
+        self._log_lock = asyncio.Lock()
+        self._stopping = False
         self._mirror = asyncio.create_task(self._mirror_log())
         self._waiter = asyncio.create_task(self._wait_exit())
         cluster.engine_started(self.node_id, pid)
@@ -97,6 +99,9 @@ class RayEngine:
         try:
             code = await self._actor.wait_exit.remote()
             await self._catch_up_log()
+            if not self._stopping:
+                # It exited on its own: its actor has nothing left to do (a stop ends it).
+                end_actor(self._actor)
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -134,6 +139,10 @@ class RayEngine:
                 return  # the actor is gone; _wait_exit reports it
 
     async def _catch_up_log(self, wait: float = 0.0) -> None:
+        async with self._log_lock:  # one reader at a time, or lines would be copied twice
+            await self._copy_new_lines(wait)
+
+    async def _copy_new_lines(self, wait: float) -> None:
         count, lines = await self._actor.read_log.remote(self._lines_read, wait)
         skipped = count - self._lines_read - len(lines)
         if skipped > 0:
@@ -191,6 +200,8 @@ class RayEngine:
 
     async def stop(self, grace: float) -> int | None:
         """TERM then KILL the engine's processes (on its node), then end its actor."""
+        self._stopping = True
+        self._mirror.cancel()  # its long poll would hold the last catch-up for a second
         if self.alive:
             try:
                 code = await asyncio.wait_for(self._actor.stop.remote(grace), grace + 15.0)
@@ -200,7 +211,6 @@ class RayEngine:
                 code = None
             self._gone(code)
         end_actor(self._actor)
-        self._mirror.cancel()
         self._waiter.cancel()
         self._unsubscribe()
         self.log.close()
