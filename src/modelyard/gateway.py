@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,7 @@ from modelyard.observability.event_store import EventStore, open_event_store
 from modelyard.observability.events import EventBus
 from modelyard.observability.metrics import GatewayMetrics
 from modelyard.observability.node_metrics import NodeCollector
+from modelyard.observability.requests import RequestObserver, RequestRecord
 from modelyard.placement.coordinator import PlacementCoordinator
 from modelyard.placement.footprints import FootprintStore
 from modelyard.placement.inventory import (
@@ -30,14 +32,9 @@ from modelyard.placement.inventory import (
 from modelyard.proxy.forward import UpstreamClient
 from modelyard.runtime import ProcessRegistry, ProcessRuntime
 from modelyard.runtime.vllm_sleep import VllmSleepControl
-from modelyard.scheduler.groups import ExclusiveGroups
-from modelyard.scheduler.supervisor import (
-    EngineStarter,
-    Placement,
-    SleepControl,
-)
+from modelyard.scheduler.scheduler import Scheduler
+from modelyard.scheduler.supervisor import EngineStarter, SleepControl
 from modelyard.scheduler.watchdog import EngineWatchdog, WatchdogSettings, health_probe
-from modelyard.scheduler.yard import Yard
 from modelyard.state import SetAside, StateDirectory
 
 if TYPE_CHECKING:  # Ray is imported only when the config says `runtime: ray`
@@ -46,30 +43,12 @@ if TYPE_CHECKING:  # Ray is imported only when the config says `runtime: ray`
 log = logging.getLogger("modelyard")
 
 
-@dataclass(frozen=True)
-class RequestRecord:
-    """One proxied request, for metrics and the request log."""
-
-    model: str
-    route: str
-    key_name: str
-    status: int
-    duration_s: float
-    first_byte_s: float | None
-    streamed: bool
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-
-
-RequestObserver = Callable[[RequestRecord], None]
-
-
 @dataclass
 class Gateway:
     config: GatewayConfig
     state_dir: Path
     events: EventBus
-    yard: Yard
+    scheduler: Scheduler
     upstream: UpstreamClient
     health_session: aiohttp.ClientSession
     registry: ProcessRegistry
@@ -96,8 +75,11 @@ class Gateway:
             )
 
     @classmethod
-    def create(cls, config: GatewayConfig) -> Gateway:
-        """Build the parts (call inside a running event loop)."""
+    def create(cls, config: GatewayConfig, start_engine: EngineStarter | None = None) -> Gateway:
+        """Build the parts (call inside a running event loop).
+
+        `start_engine` replaces the process runtime (the in-process test harness passes
+        engines that run in the test's own event loop)."""
         state_dir = Path(config.state_dir).expanduser()
         state_dir.mkdir(parents=True, exist_ok=True)
         event_store = open_event_store(state_dir)  # the history survives restarts
@@ -111,43 +93,29 @@ class Gateway:
             cluster.connect()  # first: a cluster that cannot be reached fails the start
             cluster.discover()  # the nodes' agents (they stop orphans) and their GPUs
         health_session = aiohttp.ClientSession()
-        start_engine: EngineStarter
-        if cluster is not None:
-            start_engine = RayRuntime(cluster, state_dir, health_session).start
-        else:
-            start_engine = ProcessRuntime(state_dir, health_session, registry).start
+        if start_engine is None:
+            if cluster is not None:
+                start_engine = RayRuntime(cluster, state_dir, health_session).start
+            else:
+                start_engine = ProcessRuntime(state_dir, health_session, registry).start
         coordinator = _placement_for(config, state_dir, events, cluster)
-        hook = None
-        # Without managed GPUs, exclusive groups are kept by their own small hook.
-        groups = ExclusiveGroups(config) if coordinator is None else None
-        if coordinator is not None:
-            hook = Placement(
-                coordinator.prepare,
-                coordinator.finished,
-                coordinator.note_out_of_memory,
-            )
-        elif groups:
-            hook = Placement(prepare=groups.prepare)
-        yard = Yard(
+        # Without managed GPUs the scheduler plans on an unlimited inventory: one behaviour.
+        scheduler = Scheduler(
             config,
             start_engine,
             events,
-            placement=hook,
+            placement=coordinator,
             sleep_control=_sleep_control(health_session, cluster),
         )
-        if coordinator is not None:
-            coordinator.attach(yard.supervisors)
-        if groups:
-            groups.attach(yard.supervisors)
         upstream = UpstreamClient(
             config.limits.upstream_connect_timeout, config.limits.upstream_read_timeout
         )
         state = StateDirectory(state_dir, report=_state_reporter(events))
         for record in event_store.set_aside if event_store is not None else []:
             state.note(record)  # the event history was set aside before the bus existed
-        watchdog = _watchdog_for(config, yard, health_session)
+        watchdog = _watchdog_for(config, scheduler, health_session)
         lora = (
-            LoraManager(config, yard, health_session, events)
+            LoraManager(config, scheduler, health_session, events)
             if any(model.lora is not None for model in config.models.values())
             else None
         )
@@ -155,7 +123,7 @@ class Gateway:
             config,
             state_dir,
             events,
-            yard,
+            scheduler,
             upstream,
             health_session,
             registry,
@@ -180,7 +148,7 @@ class Gateway:
                 + ("stopped" if orphan.stopped else "still running after SIGKILL"),
             )
             log.warning("stopped orphaned engine %s (pid %d)", orphan.name, orphan.pid)
-        self.yard.start_background()
+        self.scheduler.start_background()
         if self.lora is not None:
             self.lora.start_background()
         if self.watchdog is not None:
@@ -189,11 +157,15 @@ class Gateway:
             self.auth.usage.start()
 
     async def close(self) -> None:
+        # No error of a background part may stop the engines' shutdown (issue 11, defect 2:
+        # one stored error once left every engine running): each is logged and passed over.
         if self.watchdog is not None:
-            await self.watchdog.close()  # first: a stopping engine is not a hung one
+            with _logged("closing the watchdog"):
+                await self.watchdog.close()  # first: a stopping engine is not a hung one
         if self.lora is not None:
-            await self.lora.close()
-        await self.yard.shutdown(self.config.limits.shutdown_grace)
+            with _logged("closing the adapter manager"):
+                await self.lora.close()
+        await self.scheduler.shutdown(self.config.limits.shutdown_grace)
         if self.auth is not None:
             await self.auth.usage.close()
         await self.upstream.close()
@@ -224,8 +196,8 @@ class Gateway:
 
     def _model_nodes(self) -> dict[str, str | None]:
         return {
-            name: getattr(supervisor.engine, "node", None)
-            for name, supervisor in self.yard.supervisors.items()
+            name: getattr(self.scheduler.live_engine(name), "node", None)
+            for name in self.scheduler.models()
         }
 
     def node_status(self) -> list[dict[str, Any]]:
@@ -233,11 +205,11 @@ class Gateway:
         return self.cluster.node_status() if self.cluster is not None else []
 
     def model_status(self, name: str) -> dict[str, object]:
-        status = self.yard.model_status(name)
+        status = self.scheduler.model_status(name)
         if self.placement is not None:
             status.update(self.placement.model_placement(name))
         if self.cluster is not None:
-            engine = self.yard.supervisors[name].engine
+            engine = self.scheduler.live_engine(name)
             status["node"] = getattr(engine, "node", None)
             status["node_gpus"] = self.cluster.node_gpus(status.get("gpus"))
             status["ray_actor"] = getattr(engine, "actor_name", None)
@@ -246,6 +218,14 @@ class Gateway:
     def observe(self, record: RequestRecord) -> None:
         for observer in self.request_observers:
             observer(record)
+
+
+@contextlib.contextmanager
+def _logged(what: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception:
+        log.exception("%s failed; shutting down the rest", what)
 
 
 def _placement_for(
@@ -305,13 +285,13 @@ def _state_reporter(events: EventBus) -> Callable[[SetAside], None]:
 
 
 def _watchdog_for(
-    config: GatewayConfig, yard: Yard, session: aiohttp.ClientSession
+    config: GatewayConfig, scheduler: Scheduler, session: aiohttp.ClientSession
 ) -> EngineWatchdog:
     limits = config.limits
     settings = WatchdogSettings(
         limits.health_check_interval, limits.health_check_timeout, limits.health_check_failures
     )
-    return EngineWatchdog(yard.supervisors, health_probe(session), settings)
+    return EngineWatchdog(scheduler, health_probe(session), settings)
 
 
 def _watchdog_observer(watchdog: EngineWatchdog) -> RequestObserver:

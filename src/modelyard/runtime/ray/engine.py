@@ -184,14 +184,13 @@ class RayEngine:
             what = "exited while starting" if outcome == "exited" else "was not ready in time"
             code = self.exit_code()
             detail = f" (exit code {code})" if code is not None else ""
-            error = EngineStartError(
+            # Alive but not ready in time is not a crash (the scheduler tells them apart).
+            raise EngineStartError(
                 f"engine for {self.name!r} on node {self.node} {what}{detail}",
                 code,
                 self.log.tail(20),
+                timed_out=outcome == "timeout",
             )
-            # Alive but not ready in time is not a crash (the scheduler tells them apart).
-            error.timed_out = outcome == "timeout"  # type: ignore[attr-defined]
-            raise error
         # Measure what the engine holds now: placement learns its footprint from this.
         await self._cluster.refresh(self.node_id)
         if self.on_ready is not None:
