@@ -309,4 +309,16 @@ def test_dead_node_fails_its_models_and_the_next_request_uses_the_other(
     nodes = {n["node"]: n["alive"] for n in gateway.status()["nodes"]}
     assert nodes[lost] is False
     assert f'modelyard_node_up{{node="{lost}"}} 0.0' in scrape(gateway)
+    # A machine that joins later is found by the gateway's node scan and planned on.
+    cluster.start_worker(3, {0: 24 * GIB})
+
+    def joined() -> bool:
+        in_plan = any(g["node"] == "127.0.0.5" for g in gateway.status()["gpus"])
+        said = any(
+            e["kind"] == "node_joined" and e["data"].get("node") == "127.0.0.5"
+            for e in events(gateway)
+        )
+        return in_plan and said
+
+    wait_until(joined, 30, "the new node 127.0.0.5 and its GPU in the plan")
     assert [g["node"] for g in gateway.status()["gpus"]] != [lost]
