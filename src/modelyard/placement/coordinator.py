@@ -114,8 +114,8 @@ class PlacementCoordinator:
         """After a start, wake, sleep or stop: measure and learn."""
         name = supervisor.name
         try:
-            # `ok` comes before the supervisor marks the model ready: it is still STARTING
-            # (or WAKING) here, and this is the moment the engine holds its full footprint.
+            # After a start, `finished` comes before the supervisor marks the model ready: it
+            # is still STARTING here, and the engine already holds its full footprint.
             if ok and supervisor.state in (ModelState.READY, ModelState.STARTING):
                 self._learn_awake(supervisor)
             elif supervisor.state is ModelState.SLEEPING:
