@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import aiohttp
 
 from modelyard.auth.middleware import Authenticator
 from modelyard.config.schema import GatewayConfig
+from modelyard.engines.base import LaunchSpec
 from modelyard.lora.manager import LoraManager
 from modelyard.observability.activity_log import log_event, log_request
 from modelyard.observability.event_store import EventStore, open_event_store
@@ -27,9 +29,10 @@ from modelyard.placement.inventory import (
 )
 from modelyard.proxy.forward import UpstreamClient
 from modelyard.runtime import ProcessRegistry, ProcessRuntime
+from modelyard.runtime.remote import RemoteConnector
 from modelyard.runtime.vllm_sleep import VllmSleepControl
 from modelyard.scheduler.groups import ExclusiveGroups
-from modelyard.scheduler.supervisor import Placement
+from modelyard.scheduler.supervisor import EngineHandle, EngineStarter, Placement
 from modelyard.scheduler.watchdog import EngineWatchdog, WatchdogSettings, health_probe
 from modelyard.scheduler.yard import Yard
 from modelyard.state import SetAside, StateDirectory
@@ -73,6 +76,7 @@ class Gateway:
     auth: Authenticator | None = None
     watchdog: EngineWatchdog | None = None
     lora: LoraManager | None = None
+    _background: set[asyncio.Task[None]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         # Observability hangs off the two hooks every part already feeds: events, requests.
@@ -91,6 +95,7 @@ class Gateway:
         registry = ProcessRegistry(state_dir / "engines")
         health_session = aiohttp.ClientSession()
         runtime = ProcessRuntime(state_dir, health_session, registry)
+        remote = RemoteConnector(state_dir, health_session)
         coordinator = _placement_for(config, state_dir, events)
         hook = None
         # Without managed GPUs, exclusive groups are kept by their own small hook.
@@ -103,7 +108,7 @@ class Gateway:
             hook = Placement(prepare=groups.prepare)
         yard = Yard(
             config,
-            runtime.start,
+            engine_starter(runtime, remote),
             events,
             placement=hook,
             sleep_control=VllmSleepControl(health_session),
@@ -157,6 +162,22 @@ class Gateway:
             self.watchdog.start()
         if self.auth is not None:
             self.auth.usage.start()
+        self.preload(self.config.models)
+
+    def preload(self, names: Iterable[str]) -> None:
+        """Start the models marked `preload: true` among `names`, in the background."""
+        for name in names:
+            model = self.config.models.get(name)
+            if model is not None and model.preload:
+                task = asyncio.create_task(self._preload_one(name))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _preload_one(self, name: str) -> None:
+        try:
+            await self.yard.load(name, reason="preload")
+        except Exception as error:  # the failure is already an event; requests retry
+            log.warning("preload of %s failed: %s", name, error)
 
     async def close(self) -> None:
         if self.watchdog is not None:
@@ -192,13 +213,24 @@ class Gateway:
 
     def model_status(self, name: str) -> dict[str, object]:
         status = self.yard.model_status(name)
-        if self.placement is not None:
+        if self.placement is not None and not self.yard.is_remote(name):
             status.update(self.placement.model_placement(name))
         return status
 
     def observe(self, record: RequestRecord) -> None:
         for observer in self.request_observers:
             observer(record)
+
+
+def engine_starter(runtime: ProcessRuntime, remote: RemoteConnector) -> EngineStarter:
+    """Processes for the engines we run, a connection for those that run elsewhere."""
+
+    async def start(name: str, spec_for_port: Callable[[int], LaunchSpec]) -> EngineHandle:
+        if spec_for_port(0).remote_url is not None:
+            return await remote.start(name, spec_for_port)
+        return await runtime.start(name, spec_for_port)
+
+    return start
 
 
 def _placement_for(

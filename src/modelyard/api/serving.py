@@ -197,7 +197,12 @@ async def _forward(
             if request.query_string:
                 path = f"{path}?{request.query_string}"
             response, outcome = await gateway.upstream.forward(
-                request, engine.base_url + path, body, transformer, rewrite
+                request,
+                engine.base_url + path,
+                body,
+                transformer,
+                rewrite,
+                getattr(engine, "upstream_headers", None),
             )
             status, first_byte, streamed = outcome.status, outcome.first_byte_s, outcome.streamed
             usage = outcome.usage or _usage_of(outcome.body)
@@ -219,6 +224,18 @@ async def _forward(
         timed_out = isinstance(error, UpstreamTimeout)
         status = 504 if timed_out else 502
         supervisor = gateway.yard.supervisors[target.model]
+        if not timed_out and gateway.yard.is_remote(target.model):
+            # Not ours to restart: forget the connection (the next request checks the
+            # server again) and tell the client to come back.
+            status = 503
+            await supervisor.declare_hung(f"remote engine unreachable: {error}")
+            raise ApiError(
+                503,
+                f"model {target.model!r}: the remote engine is not answering ({error}); "
+                "retry later",
+                "remote_unavailable",
+                retry_after=5.0,
+            ) from None
         await supervisor.notice_exit(timeout=1.0)
         tail = supervisor.failure.log_tail if supervisor.failure else []
         raise ApiError(

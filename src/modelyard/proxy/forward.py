@@ -97,11 +97,17 @@ class UpstreamClient:
         body: bytes | None,
         transformer_for: Callable[[], StreamTransformer | None],
         rewrite_body: Callable[[bytes], bytes] | None = None,
+        engine_headers: Mapping[str, str] | None = None,
     ) -> tuple[web.StreamResponse, ProxyOutcome]:
-        """Send the request to `url`; stream the answer back as it comes."""
+        """Send the request to `url`; stream the answer back as it comes.
+
+        `engine_headers` (the engine's own key) are added after the client's credentials were
+        stripped, so a client never sees or sets them."""
         outcome = ProxyOutcome()
         started = time.perf_counter()
         headers = forward_headers(request.headers)
+        if engine_headers:
+            headers.update(engine_headers)
         try:
             upstream = await self.session.request(
                 request.method, url, data=body, headers=headers, allow_redirects=False

@@ -221,6 +221,15 @@ class ModelSupervisor:
                 except Exception as error:
                     # Every waiter of a failed start gets the same clear error.
                     failure = self.failure
+                    if isinstance(getattr(error, "retry_after", None), float):
+                        # A remote engine that is down: not a failed start, a 503 to retry.
+                        raise ModelUnavailable(
+                            str(error),
+                            status=503,
+                            retry_after=getattr(error, "retry_after", None),
+                            log_tail=failure.log_tail if failure else [],
+                            code=str(getattr(error, "code", "model_unavailable")),
+                        ) from error
                     raise ModelUnavailable(
                         f"model {self.name!r} failed to start: {error}",
                         status=502,
@@ -414,7 +423,10 @@ class ModelSupervisor:
         exit_code = getattr(error, "exit_code", None)
         tail = list(getattr(error, "log_tail", None) or (engine.log_tail(20) if engine else []))
         self.failure = Failure(str(error), exit_code, tail, self._clock())
-        self.consecutive_failures += 1
+        if getattr(error, "retry_after", None) is None:
+            # A remote engine that is down is not a crash loop of ours: no back-off, the
+            # next request checks it again.
+            self.consecutive_failures += 1
         self.state = ModelState.FAILED
         self._events.emit(
             "start_failed",

@@ -38,9 +38,12 @@ def health_probe(session: aiohttp.ClientSession) -> Probe:
     async def probe(engine: EngineHandle, timeout: float) -> bool:
         spec = getattr(engine, "spec", None)
         path = getattr(spec, "health_path", None) or "/health"
+        headers = getattr(spec, "upstream_headers", None) or {}
         try:
             async with session.get(
-                engine.base_url + path, timeout=aiohttp.ClientTimeout(total=timeout)
+                engine.base_url + path,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+                headers=headers,
             ) as response:
                 return response.status == 200
         except (TimeoutError, aiohttp.ClientError):

@@ -63,30 +63,60 @@ class Yard:
         self._routes: dict[str, str] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._closing = False
+        self._start_engine = start_engine
+        self._placement = placement
+        self._sleep_control = sleep_control
         for name, model in config.models.items():
-            self.supervisors[name] = ModelSupervisor(
-                name=name,
-                spec_for=self._spec_factory(name, model),
-                start_engine=start_engine,
-                settings=SupervisorSettings(
-                    idle_timeout=_pick(model.idle_timeout, config.defaults.idle_timeout),
-                    start_timeout=_pick(model.start_timeout, config.defaults.start_timeout),
-                    stop_grace=_pick(model.stop_grace, config.defaults.stop_grace),
-                    stable_after=config.defaults.crash_stable_after,
-                    max_backoff=config.defaults.crash_backoff_max,
-                ),
-                events=events,
-                clock=clock,
-                placement=placement,
-                sleep_control=sleep_control if model.sleep else None,
-            )
-            served = served_name(name, model)
-            self._names[name] = Target(name, name, served)
-            for alias in model.aliases:
-                self._names[alias] = Target(name, alias, served)
-            if model.route:
-                self._routes[model.route.strip("/")] = name
+            self.supervisors[name] = self._make_supervisor(name, model)
+        self._served_names: dict[str, Target] = {}
+        self._index_names()
         self.adapter_targets: dict[str, Target] = {}
+
+    def _index_names(self) -> None:
+        """Names, aliases, served names and routes of the current config."""
+        names: dict[str, Target] = {}
+        served_names: dict[str, Target] = {}
+        routes: dict[str, str] = {}
+        for name, model in self.config.models.items():
+            served = served_name(name, model)
+            names[name] = Target(name, name, served)
+            for alias in model.aliases:
+                names[alias] = Target(name, alias, served)
+            if model.route:
+                routes[model.route.strip("/")] = name
+        for name, model in self.config.models.items():
+            # The engine's own name is accepted too (not listed): clients of the seeds 002
+            # and 004 send it. A name another model owns stays that model's.
+            served = served_name(name, model)
+            if served not in names and served not in served_names:
+                served_names[served] = Target(name, served, served)
+        self._names, self._served_names, self._routes = names, served_names, routes
+
+    def _make_supervisor(self, name: str, model: ModelConfig) -> ModelSupervisor:
+        remote = model.engine == "remote"
+        return ModelSupervisor(
+            name=name,
+            spec_for=self._spec_factory(name, model),
+            start_engine=self._start_engine,
+            settings=self._settings_for(model),
+            events=self.events,
+            clock=self._clock,
+            # A remote engine holds none of our GPUs: placement and groups leave it alone.
+            placement=None if remote else self._placement,
+            sleep_control=self._sleep_control if model.sleep else None,
+        )
+
+    def _settings_for(self, model: ModelConfig) -> SupervisorSettings:
+        defaults = self.config.defaults
+        # "Stopping" a remote engine only forgets it: no idle timeout unless one is set.
+        idle_default = 0.0 if model.engine == "remote" else defaults.idle_timeout
+        return SupervisorSettings(
+            idle_timeout=_pick(model.idle_timeout, idle_default),
+            start_timeout=_pick(model.start_timeout, defaults.start_timeout),
+            stop_grace=_pick(model.stop_grace, defaults.stop_grace),
+            stable_after=defaults.crash_stable_after,
+            max_backoff=defaults.crash_backoff_max,
+        )
 
     def _spec_factory(
         self, name: str, model: ModelConfig
@@ -104,7 +134,11 @@ class Yard:
         return sorted({*self._names, *self.adapter_targets})
 
     def resolve(self, public_name: str) -> Target:
-        target = self._names.get(public_name) or self.adapter_targets.get(public_name)
+        target = (
+            self._names.get(public_name)
+            or self.adapter_targets.get(public_name)
+            or self._served_names.get(public_name)
+        )
         if target is None:
             raise UnknownModel(public_name, self.public_names())
         return target
@@ -117,6 +151,19 @@ class Yard:
 
     def model_config(self, name: str) -> ModelConfig:
         return self.config.models[name]
+
+    def is_remote(self, name: str) -> bool:
+        """Whether the model's engine runs elsewhere (never started or stopped by us)."""
+        model = self.config.models.get(name)
+        return model is not None and model.engine == "remote"
+
+    def open_routes(self) -> frozenset[str]:
+        """Routes (without '/') served without an API key (`open_route: true`)."""
+        return frozenset(
+            model.route.strip("/")
+            for model in self.config.models.values()
+            if model.open_route and model.route
+        )
 
     # ----- serving -----
 
@@ -224,6 +271,7 @@ class Yard:
         model = self.config.models[name]
         now = self._clock()
         failure = supervisor.failure
+        remote = model.engine == "remote"
         return {
             "name": name,
             "engine": model.engine,
@@ -233,7 +281,8 @@ class Yard:
             "state": supervisor.state.value,
             "can_sleep": supervisor.can_sleep,
             "sleep_level": supervisor.sleep_level if supervisor.state.value == "sleeping" else 0,
-            "pid": supervisor.engine.pid if supervisor.engine else None,
+            "url": model.url,
+            "pid": None if supervisor.engine is None or remote else supervisor.engine.pid,
             "port": getattr(supervisor.engine, "port", None),
             "in_flight": supervisor.in_flight,
             "queued": supervisor.waiting,
