@@ -18,6 +18,7 @@ from modelyard.lora.manager import LoraManager
 from modelyard.observability.activity_log import log_event, log_request
 from modelyard.observability.event_store import EventStore, open_event_store
 from modelyard.observability.events import EventBus
+from modelyard.observability.key_metrics import KeyUsageCollector
 from modelyard.observability.metrics import GatewayMetrics
 from modelyard.placement.coordinator import PlacementCoordinator
 from modelyard.placement.footprints import FootprintStore
@@ -84,6 +85,7 @@ class Gateway:
         self.events.add_sink(self.metrics.observe_event)
         self.events.add_sink(log_event)
         self.request_observers += [self.metrics.observe_request, log_request]
+        self.metrics.registry.register(KeyUsageCollector(lambda: self.auth))
 
     @classmethod
     def create(cls, config: GatewayConfig) -> Gateway:
@@ -124,6 +126,8 @@ class Gateway:
         for record in event_store.set_aside if event_store is not None else []:
             state.note(record)  # the event history was set aside before the bus existed
         watchdog = _watchdog_for(config, yard, health_session)
+        auth = Authenticator.create(config.auth, state)
+        auth.open_routes = yard.open_routes()
         lora = (
             LoraManager(config, yard, health_session, events)
             if any(model.lora is not None for model in config.models.values())
@@ -140,9 +144,9 @@ class Gateway:
             coordinator,
             event_store=event_store,
             state=state,
-            auth=Authenticator.create(config.auth, state),
+            auth=auth,
             watchdog=watchdog,
-            request_observers=[_watchdog_observer(watchdog)],
+            request_observers=[_watchdog_observer(watchdog), _token_observer(auth)],
             lora=lora,
         )
 
@@ -162,6 +166,7 @@ class Gateway:
             self.watchdog.start()
         if self.auth is not None:
             self.auth.usage.start()
+            self.auth.ledger.start()
         self.preload(self.config.models)
 
     def preload(self, names: Iterable[str]) -> None:
@@ -186,7 +191,7 @@ class Gateway:
             await self.lora.close()
         await self.yard.shutdown(self.config.limits.shutdown_grace)
         if self.auth is not None:
-            await self.auth.usage.close()
+            await self.auth.close()
         await self.upstream.close()
         await self.health_session.close()
         if self.event_store is not None:
@@ -280,6 +285,16 @@ def _watchdog_for(
         limits.health_check_interval, limits.health_check_timeout, limits.health_check_failures
     )
     return EngineWatchdog(yard.supervisors, health_probe(session), settings)
+
+
+def _token_observer(auth: Authenticator) -> RequestObserver:
+    # Usage per key and model, and the tokens that budgets and tokens-per-minute count.
+    return lambda record: auth.ledger.record(
+        record.key_name,
+        record.model,
+        record.prompt_tokens or 0,
+        record.completion_tokens or 0,
+    )
 
 
 def _watchdog_observer(watchdog: EngineWatchdog) -> RequestObserver:

@@ -41,7 +41,8 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
 
 def build_app(gateway: Gateway, middlewares: list[Middleware] | None = None) -> web.Application:
     # With API keys configured, nothing past `openai_errors` runs for a request without one.
-    auth = [gateway.auth.middleware()] if gateway.auth is not None and gateway.auth.enabled else []
+    # Installed even with no keys yet: runtime keys and a reload can turn keys on.
+    auth = [gateway.auth.middleware()] if gateway.auth is not None else []
     stack: list[Middleware] = [openai_errors, *auth, *(middlewares or [])]
     app = web.Application(
         middlewares=stack,

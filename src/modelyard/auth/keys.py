@@ -39,6 +39,12 @@ class ApiKey:
     models: tuple[str, ...]
     rpm: int | None
     admin: bool
+    tpm: int | None = None  # tokens per minute
+    token_budget: int | None = None  # tokens per budget_period
+    budget_period: str = "total"  # day, month or total
+    expires_at: float | None = None  # wall-clock time; runtime keys only
+    revoked: bool = False  # runtime keys only: kept for the record, refused at once
+    runtime: bool = False  # made through the admin API, not written in the config
 
 
 class KeyRing:
@@ -46,7 +52,16 @@ class KeyRing:
 
     def __init__(self, keys: Sequence[ApiKeyConfig]) -> None:
         self.keys = tuple(
-            ApiKey(key.name, bytes.fromhex(key.sha256), tuple(key.models), key.rpm, key.admin)
+            ApiKey(
+                key.name,
+                bytes.fromhex(key.sha256),
+                tuple(key.models),
+                key.rpm,
+                key.admin,
+                tpm=key.tpm,
+                token_budget=key.token_budget,
+                budget_period=key.budget_period,
+            )
             for key in keys
         )
 

@@ -157,13 +157,13 @@ class Yard:
         model = self.config.models.get(name)
         return model is not None and model.engine == "remote"
 
-    def open_routes(self) -> frozenset[str]:
-        """Routes (without '/') served without an API key (`open_route: true`)."""
-        return frozenset(
-            model.route.strip("/")
-            for model in self.config.models.values()
+    def open_routes(self) -> dict[str, str]:
+        """Routes (without '/') served without an API key (`open_route: true`) -> model."""
+        return {
+            model.route.strip("/"): name
+            for name, model in self.config.models.items()
             if model.open_route and model.route
-        )
+        }
 
     # ----- serving -----
 
