@@ -146,7 +146,7 @@ class Gateway:
             state=state,
             auth=auth,
             watchdog=watchdog,
-            request_observers=[_watchdog_observer(watchdog), _token_observer(auth)],
+            request_observers=[_watchdog_observer(watchdog)],
             lora=lora,
         )
 
@@ -285,16 +285,6 @@ def _watchdog_for(
         limits.health_check_interval, limits.health_check_timeout, limits.health_check_failures
     )
     return EngineWatchdog(yard.supervisors, health_probe(session), settings)
-
-
-def _token_observer(auth: Authenticator) -> RequestObserver:
-    # Usage per key and model, and the tokens that budgets and tokens-per-minute count.
-    return lambda record: auth.ledger.record(
-        record.key_name,
-        record.model,
-        record.prompt_tokens or 0,
-        record.completion_tokens or 0,
-    )
 
 
 def _watchdog_observer(watchdog: EngineWatchdog) -> RequestObserver:

@@ -130,16 +130,22 @@ async def proxy_json(
         payload["model"] = target.upstream_name
         body = json.dumps(payload).encode()
     replacements = model_name_replacements(target.upstream_name, target.public_name)
+    tokens = TokenCount(gateway, principal_of(request).name, target.model)
 
     def transformer() -> StreamTransformer | None:
         # Usage is always read for the token metrics; the usage-only chunk that we asked
         # for on the client's behalf is dropped, so the client sees the stream it asked for.
         return StreamTransformer(
-            replacements, capture_usage=True, drop_usage_only_chunk=usage_added
+            replacements,
+            capture_usage=True,
+            drop_usage_only_chunk=usage_added,
+            on_final_usage=tokens.count,
         )
 
     rewrite = (lambda data: rewrite_model_in_json(data, replacements)) if replacements else None
-    return await _forward(request, gateway, target, path, body, route_label, transformer, rewrite)
+    return await _forward(
+        request, gateway, target, path, body, route_label, transformer, rewrite, tokens
+    )
 
 
 def _ask_stream_for_usage(path: str, payload: dict[str, Any]) -> bool:
@@ -167,9 +173,32 @@ async def proxy_raw(
     """Forward any request unchanged (seed routes such as /vision/generate, /upstream)."""
     principal_of(request).require_model(target)
     principal_of(request).require_engine_path(path)
+    tokens = TokenCount(gateway, principal_of(request).name, target.model)
     return await _forward(
-        request, gateway, target, path, body or None, route_label, lambda: None, None
+        request, gateway, target, path, body or None, route_label, lambda: None, None, tokens
     )
+
+
+class TokenCount:
+    """One request's usage for its key (budgets, tokens per minute, usage per model): counted
+    once, as early as it is known."""
+
+    def __init__(self, gateway: Gateway, key_name: str, model: str) -> None:
+        self._gateway = gateway
+        self._key_name = key_name
+        self._model = model
+        self.counted = False
+
+    def count(self, usage: dict[str, int]) -> None:
+        if self.counted or self._gateway.auth is None:
+            return
+        self.counted = True
+        self._gateway.auth.ledger.record(
+            self._key_name,
+            self._model,
+            usage.get("prompt_tokens", 0),
+            usage.get("completion_tokens", 0),
+        )
 
 
 async def _forward(
@@ -181,6 +210,7 @@ async def _forward(
     route_label: str,
     transformer: Any,
     rewrite: Any,
+    tokens: TokenCount,
 ) -> web.StreamResponse:
     started = time.perf_counter()
     status = 500
@@ -244,6 +274,7 @@ async def _forward(
             "upstream_timeout" if timed_out else "upstream_error",
         ) from None
     finally:
+        tokens.count(usage)  # the answer's usage, unless a stream's was counted already
         gateway.observe(
             RequestRecord(
                 model=target.model,

@@ -54,8 +54,9 @@ class Authenticator:
         self.keyring = keyring
         self.limiter = limiter
         self.usage = usage
-        self.runtime_keys = runtime_keys or RuntimeKeyStore(None)
-        self.ledger = ledger or TokenLedger(None)
+        # `is None`, not `or`: an empty key store is falsy.
+        self.runtime_keys = RuntimeKeyStore(None) if runtime_keys is None else runtime_keys
+        self.ledger = TokenLedger(None) if ledger is None else ledger
         self.refused = 0  # requests with no key or an unknown one
         self._last_refusal_log = 0.0
         self._unlogged_refusals = 0
