@@ -41,7 +41,8 @@ def test_daily_budget_refuses_until_the_day_ends_then_allows_again():
     assert ledger.refusal(daily) is None  # 99 of 100: one more request may start
     ledger.record("k", "chat", 1, 0)
     refusal = ledger.refusal(daily)
-    assert refusal is not None and refusal.code == "budget_exceeded"
+    assert refusal is not None
+    assert refusal.code == "budget_exceeded"
     assert refusal.retry_after == 30.0
     assert "100 of 100 tokens per day" in refusal.message
     clock.now += 31  # a new UTC day (and month)
@@ -59,7 +60,8 @@ def test_tokens_per_minute_is_a_sliding_window():
     clock.now += 30
     ledger.record("k", "chat", 10, 10)
     refusal = ledger.refusal(limited)
-    assert refusal is not None and refusal.code == "rate_limit_exceeded"
+    assert refusal is not None
+    assert refusal.code == "rate_limit_exceeded"
     assert refusal.retry_after == 30.0  # when the first request's tokens leave the window
     assert refusal.headers["x-ratelimit-limit-tokens"] == "50"
     clock.now += 30.001
