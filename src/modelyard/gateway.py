@@ -11,7 +11,11 @@ from pathlib import Path
 
 import aiohttp
 
+from modelyard.auth.exposure import exposure_problem
 from modelyard.auth.middleware import Authenticator
+from modelyard.config.checks import load_checked_config
+from modelyard.config.diff import ReloadPlan, plan_reload
+from modelyard.config.loader import ConfigError
 from modelyard.config.schema import GatewayConfig
 from modelyard.engines.base import LaunchSpec
 from modelyard.lora.manager import LoraManager
@@ -59,6 +63,21 @@ class RequestRecord:
 RequestObserver = Callable[[RequestRecord], None]
 
 
+@dataclass(frozen=True)
+class ReloadReport:
+    """What a reload did: the answer of POST /admin/reload and `modelyard reload`."""
+
+    file: str
+    plan: ReloadPlan
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "file": self.file,
+            "changes": [change.to_json() for change in self.plan.changes],
+            "not_applied": self.plan.not_applied,
+        }
+
+
 @dataclass
 class Gateway:
     config: GatewayConfig
@@ -78,8 +97,16 @@ class Gateway:
     watchdog: EngineWatchdog | None = None
     lora: LoraManager | None = None
     _background: set[asyncio.Task[None]] = field(default_factory=set)
+    groups: ExclusiveGroups | None = None
+    # The file `modelyard reload`, SIGHUP and POST /admin/reload read again (None: no file).
+    config_path: Path | None = None
+    # Called with the new config after a reload is applied (the log format, the body limit;
+    # TLS certificates when the gateway serves TLS). Keep each one quick and synchronous.
+    reload_hooks: list[Callable[[GatewayConfig], None]] = field(default_factory=list)
+    _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
+        self._file_listen = self.config.listen
         # Observability hangs off the two hooks every part already feeds: events, requests.
         self.metrics = GatewayMetrics(self, self.config.models)
         self.events.add_sink(self.metrics.observe_event)
@@ -99,14 +126,15 @@ class Gateway:
         runtime = ProcessRuntime(state_dir, health_session, registry)
         remote = RemoteConnector(state_dir, health_session)
         coordinator = _placement_for(config, state_dir, events)
-        hook = None
-        # Without managed GPUs, exclusive groups are kept by their own small hook.
+        # Without managed GPUs, exclusive groups are kept by their own small hook (always
+        # installed: a reload may add groups; with none it returns at once).
         groups = ExclusiveGroups(config) if coordinator is None else None
         if coordinator is not None:
             hook = Placement(
                 coordinator.prepare, coordinator.finished, coordinator.note_out_of_memory
             )
-        elif groups:
+        else:
+            assert groups is not None
             hook = Placement(prepare=groups.prepare)
         yard = Yard(
             config,
@@ -117,7 +145,7 @@ class Gateway:
         )
         if coordinator is not None:
             coordinator.attach(yard.supervisors)
-        if groups:
+        if groups is not None:
             groups.attach(yard.supervisors)
         upstream = UpstreamClient(
             config.limits.upstream_connect_timeout, config.limits.upstream_read_timeout
@@ -148,6 +176,7 @@ class Gateway:
             watchdog=watchdog,
             request_observers=[_watchdog_observer(watchdog)],
             lora=lora,
+            groups=groups,
         )
 
     async def start(self) -> None:
@@ -183,6 +212,69 @@ class Gateway:
             await self.yard.load(name, reason="preload")
         except Exception as error:  # the failure is already an event; requests retry
             log.warning("preload of %s failed: %s", name, error)
+
+    async def reload(self) -> ReloadReport:
+        """Read the config file again and apply what changed, without stopping what runs.
+
+        A file that does not validate changes nothing (`ConfigError` names the file, the key
+        and the problem). One reload at a time.
+        """
+        async with self._reload_lock:
+            if self.config_path is None:
+                raise ConfigError(["this gateway was not started from a config file"])
+            try:
+                new = load_checked_config(self.config_path)
+                plan = self._apply(new)
+            except ConfigError as error:
+                self.events.emit(
+                    "reload_failed", None, "; ".join(error.problems), file=str(self.config_path)
+                )
+                raise
+            for change in plan.changes:
+                self.events.emit("config_changed", change.model, change.detail, change=change.what)
+            summary = f"{len(plan.changes)} change(s)" if plan.changes else "no changes"
+            self.events.emit(
+                "reload",
+                None,
+                f"{self.config_path}: {summary}",
+                file=str(self.config_path),
+                not_applied=plan.not_applied,
+            )
+            return ReloadReport(str(self.config_path), plan)
+
+    def _apply(self, new: GatewayConfig) -> ReloadPlan:
+        # The listen address may come from the command line (--host/--port); it is bound
+        # at start either way.
+        file_listen = new.listen
+        new = new.model_copy(update={"listen": self.config.listen})
+        problem = exposure_problem(new)
+        if problem is not None:
+            raise ConfigError([f"{self.config_path}: auth: {problem}"])
+        plan = plan_reload(self.config, new)
+        if file_listen != self._file_listen and file_listen != self.config.listen:
+            plan.not_applied.append("listen: bound when the gateway starts; restart to change it")
+        self._file_listen = file_listen
+        self.yard.apply_config(new, plan)
+        if self.placement is not None:
+            self.placement.config = new
+        if self.groups is not None:
+            self.groups.reconfigure(new)
+        if self.auth is not None:
+            self.auth.replace_config_keys(new.auth)
+            self.auth.open_routes = self.yard.open_routes()
+        limits = new.limits
+        self.upstream.set_timeouts(limits.upstream_connect_timeout, limits.upstream_read_timeout)
+        if self.watchdog is not None:
+            self.watchdog.settings = WatchdogSettings(
+                limits.health_check_interval,
+                limits.health_check_timeout,
+                limits.health_check_failures,
+            )
+        self.config = new
+        for hook in self.reload_hooks:
+            hook(new)
+        self.preload(plan.added)
+        return plan
 
     async def close(self) -> None:
         if self.watchdog is not None:

@@ -5,26 +5,47 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable
+from pathlib import Path
 
 from aiohttp import web
 
 from modelyard.api.app import build_app
+from modelyard.config.loader import ConfigError
 from modelyard.config.schema import GatewayConfig
 from modelyard.gateway import Gateway
+from modelyard.observability.log_format import configure_logging
 
 log = logging.getLogger("modelyard")
 
 
-async def run_gateway(config: GatewayConfig, ready_message: bool = True) -> None:
+async def run_gateway(
+    config: GatewayConfig,
+    ready_message: bool = True,
+    config_path: str | None = None,
+    log_level: str = "INFO",
+) -> None:
     gateway = Gateway.create(config)
+    gateway.config_path = Path(config_path) if config_path is not None else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # SIGHUP is the usual "reload" (systemd's ExecReload, a closed terminal): by default it
+    # would kill the gateway and leave its engines running.
+    reloads: set[asyncio.Task[None]] = set()
+
+    def on_sighup() -> None:
+        task = asyncio.create_task(_reload_on_signal(gateway))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     runner: web.AppRunner | None = None
     try:
         await gateway.start()
         app = build_app(gateway)
+        gateway.reload_hooks.append(_live_settings(app, log_level))
         runner = web.AppRunner(
             app,
             handler_cancellation=True,  # a client that goes away cancels its request
@@ -47,7 +68,7 @@ async def run_gateway(config: GatewayConfig, ready_message: bool = True) -> None
             # Stops accepting, then waits (bounded) for requests in flight.
             await runner.cleanup()
         await gateway.close()
-        for supervisor in gateway.yard.supervisors.values():
+        for supervisor in gateway.yard.all_supervisors():
             if supervisor.engine is not None:  # pragma: no cover - last resort
                 kill = getattr(supervisor.engine, "kill_now", None)
                 if kill is not None:
@@ -55,10 +76,39 @@ async def run_gateway(config: GatewayConfig, ready_message: bool = True) -> None
         log.info("modelyard stopped")
 
 
-def serve(config: GatewayConfig) -> None:
+async def _reload_on_signal(gateway: Gateway) -> None:
+    try:
+        report = await gateway.reload()
+    except ConfigError as error:
+        log.error("reload refused; the running configuration is unchanged:\n%s", error)
+        return
+    except Exception:
+        log.exception("reload failed")
+        return
+    log.info(
+        "reloaded %s: %d change(s)%s",
+        report.file,
+        len(report.plan.changes),
+        "".join(f"\n  {c.what} {c.model or ''}: {c.detail}" for c in report.plan.changes),
+    )
+
+
+def _live_settings(app: web.Application, log_level: str) -> Callable[[GatewayConfig], None]:
+    """What a reload changes outside the gateway's parts: log format, request body limit."""
+
+    def apply(config: GatewayConfig) -> None:
+        configure_logging(log_level, config.log_format)
+        # aiohttp reads the limit from the application for each new request.
+        app._client_max_size = config.limits.max_body_bytes
+
+    return apply
+
+
+def serve(config: GatewayConfig, config_path: str | None = None, log_level: str = "INFO") -> None:
+    main = run_gateway(config, config_path=config_path, log_level=log_level)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
-        asyncio.run(run_gateway(config))
+        asyncio.run(main)
     else:
-        uvloop.run(run_gateway(config))
+        uvloop.run(main)

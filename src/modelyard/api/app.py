@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from modelyard.api import adapters, admin, keys, live, observe, openapi, serving, status
+from modelyard.api import adapters, admin, keys, live, observe, openapi, reload, serving, status
 from modelyard.api.errors import ApiError, error_response
 from modelyard.gateway import Gateway
 
@@ -59,6 +59,7 @@ def build_app(gateway: Gateway, middlewares: list[Middleware] | None = None) -> 
     admin.add_routes(router)
     adapters.add_routes(router)  # /admin/adapters
     keys.add_routes(router)  # /admin/keys
+    reload.add_routes(router)  # /admin/reload
     openapi.add_routes(router)  # /openapi.yaml, /openapi.json
     observe.add_routes(router)  # /metrics, /metrics/engines, /ui
     live.install(app)  # open SSE streams end at shutdown instead of delaying it

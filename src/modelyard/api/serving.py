@@ -253,7 +253,7 @@ async def _forward(
         # a hung engine), 502 for one that could not be reached or broke off.
         timed_out = isinstance(error, UpstreamTimeout)
         status = 504 if timed_out else 502
-        supervisor = gateway.yard.supervisors[target.model]
+        supervisor = gateway.yard.supervisor_of(target.model)
         if not timed_out and gateway.yard.is_remote(target.model):
             # Not ours to restart: forget the connection (the next request checks the
             # server again) and tell the client to come back.

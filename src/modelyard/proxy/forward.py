@@ -78,6 +78,9 @@ class UpstreamClient:
     def __init__(self, connect_timeout: float, read_timeout: float) -> None:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
+        self._client_timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect_timeout, sock_read=read_timeout
+        )
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S),
             timeout=aiohttp.ClientTimeout(
@@ -85,6 +88,14 @@ class UpstreamClient:
             ),
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    def set_timeouts(self, connect_timeout: float, read_timeout: float) -> None:
+        """New timeouts (a config reload), for requests from now on."""
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._client_timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect_timeout, sock_read=read_timeout
         )
 
     async def close(self) -> None:
@@ -110,7 +121,12 @@ class UpstreamClient:
             headers.update(engine_headers)
         try:
             upstream = await self.session.request(
-                request.method, url, data=body, headers=headers, allow_redirects=False
+                request.method,
+                url,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+                timeout=self._client_timeout,
             )
         except TimeoutError as error:
             raise self._timeout(error) from error

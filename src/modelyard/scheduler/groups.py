@@ -20,13 +20,19 @@ _AT_REST = (ModelState.STOPPED, ModelState.FAILED)
 class ExclusiveGroups:
     def __init__(self, config: GatewayConfig) -> None:
         self.peers: dict[str, list[str]] = {}
-        for group in config.groups.values():
-            if group.exclusive:
-                for member in group.members:
-                    self.peers[member] = [m for m in group.members if m != member]
+        self.reconfigure(config)
         self._supervisors: dict[str, ModelSupervisor] = {}
         self._lock = asyncio.Lock()
         self._preparing: set[str] = set()
+
+    def reconfigure(self, config: GatewayConfig) -> None:
+        """The groups of a (reloaded) config; starts in progress finish under the old ones."""
+        peers: dict[str, list[str]] = {}
+        for group in config.groups.values():
+            if group.exclusive:
+                for member in group.members:
+                    peers[member] = [m for m in group.members if m != member]
+        self.peers = peers
 
     def __bool__(self) -> bool:
         return bool(self.peers)
@@ -37,6 +43,8 @@ class ExclusiveGroups:
     async def prepare(self, supervisor: ModelSupervisor) -> MemoryBudget | None:
         """Stop the running members of `supervisor`'s group before its engine starts."""
         name = supervisor.name
+        if not self.peers.get(name):
+            return None  # in no exclusive group: nothing to wait for
         self._preparing.add(name)
         try:
             # One start decides at a time. A peer still waiting here has no engine yet and

@@ -169,6 +169,32 @@ class ModelSupervisor:
         self._drained = asyncio.Event()
         self._drained.set()
         self._expected_exit = False
+        self._pending_config: (
+            tuple[
+                Callable[[int, MemoryBudget | None], LaunchSpec],
+                Placement,
+                SleepControl | None,
+            ]
+            | None
+        ) = None
+
+    def reconfigure(
+        self,
+        spec_for: Callable[[int, MemoryBudget | None], LaunchSpec],
+        placement: Placement | None,
+        sleep_control: SleepControl | None,
+    ) -> None:
+        """A reloaded configuration for this model, taken up by its next start: the running
+        engine (if any) keeps the placement hook and sleep control it was started with, so its
+        stop, sleep and wake still go where they must."""
+        self._pending_config = (spec_for, placement or Placement(), sleep_control)
+        if self.engine is None and self.state in (ModelState.STOPPED, ModelState.FAILED):
+            self._take_pending_config()
+
+    def _take_pending_config(self) -> None:
+        if self._pending_config is not None:
+            self._spec_for, self._placement, self._sleep_control = self._pending_config
+            self._pending_config = None
 
     # ----- public: serving -----
 
@@ -378,6 +404,7 @@ class ModelSupervisor:
             await self._start_once()
 
     async def _start_once(self) -> None:
+        self._take_pending_config()  # no engine now: a reloaded configuration applies
         self.state = ModelState.STARTING
         self.failure = None
         started = self._clock()

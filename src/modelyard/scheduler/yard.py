@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from modelyard.config.diff import ReloadPlan
 from modelyard.config.schema import GatewayConfig, ModelConfig
 from modelyard.engines import engine_kind, served_name
 from modelyard.engines.base import LaunchSpec, MemoryBudget
@@ -63,6 +64,8 @@ class Yard:
         self._routes: dict[str, str] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._closing = False
+        self._retiring: dict[str, ModelSupervisor] = {}  # removed by a reload, draining
+        self._reconfiguring: set[asyncio.Task[None]] = set()
         self._start_engine = start_engine
         self._placement = placement
         self._sleep_control = sleep_control
@@ -165,6 +168,77 @@ class Yard:
             if model.open_route and model.route
         }
 
+    # ----- configuration -----
+
+    def apply_config(self, config: GatewayConfig, plan: ReloadPlan) -> None:
+        """Switch to a reloaded config (already validated), following `plan`.
+
+        Names, routes, timeouts and queue bounds change at once. Unchanged engines are not
+        touched (same process, requests in flight go on). A model whose engine configuration
+        changed keeps serving from its old engine until the old one has drained and stopped,
+        then gets one with the new configuration (started again at once if it was running).
+        A removed model takes no new requests; its engine drains, then stops. A new model is
+        available at once.
+        """
+        self.config = config
+        retired = {name: self.supervisors.pop(name) for name in plan.removed}
+        self._retiring.update(retired)
+        for name, model in config.models.items():
+            supervisor = self.supervisors.get(name)
+            if supervisor is None:
+                self.supervisors[name] = self._make_supervisor(name, model)
+                continue
+            # The next start (only) uses these; a running engine is not affected.
+            supervisor.settings = self._settings_for(model)
+            supervisor.reconfigure(
+                self._spec_factory(name, model),
+                placement=None if model.engine == "remote" else self._placement,
+                sleep_control=self._sleep_control if model.sleep else None,
+            )
+        self._index_names()
+        for supervisor in retired.values():
+            self._in_background(self._retire(supervisor))
+        for name in plan.engine_changed:
+            self._in_background(self._replace_engine(self.supervisors[name]))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._reconfiguring.add(task)
+        task.add_done_callback(self._reconfiguring.discard)
+
+    async def _retire(self, supervisor: ModelSupervisor) -> None:
+        try:
+            await supervisor.stop("removed from the configuration", drain=True)
+        finally:
+            self._retiring.pop(supervisor.name, None)
+
+    async def _replace_engine(self, supervisor: ModelSupervisor) -> None:
+        was_running = supervisor.state in (
+            ModelState.READY,
+            ModelState.SLEEPING,
+            ModelState.STARTING,
+            ModelState.WAKING,
+        )
+        # Requests that arrive meanwhile wait for this stop (the model is "draining"), then
+        # start the new engine themselves.
+        await supervisor.stop("engine configuration changed", drain=True)
+        if was_running and not self._closing:
+            with contextlib.suppress(Exception):  # a failed start is an event already
+                await self.load(supervisor.name, reason="engine configuration changed")
+
+    async def reconfigured(self) -> None:
+        """Wait until the engines a reload replaced or retired are done (for tests, shutdown)."""
+        while self._reconfiguring:
+            await asyncio.gather(*list(self._reconfiguring), return_exceptions=True)
+
+    def supervisor_of(self, name: str) -> ModelSupervisor:
+        """The model's supervisor, also while a reload that removed it drains its engine."""
+        return self.supervisors.get(name) or self._retiring[name]
+
+    def all_supervisors(self) -> list[ModelSupervisor]:
+        """Configured models' supervisors and those of removed models still draining."""
+        return [*self.supervisors.values(), *self._retiring.values()]
+
     # ----- serving -----
 
     @contextlib.asynccontextmanager
@@ -245,7 +319,7 @@ class Yard:
     def begin_shutdown(self) -> None:
         """Refuse new requests and abandon starts in progress; requests in flight go on."""
         self._closing = True
-        for supervisor in self.supervisors.values():
+        for supervisor in self.all_supervisors():
             supervisor.cancel_start()
 
     async def shutdown(self, grace: float) -> None:
@@ -255,14 +329,18 @@ class Yard:
             self._reaper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reaper
-        busy = [s.drained() for s in self.supervisors.values() if s.in_flight]
+        everyone = self.all_supervisors()
+        busy = [s.drained() for s in everyone if s.in_flight]
         if busy:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*busy), grace)
         await asyncio.gather(
-            *(s.stop("gateway shutdown", drain=False) for s in self.supervisors.values()),
+            *(s.stop("gateway shutdown", drain=False) for s in everyone),
             return_exceptions=True,
         )
+        for task in list(self._reconfiguring):
+            task.cancel()
+        await asyncio.gather(*self._reconfiguring, return_exceptions=True)
 
     # ----- status -----
 
