@@ -180,6 +180,8 @@ def _check(args: argparse.Namespace) -> int:
     for name, model in config.models.items():
         spec = engine_kind(model.engine).launch_spec(name, model, config, 0, None)
         argv = " ".join(spec.argv).replace(" --port 0", " --port {port}")
+        if spec.remote_url is not None:
+            argv = f"(runs elsewhere) {spec.remote_url}"
         idle = (
             model.idle_timeout if model.idle_timeout is not None else config.defaults.idle_timeout
         )
