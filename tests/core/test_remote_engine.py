@@ -164,6 +164,12 @@ async def test_a_remote_that_is_down_gets_503_with_retry_after_and_is_never_star
         assert time.monotonic() - started < 5  # not held for the whole start timeout
     assert "not answering" in refused.value.body["message"]
     assert gateway.engine_pids() == []
+    _, body, _ = await call(
+        "GET", gateway.url + "/admin/events?follow=0", {"Authorization": f"Bearer {ADMIN_KEY}"}
+    )
+    kinds = [event["kind"] for event in body["events"] if event["model"] == "far"]
+    assert "remote_down" in kinds
+    assert "hung" not in kinds  # not a crash of ours: no back-off, no crash count
     # Back up: served again, with no restart of anything.
     remote.start()
     deadline = time.monotonic() + 10

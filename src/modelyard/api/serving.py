@@ -258,7 +258,7 @@ async def _forward(
             # Not ours to restart: forget the connection (the next request checks the
             # server again) and tell the client to come back.
             status = 503
-            await supervisor.declare_hung(f"remote engine unreachable: {error}")
+            await supervisor.declare_hung(f"unreachable while serving: {error}")
             raise ApiError(
                 503,
                 f"model {target.model!r}: the remote engine is not answering ({error}); "

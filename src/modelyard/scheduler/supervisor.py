@@ -603,12 +603,24 @@ class ModelSupervisor:
             # No drain: requests in flight are stuck on this engine and end with its exit.
             code = await engine.stop(self.settings.stop_grace)
             tail = engine.log_tail(20)
-            self._record_engine_lost(
-                f"engine for {self.name!r} was hung and has been stopped: {reason}", code, tail
-            )
-            self._events.emit(
-                "hung", self.name, reason, exit_code=code, log_tail=tail[-10:], pid=engine.pid
-            )
+            if getattr(engine, "remote", False):
+                # Not ours, so not a crash (no back-off): forgotten until it answers again.
+                failures = self.consecutive_failures
+                self._record_engine_lost(
+                    f"remote engine for {self.name!r} is not answering: {reason}", None, tail
+                )
+                self.consecutive_failures = failures
+                self.timings.crashes -= 1
+                self._events.emit("remote_down", self.name, reason)
+            else:
+                self._record_engine_lost(
+                    f"engine for {self.name!r} was hung and has been stopped: {reason}",
+                    code,
+                    tail,
+                )
+                self._events.emit(
+                    "hung", self.name, reason, exit_code=code, log_tail=tail[-10:], pid=engine.pid
+                )
             if self._placement.finished is not None:
                 await self._placement.finished(self, False)
             stopped = True
