@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 
 from tests.conftest import fake_model
@@ -77,6 +78,7 @@ def alive(pid: int) -> bool:
     return True
 
 
+@pytest.mark.slow
 async def test_reload_with_streams_in_flight_keeps_unchanged_engines(gateway_factory):
     gateway = gateway_factory(
         {

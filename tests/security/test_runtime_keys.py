@@ -80,6 +80,7 @@ async def key_entry(gateway, name: str) -> dict[str, Any]:
     return next(k for k in body["keys"] if k["name"] == name)
 
 
+@pytest.mark.slow
 async def test_token_budget_counts_streams_and_plain_answers_and_survives_a_restart(gateway):
     made = keys_cli(gateway, "create", "bob", "--models", "chat", "--budget", "30")
     secret = made["key"]
@@ -132,6 +133,7 @@ async def test_token_budget_counts_streams_and_plain_answers_and_survives_a_rest
         again.stop()
 
 
+@pytest.mark.slow
 async def test_tokens_per_minute_limit_with_retry_after_across_a_restart(gateway):
     secret = keys_cli(gateway, "create", "tpm-bot", "--tpm", "15")["key"]
     sdk = client(gateway, secret)
