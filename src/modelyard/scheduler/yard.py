@@ -196,6 +196,12 @@ class Yard:
                 sleep_control=self._sleep_control if model.sleep else None,
             )
         self._index_names()
+        # Adapters of a removed base model go with it (their requests would find no engine).
+        self.adapter_targets = {
+            name: target
+            for name, target in self.adapter_targets.items()
+            if target.model in config.models
+        }
         for supervisor in retired.values():
             self._in_background(self._retire(supervisor))
         for name in plan.engine_changed:
