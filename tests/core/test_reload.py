@@ -228,6 +228,7 @@ async def test_sighup_and_cli_reload_apply_keys_and_routes_live(gateway_factory)
     config = read_config(gateway)
     config["auth"]["keys"].append(key_config("alice", USER_KEY, models=["chat"]))
     config["models"]["chat"]["route"] = "/talk"
+    config["log_format"] = "json"
     write_config(gateway, config)
     gateway.process.send_signal(signal.SIGHUP)
     deadline = time.monotonic() + 10
@@ -239,6 +240,15 @@ async def test_sighup_and_cli_reload_apply_keys_and_routes_live(gateway_factory)
         await asyncio.sleep(0.05)
     assert status == 200
     assert gateway.process.poll() is None
+    # The log format changed live: the request just made is logged as a JSON line.
+    await asyncio.sleep(0.2)
+    request_lines = [
+        json.loads(line)
+        for line in gateway.log_text().splitlines()
+        if line.startswith("{") and '"modelyard.requests"' in line
+    ]
+    assert request_lines
+    assert request_lines[-1]["key"] == "alice"
     status, body, _ = await call("POST", gateway.url + "/admin/reload", user)
     assert (status, body["error"]["code"]) == (403, "admin_required")  # admin only
     # Removing the key takes effect on its next request; the CLI prints what changed.
