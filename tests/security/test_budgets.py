@@ -89,3 +89,16 @@ async def test_usage_periods_and_the_last_minute_survive_a_restart(tmp_path: Pat
     clock.now += 61
     assert again.refusal(key(tpm=20)) is None
     await again.close()
+
+
+def test_the_window_holds_at_most_a_minute_of_seconds_however_busy():
+    clock = Clock(5000.0)
+    ledger = TokenLedger(None, wall_clock=clock)
+    for _ in range(120 * 50):  # 50 requests a second for two minutes
+        ledger.record("k", "chat", 1, 1)
+        clock.now += 0.02
+    window = ledger._window["k"]
+    assert len(window) <= 61
+    # About 6,000 tokens in the last 60 s (one second's worth may already have left).
+    assert ledger.refusal(key(tpm=5800)) is not None
+    assert ledger.refusal(key(tpm=6001)) is None

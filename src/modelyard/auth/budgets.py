@@ -87,7 +87,8 @@ def period_of(kind: str, now: float) -> tuple[str, float | None]:
 
 
 class TokenLedger:
-    """Usage per key and model, tokens per period, and the sliding tokens-per-minute window."""
+    """Usage per key and model, tokens per period, and the sliding tokens-per-minute window
+    (at one-second resolution)."""
 
     def __init__(
         self,
@@ -103,6 +104,9 @@ class TokenLedger:
         self._usage: dict[str, dict[str, ModelUsage]] = {}
         self._periods: dict[tuple[str, str], int] = {}
         self._window: dict[str, collections.deque[tuple[float, int]]] = {}
+        self._window_sums: dict[str, int] = {}
+        self._periods_second = -1
+        self._periods_now: tuple[str, ...] = ()
         self._dirty_usage: set[tuple[str, str]] = set()
         self._dirty_periods: set[tuple[str, str]] = set()
         self._flusher: asyncio.Task[None] | None = None
@@ -116,6 +120,9 @@ class TokenLedger:
             for row in database.query("SELECT * FROM key_recent_tokens ORDER BY at"):
                 self._window.setdefault(row["name"], collections.deque()).append(
                     (row["at"], row["tokens"])
+                )
+                self._window_sums[row["name"]] = (
+                    self._window_sums.get(row["name"], 0) + row["tokens"]
                 )
 
     # ----- the request path -----
@@ -131,12 +138,27 @@ class TokenLedger:
         if tokens <= 0:
             return
         now = self._wall_clock()
-        for kind in ("day", "month", "total"):
-            period, _ends = period_of(kind, now)
+        for period in self._current_periods(now):
             self._periods[(name, period)] = self._periods.get((name, period), 0) + tokens
             self._dirty_periods.add((name, period))
-        self._window.setdefault(name, collections.deque()).append((self._clock(), tokens))
+        window = self._window.setdefault(name, collections.deque())
+        if window and int(window[-1][0]) == int(now):
+            # One entry per second: the window holds at most 60 entries per key, however
+            # busy (an entry leaves the window with its second's first request).
+            window[-1] = (window[-1][0], window[-1][1] + tokens)
+        else:
+            window.append((now, tokens))
+        self._window_sums[name] = self._window_sums.get(name, 0) + tokens
+        self._last_minute(name)  # drops what left the window: memory stays one minute's worth
         self._window_dirty = True
+
+    def _current_periods(self, now: float) -> tuple[str, ...]:
+        # Formatting dates costs more than the rest of a record: once a second is enough.
+        second = int(now)
+        if second != self._periods_second:
+            self._periods_second = second
+            self._periods_now = tuple(period_of(kind, now)[0] for kind in ("day", "month", "total"))
+        return self._periods_now
 
     def refusal(self, key: ApiKey) -> Refusal | None:
         """Why `key` may not send a request now (budget spent, tokens per minute), or None."""
@@ -181,9 +203,10 @@ class TokenLedger:
         if not window:
             return 0, 0.0
         now = self._clock()
+        used = self._window_sums.get(name, 0)
         while window and window[0][0] <= now - WINDOW_S:
-            window.popleft()
-        used = sum(tokens for _at, tokens in window)
+            used -= window.popleft()[1]
+        self._window_sums[name] = used  # a running sum: no pass over the window per request
         wait = max(window[0][0] + WINDOW_S - now, 0.001) if window else 0.0
         return used, wait
 
@@ -222,7 +245,7 @@ class TokenLedger:
             return
         self._window_dirty = False
         cutoff = self._clock() - WINDOW_S
-        recent_rows = [
+        recent_rows = [  # at most 60 per key (one entry per second)
             (name, at, tokens)
             for name, window in self._window.items()
             for at, tokens in window
