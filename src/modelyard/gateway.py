@@ -199,10 +199,12 @@ class Gateway:
         self.preload(self.config.models)
 
     def preload(self, names: Iterable[str]) -> None:
-        """Start the models marked `preload: true` among `names`, in the background."""
+        """Start the models marked `preload: true` among `names`, in the background, and
+        connect to remote engines (already running: status shows at once whether they answer,
+        and the watchdog's health checks follow them from then on)."""
         for name in names:
             model = self.config.models.get(name)
-            if model is not None and model.preload:
+            if model is not None and (model.preload or model.engine == "remote"):
                 task = asyncio.create_task(self._preload_one(name))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)

@@ -112,6 +112,7 @@ def ask(client: openai.OpenAI, model: str) -> str:
 
 
 async def test_remote_engine_serves_by_name_alias_served_name_and_route(gateway, remote):
+    gateway.wait_state("far", "ready")  # connected at start: no request needed
     client = sdk(gateway)
     assert ask(client, "far") == f"{SEED_003_NAME} says: hi"
     assert ask(client, "far-alias") == f"{SEED_003_NAME} says: hi"
