@@ -118,6 +118,15 @@ async def test_reload_with_streams_in_flight_keeps_unchanged_engines(gateway_fac
     assert ("engine_changed", "keep") not in changes
     assert report["file"] == str(gateway.config_path)
 
+    # A request for the changed model, made while its old engine drains, waits and is
+    # answered by the new engine.
+    during_drain = asyncio.create_task(
+        call(
+            "POST",
+            gateway.url + "/v1/chat/completions",
+            json={"model": "change", "messages": [{"role": "user", "content": "x"}]},
+        )
+    )
     # A new model and a new alias serve at once; a removed model takes no new requests.
     status, body, _ = await call(
         "POST", gateway.url + "/v1/chat/completions", json={"model": "new", "messages": []}
@@ -137,6 +146,8 @@ async def test_reload_with_streams_in_flight_keeps_unchanged_engines(gateway_fac
     # Every stream that was in flight ran to its end, on its old engine.
     results = await asyncio.gather(*streams)
     assert results == [(200, STREAM_CHUNKS)] * 4
+    status, body, _ = await during_drain
+    assert status == 200, body
 
     after = pids(gateway)
     assert after["keep"] == before["keep"]  # never restarted
@@ -153,6 +164,8 @@ async def test_reload_with_streams_in_flight_keeps_unchanged_engines(gateway_fac
     assert replaced not in (None, before["change"])
     status, seen, _ = await call("GET", gateway.url + "/upstream/change/fake/seen")
     assert "--ready-delay" in seen["argv"]  # the new engine has the new configuration
+    assert seen["requests"] == 1  # the request made during the drain, and nothing else
+    assert seen["last"]["body"]["messages"][0]["content"] == "x"
     status, model_list, _ = await call("GET", gateway.url + "/v1/models")
     assert {entry["id"] for entry in model_list["data"]} == {"keep", "keep-alias", "change", "new"}
     keep = next(m for m in gateway.status()["models"] if m["name"] == "keep")
