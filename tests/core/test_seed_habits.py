@@ -55,6 +55,8 @@ async def test_engine_api_key_lets_an_engine_with_api_key_become_ready(
         json={"model": "qwen-coder", "messages": [{"role": "user", "content": "hi"}]},
     )
     assert (status, body["model"]) == (200, "qwen-coder")
+    status, body, _ = await call("GET", gateway.url + "/v1/models/qwen-coder")
+    assert (status, body["id"], body["alias_of"]) == (200, "qwen-coder", "coder")
     _, seen, _ = await call("GET", gateway.url + "/upstream/coder/fake/seen")
     assert ENGINE_KEY not in " ".join(seen["argv"])  # given as VLLM_API_KEY, not in the argv
     log_text = "\n".join(path.read_text() for path in (gateway.state_dir / "logs").glob("*.log"))

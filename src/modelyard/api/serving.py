@@ -352,8 +352,13 @@ async def list_models(request: web.Request) -> web.Response:
 async def get_model(request: web.Request) -> web.Response:
     gateway = gateway_of(request)
     name = request.match_info["name"]
-    principal_of(request).require_model(resolve(gateway, name, principal_of(request)))
-    for entry in model_listing(gateway)["data"]:
+    target = resolve(gateway, name, principal_of(request))
+    principal_of(request).require_model(target)
+    listing = model_listing(gateway)["data"]
+    for entry in listing:
         if entry["id"] == name:
             return web.json_response(entry)
+    for entry in listing:
+        if entry["id"] == target.model:  # a served name: accepted, though not listed
+            return web.json_response({**entry, "id": name, "alias_of": target.model})
     raise ApiError(404, f"model {name!r} does not exist", "model_not_found")
