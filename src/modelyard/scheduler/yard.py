@@ -175,8 +175,9 @@ class Yard:
 
         Names, routes, timeouts and queue bounds change at once. Unchanged engines are not
         touched (same process, requests in flight go on). A model whose engine configuration
-        changed keeps serving from its old engine until the old one has drained and stopped,
-        then gets one with the new configuration (started again at once if it was running).
+        changed finishes its requests in flight on the old engine; requests that arrive
+        meanwhile wait until it has drained and stopped, then are served by an engine with the
+        new configuration (started again at once if the old one was running).
         A removed model takes no new requests; its engine drains, then stops. A new model is
         available at once.
         """
