@@ -200,6 +200,7 @@ async def test_hostile_key_requests_are_refused_cleanly(gateway):
     for body in (
         {"name": "../../etc/passwd"},
         {"name": "x" * 65},
+        {"name": "open-route"},  # usage without a key is counted under this name
         {"name": "ok", "rpm": -1},
         {"name": "ok", "budget_period": "week"},
         {"name": "ok", "sha256": "00" * 32},  # a digest cannot be chosen by the caller

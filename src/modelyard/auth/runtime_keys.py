@@ -38,6 +38,8 @@ MIGRATIONS = [
     """,
 ]
 
+# Usage without a key is counted under these names; a key may not take them.
+RESERVED_KEY_NAMES = frozenset({"anonymous", "open-route"})
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 
 
@@ -78,6 +80,8 @@ class NewKey(KeyFields):
             raise ValueError(
                 f"{name!r} is not a valid key name (letters, digits and . _ @ -, up to 64)"
             )
+        if name in RESERVED_KEY_NAMES:
+            raise ValueError(f"{name!r} is the name usage without a key is counted under")
         return name
 
 
