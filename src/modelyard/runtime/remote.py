@@ -56,15 +56,30 @@ class RemoteEndpoint:
         self._session = session
         self.exited: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
+    port = 0  # no port of ours either
+
     @property
     def upstream_headers(self) -> dict[str, str]:
         return self.spec.upstream_headers
 
+    @property
+    def health_path(self) -> str:
+        return self.spec.health_path
+
     def log_tail(self, count: int) -> list[str]:
         return self.log.tail(count)
 
+    def subscribe_log(self, on_line: Callable[[str], None]) -> Callable[[], None]:
+        return self.log.subscribe(on_line)
+
     def process_gone(self) -> bool:
         return False
+
+    def exit_code(self) -> int | None:
+        return None
+
+    def kill_now(self) -> None:
+        """Nothing to kill: the server is not ours."""
 
     async def wait_ready(self, deadline: float) -> float:
         """Check that the server answers; raises `RemoteUnavailable` if it does not."""

@@ -368,7 +368,7 @@ class Yard:
             "sleep_level": supervisor.sleep_level if supervisor.state.value == "sleeping" else 0,
             "url": model.url,
             "pid": None if supervisor.engine is None or remote else supervisor.engine.pid,
-            "port": getattr(supervisor.engine, "port", None),
+            "port": None if remote else getattr(supervisor.engine, "port", None),
             "in_flight": supervisor.in_flight,
             "queued": supervisor.waiting,
             "idle_s": supervisor.idle_for(now),
