@@ -21,7 +21,6 @@ from typing import Any
 
 import aiohttp
 import yaml
-
 from tests.conftest import fake_model, start_gateway
 
 
