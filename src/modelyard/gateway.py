@@ -271,10 +271,12 @@ class Gateway:
         limits = new.limits
         self.upstream.set_timeouts(limits.upstream_connect_timeout, limits.upstream_read_timeout)
         if self.watchdog is not None:
-            self.watchdog.settings = WatchdogSettings(
-                limits.health_check_interval,
-                limits.health_check_timeout,
-                limits.health_check_failures,
+            self.watchdog.reconfigure(
+                WatchdogSettings(
+                    limits.health_check_interval,
+                    limits.health_check_timeout,
+                    limits.health_check_failures,
+                )
             )
         self.config = new
         for hook in self.reload_hooks:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from modelyard.config.diff import plan_reload
@@ -66,3 +67,26 @@ def test_added_removed_and_start_only_settings():
     result = plan({"models": models, "state_dir": "/elsewhere"})
     assert (result.added, result.removed) == (["new"], ["tool"])
     assert any(note.startswith("state_dir:") for note in result.not_applied)
+
+
+async def test_a_reloaded_health_check_interval_starts_and_stops_the_watchdog():
+    from modelyard.scheduler.watchdog import EngineWatchdog, WatchdogSettings
+
+    checks = 0
+
+    async def probe(engine: object, timeout: float) -> bool:
+        nonlocal checks
+        checks += 1
+        return True
+
+    watchdog = EngineWatchdog({}, probe, WatchdogSettings(0, 1, 3))
+    watchdog.start()
+    assert watchdog._task is None
+    watchdog.reconfigure(WatchdogSettings(0.01, 1, 3))
+    assert watchdog._task is not None
+    running = watchdog._task
+    watchdog.reconfigure(WatchdogSettings(0, 1, 3))  # 0 would otherwise spin
+    assert watchdog._task is None
+    await asyncio.sleep(0)
+    assert running.cancelled() or running.done()
+    await watchdog.close()

@@ -77,6 +77,15 @@ class EngineWatchdog:
         if self.settings.interval > 0:
             self._task = asyncio.create_task(self._check_forever())
 
+    def reconfigure(self, settings: WatchdogSettings) -> None:
+        """New settings from a config reload; an interval of 0 stops the periodic checks."""
+        self.settings = settings
+        if settings.interval <= 0 and self._task is not None:
+            self._task.cancel()  # an interval of 0 must not become a busy loop
+            self._task = None
+        elif settings.interval > 0 and (self._task is None or self._task.done()):
+            self.start()
+
     async def close(self) -> None:
         tasks = [t for t in (self._task, *self._verdicts) if t is not None]
         for task in tasks:
