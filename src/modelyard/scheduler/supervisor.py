@@ -549,14 +549,18 @@ class ModelSupervisor:
             await self._placement.finished(self, False)
         return True
 
-    def _record_engine_lost(self, message: str, code: int | None, tail: list[str]) -> None:
+    def _record_engine_lost(
+        self, message: str, code: int | None, tail: list[str], crash: bool = True
+    ) -> None:
         """The engine is gone without our asking (a crash, or stopped as hung): mark the model
-        failed, counting toward a crash loop unless the engine had served stably first."""
-        serving_for = self._clock() - (self.ready_since or self._clock())
-        if serving_for >= self.settings.stable_after:
-            self.consecutive_failures = 0
-        self.consecutive_failures += 1
-        self.timings.crashes += 1
+        failed, counting toward a crash loop unless the engine had served stably first (or
+        it is a remote server that stopped answering: not a crash of ours)."""
+        if crash:
+            serving_for = self._clock() - (self.ready_since or self._clock())
+            if serving_for >= self.settings.stable_after:
+                self.consecutive_failures = 0
+            self.consecutive_failures += 1
+            self.timings.crashes += 1
         self.engine = None
         self.budget = None
         self.ready_since = None
@@ -605,12 +609,12 @@ class ModelSupervisor:
             tail = engine.log_tail(20)
             if getattr(engine, "remote", False):
                 # Not ours, so not a crash (no back-off): forgotten until it answers again.
-                failures = self.consecutive_failures
                 self._record_engine_lost(
-                    f"remote engine for {self.name!r} is not answering: {reason}", None, tail
+                    f"remote engine for {self.name!r} is not answering: {reason}",
+                    None,
+                    tail,
+                    crash=False,
                 )
-                self.consecutive_failures = failures
-                self.timings.crashes -= 1
                 self._events.emit("remote_down", self.name, reason)
             else:
                 self._record_engine_lost(
