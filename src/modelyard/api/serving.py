@@ -232,7 +232,7 @@ async def _forward(
                 body,
                 transformer,
                 rewrite,
-                getattr(engine, "upstream_headers", None),
+                engine.upstream_headers,
             )
             status, first_byte, streamed = outcome.status, outcome.first_byte_s, outcome.streamed
             usage = outcome.usage or _usage_of(outcome.body)

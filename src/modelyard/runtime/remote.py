@@ -51,7 +51,6 @@ class RemoteEndpoint:
         self.spec = spec
         self.base_url = spec.remote_url
         self.pid = 0  # no process of ours
-        self.remote = True
         self.log = log
         self._session = session
         self.exited: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

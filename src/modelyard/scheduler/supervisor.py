@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from modelyard.engines.base import LaunchSpec, MemoryBudget
 from modelyard.observability.events import EventBus
+from modelyard.runtime.remote import RemoteEndpoint, RemoteUnavailable
 
 
 class ModelState(enum.StrEnum):
@@ -45,6 +46,11 @@ class EngineHandle(Protocol):
     async def stop(self, grace: float) -> int | None: ...
 
     def log_tail(self, count: int) -> list[str]: ...
+
+    @property
+    def upstream_headers(self) -> dict[str, str]:
+        """Headers every request to the engine carries (its own key, when it wants one)."""
+        ...
 
     def process_gone(self) -> bool:
         """The OS says the process has exited (before the exit is reported to us)."""
@@ -247,14 +253,14 @@ class ModelSupervisor:
                 except Exception as error:
                     # Every waiter of a failed start gets the same clear error.
                     failure = self.failure
-                    if isinstance(getattr(error, "retry_after", None), float):
+                    if isinstance(error, RemoteUnavailable):
                         # A remote engine that is down: not a failed start, a 503 to retry.
                         raise ModelUnavailable(
                             str(error),
                             status=503,
-                            retry_after=getattr(error, "retry_after", None),
-                            log_tail=failure.log_tail if failure else [],
-                            code=str(getattr(error, "code", "model_unavailable")),
+                            retry_after=error.retry_after,
+                            log_tail=error.log_tail,
+                            code=error.code,
                         ) from error
                     raise ModelUnavailable(
                         f"model {self.name!r} failed to start: {error}",
@@ -450,7 +456,7 @@ class ModelSupervisor:
         exit_code = getattr(error, "exit_code", None)
         tail = list(getattr(error, "log_tail", None) or (engine.log_tail(20) if engine else []))
         self.failure = Failure(str(error), exit_code, tail, self._clock())
-        if getattr(error, "retry_after", None) is None:
+        if not isinstance(error, RemoteUnavailable):
             # A remote engine that is down is not a crash loop of ours: no back-off, the
             # next request checks it again.
             self.consecutive_failures += 1
@@ -607,7 +613,7 @@ class ModelSupervisor:
             # No drain: requests in flight are stuck on this engine and end with its exit.
             code = await engine.stop(self.settings.stop_grace)
             tail = engine.log_tail(20)
-            if getattr(engine, "remote", False):
+            if isinstance(engine, RemoteEndpoint):
                 # Not ours, so not a crash (no back-off): forgotten until it answers again.
                 self._record_engine_lost(
                     f"remote engine for {self.name!r} is not answering: {reason}",
