@@ -242,3 +242,31 @@ async def test_runtime_keys_need_an_admin_key_in_the_config(gateway_factory):
 
 def _admin() -> dict[str, str]:
     return {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+async def test_streams_through_upstream_count_too(gateway):
+    made = keys_cli(gateway, "create", "dave", "--models", "chat", "--budget", "15")
+    headers = {"Authorization": f"Bearer {made['key']}"}
+    body = {
+        "model": "chat",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "fake_chunks": 5,
+    }
+    status, text, _ = await call(
+        "POST", gateway.url + "/upstream/chat/v1/chat/completions", headers, json=body
+    )
+    assert status == 200
+    assert '"usage"' not in text  # the client did not ask for usage and gets none
+    assert text.rstrip().endswith("data: [DONE]")
+    entry = await key_entry(gateway, "dave")
+    assert entry["usage"]["models"]["chat"]["completion_tokens"] == 5
+    assert entry["budget"]["spent"] == STREAM_TOKENS
+    status, text, _ = await call(
+        "POST", gateway.url + "/upstream/chat/v1/chat/completions", headers, json=body
+    )
+    assert status == 200  # 10 of 15 spent: it may start
+    status, answer, _ = await call(
+        "POST", gateway.url + "/upstream/chat/v1/chat/completions", headers, json=body
+    )
+    assert (status, answer["error"]["code"]) == (429, "budget_exceeded")

@@ -170,12 +170,35 @@ async def proxy_raw(
     body: bytes,
     route_label: str,
 ) -> web.StreamResponse:
-    """Forward any request unchanged (seed routes such as /vision/generate, /upstream)."""
+    """Forward any request unchanged (seed routes such as /vision/generate, /upstream).
+
+    One exception: a streamed completion gets `stream_options.include_usage` added (and the
+    extra chunk removed), as on `/v1`, so its tokens count for the key's budget and limits:
+    `/upstream/{model}/v1/chat/completions` must not be a way around them."""
     principal_of(request).require_model(target)
     principal_of(request).require_engine_path(path)
     tokens = TokenCount(gateway, principal_of(request).name, target.model)
+    transformer: Any = lambda: None  # noqa: E731 - the unchanged case
+    if request.method == "POST" and body and path.split("?", 1)[0].endswith("/completions"):
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            payload = None  # the engine's own error is the right answer
+        if isinstance(payload, dict) and payload.get("stream") is True:
+            usage_added = _ask_stream_for_usage(path.split("?", 1)[0], payload)
+            if usage_added:
+                body = json.dumps(payload).encode()
+
+            def transformer() -> StreamTransformer | None:
+                return StreamTransformer(
+                    [],
+                    capture_usage=True,
+                    drop_usage_only_chunk=usage_added,
+                    on_final_usage=tokens.count,
+                )
+
     return await _forward(
-        request, gateway, target, path, body or None, route_label, lambda: None, None, tokens
+        request, gateway, target, path, body or None, route_label, transformer, None, tokens
     )
 
 
