@@ -184,6 +184,10 @@ async def _stream(
     words = (text.split() * chunks)[:chunks] or [""]
     try:
         for index, word in enumerate(words):
+            if body.get("fake_break_after") == index and request.transport is not None:
+                # The engine drops the connection mid-stream (a crash, a killed worker).
+                request.transport.abort()
+                return response
             delta = {"content": word + " "} if chat else None
             choice: dict[str, Any] = (
                 {"index": 0, "delta": delta, "finish_reason": None}
@@ -287,6 +291,30 @@ async def seen(request: web.Request) -> web.Response:
             "loras": sorted(STATE["loras"]),
         }
     )
+
+
+@web.middleware
+async def wiretap(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Records exactly what arrived (for the security tests: what the engine received must be
+    what the gateway's checks approved). A real engine has no such record; its decoding of
+    the request line is the same as this one's (percent-decoding once, as uvicorn does)."""
+    if request.path != "/fake/received":
+        raw = await request.read()
+        STATE.setdefault("received", []).append(
+            {
+                "method": request.method,
+                "raw_path": request.raw_path,
+                "path": request.path,
+                "query": request.query_string,
+                "headers": list(request.headers.items()),
+                "body": raw.decode(errors="replace"),
+            }
+        )
+    return await handler(request)
+
+
+async def received(request: web.Request) -> web.Response:
+    return web.json_response(STATE.get("received", []))
 
 
 async def echo_any(request: web.Request) -> web.Response:
@@ -453,7 +481,7 @@ def main() -> None:
 
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
     time.sleep(args.bind_delay)
-    app = web.Application(middlewares=[_require_api_key] if args.api_key else [])
+    app = web.Application(middlewares=[wiretap, *([_require_api_key] if args.api_key else [])])
     app["args"] = args
     app["ready_at"] = time.monotonic() + args.ready_delay
     app.router.add_get("/health", health)
@@ -467,6 +495,7 @@ def main() -> None:
     app.router.add_post("/v1/load_lora_adapter", load_lora)
     app.router.add_post("/v1/unload_lora_adapter", unload_lora)
     app.router.add_get("/fake/seen", seen)
+    app.router.add_get("/fake/received", received)
     app.router.add_get("/metrics", prometheus_metrics)
     app.router.add_route("*", "/{tail:.*}", echo_any)
     _write_report(args)

@@ -22,6 +22,7 @@ from modelyard.config.units import format_bytes
 from modelyard.engines import engine_kind
 from modelyard.observability import console as views
 from modelyard.observability.log_format import configure_logging
+from modelyard.redaction import redact, register_secrets
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -137,9 +138,13 @@ def _serve(args: argparse.Namespace) -> int:
     for line in open_route_warnings(config):
         print(f"modelyard: {line}", flush=True)
     configure_logging(args.log_level, config.log_format)
-    from modelyard.server import serve
+    from modelyard.server import StateDirError, serve
 
-    serve(config, config_path=args.config, log_level=args.log_level)
+    try:
+        serve(config, config_path=args.config, log_level=args.log_level)
+    except StateDirError as error:
+        print(f"modelyard: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -173,15 +178,17 @@ def _check(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
+    register_secrets(config.secret_values())
     console = Console()
     table = Table(title=f"{args.config}: {len(config.models)} models, listen {config.listen}")
     for column in ("model", "engine", "route", "aliases", "idle", "command"):
         table.add_column(column, overflow="fold")
     for name, model in config.models.items():
         spec = engine_kind(model.engine).launch_spec(name, model, config, 0, None)
-        argv = " ".join(spec.argv).replace(" --port 0", " --port {port}")
+        # The plan may be pasted into an issue or a CI log: `${env:}` secrets stay masked.
+        argv = redact(" ".join(spec.argv).replace(" --port 0", " --port {port}"))
         if spec.remote_url is not None:
-            argv = f"(runs elsewhere) {spec.remote_url}"
+            argv = f"(runs elsewhere) {redact(spec.remote_url)}"
         idle = (
             model.idle_timeout if model.idle_timeout is not None else config.defaults.idle_timeout
         )
@@ -200,6 +207,12 @@ def _check(args: argparse.Namespace) -> int:
     problem = exposure_problem(config)  # what `serve` would refuse, `check` refuses too
     if problem is not None:
         print(f"modelyard: {problem}", file=sys.stderr)
+        return 1
+    from modelyard.server import state_dir_problem
+
+    problem = state_dir_problem(config.state_dir, create=False)
+    if problem is not None:
+        print(f"modelyard: {args.config}: {problem}", file=sys.stderr)
         return 1
     console.print(auth_mode(config), markup=False)
     for line in open_route_warnings(config):

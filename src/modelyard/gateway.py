@@ -11,8 +11,8 @@ from pathlib import Path
 
 import aiohttp
 
+from modelyard.auth.authenticator import Authenticator
 from modelyard.auth.exposure import exposure_problem
-from modelyard.auth.middleware import Authenticator
 from modelyard.config.checks import load_checked_config
 from modelyard.config.diff import ReloadPlan, plan_reload
 from modelyard.config.loader import ConfigError
@@ -33,6 +33,7 @@ from modelyard.placement.inventory import (
     NvmlInventory,
 )
 from modelyard.proxy.forward import UpstreamClient
+from modelyard.redaction import register_secrets
 from modelyard.runtime import ProcessRegistry, ProcessRuntime
 from modelyard.runtime.remote import RemoteConnector
 from modelyard.runtime.vllm_sleep import VllmSleepControl
@@ -252,6 +253,7 @@ class Gateway:
         problem = exposure_problem(new)
         if problem is not None:
             raise ConfigError([f"{self.config_path}: auth: {problem}"])
+        register_secrets(new.secret_values())  # a reloaded file may bring new secrets
         plan = plan_reload(self.config, new)
         if file_listen != self._file_listen and file_listen != self.config.listen:
             plan.not_applied.append("listen: bound when the gateway starts; restart to change it")

@@ -4,19 +4,55 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
 
 from modelyard.api.app import build_app
+from modelyard.api.http_layer import use_openai_errors
 from modelyard.config.loader import ConfigError
 from modelyard.config.schema import GatewayConfig
 from modelyard.gateway import Gateway
 from modelyard.observability.log_format import configure_logging
+from modelyard.redaction import register_secrets
 
 log = logging.getLogger("modelyard")
+
+
+class StateDirError(Exception):
+    """The state directory cannot be used; the message says why and what to do."""
+
+
+def state_dir_problem(state_dir: str, create: bool = True) -> str | None:
+    """Why the gateway could not keep its state in `state_dir`, or None. With `create`, a
+    missing directory is made and a file written; without (for `modelyard check`), nothing
+    is changed: the directory, or the nearest folder above it, must be writable."""
+    path = Path(state_dir).expanduser()
+    try:
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+                pass
+        else:
+            existing = path
+            while not existing.exists() and existing != existing.parent:
+                existing = existing.parent
+            if not existing.is_dir():
+                raise NotADirectoryError(20, "not a directory")
+            if not os.access(existing, os.W_OK | os.X_OK):
+                raise PermissionError(13, "permission denied")
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        return (
+            f"state_dir {str(path)!r} is not a writable directory ({reason}); the gateway keeps "
+            "its logs, process registry and learned state there. Create it with write access "
+            "for this user, or set state_dir: to a directory that has it."
+        )
+    return None
 
 
 async def run_gateway(
@@ -25,6 +61,11 @@ async def run_gateway(
     config_path: str | None = None,
     log_level: str = "INFO",
 ) -> None:
+    # Secrets from `${env:}` and `env:` are masked in everything the gateway writes from now on.
+    register_secrets(config.secret_values())
+    problem = state_dir_problem(config.state_dir)
+    if problem is not None:
+        raise StateDirError(problem)
     gateway = Gateway.create(config)
     gateway.config_path = Path(config_path) if config_path is not None else None
     stop = asyncio.Event()
@@ -53,6 +94,7 @@ async def run_gateway(
             shutdown_timeout=config.limits.shutdown_grace,
         )
         await runner.setup()
+        use_openai_errors(runner)  # bad request lines and headers: OpenAI's error shape too
         site = web.TCPSite(runner, config.host, config.port, backlog=2048, reuse_address=True)
         await site.start()
         if ready_message:

@@ -193,13 +193,15 @@ async def test_unknown_model_and_malformed_bodies(gateway_factory):
             (b'\xff\xfe{"model": "chat"}', 400, "invalid_json"),
             (b"[" * 100000, 400, "invalid_json"),
         ]
+        # JSON routes take JSON only (a browser's "simple" text/plain requests are refused).
+        json_type = {"Content-Type": "application/json"}
         for raw, status, code in cases:
-            async with session.post(url, data=raw) as response:
+            async with session.post(url, data=raw, headers=json_type) as response:
                 body = await response.json()
                 assert response.status == status, (raw[:20], body)
                 assert body["error"]["code"] == code
                 assert set(body["error"]) == {"message", "type", "param", "code"}
-        async with session.post(url, data=b'{"model": "nope"}') as response:
+        async with session.post(url, data=b'{"model": "nope"}', headers=json_type) as response:
             message = (await response.json())["error"]["message"]
         assert "known models: chat" in message
         # Upstream error statuses are passed through unchanged.

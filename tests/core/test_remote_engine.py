@@ -145,7 +145,7 @@ async def test_remote_engine_serves_by_name_alias_served_name_and_route(gateway,
     assert 'modelyard_engine_state{model="far",state="ready"} 1.0' in metrics
     assert 'modelyard_requests_total{key="ops",model="far"' in metrics
     # A key scoped to other models may not use it, and nothing is contacted for it.
-    with pytest.raises(openai.PermissionDeniedError):
+    with pytest.raises(openai.NotFoundError):  # as if it did not exist
         ask(sdk(gateway, USER_KEY), "far")
 
 

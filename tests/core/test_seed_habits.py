@@ -170,7 +170,7 @@ async def test_preload_and_logs(gateway_factory):
         timeout=60,
     )
     assert bad.returncode != 0
-    assert "404" in bad.stderr
+    assert "400: invalid request path" in bad.stderr  # refused before any model lookup
 
 
 def test_path_like_names_are_accepted_and_traversal_is_not():

@@ -105,17 +105,29 @@ async def engine_seen_headers(gateway, model: str) -> dict[str, str]:
     return dict(body["last"]["headers"])
 
 
-async def test_key_without_the_model_gets_403_and_the_model_is_not_started(gateway):
-    for method, path, payload in [
-        ("POST", "/v1/chat/completions", {"model": "secret", **CHAT}),
-        ("POST", "/secret/v1/chat/completions", {"model": "secret", **CHAT}),
-        ("POST", "/upstream/secret/v1/chat/completions", {"model": "secret", **CHAT}),
-        ("GET", "/secret/v1/models", None),
-        ("GET", "/v1/models/secret", None),
+async def test_key_without_the_model_gets_404_and_the_model_is_not_started(gateway):
+    # A model the key may not use answers exactly like one that does not exist (the same
+    # status, code and list of usable models), so a scoped key cannot probe names.
+    for method, path, payload, code in [
+        ("POST", "/v1/chat/completions", {"model": "secret", **CHAT}, "model_not_found"),
+        ("POST", "/secret/v1/chat/completions", {"model": "secret", **CHAT}, "route_not_found"),
+        (
+            "POST",
+            "/upstream/secret/v1/chat/completions",
+            {"model": "secret", **CHAT},
+            "model_not_found",
+        ),
+        ("GET", "/secret/v1/models", None, "route_not_found"),
+        ("GET", "/v1/models/secret", None, "model_not_found"),
     ]:
         status, body, _ = await call(method, gateway.url + path, bearer(USER_KEY), json=payload)
-        assert status == 403, (path, body)
-        assert_openai_error(body, "model_not_allowed")
+        assert status == 404, (path, body)
+        assert_openai_error(body, code)
+        unknown = path.replace("secret", "nosuch")
+        payload = payload and {**payload, "model": "nosuch"}
+        status, other, _ = await call(method, gateway.url + unknown, bearer(USER_KEY), json=payload)
+        assert status == 404
+        assert other["error"]["message"] == body["error"]["message"].replace("secret", "nosuch")
     assert gateway.model_state("secret") == "stopped"
     assert gateway.status()["models"][1]["starts"] == 0
     assert gateway.engine_pids() == []

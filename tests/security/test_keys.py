@@ -10,9 +10,10 @@ import pytest
 import yaml
 
 from modelyard.auth import keys as keys_module
+from modelyard.auth.credentials import presented_key
 from modelyard.auth.engine_paths import is_engine_control
 from modelyard.auth.exposure import auth_mode, exposure_problem, is_loopback
-from modelyard.auth.keys import KeyRing, generate_key, key_digest, presented_key
+from modelyard.auth.keys import KeyRing, generate_key, key_digest
 from modelyard.auth.ratelimit import RateLimiter
 from modelyard.cli import main
 from modelyard.config import parse_config

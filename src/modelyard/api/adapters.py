@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from modelyard.api.access import principal_of, require_admin
 from modelyard.api.admin import audit
 from modelyard.api.errors import ApiError
-from modelyard.api.principal import principal_of
 from modelyard.api.serving import gateway_of
 from modelyard.gateway import Gateway
 from modelyard.lora.manager import AdapterError, LoraManager
@@ -22,7 +22,7 @@ def add_routes(router: web.UrlDispatcher) -> None:
 
 
 def _manager(request: web.Request) -> tuple[Gateway, LoraManager]:
-    principal_of(request).require_admin()
+    require_admin(request)
     gateway = gateway_of(request)
     if gateway.lora is None:
         raise ApiError(404, "no model has a 'lora:' section", "no_adapters")

@@ -5,10 +5,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from modelyard.api import live
+from modelyard.api.access import principal_of, require_admin
 from modelyard.api.errors import ApiError
-from modelyard.api.principal import principal_of
 from modelyard.api.serving import gateway_of
 from modelyard.gateway import Gateway
+from modelyard.redaction import redact, redact_value
 from modelyard.scheduler.supervisor import ModelSupervisor, ModelUnavailable
 
 
@@ -21,7 +22,7 @@ def add_routes(router: web.UrlDispatcher) -> None:
 
 
 def _admin_supervisor(request: web.Request) -> tuple[Gateway, ModelSupervisor]:
-    principal_of(request).require_admin()
+    require_admin(request)
     gateway = gateway_of(request)
     name = request.match_info["model"]
     supervisor = gateway.yard.supervisors.get(name)
@@ -51,20 +52,20 @@ async def load_model(request: web.Request) -> web.Response:
         )
     except ModelUnavailable as error:
         raise ApiError(
-            error.status, str(error), error.code, retry_after=error.retry_after
+            error.status, redact(str(error)), error.code, retry_after=error.retry_after
         ) from None
     except Exception as error:
         raise ApiError(
-            502, f"model {supervisor.name!r} failed to start: {error}", "start_failed"
+            502, redact(f"model {supervisor.name!r} failed to start: {error}"), "start_failed"
         ) from None
-    return web.json_response(gateway.model_status(supervisor.name))
+    return web.json_response(redact_value(gateway.model_status(supervisor.name)))
 
 
 async def unload_model(request: web.Request) -> web.Response:
     gateway, supervisor = _admin_supervisor(request)
     audit(request, gateway, supervisor.name, "unload")
     await supervisor.stop(f"admin unload ({principal_of(request).name})")
-    return web.json_response(gateway.model_status(supervisor.name))
+    return web.json_response(redact_value(gateway.model_status(supervisor.name)))
 
 
 async def sleep_model(request: web.Request) -> web.Response:
@@ -76,14 +77,14 @@ async def sleep_model(request: web.Request) -> web.Response:
     try:
         slept = await supervisor.sleep(int(level), f"admin sleep ({principal_of(request).name})")
     except ModelUnavailable as error:
-        raise ApiError(error.status, str(error), error.code) from None
+        raise ApiError(error.status, redact(str(error)), error.code) from None
     if not slept:
         raise ApiError(
             409,
             f"model {supervisor.name!r} is {supervisor.state.value}; only a ready model can sleep",
             "not_ready",
         )
-    return web.json_response(gateway.model_status(supervisor.name))
+    return web.json_response(redact_value(gateway.model_status(supervisor.name)))
 
 
 async def engine_logs(request: web.Request) -> web.StreamResponse:
@@ -94,5 +95,5 @@ async def engine_logs(request: web.Request) -> web.StreamResponse:
 
 async def event_stream(request: web.Request) -> web.StreamResponse:
     """GET /admin/events: recent events, then new ones live (SSE)."""
-    principal_of(request).require_admin()
+    require_admin(request)
     return await live.event_stream_response(request, gateway_of(request))

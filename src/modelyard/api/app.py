@@ -10,7 +10,10 @@ from aiohttp.typedefs import Middleware
 
 from modelyard.api import adapters, admin, keys, live, observe, openapi, reload, serving, status
 from modelyard.api.errors import ApiError, error_response
+from modelyard.api.guards import add_cors_headers, authentication, browser_guard, canonical_form
+from modelyard.auth.origins import BrowserPolicy
 from modelyard.gateway import Gateway
+from modelyard.observability.log_guard import CLIENT_CAUSED_ATTR
 
 log = logging.getLogger("modelyard.api")
 
@@ -30,26 +33,48 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
         code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(
             error.status
         )
-        message = error.text if error.status != 404 else f"no route for {request.path}"
+        # Never a list of routes, and never the path echoed (it is the client's own input).
+        message = error.text if error.status not in (404, 405) else "no such route"
         if error.status == 405:
-            message = f"method {request.method} is not allowed on {request.path}"
+            message = f"method {request.method} is not allowed on this route"
         return error_response(error.status, message or error.reason, code)
     except Exception:
-        log.exception("internal error on %s %s", request.method, request.path)
+        # A client that can trigger a bug at will must not fill the log with tracebacks.
+        log.exception(
+            "internal error on %s %s",
+            request.method,
+            request.path,
+            extra={CLIENT_CAUSED_ATTR: True},
+        )
         return error_response(500, "internal gateway error; see the gateway log", "internal_error")
 
 
 def build_app(gateway: Gateway, middlewares: list[Middleware] | None = None) -> web.Application:
-    # With API keys configured, nothing past `openai_errors` runs for a request without one.
+    # With API keys configured, nothing past `authentication` runs for a request without one.
     # Installed even with no keys yet: runtime keys and a reload can turn keys on.
-    auth = [gateway.auth.middleware()] if gateway.auth is not None else []
-    stack: list[Middleware] = [openai_errors, *auth, *(middlewares or [])]
+    keyed = gateway.auth is not None and gateway.auth.enabled
+    auth = [authentication(gateway.auth)] if gateway.auth is not None else []
+    policy = BrowserPolicy(gateway.config, keyless=not keyed)
+    # A reload may change the browser rules (cors, allowed_hosts) and whether keys exist.
+    gateway.reload_hooks.append(
+        lambda config: policy.reconfigure(
+            config, keyless=gateway.auth is None or not gateway.auth.enabled
+        )
+    )
+    stack: list[Middleware] = [
+        openai_errors,
+        browser_guard(policy),
+        canonical_form,
+        *auth,
+        *(middlewares or []),
+    ]
     app = web.Application(
         middlewares=stack,
         # Bodies beyond the limit are refused by aiohttp before they are read (413).
         client_max_size=gateway.config.limits.max_body_bytes,
     )
     app[serving.GATEWAY_KEY] = gateway
+    app.on_response_prepare.append(add_cors_headers)
     router = app.router
     router.add_get("/health", status.health)
     router.add_get("/v1/models", serving.list_models)

@@ -1,4 +1,4 @@
-"""Reading and checking request bodies: every failure is a 400/413 with a clear message."""
+"""Reading and checking request bodies: every failure is a 400/413/415 with a clear message."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from modelyard.api.errors import ApiError
 
@@ -23,6 +25,25 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         raise ApiError(
             413, f"request body is larger than the limit of {limit} bytes", "body_too_large"
         ) from None
+    except (RequestPayloadError, HttpProcessingError, ValueError, EOFError) as error:
+        # A Content-Encoding (gzip, deflate, br) whose data does not decode, or a body cut off.
+        raise ApiError(
+            400, f"request body could not be read: {type(error).__name__}", "invalid_body"
+        ) from None
+
+
+def require_json_content_type(request: web.Request) -> None:
+    """JSON routes take JSON only. A browser sends `text/plain` or form bodies to any site
+    without asking first ("simple" requests); `application/json` it never sends unasked."""
+    content_type = request.content_type.lower()
+    if content_type == "application/json" or content_type.endswith("+json"):
+        return
+    raise ApiError(
+        415,
+        "send the body as JSON with 'Content-Type: application/json'"
+        + (f" (got {content_type[:60]!r})" if "Content-Type" in request.headers else ""),
+        "unsupported_media_type",
+    )
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -38,7 +59,30 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         raise ApiError(400, f"request body is not valid JSON: {error}", "invalid_json") from None
     if not isinstance(payload, dict):
         raise ApiError(400, "request body must be a JSON object", "invalid_json")
+    if _may_repeat_model(body) and _repeats_model(body):
+        # Parsers disagree on which of two keys wins: the engine might serve the other one.
+        raise ApiError(
+            400, "request body has more than one 'model' key", "duplicate_model", "model"
+        )
     return payload
+
+
+def _may_repeat_model(body: bytes) -> bool:
+    """Cheap: a second `model` key needs a second `"model"`, or an escape spelling it."""
+    return body.count(b'"model"') > 1 or b"\\u" in body
+
+
+def _repeats_model(body: bytes) -> bool:
+    top_level_repeats = False
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        # Called for each object, innermost first: the last call is the top level.
+        nonlocal top_level_repeats
+        top_level_repeats = sum(1 for key, _ in items if key == "model") > 1
+        return dict(items)
+
+    json.loads(body, object_pairs_hook=pairs)
+    return top_level_repeats
 
 
 def model_field(payload: dict[str, Any]) -> str:
@@ -48,3 +92,7 @@ def model_field(payload: dict[str, Any]) -> str:
     if not isinstance(model, str) or not model:
         raise ApiError(400, "'model' must be a non-empty string", "invalid_model", "model")
     return model
+
+
+def looks_like_json_object(body: bytes) -> bool:
+    return body.lstrip()[:1] == b"{"

@@ -7,6 +7,8 @@ import math
 
 from aiohttp import web
 
+from modelyard.redaction import redact
+
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -15,6 +17,8 @@ _TYPES = {
     405: "invalid_request_error",
     409: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
+    421: "invalid_request_error",
     429: "rate_limit_error",
 }
 
@@ -26,6 +30,8 @@ def error_body(
     param: str | None = None,
 ) -> dict[str, dict[str, str | None]]:
     kind = _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    # The last line of defence: no error body shows a secret (modelyard.redaction).
+    message = redact(message)
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 

@@ -9,11 +9,11 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from modelyard.api.access import principal_of, require_admin
 from modelyard.api.bodies import read_body
 from modelyard.api.errors import ApiError
-from modelyard.api.principal import principal_of
 from modelyard.api.serving import gateway_of
-from modelyard.auth.middleware import Authenticator
+from modelyard.auth.authenticator import Authenticator
 from modelyard.auth.runtime_keys import KeyConflict, KeyFields, NewKey, UnknownKey
 from modelyard.gateway import Gateway
 
@@ -27,7 +27,7 @@ def add_routes(router: web.UrlDispatcher) -> None:
 
 
 def _admin_auth(request: web.Request) -> tuple[Gateway, Authenticator]:
-    principal_of(request).require_admin()
+    require_admin(request)
     gateway = gateway_of(request)
     assert gateway.auth is not None  # the gateway always has an authenticator
     return gateway, gateway.auth

@@ -7,10 +7,11 @@ import re
 
 from aiohttp import web
 
-from modelyard.api.principal import principal_of
+from modelyard.api.access import require_admin
 from modelyard.api.serving import gateway_of
 from modelyard.observability.engine_metrics import merge_expositions, scrape_engines
 from modelyard.observability.metrics import CONTENT_TYPE
+from modelyard.redaction import redact
 from modelyard.scheduler.supervisor import ModelState
 
 UI_FILES = importlib.resources.files("modelyard") / "ui"
@@ -45,14 +46,14 @@ def add_routes(router: web.UrlDispatcher) -> None:
 
 async def metrics(request: web.Request) -> web.Response:
     """The gateway's own metrics in Prometheus' text format."""
-    principal_of(request).require_admin()
+    require_admin(request)
     body = gateway_of(request).metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def engine_metrics(request: web.Request) -> web.Response:
     """Every *ready* engine's own `/metrics`, labelled by model; never starts an engine."""
-    principal_of(request).require_admin()
+    require_admin(request)
     gateway = gateway_of(request)
     ready = {
         name: supervisor.engine.base_url
@@ -60,7 +61,9 @@ async def engine_metrics(request: web.Request) -> web.Response:
         if supervisor.state is ModelState.READY and supervisor.engine is not None
     }
     texts = await scrape_engines(gateway.health_session, ready)
-    return web.Response(body=merge_expositions(texts), headers={"Content-Type": CONTENT_TYPE})
+    # Engines describe their configuration in info metrics: masked like everything else.
+    masked = {name: None if text is None else redact(text) for name, text in texts.items()}
+    return web.Response(body=merge_expositions(masked), headers={"Content-Type": CONTENT_TYPE})
 
 
 async def ui_redirect(request: web.Request) -> web.Response:

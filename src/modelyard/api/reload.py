@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from modelyard.api.access import require_admin
 from modelyard.api.admin import audit
 from modelyard.api.errors import ApiError
-from modelyard.api.principal import principal_of
 from modelyard.api.serving import gateway_of
 from modelyard.config.loader import ConfigError
 
@@ -16,7 +16,7 @@ def add_routes(router: web.UrlDispatcher) -> None:
 
 
 async def reload_config(request: web.Request) -> web.Response:
-    principal_of(request).require_admin()
+    require_admin(request)
     gateway = gateway_of(request)
     audit(request, gateway, None, "reload")
     try:

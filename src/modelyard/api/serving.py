@@ -9,18 +9,36 @@ import time
 from typing import Any
 
 from aiohttp import web
+from yarl import URL
 
-from modelyard.api.bodies import model_field, parse_json_object, read_body
+from modelyard.api.access import (
+    FORBIDDEN_KEY,
+    may_use,
+    not_found,
+    principal_of,
+    require_engine_path,
+    require_model,
+)
+from modelyard.api.bodies import (
+    looks_like_json_object,
+    model_field,
+    parse_json_object,
+    read_body,
+    require_json_content_type,
+)
 from modelyard.api.errors import ApiError
-from modelyard.api.principal import Principal, principal_of
+from modelyard.api.guards import canonical_of
+from modelyard.auth.principal import Principal
 from modelyard.gateway import Gateway, RequestRecord
 from modelyard.lora.manager import AdapterError
+from modelyard.proxy.canonical import engine_path
 from modelyard.proxy.forward import UpstreamError, UpstreamTimeout
 from modelyard.proxy.sse import (
     StreamTransformer,
     model_name_replacements,
     rewrite_model_in_json,
 )
+from modelyard.redaction import redact
 from modelyard.scheduler.supervisor import ModelUnavailable
 from modelyard.scheduler.yard import Target, UnknownModel
 
@@ -31,63 +49,76 @@ def gateway_of(request: web.Request) -> Gateway:
     return request.app[GATEWAY_KEY]
 
 
-def resolve(gateway: Gateway, name: str, principal: Principal | None = None) -> Target:
-    try:
-        return gateway.yard.resolve(name)
-    except UnknownModel as error:
-        # Only the names this key may use: the error must not list other keys' models.
-        usable = [
-            known
-            for known in error.known
-            if principal is None or principal.may_use(gateway.yard.resolve(known))
-        ]
-        known = ", ".join(usable) or "(none configured)"
-        raise ApiError(
-            404, f"model {name!r} does not exist; known models: {known}", "model_not_found", "model"
-        ) from None
+def usable_names(gateway: Gateway, principal: Principal) -> list[str]:
+    """The public names this key may use (for error messages; never the others)."""
+    yard = gateway.yard
+    return [name for name in yard.public_names() if may_use(principal, yard.resolve(name))]
+
+
+def _require(request: web.Request, gateway: Gateway, target: Target) -> None:
+    principal = principal_of(request)
+    if not may_use(principal, target):
+        require_model(request, target, usable_names(gateway, principal))
 
 
 async def openai_model_route(request: web.Request) -> web.StreamResponse:
     """POST /v1/<anything>: the `model` field picks the engine."""
     gateway = gateway_of(request)
-    body = await read_body(request, gateway.config.limits.max_body_bytes)
+    body = await read_body(request, gateway.config.limits.max_body_bytes)  # 413 first
+    require_json_content_type(request)
     payload = parse_json_object(body)
-    target = resolve(gateway, model_field(payload), principal_of(request))
+    target = _resolve_listing(request, gateway, model_field(payload))
+    path = canonical_of(request).path  # "/v1/..." exactly as checked and as forwarded
     return await proxy_json(
-        request,
-        gateway,
-        target,
-        "/v1/" + request.match_info["tail"],
-        payload,
-        body,
-        route_label="/v1/" + request.match_info["tail"].split("/")[0],
+        request, gateway, target, path, payload, body, "/v1/" + path[4:].split("/")[0]
     )
+
+
+def _resolve_listing(request: web.Request, gateway: Gateway, name: str) -> Target:
+    try:
+        target = gateway.yard.resolve(name)
+    except UnknownModel:
+        raise not_found(name, usable_names(gateway, principal_of(request))) from None
+    _require(request, gateway, target)
+    return target
 
 
 async def seed_route(request: web.Request) -> web.StreamResponse:
     """`/{route}/...` (the seed 000's `/coder/v1/chat/completions`, `/vision/generate`)."""
     gateway = gateway_of(request)
     route, tail = request.match_info["route"], request.match_info["tail"]
+    principal = principal_of(request)
     model = gateway.yard.model_for_route(route)
-    if model is None:
+    target = gateway.yard.resolve(model) if model is not None else None
+    if target is None or not may_use(principal, target):
+        # Only routes this key may use are named: the others might as well not exist.
+        usable = [
+            f"/{r}"
+            for r in gateway.yard.routes()
+            if may_use(principal, gateway.yard.resolve(gateway.yard.model_for_route(r) or ""))
+        ]
+        if target is not None:
+            request[FORBIDDEN_KEY] = True
         raise ApiError(
             404,
-            f"no route /{route}; routes: "
-            + ", ".join(sorted(f"/{r}" for r in gateway.yard.routes())),
+            f"no route /{route}; routes: " + (", ".join(usable) or "(none)"),
             "route_not_found",
         )
-    target = gateway.yard.resolve(model)
     if tail in ("v1/models", "v1/models/") and request.method == "GET":
-        principal_of(request).require_model(target)
-        return web.json_response(model_listing(gateway, only=model))
-    body = await read_body(request, gateway.config.limits.max_body_bytes)
+        return web.json_response(model_listing(gateway, only=target.model, principal=principal))
     label = f"/{route}/" + tail.split("/")[0]
-    if request.method == "POST" and tail.startswith("v1/") and body:
-        payload = parse_json_object(body)
-        asked = payload.get("model")
-        chosen = _route_target(gateway, target, asked)
-        return await proxy_json(request, gateway, chosen, "/" + tail, payload, body, label)
-    return await proxy_raw(request, gateway, target, "/" + tail, body, label)
+    path = "/" + tail
+    if request.method == "POST" and tail.startswith("v1/"):
+        body = await read_body(request, gateway.config.limits.max_body_bytes)
+        if body:
+            require_json_content_type(request)
+            payload = parse_json_object(body)
+            chosen = _route_target(gateway, target, payload.get("model"))
+            _require(request, gateway, chosen)
+            return await proxy_json(request, gateway, chosen, path, payload, body, label)
+        return await proxy_raw(request, gateway, target, path, body, label)
+    body = await read_body(request, gateway.config.limits.max_body_bytes)
+    return await proxy_raw(request, gateway, target, path, body, label)
 
 
 def _route_target(gateway: Gateway, base: Target, asked: object) -> Target:
@@ -106,7 +137,15 @@ def _route_target(gateway: Gateway, base: Target, asked: object) -> Target:
 async def upstream_route(request: web.Request) -> web.StreamResponse:
     """`/upstream/{model}/{path}`: any engine path, after starting the engine."""
     gateway = gateway_of(request)
-    target = resolve(gateway, request.match_info["model"], principal_of(request))
+    target = _resolve_listing(request, gateway, request.match_info["model"])
+    principal = principal_of(request)
+    if (
+        request.method == "GET"
+        and request.match_info["tail"] in ("v1/models", "v1/models/")
+        and not principal.unrestricted
+    ):
+        # The engine would list every adapter it has loaded, other keys' included.
+        return web.json_response(model_listing(gateway, only=target.model, principal=principal))
     body = await read_body(request, gateway.config.limits.max_body_bytes)
     return await proxy_raw(
         request, gateway, target, "/" + request.match_info["tail"], body, "/upstream"
@@ -122,9 +161,12 @@ async def proxy_json(
     body: bytes,
     route_label: str,
 ) -> web.StreamResponse:
-    """Forward an OpenAI-style JSON request, rewriting model names both ways when aliased."""
-    principal_of(request).require_model(target)
-    principal_of(request).require_engine_path(path)
+    """Forward an OpenAI-style JSON request, rewriting model names both ways when aliased.
+
+    The engine gets `model` set to the checked target's own name: whatever the client named,
+    the engine serves the model that was authorised."""
+    _require(request, gateway, target)
+    require_engine_path(request, path)
     usage_added = _ask_stream_for_usage(path, payload)
     if payload.get("model") != target.upstream_name or usage_added:
         payload["model"] = target.upstream_name
@@ -170,13 +212,14 @@ async def proxy_raw(
     body: bytes,
     route_label: str,
 ) -> web.StreamResponse:
-    """Forward any request unchanged (seed routes such as /vision/generate, /upstream).
-
-    One exception: a streamed completion gets `stream_options.include_usage` added (and the
-    extra chunk removed), as on `/v1`, so its tokens count for the key's budget and limits:
+    """Forward a request as it came (seed routes such as /vision/generate, /upstream), except
+    that a JSON body's `model` must name a model this key may use on this same engine, and a
+    streamed completion gets `stream_options.include_usage` added (and the extra chunk
+    removed), as on `/v1`, so its tokens count for the key's budget and limits:
     `/upstream/{model}/v1/chat/completions` must not be a way around them."""
-    principal_of(request).require_model(target)
-    principal_of(request).require_engine_path(path)
+    _require(request, gateway, target)
+    require_engine_path(request, path)
+    target, body = _checked_raw_body(request, gateway, target, body)
     tokens = TokenCount(gateway, principal_of(request).name, target.model)
     transformer: Any = lambda: None  # noqa: E731 - the unchanged case
     if request.method == "POST" and body and path.split("?", 1)[0].endswith("/completions"):
@@ -224,6 +267,52 @@ class TokenCount:
         )
 
 
+def _checked_raw_body(
+    request: web.Request, gateway: Gateway, target: Target, body: bytes
+) -> tuple[Target, bytes]:
+    """Authorization on the model the engine will serve, which the body may name.
+
+    vLLM serves the body's `model` (any adapter or the base on that engine), or its base model
+    when the body names none. So for a key limited to some models, or a path naming an
+    adapter: the body must be a JSON object, its `model` a model of this engine the key may
+    use, and the engine gets that model's own name (an adapter's, when the path named one)."""
+    principal = principal_of(request)
+    if not body or (principal.unrestricted and target.adapter is None):
+        return target, body
+    if not looks_like_json_object(body):
+        if principal.unrestricted:
+            return target, body
+        raise ApiError(
+            415,
+            "with an API key limited to some models, a request body for an engine route must "
+            "be a JSON object (so the model it names can be checked)",
+            "unsupported_media_type",
+        )
+    payload = parse_json_object(body)
+    asked = payload.get("model")
+    if asked is None:
+        if target.adapter is None:
+            return target, body  # the engine serves its base model: the one checked
+        chosen = target
+    elif not isinstance(asked, str):
+        raise ApiError(400, "'model' must be a non-empty string", "invalid_model", "model")
+    elif asked in (target.public_name, target.upstream_name):
+        chosen = target
+    else:
+        chosen = _resolve_listing(request, gateway, asked)
+        if chosen.model != target.model:
+            raise ApiError(
+                400,
+                f"the body names model {asked!r}, which this route's engine does not serve",
+                "model_mismatch",
+                "model",
+            )
+    if asked == chosen.upstream_name:
+        return chosen, body
+    payload["model"] = chosen.upstream_name
+    return chosen, json.dumps(payload).encode()
+
+
 async def _forward(
     request: web.Request,
     gateway: Gateway,
@@ -247,17 +336,26 @@ async def _forward(
             engine = await stack.enter_async_context(gateway.yard.engine_for(target.model))
             if target.adapter is not None:  # the adapter stays loaded while it serves
                 await stack.enter_async_context(gateway.lora_manager().use(target, engine))
-            if request.query_string:
-                path = f"{path}?{request.query_string}"
+            # Built from the canonical form: the engine decodes exactly the path that was
+            # checked, and gets the query as the client encoded it.
+            query = canonical_of(request).query
+            url = URL(
+                engine.base_url + engine_path(path) + (f"?{query}" if query else ""),
+                encoded=True,
+            )
             response, outcome = await gateway.upstream.forward(
                 request,
-                engine.base_url + path,
+                url,
                 body,
                 transformer,
                 rewrite,
                 engine.upstream_headers,
             )
             status, first_byte, streamed = outcome.status, outcome.first_byte_s, outcome.streamed
+            if outcome.upstream_broke:
+                status = 502  # the client got a 200 header, then an error event
+            elif outcome.client_gone:
+                status = 499
             usage = outcome.usage or _usage_of(outcome.body)
             return response
     except AdapterError as error:
@@ -267,7 +365,7 @@ async def _forward(
         status = error.status
         raise ApiError(
             error.status,
-            _with_log_tail(str(error), error.log_tail),
+            _with_log_tail(str(error), error.log_tail, principal_of(request).admin),
             error.code,
             retry_after=error.retry_after,
         ) from None
@@ -293,7 +391,7 @@ async def _forward(
         tail = supervisor.failure.log_tail if supervisor.failure else []
         raise ApiError(
             status,
-            _with_log_tail(f"model {target.model!r}: {error}", tail),
+            _with_log_tail(f"model {target.model!r}: {error}", tail, principal_of(request).admin),
             "upstream_timeout" if timed_out else "upstream_error",
         ) from None
     finally:
@@ -329,10 +427,13 @@ def _usage_of(body: bytes | None) -> dict[str, int]:
     return {k: v for k, v in usage.items() if isinstance(v, int)}
 
 
-def _with_log_tail(message: str, tail: list[str]) -> str:
-    if not tail:
+def _with_log_tail(message: str, tail: list[str], show_tail: bool = False) -> str:
+    """An engine failure's message; only an admin (`show_tail`) sees the engine's log lines,
+    masked: a user learns that the engine failed, not how it was started or what it printed."""
+    message = redact(message)
+    if not tail or not show_tail:
         return message
-    return message + "\nlast engine log lines:\n" + "\n".join(tail[-10:])
+    return redact(message + "\nlast engine log lines:\n" + "\n".join(tail[-10:]))
 
 
 def model_listing(
@@ -347,7 +448,7 @@ def model_listing(
         target = yard.resolve(public)
         if only is not None and target.model != only:
             continue
-        if principal is not None and not principal.may_use(target):
+        if principal is not None and not may_use(principal, target):
             continue
         if target.adapter is not None and not gateway.adapter_servable(target.adapter):
             continue  # refused adapters answer requests with their problem, but are not listed
@@ -375,8 +476,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def get_model(request: web.Request) -> web.Response:
     gateway = gateway_of(request)
     name = request.match_info["name"]
-    target = resolve(gateway, name, principal_of(request))
-    principal_of(request).require_model(target)
+    target = _resolve_listing(request, gateway, name)
     listing = model_listing(gateway)["data"]
     for entry in listing:
         if entry["id"] == name:

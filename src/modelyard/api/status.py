@@ -5,8 +5,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from modelyard import __version__
-from modelyard.api.principal import principal_of
+from modelyard.api.access import require_admin
 from modelyard.api.serving import gateway_of
+from modelyard.redaction import redact_value
 
 
 async def health(request: web.Request) -> web.Response:
@@ -17,16 +18,19 @@ async def health(request: web.Request) -> web.Response:
 async def gateway_status(request: web.Request) -> web.Response:
     """GET /gateway/status (the seed 004's endpoint): models, states, GPUs."""
     gateway = gateway_of(request)
-    principal_of(request).require_admin()
+    require_admin(request)
     yard = gateway.yard
+    # Failure messages and log tails come from engines: masked like every other output.
     return web.json_response(
-        {
-            "version": __version__,
-            "uptime_s": round(_now() - gateway.started_at, 3),
-            "queued": yard.total_waiting(),
-            "models": [gateway.model_status(name) for name in yard.supervisors],
-            "gpus": gateway.gpu_status(),
-        }
+        redact_value(
+            {
+                "version": __version__,
+                "uptime_s": round(_now() - gateway.started_at, 3),
+                "queued": yard.total_waiting(),
+                "models": [gateway.model_status(name) for name in yard.supervisors],
+                "gpus": gateway.gpu_status(),
+            }
+        )
     )
 
 

@@ -26,6 +26,10 @@ _CONTROL_PATHS = frozenset(
         "init_weight_transfer",
         "v1/load_lora_adapter",
         "v1/unload_lora_adapter",
+        "abort_requests",
+        "server_info",  # the engine's whole configuration, secrets in its args included
+        "reset_encoder_cache",
+        "rlhf",
     }
 )
 _SLASHES = re.compile(r"/+")
@@ -38,6 +42,9 @@ def normalized(path: str) -> str:
 
 
 def is_engine_control(path: str) -> bool:
-    """Whether `path` (relative to the engine's root) is one of the engine's control endpoints."""
+    """Whether `path` (relative to the engine's root) is one of the engine's control endpoints.
+
+    The gateway checks the canonical path (`proxy.canonical`), which has nothing left to
+    resolve; normalising again here is a second line, not the first."""
     clean = normalized(path.split("?", 1)[0]).lower()
     return any(clean == control or clean.startswith(control + "/") for control in _CONTROL_PATHS)

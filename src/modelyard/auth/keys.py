@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from modelyard.config.schema import ApiKeyConfig
@@ -82,13 +82,3 @@ class KeyRing:
             if matches and found is None:
                 found = key
         return found
-
-
-def presented_key(headers: Mapping[str, str]) -> str | None:
-    """The key a client sent: `Authorization: Bearer KEY`, else `x-api-key: KEY`."""
-    authorization = headers.get("Authorization", "")
-    scheme, _, value = authorization.strip().partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    api_key = headers.get("x-api-key", "").strip()
-    return api_key or None

@@ -24,16 +24,27 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-def substitute_env(value: Any, environ: Mapping[str, str], path: str, problems: list[str]) -> Any:
-    """Replace `${env:NAME}` (or `${env:NAME:-default}`) in every string of a parsed document."""
+def substitute_env(
+    value: Any,
+    environ: Mapping[str, str],
+    path: str,
+    problems: list[str],
+    found: set[str] | None = None,
+) -> Any:
+    """Replace `${env:NAME}` (or `${env:NAME:-default}`) in every string of a parsed document.
+
+    Every value taken from the environment is added to `found`: it may be a secret, and the
+    gateway never shows it (see `modelyard.redaction`)."""
     if isinstance(value, dict):
         return {
-            key: substitute_env(item, environ, f"{path}.{key}" if path else str(key), problems)
+            key: substitute_env(
+                item, environ, f"{path}.{key}" if path else str(key), problems, found
+            )
             for key, item in value.items()
         }
     if isinstance(value, list):
         return [
-            substitute_env(item, environ, f"{path}.{index}", problems)
+            substitute_env(item, environ, f"{path}.{index}", problems, found)
             for index, item in enumerate(value)
         ]
     if isinstance(value, str):
@@ -41,6 +52,8 @@ def substitute_env(value: Any, environ: Mapping[str, str], path: str, problems: 
         def replace(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
             if name in environ:
+                if found is not None:
+                    found.add(environ[name])
                 return environ[name]
             if default is not None:
                 return default
@@ -65,11 +78,15 @@ def parse_config(
     if not isinstance(document, dict):
         raise ConfigError([f"{source}: the top level must be a mapping (listen:, models:, ...)"])
     problems: list[str] = []
-    document = substitute_env(document, os.environ if environ is None else environ, "", problems)
+    found: set[str] = set()
+    environ = os.environ if environ is None else environ
+    document = substitute_env(document, environ, "", problems, found)
     if problems:
         raise ConfigError([f"{source}: {problem}" for problem in problems])
     try:
-        return GatewayConfig.model_validate(document)
+        config = GatewayConfig.model_validate(document)
+        config.remember_env_values(found)
+        return config
     except ValidationError as error:
         messages = []
         for item in error.errors():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from modelyard.config.units import ByteSize, Duration
 
@@ -293,6 +293,25 @@ class DiffusionConfig(StrictModel):
     executable: list[str] = Field(default_factory=lambda: ["python3"])
 
 
+class CorsConfig(StrictModel):
+    """Browsers on other origins (Open WebUI's direct connections) that may call the gateway."""
+
+    allowed_origins: list[str] = Field(
+        default_factory=list, description="exact origins such as https://chat.example.org"
+    )
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origin_shape(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            # A wildcard would let any page use the gateway with the user's key.
+            if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin (scheme://host[:port], no path, no wildcard)"
+                )
+        return [origin.lower() for origin in origins]
+
+
 class GatewayConfig(StrictModel):
     listen: str = "127.0.0.1:8000"
     state_dir: str = ".state"
@@ -307,7 +326,27 @@ class GatewayConfig(StrictModel):
     )
     groups: dict[str, GroupConfig] = Field(default_factory=dict)
     log_format: Literal["text", "json"] = "text"
+    cors: CorsConfig = Field(default_factory=CorsConfig)
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="host names this gateway answers to besides loopback names and addresses",
+    )
     models: dict[str, ModelConfig] = Field(default_factory=dict)
+    # Values the loader took from the environment (`${env:...}`): possibly secrets.
+    _env_values: frozenset[str] = PrivateAttr(default=frozenset())
+
+    def remember_env_values(self, values: set[str]) -> None:
+        self._env_values = frozenset(values)
+
+    def secret_values(self) -> set[str]:
+        """Every value the gateway must never show: `${env:...}` values and models' `env:`."""
+        values = set(self._env_values)
+        values.update(self.defaults.env.values())
+        for model in self.models.values():
+            values.update(model.env.values())
+            # The keys engines want are secrets even when written in the file itself.
+            values.update(key for key in (model.engine_api_key, model.api_key) if key)
+        return values
 
     @field_validator("listen")
     @classmethod

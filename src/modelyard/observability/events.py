@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from modelyard.redaction import redact, redact_value
+
 EventSink = Callable[["Event"], None]
 
 log = logging.getLogger("modelyard.events")
@@ -98,7 +100,17 @@ class EventBus:
         duration_s: float | None = None,
         **data: Any,
     ) -> Event:
-        event = Event(next(self._ids), time.time(), kind, model, reason, duration_s, data)
+        # Reasons and data carry engine log lines and error messages: masked before they are
+        # stored, logged or streamed (modelyard.redaction).
+        event = Event(
+            next(self._ids),
+            time.time(),
+            kind,
+            model,
+            redact(reason),
+            duration_s,
+            redact_value(data),
+        )
         # Emitting happens inside the scheduler's state changes: a failing archive or sink
         # (disk full, a bug in a metric) is logged, never allowed to break a start or stop.
         for deliver in (self.archive.append, *self._sinks):

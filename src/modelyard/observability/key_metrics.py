@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from modelyard.auth.middleware import Authenticator
+from modelyard.auth.authenticator import Authenticator
 
 
 class KeyUsageCollector(Collector):

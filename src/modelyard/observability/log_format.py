@@ -12,6 +12,8 @@ import sys
 import time
 from typing import Any, Literal
 
+from modelyard.observability.log_guard import FloodGuard, RedactingFormatter
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LogFormat = Literal["text", "json"]
 
@@ -43,10 +45,10 @@ def _iso_time(created: float) -> str:
 def configure_logging(level: str | int = "INFO", log_format: LogFormat = "text") -> None:
     """Send every logger's records to stderr in the chosen format (replaces earlier setup)."""
     handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(JsonLineFormatter())
-    else:
-        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    inner = JsonLineFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+    # Secrets masked, control characters escaped, client-caused lines bounded (log_guard).
+    handler.setFormatter(RedactingFormatter(inner))
+    handler.addFilter(FloodGuard())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

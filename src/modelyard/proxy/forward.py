@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
+from modelyard.auth.credentials import CREDENTIAL_HEADERS, is_credential_header, presented_key
 from modelyard.proxy.sse import StreamTransformer
 
 # Headers that describe one hop, not the message (RFC 9110 7.6.1), plus ones we recompute.
@@ -30,9 +32,11 @@ _HOP_HEADERS = frozenset(
         "accept-encoding",
     }
 )
-# Credentials for the gateway must never reach an engine (or its logs).
-_PRIVATE_HEADERS = frozenset({"authorization", "x-api-key", "cookie"})
 
+
+# The named credential headers, for code that matches exact names; `forward_headers` also drops
+# any header named like a credential or carrying the presented key (auth/credentials.py).
+_PRIVATE_HEADERS = CREDENTIAL_HEADERS
 
 # Below uvicorn's (and so vLLM's) 5 s keep-alive: a pooled connection is never reused just as
 # the engine closes it, which would fail a POST that cannot be retried.
@@ -61,10 +65,16 @@ class ProxyOutcome:
 
 
 def forward_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """The headers an engine gets: no hop-by-hop ones, and no credential of any kind (keys
+    for the gateway must never reach an engine or its logs; see `auth.credentials`)."""
+    # A client may also copy its key into a header of any name: such a header stays too.
+    key = presented_key(headers)
     return {
-        key: value
-        for key, value in headers.items()
-        if key.lower() not in _HOP_HEADERS and key.lower() not in _PRIVATE_HEADERS
+        name: value
+        for name, value in headers.items()
+        if name.lower() not in _HOP_HEADERS
+        and not is_credential_header(name)
+        and (key is None or key not in value)
     }
 
 
@@ -104,7 +114,7 @@ class UpstreamClient:
     async def forward(
         self,
         request: web.Request,
-        url: str,
+        url: str | URL,
         body: bytes | None,
         transformer_for: Callable[[], StreamTransformer | None],
         rewrite_body: Callable[[bytes], bytes] | None = None,

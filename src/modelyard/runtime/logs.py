@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from modelyard.redaction import redact
+
 LineListener = Callable[[str], None]
 
 
@@ -24,7 +26,9 @@ class EngineLog:
             self._file = path.open("a", encoding="utf-8", errors="replace", buffering=1)
 
     def append(self, line: str) -> None:
-        line = line.rstrip("\r\n")
+        # Engines print their own command lines and settings: secrets from `${env:}` and `env:`
+        # are masked before the line is kept, written or shown anywhere.
+        line = redact(line.rstrip("\r\n"))
         self._lines.append(line)
         if self._file is not None:
             self._file.write(line + "\n")

@@ -1,47 +1,52 @@
-"""The auth middleware: a valid key (and room in its rate limit) or no further.
+"""Deciding who a request comes from: a valid key (and room in its rate limit) or a refusal.
 
-It runs before routing reaches a handler, so an unauthenticated client learns nothing (not
-even which routes exist) and no model is ever started for it. The key itself is never logged,
-never echoed in an error, and never forwarded to an engine (see `proxy.forward`).
+Pure of the web framework: the web layer (`api.authentication`) asks `identify` with the
+request's headers and turns a `Refusal` into a response. The key itself is never logged,
+never echoed in an error, and never forwarded to an engine (see `auth.credentials`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
-from aiohttp.typedefs import Middleware
-
-from modelyard.api.errors import ApiError, error_response
-from modelyard.api.principal import PRINCIPAL_KEY, Principal
 from modelyard.auth.budgets import MIGRATIONS as BUDGET_MIGRATIONS
 from modelyard.auth.budgets import TokenLedger
-from modelyard.auth.keys import WWW_AUTHENTICATE, ApiKey, KeyRing, presented_key
+from modelyard.auth.credentials import presented_key
+from modelyard.auth.keys import ApiKey, KeyRing
+from modelyard.auth.principal import Principal
 from modelyard.auth.ratelimit import RateLimiter
 from modelyard.auth.runtime_keys import MIGRATIONS as RUNTIME_MIGRATIONS
 from modelyard.auth.runtime_keys import RuntimeKeyStore
 from modelyard.auth.usage import MIGRATIONS, UsageCounters
 from modelyard.config.schema import AuthConfig
+from modelyard.redaction import one_line
 from modelyard.state import StateDirectory
 
 log = logging.getLogger("modelyard.auth")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-# Open without a key: liveness, the API description, and the dashboard's static files (which
-# hold no data; the dashboard reads everything through routes that need an admin key).
-OPEN_PATHS = frozenset({"/health", "/openapi.json", "/openapi.yaml"})
-OPEN_STATIC_PREFIX = "/ui"
 REFUSAL_LOG_INTERVAL_S = 10.0
 # The key name that requests on an open route (no key) are counted under.
 OPEN_ROUTE_KEY_NAME = "open-route"
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """Why a request gets no further: 401 (no, unknown, revoked or expired key) or 429 (rate
+    limit, tokens per minute, token budget)."""
+
+    status: int
+    message: str
+    code: str
+    retry_after: float | None = None
+    rpm: int | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)  # e.g. x-ratelimit-*-tokens
+
+
 class Authenticator:
-    """The key ring, the rate limiter and the usage counters, behind one middleware."""
+    """The config's key ring, runtime keys, the rate limiter, usage counters and tokens."""
 
     def __init__(
         self,
@@ -83,86 +88,58 @@ class Authenticator:
 
     @property
     def enabled(self) -> bool:
+        # Checked per request: keys may appear or go with a reload or a runtime key.
         return bool(self.keyring) or bool(self.runtime_keys)
 
-    def middleware(self) -> Middleware:
-        @web.middleware
-        async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-            # Checked per request: keys may appear or go with a reload or a runtime key.
-            if not self.enabled or is_open(request):
-                return await handler(request)
-            return await self._authenticated(request, handler)
-
-        return authenticate
-
-    def _open_route_principal(self, request: web.Request) -> Principal | None:
+    def _open_route_principal(self, path: str) -> Principal | None:
         """Without a key, a route the config leaves open serves its own model (only)."""
-        route = request.path.split("/", 2)[1] if request.path.count("/") >= 1 else ""
-        model = self.open_routes.get(route)
+        parts = path.split("/", 2)
+        model = self.open_routes.get(parts[1]) if len(parts) > 1 else None
         if model is None:
             return None
         return Principal(OPEN_ROUTE_KEY_NAME, admin=False, model_patterns=(_literal(model),))
 
-    async def _authenticated(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        key = presented_key(request.headers)
+    def identify(self, headers: Mapping[str, str], path: str = "") -> Principal | Refusal:
+        key = presented_key(headers)
         if key is None:
-            open_principal = self._open_route_principal(request)
+            open_principal = self._open_route_principal(path)
             if open_principal is not None:
-                request[PRINCIPAL_KEY] = open_principal
-                return await handler(request)
-            return self._refuse(
-                request,
+                return open_principal
+            return Refusal(
+                401,
                 "missing API key: send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
                 "missing_api_key",
             )
         api_key = self.keyring.find(key) or self.runtime_keys.find(key)
         if api_key is None:
-            return self._refuse(request, "invalid API key", "invalid_api_key")
+            return Refusal(401, "invalid API key", "invalid_api_key")
         if api_key.revoked:
-            return self._refuse(request, f"API key {api_key.name!r} was revoked", "key_revoked")
+            return Refusal(401, f"API key {api_key.name!r} was revoked", "key_revoked")
         if self.runtime_keys.expired(api_key):
-            return self._refuse(request, f"API key {api_key.name!r} has expired", "key_expired")
-        refusal = self.ledger.refusal(api_key)
-        if refusal is not None:
+            return Refusal(401, f"API key {api_key.name!r} has expired", "key_expired")
+        spent = self.ledger.refusal(api_key)
+        if spent is not None:
             self.usage.count_rate_limited(api_key.name)
-            response = error_response(
-                429, refusal.message, refusal.code, retry_after=refusal.retry_after
+            return Refusal(
+                429, spent.message, spent.code, retry_after=spent.retry_after, headers=spent.headers
             )
-            response.headers.update(refusal.headers)
-            return response
         wait = self.limiter.acquire(api_key.name, api_key.rpm)
         if wait > 0:
             self.usage.count_rate_limited(api_key.name)
-            assert api_key.rpm is not None
-            response = error_response(
+            return Refusal(
                 429,
                 f"rate limit reached for API key {api_key.name!r}: {api_key.rpm} requests per "
                 f"minute; retry in {wait:.0f}s",
                 "rate_limit_exceeded",
                 retry_after=wait,
+                rpm=api_key.rpm,
             )
-            response.headers["x-ratelimit-limit-requests"] = str(api_key.rpm)
-            response.headers["x-ratelimit-remaining-requests"] = "0"
-            response.headers["x-ratelimit-reset-requests"] = f"{wait:.3f}s"
-            return response
         self.usage.count_request(api_key.name)
-        request[PRINCIPAL_KEY] = Principal(api_key.name, api_key.admin, api_key.models)
-        try:
-            return await handler(request)
-        except ApiError as error:
-            if error.status == 403:
-                self.usage.count_forbidden(api_key.name)
-            raise
+        return Principal(api_key.name, api_key.admin, api_key.models)
 
-    def _refuse(self, request: web.Request, message: str, code: str) -> web.Response:
+    def note_refusal(self, method: str, path: str, remote: str | None, code: str) -> None:
+        """Log a refused request, throttled: a scanner must not fill the disk with lines."""
         self.refused += 1
-        self._log_refusal(request, code)
-        response = error_response(401, message, code)
-        response.headers["WWW-Authenticate"] = WWW_AUTHENTICATE
-        return response
-
-    def _log_refusal(self, request: web.Request, code: str) -> None:
-        # Throttled: a scanner hammering the port must not fill the disk with log lines.
         now = time.monotonic()
         if now - self._last_refusal_log < REFUSAL_LOG_INTERVAL_S:
             self._unlogged_refusals += 1
@@ -170,9 +147,9 @@ class Authenticator:
         more = f" ({self._unlogged_refusals} more since the last report)"
         log.warning(
             "refused %s %s from %s: %s%s",
-            request.method,
-            request.path,
-            request.remote,
+            one_line(method, 20),
+            one_line(path),
+            remote,
             code,
             more if self._unlogged_refusals else "",
         )
@@ -212,12 +189,3 @@ class Authenticator:
 def _literal(name: str) -> str:
     """A glob pattern that matches `name` only (model names may hold '[' and '*')."""
     return "".join(f"[{ch}]" if ch in "*?[" else ch for ch in name)
-
-
-def is_open(request: web.Request) -> bool:
-    path = request.path
-    if path in OPEN_PATHS:
-        return True
-    return request.method in ("GET", "HEAD") and (
-        path == OPEN_STATIC_PREFIX or path.startswith(OPEN_STATIC_PREFIX + "/")
-    )

@@ -1,0 +1,63 @@
+"""Access checks in the web layer: the request's principal and the errors it earns.
+
+Scoped keys must not learn which models exist: a model the key may not use and a model that
+does not exist get the same 404, naming only the models the key may use.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from modelyard.api.errors import ApiError
+from modelyard.auth.engine_paths import is_engine_control
+from modelyard.auth.principal import ANONYMOUS, Principal
+from modelyard.scheduler.yard import Target
+
+PRINCIPAL_KEY = web.RequestKey("modelyard.principal", Principal)
+FORBIDDEN_KEY = web.RequestKey("modelyard.forbidden", bool)  # access refused: counted per key
+
+
+def principal_of(request: web.Request) -> Principal:
+    principal = request.get(PRINCIPAL_KEY)
+    return principal if isinstance(principal, Principal) else ANONYMOUS
+
+
+def may_use(principal: Principal, target: Target) -> bool:
+    return principal.may_use(target.public_name, target.model)
+
+
+def not_found(name: str, usable: list[str]) -> ApiError:
+    known = ", ".join(usable) or "(none)"
+    return ApiError(
+        404, f"model {name!r} does not exist; known models: {known}", "model_not_found", "model"
+    )
+
+
+def require_model(request: web.Request, target: Target, usable: list[str]) -> None:
+    """The key may use `target`, or a 404 indistinguishable from an unknown model's."""
+    principal = principal_of(request)
+    if not may_use(principal, target):
+        request[FORBIDDEN_KEY] = True
+        raise not_found(target.public_name, usable)
+
+
+def require_admin(request: web.Request) -> None:
+    principal = principal_of(request)
+    if not principal.admin:
+        request[FORBIDDEN_KEY] = True
+        raise ApiError(
+            403, f"this API key ({principal.name}) is not an admin key", "admin_required"
+        )
+
+
+def require_engine_path(request: web.Request, path: str) -> None:
+    """Engine control endpoints (`/sleep`, `/v1/load_lora_adapter`, ...) need an admin."""
+    principal = principal_of(request)
+    if not principal.admin and is_engine_control(path):
+        request[FORBIDDEN_KEY] = True
+        raise ApiError(
+            403,
+            f"this path controls the engine itself; this API key ({principal.name}) is not an "
+            "admin key",
+            "admin_required",
+        )

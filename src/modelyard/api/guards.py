@@ -1,0 +1,158 @@
+"""The middlewares every request passes before a handler, outermost first:
+
+1. `browser_guard`: Host and Origin rules and CORS preflights (`auth.origins`);
+2. `canonical_form`: the one reading of the request target (`proxy.canonical`), or a 400;
+3. `authentication`: a valid key or a 401/429 (`auth.authenticator`); nothing past it runs
+   for a request without one, so an unauthenticated client cannot even learn which routes
+   exist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from modelyard.api.access import FORBIDDEN_KEY, PRINCIPAL_KEY
+from modelyard.api.errors import ApiError, error_response
+from modelyard.auth.authenticator import Authenticator, Refusal
+from modelyard.auth.keys import WWW_AUTHENTICATE
+from modelyard.auth.origins import BrowserPolicy
+from modelyard.proxy.canonical import CanonicalTarget, NonCanonical, canonical_target
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Open without a key: liveness, the API description, and the dashboard's static files (which
+# hold no data; the dashboard reads everything through routes that need a key).
+OPEN_PATHS = frozenset({"/health", "/openapi.json", "/openapi.yaml"})
+OPEN_STATIC_PREFIX = "/ui"
+CANONICAL_KEY = web.RequestKey("modelyard.canonical", CanonicalTarget)
+CORS_ORIGIN_KEY = web.RequestKey("modelyard.cors_origin", str)
+CORS_ALLOWED_HEADERS = (
+    "Authorization, Content-Type, X-Api-Key, Api-Key, OpenAI-Organization, OpenAI-Project, "
+    "X-Stainless-Arch, X-Stainless-Lang, X-Stainless-OS, X-Stainless-Package-Version, "
+    "X-Stainless-Retry-Count, X-Stainless-Runtime, X-Stainless-Runtime-Version, "
+    "X-Stainless-Timeout, X-Stainless-Async, Last-Event-ID, Cache-Control"
+)
+CORS_EXPOSED_HEADERS = (
+    "Retry-After, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, "
+    "x-ratelimit-reset-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, "
+    "x-ratelimit-reset-tokens, x-budget-limit-tokens, x-budget-spent-tokens"
+)
+
+
+def is_open(method: str, path: str) -> bool:
+    if path in OPEN_PATHS:
+        return True
+    return method in ("GET", "HEAD") and (
+        path == OPEN_STATIC_PREFIX or path.startswith(OPEN_STATIC_PREFIX + "/")
+    )
+
+
+def canonical_of(request: web.Request) -> CanonicalTarget:
+    """The canonical target (set by `canonical_form`; computed here for apps without it)."""
+    found = request.get(CANONICAL_KEY)
+    return found if found is not None else canonical_target(request.raw_path)
+
+
+def browser_guard(policy: BrowserPolicy) -> Middleware:
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        headers = request.headers
+        problem = policy.host_problem(headers.get("Host"))
+        if problem is not None:
+            raise ApiError(421, problem, "host_not_allowed")
+        origin = headers.get("Origin")
+        if request.method == "OPTIONS" and origin is not None:
+            return _preflight(policy, origin, headers)
+        problem = policy.origin_problem(
+            headers, request.method, is_open(request.method, request.path)
+        )
+        if problem is not None:
+            raise ApiError(403, problem, "cross_origin_forbidden")
+        if origin is not None and policy.is_listed(origin):
+            request[CORS_ORIGIN_KEY] = origin
+        return await handler(request)
+
+    return guard
+
+
+def _preflight(policy: BrowserPolicy, origin: str, headers: object) -> web.StreamResponse:
+    if not policy.is_listed(origin):
+        raise ApiError(
+            403,
+            f"requests from the web page at {origin[:100]!r} are not allowed; list its origin "
+            "under cors: allowed_origins: to allow it",
+            "cross_origin_forbidden",
+        )
+    # The origin itself, never '*', and no Allow-Credentials: the gateway uses no cookies,
+    # and a key travels in a header that the page's own code must set.
+    return web.Response(
+        status=204,
+        headers={
+            "Access-Control-Allow-Origin": origin,
+            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+            "Access-Control-Allow-Headers": CORS_ALLOWED_HEADERS,
+            "Access-Control-Max-Age": "600",
+            "Vary": "Origin",
+        },
+    )
+
+
+async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: answers to a listed origin say so (streams too)."""
+    origin = request.get(CORS_ORIGIN_KEY)
+    if origin is not None:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED_HEADERS
+        response.headers["Vary"] = "Origin"
+
+
+@web.middleware
+async def canonical_form(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        target = canonical_target(request.raw_path)
+    except NonCanonical as error:
+        raise ApiError(400, f"invalid request path: {error}", "invalid_path") from None
+    # The router matched the server's own decoding; a disagreement with ours is refused
+    # rather than guessed at.
+    if target.path != request.path:
+        raise ApiError(400, "invalid request path: ambiguous encoding", "invalid_path")
+    request[CANONICAL_KEY] = target
+    return await handler(request)
+
+
+def authentication(authenticator: Authenticator) -> Middleware:
+    @web.middleware
+    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not authenticator.enabled or is_open(request.method, request.path):
+            return await handler(request)
+        identity = authenticator.identify(request.headers, request.path)
+        if isinstance(identity, Refusal):
+            return _refusal_response(authenticator, request, identity)
+        request[PRINCIPAL_KEY] = identity
+        try:
+            return await handler(request)
+        finally:
+            if request.get(FORBIDDEN_KEY):
+                authenticator.usage.count_forbidden(identity.name)
+
+    return authenticate
+
+
+def _refusal_response(
+    authenticator: Authenticator, request: web.Request, refusal: Refusal
+) -> web.Response:
+    response = error_response(
+        refusal.status, refusal.message, refusal.code, retry_after=refusal.retry_after
+    )
+    if refusal.status == 401:
+        authenticator.note_refusal(request.method, request.path, request.remote, refusal.code)
+        response.headers["WWW-Authenticate"] = WWW_AUTHENTICATE
+    elif refusal.rpm is not None and refusal.retry_after is not None:
+        response.headers["x-ratelimit-limit-requests"] = str(refusal.rpm)
+        response.headers["x-ratelimit-remaining-requests"] = "0"
+        response.headers["x-ratelimit-reset-requests"] = f"{refusal.retry_after:.3f}s"
+    response.headers.update(refusal.headers)  # tokens per minute, token budget
+    return response

@@ -1,0 +1,28 @@
+"""Who is asking: an API key's name and what it may use. Pure: no web framework here."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    admin: bool
+    model_patterns: tuple[str, ...] = field(default=("*",))
+
+    @property
+    def unrestricted(self) -> bool:
+        """May use every model (so which model a request names cannot matter for access)."""
+        return self.admin or "*" in self.model_patterns
+
+    def may_use(self, *names: str) -> bool:
+        """Whether any of `names` (a public name, the configured model) matches a pattern."""
+        return any(
+            fnmatch.fnmatchcase(name, pattern) for pattern in self.model_patterns for name in names
+        )
+
+
+# With no keys configured (loopback only), whoever can connect is trusted with everything.
+ANONYMOUS = Principal("anonymous", admin=True)
