@@ -91,8 +91,8 @@ def test_check_warns_about_api_key_in_args_without_engine_api_key(tmp_path: Path
     assert redacted(["vllm", "--api-key", "s3cret", "--api-key=s3cret"]) == [
         "vllm",
         "--api-key",
-        "***",
-        "--api-key=***",
+        "[redacted]",
+        "--api-key=[redacted]",
     ]
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 
 from modelyard.engines.base import LaunchSpec
+from modelyard.redaction import MASK
 from modelyard.runtime.logs import EngineLog, pump_lines
 from modelyard.runtime.proctree import (
     group_members,
@@ -248,15 +249,16 @@ _SECRET_FLAGS = frozenset({"--api-key", "--hf-token"})
 
 
 def redacted(argv: list[str]) -> list[str]:
-    """The argv with the values of secret flags hidden, for the engine log."""
+    """The argv with the values of secret flags hidden, for the engine log (also when they
+    were written into the config itself, where `redaction` does not know them)."""
     shown: list[str] = []
     hide_next = False
     for arg in argv:
         flag, sep, _value = arg.partition("=")
         if hide_next:
-            shown.append("***")
+            shown.append(MASK)
         elif flag in _SECRET_FLAGS and sep:
-            shown.append(f"{flag}=***")
+            shown.append(f"{flag}={MASK}")
         else:
             shown.append(arg)
         hide_next = arg in _SECRET_FLAGS
