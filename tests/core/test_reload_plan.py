@@ -90,3 +90,14 @@ async def test_a_reloaded_health_check_interval_starts_and_stops_the_watchdog():
     await asyncio.sleep(0)
     assert running.cancelled() or running.done()
     await watchdog.close()
+
+
+def test_every_top_level_setting_is_either_applied_live_or_reported():
+    from modelyard.config.diff import LIVE_SETTINGS, PER_MODEL_SETTINGS, START_ONLY_SETTINGS
+    from modelyard.config.schema import GatewayConfig
+
+    # A new setting must be classified here, or a reload would silently ignore it.
+    classified = {*LIVE_SETTINGS, *PER_MODEL_SETTINGS, *START_ONLY_SETTINGS}
+    assert classified == set(GatewayConfig.model_fields)
+    result = plan({"cors": {"allowed_origins": ["https://chat.example"]}})
+    assert [c.detail.split(":")[0] for c in result.changes] == ["cors"]

@@ -32,7 +32,17 @@ LIVE_MODEL_FIELDS = frozenset(
     }
 )
 # Top-level settings applied live (keys, limits, groups, timeouts' defaults, log format).
-LIVE_SETTINGS = ("auth", "limits", "groups", "log_format", "host_ram_for_sleep")
+LIVE_SETTINGS = (
+    "auth",
+    "limits",
+    "groups",
+    "log_format",
+    "host_ram_for_sleep",
+    "cors",
+    "allowed_hosts",
+)
+# Compared model by model (`models`, and what reaches engines: `defaults`, `vllm`, `diffusion`).
+PER_MODEL_SETTINGS = ("models", "defaults", "vllm", "diffusion")
 # Bound when the gateway starts: a reload reports them and leaves them as they are.
 START_ONLY_SETTINGS = ("listen", "state_dir", "gpus")
 
