@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -17,6 +18,7 @@ from modelyard.config.checks import load_checked_config
 from modelyard.config.diff import ReloadPlan, plan_reload
 from modelyard.config.loader import ConfigError
 from modelyard.config.schema import GatewayConfig
+from modelyard.engines import engine_kind
 from modelyard.engines.base import LaunchSpec
 from modelyard.lora.manager import LoraManager
 from modelyard.observability.activity_log import log_event, log_request
@@ -35,10 +37,10 @@ from modelyard.placement.inventory import (
 from modelyard.proxy.forward import UpstreamClient
 from modelyard.redaction import register_secrets
 from modelyard.runtime import ProcessRegistry, ProcessRuntime
-from modelyard.runtime.remote import RemoteConnector
+from modelyard.runtime.remote import RemoteConnector, remote_answers
 from modelyard.runtime.vllm_sleep import VllmSleepControl
 from modelyard.scheduler.groups import ExclusiveGroups
-from modelyard.scheduler.supervisor import EngineHandle, EngineStarter, Placement
+from modelyard.scheduler.supervisor import EngineHandle, EngineStarter, ModelState, Placement
 from modelyard.scheduler.watchdog import EngineWatchdog, WatchdogSettings, health_probe
 from modelyard.scheduler.yard import Yard
 from modelyard.state import SetAside, StateDirectory
@@ -198,6 +200,27 @@ class Gateway:
             self.auth.usage.start()
             self.auth.ledger.start()
         self.preload(self.config.models)
+        self._in_background(self._watch_down_remotes())
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _watch_down_remotes(self) -> None:
+        """Reconnect to a remote engine once it answers again, so status shows it is back
+        without waiting for a request (the watchdog checks remotes only while they are up)."""
+        while True:
+            interval = self.config.limits.health_check_interval
+            await asyncio.sleep(interval if interval > 0 else 10.0)
+            for name, model in list(self.config.models.items()):
+                if model.engine != "remote" or name not in self.yard.supervisors:
+                    continue
+                if self.yard.supervisors[name].state is not ModelState.FAILED:
+                    continue
+                spec = engine_kind("remote").launch_spec(name, model, self.config, 0, None)
+                if await remote_answers(self.health_session, spec):
+                    self._in_background(self._preload_one(name, reason="remote answers again"))
 
     def preload(self, names: Iterable[str]) -> None:
         """Start the models marked `preload: true` among `names`, in the background, and
@@ -206,13 +229,12 @@ class Gateway:
         for name in names:
             model = self.config.models.get(name)
             if model is not None and (model.preload or model.engine == "remote"):
-                task = asyncio.create_task(self._preload_one(name))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                reason = "connect" if model.engine == "remote" else "preload"
+                self._in_background(self._preload_one(name, reason))
 
-    async def _preload_one(self, name: str) -> None:
+    async def _preload_one(self, name: str, reason: str) -> None:
         try:
-            await self.yard.load(name, reason="preload")
+            await self.yard.load(name, reason=reason)
         except Exception as error:  # the failure is already an event; requests retry
             log.warning("preload of %s failed: %s", name, error)
 
@@ -287,6 +309,9 @@ class Gateway:
         return plan
 
     async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         if self.watchdog is not None:
             await self.watchdog.close()  # first: a stopping engine is not a hung one
         if self.lora is not None:

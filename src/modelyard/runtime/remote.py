@@ -103,20 +103,7 @@ class RemoteEndpoint:
         )
 
     async def _check(self) -> str:
-        url = self.base_url + self.spec.health_path
-        try:
-            async with self._session.get(
-                url,
-                headers=self.spec.upstream_headers,
-                timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S),
-            ) as response:
-                if response.status == 200:
-                    return ""
-                return f"GET {self.spec.health_path} answered {response.status}"
-        except TimeoutError:
-            return f"GET {self.spec.health_path} timed out"
-        except aiohttp.ClientError as error:
-            return f"{type(error).__name__}: {error}"
+        return await health_problem(self._session, self.spec)
 
     async def stop(self, grace: float) -> int | None:
         """Forget the server (it keeps running: it is not ours)."""
@@ -125,6 +112,28 @@ class RemoteEndpoint:
         self.log.append(f"[modelyard] disconnected from remote engine at {self.base_url}")
         self.log.close()
         return None
+
+
+async def health_problem(session: aiohttp.ClientSession, spec: LaunchSpec) -> str:
+    """Why the remote server does not pass its health check ('' when it does)."""
+    assert spec.remote_url is not None
+    try:
+        async with session.get(
+            spec.remote_url + spec.health_path,
+            headers=spec.upstream_headers,
+            timeout=aiohttp.ClientTimeout(total=HEALTH_TIMEOUT_S),
+        ) as response:
+            if response.status == 200:
+                return ""
+            return f"GET {spec.health_path} answered {response.status}"
+    except TimeoutError:
+        return f"GET {spec.health_path} timed out"
+    except aiohttp.ClientError as error:
+        return f"{type(error).__name__}: {error}"
+
+
+async def remote_answers(session: aiohttp.ClientSession, spec: LaunchSpec) -> bool:
+    return not await health_problem(session, spec)
 
 
 class RemoteConnector:
