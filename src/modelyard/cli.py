@@ -139,10 +139,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"modelyard: {line}", flush=True)
     configure_logging(args.log_level, config.log_format)
     from modelyard.server import StateDirError, serve
+    from modelyard.tls import TlsError
 
     try:
         serve(config, config_path=args.config, log_level=args.log_level)
-    except StateDirError as error:
+    except (StateDirError, TlsError) as error:
         print(f"modelyard: {error}", file=sys.stderr)
         return 1
     return 0
@@ -205,6 +206,13 @@ def _check(args: argparse.Namespace) -> int:
         for gpu in config.gpus:
             console.print(f"gpu {gpu.index}: {format_bytes(gpu.memory)} (declared)")
     problem = exposure_problem(config)  # what `serve` would refuse, `check` refuses too
+    if problem is None and config.tls is not None:
+        from modelyard.tls import TlsError, certificate_context
+
+        try:
+            certificate_context(config.tls.cert, config.tls.key)
+        except TlsError as error:
+            problem = str(error)
     if problem is not None:
         print(f"modelyard: {problem}", file=sys.stderr)
         return 1

@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -19,8 +19,21 @@ from modelyard.config.schema import GatewayConfig
 from modelyard.gateway import Gateway
 from modelyard.observability.log_format import configure_logging
 from modelyard.redaction import register_secrets
+from modelyard.tls import ServerCertificate
 
 log = logging.getLogger("modelyard")
+
+ReloadAction = Callable[[], object]
+
+
+def run_reload_actions(actions: Sequence[ReloadAction]) -> None:
+    """SIGHUP: run every reload action in order; one that fails does not stop the others."""
+    log.info("SIGHUP: reloading")
+    for action in actions:
+        try:
+            action()
+        except Exception:
+            log.exception("reload step %s failed", getattr(action, "__qualname__", action))
 
 
 class StateDirError(Exception):
@@ -66,22 +79,30 @@ async def run_gateway(
     problem = state_dir_problem(config.state_dir)
     if problem is not None:
         raise StateDirError(problem)
+    # Read before anything starts, so a bad certificate stops `serve` with a clear message.
+    certificate = ServerCertificate(config.tls.cert, config.tls.key) if config.tls else None
     gateway = Gateway.create(config)
     gateway.config_path = Path(config_path) if config_path is not None else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    # SIGHUP is the usual "reload" (systemd's ExecReload, a closed terminal): by default it
-    # would kill the gateway and leave its engines running.
+    # What SIGHUP reloads (systemd's ExecReload, a closed terminal: by default the signal
+    # would kill the gateway and leave its engines running). Each part that can be reloaded
+    # adds its action here; the config file first.
     reloads: set[asyncio.Task[None]] = set()
 
-    def on_sighup() -> None:
+    def reload_config() -> None:
         task = asyncio.create_task(_reload_on_signal(gateway))
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
-    loop.add_signal_handler(signal.SIGHUP, on_sighup)
+    reload_actions: list[ReloadAction] = []
+    if gateway.config_path is not None:
+        reload_actions.append(reload_config)
+    if certificate is not None:
+        reload_actions.append(certificate.reload)
+    loop.add_signal_handler(signal.SIGHUP, run_reload_actions, reload_actions)
     runner: web.AppRunner | None = None
     try:
         await gateway.start()
@@ -95,11 +116,19 @@ async def run_gateway(
         )
         await runner.setup()
         use_openai_errors(runner)  # bad request lines and headers: OpenAI's error shape too
-        site = web.TCPSite(runner, config.host, config.port, backlog=2048, reuse_address=True)
+        site = web.TCPSite(
+            runner,
+            config.host,
+            config.port,
+            backlog=2048,
+            reuse_address=True,
+            ssl_context=certificate.context if certificate is not None else None,
+        )
         await site.start()
         if ready_message:
+            scheme = "https" if certificate is not None else "http"
             print(
-                f"modelyard listening on http://{config.listen} ({len(config.models)} models)",
+                f"modelyard listening on {scheme}://{config.listen} ({len(config.models)} models)",
                 flush=True,
             )
         await stop.wait()

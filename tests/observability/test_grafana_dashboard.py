@@ -19,7 +19,7 @@ from tests.observability.scrape import scrape
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "modelyard.json"
-PROMETHEUS = DEPLOY / "prometheus.yml"
+PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
 MODELYARD_NAME = re.compile(r"\bmodelyard_[a-zA-Z0-9_]+")
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
 

@@ -50,6 +50,19 @@ def require_admin(request: web.Request) -> None:
         )
 
 
+def require_metrics(request: web.Request) -> None:
+    """`/metrics` and `/metrics/engines`: an admin key or a read-only metrics key."""
+    principal = principal_of(request)
+    if not (principal.admin or principal.metrics):
+        request[FORBIDDEN_KEY] = True
+        raise ApiError(
+            403,
+            f"this API key ({principal.name}) may not read metrics: use an admin key or one "
+            "with 'metrics: true'",
+            "admin_required",  # the code these routes always gave; the message says more
+        )
+
+
 def require_engine_path(request: web.Request, path: str) -> None:
     """Engine control endpoints (`/sleep`, `/v1/load_lora_adapter`, ...) need an admin."""
     principal = principal_of(request)

@@ -7,7 +7,7 @@ import re
 
 from aiohttp import web
 
-from modelyard.api.access import require_admin
+from modelyard.api.access import require_metrics
 from modelyard.api.serving import gateway_of
 from modelyard.observability.engine_metrics import merge_expositions, scrape_engines
 from modelyard.observability.metrics import CONTENT_TYPE
@@ -46,14 +46,14 @@ def add_routes(router: web.UrlDispatcher) -> None:
 
 async def metrics(request: web.Request) -> web.Response:
     """The gateway's own metrics in Prometheus' text format."""
-    require_admin(request)
+    require_metrics(request)
     body = gateway_of(request).metrics.exposition()
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def engine_metrics(request: web.Request) -> web.Response:
     """Every *ready* engine's own `/metrics`, labelled by model; never starts an engine."""
-    require_admin(request)
+    require_metrics(request)
     gateway = gateway_of(request)
     ready = {
         name: supervisor.engine.base_url

@@ -135,7 +135,7 @@ class Authenticator:
                 rpm=api_key.rpm,
             )
         self.usage.count_request(api_key.name)
-        return Principal(api_key.name, api_key.admin, api_key.models)
+        return Principal(api_key.name, api_key.admin, api_key.models, metrics=api_key.metrics)
 
     def note_refusal(self, method: str, path: str, remote: str | None, code: str) -> None:
         """Log a refused request, throttled: a scanner must not fill the disk with lines."""
@@ -166,6 +166,7 @@ class Authenticator:
             "name": key.name,
             "source": "runtime" if key.runtime else "config",
             "admin": key.admin,
+            "metrics": key.metrics,
             "models": list(key.models),
             "rpm": key.rpm,
             "tpm": key.tpm,

@@ -39,6 +39,7 @@ class ApiKey:
     models: tuple[str, ...]
     rpm: int | None
     admin: bool
+    metrics: bool = False  # may read /metrics and /metrics/engines
     tpm: int | None = None  # tokens per minute
     token_budget: int | None = None  # tokens per budget_period
     budget_period: str = "total"  # day, month or total
@@ -58,6 +59,7 @@ class KeyRing:
                 tuple(key.models),
                 key.rpm,
                 key.admin,
+                metrics=key.metrics,
                 tpm=key.tpm,
                 token_budget=key.token_budget,
                 budget_period=key.budget_period,

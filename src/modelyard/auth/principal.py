@@ -11,6 +11,7 @@ class Principal:
     name: str
     admin: bool
     model_patterns: tuple[str, ...] = field(default=("*",))
+    metrics: bool = False  # a scraper's key: /metrics and /metrics/engines
 
     @property
     def unrestricted(self) -> bool:

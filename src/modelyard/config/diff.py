@@ -44,7 +44,8 @@ LIVE_SETTINGS = (
 # Compared model by model (`models`, and what reaches engines: `defaults`, `vllm`, `diffusion`).
 PER_MODEL_SETTINGS = ("models", "defaults", "vllm", "diffusion")
 # Bound when the gateway starts: a reload reports them and leaves them as they are.
-START_ONLY_SETTINGS = ("listen", "state_dir", "gpus")
+# (`tls`: the certificate and key files themselves are read again on SIGHUP.)
+START_ONLY_SETTINGS = ("listen", "state_dir", "gpus", "tls")
 
 
 @dataclass(frozen=True)

@@ -218,6 +218,16 @@ class ApiKeyConfig(StrictModel):
     token_budget: int | None = Field(default=None, ge=1, description="tokens per budget_period")
     budget_period: Literal["day", "month", "total"] = "total"
     admin: bool = False
+    metrics: bool = Field(default=False, description="may read /metrics and /metrics/engines")
+
+    @model_validator(mode="after")
+    def _metrics_keys_read_only(self) -> ApiKeyConfig:
+        # A scraper's key sits in a file on the Prometheus host: unless `models:` is written
+        # out, it may read metrics and use no model. (After validation, so `metrics: yes` and
+        # any other spelling pydantic accepts as true count too.)
+        if self.metrics and "models" not in self.model_fields_set:
+            object.__setattr__(self, "models", [])  # frozen model: set once, here
+        return self
 
     @field_validator("name")
     @classmethod
@@ -293,6 +303,13 @@ class DiffusionConfig(StrictModel):
     executable: list[str] = Field(default_factory=lambda: ["python3"])
 
 
+class TlsConfig(StrictModel):
+    """HTTPS on `listen`: PEM files, read again on SIGHUP (see modelyard.tls)."""
+
+    cert: str = Field(description="certificate chain (PEM), leaf first")
+    key: str = Field(description="private key (PEM)")
+
+
 class CorsConfig(StrictModel):
     """Browsers on other origins (Open WebUI's direct connections) that may call the gateway."""
 
@@ -314,6 +331,7 @@ class CorsConfig(StrictModel):
 
 class GatewayConfig(StrictModel):
     listen: str = "127.0.0.1:8000"
+    tls: TlsConfig | None = None
     state_dir: str = ".state"
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
