@@ -275,6 +275,18 @@ class Gateway:
         problem = exposure_problem(new)
         if problem is not None:
             raise ConfigError([f"{self.config_path}: auth: {problem}"])
+        if (
+            self.auth is not None
+            and self.auth.runtime_keys
+            and not any(key.admin for key in new.auth.keys)
+        ):
+            # Runtime keys keep access control on: nobody could manage them any more.
+            raise ConfigError(
+                [
+                    f"{self.config_path}: auth.keys: no admin key left, but runtime keys exist "
+                    "(keep an admin key in the config, or revoke the runtime keys first)"
+                ]
+            )
         register_secrets(new.secret_values())  # a reloaded file may bring new secrets
         plan = plan_reload(self.config, new)
         if file_listen != self._file_listen and file_listen != self.config.listen:

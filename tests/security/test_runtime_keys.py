@@ -270,3 +270,17 @@ async def test_streams_through_upstream_count_too(gateway):
         "POST", gateway.url + "/upstream/chat/v1/chat/completions", headers, json=body
     )
     assert (status, answer["error"]["code"]) == (429, "budget_exceeded")
+
+
+async def test_a_reload_may_not_remove_the_last_admin_key_while_runtime_keys_exist(gateway):
+    import yaml
+
+    keys_cli(gateway, "create", "erin")
+    config = yaml.safe_load(gateway.config_path.read_text())
+    config["auth"]["keys"] = [k for k in config["auth"]["keys"] if not k.get("admin")]
+    gateway.config_path.write_text(yaml.safe_dump(config))
+    status, body, _ = await call("POST", gateway.url + "/admin/reload", _admin())
+    assert status == 400
+    assert "auth.keys: no admin key left, but runtime keys exist" in body["error"]["message"]
+    status, _, _ = await call("GET", gateway.url + "/admin/keys", _admin())
+    assert status == 200  # the admin key still works: nothing changed
