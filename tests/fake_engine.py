@@ -228,8 +228,8 @@ async def _stream(
 
 
 async def sleep(request: web.Request) -> web.Response:
-    if not request.app["args"].sleep_mode:
-        return web.Response(status=404)
+    if not request.app["args"].sleep_mode or request.app["args"].sleep_404:
+        return web.Response(status=404)  # vLLM built or started without sleep mode
     level = int(request.query.get("level", "1"))
     if STATE["in_flight"]:
         STATE["aborted_by_sleep"] = STATE.get("aborted_by_sleep", 0) + STATE["in_flight"]
@@ -443,6 +443,7 @@ def main() -> None:
     parser.add_argument("--hang-health", action="store_true")
     parser.add_argument("--sleep-mode", action="store_true")
     parser.add_argument("--wake-delay", type=float, default=0.05)
+    parser.add_argument("--sleep-404", action="store_true", help="/sleep answers 404")
     parser.add_argument("--memory", type=int, default=0, help="GPU bytes this engine claims")
     parser.add_argument("--report", help="file to write counters to (for tests)")
     parser.add_argument(

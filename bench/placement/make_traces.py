@@ -13,6 +13,11 @@ The traces were generated once and committed; they are not tuned to any policy.
 - bursty: three users; each picks a model (skewed popularity), sends a burst of requests a
   few seconds apart (an agent loop, a chat), then goes quiet for a while.
 - steady: Poisson arrivals, each request for a model drawn independently by popularity.
+- gpu-timings (issue 11): a real GPU's timings, harder than issue 4's. Cold starts of 30-60 s
+  (vLLM on a GPU), level-1 wakes of 0.6-3 s, and long streams (median 12 s, up to 5 min) that
+  the gateway must drain before evicting. Four users open sessions together (cold requests
+  for different models at the same moment), then send bursts. Graded on refusals: none may
+  be refused before its start timeout.
 """
 
 from __future__ import annotations
@@ -54,6 +59,32 @@ def model_table() -> list[dict[str, Any]]:
     ]
 
 
+def gpu_model_table() -> list[dict[str, Any]]:
+    return [
+        {
+            **row,
+            "start_s": round(min(30.0 + 1.9 * size, 60.0), 2),
+            "wake_s": round(min(0.3 + 0.17 * size, 3.0), 2),
+        }
+        for row, (_name, size, _level) in zip(model_table(), MODELS, strict=True)
+    ]
+
+
+def gpu_timings(rng: random.Random) -> list[tuple[float, str, float]]:
+    weights = popularity(rng)
+    requests: list[tuple[float, str, float]] = []
+    for _user in range(4):
+        t = 0.0  # everyone starts at once: concurrent cold requests
+        while t < DURATION_S:
+            model = rng.choices(list(weights), list(weights.values()))[0]
+            for _ in range(1 + int(rng.expovariate(1 / 4))):
+                stream = min(rng.lognormvariate(2.5, 1.0), 300.0)
+                requests.append((round(t, 3), model, round(stream, 3)))
+                t += rng.expovariate(1 / 20.0)
+            t += rng.expovariate(1 / 120.0)
+    return sorted(requests)
+
+
 def popularity(rng: random.Random) -> dict[str, float]:
     names = [name for name, _, _ in MODELS]
     rng.shuffle(names)
@@ -86,7 +117,14 @@ def steady(rng: random.Random) -> list[tuple[float, str, float]]:
         requests.append((round(t, 3), model, round(rng.expovariate(1 / 5.0), 3)))
 
 
-def write(name: str, seed: int, requests: list[tuple[float, str, float]], about: str) -> Path:
+def write(
+    name: str,
+    seed: int,
+    requests: list[tuple[float, str, float]],
+    about: str,
+    models: list[dict[str, Any]] | None = None,
+    **extra: Any,
+) -> Path:
     TRACES.mkdir(exist_ok=True)
     path = TRACES / f"{name}.json"
     trace = {
@@ -95,7 +133,8 @@ def write(name: str, seed: int, requests: list[tuple[float, str, float]], about:
         "seed": seed,
         "gpu_bytes": 24 * GIB,
         "host_ram_for_sleep": 32 * GIB,
-        "models": model_table(),
+        "models": models or model_table(),
+        **extra,
         "requests": requests,
     }
     text = json.dumps(trace, indent=1)
@@ -108,6 +147,17 @@ def write(name: str, seed: int, requests: list[tuple[float, str, float]], about:
 def main() -> None:
     print(write("bursty", 1, bursty(random.Random(1)), "3 users, bursts of requests per model"))
     print(write("steady", 2, steady(random.Random(2)), "Poisson arrivals, popularity-weighted"))
+    print(
+        write(
+            "gpu-timings",
+            3,
+            gpu_timings(random.Random(3)),
+            "real-GPU timings: 30-60 s starts, long streams, users starting together",
+            gpu_model_table(),
+            start_timeout=300.0,
+            load_wait_goal=False,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -13,12 +13,20 @@ from typing import Protocol
 
 from bench.placement.world import Decision, Engine, Evict, State, World
 from modelyard.placement import policy
+from modelyard.scheduler.decide import Ask, Go, Refuse, Snapshot, Wait, decide
+
+# Before issue 11 a start that had to wait gave up after 32 polls of 0.1 s ("placement did
+# not settle", 503 placement_stuck).
+OLD_GIVE_UP_S = 3.2
 
 
 class SimPolicy(Protocol):
     name: str
+    # A request still waiting (its load not begun) this long after arriving is refused;
+    # None: only at its start timeout.
+    gives_up_after_s: float | None
 
-    def decide(self, target: str, world: World, out_of_memory: bool) -> Decision:
+    def decide(self, target: str, world: World, out_of_memory: bool, deadline: float) -> Decision:
         """What to do before loading `target` (which is stopped or asleep)."""
 
 
@@ -37,8 +45,9 @@ class OneAtATime:
     """The seed 000's launcher: every cold request stops all other backends first."""
 
     name = "one-at-a-time (seed 000)"
+    gives_up_after_s = None
 
-    def decide(self, target: str, world: World, out_of_memory: bool) -> Decision:
+    def decide(self, target: str, world: World, out_of_memory: bool, deadline: float) -> Decision:
         others = [e for e in world.engines.values() if e.resident and e.spec.name != target]
         return _drain_or_stop(_lru(others))
 
@@ -49,11 +58,13 @@ class LruByCount:
     estimates). A start that does not fit fails with OOM; the retry then evicts until the
     memory fits, as an operator's "evict more and retry once" would."""
 
+    gives_up_after_s = None
+
     def __init__(self, slots: int = 2) -> None:
         self.slots = slots
         self.name = f"LRU by count ({slots} resident)"
 
-    def decide(self, target: str, world: World, out_of_memory: bool) -> Decision:
+    def decide(self, target: str, world: World, out_of_memory: bool, deadline: float) -> Decision:
         others = _lru(e for e in world.engines.values() if e.resident and e.spec.name != target)
         victims = others[: max(len(others) + 1 - self.slots, 0)]
         if out_of_memory:
@@ -72,8 +83,9 @@ class LruByFootprint:
     recently used models until it does. No sleep."""
 
     name = "LRU by footprint (seed 004)"
+    gives_up_after_s = None
 
-    def decide(self, target: str, world: World, out_of_memory: bool) -> Decision:
+    def decide(self, target: str, world: World, out_of_memory: bool, deadline: float) -> Decision:
         need = world.engines[target].spec.bytes
         free = world.gpu_bytes - world.used_bytes()
         victims: list[Engine] = []
@@ -90,33 +102,43 @@ class LruByFootprint:
 
 
 class Modelyard:
-    """`modelyard.placement.policy.plan_placement`, fed what the gateway would measure."""
+    """The gateway's own decision function (`modelyard.scheduler.decide.decide`, not a copy),
+    fed what the gateway would have measured."""
 
     def __init__(
-        self, settings: policy.PolicySettings = policy.DEFAULT_SETTINGS, sleep: bool = True
+        self,
+        settings: policy.PolicySettings = policy.DEFAULT_SETTINGS,
+        sleep: bool = True,
+        before_issue_11: bool = False,
     ) -> None:
         self.settings = settings
         self.sleep = sleep
+        self.gives_up_after_s = OLD_GIVE_UP_S if before_issue_11 else None
         self.name = "modelyard" if sleep else "modelyard, sleep off (ablation)"
+        if before_issue_11:
+            self.name = "modelyard before issue 11 (gave up after 3.2 s)"
 
-    def decide(self, target: str, world: World, out_of_memory: bool) -> Decision:
-        engines = [self._engine(e) for e in world.engines.values() if e.resident]
+    def decide(self, target: str, world: World, out_of_memory: bool, deadline: float) -> Decision:
+        engines = tuple(self._engine(e) for e in world.engines.values() if e.resident)
         spec = world.engines[target].spec
-        plan = policy.plan_placement(
-            policy.Target(target, spec.bytes),
-            [policy.GpuCapacity(0, world.gpu_bytes)],
-            engines,
+        snapshot = Snapshot(
             now=world.now,
+            gpus=(policy.GpuCapacity(0, world.gpu_bytes),),
+            engines=engines,
             host_ram_for_sleep=world.host_ram_for_sleep - world.host_bytes_held(),
-            settings=self.settings,
+            start_seconds={e.spec.name: e.spec.start_s for e in world.engines.values()},
         )
-        if isinstance(plan, policy.CannotFit):
-            raise RuntimeError(plan.reason)
-        if plan.wait_for:
-            return Decision(wait_for=tuple(w.name for w in plan.wait_for))
+        decision = decide(snapshot, Ask(policy.Target(target, spec.bytes), deadline), self.settings)
+        if isinstance(decision, Refuse):
+            return Decision(refuse=decision.code)
+        if isinstance(decision, Wait):
+            return Decision(wait_for=tuple(w.name for w in decision.for_models))
+        if isinstance(decision, Go):
+            return Decision()
         return Decision(
             evict=tuple(
-                Evict(a.name, a.level if isinstance(a, policy.Sleep) else 0) for a in plan.actions
+                Evict(a.name, a.level if isinstance(a, policy.Sleep) else 0)
+                for a in decision.actions
             )
         )
 
@@ -143,4 +165,11 @@ class Modelyard:
 
 def all_policies() -> list[SimPolicy]:
     """The four policies of issue 4, and modelyard without sleep to show what sleep adds."""
-    return [OneAtATime(), LruByCount(2), LruByFootprint(), Modelyard(sleep=False), Modelyard()]
+    return [
+        OneAtATime(),
+        LruByCount(2),
+        LruByFootprint(),
+        Modelyard(sleep=False),
+        Modelyard(before_issue_11=True),
+        Modelyard(),
+    ]

@@ -102,7 +102,9 @@ class Evict:
 
 @dataclass(frozen=True)
 class Decision:
-    """Evict these, then load; or, when `wait_for` is set, do nothing until they drain."""
+    """Evict these, then load; or, when `wait_for` is set, do nothing until they drain;
+    or, with `refuse`, answer the model's waiting requests 503 (this reason)."""
 
     evict: tuple[Evict, ...] = ()
     wait_for: tuple[str, ...] = ()
+    refuse: str | None = None

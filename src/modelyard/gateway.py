@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from modelyard.observability.event_store import EventStore, open_event_store
 from modelyard.observability.events import EventBus
 from modelyard.observability.key_metrics import KeyUsageCollector
 from modelyard.observability.metrics import GatewayMetrics
+from modelyard.observability.requests import RequestObserver, RequestRecord
 from modelyard.placement.coordinator import PlacementCoordinator
 from modelyard.placement.footprints import FootprintStore
 from modelyard.placement.inventory import (
@@ -39,31 +41,12 @@ from modelyard.redaction import register_secrets
 from modelyard.runtime import ProcessRegistry, ProcessRuntime
 from modelyard.runtime.remote import RemoteConnector, remote_answers
 from modelyard.runtime.vllm_sleep import VllmSleepControl
-from modelyard.scheduler.groups import ExclusiveGroups
-from modelyard.scheduler.supervisor import EngineHandle, EngineStarter, ModelState, Placement
+from modelyard.scheduler.scheduler import Scheduler
+from modelyard.scheduler.supervisor import EngineHandle, EngineStarter, ModelState
 from modelyard.scheduler.watchdog import EngineWatchdog, WatchdogSettings, health_probe
-from modelyard.scheduler.yard import Yard
 from modelyard.state import SetAside, StateDirectory
 
 log = logging.getLogger("modelyard")
-
-
-@dataclass(frozen=True)
-class RequestRecord:
-    """One proxied request, for metrics and the request log."""
-
-    model: str
-    route: str
-    key_name: str
-    status: int
-    duration_s: float
-    first_byte_s: float | None
-    streamed: bool
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-
-
-RequestObserver = Callable[[RequestRecord], None]
 
 
 @dataclass(frozen=True)
@@ -86,7 +69,7 @@ class Gateway:
     config: GatewayConfig
     state_dir: Path
     events: EventBus
-    yard: Yard
+    scheduler: Scheduler
     upstream: UpstreamClient
     health_session: aiohttp.ClientSession
     registry: ProcessRegistry
@@ -100,7 +83,6 @@ class Gateway:
     watchdog: EngineWatchdog | None = None
     lora: LoraManager | None = None
     _background: set[asyncio.Task[None]] = field(default_factory=set)
-    groups: ExclusiveGroups | None = None
     # The file `modelyard reload`, SIGHUP and POST /admin/reload read again (None: no file).
     config_path: Path | None = None
     # Called with the new config after a reload is applied (the log format, the body limit;
@@ -118,8 +100,11 @@ class Gateway:
         self.metrics.registry.register(KeyUsageCollector(lambda: self.auth))
 
     @classmethod
-    def create(cls, config: GatewayConfig) -> Gateway:
-        """Build the parts (call inside a running event loop)."""
+    def create(cls, config: GatewayConfig, start_engine: EngineStarter | None = None) -> Gateway:
+        """Build the parts (call inside a running event loop).
+
+        `start_engine` replaces the process runtime (the in-process test harness passes
+        engines that run in the test's own event loop)."""
         state_dir = Path(config.state_dir).expanduser()
         state_dir.mkdir(parents=True, exist_ok=True)
         event_store = open_event_store(state_dir)  # the history survives restarts
@@ -129,38 +114,25 @@ class Gateway:
         runtime = ProcessRuntime(state_dir, health_session, registry)
         remote = RemoteConnector(state_dir, health_session)
         coordinator = _placement_for(config, state_dir, events)
-        # Without managed GPUs, exclusive groups are kept by their own small hook (always
-        # installed: a reload may add groups; with none it returns at once).
-        groups = ExclusiveGroups(config) if coordinator is None else None
-        if coordinator is not None:
-            hook = Placement(
-                coordinator.prepare, coordinator.finished, coordinator.note_out_of_memory
-            )
-        else:
-            assert groups is not None
-            hook = Placement(prepare=groups.prepare)
-        yard = Yard(
+        # Without managed GPUs the scheduler plans on an unlimited inventory: one behaviour.
+        scheduler = Scheduler(
             config,
-            engine_starter(runtime, remote),
+            start_engine or engine_starter(runtime, remote),
             events,
-            placement=hook,
+            placement=coordinator,
             sleep_control=VllmSleepControl(health_session),
         )
-        if coordinator is not None:
-            coordinator.attach(yard.supervisors)
-        if groups is not None:
-            groups.attach(yard.supervisors)
         upstream = UpstreamClient(
             config.limits.upstream_connect_timeout, config.limits.upstream_read_timeout
         )
         state = StateDirectory(state_dir, report=_state_reporter(events))
         for record in event_store.set_aside if event_store is not None else []:
             state.note(record)  # the event history was set aside before the bus existed
-        watchdog = _watchdog_for(config, yard, health_session)
+        watchdog = _watchdog_for(config, scheduler, health_session)
         auth = Authenticator.create(config.auth, state)
-        auth.open_routes = yard.open_routes()
+        auth.open_routes = scheduler.open_routes()
         lora = (
-            LoraManager(config, yard, health_session, events)
+            LoraManager(config, scheduler, health_session, events)
             if any(model.lora is not None for model in config.models.values())
             else None
         )
@@ -168,7 +140,7 @@ class Gateway:
             config,
             state_dir,
             events,
-            yard,
+            scheduler,
             upstream,
             health_session,
             registry,
@@ -179,7 +151,6 @@ class Gateway:
             watchdog=watchdog,
             request_observers=[_watchdog_observer(watchdog)],
             lora=lora,
-            groups=groups,
         )
 
     async def start(self) -> None:
@@ -191,7 +162,7 @@ class Gateway:
                 + ("stopped" if orphan.stopped else "still running after SIGKILL"),
             )
             log.warning("stopped orphaned engine %s (pid %d)", orphan.name, orphan.pid)
-        self.yard.start_background()
+        self.scheduler.start_background()
         if self.lora is not None:
             self.lora.start_background()
         if self.watchdog is not None:
@@ -214,9 +185,9 @@ class Gateway:
             interval = self.config.limits.health_check_interval
             await asyncio.sleep(interval if interval > 0 else 10.0)
             for name, model in list(self.config.models.items()):
-                if model.engine != "remote" or name not in self.yard.supervisors:
+                if model.engine != "remote" or name not in self.scheduler.models():
                     continue
-                if self.yard.supervisors[name].state is not ModelState.FAILED:
+                if self.scheduler.state_of(name) is not ModelState.FAILED:
                     continue
                 spec = engine_kind("remote").launch_spec(name, model, self.config, 0, None)
                 if await remote_answers(self.health_session, spec):
@@ -234,7 +205,7 @@ class Gateway:
 
     async def _preload_one(self, name: str, reason: str) -> None:
         try:
-            await self.yard.load(name, reason=reason)
+            await self.scheduler.load(name, reason=reason)
         except Exception as error:  # the failure is already an event; requests retry
             log.warning("preload of %s failed: %s", name, error)
 
@@ -292,18 +263,14 @@ class Gateway:
         if file_listen != self._file_listen and file_listen != self.config.listen:
             plan.not_applied.append("listen: bound when the gateway starts; restart to change it")
         self._file_listen = file_listen
-        self.yard.apply_config(new, plan)
-        if self.placement is not None:
-            self.placement.config = new
-        if self.groups is not None:
-            self.groups.reconfigure(new)
+        self.scheduler.apply_config(new, plan)  # the placement's config too
         if self.lora is not None:
             # Removed base models take their adapters with them; other LoRA settings change
             # at the next restart (reported in `not_applied`).
             self.lora.bases = {n: m for n, m in self.lora.bases.items() if n in new.models}
         if self.auth is not None:
             self.auth.replace_config_keys(new.auth)
-            self.auth.open_routes = self.yard.open_routes()
+            self.auth.open_routes = self.scheduler.open_routes()
         limits = new.limits
         self.upstream.set_timeouts(limits.upstream_connect_timeout, limits.upstream_read_timeout)
         if self.watchdog is not None:
@@ -324,11 +291,15 @@ class Gateway:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        # No error of a background part may stop the engines' shutdown (issue 11, defect 2:
+        # one stored error once left every engine running): each is logged and passed over.
         if self.watchdog is not None:
-            await self.watchdog.close()  # first: a stopping engine is not a hung one
+            with _logged("closing the watchdog"):
+                await self.watchdog.close()  # first: a stopping engine is not a hung one
         if self.lora is not None:
-            await self.lora.close()
-        await self.yard.shutdown(self.config.limits.shutdown_grace)
+            with _logged("closing the adapter manager"):
+                await self.lora.close()
+        await self.scheduler.shutdown(self.config.limits.shutdown_grace)
         if self.auth is not None:
             await self.auth.close()
         await self.upstream.close()
@@ -356,8 +327,8 @@ class Gateway:
             return []
 
     def model_status(self, name: str) -> dict[str, object]:
-        status = self.yard.model_status(name)
-        if self.placement is not None and not self.yard.is_remote(name):
+        status = self.scheduler.model_status(name)
+        if self.placement is not None and not self.scheduler.is_remote(name):
             status.update(self.placement.model_placement(name))
         return status
 
@@ -375,6 +346,14 @@ def engine_starter(runtime: ProcessRuntime, remote: RemoteConnector) -> EngineSt
         return await runtime.start(name, spec_for_port)
 
     return start
+
+
+@contextlib.contextmanager
+def _logged(what: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception:
+        log.exception("%s failed; shutting down the rest", what)
 
 
 def _placement_for(
@@ -417,13 +396,13 @@ def _state_reporter(events: EventBus) -> Callable[[SetAside], None]:
 
 
 def _watchdog_for(
-    config: GatewayConfig, yard: Yard, session: aiohttp.ClientSession
+    config: GatewayConfig, scheduler: Scheduler, session: aiohttp.ClientSession
 ) -> EngineWatchdog:
     limits = config.limits
     settings = WatchdogSettings(
         limits.health_check_interval, limits.health_check_timeout, limits.health_check_failures
     )
-    return EngineWatchdog(yard.supervisors, health_probe(session), settings)
+    return EngineWatchdog(scheduler, health_probe(session), settings)
 
 
 def _watchdog_observer(watchdog: EngineWatchdog) -> RequestObserver:

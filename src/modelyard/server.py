@@ -134,17 +134,27 @@ async def run_gateway(
         await stop.wait()
         log.info("shutting down: finishing requests in flight, then stopping engines")
     finally:
-        gateway.yard.begin_shutdown()
+        await _finish_requests(gateway, config.limits.shutdown_grace)
         if runner is not None:
-            # Stops accepting, then waits (bounded) for requests in flight.
+            # Stops accepting; requests in flight are done (or cut with a clear end) by now.
             await runner.cleanup()
         await gateway.close()
-        for supervisor in gateway.yard.all_supervisors():
-            if supervisor.engine is not None:  # pragma: no cover - last resort
-                kill = getattr(supervisor.engine, "kill_now", None)
-                if kill is not None:
-                    kill()
+        gateway.scheduler.kill_engines_now()  # last resort: nothing is left behind
         log.info("modelyard stopped")
+
+
+async def _finish_requests(gateway: Gateway, grace: float) -> None:
+    """One grace period for requests in flight (not two, as once); streams still going after
+    it end with a final SSE error event instead of being cut silently (issue 11, defect 7)."""
+    gateway.scheduler.begin_shutdown()
+    if await gateway.scheduler.drained(grace):
+        return
+    cut = gateway.upstream.cut_streams(
+        f"the gateway is shutting down; this stream was ended after {grace:g}s "
+        "(limits.shutdown_grace)"
+    )
+    log.warning("shutdown: ended %d streams still running after %gs", cut, grace)
+    await gateway.scheduler.drained(5.0)
 
 
 async def _reload_on_signal(gateway: Gateway) -> None:

@@ -1,4 +1,8 @@
-"""The gateway end to end: a real `modelyard serve` process with test engines behind it."""
+"""The gateway end to end: a real `modelyard serve` process with test engines behind it.
+
+What needs a real process stays here (idle timers against a real clock, crashes and kills,
+signals, orphans, the SDK against a live port); the rest runs in-process
+(tests/core/test_gateway_inprocess.py)."""
 
 from __future__ import annotations
 
@@ -28,30 +32,6 @@ async def post(url: str, body: object, **kwargs: object) -> tuple[int, dict[str,
         session.post(url, json=body, **kwargs) as response,
     ):
         return response.status, await response.json(content_type=None)
-
-
-async def test_cold_start_then_reuse(gateway_factory):
-    gateway = gateway_factory({"chat": fake_model("chat", "--ready-delay", "0.2")})
-    assert gateway.model_state("chat") == "stopped"
-    status, body = await post(gateway.url + "/v1/chat/completions", chat_body("chat"))
-    assert status == 200, body
-    assert body["choices"][0]["message"]["content"] == "chat says: hello"
-    first_pid = gateway.status()["models"][0]["pid"]
-    status, body = await post(gateway.url + "/v1/chat/completions", chat_body("chat"))
-    assert status == 200
-    assert gateway.status()["models"][0]["pid"] == first_pid
-    assert gateway.status()["models"][0]["starts"] == 1
-
-
-async def test_concurrent_first_requests_share_one_start(gateway_factory):
-    gateway = gateway_factory({"chat": fake_model("chat", "--ready-delay", "0.5")})
-    results = await asyncio.gather(
-        *(post(gateway.url + "/v1/chat/completions", chat_body("chat")) for _ in range(50))
-    )
-    assert [status for status, _ in results] == [200] * 50
-    model = gateway.status()["models"][0]
-    assert model["starts"] == 1
-    assert len(gateway.engine_pids()) == 1
 
 
 async def test_idle_engine_is_stopped_but_never_while_busy(gateway_factory):
@@ -156,75 +136,6 @@ async def test_alias_and_route_rewriting(gateway_factory):
     status, body = await post(gateway.url + "/chat/generate?x=1", {"prompt": "p"})
     assert body["path"] == "/generate"
     assert body["query"] == "x=1"
-
-
-async def test_models_listing_is_immediate_and_complete(gateway_factory):
-    gateway = gateway_factory(
-        {
-            "slow": fake_model("slow", "--ready-delay", "30", aliases=["slow-alias"]),
-        }
-    )
-    async with aiohttp.ClientSession() as session:
-        pending = asyncio.ensure_future(
-            session.post(gateway.url + "/v1/chat/completions", json=chat_body("slow"))
-        )
-        await asyncio.sleep(0.3)
-        started = time.monotonic()
-        async with session.get(gateway.url + "/v1/models") as response:
-            listing = await response.json()
-        assert time.monotonic() - started < 1.0
-        states = {m["id"]: m["state"] for m in listing["data"]}
-        assert states == {"slow": "starting", "slow-alias": "starting"}
-        assert all(m["object"] == "model" and "created" in m for m in listing["data"])
-        pending.cancel()
-
-
-async def test_unknown_model_and_malformed_bodies(gateway_factory):
-    gateway = gateway_factory({"chat": fake_model("chat")})
-    url = gateway.url + "/v1/chat/completions"
-    async with aiohttp.ClientSession() as session:
-        cases = [
-            (b'{"model": "nope"}', 404, "model_not_found"),
-            (b"{not json", 400, "invalid_json"),
-            (b"[1, 2]", 400, "invalid_json"),
-            (b"", 400, "invalid_json"),
-            (b'{"messages": []}', 400, "missing_model"),
-            (b'{"model": 7}', 400, "invalid_model"),
-            (b'\xff\xfe{"model": "chat"}', 400, "invalid_json"),
-            (b"[" * 100000, 400, "invalid_json"),
-        ]
-        # JSON routes take JSON only (a browser's "simple" text/plain requests are refused).
-        json_type = {"Content-Type": "application/json"}
-        for raw, status, code in cases:
-            async with session.post(url, data=raw, headers=json_type) as response:
-                body = await response.json()
-                assert response.status == status, (raw[:20], body)
-                assert body["error"]["code"] == code
-                assert set(body["error"]) == {"message", "type", "param", "code"}
-        async with session.post(url, data=b'{"model": "nope"}', headers=json_type) as response:
-            message = (await response.json())["error"]["message"]
-        assert "known models: chat" in message
-        # Upstream error statuses are passed through unchanged.
-        async with session.post(url, json=chat_body("chat", fake_status=422)) as response:
-            assert response.status == 422
-        async with session.get(gateway.url + "/nowhere/at/all") as response:
-            assert response.status == 404
-            assert "error" in await response.json()
-    assert gateway.model_state("chat") == "ready"
-
-
-async def test_start_timeout_gives_503_with_retry_after(gateway_factory):
-    gateway = gateway_factory(
-        {"slow": fake_model("slow", "--ready-delay", "30", start_timeout="1s")}
-    )
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(gateway.url + "/v1/chat/completions", json=chat_body("slow")) as response,
-    ):
-        body = await response.json()
-        assert response.status == 503
-        assert int(response.headers["Retry-After"]) >= 1
-    assert body["error"]["code"] == "start_timeout"
 
 
 def test_openai_sdk_streaming_and_not(gateway_factory):

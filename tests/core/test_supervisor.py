@@ -7,99 +7,30 @@ readiness, exits and time are driven by the test.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from modelyard.config import parse_config
-from modelyard.engines.base import LaunchSpec
 from modelyard.observability.events import EventBus
+from modelyard.scheduler.scheduler import Scheduler
 from modelyard.scheduler.supervisor import ModelState, ModelUnavailable
-from modelyard.scheduler.yard import Yard
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class FakeEngine:
-    def __init__(self, number: int) -> None:
-        self.base_url = f"http://fake-{number}"
-        self.pid = 10_000 + number
-        self._exited: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.ready = asyncio.Event()
-        self.stopped = False
-        self.stop_gate = asyncio.Event()
-        self.stop_gate.set()
-
-    @property
-    def exited(self) -> asyncio.Future[Any]:
-        return self._exited
-
-    async def wait_ready(self, deadline: float) -> float:
-        exit_wait = asyncio.ensure_future(asyncio.shield(self._exited))
-        ready_wait = asyncio.ensure_future(self.ready.wait())
-        await asyncio.wait({exit_wait, ready_wait}, return_when=asyncio.FIRST_COMPLETED)
-        exit_wait.cancel()
-        ready_wait.cancel()
-        if self._exited.done():
-            raise RuntimeError("exited while starting (exit code 1)")
-        return 0.0
-
-    def crash(self, code: int = 1) -> None:
-        self._exited.set_result(type("Exit", (), {"code": code})())
-
-    async def stop(self, grace: float) -> int | None:
-        await self.stop_gate.wait()
-        self.stopped = True
-        if not self._exited.done():
-            self._exited.set_result(type("Exit", (), {"code": 0})())
-        return 0
-
-    def log_tail(self, count: int) -> list[str]:
-        return ["fake log line"]
-
-    def process_gone(self) -> bool:
-        return self._exited.done()
-
-
-class FakeRuntime:
-    def __init__(self) -> None:
-        self.engines: list[FakeEngine] = []
-        self.auto_ready = True
-
-    async def __call__(self, name: str, spec_for_port: Callable[[int], LaunchSpec]) -> FakeEngine:
-        spec_for_port(12345)
-        engine = FakeEngine(len(self.engines))
-        if self.auto_ready:
-            engine.ready.set()
-        self.engines.append(engine)
-        return engine
+from tests.fakes import FakeClock, FakeRuntime, settle
 
 
 def make_yard(
     models: dict[str, Any] | None = None, **settings: Any
-) -> tuple[Yard, FakeRuntime, FakeClock, EventBus]:
+) -> tuple[Scheduler, FakeRuntime, FakeClock, EventBus]:
     models = models or {"m": {"engine": "command", "command": ["x", "{port}"], "idle_timeout": 60}}
     config = parse_config({"models": models, **settings})
     runtime, clock, events = FakeRuntime(), FakeClock(), EventBus()
-    return Yard(config, runtime, events, clock=clock), runtime, clock, events
-
-
-async def settle() -> None:
-    for _ in range(20):
-        await asyncio.sleep(0)
+    return Scheduler(config, runtime, events, clock=clock), runtime, clock, events
 
 
 async def test_single_flight_start_for_concurrent_requests():
     yard, runtime, _clock, events = make_yard()
     runtime.auto_ready = False
-    supervisor = yard.supervisors["m"]
+    supervisor = yard._supervisors["m"]
 
     async def request() -> str:
         async with yard.engine_for("m") as engine:
@@ -132,7 +63,7 @@ async def test_failed_start_reaches_every_waiter_then_next_request_retries():
     runtime.engines[0].crash(3)
     results = await asyncio.gather(*tasks, return_exceptions=True)
     assert all(isinstance(r, ModelUnavailable) and r.status == 502 for r in results)
-    assert yard.supervisors["m"].state is ModelState.FAILED
+    assert yard._supervisors["m"].state is ModelState.FAILED
     assert events.recent()[-1].kind == "start_failed"
     # One failure is no crash loop: the next request starts again at once.
     runtime.auto_ready = True
@@ -142,7 +73,7 @@ async def test_failed_start_reaches_every_waiter_then_next_request_retries():
 
 async def test_crash_loop_backs_off_exponentially():
     yard, runtime, clock, _events = make_yard()
-    supervisor = yard.supervisors["m"]
+    supervisor = yard._supervisors["m"]
     # One crash restarts at once; from the second in a row, waits of 1, 2, 4 s follow.
     for expected_backoff in (None, 1.0, 2.0, 4.0):
         async with yard.engine_for("m"):
@@ -164,7 +95,7 @@ async def test_crash_loop_backs_off_exponentially():
 
 async def test_idle_stop_never_while_in_flight():
     yard, runtime, clock, events = make_yard()
-    supervisor = yard.supervisors["m"]
+    supervisor = yard._supervisors["m"]
     async with yard.engine_for("m"):
         clock.now += 3600  # long past the idle timeout, but a request is in flight
         assert await yard.reap_idle(clock.now) == []
@@ -181,7 +112,7 @@ async def test_idle_stop_never_while_in_flight():
 
 async def test_idle_stop_abandoned_when_request_arrives_first():
     yard, _runtime, clock, _events = make_yard()
-    supervisor = yard.supervisors["m"]
+    supervisor = yard._supervisors["m"]
     async with yard.engine_for("m"):
         pass
     clock.now += 120
@@ -194,7 +125,7 @@ async def test_idle_stop_abandoned_when_request_arrives_first():
 
 async def test_request_during_stop_waits_then_restarts():
     yard, runtime, _clock, _events = make_yard()
-    supervisor = yard.supervisors["m"]
+    supervisor = yard._supervisors["m"]
     async with yard.engine_for("m"):
         pass
     runtime.engines[0].stop_gate.clear()
@@ -217,7 +148,7 @@ async def test_request_during_stop_waits_then_restarts():
 
 async def test_stop_drains_requests_in_flight_first():
     yard, runtime, _clock, _events = make_yard()
-    supervisor = yard.supervisors["m"]
+    supervisor = yard._supervisors["m"]
     async with yard.engine_for("m"):
         stopping = asyncio.ensure_future(supervisor.stop("admin"))
         await settle()
@@ -233,7 +164,7 @@ async def test_unexpected_exit_marks_failed_with_exit_code():
         pass
     runtime.engines[0].crash(137)
     await settle()
-    supervisor = yard.supervisors["m"]
+    supervisor = yard._supervisors["m"]
     assert supervisor.state is ModelState.FAILED
     assert supervisor.failure is not None
     assert supervisor.failure.exit_code == 137
@@ -275,7 +206,7 @@ async def test_waiter_that_goes_away_leaves_the_queue():
     await settle()
     assert yard.total_waiting() == 0
     # The start itself goes on for the next request.
-    assert yard.supervisors["m"].state is ModelState.STARTING
+    assert yard._supervisors["m"].state is ModelState.STARTING
 
 
 async def test_shutdown_cancels_start_and_stops_engines():
@@ -300,4 +231,4 @@ async def test_shutdown_cancels_start_and_stops_engines():
         await pending
     assert refused.value.code == "shutting_down"
     assert all(engine.stopped for engine in runtime.engines)
-    assert {s.state for s in yard.supervisors.values()} == {ModelState.STOPPED}
+    assert {s.state for s in yard._supervisors.values()} == {ModelState.STOPPED}

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from modelyard.demo import build_models
-from modelyard.demo.build_models import (
+from modelyard.engine_programs import build_models
+from modelyard.engine_programs.build_models import (
     MARKER,
     AdapterSpec,
     adapter_specs,
@@ -76,7 +76,7 @@ def test_a_killed_build_is_redone(tmp_path):
     script = (
         "import sys, time\n"
         "from pathlib import Path\n"
-        "from modelyard.demo.build_models import build_atomically\n"
+        "from modelyard.engine_programs.build_models import build_atomically\n"
         "def build(folder):\n"
         "    (folder / 'half.bin').write_bytes(b'x')\n"
         f"    Path({str(started)!r}).touch()\n"
@@ -164,7 +164,7 @@ def test_command_line():
 
 def test_the_script_does_not_import_torch_until_it_builds():
     # The gateway's tests import it; torch is only in the engine venv.
-    code = "import sys, modelyard.demo.build_models; print('torch' in sys.modules)"
+    code = "import sys, modelyard.engine_programs.build_models; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False", result.stderr
     assert "ENGINE venv" in (build_models.__doc__ or "")

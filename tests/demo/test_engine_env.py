@@ -23,7 +23,7 @@ from modelyard.demo.engine_env import (
     write_stamp,
 )
 from modelyard.demo.home import DemoHome
-from modelyard.demo.vllm_launcher import _patched_version
+from modelyard.engine_programs.vllm_launcher import _patched_version
 
 
 def make_executable(path: Path, text: str = "#!/bin/sh\nexit 0\n") -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from modelyard.demo import build_models
 from modelyard.demo.home import (
     CHAT_MODEL,
     CODER_MODEL,
@@ -12,6 +11,7 @@ from modelyard.demo.home import (
     DemoHome,
     modelyard_home,
 )
+from modelyard.engine_programs import build_models
 
 
 def test_default_home_is_the_user_cache(monkeypatch):

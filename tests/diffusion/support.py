@@ -26,7 +26,7 @@ from modelyard.engines.diffusion import SERVER_SCRIPT
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-BUILDER = REPO / "src" / "modelyard" / "demo" / "build_tiny_diffusion.py"
+BUILDER = REPO / "src" / "modelyard" / "engine_programs" / "build_tiny_diffusion.py"
 TINY_PIPELINE_DIR = "tiny-diffusion"
 """Folder name of the tiny pipeline under `$MODELYARD_HOME/models` (the demo serves it too)."""
 

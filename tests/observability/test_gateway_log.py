@@ -7,10 +7,10 @@ import logging
 
 import pytest
 
-from modelyard.gateway import RequestRecord
 from modelyard.observability.activity_log import log_event, log_request
 from modelyard.observability.events import Event
 from modelyard.observability.log_format import JsonLineFormatter, configure_logging, key_values
+from modelyard.observability.requests import RequestRecord
 
 
 @pytest.fixture

@@ -7,9 +7,9 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from modelyard.gateway import RequestRecord
 from modelyard.observability.events import EventBus
 from modelyard.observability.metrics import MAX_ROUTE_LABELS, OTHER, GatewayMetrics
+from modelyard.observability.requests import RequestRecord
 from modelyard.scheduler.supervisor import ModelState
 
 
@@ -21,13 +21,23 @@ class StubModel:
 
 
 @dataclass
-class StubYard:
+class StubScheduler:
     supervisors: dict[str, StubModel] = field(default_factory=dict)
+
+    def models(self) -> list[str]:
+        return list(self.supervisors)
+
+    def state_of(self, name: str) -> ModelState:
+        return self.supervisors[name].state
+
+    def load_counts(self, name: str) -> tuple[int, int]:
+        model = self.supervisors[name]
+        return model.in_flight, model.waiting
 
 
 @dataclass
 class StubGateway:
-    yard: StubYard
+    scheduler: StubScheduler
     started_at: float = 1_700_000_000.0
     gpus: list[dict[str, object]] = field(default_factory=list)
     footprints: dict[str, int] = field(default_factory=dict)
@@ -68,15 +78,15 @@ def record(**changes: Any) -> RequestRecord:
 
 
 def make(**gateway: Any) -> tuple[StubGateway, GatewayMetrics]:
-    stub = StubGateway(StubYard({"chat": StubModel(), "coder": StubModel()}), **gateway)
-    return stub, GatewayMetrics(stub, stub.yard.supervisors)
+    stub = StubGateway(StubScheduler({"chat": StubModel(), "coder": StubModel()}), **gateway)
+    return stub, GatewayMetrics(stub, stub.scheduler.supervisors)
 
 
 def test_state_queue_gpu_and_footprint_are_read_at_scrape_time() -> None:
     stub, metrics = make()
     assert value(metrics, "modelyard_engine_state", model="chat", state="stopped") == 1.0
     assert value(metrics, "modelyard_gpu_memory_total_bytes", gpu="0", gpu_name="A") is None
-    stub.yard.supervisors["chat"] = StubModel(ModelState.READY, in_flight=3, waiting=2)
+    stub.scheduler.supervisors["chat"] = StubModel(ModelState.READY, in_flight=3, waiting=2)
     stub.gpus = [
         {"index": 0, "name": "A", "total_bytes": 100, "used_bytes": 40, "planned_bytes": 60},
         {"index": 1, "name": "B", "total_bytes": 200, "used_bytes": 0, "planned_bytes": None},

@@ -149,10 +149,10 @@ def test_a_write_is_atomic_all_metrics_or_none(store: FootprintStore) -> None:
         def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
             return failing_execute(self.conn, sql, *args)
 
-    store._conn = Proxy(store._conn)  # type: ignore[assignment]
+    store._db._connection = Proxy(store._db._connection)  # type: ignore[assignment]
     with pytest.raises(Boom):
         store.record("m", "f", awake_bytes_per_gpu=GIB, start_seconds=5.0)
-    store._conn = store._conn.conn  # type: ignore[attr-defined]
+    store._db._connection = store._db._connection.conn  # type: ignore[attr-defined]
     assert store.get("m", "f") is None
 
 
@@ -237,12 +237,25 @@ def test_unreadable_path_is_moved_aside(tmp_path: Path) -> None:
     assert store.recovered[0].is_dir()
 
 
-def test_newer_schema_is_refused_not_moved(tmp_path: Path) -> None:
+def test_newer_schema_is_set_aside_like_every_state_file(tmp_path: Path) -> None:
+    # The shared state helper's rule (modelyard.state): kept for a human, reported, and a
+    # fresh file is used (footprints can be measured again).
     with sqlite3.connect(tmp_path / FILE_NAME) as conn:
         conn.execute("PRAGMA user_version = 99")
-    with pytest.raises(FootprintStoreError, match="newer"):
-        FootprintStore(tmp_path)
-    assert (tmp_path / FILE_NAME).exists()
+    reports: list[tuple[Path, str]] = []
+    store = FootprintStore(tmp_path, on_corrupt=lambda path, why: reports.append((path, why)))
+    assert len(reports) == 1
+    assert "newer" in reports[0][1]
+    assert reports[0][0].exists()
+    store.record("m", "f", awake_bytes_per_gpu=GIB)
+    assert store.get("m", "f") is not None
+
+
+def test_a_store_that_cannot_be_created_says_why(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    with pytest.raises((FootprintStoreError, OSError)):
+        FootprintStore(blocker)
 
 
 # ----- estimates -----

@@ -187,7 +187,7 @@ async def test_sleep_then_wake_and_first_request_after_wake_succeeds(gateway_fac
         assert body["choices"][0]["message"]["content"] == "s says: hi"
     kinds = [e["kind"] for e in await events(gateway.url) if e["model"] == "s"]
     # (It may fall asleep again after its idle timeout once the test is done with it.)
-    assert kinds[:5] == ["start", "placed", "ready", "sleep", "wake"]
+    assert kinds[:5] == ["placed", "start", "ready", "sleep", "wake"]
     assert gateway.status()["models"][0]["starts"] == 1  # woken, not restarted
 
 
@@ -230,9 +230,15 @@ async def test_model_larger_than_the_gpu_is_refused_clearly(gateway_factory, gpu
     gateway = gateway_factory({"huge": vllm_like("huge", gpu, "40GiB")}, **declared(gpu))
     async with aiohttp.ClientSession() as session:
         status, body = await ask(session, gateway.url, "huge")
+    # Refused at once (no start, no wait), as a refusal, not as an engine failure.
     assert status == 503
-    assert body["error"]["code"] == "insufficient_gpu_memory"
+    assert body["error"]["code"] == "model_cannot_fit"
+    assert "can never be placed" in body["error"]["message"]
     assert "24.0 GiB" in body["error"]["message"]
+    state = {m["name"]: m for m in gateway.status()["models"]}["huge"]
+    assert state["state"] == "stopped"
+    assert state["failure"] is None
+    assert state["starts"] == 0
 
 
 async def test_engine_gets_its_budget_and_gpu(gateway_factory, gpu):

@@ -69,11 +69,40 @@ def test_count_based_lru_runs_out_of_memory_and_retries() -> None:
     assert result.cold_starts == 3  # a, b (OOM), b again
 
 
-def test_every_request_is_served_on_the_shipped_traces() -> None:
+def test_every_request_is_answered_and_none_refused_early_on_the_shipped_traces() -> None:
     for path in sorted(TRACES.glob("*.json")):
         loaded = Trace.load(path)
         result = Simulation(loaded, Modelyard()).run()
         assert len(result.waits) == len(loaded.requests)
+        assert result.refused_early == set()  # issue 11's goal
+
+
+def test_the_simulator_runs_the_schedulers_own_decision_function() -> None:
+    from bench.placement import policies
+
+    from modelyard.scheduler import decide
+
+    assert policies.decide is decide.decide  # not a copy
+
+
+def test_a_request_waits_for_a_long_drain_instead_of_being_refused() -> None:
+    # "a" streams for 90 s; "b" does not fit beside it. Before issue 11 the gateway gave up
+    # after 3.2 s; now b waits for the drain (within its 300 s start timeout).
+    tiny = trace([model("a", 16, sleep=0), model("b", 16, sleep=0)], [(0, "a", 90), (25, "b", 1)])
+    old = Simulation(tiny, Modelyard(before_issue_11=True)).run()
+    assert old.refused_early == {1}
+    assert old.refused_avoidably == set()  # nothing else asked for b, so it never started
+    new = Simulation(tiny, Modelyard()).run()
+    assert new.refused == set()
+    assert new.waits[1] == pytest.approx(20 + 90 + STOP_S + 20 - 25)  # a: start, stream
+
+
+def test_a_request_whose_load_cannot_begin_within_its_start_timeout_is_refused() -> None:
+    tiny = trace([model("a", 16, sleep=0), model("b", 16, sleep=0)], [(0, "a", 900), (25, "b", 1)])
+    result = Simulation(tiny, Modelyard()).run()
+    assert result.refused == {1}
+    assert result.refused_early == set()
+    assert result.waits[1] == pytest.approx(300)
 
 
 def test_readme_table_is_what_the_simulator_prints(capsys: pytest.CaptureFixture[str]) -> None:

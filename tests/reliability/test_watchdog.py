@@ -9,15 +9,17 @@ from typing import Any
 from modelyard.config import parse_config
 from modelyard.engines.base import LaunchSpec
 from modelyard.observability.events import EventBus
+from modelyard.scheduler.scheduler import Scheduler
 from modelyard.scheduler.supervisor import ModelState
 from modelyard.scheduler.watchdog import EngineWatchdog, WatchdogSettings
-from modelyard.scheduler.yard import Yard
 
 
 class Engine:
     def __init__(self, number: int) -> None:
         self.base_url = f"http://engine-{number}"
         self.pid = 20_000 + number
+        self.port = 30_000 + number
+        self.health_path = "/health"
         self.exited: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.stops = 0
 
@@ -36,6 +38,15 @@ class Engine:
     def process_gone(self) -> bool:
         return self.exited.done()
 
+    def kill_now(self) -> None:
+        pass
+
+    def exit_code(self) -> int | None:
+        return self.exited.result().code if self.exited.done() else None
+
+    def subscribe_log(self, on_line: Callable[[str], None]) -> Callable[[], None]:
+        return lambda: None
+
 
 class Runtime:
     def __init__(self) -> None:
@@ -46,20 +57,22 @@ class Runtime:
         return self.engines[-1]
 
 
-def setup(failures: int = 3) -> tuple[Yard, Runtime, EventBus, dict[str, bool], EngineWatchdog]:
+def setup(
+    failures: int = 3,
+) -> tuple[Scheduler, Runtime, EventBus, dict[str, bool], EngineWatchdog]:
     config = parse_config({"models": {"m": {"engine": "command", "command": ["x", "{port}"]}}})
     runtime, events = Runtime(), EventBus()
-    yard = Yard(config, runtime, events)
+    yard = Scheduler(config, runtime, events)
     healthy = {"http://engine-0": True, "http://engine-1": True}
 
     async def probe(engine: Any, timeout: float) -> bool:
         return healthy[engine.base_url]
 
-    watchdog = EngineWatchdog(yard.supervisors, probe, WatchdogSettings(1.0, 1.0, failures))
+    watchdog = EngineWatchdog(yard, probe, WatchdogSettings(1.0, 1.0, failures))
     return yard, runtime, events, healthy, watchdog
 
 
-async def ready(yard: Yard) -> None:
+async def ready(yard: Scheduler) -> None:
     async with yard.engine_for("m"):
         pass
 
@@ -75,7 +88,7 @@ async def test_failed_checks_in_a_row_stop_the_engine_and_mark_it_failed():
     assert await watchdog.check_all() == []
     assert await watchdog.check_all() == []
     assert await watchdog.check_all() == ["m"]
-    supervisor = yard.supervisors["m"]
+    supervisor = yard._supervisors["m"]
     assert supervisor.state is ModelState.FAILED
     assert runtime.engines[0].stops == 1
     assert supervisor.failure is not None
@@ -101,9 +114,9 @@ async def test_request_timeouts_count_even_when_health_is_200():
     watchdog.observe_request("m", 504, timed_out=True)
     for _ in range(20):
         await asyncio.sleep(0)
-    assert yard.supervisors["m"].state is ModelState.FAILED
+    assert yard._supervisors["m"].state is ModelState.FAILED
     assert runtime.engines[0].stops == 1
-    failure = yard.supervisors["m"].failure
+    failure = yard._supervisors["m"].failure
     assert failure is not None
     assert "upstream read timeout" in failure.message
     await watchdog.close()
@@ -114,4 +127,4 @@ async def test_only_ready_engines_are_checked():
     healthy["http://engine-0"] = False
     assert await watchdog.check_all() == []  # stopped: nothing to check
     watchdog.observe_request("m", 504, timed_out=True)  # and nothing to count against
-    assert yard.supervisors["m"].state is ModelState.STOPPED
+    assert yard._supervisors["m"].state is ModelState.STOPPED

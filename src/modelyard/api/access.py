@@ -11,7 +11,7 @@ from aiohttp import web
 from modelyard.api.errors import ApiError
 from modelyard.auth.engine_paths import is_engine_control
 from modelyard.auth.principal import ANONYMOUS, Principal
-from modelyard.scheduler.yard import Target
+from modelyard.scheduler.names import Target
 
 PRINCIPAL_KEY = web.RequestKey("modelyard.principal", Principal)
 FORBIDDEN_KEY = web.RequestKey("modelyard.forbidden", bool)  # access refused: counted per key

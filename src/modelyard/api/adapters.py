@@ -6,12 +6,12 @@ from aiohttp import web
 
 from modelyard.api.access import principal_of, require_admin
 from modelyard.api.admin import audit
-from modelyard.api.errors import ApiError
+from modelyard.api.errors import ApiError, unavailable
 from modelyard.api.serving import gateway_of
 from modelyard.gateway import Gateway
 from modelyard.lora.manager import AdapterError, LoraManager
+from modelyard.scheduler.names import Target
 from modelyard.scheduler.supervisor import ModelUnavailable
-from modelyard.scheduler.yard import Target
 
 
 def add_routes(router: web.UrlDispatcher) -> None:
@@ -31,7 +31,7 @@ def _manager(request: web.Request) -> tuple[Gateway, LoraManager]:
 
 def _target(manager: LoraManager, request: web.Request) -> Target:
     name = request.match_info["name"]
-    target = manager.yard.adapter_targets.get(name)
+    target = manager.scheduler.adapter_targets.get(name)
     if target is None:
         raise ApiError(
             404,
@@ -59,14 +59,15 @@ async def load_adapter(request: web.Request) -> web.Response:
     audit(request, gateway, target.model, f"load adapter {target.public_name}")
     try:
         manager.check(target)
-        async with gateway.yard.engine_for(target.model) as engine, manager.use(target, engine):
+        async with (
+            gateway.scheduler.engine_for(target.model) as engine,
+            manager.use(target, engine),
+        ):
             pass
     except AdapterError as error:
         raise ApiError(error.status, str(error), error.code) from None
     except ModelUnavailable as error:
-        raise ApiError(
-            error.status, str(error), error.code, retry_after=error.retry_after
-        ) from None
+        raise unavailable(error) from None
     return web.json_response({"adapters": manager.status()})
 
 
@@ -74,7 +75,7 @@ async def unload_adapter(request: web.Request) -> web.Response:
     gateway, manager = _manager(request)
     target = _target(manager, request)
     audit(request, gateway, target.model, f"unload adapter {target.public_name}")
-    engine = gateway.yard.supervisors[target.model].engine
+    engine = gateway.scheduler.engine_of(target.model)
     unloaded = engine is not None and await manager.unload(
         target.model, target.public_name, engine, reason=f"admin ({principal_of(request).name})"
     )

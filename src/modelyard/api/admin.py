@@ -6,11 +6,11 @@ from aiohttp import web
 
 from modelyard.api import live
 from modelyard.api.access import principal_of, require_admin
-from modelyard.api.errors import ApiError
+from modelyard.api.errors import ApiError, unavailable
 from modelyard.api.serving import gateway_of
 from modelyard.gateway import Gateway
-from modelyard.redaction import redact, redact_value
-from modelyard.scheduler.supervisor import ModelSupervisor, ModelUnavailable
+from modelyard.redaction import redact_value
+from modelyard.scheduler.supervisor import ModelUnavailable
 
 
 def add_routes(router: web.UrlDispatcher) -> None:
@@ -21,18 +21,17 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_get("/admin/events", event_stream)
 
 
-def _admin_supervisor(request: web.Request) -> tuple[Gateway, ModelSupervisor]:
+def _admin_model(request: web.Request) -> tuple[Gateway, str]:
     require_admin(request)
     gateway = gateway_of(request)
     name = request.match_info["model"]
-    supervisor = gateway.yard.supervisors.get(name)
-    if supervisor is None:
+    if name not in gateway.scheduler.models():
         raise ApiError(
             404,
-            f"model {name!r} does not exist; known: " + ", ".join(gateway.yard.supervisors),
+            f"model {name!r} does not exist; known: " + ", ".join(gateway.scheduler.models()),
             "model_not_found",
         )
-    return gateway, supervisor
+    return gateway, name
 
 
 def audit(request: web.Request, gateway: Gateway, model: str | None, action: str) -> None:
@@ -44,53 +43,48 @@ def audit(request: web.Request, gateway: Gateway, model: str | None, action: str
 
 
 async def load_model(request: web.Request) -> web.Response:
-    gateway, supervisor = _admin_supervisor(request)
-    audit(request, gateway, supervisor.name, "load")
+    gateway, name = _admin_model(request)
+    audit(request, gateway, name, "load")
     try:
-        await gateway.yard.load(
-            supervisor.name, reason=f"admin load ({principal_of(request).name})"
-        )
+        await gateway.scheduler.load(name, reason=f"admin load ({principal_of(request).name})")
     except ModelUnavailable as error:
-        raise ApiError(
-            error.status, redact(str(error)), error.code, retry_after=error.retry_after
-        ) from None
-    except Exception as error:
-        raise ApiError(
-            502, redact(f"model {supervisor.name!r} failed to start: {error}"), "start_failed"
-        ) from None
-    return web.json_response(redact_value(gateway.model_status(supervisor.name)))
+        raise unavailable(error) from None
+    return web.json_response(redact_value(gateway.model_status(name)))
 
 
 async def unload_model(request: web.Request) -> web.Response:
-    gateway, supervisor = _admin_supervisor(request)
-    audit(request, gateway, supervisor.name, "unload")
-    await supervisor.stop(f"admin unload ({principal_of(request).name})")
-    return web.json_response(redact_value(gateway.model_status(supervisor.name)))
+    gateway, name = _admin_model(request)
+    audit(request, gateway, name, "unload")
+    await gateway.scheduler.unload(name, f"admin unload ({principal_of(request).name})")
+    return web.json_response(redact_value(gateway.model_status(name)))
 
 
 async def sleep_model(request: web.Request) -> web.Response:
-    gateway, supervisor = _admin_supervisor(request)
-    level = request.query.get("level") or str(gateway.yard.model_config(supervisor.name).sleep or 1)
+    gateway, name = _admin_model(request)
+    scheduler = gateway.scheduler
+    level = request.query.get("level") or str(scheduler.model_config(name).sleep or 1)
     if level not in ("1", "2"):
         raise ApiError(400, "level must be 1 or 2", "invalid_level", "level")
-    audit(request, gateway, supervisor.name, f"sleep level {level}")
+    audit(request, gateway, name, f"sleep level {level}")
     try:
-        slept = await supervisor.sleep(int(level), f"admin sleep ({principal_of(request).name})")
+        slept = await scheduler.sleep(
+            name, int(level), f"admin sleep ({principal_of(request).name})"
+        )
     except ModelUnavailable as error:
-        raise ApiError(error.status, redact(str(error)), error.code) from None
+        raise unavailable(error) from None
     if not slept:
         raise ApiError(
             409,
-            f"model {supervisor.name!r} is {supervisor.state.value}; only a ready model can sleep",
+            f"model {name!r} is {scheduler.state_of(name).value}; only a ready model can sleep",
             "not_ready",
         )
-    return web.json_response(redact_value(gateway.model_status(supervisor.name)))
+    return web.json_response(redact_value(gateway.model_status(name)))
 
 
 async def engine_logs(request: web.Request) -> web.StreamResponse:
     """The engine's recent output; `?follow=1` streams new lines as SSE."""
-    _gateway, supervisor = _admin_supervisor(request)
-    return await live.engine_log_response(request, supervisor)
+    gateway, name = _admin_model(request)
+    return await live.engine_log_response(request, gateway.scheduler, name)
 
 
 async def event_stream(request: web.Request) -> web.StreamResponse:

@@ -8,6 +8,7 @@ import math
 from aiohttp import web
 
 from modelyard.redaction import redact
+from modelyard.scheduler.supervisor import ModelUnavailable
 
 _TYPES = {
     400: "invalid_request_error",
@@ -73,3 +74,18 @@ class ApiError(Exception):
 
     def response(self) -> web.Response:
         return error_response(self.status, self.message, self.code, self.param, self.retry_after)
+
+
+def unavailable(error: ModelUnavailable, show_tail: bool = True) -> ApiError:
+    """The one mapping of "the model cannot serve now" to an HTTP error: its status, its code,
+    the engine's last log lines for an admin (`show_tail`), all masked, and a `Retry-After` on
+    every 5xx (a 409, such as a sleep asked of a model that cannot sleep, is not helped by
+    retrying)."""
+    message = str(error)
+    if error.log_tail and show_tail:
+        message += "\nlast engine log lines:\n" + "\n".join(error.log_tail[-10:])
+    message = redact(message)  # engines' output is masked like every other output
+    retry_after: float | None = 5.0 if error.retry_after is None else error.retry_after
+    if error.status < 500:
+        retry_after = None
+    return ApiError(error.status, message, error.code, retry_after=retry_after)

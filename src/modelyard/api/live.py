@@ -19,8 +19,8 @@ from aiohttp import web
 from modelyard.api.errors import ApiError
 from modelyard.gateway import Gateway
 from modelyard.observability.events import Event
-from modelyard.runtime.logs import EngineLog
-from modelyard.scheduler.supervisor import ModelSupervisor
+from modelyard.scheduler.scheduler import Scheduler
+from modelyard.scheduler.supervisor import EngineHandle
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",
@@ -141,7 +141,7 @@ def _replay(gateway: Gateway, after: int | None, recent: int, model: str | None)
 
 
 async def engine_log_response(
-    request: web.Request, supervisor: ModelSupervisor
+    request: web.Request, scheduler: Scheduler, name: str
 ) -> web.StreamResponse:
     """GET /admin/logs/{model}: the engine's last lines (`lines=N`); `follow=1` streams SSE.
 
@@ -150,15 +150,15 @@ async def engine_log_response(
     so a cold start can be watched from a browser.
     """
     lines = min(max(_int_param(request, "lines", 200), 0), 10_000)
-    engine = supervisor.engine
+    engine = scheduler.live_engine(name)
     if engine is not None:
         tail = engine.log_tail(lines)
     else:
         # A stopped engine's last lines are kept (a failed start's too) until the next start.
-        tail = supervisor.last_log_tail[-lines:] if lines else []
+        tail = scheduler.log_tail(name)[-lines:] if lines else []
     if not _follow(request, default=False):
         return web.json_response(
-            {"model": supervisor.name, "state": supervisor.state.value, "lines": tail}
+            {"model": name, "state": scheduler.state_of(name).value, "lines": tail}
         )
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
@@ -177,7 +177,7 @@ async def engine_log_response(
                 await response.write(sse_frame(json.dumps(line)))
             quiet = 0.0
             while True:
-                current = supervisor.engine
+                current = scheduler.live_engine(name)
                 if current is not None and current is not followed:
                     unsubscribe()
                     backlog = current.log_tail(10_000)
@@ -199,9 +199,8 @@ async def engine_log_response(
     return response
 
 
-def _subscribe(engine: object, on_line: Callable[[str], None]) -> Callable[[], None]:
-    """Follow a process engine's `EngineLog`; returns the unsubscribe function."""
-    log = getattr(engine, "log", None)
-    if not isinstance(log, EngineLog):
+def _subscribe(engine: EngineHandle | None, on_line: Callable[[str], None]) -> Callable[[], None]:
+    """Follow an engine's output; returns the unsubscribe function."""
+    if engine is None:
         return lambda: None
-    return log.subscribe(on_line)
+    return engine.subscribe_log(on_line)

@@ -12,7 +12,6 @@ from modelyard.api.serving import gateway_of
 from modelyard.observability.engine_metrics import merge_expositions, scrape_engines
 from modelyard.observability.metrics import CONTENT_TYPE
 from modelyard.redaction import redact
-from modelyard.scheduler.supervisor import ModelState
 
 UI_FILES = importlib.resources.files("modelyard") / "ui"
 _UI_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*\.(html|css|js|svg)$")
@@ -55,11 +54,7 @@ async def engine_metrics(request: web.Request) -> web.Response:
     """Every *ready* engine's own `/metrics`, labelled by model; never starts an engine."""
     require_metrics(request)
     gateway = gateway_of(request)
-    ready = {
-        name: supervisor.engine.base_url
-        for name, supervisor in gateway.yard.supervisors.items()
-        if supervisor.state is ModelState.READY and supervisor.engine is not None
-    }
+    ready = {name: engine.base_url for name, engine in gateway.scheduler.ready_engines().items()}
     texts = await scrape_engines(gateway.health_session, ready)
     # Engines describe their configuration in info metrics: masked like everything else.
     masked = {name: None if text is None else redact(text) for name, text in texts.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -26,21 +27,22 @@ from modelyard.api.bodies import (
     read_body,
     require_json_content_type,
 )
-from modelyard.api.errors import ApiError
+from modelyard.api.errors import ApiError, unavailable
 from modelyard.api.guards import canonical_of
 from modelyard.auth.principal import Principal
-from modelyard.gateway import Gateway, RequestRecord
+from modelyard.gateway import Gateway
 from modelyard.lora.manager import AdapterError
+from modelyard.observability.requests import CLIENT_CLOSED_REQUEST, RequestRecord
 from modelyard.proxy.canonical import engine_path
-from modelyard.proxy.forward import UpstreamError, UpstreamTimeout
+from modelyard.proxy.forward import ProxyOutcome, UpstreamError, UpstreamTimeout
 from modelyard.proxy.sse import (
     StreamTransformer,
     model_name_replacements,
     rewrite_model_in_json,
 )
 from modelyard.redaction import redact
+from modelyard.scheduler.names import Target, UnknownModel
 from modelyard.scheduler.supervisor import ModelUnavailable
-from modelyard.scheduler.yard import Target, UnknownModel
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)
 
@@ -51,8 +53,10 @@ def gateway_of(request: web.Request) -> Gateway:
 
 def usable_names(gateway: Gateway, principal: Principal) -> list[str]:
     """The public names this key may use (for error messages; never the others)."""
-    yard = gateway.yard
-    return [name for name in yard.public_names() if may_use(principal, yard.resolve(name))]
+    scheduler = gateway.scheduler
+    return [
+        name for name in scheduler.public_names() if may_use(principal, scheduler.resolve(name))
+    ]
 
 
 def _require(request: web.Request, gateway: Gateway, target: Target) -> None:
@@ -76,7 +80,7 @@ async def openai_model_route(request: web.Request) -> web.StreamResponse:
 
 def _resolve_listing(request: web.Request, gateway: Gateway, name: str) -> Target:
     try:
-        target = gateway.yard.resolve(name)
+        target = gateway.scheduler.resolve(name)
     except UnknownModel:
         raise not_found(name, usable_names(gateway, principal_of(request))) from None
     _require(request, gateway, target)
@@ -88,14 +92,16 @@ async def seed_route(request: web.Request) -> web.StreamResponse:
     gateway = gateway_of(request)
     route, tail = request.match_info["route"], request.match_info["tail"]
     principal = principal_of(request)
-    model = gateway.yard.model_for_route(route)
-    target = gateway.yard.resolve(model) if model is not None else None
+    model = gateway.scheduler.model_for_route(route)
+    target = gateway.scheduler.resolve(model) if model is not None else None
     if target is None or not may_use(principal, target):
         # Only routes this key may use are named: the others might as well not exist.
         usable = [
             f"/{r}"
-            for r in gateway.yard.routes()
-            if may_use(principal, gateway.yard.resolve(gateway.yard.model_for_route(r) or ""))
+            for r in gateway.scheduler.routes()
+            if may_use(
+                principal, gateway.scheduler.resolve(gateway.scheduler.model_for_route(r) or "")
+            )
         ]
         if target is not None:
             request[FORBIDDEN_KEY] = True
@@ -126,7 +132,7 @@ def _route_target(gateway: Gateway, base: Target, asked: object) -> Target:
     # base model is the one exception, so LoRA fine-tunes work behind a route too.
     if isinstance(asked, str):
         try:
-            candidate = gateway.yard.resolve(asked)
+            candidate = gateway.scheduler.resolve(asked)
         except UnknownModel:
             candidate = None
         if candidate is not None and candidate.model == base.model:
@@ -328,12 +334,14 @@ async def _forward(
     status = 500
     first_byte: float | None = None
     streamed = False
+    client_gone = False
     usage: dict[str, int] = {}
+    outcome = ProxyOutcome()
     try:
         if target.adapter is not None:
             gateway.lora_manager().check(target)  # a bad adapter never starts the engine
         async with contextlib.AsyncExitStack() as stack:
-            engine = await stack.enter_async_context(gateway.yard.engine_for(target.model))
+            engine = await stack.enter_async_context(gateway.scheduler.engine_for(target.model))
             if target.adapter is not None:  # the adapter stays loaded while it serves
                 await stack.enter_async_context(gateway.lora_manager().use(target, engine))
             # Built from the canonical form: the engine decodes exactly the path that was
@@ -344,18 +352,14 @@ async def _forward(
                 encoded=True,
             )
             response, outcome = await gateway.upstream.forward(
-                request,
-                url,
-                body,
-                transformer,
-                rewrite,
-                engine.upstream_headers,
+                request, url, body, transformer, rewrite, outcome, engine.upstream_headers
             )
             status, first_byte, streamed = outcome.status, outcome.first_byte_s, outcome.streamed
             if outcome.upstream_broke:
                 status = 502  # the client got a 200 header, then an error event
             elif outcome.client_gone:
-                status = 499
+                client_gone = True
+                status = outcome.status or CLIENT_CLOSED_REQUEST
             usage = outcome.usage or _usage_of(outcome.body)
             return response
     except AdapterError as error:
@@ -363,23 +367,26 @@ async def _forward(
         raise ApiError(error.status, str(error), error.code, "model") from None
     except ModelUnavailable as error:
         status = error.status
-        raise ApiError(
-            error.status,
-            _with_log_tail(str(error), error.log_tail, principal_of(request).admin),
-            error.code,
-            retry_after=error.retry_after,
-        ) from None
+        raise unavailable(error, show_tail=principal_of(request).admin) from None
+    except (asyncio.CancelledError, ConnectionResetError):
+        # The client hung up: not a server error. A stream whose 200 was sent keeps it;
+        # otherwise 499, nginx's "client closed request" (issue 11, defect 6).
+        client_gone = True
+        status = outcome.status or CLIENT_CLOSED_REQUEST
+        first_byte, streamed = outcome.first_byte_s, outcome.streamed
+        raise
     except UpstreamError as error:
         # 504 for an engine that sent nothing in time (the watchdog counts these as signs of
         # a hung engine), 502 for one that could not be reached or broke off.
         timed_out = isinstance(error, UpstreamTimeout)
         status = 504 if timed_out else 502
-        supervisor = gateway.yard.supervisor_of(target.model)
-        if not timed_out and gateway.yard.is_remote(target.model):
-            # Not ours to restart: forget the connection (the next request checks the
-            # server again) and tell the client to come back.
+        if not timed_out and gateway.scheduler.is_remote(target.model):
+            # Not ours to restart: forget the connection (the next request, or the
+            # gateway's own check, connects again) and tell the client to come back.
             status = 503
-            await supervisor.declare_hung(f"unreachable while serving: {error}")
+            await gateway.scheduler.forget_remote(
+                target.model, f"unreachable while serving: {error}"
+            )
             raise ApiError(
                 503,
                 f"model {target.model!r}: the remote engine is not answering ({error}); "
@@ -387,8 +394,9 @@ async def _forward(
                 "remote_unavailable",
                 retry_after=5.0,
             ) from None
-        await supervisor.notice_exit(timeout=1.0)
-        tail = supervisor.failure.log_tail if supervisor.failure else []
+        await gateway.scheduler.notice_exit(target.model, timeout=1.0)
+        failure = gateway.scheduler.failure_of(target.model)
+        tail = failure.log_tail if failure else []
         raise ApiError(
             status,
             _with_log_tail(f"model {target.model!r}: {error}", tail, principal_of(request).admin),
@@ -407,6 +415,7 @@ async def _forward(
                 streamed=streamed,
                 prompt_tokens=usage.get("prompt_tokens"),
                 completion_tokens=usage.get("completion_tokens"),
+                client_gone=client_gone,
             )
         )
 
@@ -441,18 +450,17 @@ def model_listing(
 ) -> dict[str, Any]:
     """GET /v1/models: every configured name the key may use, answered at once (never waits
     for an engine)."""
-    yard = gateway.yard
+    scheduler = gateway.scheduler
     created = int(gateway.started_at)
     data = []
-    for public in yard.public_names():
-        target = yard.resolve(public)
+    for public in scheduler.public_names():
+        target = scheduler.resolve(public)
         if only is not None and target.model != only:
             continue
         if principal is not None and not may_use(principal, target):
             continue
         if target.adapter is not None and not gateway.adapter_servable(target.adapter):
             continue  # refused adapters answer requests with their problem, but are not listed
-        supervisor = yard.supervisors[target.model]
         entry: dict[str, Any] = {
             "id": public,
             "object": "model",
@@ -460,7 +468,7 @@ def model_listing(
             "owned_by": "modelyard",
             "root": target.model,
             "parent": target.model if target.adapter else None,
-            "state": supervisor.state.value,
+            "state": scheduler.state_of(target.model).value,
         }
         if public != target.model and target.adapter is None:
             entry["alias_of"] = target.model

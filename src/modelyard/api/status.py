@@ -19,15 +19,15 @@ async def gateway_status(request: web.Request) -> web.Response:
     """GET /gateway/status (the seed 004's endpoint): models, states, GPUs."""
     gateway = gateway_of(request)
     require_admin(request)
-    yard = gateway.yard
+    scheduler = gateway.scheduler
     # Failure messages and log tails come from engines: masked like every other output.
     return web.json_response(
         redact_value(
             {
                 "version": __version__,
                 "uptime_s": round(_now() - gateway.started_at, 3),
-                "queued": yard.total_waiting(),
-                "models": [gateway.model_status(name) for name in yard.supervisors],
+                "queued": scheduler.total_waiting(),
+                "models": [gateway.model_status(name) for name in scheduler.models()],
                 "gpus": gateway.gpu_status(),
             }
         )

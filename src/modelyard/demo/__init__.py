@@ -35,8 +35,9 @@ from modelyard.demo.engine_env import (
     print_progress,
 )
 from modelyard.demo.home import DEMO_ADAPTERS, HOME_ENV, DemoHome, modelyard_home
+from modelyard.engine_programs import program_path
 
-BUILD_SCRIPT = Path(__file__).with_name("build_models.py")
+BUILD_SCRIPT = program_path("build_models.py")
 """Run with the engine venv's Python: builds model folders and LoRA adapters."""
 
 
@@ -62,7 +63,7 @@ class DemoSetup:
 
 
 ENGINE_PYTHON_ENV = "MODELYARD_ENGINE_PYTHON"
-DIFFUSION_BUILD_SCRIPT = Path(__file__).with_name("build_tiny_diffusion.py")
+DIFFUSION_BUILD_SCRIPT = program_path("build_tiny_diffusion.py")
 
 
 def demo_config_path() -> Path:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelyard.demo.home import DemoHome
+from modelyard.engine_programs import program_path
 
 Progress = Callable[[str], None]
 
@@ -78,7 +79,7 @@ _SMOKE_TEST = (
 
 _STAMP_FORMAT = 1
 _POLL_SECONDS = 20.0
-_LAUNCHER_SOURCE = Path(__file__).with_name("vllm_launcher.py")
+_LAUNCHER_SOURCE = program_path("vllm_launcher.py")
 
 
 class EngineEnvError(RuntimeError):

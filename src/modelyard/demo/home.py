@@ -61,7 +61,7 @@ class DemoHome:
 
     @property
     def vllm_launcher(self) -> Path:
-        """The `vllm` command the demo configures (see `modelyard.demo.vllm_launcher`)."""
+        """The `vllm` command the demo configures (modelyard/engine_programs/vllm_launcher.py)."""
         return self.engine_venv / "bin" / "modelyard-vllm"
 
     @property

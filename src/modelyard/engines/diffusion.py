@@ -6,9 +6,8 @@ engine venv's Python), so torch and diffusers stay out of the gateway's venv.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from modelyard.config.schema import GatewayConfig, ModelConfig
+from modelyard.engine_programs import program_path
 from modelyard.engines.base import (
     Capabilities,
     LaunchSpec,
@@ -21,7 +20,7 @@ from modelyard.engines.base import (
     served_name,
 )
 
-SERVER_SCRIPT = Path(__file__).resolve().with_name("diffusion_server.py")
+SERVER_SCRIPT = program_path("diffusion_server.py")
 """The server file, shipped inside this package and run by path (it imports nothing from us)."""
 
 # Flags the gateway owns: a user setting them would break routing or health checks.

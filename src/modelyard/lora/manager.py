@@ -25,8 +25,9 @@ import aiohttp
 from modelyard.config.schema import GatewayConfig, ModelConfig
 from modelyard.lora.adapters import Adapter, read_adapter, scan_adapter_dir
 from modelyard.observability.events import EventBus
-from modelyard.scheduler.supervisor import EngineHandle, ModelState
-from modelyard.scheduler.yard import Target, Yard
+from modelyard.scheduler.names import Target
+from modelyard.scheduler.scheduler import Scheduler
+from modelyard.scheduler.supervisor import EngineHandle
 
 log = logging.getLogger("modelyard.lora")
 
@@ -52,13 +53,13 @@ class LoraManager:
     def __init__(
         self,
         config: GatewayConfig,
-        yard: Yard,
+        scheduler: Scheduler,
         session: aiohttp.ClientSession,
         events: EventBus,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
-        self.yard = yard
+        self.scheduler = scheduler
         self.events = events
         self._session = session
         self._clock = clock
@@ -68,8 +69,14 @@ class LoraManager:
         self.adapters: dict[str, Adapter] = {}
         self._engines: dict[str, EngineAdapters] = {}
         self._loading: dict[tuple[int, str], asyncio.Future[None]] = {}
+        # Unloads asked of an engine and not answered yet: the adapter is still on the
+        # record (the engine may still hold it) but no request may take it.
+        self._unloading: dict[tuple[int, str], asyncio.Future[bool]] = {}
         self._in_use: collections.Counter[str] = collections.Counter()
-        self._conditions: dict[str, asyncio.Condition] = {}
+        # Requests inside `_acquire` for an adapter: it is not unloaded under them between
+        # its load and their taking it (else bursts churn: load, evict, load again).
+        self._wanted: collections.Counter[str] = collections.Counter()
+        self._changed: dict[str, asyncio.Event] = {}
         self._scanner: asyncio.Task[None] | None = None
         self.refresh()
 
@@ -82,7 +89,7 @@ class LoraManager:
     def _collect(self) -> dict[str, Adapter]:
         """Every adapter on disk, checked (file reads only: safe to run in a thread)."""
         found: dict[str, Adapter] = {}
-        taken = set(self.yard.model_names())
+        taken = set(self.scheduler.model_names())
         for base, model in self.bases.items():
             lora = model.lora
             assert lora is not None
@@ -113,7 +120,7 @@ class LoraManager:
         return found
 
     def _apply(self, found: dict[str, Adapter]) -> tuple[list[str], list[str]]:
-        taken = set(self.yard.model_names())
+        taken = set(self.scheduler.model_names())
         added = sorted(set(found) - set(self.adapters))
         removed = sorted(set(self.adapters) - set(found))
         for name in added:
@@ -132,7 +139,7 @@ class LoraManager:
                 adapter=name,
             )
         self.adapters = found
-        self.yard.adapter_targets = {
+        self.scheduler.adapter_targets = {
             name: Target(model=a.base, public_name=name, upstream_name=name, adapter=name)
             for name, a in found.items()
             if name not in taken
@@ -173,14 +180,8 @@ class LoraManager:
         """
         dropped = []
         for base, record in list(self._engines.items()):
-            supervisor = self.yard.supervisors.get(base)
-            engine = supervisor.engine if supervisor is not None else None
-            if (
-                supervisor is None
-                or engine is None
-                or supervisor.state is not ModelState.READY
-                or record.engine_id[0] != engine.pid
-            ):
+            engine = self.scheduler.engine_of(base)
+            if engine is None or record.engine_id[0] != engine.pid:
                 continue
             for name in [n for n in record.loaded if n not in self.adapters]:
                 if await self.unload(base, name, engine, reason="its folder is gone"):
@@ -211,16 +212,20 @@ class LoraManager:
         unloads the least recently used idle adapter, or waits until one is idle.
         """
         adapter = self.check(target)
-        await self._acquire(adapter, engine)
+        self._wanted[adapter.name] += 1
+        try:
+            await self._acquire(adapter, engine)
+        finally:
+            self._wanted[adapter.name] -= 1
+            if not self._wanted[adapter.name]:
+                del self._wanted[adapter.name]
         try:
             yield
         finally:
             self._in_use[adapter.name] -= 1
             if not self._in_use[adapter.name]:
                 del self._in_use[adapter.name]
-                condition = self._condition(adapter.base)
-                async with condition:
-                    condition.notify_all()
+                self._notify(adapter.base)
 
     def _forget_loading(self, key: tuple[int, str]) -> Callable[[asyncio.Future[None]], None]:
         def forget(_future: asyncio.Future[None]) -> None:
@@ -228,10 +233,15 @@ class LoraManager:
 
         return forget
 
-    def _condition(self, base: str) -> asyncio.Condition:
-        if base not in self._conditions:
-            self._conditions[base] = asyncio.Condition()
-        return self._conditions[base]
+    def _change_event(self, base: str) -> asyncio.Event:
+        if base not in self._changed:
+            self._changed[base] = asyncio.Event()
+        return self._changed[base]
+
+    def _notify(self, base: str) -> None:
+        """An adapter of `base` became idle, loaded or unloaded: waiters look again."""
+        self._change_event(base).set()
+        self._changed[base] = asyncio.Event()
 
     def _limit(self, base: str) -> int:
         lora = self.bases[base].lora
@@ -241,7 +251,14 @@ class LoraManager:
     async def _acquire(self, adapter: Adapter, engine: EngineHandle) -> None:
         base = adapter.base
         while True:
+            # Taken before looking, with no await in between: no change is missed.
+            changed = self._change_event(base)
             record = self._record_for(base, engine)
+            unloading = self._unloading.get((engine.pid, adapter.name))
+            if unloading is not None:  # wait for the engine's answer, then load it again
+                with contextlib.suppress(AdapterError):
+                    await asyncio.shield(unloading)
+                continue
             if adapter.name in record.loaded:
                 record.loaded[adapter.name] = self._clock()
                 record.loaded.move_to_end(adapter.name)
@@ -259,18 +276,24 @@ class LoraManager:
                 pending.add_done_callback(self._forget_loading(key))
                 await asyncio.shield(pending)
                 continue
-            victim = next((n for n in record.loaded if not self._in_use.get(n)), None)
+            victim = next(
+                (
+                    n
+                    for n in record.loaded
+                    if not self._in_use.get(n)
+                    and not self._wanted.get(n)
+                    and (engine.pid, n) not in self._unloading
+                ),
+                None,
+            )
             if victim is not None:
                 await self.unload(base, victim, engine, reason="least recently used")
                 continue
-            condition = self._condition(base)
-            async with condition:
-                await condition.wait()
+            await changed.wait()
 
     def _record_for(self, base: str, engine: EngineHandle) -> EngineAdapters:
-        supervisor = self.yard.supervisors[base]
         level_two = self.bases[base].sleep == 2
-        engine_id = (engine.pid, supervisor.timings.wakes if level_two else 0)
+        engine_id = (engine.pid, self.scheduler.wakes_of(base) if level_two else 0)
         record = self._engines.get(base)
         if record is None or record.engine_id != engine_id:
             # A new engine (or one that dropped its weights asleep): it holds only the
@@ -295,6 +318,7 @@ class LoraManager:
                 "adapter_load_failed",
             )
         record.loaded[adapter.name] = self._clock()
+        self._notify(adapter.base)
         self.events.emit(
             "adapter_load",
             adapter.base,
@@ -304,16 +328,42 @@ class LoraManager:
         )
 
     async def unload(self, base: str, name: str, engine: EngineHandle, reason: str) -> bool:
+        """Unload an idle adapter; the record changes only once the engine has answered.
+
+        Taking it off the record before the answer (as once) let a request load it again
+        while the late unload then removed it on the engine: the gateway believed it loaded,
+        the engine did not, and every request for it got a 404 (issue 11, defect 3). Now
+        requests for it wait for the answer and then load it again.
+        """
+        key = (engine.pid, name)
         record = self._record_for(base, engine)
-        if name not in record.loaded or self._in_use.get(name):
+        if name not in record.loaded or self._in_use.get(name) or key in self._unloading:
             return False
-        # Off the record before the engine is asked, so no request picks it up meanwhile.
-        record.loaded.pop(name)
-        status, text = await self._post(engine, "/v1/unload_lora_adapter", {"lora_name": name})
-        if status >= 400 and status != 404:
-            log.warning("unloading adapter %s answered %s: %s", name, status, text[:200])
-        self.events.emit("adapter_unload", base, f"unloaded {name}: {reason}", adapter=name)
-        return True
+        pending = asyncio.ensure_future(self._unload(base, name, engine, record, reason))
+        self._unloading[key] = pending
+        try:
+            return await asyncio.shield(pending)
+        finally:
+            if pending.done():
+                self._unloading.pop(key, None)
+            else:  # our caller was cancelled: the unload goes on and cleans up after itself
+                pending.add_done_callback(lambda _f: self._unloading.pop(key, None))
+
+    async def _unload(
+        self, base: str, name: str, engine: EngineHandle, record: EngineAdapters, reason: str
+    ) -> bool:
+        try:
+            status, text = await self._post(engine, "/v1/unload_lora_adapter", {"lora_name": name})
+            if status >= 400 and status != 404:
+                # The engine says no: it still holds the adapter, so the record keeps it.
+                log.warning("unloading adapter %s answered %s: %s", name, status, text[:200])
+                return False
+            record.loaded.pop(name, None)  # 404: it did not hold it, which is the same end
+            self.events.emit("adapter_unload", base, f"unloaded {name}: {reason}", adapter=name)
+            return True
+        finally:
+            self._unloading.pop((engine.pid, name), None)
+            self._notify(base)
 
     async def _post(self, engine: EngineHandle, path: str, body: dict[str, Any]) -> tuple[int, str]:
         timeout = aiohttp.ClientTimeout(total=LOAD_TIMEOUT_S)
@@ -331,10 +381,8 @@ class LoraManager:
 
     def loaded_in(self, base: str) -> list[str]:
         record = self._engines.get(base)
-        supervisor = self.yard.supervisors.get(base)
-        if record is None or supervisor is None or supervisor.engine is None:
-            return []
-        if record.engine_id[0] != supervisor.engine.pid:
+        engine = self.scheduler.live_engine(base)
+        if record is None or engine is None or record.engine_id[0] != engine.pid:
             return []
         return list(record.loaded)
 

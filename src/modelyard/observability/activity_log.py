@@ -14,7 +14,7 @@ from modelyard.observability.events import Event
 from modelyard.observability.log_format import key_values
 
 if TYPE_CHECKING:
-    from modelyard.gateway import RequestRecord
+    from modelyard.observability.requests import RequestRecord
 
 request_log = logging.getLogger("modelyard.requests")
 engine_log = logging.getLogger("modelyard.engines")
@@ -40,6 +40,8 @@ def log_request(record: RequestRecord) -> None:
         "prompt_tokens": record.prompt_tokens,
         "completion_tokens": record.completion_tokens,
     }
+    if record.client_gone:
+        fields["client_gone"] = True
     request_log.info("request %s", key_values(fields), extra={"fields": fields})
 
 

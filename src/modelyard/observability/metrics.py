@@ -10,7 +10,7 @@ truth. Every metric is documented in docs/metrics.md.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -23,7 +23,7 @@ from modelyard.observability.events import Event
 from modelyard.scheduler.supervisor import ModelState
 
 if TYPE_CHECKING:
-    from modelyard.gateway import RequestRecord
+    from modelyard.observability.requests import RequestRecord
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -38,24 +38,21 @@ MAX_ROUTE_LABELS = 100
 OTHER = "other"
 
 
-class ModelView(Protocol):
-    """What the metrics read from one model's supervisor."""
+class SchedulerView(Protocol):
+    """What the metrics read from the scheduler."""
 
-    state: ModelState
-    in_flight: int
-    waiting: int
+    def models(self) -> list[str]: ...
 
+    def state_of(self, name: str) -> ModelState: ...
 
-class YardView(Protocol):
-    @property
-    def supervisors(self) -> Mapping[str, ModelView]: ...
+    def load_counts(self, name: str) -> tuple[int, int]: ...
 
 
 class GatewayView(Protocol):
     """The parts of `Gateway` read at scrape time (a stub in unit tests)."""
 
     @property
-    def yard(self) -> YardView: ...
+    def scheduler(self) -> SchedulerView: ...
 
     @property
     def started_at(self) -> float: ...
@@ -256,12 +253,14 @@ class LiveStateCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         families = self._families()
         state, in_flight, queued, footprint = families[:4]
-        yard = self._gateway.yard
-        for name, supervisor in yard.supervisors.items():
+        scheduler = self._gateway.scheduler
+        for name in scheduler.models():
+            current = scheduler.state_of(name)
             for known in ModelState:
-                state.add_metric([name, known.value], 1.0 if supervisor.state is known else 0.0)
-            in_flight.add_metric([name], supervisor.in_flight)
-            queued.add_metric([name], supervisor.waiting)
+                state.add_metric([name, known.value], 1.0 if current is known else 0.0)
+            running, waiting = scheduler.load_counts(name)
+            in_flight.add_metric([name], running)
+            queued.add_metric([name], waiting)
             size = self._gateway.model_status(name).get("footprint_bytes")
             if isinstance(size, int | float):
                 footprint.add_metric([name], size)

@@ -1,16 +1,14 @@
-"""Placement in motion: asks the pure policy for a plan, carries it out, measures the result.
+"""GPU memory as the scheduler sees it: where each engine is, what it holds, what it measured.
 
-The supervisors call `prepare` before an engine starts or wakes and `finished` after any
-change of residency. Plans are made one at a time (one lock), so two starts never plan
-into the same free memory, and the policy keeps at most one start or wake per GPU (vLLM's
-profiling counts other processes' memory: vLLM issues 55827, 56830). Ready models are never
-blocked by this: serving does not go through placement.
+The scheduler (scheduler/scheduler.py) asks it for the planning inputs (`gpu_capacities`,
+`engines`, `target`), records its decisions here (`place`), and the supervisors report each
+change of residency (`finished`), from which footprints are measured and learned. It decides
+nothing: the decision is `scheduler.decide.decide`, on top of the pure `plan_placement`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -24,16 +22,12 @@ from modelyard.placement.estimate import estimate_bytes
 from modelyard.placement.footprints import FootprintStore, engine_fingerprint
 from modelyard.placement.inventory import GpuInventory, GpuInventoryError, process_trees
 from modelyard.placement.policy import (
-    CannotFit,
     Engine,
     EngineState,
     GpuCapacity,
-    Plan,
-    Sleep,
     Target,
-    plan_placement,
 )
-from modelyard.scheduler.supervisor import ModelState, ModelSupervisor, ModelUnavailable
+from modelyard.scheduler.supervisor import ModelState, ModelSupervisor
 
 log = logging.getLogger("modelyard.placement")
 
@@ -42,9 +36,8 @@ log = logging.getLogger("modelyard.placement")
 ASSUMED_SLEEP_RESIDUAL = 0.1
 MEMORY_RETURN_TIMEOUT_S = 10.0
 MEMORY_POLL_S = 0.1
-MAX_PLAN_ROUNDS = 8
 
-_POLICY_STATE = {
+POLICY_STATE = {
     ModelState.STARTING: EngineState.STARTING,
     ModelState.READY: EngineState.READY,
     ModelState.DRAINING: EngineState.DRAINING,
@@ -85,8 +78,6 @@ class PlacementCoordinator:
         self.measures_processes = measures_processes
         self._clock = clock
         self._supervisors: dict[str, ModelSupervisor] = {}
-        self._plan_lock = asyncio.Lock()
-        self._changed = asyncio.Event()
         self.residency: dict[str, Residency] = {}
         self._whole_gpu_next: set[str] = set()  # after an OOM: plan the next try generously
         self.last_plan: dict[str, str] = {}
@@ -94,67 +85,33 @@ class PlacementCoordinator:
     def attach(self, supervisors: dict[str, ModelSupervisor]) -> None:
         self._supervisors = supervisors
 
-    # ----- hooks called by the supervisors -----
+    # ----- called by the scheduler -----
 
-    async def prepare(self, supervisor: ModelSupervisor) -> MemoryBudget | None:
-        """Make room for `supervisor`'s engine and return the memory budget to start it with."""
+    def place(
+        self, supervisor: ModelSupervisor, gpus: tuple[int, ...], bytes_per_gpu: int, why: str
+    ) -> MemoryBudget:
+        """The scheduler decided: record where the engine goes and return its budget."""
         name = supervisor.name
         model = self.config.models[name]
-        waking = supervisor.state is ModelState.WAKING
-        deadline = self._clock() + supervisor.settings.start_timeout
-        async with self._plan_lock:
-            for _round in range(MAX_PLAN_ROUNDS * 4):
-                target = self._target(supervisor)
-                plan = plan_placement(
-                    target,
-                    self._gpu_capacities(),
-                    self._engines(name),
-                    now=self._clock(),
-                    host_ram_for_sleep=self._host_ram_left(),
-                )
-                if isinstance(plan, CannotFit):
-                    self.events.emit("placement_failed", name, plan.reason)
-                    raise ModelUnavailable(
-                        f"model {name!r} cannot be placed: {plan.reason}",
-                        status=503,
-                        code="insufficient_gpu_memory",
-                    )
-                self.last_plan[name] = plan.explanation
-                if plan.wait_for:
-                    await self._wait_for_change(deadline, name, plan)
-                    continue
-                if plan.actions:
-                    await self._carry_out(plan, name)
-                    continue
-                if waking:
-                    residency = self.residency.get(name)
-                    if residency is not None:
-                        return MemoryBudget(
-                            residency.gpus,
-                            residency.awake_bytes_per_gpu,
-                            self._total(residency.gpus),
-                        )
-                self.residency[name] = Residency(
-                    plan.gpus,
-                    plan.bytes_per_gpu,
-                    int(plan.bytes_per_gpu * ASSUMED_SLEEP_RESIDUAL) if model.sleep else 0,
-                    learnable=target.bytes_per_gpu is not None or model.engine != "vllm",
-                )
-                self._whole_gpu_next.discard(name)
-                self.events.emit(
-                    "placed",
-                    name,
-                    plan.explanation or "fits",
-                    gpus=list(plan.gpus),
-                    bytes_per_gpu=plan.bytes_per_gpu,
-                )
-                return MemoryBudget(plan.gpus, plan.bytes_per_gpu, self._total(plan.gpus))
-        raise ModelUnavailable(
-            f"model {name!r}: placement did not settle", status=503, code="placement_stuck"
+        self.last_plan[name] = why
+        residency = self.residency.get(name)
+        if supervisor.state is ModelState.SLEEPING and residency is not None:
+            return MemoryBudget(
+                residency.gpus, residency.awake_bytes_per_gpu, self._total(residency.gpus)
+            )
+        unknown = name in self._whole_gpu_next or self.target(supervisor).bytes_per_gpu is None
+        self.residency[name] = Residency(
+            gpus,
+            bytes_per_gpu,
+            int(bytes_per_gpu * ASSUMED_SLEEP_RESIDUAL) if model.sleep else 0,
+            learnable=not unknown or model.engine != "vllm",
         )
+        self._whole_gpu_next.discard(name)
+        self.events.emit("placed", name, why, gpus=list(gpus), bytes_per_gpu=bytes_per_gpu)
+        return MemoryBudget(gpus, bytes_per_gpu, self._total(gpus))
 
     async def finished(self, supervisor: ModelSupervisor, ok: bool) -> None:
-        """After a start, wake, sleep or stop: measure, learn, and wake up waiting plans."""
+        """After a start, wake, sleep or stop: measure and learn."""
         name = supervisor.name
         try:
             if supervisor.state is ModelState.READY and ok:
@@ -165,8 +122,6 @@ class PlacementCoordinator:
                 self.residency.pop(name, None)
         except GpuInventoryError as error:
             log.warning("could not measure %s: %s", name, error)
-        finally:
-            self._changed.set()
 
     def note_out_of_memory(self, supervisor: ModelSupervisor) -> None:
         """The engine ran out of GPU memory while starting: plan its retry generously."""
@@ -180,7 +135,7 @@ class PlacementCoordinator:
             spec.argv, spec.env, self.config.models[supervisor.name].model, port=0
         )
 
-    def _target(self, supervisor: ModelSupervisor) -> Target:
+    def target(self, supervisor: ModelSupervisor) -> Target:
         name = supervisor.name
         model = self.config.models[name]
         if name in self._whole_gpu_next:
@@ -218,7 +173,7 @@ class PlacementCoordinator:
                 held[index] = held.get(index, 0) + size
         return held
 
-    def _gpu_capacities(self) -> list[GpuCapacity]:
+    def gpu_capacities(self) -> list[GpuCapacity]:
         ours = self._held_per_gpu()
         capacities = []
         for gpu in self.inventory.gpus():
@@ -230,10 +185,10 @@ class PlacementCoordinator:
             capacities.append(GpuCapacity(gpu.index, gpu.total_bytes, foreign))
         return capacities
 
-    def _engines(self, target: str) -> list[Engine]:
+    def engines(self, target: str) -> list[Engine]:
         engines = []
         for name, supervisor in self._supervisors.items():
-            state = _POLICY_STATE.get(supervisor.state)
+            state = POLICY_STATE.get(supervisor.state)
             residency = self.residency.get(name)
             if state is None or residency is None:
                 continue
@@ -248,7 +203,7 @@ class PlacementCoordinator:
                     gpus=residency.gpus,
                     awake_bytes_per_gpu=residency.awake_bytes_per_gpu,
                     asleep_bytes_per_gpu=residency.asleep_bytes_per_gpu,
-                    in_flight=supervisor.in_flight + supervisor.waiting,
+                    in_flight=supervisor.demand,
                     last_used=supervisor.last_used
                     if supervisor.last_used is not None
                     else supervisor.ready_since,
@@ -264,7 +219,7 @@ class PlacementCoordinator:
             )
         return engines
 
-    def _host_ram_left(self) -> int | None:
+    def host_ram_left(self) -> int | None:
         budget = self.config.host_ram_for_sleep
         if budget is None:
             return None
@@ -281,34 +236,19 @@ class PlacementCoordinator:
         totals = {gpu.index: gpu.total_bytes for gpu in self.inventory.gpus()}
         return min(totals[index] for index in gpus) if gpus else 0
 
-    # ----- carrying out a plan -----
+    # ----- after evictions -----
 
-    async def _carry_out(self, plan: Plan, target: str) -> None:
-        for action in plan.actions:
-            victim = self._supervisors[action.name]
-            reason = f"evicted to make room for {target!r}"
-            self.events.emit(
-                "evict",
-                victim.name,
-                reason,
-                for_model=target,
-                action="sleep" if isinstance(action, Sleep) else "stop",
-            )
-            if isinstance(action, Sleep):
-                if not await victim.sleep(action.level, reason):
-                    await victim.stop(reason)
-            else:
-                await victim.stop(reason)
-        await self._wait_memory_back(plan, target)
+    async def wait_memory_back(self, gpus: tuple[int, ...], need: int, target: str) -> None:
+        """Until the GPUs really show the freed memory (stop verified the processes gone).
 
-    async def _wait_memory_back(self, plan: Plan, target: str) -> None:
-        """Until the GPUs really show the freed memory (stop verified the processes gone)."""
+        The one poll left: the driver gives no event when memory returns.
+        """
         if not self.measures_processes:
             return
         deadline = self._clock() + MEMORY_RETURN_TIMEOUT_S
         while True:
             free = {gpu.index: gpu.free_bytes for gpu in self.inventory.gpus()}
-            if all(free.get(index, 0) >= plan.bytes_per_gpu for index in plan.gpus):
+            if all(free.get(index, 0) >= need for index in gpus):
                 return
             if self._clock() > deadline:
                 self.events.emit(
@@ -319,22 +259,6 @@ class PlacementCoordinator:
                 )
                 return
             await asyncio.sleep(MEMORY_POLL_S)
-
-    async def _wait_for_change(self, deadline: float, name: str, plan: Plan) -> None:
-        remaining = deadline - self._clock()
-        if remaining <= 0:
-            waits = ", ".join(f"{w.name} ({w.reason})" for w in plan.wait_for)
-            raise ModelUnavailable(
-                f"model {name!r} is waiting for room on the GPU: {waits}",
-                status=503,
-                retry_after=5.0,
-                code="waiting_for_gpu",
-            )
-        self._changed.clear()
-        # A drain ends when a request finishes, which does not pass through placement:
-        # poll as well as waiting for a residency change.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), min(remaining, 0.1))
 
     # ----- learning -----
 

@@ -11,46 +11,49 @@ the summary is computed on read from the last `window` samples:
 - seconds: an exponential moving average of recent samples, so a warm file cache (the seed
   000 saw starts 5-10 s faster) shows up soon, and one slow start does not dominate.
 
-A corrupt or unreadable database is renamed aside (`<file>.corrupt-<UTC time>`) and reported
-through `on_corrupt`, the log and `recovered`; the store then starts empty. Footprints can be
-measured again, so they are not worth refusing to start over, but they are never dropped
-silently either.
+A corrupt or unreadable database, or one written by a newer modelyard, is renamed aside
+(`<file>.corrupt-<time>`) by the shared state helper and reported through `on_corrupt`, the
+log and `recovered`; the store then starts empty. Footprints can be measured again, so they
+are not worth refusing to start over, but they are never dropped silently either.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
 import os
 import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
-_log = logging.getLogger(__name__)
+from modelyard.state.database import StateDatabase, StateError
+from modelyard.state.files import SetAside
 
 GIB = 1024**3
 FILE_NAME = "footprints.sqlite3"
-SCHEMA_VERSION = 1
+# Append only: migrations[i] takes the schema from version i to i + 1.
+MIGRATIONS = [
+    "CREATE TABLE IF NOT EXISTS samples ("
+    " id INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " model TEXT NOT NULL,"
+    " fingerprint TEXT NOT NULL,"
+    " metric TEXT NOT NULL CHECK (metric IN"
+    " ('awake_bytes', 'asleep_bytes', 'start_seconds', 'wake_seconds')),"
+    " value REAL NOT NULL,"
+    " at REAL NOT NULL);"
+    " CREATE INDEX IF NOT EXISTS samples_by_key ON samples (model, fingerprint, metric, id)"
+]
 
 # Flags and variables that change from one start to the next without changing the footprint:
 # the port the gateway picks, and the budget and GPU that placement decides (engines/vllm.py).
 VOLATILE_FLAGS = frozenset({"--port", "--host", "--gpu-memory-utilization"})
 VOLATILE_ENV = frozenset({"CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER"})
 
-# sqlite3 result codes that mean the file itself is bad (not merely busy or locked).
-_CORRUPT_CODES = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
-_UNREADABLE_CODES = frozenset({"SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_IOERR"})
-
 Metric = Literal["awake_bytes", "asleep_bytes", "start_seconds", "wake_seconds"]
 _METRICS: tuple[Metric, ...] = ("awake_bytes", "asleep_bytes", "start_seconds", "wake_seconds")
-
-T = TypeVar("T")
 
 
 class FootprintStoreError(Exception):
@@ -112,7 +115,8 @@ def engine_fingerprint(
 
 
 class FootprintStore:
-    """Footprints in `<state_dir>/footprints.sqlite3` (WAL mode; safe across threads)."""
+    """Footprints in `<state_dir>/footprints.sqlite3`, through the shared state helper
+    (`modelyard.state.StateDatabase`: WAL, one transaction per write, a bad file set aside)."""
 
     def __init__(
         self,
@@ -126,12 +130,21 @@ class FootprintStore:
         self.path = Path(state_dir) / FILE_NAME
         self.window = window
         self.smoothing = smoothing
-        self.recovered: list[Path] = []  # files moved aside, newest last
         self._on_corrupt = on_corrupt
         self._clock = clock
-        self._lock = threading.Lock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = self._open_or_recover()
+        try:
+            self._db = StateDatabase(self.path, MIGRATIONS, report=self._report)
+        except StateError as error:
+            raise FootprintStoreError(str(error)) from error
+
+    @property
+    def recovered(self) -> list[Path]:
+        """Files moved aside, oldest first."""
+        return [record.moved_to for record in self._db.set_aside]
+
+    def _report(self, record: SetAside) -> None:
+        if self._on_corrupt is not None:
+            self._on_corrupt(record.moved_to, record.reason)
 
     # ----- public -----
 
@@ -158,51 +171,43 @@ class FootprintStore:
         at = self._clock()
 
         def write(conn: sqlite3.Connection) -> None:
-            with _transaction(conn):
-                for metric, value in values.items():
-                    if value is None:
-                        continue
-                    conn.execute(
-                        "INSERT INTO samples (model, fingerprint, metric, value, at)"
-                        " VALUES (?, ?, ?, ?, ?)",
-                        (model, fingerprint, metric, float(value), at),
-                    )
-                    conn.execute(
-                        "DELETE FROM samples WHERE model = ? AND fingerprint = ? AND metric = ?"
-                        " AND id NOT IN (SELECT id FROM samples WHERE model = ? AND"
-                        " fingerprint = ? AND metric = ? ORDER BY id DESC LIMIT ?)",
-                        (model, fingerprint, metric, model, fingerprint, metric, self.window),
-                    )
+            for metric, value in values.items():
+                if value is None:
+                    continue
+                conn.execute(
+                    "INSERT INTO samples (model, fingerprint, metric, value, at)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (model, fingerprint, metric, float(value), at),
+                )
+                conn.execute(
+                    "DELETE FROM samples WHERE model = ? AND fingerprint = ? AND metric = ?"
+                    " AND id NOT IN (SELECT id FROM samples WHERE model = ? AND"
+                    " fingerprint = ? AND metric = ? ORDER BY id DESC LIMIT ?)",
+                    (model, fingerprint, metric, model, fingerprint, metric, self.window),
+                )
 
-        self._run(write)
+        self._db.write(write)
         found = self.get(model, fingerprint)
         assert found is not None or all(v is None for v in values.values())
         return found or Footprint(model, fingerprint, None, None, None, None, 0, at)
 
     def get(self, model: str, fingerprint: str) -> Footprint | None:
         """The summary for this model and configuration, or None if never measured."""
-
-        def read(conn: sqlite3.Connection) -> list[tuple[str, float, float]]:
-            return conn.execute(
-                "SELECT metric, value, at FROM samples WHERE model = ? AND fingerprint = ?"
-                " ORDER BY id",
-                (model, fingerprint),
-            ).fetchall()
-
-        rows = self._run(read)
-        return self._summary(model, fingerprint, rows) if rows else None
+        rows = self._db.query(
+            "SELECT metric, value, at FROM samples WHERE model = ? AND fingerprint = ? ORDER BY id",
+            (model, fingerprint),
+        )
+        triples = [(str(r[0]), float(r[1]), float(r[2])) for r in rows]
+        return self._summary(model, fingerprint, triples) if triples else None
 
     def all(self) -> list[Footprint]:
         """Every stored footprint, for `/gateway/status` and `modelyard check`."""
-
-        def read(conn: sqlite3.Connection) -> list[tuple[str, str, str, float, float]]:
-            return conn.execute(
-                "SELECT model, fingerprint, metric, value, at FROM samples"
-                " ORDER BY model, fingerprint, id"
-            ).fetchall()
-
+        rows = self._db.query(
+            "SELECT model, fingerprint, metric, value, at FROM samples"
+            " ORDER BY model, fingerprint, id"
+        )
         grouped: dict[tuple[str, str], list[tuple[str, float, float]]] = {}
-        for model, fingerprint, metric, value, at in self._run(read):
+        for model, fingerprint, metric, value, at in rows:
             grouped.setdefault((model, fingerprint), []).append((metric, value, at))
         return [self._summary(m, f, rows) for (m, f), rows in grouped.items()]
 
@@ -210,21 +215,19 @@ class FootprintStore:
         """Delete a model's footprints (one configuration, or all); returns samples deleted."""
 
         def delete(conn: sqlite3.Connection) -> int:
-            with _transaction(conn):
-                if fingerprint is None:
-                    cursor = conn.execute("DELETE FROM samples WHERE model = ?", (model,))
-                else:
-                    cursor = conn.execute(
-                        "DELETE FROM samples WHERE model = ? AND fingerprint = ?",
-                        (model, fingerprint),
-                    )
-                return cursor.rowcount
+            if fingerprint is None:
+                cursor = conn.execute("DELETE FROM samples WHERE model = ?", (model,))
+            else:
+                cursor = conn.execute(
+                    "DELETE FROM samples WHERE model = ? AND fingerprint = ?",
+                    (model, fingerprint),
+                )
+            return cursor.rowcount
 
-        return self._run(delete)
+        return self._db.write(delete)
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self._db.close()
 
     # ----- summaries -----
 
@@ -257,120 +260,3 @@ class FootprintStore:
             samples=len(rows),
             updated_at=max(at for _, _, at in rows),
         )
-
-    # ----- the file, and what to do when it is bad -----
-
-    def _run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
-        with self._lock:
-            try:
-                return operation(self._conn)
-            except sqlite3.DatabaseError as error:
-                if _error_name(error) not in _CORRUPT_CODES:
-                    raise
-                # Corruption found after opening (a disk error, a stray write): move the file
-                # aside, start empty, and do the operation once on the fresh file.
-                self._conn.close()
-                self._quarantine(error)
-                self._conn = self._open()
-                return operation(self._conn)
-
-    def _open_or_recover(self) -> sqlite3.Connection:
-        try:
-            return self._open()
-        except sqlite3.DatabaseError as error:
-            name = _error_name(error)
-            bad_file = name in _CORRUPT_CODES or (
-                name in _UNREADABLE_CODES and os.path.lexists(self.path)
-            )
-            if not bad_file:
-                raise FootprintStoreError(f"cannot open {self.path}: {error}") from error
-            self._quarantine(error)
-        try:
-            return self._open()
-        except sqlite3.DatabaseError as error:
-            raise FootprintStoreError(
-                f"cannot open {self.path} even after moving the bad file aside: {error}"
-            ) from error
-
-    def _open(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            self.path, timeout=10.0, isolation_level=None, check_same_thread=False
-        )
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: atomic, durable on commit
-            status = conn.execute("PRAGMA quick_check").fetchone()[0]
-            if status != "ok":
-                raise _FailedCheck(f"quick_check failed: {status}")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise FootprintStoreError(
-                    f"{self.path} has schema version {version}, newer than this modelyard's "
-                    f"({SCHEMA_VERSION}); refusing to change it"
-                )
-            with _transaction(conn):
-                conn.execute(
-                    "CREATE TABLE IF NOT EXISTS samples ("
-                    " id INTEGER PRIMARY KEY AUTOINCREMENT,"
-                    " model TEXT NOT NULL,"
-                    " fingerprint TEXT NOT NULL,"
-                    " metric TEXT NOT NULL CHECK (metric IN"
-                    " ('awake_bytes', 'asleep_bytes', 'start_seconds', 'wake_seconds')),"
-                    " value REAL NOT NULL,"
-                    " at REAL NOT NULL)"
-                )
-                conn.execute(
-                    "CREATE INDEX IF NOT EXISTS samples_by_key"
-                    " ON samples (model, fingerprint, metric, id)"
-                )
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        except BaseException:
-            conn.close()
-            raise
-        return conn
-
-    def _quarantine(self, error: sqlite3.DatabaseError) -> None:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._clock()))
-        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
-        counter = 1
-        while os.path.lexists(target):
-            counter += 1
-            target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{counter}")
-        try:
-            os.replace(self.path, target)
-        except OSError as move_error:
-            raise FootprintStoreError(
-                f"{self.path} is unusable ({error}) and could not be moved aside: {move_error}"
-            ) from error
-        for suffix in ("-wal", "-shm"):
-            companion = Path(f"{self.path}{suffix}")
-            if os.path.lexists(companion):
-                with contextlib.suppress(OSError):
-                    os.replace(companion, Path(f"{target}{suffix}"))
-        message = f"footprint database {self.path} is unusable ({error}); moved to {target}"
-        _log.error(message)
-        self.recovered.append(target)
-        if self._on_corrupt is not None:
-            self._on_corrupt(target, str(error))
-
-
-@contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error: a write is all or nothing."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
-class _FailedCheck(sqlite3.DatabaseError):
-    """The file opens but SQLite's own check finds it damaged."""
-
-
-def _error_name(error: sqlite3.Error) -> str:
-    if isinstance(error, _FailedCheck):
-        return "SQLITE_CORRUPT"
-    return str(getattr(error, "sqlite_errorname", "") or "")

@@ -20,6 +20,11 @@ Unknown times fall back to `PolicySettings` defaults (a 60 s cold start, the top
 30-60 s; a wake at 10 % / 40 % of the start for level 1 / level 2). The floor keeps the
 restore time deciding between engines that have all been idle for hours.
 
+Restore times within `PolicySettings.noise` (25 %) of each other count as equal, so the
+noise of measurement never decides between like engines: recency does, and among like
+engines the least recently used is evicted first (issue 11: with three identical models the
+more recently used one was evicted in 2 runs of 3).
+
 The plan frees the *cheapest sufficient set*: the victims whose summed cost is least among
 all sets that free enough bytes on every GPU of the placement. Bytes enter as the
 constraint, so one big idle engine can beat three small ones, and a cheap small one is never
@@ -132,6 +137,7 @@ class PolicySettings:
     level1_wake_fraction: float = 0.1
     level2_wake_fraction: float = 0.4
     headroom_bytes: int = 0  # kept free on every GPU
+    noise: float = 0.25  # restore times within this fraction of each other are a tie
     exact_limit: int = 12  # candidate victims searched exactly; greedy beyond
     node_budget: int = 200_000
 
@@ -307,7 +313,9 @@ class _Planner:
             EngineState.SLEEPING,
             EngineState.WAKING,
         )
-        self.others = [engine for engine in engines if engine.name != target.name]
+        self.others = within_noise_as_equal(
+            [engine for engine in engines if engine.name != target.name], settings
+        )
 
     # ----- the plan -----
 
@@ -623,6 +631,30 @@ class _Planner:
             held = sum(e.held_bytes_per_gpu for e in pinned)
             text += f", {gib(held)} held by pinned {names}"
         return text
+
+
+def within_noise_as_equal(engines: list[Engine], settings: PolicySettings) -> list[Engine]:
+    """Restore times within `settings.noise` of each other count as equal (the smallest of
+    them), so measurement noise never decides between two like engines: recency does, and
+    the least recently used goes first. Three identical models once evicted the more recently
+    used one in 2 runs of 3 because their measured starts differed by jitter (issue 11)."""
+
+    def even(values: dict[str, float]) -> dict[str, float]:
+        result: dict[str, float] = {}
+        group_floor: float | None = None
+        for name, value in sorted(values.items(), key=lambda item: item[1]):
+            if group_floor is None or value > group_floor * (1 + settings.noise):
+                group_floor = value
+            result[name] = group_floor
+        return result
+
+    starts = even({e.name: start_seconds(e, settings) for e in engines})
+    measured_wakes = {e.name: e.wake_seconds for e in engines if e.wake_seconds is not None}
+    wakes = even({name: value for name, value in measured_wakes.items()})
+    return [
+        replace(e, start_seconds=starts[e.name], wake_seconds=wakes.get(e.name, e.wake_seconds))
+        for e in engines
+    ]
 
 
 def _wait_reason(engine: Engine) -> WaitReason | None:

@@ -60,6 +60,8 @@ class ProxyOutcome:
     first_byte_s: float | None = None
     upstream_broke: bool = False
     client_gone: bool = False
+    # Ended by the gateway at shutdown (with a final error event): neither side failed.
+    cut_by_gateway: bool = False
     body: bytes | None = None  # the non-streamed response body, for usage accounting
     usage: dict[str, int] = field(default_factory=dict)
 
@@ -99,6 +101,19 @@ class UpstreamClient:
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
         )
+        self._streams: set[aiohttp.ClientResponse] = set()
+        self._cut: set[aiohttp.ClientResponse] = set()
+        self._cut_reason: str | None = None
+
+    def cut_streams(self, reason: str) -> int:
+        """End every stream in progress with a final SSE error event carrying `reason`
+        (shutdown past its grace: a clear end, not a silent truncation). Returns how many."""
+        self._cut_reason = reason
+        streams = list(self._streams)
+        self._cut.update(streams)
+        for upstream in streams:
+            upstream.close()  # the stream loop sees the engine connection end and says why
+        return len(streams)
 
     def set_timeouts(self, connect_timeout: float, read_timeout: float) -> None:
         """New timeouts (a config reload), for requests from now on."""
@@ -118,13 +133,16 @@ class UpstreamClient:
         body: bytes | None,
         transformer_for: Callable[[], StreamTransformer | None],
         rewrite_body: Callable[[bytes], bytes] | None = None,
+        outcome: ProxyOutcome | None = None,
         engine_headers: Mapping[str, str] | None = None,
     ) -> tuple[web.StreamResponse, ProxyOutcome]:
         """Send the request to `url`; stream the answer back as it comes.
 
-        `engine_headers` (the engine's own key) are added after the client's credentials were
-        stripped, so a client never sees or sets them."""
-        outcome = ProxyOutcome()
+        `outcome` (filled in as it goes) tells a caller whose request was cancelled what
+        had been sent already. `engine_headers` (the engine's own key) are added after the
+        client's credentials were stripped, so a client never sees or sets them.
+        """
+        outcome = outcome if outcome is not None else ProxyOutcome()
         started = time.perf_counter()
         headers = forward_headers(request.headers)
         if engine_headers:
@@ -167,7 +185,7 @@ class UpstreamClient:
             outcome.status = upstream.status
             return response, outcome
         finally:
-            if outcome.client_gone or outcome.upstream_broke:
+            if outcome.client_gone or outcome.upstream_broke or outcome.cut_by_gateway:
                 upstream.close()  # drop the connection so the engine stops generating
             else:
                 upstream.release()
@@ -194,8 +212,10 @@ class UpstreamClient:
         response = web.StreamResponse(status=upstream.status, headers=response_headers(upstream))
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"  # tell nginx in front not to buffer
+        self._streams.add(upstream)
         try:
             await response.prepare(request)
+            outcome.status = upstream.status  # sent: a later hang-up does not change it
             async for chunk in upstream.content.iter_any():
                 if outcome.first_byte_s is None:
                     outcome.first_byte_s = time.perf_counter() - started
@@ -204,6 +224,8 @@ class UpstreamClient:
                     if not chunk:
                         continue
                 await response.write(chunk)
+            if upstream in self._cut:  # closing may read as a clean end: say why it ended
+                raise aiohttp.ClientConnectionError("cut by the gateway")
             if transformer is not None:
                 tail = transformer.flush()
                 if tail:
@@ -214,16 +236,22 @@ class UpstreamClient:
         except (aiohttp.ClientError, TimeoutError) as error:
             # The engine died or hung mid-stream: end the stream with an error event so the
             # client sees a clear failure instead of a silent truncation.
-            outcome.upstream_broke = True
             if transformer is not None:
                 transformer.flush()
             message = f"the engine broke off the stream: {describe(error)}"
+            code = "upstream_stream_broken"
+            if upstream in self._cut and self._cut_reason is not None:
+                # The gateway ended it (shutdown past its grace), not the engine.
+                message, code = self._cut_reason, "shutting_down"
+                outcome.cut_by_gateway = True
+            else:
+                outcome.upstream_broke = True
             event = {
                 "error": {
                     "message": message,
                     "type": "server_error",
                     "param": None,
-                    "code": "upstream_stream_broken",
+                    "code": code,
                 }
             }
             try:
@@ -231,6 +259,9 @@ class UpstreamClient:
             except (ConnectionResetError, aiohttp.ClientConnectionResetError):
                 outcome.client_gone = True
                 return response
+        finally:
+            self._streams.discard(upstream)
+            self._cut.discard(upstream)
         if transformer is not None:
             outcome.usage = transformer.usage
         try:

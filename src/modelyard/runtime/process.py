@@ -41,10 +41,13 @@ HEALTH_REQUEST_TIMEOUT_S = 2.0
 class EngineStartError(Exception):
     """The engine did not become ready: it exited, or the deadline passed."""
 
-    def __init__(self, message: str, exit_code: int | None, log_tail: list[str]) -> None:
+    def __init__(
+        self, message: str, exit_code: int | None, log_tail: list[str], timed_out: bool = False
+    ) -> None:
         super().__init__(message)
         self.exit_code = exit_code
         self.log_tail = log_tail
+        self.timed_out = timed_out  # alive but not ready in time (not a crash)
 
 
 def pick_free_port(host: str = "127.0.0.1") -> int:
@@ -91,6 +94,14 @@ class EngineProcess:
         self.exited: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiter = asyncio.create_task(self._wait_exit())
 
+    @property
+    def health_path(self) -> str:
+        return self.spec.health_path
+
+    def subscribe_log(self, on_line: Callable[[str], None]) -> Callable[[], None]:
+        """Call `on_line` with each new output line; returns the unsubscribe function."""
+        return self.log.subscribe(on_line)
+
     async def _wait_exit(self) -> None:
         code = await self._process.wait()
         # Let the output pump drain so the last log lines are there for the error message.
@@ -127,7 +138,9 @@ class EngineProcess:
                 return time.monotonic() - started
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise self._start_error("was not ready before the start timeout")
+                error = self._start_error("was not ready before the start timeout")
+                error.timed_out = True
+                raise error
             self._output_seen.clear()
             output: asyncio.Future[Any] = asyncio.ensure_future(self._output_seen.wait())
             done, _ = await asyncio.wait(

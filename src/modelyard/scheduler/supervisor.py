@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from modelyard.engines.base import LaunchSpec, MemoryBudget
 from modelyard.observability.events import EventBus
+from modelyard.runtime.process import EngineStartError
 from modelyard.runtime.remote import RemoteEndpoint, RemoteUnavailable
 
 
@@ -37,6 +38,10 @@ class EngineHandle(Protocol):
 
     base_url: str
     pid: int
+    port: int
+
+    @property
+    def health_path(self) -> str: ...
 
     @property
     def exited(self) -> asyncio.Future[Any]: ...
@@ -54,6 +59,18 @@ class EngineHandle(Protocol):
 
     def process_gone(self) -> bool:
         """The OS says the process has exited (before the exit is reported to us)."""
+        ...
+
+    def kill_now(self) -> None:
+        """Last resort on gateway exit: kill without waiting."""
+        ...
+
+    def exit_code(self) -> int | None:
+        """The process's exit code once it has exited (None while it runs)."""
+        ...
+
+    def subscribe_log(self, on_line: Callable[[str], None]) -> Callable[[], None]:
+        """Follow the engine's output; returns the unsubscribe function."""
         ...
 
 
@@ -87,6 +104,14 @@ class ModelUnavailable(Exception):
         self.retry_after = retry_after
         self.log_tail = log_tail or []
         self.code = code
+
+
+class Refused(ModelUnavailable):
+    """The scheduler said no (no room, or no room before the deadline): always 503 with
+    `Retry-After`, and never an engine failure (no crash-loop count, no failed start)."""
+
+    def __init__(self, message: str, retry_after: float, code: str) -> None:
+        super().__init__(message, status=503, retry_after=retry_after, code=code)
 
 
 @dataclass
@@ -125,6 +150,8 @@ Clock = Callable[[], float]
 class Placement:
     """The hook through which placement (GPU memory) takes part in a start or wake."""
 
+    # Waits (on events, up to the waiters' deadline) until the model may start or wake;
+    # raises `Refused` when it may not.
     prepare: Callable[[ModelSupervisor], Awaitable[MemoryBudget | None]] | None = None
     finished: Callable[[ModelSupervisor, bool], Awaitable[None]] | None = None
     # Told when a start failed for lack of GPU memory, before the one retry.
@@ -151,7 +178,8 @@ class ModelSupervisor:
     ) -> None:
         self.name = name
         self.settings = settings
-        self.state = ModelState.STOPPED
+        self._on_change: Callable[[], None] = lambda: None
+        self._state = ModelState.STOPPED
         self.engine: EngineHandle | None = None
         self.budget: MemoryBudget | None = None
         self.in_flight = 0
@@ -183,6 +211,36 @@ class ModelSupervisor:
             ]
             | None
         ) = None
+        self._deadlines: list[float] = []  # of the requests waiting now
+        self._launched_at: float | None = None  # when the start or wake really began
+        # True while a start or wake waits for the scheduler's go: it holds nothing yet.
+        self.placing = False
+
+    # ----- state, observed by the scheduler -----
+
+    @property
+    def state(self) -> ModelState:
+        return self._state
+
+    @state.setter
+    def state(self, value: ModelState) -> None:
+        self._state = value
+        self._on_change()
+
+    @property
+    def demand(self) -> int:
+        """Requests that hold or want this engine, for planning: an engine with any is busy
+        and never evicted. A wake waiting for room counts too, even if its requests left:
+        evicting it would wait on that wake while the wake waits for the evictor."""
+        return self.in_flight + self.waiting + (1 if self.placing else 0)
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Called on every state change and every request end (the scheduler's events)."""
+        self._on_change = callback
+
+    def wait_deadline(self) -> float:
+        """Until when the requests waiting now may wait (the latest of their deadlines)."""
+        return max(self._deadlines, default=self._clock() + self.settings.start_timeout)
 
     def reconfigure(
         self,
@@ -219,10 +277,20 @@ class ModelSupervisor:
             self.last_used = self._clock()
             if self.in_flight == 0:
                 self._drained.set()
+            if self.demand == 0:
+                # The engine is idle now: a drain someone waits for is over. (Plans only ask
+                # whether an engine is busy, so other request ends change no decision.)
+                self._on_change()
 
     async def ensure_ready(self, deadline: float) -> EngineHandle:
-        """Return the ready engine, starting or waking it if needed (one start for all)."""
+        """Return the ready engine, starting or waking it if needed (one start for all).
+
+        `deadline` bounds the wait for room (the request's start timeout from when it
+        arrived); once its engine really starts, the request waits up to a full start timeout
+        from then, so time spent queued behind other models is not taken from the start.
+        """
         self.waiting += 1
+        self._deadlines.append(deadline)
         try:
             while True:
                 if self.state is ModelState.READY and self.engine is not None:
@@ -231,13 +299,16 @@ class ModelSupervisor:
                     self._begin_needed_operation()
                 operation = self._operation
                 assert operation is not None
-                remaining = deadline - self._clock()
+                remaining = self._effective_deadline(deadline) - self._clock()
                 if remaining <= 0:
                     raise self._timeout_error()
                 try:
-                    await asyncio.wait_for(asyncio.shield(operation), remaining)
-                except TimeoutError:
-                    raise self._timeout_error() from None
+                    # asyncio.wait never cancels what it waits for: the start goes on for
+                    # the other waiters if this one gives up or is cancelled.
+                    done, _ = await asyncio.wait({operation}, timeout=remaining)
+                    if not done:
+                        continue  # the deadline may have moved (the start began): look again
+                    operation.result()
                 except asyncio.CancelledError:
                     current = asyncio.current_task()
                     if operation.cancelled() and current is not None and not current.cancelling():
@@ -250,30 +321,57 @@ class ModelSupervisor:
                     raise
                 except ModelUnavailable:
                     raise
-                except Exception as error:
-                    # Every waiter of a failed start gets the same clear error.
-                    failure = self.failure
-                    if isinstance(error, RemoteUnavailable):
-                        # A remote engine that is down: not a failed start, a 503 to retry.
-                        raise ModelUnavailable(
-                            str(error),
-                            status=503,
-                            retry_after=error.retry_after,
-                            log_tail=error.log_tail,
-                            code=error.code,
-                        ) from error
+                except RemoteUnavailable as error:
+                    # A remote engine that is down: not a failed start, a 503 to retry.
                     raise ModelUnavailable(
-                        f"model {self.name!r} failed to start: {error}",
-                        status=502,
-                        log_tail=failure.log_tail if failure else [],
-                        code="engine_start_failed",
+                        str(error),
+                        status=503,
+                        retry_after=error.retry_after,
+                        log_tail=error.log_tail,
+                        code=error.code,
                     ) from error
+                except Exception as error:
+                    raise self._start_failed_error(error) from error
         finally:
             self.waiting -= 1
+            self._deadlines.remove(deadline)
+            if self.demand == 0:
+                self._on_change()  # its last waiter left: it may be evicted now
+
+    def _effective_deadline(self, deadline: float) -> float:
+        if self._launched_at is not None and self.state in (
+            ModelState.STARTING,
+            ModelState.WAKING,
+        ):
+            return max(deadline, self._launched_at + self.settings.start_timeout)
+        return deadline
+
+    def _start_failed_error(self, error: Exception) -> ModelUnavailable:
+        """What every waiter of a failed start gets: a clear error, always with Retry-After."""
+        failure = self.failure
+        tail = failure.log_tail if failure else []
+        retry = max(1.0, self.backoff_remaining() or self.timings.last_start_s or 5.0)
+        if isinstance(error, EngineStartError) and error.timed_out:
+            # Alive but never ready: the engine did not fail, it ran out of time (503).
+            return ModelUnavailable(
+                f"model {self.name!r} was not ready within {self.settings.start_timeout:.0f}s: "
+                f"{error}; try again shortly",
+                status=503,
+                retry_after=retry,
+                log_tail=tail,
+                code="start_timeout",
+            )
+        return ModelUnavailable(
+            f"model {self.name!r} failed to start: {error}",
+            status=502,
+            retry_after=retry,
+            log_tail=tail,
+            code="engine_start_failed",
+        )
 
     def _begin_needed_operation(self) -> None:
         if self.state is ModelState.SLEEPING:
-            self._operation = asyncio.create_task(self._wake())
+            self._operation = _observed(asyncio.create_task(self._wake()))
         elif self.state in (ModelState.STOPPED, ModelState.FAILED):
             wait = self.backoff_remaining()
             if wait > 0:
@@ -286,9 +384,14 @@ class ModelSupervisor:
                     log_tail=self.failure.log_tail,
                     code="engine_crash_loop",
                 )
-            self._operation = asyncio.create_task(self._start())
-        else:  # pragma: no cover - READY returns earlier; transitional states have an operation
-            raise AssertionError(f"no operation for state {self.state}")
+            self._operation = _observed(asyncio.create_task(self._start()))
+        else:
+            # Only reachable if the state and the engine disagree (READY without an engine):
+            # the engine is gone, so record it as lost rather than fail every request.
+            self._record_engine_lost(
+                f"engine for {self.name!r} is gone (state was {self.state})", None, []
+            )
+            self._operation = _observed(asyncio.create_task(self._start()))
 
     def backoff_remaining(self) -> float:
         """Seconds until a crash-looping model may start again (0 when it may start now)."""
@@ -298,11 +401,13 @@ class ModelSupervisor:
         return max(0.0, self.failure.at + backoff - self._clock())
 
     def _timeout_error(self) -> ModelUnavailable:
+        retry = max(1.0, round(self.timings.last_start_s or 5.0))
+        what = "waiting for room to start" if self.placing else f"state: {self.state}"
         return ModelUnavailable(
             f"model {self.name!r} was not ready within {self.settings.start_timeout:.0f}s "
-            f"(state: {self.state}); try again shortly",
+            f"({what}); try again shortly",
             status=503,
-            retry_after=5.0,
+            retry_after=retry,
             code="start_timeout",
         )
 
@@ -411,15 +516,27 @@ class ModelSupervisor:
 
     async def _start_once(self) -> None:
         self._take_pending_config()  # no engine now: a reloaded configuration applies
+        before = self.state
+        self._launched_at = None
+        self.placing = True
         self.state = ModelState.STARTING
+        try:
+            if self._placement.prepare is not None:
+                self.budget = await self._placement.prepare(self)
+        except BaseException:
+            # A refusal (or shutdown) before anything was launched: not a failure of the
+            # engine, so the model is as it was (a failed model keeps its failure).
+            self.placing = False
+            self.state = before if before is ModelState.FAILED else ModelState.STOPPED
+            raise
+        self.placing = False
         self.failure = None
         started = self._clock()
+        self._launched_at = started
         self._events.emit("start", self.name, self._start_reason)
         engine: EngineHandle | None = None
         ok = False
         try:
-            if self._placement.prepare is not None:
-                self.budget = await self._placement.prepare(self)
             engine = await self._start_engine(
                 self.name, lambda port: self._spec_for(port, self.budget)
             )
@@ -440,7 +557,7 @@ class ModelSupervisor:
         self.timings.starts += 1
         self.state = ModelState.READY
         self.ready_since = self._clock()
-        self._events.emit("ready", self.name, "started", took, port=_port_of(engine))
+        self._events.emit("ready", self.name, "started", took, port=engine.port)
 
     async def _record_failed_start(
         self, engine: EngineHandle | None, error: BaseException, started: float
@@ -453,8 +570,9 @@ class ModelSupervisor:
         if isinstance(error, asyncio.CancelledError):
             self.state = ModelState.STOPPED
             return
-        exit_code = getattr(error, "exit_code", None)
-        tail = list(getattr(error, "log_tail", None) or (engine.log_tail(20) if engine else []))
+        exit_code = error.exit_code if isinstance(error, EngineStartError) else None
+        tail = error.log_tail if isinstance(error, EngineStartError) else []
+        tail = list(tail or (engine.log_tail(20) if engine else []))
         self.failure = Failure(str(error), exit_code, tail, self._clock())
         if not isinstance(error, RemoteUnavailable):
             # A remote engine that is down is not a crash loop of ours: no back-off, the
@@ -474,12 +592,21 @@ class ModelSupervisor:
         engine = self.engine
         assert engine is not None
         assert self._sleep_control is not None
-        self.state = ModelState.WAKING
-        began = self._clock()
-        ok = False
+        # It stays SLEEPING (and counted at its asleep size) until the scheduler has made
+        # room; a refusal leaves it asleep, so the next try is a wake, not a cold start.
+        self.placing = True
         try:
             if self._placement.prepare is not None:
                 self.budget = await self._placement.prepare(self)
+        finally:
+            self.placing = False
+        if self.engine is not engine or self.state is not ModelState.SLEEPING:
+            return  # it died while waiting: the next try starts it afresh
+        began = self._clock()
+        self._launched_at = began
+        self.state = ModelState.WAKING
+        ok = False
+        try:
             await self._sleep_control.wake(engine.base_url)
             ok = True
         except BaseException as error:
@@ -515,10 +642,21 @@ class ModelSupervisor:
             # New requests wait for this operation instead of joining the engine we stop.
             self.state = ModelState.DRAINING
             await self._drained.wait()
+            if self.engine is not engine:
+                return False  # it died while draining: the exit is recorded already
         self.state = ModelState.STOPPING
         self._expected_exit = True
         began = self._clock()
-        code = await engine.stop(self.settings.stop_grace)
+        try:
+            code = await engine.stop(self.settings.stop_grace)
+        except Exception:
+            if not engine.exited.done():
+                # It could not be stopped and still runs: say so, rather than stay STOPPING
+                # forever (a state that would hold every plan waiting for its memory).
+                self._expected_exit = False
+                self.state = ModelState.READY
+                raise
+            code = engine.exit_code()
         self.engine = None
         self.budget = None
         self.ready_since = None
@@ -539,17 +677,26 @@ class ModelSupervisor:
             )
         # vLLM's /sleep aborts requests in flight: wait for them to finish first. Requests
         # that arrive meanwhile wait on this operation and are served after the wake.
+        engine = self.engine
         self.state = ModelState.DRAINING
         await self._drained.wait()
+        if self.engine is not engine:
+            # It died while draining: its exit already marked the model failed. Setting
+            # READY here (as once) left a ready model with no engine (issue 11, defect 1).
+            return False
         began = self._clock()
-        engine = self.engine
-        self.state = ModelState.SLEEPING
+        # Still DRAINING (counted at its awake size) until the engine says it sleeps: its
+        # memory is not free before that, so no plan may count on it.
         try:
             await self._sleep_control.sleep(engine.base_url, level)
         except BaseException:
-            self.state = ModelState.READY  # it did not sleep; it still serves
+            if self.engine is engine and not engine.exited.done():
+                self.state = ModelState.READY  # it did not sleep; it still serves
             raise
+        if self.engine is not engine:
+            return False  # it died during the call: its exit is recorded already
         self.sleep_level = level
+        self.state = ModelState.SLEEPING
         self._events.emit("sleep", self.name, reason, self._clock() - began, level=level)
         if self._placement.finished is not None:
             await self._placement.finished(self, False)
@@ -581,7 +728,7 @@ class ModelSupervisor:
             return
         if self.state in (ModelState.STARTING,):
             return  # wait_ready sees the exit and reports it with the start error
-        code = _exit_code(engine)
+        code = engine.exit_code()
         tail = engine.log_tail(20)
         self._record_engine_lost(
             f"engine for {self.name!r} exited unexpectedly (exit code {code})", code, tail
@@ -680,10 +827,8 @@ def _looks_out_of_memory(log_tail: list[str]) -> bool:
     return any(marker in text for marker in _OOM_MARKERS)
 
 
-def _exit_code(engine: EngineHandle) -> int | None:
-    result = engine.exited.result() if engine.exited.done() else None
-    return getattr(result, "code", None)
-
-
-def _port_of(engine: EngineHandle | None) -> int | None:
-    return getattr(engine, "port", None)
+def _observed(task: asyncio.Task[None]) -> asyncio.Task[None]:
+    """A start or wake whose waiters all left may fail with nobody to read its error: its
+    outcome is recorded on the model already, so mark the error seen (no asyncio warning)."""
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
+    return task

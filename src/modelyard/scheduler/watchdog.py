@@ -13,16 +13,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
 
-from modelyard.scheduler.supervisor import EngineHandle, ModelState, ModelSupervisor
+from modelyard.scheduler.supervisor import EngineHandle
 
 log = logging.getLogger("modelyard.watchdog")
 
 Probe = Callable[[EngineHandle, float], Awaitable[bool]]
+
+
+class Watched(Protocol):
+    """What the watchdog needs of the scheduler."""
+
+    def ready_engines(self) -> dict[str, EngineHandle]: ...
+
+    def engine_of(self, name: str) -> EngineHandle | None: ...
+
+    async def declare_hung(self, model: str, pid: int, reason: str) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -36,14 +47,11 @@ def health_probe(session: aiohttp.ClientSession) -> Probe:
     """A probe that GETs the engine's health path and wants a 200 within the timeout."""
 
     async def probe(engine: EngineHandle, timeout: float) -> bool:
-        spec = getattr(engine, "spec", None)
-        path = getattr(spec, "health_path", None) or "/health"
-        headers = getattr(spec, "upstream_headers", None) or {}
         try:
             async with session.get(
-                engine.base_url + path,
+                engine.base_url + engine.health_path,
                 timeout=aiohttp.ClientTimeout(total=timeout),
-                headers=headers,
+                headers=engine.upstream_headers,
             ) as response:
                 return response.status == 200
         except (TimeoutError, aiohttp.ClientError):
@@ -62,12 +70,12 @@ class _Strikes:
 class EngineWatchdog:
     def __init__(
         self,
-        supervisors: Mapping[str, ModelSupervisor],
+        scheduler: Watched,
         probe: Probe,
         settings: WatchdogSettings,
     ) -> None:
         self.settings = settings
-        self._supervisors = supervisors
+        self._scheduler = scheduler
         self._probe = probe
         self._strikes: dict[str, _Strikes] = {}
         self._task: asyncio.Task[None] | None = None
@@ -91,8 +99,8 @@ class EngineWatchdog:
         for task in tasks:
             task.cancel()
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task  # (a failed verdict was logged when it failed)
 
     async def _check_forever(self) -> None:
         while True:
@@ -104,32 +112,32 @@ class EngineWatchdog:
 
     async def check_all(self) -> list[str]:
         """Check every ready engine once; returns the models declared hung."""
-        ready = [s for s in self._supervisors.values() if s.state is ModelState.READY]
-        results = await asyncio.gather(*(self._check(supervisor) for supervisor in ready))
-        return [s.name for s, hung in zip(ready, results, strict=True) if hung]
+        ready = self._scheduler.ready_engines()
+        results = await asyncio.gather(*(self._check(n, e) for n, e in ready.items()))
+        return [name for name, hung in zip(ready, results, strict=True) if hung]
 
-    async def _check(self, supervisor: ModelSupervisor) -> bool:
-        engine = supervisor.engine
-        if engine is None:
-            return False
+    async def _check(self, name: str, engine: EngineHandle) -> bool:
         healthy = await self._probe(engine, self.settings.timeout)
-        if supervisor.engine is not engine or supervisor.state is not ModelState.READY:
+        if self._scheduler.engine_of(name) is not engine:
             return False  # stopped, slept or restarted while we asked: the answer is stale
-        strikes = self._strikes_of(supervisor.name, engine.pid)
+        strikes = self._strikes_of(name, engine.pid)
         strikes.failed_checks = 0 if healthy else strikes.failed_checks + 1
         if strikes.failed_checks < self.settings.failures:
             return False
         return await self._declare_hung(
-            supervisor,
+            name,
+            engine.pid,
             f"{strikes.failed_checks} health checks in a row failed or took longer than "
             f"{self.settings.timeout:g}s",
         )
 
     def observe_request(self, model: str, status: int, timed_out: bool) -> None:
         """A proxied request ended: a read timeout is a strike, an engine answer clears them."""
-        supervisor = self._supervisors.get(model)
-        engine = supervisor.engine if supervisor is not None else None
-        if supervisor is None or engine is None or supervisor.state is not ModelState.READY:
+        try:
+            engine = self._scheduler.engine_of(model)
+        except KeyError:
+            return
+        if engine is None:
             return
         strikes = self._strikes_of(model, engine.pid)
         if not timed_out:
@@ -143,9 +151,10 @@ class EngineWatchdog:
                 f"{self.settings.failures} requests in a row got no answer within the upstream "
                 "read timeout"
             )
-            task = asyncio.ensure_future(self._declare_hung(supervisor, reason))
+            task = asyncio.ensure_future(self._declare_hung(model, engine.pid, reason))
             self._verdicts.add(task)
             task.add_done_callback(self._verdicts.discard)
+            task.add_done_callback(_log_failure)
 
     def _strikes_of(self, model: str, pid: int) -> _Strikes:
         strikes = self._strikes.get(model)
@@ -153,7 +162,13 @@ class EngineWatchdog:
             strikes = self._strikes[model] = _Strikes(pid)
         return strikes
 
-    async def _declare_hung(self, supervisor: ModelSupervisor, reason: str) -> bool:
-        log.error("model %s: engine is hung (%s); stopping it", supervisor.name, reason)
-        self._strikes.pop(supervisor.name, None)
-        return await supervisor.declare_hung(reason)
+    async def _declare_hung(self, name: str, pid: int, reason: str) -> bool:
+        log.error("model %s: engine is hung (%s); stopping it", name, reason)
+        self._strikes.pop(name, None)
+        return await self._scheduler.declare_hung(name, pid, reason)
+
+
+def _log_failure(task: asyncio.Task[bool]) -> None:
+    """A verdict that failed is logged, never lost silently."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("stopping a hung engine failed", exc_info=task.exception())

@@ -1,0 +1,1 @@
+"""Deciding across models: the scheduler, its pure decision function, one supervisor per model."""

@@ -1,0 +1,670 @@
+"""The scheduler: the one part that decides across models.
+
+It owns every model's supervisor (private: api/, lora/, observability/ and the watchdog call
+the methods below), name resolution, queue bounds, idle timers, and the decision of when a
+model may start or wake. Decisions are made by the pure `decide()` (scheduler/decide.py) on a
+snapshot of the world; this class only gathers the snapshot and carries the decision out.
+
+It is event-driven. A start or wake that must wait is woken by the event it waits for, never
+by polling:
+
+- a request arrives (`engine_for`), or ends (the supervisor's `use()` signals it);
+- a start or wake finishes or fails, an engine exits, a stop completes (every supervisor
+  state change signals it);
+- a timer fires (the idle reaper's stops and sleeps are state changes too);
+- the configuration changes: `apply_config()` is the seam for a live reload (see there).
+
+A wait is bounded only by the waiting requests' own deadlines (each request's start timeout
+from when it arrived); once its engine really starts, a request waits up to a full start
+timeout from then. A refusal is always 503 with `Retry-After` and never an engine failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+from modelyard.config.diff import ReloadPlan
+from modelyard.config.schema import GatewayConfig, ModelConfig
+from modelyard.engines import engine_kind, served_name
+from modelyard.engines.base import LaunchSpec, MemoryBudget
+from modelyard.observability.events import EventBus
+from modelyard.placement.coordinator import POLICY_STATE, PlacementCoordinator
+from modelyard.placement.policy import Engine, Sleep
+from modelyard.placement.policy import Target as PlacementTarget
+from modelyard.scheduler.decide import (
+    Ask,
+    Evict,
+    Go,
+    Refuse,
+    Snapshot,
+    Wait,
+    decide,
+    unlimited_gpus,
+)
+from modelyard.scheduler.names import Target, UnknownModel
+from modelyard.scheduler.supervisor import (
+    EngineHandle,
+    EngineStarter,
+    Failure,
+    ModelState,
+    ModelSupervisor,
+    ModelUnavailable,
+    Placement,
+    Refused,
+    SleepControl,
+    SupervisorSettings,
+)
+
+log = logging.getLogger("modelyard.scheduler")
+
+# How often idle timers are checked: idle stops happen within this much of their timeout.
+IDLE_CHECK_INTERVAL_S = 0.25
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        start_engine: EngineStarter,
+        events: EventBus,
+        clock: Callable[[], float] = time.monotonic,
+        placement: PlacementCoordinator | None = None,
+        sleep_control: SleepControl | None = None,
+    ) -> None:
+        self.config = config
+        self.events = events
+        self._clock = clock
+        self._placement = placement
+        self._supervisors: dict[str, ModelSupervisor] = {}
+        self._names: dict[str, Target] = {}
+        self._routes: dict[str, str] = {}
+        self._reaper: asyncio.Task[None] | None = None
+        self._closing = False
+        self._deciding = asyncio.Lock()  # one decision at a time: no two plan the same room
+        self._changed = asyncio.Event()
+        self._start_engine = start_engine
+        self._sleep_control = sleep_control
+        self._served_names: dict[str, Target] = {}
+        self._retiring: dict[str, ModelSupervisor] = {}  # removed by a reload, draining
+        self._reconfiguring: set[asyncio.Task[None]] = set()
+        self._hook = Placement(
+            prepare=self._prepare,
+            finished=placement.finished if placement is not None else None,
+            out_of_memory=placement.note_out_of_memory if placement is not None else None,
+        )
+        for name, model in config.models.items():
+            self._add_model(name, model)
+        self._index_names()
+        if placement is not None:
+            placement.attach(self._supervisors)
+        self.adapter_targets: dict[str, Target] = {}
+
+    def _add_model(self, name: str, model: ModelConfig) -> None:
+        """A supervisor for one configured model (its names: `_index_names`)."""
+        supervisor = ModelSupervisor(
+            name=name,
+            spec_for=self._spec_factory(name, model),
+            start_engine=self._start_engine,
+            settings=self._settings_for(model),
+            events=self.events,
+            clock=self._clock,
+            placement=self._hook_for(model),
+            sleep_control=self._sleep_control if model.sleep else None,
+        )
+        supervisor.on_change(self._notify)
+        self._supervisors[name] = supervisor
+
+    def _hook_for(self, model: ModelConfig) -> Placement:
+        # A remote engine holds none of our GPUs: placement and groups leave it alone.
+        return Placement() if model.engine == "remote" else self._hook
+
+    def _settings_for(self, model: ModelConfig) -> SupervisorSettings:
+        defaults = self.config.defaults
+        # "Stopping" a remote engine only forgets it: no idle timeout unless one is set.
+        idle_default = 0.0 if model.engine == "remote" else defaults.idle_timeout
+        return SupervisorSettings(
+            idle_timeout=_pick(model.idle_timeout, idle_default),
+            start_timeout=_pick(model.start_timeout, defaults.start_timeout),
+            stop_grace=_pick(model.stop_grace, defaults.stop_grace),
+            stable_after=defaults.crash_stable_after,
+            max_backoff=defaults.crash_backoff_max,
+        )
+
+    def _index_names(self) -> None:
+        """Names, aliases, served names and routes of the current config."""
+        names: dict[str, Target] = {}
+        served_names: dict[str, Target] = {}
+        routes: dict[str, str] = {}
+        for name, model in self.config.models.items():
+            served = served_name(name, model)
+            names[name] = Target(name, name, served)
+            for alias in model.aliases:
+                names[alias] = Target(name, alias, served)
+            if model.route:
+                routes[model.route.strip("/")] = name
+        for name, model in self.config.models.items():
+            # The engine's own name is accepted too (not listed): clients of the seeds 002
+            # and 004 send it. A name another model owns stays that model's.
+            served = served_name(name, model)
+            if served not in names and served not in served_names:
+                served_names[served] = Target(name, served, served)
+        self._names, self._served_names, self._routes = names, served_names, routes
+
+    def _spec_factory(
+        self, name: str, model: ModelConfig
+    ) -> Callable[[int, MemoryBudget | None], LaunchSpec]:
+        kind = engine_kind(model.engine)
+        return lambda port, budget: kind.launch_spec(name, model, self.config, port, budget)
+
+    # ----- configuration -----
+
+    def apply_config(self, config: GatewayConfig, plan: ReloadPlan) -> None:
+        """Switch to a reloaded config (already validated), following `plan`.
+
+        Names, routes, timeouts and queue bounds change at once. Unchanged engines are not
+        touched (same process, requests in flight go on). A model whose engine configuration
+        changed finishes its requests in flight on the old engine; requests that arrive
+        meanwhile wait until it has drained and stopped, then are served by an engine with the
+        new configuration (started again at once if the old one was running). A removed model
+        takes no new requests; its engine drains, then stops. A new model is available at
+        once. Every waiting start then decides again under the new limits.
+        """
+        self.config = config
+        if self._placement is not None:
+            self._placement.config = config
+        retired = {name: self._supervisors.pop(name) for name in plan.removed}
+        self._retiring.update(retired)
+        for name, model in config.models.items():
+            supervisor = self._supervisors.get(name)
+            if supervisor is None:
+                self._add_model(name, model)
+                continue
+            # The next start (only) uses these; a running engine is not affected.
+            supervisor.settings = self._settings_for(model)
+            supervisor.reconfigure(
+                self._spec_factory(name, model),
+                placement=self._hook_for(model),
+                sleep_control=self._sleep_control if model.sleep else None,
+            )
+        self._index_names()
+        # Adapters of a removed base model go with it (their requests would find no engine).
+        self.adapter_targets = {
+            name: target
+            for name, target in self.adapter_targets.items()
+            if target.model in config.models
+        }
+        for supervisor in retired.values():
+            self._in_background(self._retire(supervisor))
+        for name in plan.engine_changed:
+            self._in_background(self._replace_engine(self._supervisors[name]))
+        self._notify()
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._reconfiguring.add(task)
+        task.add_done_callback(self._reconfiguring.discard)
+
+    async def _retire(self, supervisor: ModelSupervisor) -> None:
+        try:
+            await supervisor.stop("removed from the configuration", drain=True)
+        finally:
+            self._retiring.pop(supervisor.name, None)
+
+    async def _replace_engine(self, supervisor: ModelSupervisor) -> None:
+        was_running = supervisor.state in (
+            ModelState.READY,
+            ModelState.SLEEPING,
+            ModelState.STARTING,
+            ModelState.WAKING,
+        )
+        # Requests that arrive meanwhile wait for this stop (the model is "draining"), then
+        # start the new engine themselves.
+        await supervisor.stop("engine configuration changed", drain=True)
+        if was_running and not self._closing:
+            with contextlib.suppress(Exception):  # a failed start is an event already
+                await self.load(supervisor.name, reason="engine configuration changed")
+
+    async def reconfigured(self) -> None:
+        """Wait until the engines a reload replaced or retired are done (for tests, shutdown)."""
+        while self._reconfiguring:
+            await asyncio.gather(*list(self._reconfiguring), return_exceptions=True)
+
+    def _all_supervisors(self) -> list[ModelSupervisor]:
+        """Configured models' supervisors and those of removed models still draining."""
+        return [*self._supervisors.values(), *self._retiring.values()]
+
+    def is_remote(self, name: str) -> bool:
+        """Whether the model's engine runs elsewhere (never started or stopped by us)."""
+        model = self.config.models.get(name)
+        return model is not None and model.engine == "remote"
+
+    def open_routes(self) -> dict[str, str]:
+        """Routes (without '/') served without an API key (`open_route: true`) -> model."""
+        return {
+            model.route.strip("/"): name
+            for name, model in self.config.models.items()
+            if model.open_route and model.route
+        }
+
+    # ----- names -----
+
+    def model_names(self) -> list[str]:
+        """Configured models and their aliases (adapters may not take these names)."""
+        return sorted(self._names)
+
+    def models(self) -> list[str]:
+        """The configured models, in configuration order."""
+        return list(self._supervisors)
+
+    def public_names(self) -> list[str]:
+        return sorted({*self._names, *self.adapter_targets})
+
+    def resolve(self, public_name: str) -> Target:
+        target = (
+            self._names.get(public_name)
+            or self.adapter_targets.get(public_name)
+            or self._served_names.get(public_name)
+        )
+        if target is None:
+            raise UnknownModel(public_name, self.public_names())
+        return target
+
+    def routes(self) -> list[str]:
+        return sorted(self._routes)
+
+    def model_for_route(self, route: str) -> str | None:
+        return self._routes.get(route)
+
+    def model_config(self, name: str) -> ModelConfig:
+        return self.config.models[name]
+
+    # ----- what others may read -----
+
+    def state_of(self, name: str) -> ModelState:
+        return self._supervisors[name].state
+
+    def engine_of(self, name: str) -> EngineHandle | None:
+        """The model's engine when it is ready (None otherwise)."""
+        supervisor = self._supervisors[name]
+        return supervisor.engine if supervisor.state is ModelState.READY else None
+
+    def ready_engines(self) -> dict[str, EngineHandle]:
+        return {
+            name: s.engine
+            for name, s in self._supervisors.items()
+            if s.state is ModelState.READY and s.engine is not None
+        }
+
+    def load_counts(self, name: str) -> tuple[int, int]:
+        """Requests (in flight, queued) for a model."""
+        supervisor = self._supervisors[name]
+        return supervisor.in_flight, supervisor.waiting
+
+    def wakes_of(self, name: str) -> int:
+        return self._supervisors[name].timings.wakes
+
+    def failure_of(self, name: str) -> Failure | None:
+        return self._supervisor_of(name).failure
+
+    def log_tail(self, name: str) -> list[str]:
+        return self._supervisors[name].last_log_tail
+
+    def live_engine(self, name: str) -> EngineHandle | None:
+        """The model's engine process whatever its state (for following its log)."""
+        return self._supervisors[name].engine
+
+    # ----- serving -----
+
+    @contextlib.asynccontextmanager
+    async def engine_for(self, model: str) -> AsyncIterator[EngineHandle]:
+        """A ready engine for one request, within the model's start timeout and queue bounds."""
+        if self._closing:
+            raise ModelUnavailable(
+                "the gateway is shutting down", retry_after=5.0, code="shutting_down"
+            )
+        supervisor = self._supervisors[model]
+        if supervisor.state is not ModelState.READY:
+            self._check_queue_bounds(supervisor)
+        deadline = self._clock() + supervisor.settings.start_timeout
+        async with supervisor.use(deadline) as engine:
+            yield engine
+
+    def _supervisor_of(self, name: str) -> ModelSupervisor:
+        """The model's supervisor, also while a reload that removed it drains its engine."""
+        return self._supervisors.get(name) or self._retiring[name]
+
+    async def forget_remote(self, name: str, reason: str) -> None:
+        """A remote engine stopped answering while serving: forget the connection (the next
+        request, or the gateway's check, connects again)."""
+        await self._supervisor_of(name).declare_hung(reason)
+
+    async def notice_exit(self, name: str, timeout: float) -> None:
+        await self._supervisor_of(name).notice_exit(timeout)
+
+    def mark_serving_healthy(self, name: str) -> None:
+        self._supervisors[name].mark_serving_healthy()
+
+    def _check_queue_bounds(self, supervisor: ModelSupervisor) -> None:
+        limits = self.config.limits
+        model_limit = self.config.models[supervisor.name].max_queue
+        if model_limit is None:
+            model_limit = limits.max_queue_per_model
+        if supervisor.waiting >= model_limit:
+            raise ModelUnavailable(
+                f"too many requests are waiting for model {supervisor.name!r} "
+                f"(limit {model_limit}); retry later",
+                retry_after=self._retry_hint(supervisor),
+                code="queue_full",
+            )
+        if self.total_waiting() >= limits.max_queue:
+            raise ModelUnavailable(
+                f"the gateway is busy: {limits.max_queue} requests are already waiting; "
+                "retry later",
+                retry_after=self._retry_hint(supervisor),
+                code="queue_full",
+            )
+
+    def _retry_hint(self, supervisor: ModelSupervisor) -> float:
+        # The typical time for this model to come up is a fair hint for when to try again.
+        return max(1.0, round(supervisor.timings.last_start_s or 5.0))
+
+    def total_waiting(self) -> int:
+        return sum(s.waiting for s in self._supervisors.values())
+
+    # ----- deciding (called by a supervisor before its engine starts or wakes) -----
+
+    def _notify(self) -> None:
+        """Something changed: every waiting start decides again."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _prepare(self, supervisor: ModelSupervisor) -> MemoryBudget | None:
+        """Wait (on events) until `supervisor` may start or wake; its memory budget then."""
+        name = supervisor.name
+        # Each eviction round changes some engine's state; more rounds than models means the
+        # evictions are failing (a stop that errs): refuse rather than spin.
+        evictions_left = len(self._supervisors) + 1
+        while True:
+            async with self._deciding:
+                if self._closing:
+                    raise Refused("the gateway is shutting down", 5.0, "shutting_down")
+                if supervisor.waiting == 0:
+                    # Every request that wanted it went away while it waited for room: do
+                    # not evict anything or start an engine for nobody.
+                    raise Refused(f"nobody waits for {name!r} any more", 1.0, "abandoned")
+                ask = Ask(self._target(supervisor), supervisor.wait_deadline())
+                decision = decide(self._snapshot(name), ask)
+                if isinstance(decision, Refuse):
+                    self.events.emit("placement_refused", name, decision.message)
+                    raise Refused(decision.message, decision.retry_after, decision.code)
+                if isinstance(decision, Go):
+                    return self._go(supervisor, decision)
+                if isinstance(decision, Evict):
+                    if evictions_left == 0:
+                        raise Refused(
+                            f"model {name!r}: evicting {decision.explanation!r} did not make "
+                            "room (see the engines' events)",
+                            5.0,
+                            "eviction_failed",
+                        )
+                    evictions_left -= 1
+                    await self._evict(decision, name)
+                    continue
+                assert isinstance(decision, Wait)
+                if self._placement is not None:
+                    self._placement.last_plan[name] = decision.explanation
+                changed = self._changed  # taken under the lock: no change is missed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), max(decision.until - self._clock(), 0))
+
+    def _go(self, supervisor: ModelSupervisor, go: Go) -> MemoryBudget | None:
+        if self._placement is None:
+            return None
+        return self._placement.place(supervisor, go.gpus, go.bytes_per_gpu, go.explanation)
+
+    async def _evict(self, evict: Evict, target: str) -> None:
+        for action in evict.actions:
+            victim = self._supervisors[action.name]
+            group = self._exclusive_group(target)
+            if group is not None and self._exclusive_group(action.name) == group:
+                reason = f"exclusive group: {target!r} is starting"
+            else:
+                reason = f"evicted to make room for {target!r}"
+            self.events.emit(
+                "evict",
+                victim.name,
+                reason,
+                for_model=target,
+                action="sleep" if isinstance(action, Sleep) else "stop",
+            )
+            try:
+                if isinstance(action, Sleep) and await victim.sleep(action.level, reason):
+                    continue
+                await victim.stop(reason)
+            except Exception as error:  # a failed sleep falls back to a stop
+                log.warning("evicting %s: %s; stopping it instead", victim.name, error)
+                with contextlib.suppress(Exception):
+                    await victim.stop(reason)
+        if self._placement is not None:
+            await self._placement.wait_memory_back(evict.gpus, evict.bytes_per_gpu, target)
+
+    def _snapshot(self, target: str) -> Snapshot:
+        starts = {
+            name: s.timings.last_start_s
+            for name, s in self._supervisors.items()
+            if s.timings.last_start_s is not None
+        }
+        if self._placement is not None:
+            return Snapshot(
+                now=self._clock(),
+                gpus=tuple(self._placement.gpu_capacities()),
+                engines=tuple(self._placement.engines(target)),
+                host_ram_for_sleep=self._placement.host_ram_left(),
+                start_seconds=starts,
+            )
+        names = list(self._supervisors)
+        engines = []
+        for index, (name, s) in enumerate(self._supervisors.items()):
+            state = POLICY_STATE.get(s.state)
+            if state is None or (s.placing and s.state is not ModelState.SLEEPING):
+                continue
+            if name == target and s.state not in (ModelState.SLEEPING, ModelState.WAKING):
+                continue
+            engines.append(
+                Engine(
+                    name=name,
+                    state=state,
+                    gpus=(index,),
+                    awake_bytes_per_gpu=0,
+                    in_flight=s.demand,
+                    last_used=s.last_used if s.last_used is not None else s.ready_since,
+                    start_seconds=s.timings.last_start_s,
+                    wake_seconds=s.timings.last_wake_s,
+                    sleep_level=self.config.models[name].sleep if s.can_sleep else 0,
+                    sleeping_level=s.sleep_level if s.state is ModelState.SLEEPING else 0,
+                    pinned=self.config.models[name].pinned,
+                    exclusive_group=self._exclusive_group(name),
+                )
+            )
+        return Snapshot(
+            now=self._clock(),
+            gpus=unlimited_gpus(names),
+            engines=tuple(engines),
+            start_seconds=starts,
+        )
+
+    def _target(self, supervisor: ModelSupervisor) -> PlacementTarget:
+        if self._placement is not None:
+            return self._placement.target(supervisor)
+        index = list(self._supervisors).index(supervisor.name)
+        return PlacementTarget(
+            name=supervisor.name,
+            bytes_per_gpu=0,
+            gpus=(index,),
+            exclusive_group=self._exclusive_group(supervisor.name),
+        )
+
+    def _exclusive_group(self, name: str) -> str | None:
+        for group_name, group in self.config.groups.items():
+            if group.exclusive and name in group.members:
+                return group_name
+        return None
+
+    # ----- timers and lifecycle -----
+
+    def start_background(self) -> None:
+        self._reaper = asyncio.create_task(self._reap_idle_forever())
+
+    async def _reap_idle_forever(self) -> None:
+        while True:
+            await asyncio.sleep(IDLE_CHECK_INTERVAL_S)
+            try:
+                await self.reap_idle(self._clock())
+            except Exception:  # the reaper must outlive any one bug (issue 11, defect 2)
+                log.exception("idle check failed; checking again")
+
+    async def reap_idle(self, now: float) -> list[str]:
+        """Stop (or put to sleep) every engine idle past its timeout; returns their names.
+
+        One model's failure (a `/sleep` answering 404, an engine killed mid-call) never
+        stops the others' idle timers: a failed sleep falls back to a stop.
+        """
+        acted = []
+        for supervisor in list(self._supervisors.values()):
+            idle = supervisor.idle_for(now)
+            timeout = supervisor.settings.idle_timeout
+            if idle is None or timeout <= 0 or idle < timeout:
+                continue
+            model = self.config.models[supervisor.name]
+            if model.pinned:
+                continue
+            reason = f"idle for {idle:.0f}s"
+            try:
+                if supervisor.can_sleep:
+                    try:
+                        done = await supervisor.sleep(model.sleep, reason)
+                    except Exception as error:
+                        self.events.emit(
+                            "sleep_failed", supervisor.name, f"{error}; stopping it instead"
+                        )
+                        done = await supervisor.stop(reason, if_idle=True)
+                else:
+                    done = await supervisor.stop(reason, if_idle=True)
+            except Exception as error:
+                log.exception("idle stop of %s failed", supervisor.name)
+                self.events.emit("idle_stop_failed", supervisor.name, str(error))
+                continue
+            if done:
+                acted.append(supervisor.name)
+        return acted
+
+    async def load(self, model: str, reason: str = "admin load") -> None:
+        supervisor = self._supervisors[model]
+        await supervisor.load(self._clock() + supervisor.settings.start_timeout, reason)
+
+    async def unload(self, model: str, reason: str) -> bool:
+        return await self._supervisors[model].stop(reason)
+
+    async def sleep(self, model: str, level: int, reason: str) -> bool:
+        return await self._supervisors[model].sleep(level, reason)
+
+    async def declare_hung(self, model: str, pid: int, reason: str) -> bool:
+        """The watchdog's verdict on the engine with `pid` (ignored if it changed meanwhile)."""
+        supervisor = self._supervisors[model]
+        if supervisor.engine is None or supervisor.engine.pid != pid:
+            return False
+        return await supervisor.declare_hung(reason)
+
+    def begin_shutdown(self) -> None:
+        """Refuse new requests and abandon starts in progress; requests in flight go on."""
+        self._closing = True
+        for supervisor in self._all_supervisors():
+            supervisor.cancel_start()
+        self._notify()  # starts waiting for room give up now
+
+    def in_flight(self) -> int:
+        return sum(s.in_flight for s in self._all_supervisors())
+
+    async def drained(self, grace: float) -> bool:
+        """Wait up to `grace` for every request in flight; whether all finished."""
+        busy = [s.drained() for s in self._all_supervisors() if s.in_flight]
+        if not busy:
+            return True
+        try:
+            await asyncio.wait_for(asyncio.gather(*busy), grace)
+        except TimeoutError:
+            return False
+        return True
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop every engine: wait up to `grace` for requests in flight, then stop all."""
+        self.begin_shutdown()
+        if self._reaper is not None:
+            self._reaper.cancel()
+            # A reaper that died of an error must not abort the shutdown (issue 11, defect 2).
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reaper
+        await self.drained(grace)
+        await asyncio.gather(
+            *(s.stop("gateway shutdown", drain=False) for s in self._all_supervisors()),
+            return_exceptions=True,
+        )
+        for task in list(self._reconfiguring):
+            task.cancel()
+        await asyncio.gather(*self._reconfiguring, return_exceptions=True)
+
+    def kill_engines_now(self) -> None:
+        """Last resort on gateway exit: kill any engine still there without waiting."""
+        for supervisor in self._all_supervisors():
+            if supervisor.engine is not None:
+                supervisor.engine.kill_now()
+
+    # ----- status -----
+
+    def model_status(self, name: str) -> dict[str, Any]:
+        supervisor = self._supervisors[name]
+        model = self.config.models[name]
+        now = self._clock()
+        failure = supervisor.failure
+        remote = model.engine == "remote"
+        return {
+            "name": name,
+            "engine": model.engine,
+            "served_name": served_name(name, model),
+            "aliases": list(model.aliases),
+            "route": model.route,
+            "state": supervisor.state.value,
+            "can_sleep": supervisor.can_sleep,
+            "sleep_level": supervisor.sleep_level if supervisor.state.value == "sleeping" else 0,
+            "url": model.url,
+            "pid": None if supervisor.engine is None or remote else supervisor.engine.pid,
+            "port": None if supervisor.engine is None or remote else supervisor.engine.port,
+            "in_flight": supervisor.in_flight,
+            "queued": supervisor.waiting,
+            "waiting_for_room": supervisor.placing,
+            "idle_s": supervisor.idle_for(now),
+            "last_used_ago_s": None if supervisor.last_used is None else now - supervisor.last_used,
+            "idle_timeout_s": supervisor.settings.idle_timeout,
+            "last_start_s": supervisor.timings.last_start_s,
+            "last_wake_s": supervisor.timings.last_wake_s,
+            "starts": supervisor.timings.starts,
+            "crashes": supervisor.timings.crashes,
+            "gpus": list(supervisor.budget.gpu_indexes) if supervisor.budget else [],
+            "failure": None
+            if failure is None
+            else {
+                "message": failure.message,
+                "exit_code": failure.exit_code,
+                "log_tail": failure.log_tail,
+                "retry_in_s": supervisor.backoff_remaining(),
+            },
+        }
+
+
+def _pick(value: float | None, default: float) -> float:
+    return default if value is None else value

@@ -1,0 +1,292 @@
+"""An in-process gateway for integration tests: the real app on aiohttp's test server, with
+engines that are small aiohttp servers in the test's own event loop instead of processes.
+
+Most integration tests need the gateway's HTTP behaviour (routes, errors, streaming, the
+scheduler's waits), not a process: this runs in milliseconds where `modelyard serve` plus a
+Python engine per model takes seconds. What only a real process shows (signals, leaked
+processes, exit codes, logs on disk) stays in the process-level tests (tests/conftest.py).
+
+Each engine speaks the parts of vLLM's OpenAI server that the gateway relies on, as
+tests/fake_engine.py does: `/health` (503 until ready), `/v1/models`, chat completions with
+SSE chunks and `[DONE]`, `/sleep` and `/wake_up` (404 without sleep mode, as vLLM built
+without it answers), runtime LoRA load/unload with vLLM's answers (400 "already been
+loaded", 404 for an unknown adapter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from modelyard.api.app import build_app
+from modelyard.config import parse_config
+from modelyard.engines.base import LaunchSpec
+from modelyard.gateway import Gateway
+from modelyard.runtime.process import EngineStartError
+
+_numbers = itertools.count()
+
+
+@dataclass
+class Behaviour:
+    """How one model's engines behave (what the real engine would do, at test speed)."""
+
+    ready_after: float = 0.0  # seconds before /health turns 200
+    never_ready: bool = False  # alive, /health 503 forever (a hung start)
+    crash_on_start: bool = False
+    sleep_mode: bool = False
+    unload_delay: float = 0.0  # seconds the engine takes to answer an adapter unload
+
+
+@dataclass
+class EngineState:
+    loras: set[str] = field(default_factory=set)
+    requests: int = 0
+    disconnects: int = 0
+    sleeping: int = 0
+
+
+class InProcessEngine:
+    """One engine: implements the scheduler's `EngineHandle`."""
+
+    def __init__(self, name: str, spec: LaunchSpec, behaviour: Behaviour) -> None:
+        self.name = name
+        self.spec = spec
+        self.behaviour = behaviour
+        self.number = next(_numbers)
+        self.pid = 4_000_000 + self.number  # no such process: never signalled
+        self.health_path = "/health"
+        self.state = EngineState()
+        self.exited: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._ready_at = time.monotonic() + behaviour.ready_after
+        self._server = TestServer(self._app())
+        self.port = 0
+        self.base_url = ""
+        self._lines: list[str] = [f"engine {name} starting"]
+
+    async def start(self) -> None:
+        await self._server.start_server()
+        assert self._server.port is not None
+        self.port = self._server.port
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        if self.behaviour.crash_on_start:
+            asyncio.get_running_loop().call_later(0.05, self._exit, 1)
+
+    def _exit(self, code: int) -> None:
+        if not self.exited.done():
+            self.exited.set_result(type("Exit", (), {"code": code})())
+
+    def _ready(self) -> bool:
+        if self.behaviour.never_ready or self.behaviour.crash_on_start:
+            return False
+        return time.monotonic() >= self._ready_at
+
+    async def wait_ready(self, deadline: float) -> float:
+        began = time.monotonic()
+        while not self._ready():
+            if self.exited.done():
+                raise EngineStartError(f"engine for {self.name!r} exited while starting", 1, [])
+            if time.monotonic() >= deadline:
+                raise EngineStartError(
+                    f"engine for {self.name!r} was not ready before the start timeout",
+                    None,
+                    self._lines[-5:],
+                    timed_out=True,
+                )
+            await asyncio.sleep(0.02)
+        return time.monotonic() - began
+
+    async def stop(self, grace: float) -> int | None:
+        await self._server.close()
+        self._exit(0)
+        return 0
+
+    def kill_now(self) -> None:
+        self._exit(-9)
+
+    def exit_code(self) -> int | None:
+        return self.exited.result().code if self.exited.done() else None
+
+    def crash(self) -> None:
+        """The engine dies (its server goes away, its exit is reported)."""
+        self._closing = asyncio.ensure_future(self._server.close())
+        self._exit(-9)
+
+    def log_tail(self, count: int) -> list[str]:
+        return self._lines[-count:]
+
+    def subscribe_log(self, on_line: Callable[[str], None]) -> Callable[[], None]:
+        return lambda: None
+
+    def process_gone(self) -> bool:
+        return self.exited.done()
+
+    # ----- the engine's HTTP API -----
+
+    def _app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/sleep", self._sleep)
+        app.router.add_post("/wake_up", self._wake)
+        app.router.add_post("/v1/load_lora_adapter", self._load_lora)
+        app.router.add_post("/v1/unload_lora_adapter", self._unload_lora)
+        return app
+
+    def _served(self) -> str:
+        return self.spec.expect_served_name or self.name
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self._ready() else 503)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        names = [self._served(), *sorted(self.state.loras)]
+        return web.json_response({"object": "list", "data": [{"id": n} for n in names]})
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.state.requests += 1
+        model = body.get("model")
+        if model not in (self._served(), *self.state.loras):
+            return _engine_error(404, f"The model `{model}` does not exist.")
+        if body.get("fake_status"):
+            return _engine_error(int(body["fake_status"]), "fake error requested")
+        chunks, delay = int(body.get("fake_chunks", 3)), float(body.get("fake_chunk_delay", 0))
+        text = f"{model} says hi"
+        if not body.get("stream"):
+            await asyncio.sleep(delay * chunks)
+            return web.json_response(
+                {
+                    "id": "cmpl-1",
+                    "object": "chat.completion",
+                    "model": model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+                }
+            )
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            for index in range(chunks):
+                chunk = {
+                    "id": "chunk",
+                    "object": "chat.completion.chunk",
+                    "model": model,
+                    "choices": [{"index": 0, "delta": {"content": f"w{index} "}}],
+                }
+                await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                await asyncio.sleep(delay)
+            await response.write(b"data: [DONE]\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.state.disconnects += 1
+            raise
+        return response
+
+    async def _sleep(self, request: web.Request) -> web.Response:
+        if not self.behaviour.sleep_mode:
+            return web.Response(status=404)
+        self.state.sleeping = int(request.query.get("level", "1"))
+        return web.Response(status=200)
+
+    async def _wake(self, request: web.Request) -> web.Response:
+        if not self.behaviour.sleep_mode:
+            return web.Response(status=404)
+        self.state.sleeping = 0
+        return web.Response(status=200)
+
+    async def _load_lora(self, request: web.Request) -> web.Response:
+        name = (await request.json())["lora_name"]
+        if name in self.state.loras:
+            return _engine_error(400, f"The lora adapter '{name}' has already been loaded.")
+        self.state.loras.add(name)
+        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def _unload_lora(self, request: web.Request) -> web.Response:
+        name = (await request.json())["lora_name"]
+        await asyncio.sleep(self.behaviour.unload_delay)
+        if name not in self.state.loras:
+            return _engine_error(404, f"The lora adapter '{name}' cannot be found.")
+        self.state.loras.discard(name)
+        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+
+
+def _engine_error(status: int, message: str) -> web.Response:
+    body = {"error": {"message": message, "type": "BadRequestError", "param": None, "code": status}}
+    return web.json_response(body, status=status)
+
+
+class InProcessRuntime:
+    """Starts `InProcessEngine`s: the scheduler's `EngineStarter`."""
+
+    def __init__(self, behaviours: dict[str, Behaviour] | None = None) -> None:
+        self.behaviours = behaviours or {}
+        self.engines: list[InProcessEngine] = []
+
+    async def __call__(
+        self, name: str, spec_for_port: Callable[[int], LaunchSpec]
+    ) -> InProcessEngine:
+        engine = InProcessEngine(name, spec_for_port(0), self.behaviours.get(name, Behaviour()))
+        await engine.start()
+        self.engines.append(engine)
+        return engine
+
+    def of(self, name: str) -> list[InProcessEngine]:
+        return [e for e in self.engines if e.name == name]
+
+    async def close(self) -> None:
+        for engine in self.engines:
+            await engine.stop(0)
+
+
+def engine_model(**settings: Any) -> dict[str, Any]:
+    """A model entry for the harness (`engine: command`; the runtime never runs it)."""
+    return {"engine": "command", "command": ["in-process", "{port}"], **settings}
+
+
+@dataclass
+class Harness:
+    client: TestClient[web.Request, web.Application]
+    gateway: Gateway
+    runtime: InProcessRuntime
+    records: list[Any]
+
+    async def chat(self, model: str, **body: Any) -> tuple[int, dict[str, Any], dict[str, str]]:
+        payload = {"model": model, "messages": [{"role": "user", "content": "hi"}], **body}
+        response = await self.client.post("/v1/chat/completions", json=payload)
+        data = await response.json(content_type=None)
+        return response.status, data, dict(response.headers)
+
+
+@contextlib.asynccontextmanager
+async def in_process_gateway(
+    tmp_path: Path,
+    models: dict[str, Any],
+    behaviours: dict[str, Behaviour] | None = None,
+    **settings: Any,
+) -> AsyncIterator[Harness]:
+    """The real gateway (scheduler, api, proxy, metrics) on a test server, engines in-process."""
+    config = parse_config({"state_dir": str(tmp_path / "state"), "models": models, **settings})
+    runtime = InProcessRuntime(behaviours)
+    gateway = Gateway.create(config, start_engine=runtime)
+    records: list[Any] = []
+    gateway.request_observers.append(records.append)
+    await gateway.start()
+    client = TestClient(TestServer(build_app(gateway)))
+    await client.start_server()
+    try:
+        yield Harness(client, gateway, runtime, records)
+    finally:
+        await client.close()
+        await gateway.close()
+        await runtime.close()
