@@ -4,11 +4,21 @@ and optionally `{host}`."""
 from __future__ import annotations
 
 from modelyard.config.schema import GatewayConfig, ModelConfig
-from modelyard.engines.base import Capabilities, LaunchSpec, MemoryBudget, gpu_env
+from modelyard.engines.base import (
+    Capabilities,
+    LaunchSpec,
+    MemoryBudget,
+    bearer_headers,
+    engine_env,
+    gpu_env,
+)
 
 
 class CommandEngine:
     def problems(self, name: str, model: ModelConfig, gateway: GatewayConfig) -> list[str]:
+        return []
+
+    def warnings(self, name: str, model: ModelConfig, gateway: GatewayConfig) -> list[str]:
         return []
 
     def launch_spec(
@@ -27,7 +37,8 @@ class CommandEngine:
         ] + list(model.args)
         return LaunchSpec(
             argv=argv,
-            env={**gpu_env(budget), **model.env},
+            env={**gpu_env(budget), **engine_env(model, gateway)},
             health_path=model.health_path or "/health",
             capabilities=Capabilities(),
+            upstream_headers=bearer_headers(model.engine_api_key),
         )

@@ -52,13 +52,16 @@ async def poll_until_ready(
 async def engine_answers(session: aiohttp.ClientSession, base_url: str, spec: LaunchSpec) -> bool:
     """The engine's health check says ready (and it lists its served name, when expected)."""
     timeout = aiohttp.ClientTimeout(total=HEALTH_REQUEST_TIMEOUT_S)
+    headers = spec.upstream_headers  # an engine started with --api-key wants it
     try:
-        async with session.get(base_url + spec.health_path, timeout=timeout) as resp:
+        async with session.get(
+            base_url + spec.health_path, timeout=timeout, headers=headers
+        ) as resp:
             if resp.status != 200:
                 return False
         if spec.expect_served_name is None:
             return True
-        async with session.get(base_url + "/v1/models", timeout=timeout) as resp:
+        async with session.get(base_url + "/v1/models", timeout=timeout, headers=headers) as resp:
             if resp.status != 200:
                 return False
             listing = await resp.json(content_type=None)

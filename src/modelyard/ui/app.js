@@ -239,6 +239,8 @@ function renderModels(models) {
 
     const subtitle = [...(model.aliases || [])];
     if (model.route) subtitle.push(model.route);
+    // An engine that runs elsewhere: say where (it is connected to, never started here).
+    if (model.engine === "remote" && model.url) subtitle.push(`remote ${model.url}`);
     cells.name.replaceChildren(el("span", "model-name", model.name));
     if (subtitle.length) cells.name.append(el("span", "model-sub", subtitle.join(" · ")));
 

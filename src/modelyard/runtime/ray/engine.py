@@ -29,7 +29,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from modelyard.engines.base import LaunchSpec
 from modelyard.runtime.logs import EngineLog
-from modelyard.runtime.process import EngineStartError, ExitInfo
+from modelyard.runtime.process import EngineStartError, ExitInfo, redacted
 from modelyard.runtime.ray.cluster import RayCluster, end_actor
 from modelyard.runtime.ray.node_side import EngineActor
 from modelyard.runtime.readiness import engine_answers, poll_until_ready
@@ -74,6 +74,8 @@ class RayEngine:
         self.host = str(where["ip"])
         self.port = int(where["port"])
         self.base_url = f"http://{self.host}:{self.port}"
+        # The engine's own key (it is reachable from the cluster's network, not only here).
+        self.upstream_headers = spec.upstream_headers
         self.pid = pid
         self.actor_name = ""
         # Told when the engine is ready: the runtime warms the node's next spare actor then,
@@ -285,7 +287,8 @@ class RayRuntime:
                     f"{actor_name} ready in {(time.monotonic() - began) * 1000:.0f} ms"
                 )
                 pid = await asyncio.wait_for(
-                    actor.start.remote(name, argv, env), ACTOR_START_TIMEOUT_S
+                    actor.start.remote(name, argv, env, " ".join(redacted(argv))),
+                    ACTOR_START_TIMEOUT_S,
                 )
             except BaseException:
                 end_actor(actor)

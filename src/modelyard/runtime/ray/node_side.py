@@ -192,15 +192,17 @@ class EngineActor:
         """Answers once the actor's worker runs (a spare is warmed up with this)."""
         return True
 
-    async def start(self, name: str, argv: list[str], env: dict[str, str]) -> int:
-        """Start the engine in this worker's process group (not a new session); its pid."""
+    async def start(self, name: str, argv: list[str], env: dict[str, str], shown: str) -> int:
+        """Start the engine in this worker's process group (not a new session); its pid.
+
+        `shown` is the command line as the log may show it (secrets masked by the gateway)."""
         self.name = name
         me = os.getpid()
         marks = {
             ENGINE_MARKER: f"{self.namespace}/{self.name}",
             OWNER_MARKER: f"{me}:{process_start_ticks(me)}",
         }
-        self._append(f"[modelyard] starting on {node_ip()}: {' '.join(argv)}")
+        self._append(f"[modelyard] starting on {node_ip()}: {shown}")
         try:
             self._process = await asyncio.create_subprocess_exec(
                 *argv,
