@@ -155,7 +155,9 @@ def parent_of(pid: int) -> int:
 def test_engine_lands_on_the_planned_node_and_answers_through_the_gateway(
     cluster, gateways, tmp_path
 ):
-    gateway = start(gateways, tmp_path, cluster, {"a": engine_model("a", "10GiB")}, "t-land")
+    # The engine listens on its node's address, so it gets a key of its own (vLLM's --api-key).
+    model = {**engine_model("a", "10GiB"), "engine_api_key": "sk-engine-canary-7f3a"}
+    gateway = start(gateways, tmp_path, cluster, {"a": model}, "t-land")
     status = gateway.status()
     assert sorted((n["node"], n["alive"]) for n in status["nodes"]) == [
         ("127.0.0.2", True),
@@ -184,6 +186,10 @@ def test_engine_lands_on_the_planned_node_and_answers_through_the_gateway(
     assert gpu["used_bytes"] == pytest.approx(10 * GIB, rel=0.001)  # its share of the GPU
     assert gpu["models"] == ["a"]
     assert a["node_gpus"] == [0]
+    with urllib.request.urlopen(gateway.url + "/admin/logs/a?lines=100", timeout=10) as reply:
+        log_text = reply.read().decode()
+    assert "starting on" in log_text
+    assert "sk-engine-canary-7f3a" not in log_text
     metrics = scrape(gateway)
     assert f'modelyard_model_node{{model="a",node="{a["node"]}"}} 1.0' in metrics
     assert 'modelyard_node_up{node="127.0.0.3"} 1.0' in metrics
