@@ -44,8 +44,9 @@ LIVE_SETTINGS = (
 # Compared model by model (`models`, and what reaches engines: `defaults`, `vllm`, `diffusion`).
 PER_MODEL_SETTINGS = ("models", "defaults", "vllm", "diffusion")
 # Bound when the gateway starts: a reload reports them and leaves them as they are.
-# (`tls`: the certificate and key files themselves are read again on SIGHUP.)
-START_ONLY_SETTINGS = ("listen", "state_dir", "gpus", "tls")
+# (`tls`: the certificate and key files themselves are read again on SIGHUP; `runtime` and
+# `ray`: the gateway connects to its cluster once.)
+START_ONLY_SETTINGS = ("listen", "state_dir", "gpus", "tls", "runtime", "ray")
 
 
 @dataclass(frozen=True)
