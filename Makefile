@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,ray]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -54,7 +54,7 @@ test: setup system-deps test-deps
 	$(PY) -m pytest tests
 
 unit: setup
-	$(PY) -m pytest tests -m "not vllm and not chromium and not diffusion and not container"
+	$(PY) -m pytest tests -m "not vllm and not chromium and not diffusion and not container and not ray"
 
 # The deploy files and the gateway's image, built and run in a private Docker daemon (part of
 # `make test`; about 1-3 minutes, the first run 2 more for the debootstrapped base).

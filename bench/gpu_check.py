@@ -470,9 +470,16 @@ def main(argv: list[str] | None = None) -> int:
     options = parse_args(argv)
     if options.command == "engine":
         return run_engine(options)
-    signal.signal(signal.SIGALRM, _out_of_time)
-    signal.alarm(int(TOTAL_BUDGET_S))  # never more than the promised time; cleanup still runs
-    result = run_checks(options)
+    # Never more than the promised time; cleanup still runs. The alarm is process-wide, so it
+    # is disarmed (and the old handler put back) however the checks end: a caller such as a
+    # test that runs main() in-process must not be interrupted minutes later.
+    previous = signal.signal(signal.SIGALRM, _out_of_time)
+    signal.alarm(int(TOTAL_BUDGET_S))
+    try:
+        result = run_checks(options)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
     if isinstance(result, str):
         print(f"gpu_check: cannot run here: {result}", file=sys.stderr)
         return 2

@@ -354,6 +354,16 @@ async def prometheus_metrics(request: web.Request) -> web.Response:
     return web.Response(text=text, content_type="text/plain")
 
 
+@web.middleware
+async def _require_api_key(request: web.Request, handler: Any) -> web.StreamResponse:
+    """vLLM's `--api-key`: routes under /v1 answer 401 without the key; /health stays open."""
+    expected = f"Bearer {request.app['args'].api_key}"
+    if request.path.startswith("/v1") and request.headers.get("Authorization") != expected:
+        return web.json_response({"error": "Unauthorized"}, status=401)
+    result: web.StreamResponse = await handler(request)
+    return result
+
+
 def _write_report(args: argparse.Namespace) -> None:
     if args.report:
         report = {
@@ -442,6 +452,11 @@ def main() -> None:
         help="start a child process too, like vLLM's engine core",
     )
     parser.add_argument("--ignore-sigterm", action="store_true")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("VLLM_API_KEY"),
+        help="as vLLM: every /v1 route wants 'Authorization: Bearer KEY' (also VLLM_API_KEY)",
+    )
     args, ignored = parser.parse_known_args()
     args.argv = sys.argv[1:]
     for module in args.lora_modules:
@@ -465,9 +480,10 @@ def main() -> None:
     if args.spawn_child:
         import subprocess
 
-        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+        # The child carries the engine's --root in its argv, so a test finds it by its marker.
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)", args.root])
     time.sleep(args.bind_delay)
-    app = web.Application(middlewares=[wiretap])
+    app = web.Application(middlewares=[wiretap, *([_require_api_key] if args.api_key else [])])
     app["args"] = args
     app["ready_at"] = time.monotonic() + args.ready_delay
     app.router.add_get("/health", health)
@@ -488,7 +504,7 @@ def main() -> None:
     print("INFO:     Application startup complete.", flush=True)
     web.run_app(
         app,
-        host="127.0.0.1",
+        host=args.host,  # 127.0.0.1 on one machine; the node's address on a Ray cluster
         port=args.port,
         print=None,
         access_log=None,

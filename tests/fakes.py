@@ -30,6 +30,7 @@ class FakeEngine:
         self.base_url = f"http://fake-{number}"
         self.pid = 10_000 + number
         self.health_path = "/health"
+        self.upstream_headers: dict[str, str] = {}
         self._exited: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.ready = asyncio.Event()
         self.stopped = False

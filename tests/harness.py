@@ -66,6 +66,7 @@ class InProcessEngine:
         self.number = next(_numbers)
         self.pid = 4_000_000 + self.number  # no such process: never signalled
         self.health_path = "/health"
+        self.upstream_headers = spec.upstream_headers  # the engine's own key, if it wants one
         self.state = EngineState()
         self.exited: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._ready_at = time.monotonic() + behaviour.ready_after

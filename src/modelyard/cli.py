@@ -7,15 +7,17 @@ import json
 import os
 import sys
 import urllib.error
-import urllib.request
+import urllib.parse
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from modelyard.auth.commands import add_key_commands
-from modelyard.auth.exposure import auth_mode, exposure_problem
-from modelyard.config import ConfigError, GatewayConfig, load_config
+from modelyard.auth.exposure import auth_mode, exposure_problem, open_route_warnings
+from modelyard.client import call_gateway
+from modelyard.config import ConfigError, GatewayConfig
+from modelyard.config.checks import config_warnings, load_checked_config
 from modelyard.config.units import format_bytes
 from modelyard.engines import engine_kind
 from modelyard.observability import console as views
@@ -81,7 +83,20 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--level", type=int, choices=(1, 2))
         _client_args(command)
         command.set_defaults(run=_admin_action, verb=verb)
-    add_key_commands(verbs)  # keys create, keys hash
+
+    logs = verbs.add_parser("logs", help="a model's engine output, from a running gateway")
+    logs.add_argument("model")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+    logs.add_argument("-n", "--lines", type=int, default=200, help="past lines to show")
+    _client_args(logs)
+    logs.set_defaults(run=_logs)
+
+    reload = verbs.add_parser(
+        "reload", help="re-read a running gateway's config file and apply the changes"
+    )
+    _client_args(reload)
+    reload.set_defaults(run=_reload)
+    add_key_commands(verbs)  # keys create, hash, list, change, revoke
     return parser
 
 
@@ -97,20 +112,13 @@ def _client_args(command: argparse.ArgumentParser) -> None:
 
 def _load(path: str) -> GatewayConfig | None:
     try:
-        config = load_config(path)
+        config = load_checked_config(path)
     except ConfigError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)
         return None
-    problems = [
-        f"{path}: {problem}"
-        for name, model in config.models.items()
-        for problem in engine_kind(model.engine).problems(name, model, config)
-    ]
-    if problems:
-        for problem in problems:
-            print(problem, file=sys.stderr)
-        return None
+    for warning in config_warnings(path, config):
+        print(f"modelyard: warning: {warning}", file=sys.stderr)
     return config
 
 
@@ -127,13 +135,22 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"modelyard: {problem}", file=sys.stderr)
         return 1
     print(f"modelyard: {auth_mode(config)}", flush=True)
+    for line in open_route_warnings(config):
+        print(f"modelyard: {line}", flush=True)
     configure_logging(args.log_level, config.log_format)
     from modelyard.server import StateDirError, serve
     from modelyard.tls import TlsError
 
     try:
-        serve(config)
+        serve(config, config_path=args.config, log_level=args.log_level)
     except (StateDirError, TlsError) as error:
+        print(f"modelyard: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:
+        # A Ray cluster that cannot be reached (runtime: ray) is a setup problem: say so
+        # plainly instead of with a traceback.
+        if type(error).__name__ != "RayUnavailable":
+            raise
         print(f"modelyard: {error}", file=sys.stderr)
         return 1
     return 0
@@ -178,6 +195,8 @@ def _check(args: argparse.Namespace) -> int:
         spec = engine_kind(model.engine).launch_spec(name, model, config, 0, None)
         # The plan may be pasted into an issue or a CI log: `${env:}` secrets stay masked.
         argv = redact(" ".join(spec.argv).replace(" --port 0", " --port {port}"))
+        if spec.remote_url is not None:
+            argv = f"(runs elsewhere) {redact(spec.remote_url)}"
         idle = (
             model.idle_timeout if model.idle_timeout is not None else config.defaults.idle_timeout
         )
@@ -211,25 +230,14 @@ def _check(args: argparse.Namespace) -> int:
         print(f"modelyard: {args.config}: {problem}", file=sys.stderr)
         return 1
     console.print(auth_mode(config), markup=False)
+    for line in open_route_warnings(config):
+        console.print(line, markup=False)
     console.print("config OK")
     return 0
 
 
 def _request(args: argparse.Namespace, method: str, path: str) -> Any:
-    request = urllib.request.Request(args.url.rstrip("/") + path, method=method)
-    if args.key:
-        request.add_header("Authorization", f"Bearer {args.key}")
-    try:
-        with urllib.request.urlopen(request, timeout=600) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        try:
-            message = json.loads(error.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = error.reason
-        raise SystemExit(f"modelyard: {method} {path}: {error.code}: {message}") from None
-    except urllib.error.URLError as error:
-        raise SystemExit(f"modelyard: cannot reach {args.url}: {error.reason}") from None
+    return call_gateway(args.url, args.key, method, path)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -280,6 +288,44 @@ def _admin_action(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(f"{result['name']}: {result['state']}")
+    return 0
+
+
+def _logs(args: argparse.Namespace) -> int:
+    path = f"/admin/logs/{urllib.parse.quote(args.model, safe='')}?lines={max(args.lines, 0)}"
+    if not args.follow:
+        result = _request(args, "GET", path)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            for line in result["lines"]:
+                print(line)
+        return 0
+    try:
+        for line in views.follow_sse_lines(views.Endpoint(args.url, args.key), path + "&follow=1"):
+            print(line, flush=True)
+    except KeyboardInterrupt:
+        return 0
+    except urllib.error.HTTPError as error:
+        raise SystemExit(f"modelyard: GET {path}: {error.code}: {error.reason}") from None
+    except urllib.error.URLError as error:
+        raise SystemExit(f"modelyard: cannot reach {args.url}: {error.reason}") from None
+    return 0
+
+
+def _reload(args: argparse.Namespace) -> int:
+    result = _request(args, "POST", "/admin/reload")
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    changes = result.get("changes") or []
+    print(
+        f"reloaded {result['file']}: " + (f"{len(changes)} change(s)" if changes else "no changes")
+    )
+    for change in changes:
+        print(f"  {change['what']}: {change['detail']}")
+    for note in result.get("not_applied") or []:
+        print(f"  not applied (needs a restart): {note}")
     return 0
 
 

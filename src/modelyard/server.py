@@ -14,8 +14,10 @@ from aiohttp import web
 
 from modelyard.api.app import build_app
 from modelyard.api.http_layer import use_openai_errors
+from modelyard.config.loader import ConfigError
 from modelyard.config.schema import GatewayConfig
 from modelyard.gateway import Gateway
+from modelyard.observability.log_format import configure_logging
 from modelyard.proxy.fastpath import FastLane, start_server
 from modelyard.redaction import register_secrets
 from modelyard.tls import ServerCertificate
@@ -67,7 +69,12 @@ def state_dir_problem(state_dir: str, create: bool = True) -> str | None:
     return None
 
 
-async def run_gateway(config: GatewayConfig, ready_message: bool = True) -> None:
+async def run_gateway(
+    config: GatewayConfig,
+    ready_message: bool = True,
+    config_path: str | None = None,
+    log_level: str = "INFO",
+) -> None:
     # Secrets from `${env:}` and `env:` are masked in everything the gateway writes from now on.
     register_secrets(config.secret_values())
     problem = state_dir_problem(config.state_dir)
@@ -76,12 +83,24 @@ async def run_gateway(config: GatewayConfig, ready_message: bool = True) -> None
     # Read before anything starts, so a bad certificate stops `serve` with a clear message.
     certificate = ServerCertificate(config.tls.cert, config.tls.key) if config.tls else None
     gateway = Gateway.create(config)
+    gateway.config_path = Path(config_path) if config_path is not None else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    # What SIGHUP reloads. Each part that can be reloaded adds its action here.
+    # What SIGHUP reloads (systemd's ExecReload, a closed terminal: by default the signal
+    # would kill the gateway and leave its engines running). Each part that can be reloaded
+    # adds its action here; the config file first.
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload_config() -> None:
+        task = asyncio.create_task(_reload_on_signal(gateway))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     reload_actions: list[ReloadAction] = []
+    if gateway.config_path is not None:
+        reload_actions.append(reload_config)
     if certificate is not None:
         reload_actions.append(certificate.reload)
     loop.add_signal_handler(signal.SIGHUP, run_reload_actions, reload_actions)
@@ -91,6 +110,7 @@ async def run_gateway(config: GatewayConfig, ready_message: bool = True) -> None
     try:
         await gateway.start()
         app = build_app(gateway)
+        gateway.reload_hooks.append(_live_settings(app, log_level))
         runner = web.AppRunner(
             app,
             handler_cancellation=True,  # a client that goes away cancels its request
@@ -153,10 +173,39 @@ async def _finish_requests(gateway: Gateway, grace: float, lane: FastLane | None
     await gateway.scheduler.drained(5.0)
 
 
-def serve(config: GatewayConfig) -> None:
+async def _reload_on_signal(gateway: Gateway) -> None:
+    try:
+        report = await gateway.reload()
+    except ConfigError as error:
+        log.error("reload refused; the running configuration is unchanged:\n%s", error)
+        return
+    except Exception:
+        log.exception("reload failed")
+        return
+    log.info(
+        "reloaded %s: %d change(s)%s",
+        report.file,
+        len(report.plan.changes),
+        "".join(f"\n  {c.what} {c.model or ''}: {c.detail}" for c in report.plan.changes),
+    )
+
+
+def _live_settings(app: web.Application, log_level: str) -> Callable[[GatewayConfig], None]:
+    """What a reload changes outside the gateway's parts: log format, request body limit."""
+
+    def apply(config: GatewayConfig) -> None:
+        configure_logging(log_level, config.log_format)
+        # aiohttp reads the limit from the application for each new request.
+        app._client_max_size = config.limits.max_body_bytes
+
+    return apply
+
+
+def serve(config: GatewayConfig, config_path: str | None = None, log_level: str = "INFO") -> None:
+    main = run_gateway(config, config_path=config_path, log_level=log_level)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
-        asyncio.run(run_gateway(config))
+        asyncio.run(main)
     else:
-        uvloop.run(run_gateway(config))
+        uvloop.run(main)

@@ -7,6 +7,8 @@ and says clearly why it cannot run on a machine without a GPU.
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 from bench import gpu_check
 
@@ -52,6 +54,10 @@ def test_a_machine_without_a_gpu_is_told_why_and_exits_2(
     assert gpu_check.main(["--out", str(tmp_path / "r.json")]) == 2
     assert "cannot run here" in capsys.readouterr().err
     assert not (tmp_path / "r.json").exists()
+    # Its time budget is a process-wide alarm: it must be disarmed once main() returns, or it
+    # interrupts whatever this process runs minutes later.
+    assert signal.alarm(0) == 0
+    assert signal.getsignal(signal.SIGALRM) is not gpu_check._out_of_time
 
 
 STUB_TORCH = """

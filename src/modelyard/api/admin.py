@@ -34,7 +34,7 @@ def _admin_model(request: web.Request) -> tuple[Gateway, str]:
     return gateway, name
 
 
-def audit(request: web.Request, gateway: Gateway, model: str, action: str) -> None:
+def audit(request: web.Request, gateway: Gateway, model: str | None, action: str) -> None:
     """Who asked for what: every admin action is an event carrying the key's name."""
     key = principal_of(request).name
     gateway.events.emit(

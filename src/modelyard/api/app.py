@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from modelyard.api import adapters, admin, keys, live, observe, openapi, serving, status
+from modelyard.api import adapters, admin, keys, live, observe, openapi, reload, serving, status
 from modelyard.api.errors import ApiError, error_response
 from modelyard.api.guards import add_cors_headers, authentication, browser_guard, canonical_form
 from modelyard.auth.origins import BrowserPolicy
@@ -51,9 +51,16 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
 
 def build_app(gateway: Gateway, middlewares: list[Middleware] | None = None) -> web.Application:
     # With API keys configured, nothing past `authentication` runs for a request without one.
+    # Installed even with no keys yet: runtime keys and a reload can turn keys on.
     keyed = gateway.auth is not None and gateway.auth.enabled
-    auth = [authentication(gateway.auth)] if gateway.auth is not None and keyed else []
+    auth = [authentication(gateway.auth)] if gateway.auth is not None else []
     policy = BrowserPolicy(gateway.config, keyless=not keyed)
+    # A reload may change the browser rules (cors, allowed_hosts) and whether keys exist.
+    gateway.reload_hooks.append(
+        lambda config: policy.reconfigure(
+            config, keyless=gateway.auth is None or not gateway.auth.enabled
+        )
+    )
     stack: list[Middleware] = [
         openai_errors,
         browser_guard(policy),
@@ -77,6 +84,7 @@ def build_app(gateway: Gateway, middlewares: list[Middleware] | None = None) -> 
     admin.add_routes(router)
     adapters.add_routes(router)  # /admin/adapters
     keys.add_routes(router)  # /admin/keys
+    reload.add_routes(router)  # /admin/reload
     openapi.add_routes(router)  # /openapi.yaml, /openapi.json
     observe.add_routes(router)  # /metrics, /metrics/engines, /ui
     live.install(app)  # open SSE streams end at shutdown instead of delaying it

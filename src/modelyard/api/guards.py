@@ -37,7 +37,8 @@ CORS_ALLOWED_HEADERS = (
 )
 CORS_EXPOSED_HEADERS = (
     "Retry-After, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, "
-    "x-ratelimit-reset-requests"
+    "x-ratelimit-reset-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, "
+    "x-ratelimit-reset-tokens, x-budget-limit-tokens, x-budget-spent-tokens"
 )
 
 
@@ -125,9 +126,9 @@ async def canonical_form(request: web.Request, handler: Handler) -> web.StreamRe
 def authentication(authenticator: Authenticator) -> Middleware:
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if is_open(request.method, request.path):
+        if not authenticator.enabled or is_open(request.method, request.path):
             return await handler(request)
-        identity = authenticator.identify(request.headers)
+        identity = authenticator.identify(request.headers, request.path)
         if isinstance(identity, Refusal):
             return _refusal_response(authenticator, request, identity)
         request[PRINCIPAL_KEY] = identity
@@ -153,4 +154,5 @@ def _refusal_response(
         response.headers["x-ratelimit-limit-requests"] = str(refusal.rpm)
         response.headers["x-ratelimit-remaining-requests"] = "0"
         response.headers["x-ratelimit-reset-requests"] = f"{refusal.retry_after:.3f}s"
+    response.headers.update(refusal.headers)  # tokens per minute, token budget
     return response

@@ -178,16 +178,22 @@ async def proxy_json(
         payload["model"] = target.upstream_name
         body = json.dumps(payload).encode()
     replacements = model_name_replacements(target.upstream_name, target.public_name)
+    tokens = TokenCount(gateway, principal_of(request).name, target.model)
 
     def transformer() -> StreamTransformer | None:
         # Usage is always read for the token metrics; the usage-only chunk that we asked
         # for on the client's behalf is dropped, so the client sees the stream it asked for.
         return StreamTransformer(
-            replacements, capture_usage=True, drop_usage_only_chunk=usage_added
+            replacements,
+            capture_usage=True,
+            drop_usage_only_chunk=usage_added,
+            on_final_usage=tokens.count,
         )
 
     rewrite = (lambda data: rewrite_model_in_json(data, replacements)) if replacements else None
-    return await _forward(request, gateway, target, path, body, route_label, transformer, rewrite)
+    return await _forward(
+        request, gateway, target, path, body, route_label, transformer, rewrite, tokens
+    )
 
 
 def _ask_stream_for_usage(path: str, payload: dict[str, Any]) -> bool:
@@ -213,13 +219,58 @@ async def proxy_raw(
     route_label: str,
 ) -> web.StreamResponse:
     """Forward a request as it came (seed routes such as /vision/generate, /upstream), except
-    that a JSON body's `model` must name a model this key may use on this same engine."""
+    that a JSON body's `model` must name a model this key may use on this same engine, and a
+    streamed completion gets `stream_options.include_usage` added (and the extra chunk
+    removed), as on `/v1`, so its tokens count for the key's budget and limits:
+    `/upstream/{model}/v1/chat/completions` must not be a way around them."""
     _require(request, gateway, target)
     require_engine_path(request, path)
     target, body = _checked_raw_body(request, gateway, target, body)
+    tokens = TokenCount(gateway, principal_of(request).name, target.model)
+    transformer: Any = lambda: None  # noqa: E731 - the unchanged case
+    if request.method == "POST" and body and path.split("?", 1)[0].endswith("/completions"):
+        try:
+            payload = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            payload = None  # the engine's own error is the right answer
+        if isinstance(payload, dict) and payload.get("stream") is True:
+            usage_added = _ask_stream_for_usage(path.split("?", 1)[0], payload)
+            if usage_added:
+                body = json.dumps(payload).encode()
+
+            def transformer() -> StreamTransformer | None:
+                return StreamTransformer(
+                    [],
+                    capture_usage=True,
+                    drop_usage_only_chunk=usage_added,
+                    on_final_usage=tokens.count,
+                )
+
     return await _forward(
-        request, gateway, target, path, body or None, route_label, lambda: None, None
+        request, gateway, target, path, body or None, route_label, transformer, None, tokens
     )
+
+
+class TokenCount:
+    """One request's usage for its key (budgets, tokens per minute, usage per model): counted
+    once, as early as it is known."""
+
+    def __init__(self, gateway: Gateway, key_name: str, model: str) -> None:
+        self._gateway = gateway
+        self._key_name = key_name
+        self._model = model
+        self.counted = False
+
+    def count(self, usage: dict[str, int]) -> None:
+        if self.counted or self._gateway.auth is None:
+            return
+        self.counted = True
+        self._gateway.auth.ledger.record(
+            self._key_name,
+            self._model,
+            usage.get("prompt_tokens", 0),
+            usage.get("completion_tokens", 0),
+        )
 
 
 def _checked_raw_body(
@@ -277,6 +328,7 @@ async def _forward(
     route_label: str,
     transformer: Any,
     rewrite: Any,
+    tokens: TokenCount,
 ) -> web.StreamResponse:
     started = time.perf_counter()
     status = 500
@@ -300,7 +352,7 @@ async def _forward(
                 encoded=True,
             )
             response, outcome = await gateway.upstream.forward(
-                request, url, body, transformer, rewrite, outcome
+                request, url, body, transformer, rewrite, outcome, engine.upstream_headers
             )
             status, first_byte, streamed = outcome.status, outcome.first_byte_s, outcome.streamed
             if outcome.upstream_broke:
@@ -328,6 +380,20 @@ async def _forward(
         # a hung engine), 502 for one that could not be reached or broke off.
         timed_out = isinstance(error, UpstreamTimeout)
         status = 504 if timed_out else 502
+        if not timed_out and gateway.scheduler.is_remote(target.model):
+            # Not ours to restart: forget the connection (the next request, or the
+            # gateway's own check, connects again) and tell the client to come back.
+            status = 503
+            await gateway.scheduler.forget_remote(
+                target.model, f"unreachable while serving: {error}"
+            )
+            raise ApiError(
+                503,
+                f"model {target.model!r}: the remote engine is not answering ({error}); "
+                "retry later",
+                "remote_unavailable",
+                retry_after=5.0,
+            ) from None
         await gateway.scheduler.notice_exit(target.model, timeout=1.0)
         failure = gateway.scheduler.failure_of(target.model)
         tail = failure.log_tail if failure else []
@@ -337,6 +403,7 @@ async def _forward(
             "upstream_timeout" if timed_out else "upstream_error",
         ) from None
     finally:
+        tokens.count(usage)  # the answer's usage, unless a stream's was counted already
         gateway.observe(
             RequestRecord(
                 model=target.model,
@@ -417,8 +484,12 @@ async def list_models(request: web.Request) -> web.Response:
 async def get_model(request: web.Request) -> web.Response:
     gateway = gateway_of(request)
     name = request.match_info["name"]
-    _resolve_listing(request, gateway, name)
-    for entry in model_listing(gateway)["data"]:
+    target = _resolve_listing(request, gateway, name)
+    listing = model_listing(gateway)["data"]
+    for entry in listing:
         if entry["id"] == name:
             return web.json_response(entry)
+    for entry in listing:
+        if entry["id"] == target.model:  # a served name: accepted, though not listed
+            return web.json_response({**entry, "id": name, "alias_of": target.model})
     raise ApiError(404, f"model {name!r} does not exist", "model_not_found")

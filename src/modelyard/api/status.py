@@ -29,6 +29,7 @@ async def gateway_status(request: web.Request) -> web.Response:
                 "queued": scheduler.total_waiting(),
                 "models": [gateway.model_status(name) for name in scheduler.models()],
                 "gpus": gateway.gpu_status(),
+                "nodes": gateway.node_status(),
             }
         )
     )

@@ -49,3 +49,15 @@ def auth_mode(config: GatewayConfig) -> str:
         f"auth: NONE on {config.listen} (allow_unauthenticated: true): "
         "anyone who can reach this address may use every model and admin route"
     )
+
+
+def open_route_warnings(config: GatewayConfig) -> list[str]:
+    """One loud line per route served without a key (`open_route: true`)."""
+    if not (config.auth.keys or config.auth.allow_unauthenticated):
+        return []  # no keys at all: everything is open on loopback anyway, said above
+    return [
+        f"auth: route {model.route} is OPEN (open_route: true): anyone who can reach "
+        f"{config.listen} may use model {name!r} through {model.route}/... without an API key"
+        for name, model in config.models.items()
+        if model.open_route and model.route
+    ]

@@ -40,6 +40,12 @@ class ApiKey:
     rpm: int | None
     admin: bool
     metrics: bool = False  # may read /metrics and /metrics/engines
+    tpm: int | None = None  # tokens per minute
+    token_budget: int | None = None  # tokens per budget_period
+    budget_period: str = "total"  # day, month or total
+    expires_at: float | None = None  # wall-clock time; runtime keys only
+    revoked: bool = False  # runtime keys only: kept for the record, refused at once
+    runtime: bool = False  # made through the admin API, not written in the config
 
 
 class KeyRing:
@@ -53,7 +59,10 @@ class KeyRing:
                 tuple(key.models),
                 key.rpm,
                 key.admin,
-                key.metrics,
+                metrics=key.metrics,
+                tpm=key.tpm,
+                token_budget=key.token_budget,
+                budget_period=key.budget_period,
             )
             for key in keys
         )

@@ -41,6 +41,10 @@ def _is_ip(name: str) -> bool:
 
 class BrowserPolicy:
     def __init__(self, config: GatewayConfig, keyless: bool) -> None:
+        self.reconfigure(config, keyless)
+
+    def reconfigure(self, config: GatewayConfig, keyless: bool) -> None:
+        """The rules of a (reloaded) config; `keyless`: the gateway has no keys now."""
         self.keyless = keyless
         self.allowed_origins = frozenset(config.cors.allowed_origins)
         self.allowed_hosts = frozenset(

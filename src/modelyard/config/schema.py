@@ -14,10 +14,15 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from modelyard.config.units import ByteSize, Duration
 
-EngineKindName = Literal["vllm", "command", "diffusion"]
+EngineKindName = Literal["vllm", "command", "diffusion", "remote"]
+# Engine kinds the gateway starts and stops itself (a remote one runs elsewhere).
+STARTED_KINDS = ("vllm", "command", "diffusion")
 
-# Names travel in URLs, file names and log lines: keep them to a safe alphabet.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
+# Names travel in URLs, file names and log lines: keep them to a safe alphabet. A leading '/'
+# is allowed because vLLM names a model after its weights path when no served name is given
+# (the seed 003's clients send "/models/medium/coding/qwen2.5-coder-7b-gptq").
+_NAME_RE = re.compile(r"^/?[A-Za-z0-9][A-Za-z0-9._:@/-]{0,127}$")
+_URL_RE = re.compile(r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
 _ROUTE_RE = re.compile(r"^/[A-Za-z0-9._-]+$")
 
 
@@ -65,6 +70,17 @@ class ModelConfig(StrictModel):
 
     engine: EngineKindName = "vllm"
     model: str | None = Field(default=None, description="weights path or name (vllm, diffusion)")
+    url: str | None = Field(default=None, description="engine: remote: the server's base URL")
+    api_key: str | None = Field(
+        default=None, description="engine: remote: key sent upstream as Authorization: Bearer"
+    )
+    engine_api_key: str | None = Field(
+        default=None, description="key the started engine requires (vLLM's --api-key)"
+    )
+    preload: bool = Field(default=False, description="start when the gateway starts")
+    open_route: bool = Field(
+        default=False, description="serve this model's route without an API key"
+    )
     served_name: str | None = Field(
         default=None, description="name the engine uses; default the key"
     )
@@ -110,8 +126,29 @@ class ModelConfig(StrictModel):
             raise ValueError("health_path must start with '/'")
         return path
 
+    @field_validator("served_name")
+    @classmethod
+    def _served_name_shape(cls, name: str | None) -> str | None:
+        return None if name is None else check_model_name(name)
+
+    @field_validator("url")
+    @classmethod
+    def _url_shape(cls, url: str | None) -> str | None:
+        if url is not None and not _URL_RE.match(url):
+            raise ValueError(f"{url!r} is not an http(s) URL such as 'http://gpu-host:8001'")
+        return None if url is None else url.rstrip("/")
+
     @model_validator(mode="after")
     def _engine_fields(self) -> ModelConfig:
+        if self.engine == "remote":
+            self._check_remote()
+        elif self.url is not None or self.api_key is not None:
+            raise ValueError(
+                "'url' and 'api_key' are only for engine 'remote' (a started engine's key is "
+                "'engine_api_key')"
+            )
+        if self.open_route and self.route is None:
+            raise ValueError("'open_route' needs a 'route:' (only that route is left open)")
         if self.engine == "command":
             if not self.command:
                 raise ValueError("engine 'command' needs 'command:', an argv list using {port}")
@@ -132,6 +169,32 @@ class ModelConfig(StrictModel):
             )
         return self
 
+    def _check_remote(self) -> None:
+        if self.url is None:
+            raise ValueError("engine 'remote' needs 'url:', the base URL of a running server")
+        started_only = {
+            "model": self.model,
+            "command": self.command,
+            "executable": self.executable,
+            "args": self.args or None,
+            "env": self.env or None,
+            "engine_api_key": self.engine_api_key,
+            "max_model_len": self.max_model_len,
+            "gpus": self.gpus,
+            "memory": self.memory,
+            "lora": self.lora,
+            "sleep": self.sleep or None,
+            "preload": self.preload or None,
+        }
+        wrong = [key for key, value in started_only.items() if value is not None]
+        if self.tensor_parallel != 1:
+            wrong.append("tensor_parallel")
+        if wrong:
+            raise ValueError(
+                f"engine 'remote' runs elsewhere: {', '.join(wrong)} cannot be set "
+                "(use 'api_key' for the key the remote server wants)"
+            )
+
 
 class GpuConfig(StrictModel):
     """A GPU declared by hand, for machines without NVML and for tests."""
@@ -151,6 +214,9 @@ class ApiKeyConfig(StrictModel):
     sha256: str = Field(description="hex SHA-256 of the key; the key itself is never stored")
     models: list[str] = Field(default_factory=lambda: ["*"], description="glob patterns")
     rpm: int | None = Field(default=None, ge=1, description="requests per minute")
+    tpm: int | None = Field(default=None, ge=1, description="tokens per minute")
+    token_budget: int | None = Field(default=None, ge=1, description="tokens per budget_period")
+    budget_period: Literal["day", "month", "total"] = "total"
     admin: bool = False
     metrics: bool = Field(default=False, description="may read /metrics and /metrics/engines")
 
@@ -218,6 +284,11 @@ class DefaultsConfig(StrictModel):
     crash_backoff_max: Duration = 60.0
     # An engine that served this long before it crashed starts a new count.
     crash_stable_after: Duration = 30.0
+    # Shared by every model (a model's own setting wins): env for every started engine,
+    # args and max_model_len for vLLM engines (seed 004's VLLM_MAX_MODEL_LEN_GLOBAL).
+    env: dict[str, str] = Field(default_factory=dict)
+    args: list[str] = Field(default_factory=list, description="vLLM arguments, before a model's")
+    max_model_len: int | None = Field(default=None, ge=1, description="vLLM's --max-model-len")
 
 
 class VllmConfig(StrictModel):
@@ -230,6 +301,31 @@ class DiffusionConfig(StrictModel):
     """How to run the built-in diffusion server: a Python that has diffusers and torch."""
 
     executable: list[str] = Field(default_factory=lambda: ["python3"])
+
+
+class RayConfig(StrictModel):
+    """Where the Ray cluster is (`runtime: ray`): Ray places engines on nodes, never proxies."""
+
+    address: str = Field(default="auto", description="the cluster: HOST:PORT of the head, or auto")
+    namespace: str = Field(
+        default="modelyard", description="Ray namespace; one gateway per namespace"
+    )
+    node_address: str | None = Field(
+        default=None, description="this machine's address in the cluster, when not detectable"
+    )
+    node_check_interval: Duration = Field(
+        default=0.5, description="how often each node agent reports its GPUs"
+    )
+    warm_actors: bool = Field(
+        default=True, description="keep one idle engine actor per node: starts skip a worker start"
+    )
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_shape(cls, namespace: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", namespace):
+            raise ValueError(f"{namespace!r} is not a valid namespace (letters, digits, . _ -)")
+        return namespace
 
 
 class TlsConfig(StrictModel):
@@ -267,6 +363,10 @@ class GatewayConfig(StrictModel):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     vllm: VllmConfig = Field(default_factory=VllmConfig)
     diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    runtime: Literal["process", "ray"] = Field(
+        default="process", description="process: engines on this machine; ray: on a Ray cluster"
+    )
+    ray: RayConfig = Field(default_factory=RayConfig)
     gpus: list[GpuConfig] | None = Field(default=None, description="declared GPU inventory")
     host_ram_for_sleep: ByteSize | None = Field(
         default=None, description="host RAM that level-1 sleeping engines may hold"
@@ -288,8 +388,11 @@ class GatewayConfig(StrictModel):
     def secret_values(self) -> set[str]:
         """Every value the gateway must never show: `${env:...}` values and models' `env:`."""
         values = set(self._env_values)
+        values.update(self.defaults.env.values())
         for model in self.models.values():
             values.update(model.env.values())
+            # The keys engines want are secrets even when written in the file itself.
+            values.update(key for key in (model.engine_api_key, model.api_key) if key)
         return values
 
     @field_validator("listen")
@@ -324,6 +427,10 @@ class GatewayConfig(StrictModel):
             for alias in model.aliases:
                 claim(alias, name)
         for name, model in self.models.items():
+            # Clients of the seeds 002 and 004 send the engine's own name.
+            if model.served_name is not None and model.served_name not in owners:
+                claim(model.served_name, name)
+        for name, model in self.models.items():
             for adapter in model.lora.adapters if model.lora else {}:
                 claim(adapter, f"{name} (adapter)")
         routes: dict[str, str] = {}
@@ -337,6 +444,8 @@ class GatewayConfig(StrictModel):
             if model.route in _RESERVED_ROUTES:
                 raise ValueError(f"route {model.route!r} is reserved by the gateway")
             routes[model.route] = name
+        if self.runtime == "ray":
+            self._check_ray_placement()
         declared = {gpu.index for gpu in self.gpus or []}
         if self.gpus is not None and len(declared) != len(self.gpus):
             raise ValueError("gpus: each index may be declared once")
@@ -357,6 +466,17 @@ class GatewayConfig(StrictModel):
                 if group.exclusive:
                     grouped[member] = group_name
         return self
+
+    def _check_ray_placement(self) -> None:
+        # On a cluster each node agent reads its own GPUs, and GPU numbers name a GPU only on
+        # its node: a declared inventory or fixed indexes would say nothing about which node.
+        if self.gpus is not None:
+            raise ValueError("gpus: with runtime: ray each node's agent reads its GPUs (NVML)")
+        for name, model in self.models.items():
+            if model.gpus is not None:
+                raise ValueError(
+                    f"models.{name}.gpus: with runtime: ray placement chooses the node and GPU"
+                )
 
     @property
     def host(self) -> str:

@@ -6,12 +6,14 @@ from modelyard.config.schema import EngineKindName
 from modelyard.engines.base import Capabilities, EngineKind, LaunchSpec, MemoryBudget, served_name
 from modelyard.engines.command import CommandEngine
 from modelyard.engines.diffusion import DiffusionEngine
+from modelyard.engines.remote import RemoteEngine
 from modelyard.engines.vllm import VllmEngine
 
 ENGINE_KINDS: dict[EngineKindName, EngineKind] = {
     "vllm": VllmEngine(),
     "command": CommandEngine(),
     "diffusion": DiffusionEngine(),
+    "remote": RemoteEngine(),
 }
 
 

@@ -33,6 +33,11 @@ class LaunchSpec:
     # When set, readiness also needs this name in the engine's GET /v1/models.
     expect_served_name: str | None = None
     capabilities: Capabilities = field(default_factory=Capabilities)
+    # Sent with every request to the engine (readiness, health checks, proxying): the key an
+    # engine started with `--api-key` wants. Never logged.
+    upstream_headers: dict[str, str] = field(default_factory=dict)
+    # Set for an engine that runs elsewhere (`engine: remote`): nothing is started.
+    remote_url: str | None = None
 
 
 class EngineKind(Protocol):
@@ -40,6 +45,9 @@ class EngineKind(Protocol):
 
     def problems(self, name: str, model: ModelConfig, gateway: GatewayConfig) -> list[str]:
         """Config problems that pydantic cannot see, as `key.path: message` strings."""
+
+    def warnings(self, name: str, model: ModelConfig, gateway: GatewayConfig) -> list[str]:
+        """Settings that are valid but probably wrong (printed by `check` and `serve`)."""
 
     def launch_spec(
         self,
@@ -54,6 +62,15 @@ class EngineKind(Protocol):
 
 def served_name(name: str, model: ModelConfig) -> str:
     return model.served_name or name
+
+
+def bearer_headers(key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def engine_env(model: ModelConfig, gateway: GatewayConfig) -> dict[str, str]:
+    """`defaults.env` under the model's own `env` (the model's value wins)."""
+    return {**gateway.defaults.env, **model.env}
 
 
 def gpu_env(budget: MemoryBudget | None) -> dict[str, str]:

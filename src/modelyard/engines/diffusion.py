@@ -12,6 +12,8 @@ from modelyard.engines.base import (
     Capabilities,
     LaunchSpec,
     MemoryBudget,
+    bearer_headers,
+    engine_env,
     gpu_env,
     gpu_share,
     owned_flag_problems,
@@ -36,6 +38,9 @@ class DiffusionEngine:
 
     def problems(self, name: str, model: ModelConfig, gateway: GatewayConfig) -> list[str]:
         return owned_flag_problems(name, model.args, _GATEWAY_OWNED_FLAGS)
+
+    def warnings(self, name: str, model: ModelConfig, gateway: GatewayConfig) -> list[str]:
+        return []
 
     def launch_spec(
         self,
@@ -66,8 +71,9 @@ class DiffusionEngine:
         return LaunchSpec(
             argv=argv,
             # Unbuffered, so the gateway's log capture shows load progress and errors promptly.
-            env={**gpu_env(budget), "PYTHONUNBUFFERED": "1", **model.env},
+            env={**gpu_env(budget), "PYTHONUNBUFFERED": "1", **engine_env(model, gateway)},
             health_path=model.health_path or "/health",
             expect_served_name=served,
             capabilities=Capabilities(),
+            upstream_headers=bearer_headers(model.engine_api_key),
         )

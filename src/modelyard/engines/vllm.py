@@ -7,6 +7,8 @@ from modelyard.engines.base import (
     Capabilities,
     LaunchSpec,
     MemoryBudget,
+    bearer_headers,
+    engine_env,
     flag_name,
     gpu_env,
     gpu_share,
@@ -46,6 +48,10 @@ class VllmEngine:
                 f"{max(_LORA_RANKS)}"
             )
         found += owned_flag_problems(name, model.args, _GATEWAY_OWNED_FLAGS)
+        found += [
+            problem.replace(f"models.{name}.args.", "defaults.args.")
+            for problem in owned_flag_problems(name, gateway.defaults.args, _GATEWAY_OWNED_FLAGS)
+        ]
         if gateway.gpus is not None:
             found += [
                 f"models.{name}.args.{index}: {flag_name(arg)} is decided by the gateway "
@@ -54,6 +60,19 @@ class VllmEngine:
                 if flag_name(arg) in _BUDGET_FLAGS
             ]
         return found
+
+    def warnings(self, name: str, model: ModelConfig, gateway: GatewayConfig) -> list[str]:
+        """Settings that work but are probably not what the user meant."""
+        args = [*gateway.defaults.args, *model.args]
+        if model.engine_api_key is None and any(flag_name(arg) == "--api-key" for arg in args):
+            # vLLM then answers /v1/models with 401: the gateway would wait for readiness
+            # until the start timeout (the seed 000 starts vLLM with --api-key).
+            return [
+                f"models.{name}.args: --api-key is set but engine_api_key is not; the engine "
+                "will refuse the gateway's readiness checks and requests (set engine_api_key "
+                "to the same key, e.g. '${env:VLLM_API_KEY}', and drop --api-key)"
+            ]
+        return []
 
     def launch_spec(
         self,
@@ -76,14 +95,19 @@ class VllmEngine:
             "--served-model-name",
             served,
         ]
-        if model.max_model_len is not None:
-            argv += ["--max-model-len", str(model.max_model_len)]
+        max_model_len = model.max_model_len or gateway.defaults.max_model_len
+        if max_model_len is not None:
+            argv += ["--max-model-len", str(max_model_len)]
         if model.tensor_parallel > 1:
             argv += ["--tensor-parallel-size", str(model.tensor_parallel)]
         share = gpu_share(budget, digits=4)  # a fraction of the whole GPU, vLLM's meaning
         if share is not None:
             argv += ["--gpu-memory-utilization", share]
-        env = {**gpu_env(budget), **model.env}
+        env = {**gpu_env(budget), **engine_env(model, gateway)}
+        if model.engine_api_key and not any(flag_name(arg) == "--api-key" for arg in model.args):
+            # vLLM reads its key from VLLM_API_KEY too: kept out of the argv (and so out of
+            # `ps` and the engine log's first line).
+            env["VLLM_API_KEY"] = model.engine_api_key
         if model.sleep:
             argv.append("--enable-sleep-mode")
             env.setdefault("VLLM_SERVER_DEV_MODE", "1")  # exposes /sleep, /wake_up, /is_sleeping
@@ -104,11 +128,12 @@ class VllmEngine:
                     *(f"{adapter}={path}" for adapter, path in lora.adapters.items()),
                 ]
             env.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
-        argv += list(model.args)
+        argv += [*gateway.defaults.args, *model.args]
         return LaunchSpec(
             argv=argv,
             env=env,
             health_path=model.health_path or "/health",
             expect_served_name=served,
             capabilities=Capabilities(sleep_level=model.sleep, lora=model.lora is not None),
+            upstream_headers=bearer_headers(model.engine_api_key),
         )

@@ -115,6 +115,15 @@ def follow_events(
         time.sleep(RECONNECT_S)
 
 
+def follow_sse_lines(endpoint: Endpoint, path: str) -> Iterator[str]:
+    """Each data item (a JSON string) of an SSE stream such as `/admin/logs/M?follow=1`."""
+    request = endpoint.request(path, Accept="text/event-stream")
+    with urllib.request.urlopen(request, timeout=READ_TIMEOUT_S) as response:
+        for _event_id, data in sse_events(iter(response.readline, b"")):
+            item = json.loads(data)
+            yield item if isinstance(item, str) else json.dumps(item)
+
+
 def _when(at: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
 

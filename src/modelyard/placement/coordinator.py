@@ -20,7 +20,7 @@ from modelyard.engines.base import MemoryBudget
 from modelyard.observability.events import EventBus
 from modelyard.placement.estimate import estimate_bytes
 from modelyard.placement.footprints import FootprintStore, engine_fingerprint
-from modelyard.placement.inventory import GpuInventory, GpuInventoryError, process_trees
+from modelyard.placement.inventory import GpuInventory, GpuInventoryError
 from modelyard.placement.policy import (
     Engine,
     EngineState,
@@ -114,7 +114,9 @@ class PlacementCoordinator:
         """After a start, wake, sleep or stop: measure and learn."""
         name = supervisor.name
         try:
-            if supervisor.state is ModelState.READY and ok:
+            # After a start, `finished` comes before the supervisor marks the model ready: it
+            # is still STARTING here, and the engine already holds its full footprint.
+            if ok and supervisor.state in (ModelState.READY, ModelState.STARTING):
                 self._learn_awake(supervisor)
             elif supervisor.state is ModelState.SLEEPING:
                 self._learn_asleep(supervisor)
@@ -182,7 +184,7 @@ class PlacementCoordinator:
             foreign = (
                 max(gpu.used_bytes - ours.get(gpu.index, 0), 0) if (self.measures_processes) else 0
             )
-            capacities.append(GpuCapacity(gpu.index, gpu.total_bytes, foreign))
+            capacities.append(GpuCapacity(gpu.index, gpu.total_bytes, foreign, node=gpu.node))
         return capacities
 
     def engines(self, target: str) -> list[Engine]:
@@ -265,7 +267,8 @@ class PlacementCoordinator:
     def _measure(self, supervisor: ModelSupervisor) -> dict[int, int] | None:
         if not self.measures_processes or supervisor.engine is None:
             return None
-        return self.inventory.process_memory(process_trees([supervisor.engine.pid]))
+        # The inventory follows the process tree itself (on a cluster, on the engine's node).
+        return self.inventory.process_memory([supervisor.engine.pid])
 
     def _learn_awake(self, supervisor: ModelSupervisor) -> None:
         name = supervisor.name
@@ -316,6 +319,7 @@ class PlacementCoordinator:
             result.append(
                 {
                     "index": gpu.index,
+                    **({"node": gpu.node, "node_gpu": gpu.local_index} if gpu.node else {}),
                     "name": gpu.name,
                     "total_bytes": gpu.total_bytes,
                     "used_bytes": used,

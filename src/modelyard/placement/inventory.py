@@ -26,6 +26,10 @@ class GpuInfo:
     total_bytes: int
     used_bytes: int
     free_bytes: int
+    # On a Ray cluster: the node this GPU is in (`index` is then a cluster-wide key for the
+    # pair node and GPU, see runtime/ray/cluster.py); None on one machine.
+    node: str | None = None
+    local_index: int | None = None
 
 
 class GpuInventoryError(Exception):

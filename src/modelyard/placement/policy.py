@@ -95,6 +95,7 @@ class GpuCapacity:
     index: int
     total_bytes: int
     foreign_bytes: int = 0  # held by processes that are not our engines
+    node: str | None = None  # on a cluster: the machine it is in (one engine, one node)
 
 
 @dataclass(frozen=True)
@@ -369,7 +370,18 @@ class _Planner:
                 f"{self.target.name!r} needs {degree} GPUs (tensor_parallel) but may use "
                 f"only {len(allowed)}: {_indexes(allowed) or 'none'}"
             )
-        return list(combinations(allowed, degree))
+        # Tensor parallelism runs within one machine: GPUs of one placement share a node.
+        found = [
+            gpus
+            for gpus in combinations(allowed, degree)
+            if len({self.gpus[index].node for index in gpus}) == 1
+        ]
+        if not found:
+            return CannotFit(
+                f"{self.target.name!r} needs {degree} GPUs (tensor_parallel) on one node, "
+                "and no node has that many"
+            )
+        return found
 
     def _usable(self, index: int) -> int:
         gpu = self.gpus[index]
@@ -585,6 +597,9 @@ class _Planner:
     ) -> str:
         verb = "wake" if self.wake else "start"
         where = f"GPU {_indexes(best.gpus)}"
+        node = self.gpus[best.gpus[0]].node if best.gpus else None
+        if node:
+            where += f" of node {node}"
         head = f"{verb} {self.target.name!r} on {where} with {gib(best.bytes_per_gpu)} per GPU"
         if not actions and not waits:
             return f"{head}: fits alongside ({gib(best.leftover)} left)"
@@ -620,7 +635,8 @@ class _Planner:
 
     def _describe_gpu(self, index: int, engines: Sequence[Engine]) -> str:
         gpu = self.gpus[index]
-        text = f"GPU {index} has {gib(gpu.total_bytes)} total"
+        where = f" (node {gpu.node})" if gpu.node else ""
+        text = f"GPU {index}{where} has {gib(gpu.total_bytes)} total"
         if gpu.foreign_bytes:
             text += f", {gib(gpu.foreign_bytes)} used by other processes"
         if self.settings.headroom_bytes:

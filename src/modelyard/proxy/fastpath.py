@@ -32,16 +32,16 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from multidict import CIMultiDict
 
 from modelyard.api.bodies import parse_json_object
 from modelyard.api.errors import ApiError, error_body, unavailable
-from modelyard.api.serving import _ask_stream_for_usage, _usage_of, _with_log_tail
+from modelyard.api.serving import TokenCount, _ask_stream_for_usage, _usage_of, _with_log_tail
 from modelyard.auth.credentials import is_credential_header, presented_key
-from modelyard.auth.principal import ANONYMOUS, Principal
+from modelyard.auth.principal import ANONYMOUS
 from modelyard.gateway import Gateway
 from modelyard.observability.requests import CLIENT_CLOSED_REQUEST, RequestRecord
 from modelyard.proxy.forward import _HOP_HEADERS, UpstreamError, UpstreamTimeout
@@ -85,6 +85,7 @@ _JSON_TYPES = frozenset({b"application/json", b"application/json; charset=utf-8"
 # Host names the lane serves without asking the web layer (which decides all others).
 _LOCAL_HOST = re.compile(rb"(?:localhost|127\.0\.0\.1|\[::1\])(?::[0-9]{1,5})?")
 _HOP_TO_ENGINE = frozenset(h.encode() for h in _HOP_HEADERS)
+_KEY_HEADERS = frozenset({b"authorization", b"x-api-key", b"api-key"})
 _KEPT_NAMES: dict[bytes, bool] = {}  # header name -> forwarded to the engine (bounded cache)
 _DROP_FROM_ENGINE = frozenset(h.encode() for h in _HOP_HEADERS)
 _STREAM_OWN = frozenset({b"cache-control", b"x-accel-buffering"})
@@ -134,8 +135,6 @@ class FastLane:
         self.fallback = fallback
         limits = gateway.config.limits
         self.max_body = limits.max_body_bytes
-        keyed = gateway.auth is not None and gateway.auth.enabled
-        self.auth = gateway.auth if keyed else None
         self.pool = LeanPool(limits.upstream_connect_timeout, limits.upstream_read_timeout)
         self.in_flight: set[asyncio.Task[None]] = set()
         self.streaming: set[FastProtocol] = set()
@@ -171,8 +170,15 @@ class FastLane:
             self._addresses[base_url] = known
         return known
 
+    def keyed(self) -> bool:
+        # Checked per request: keys may appear with a reload or a runtime key.
+        auth = self.gateway.auth
+        return auth is not None and auth.enabled
+
     def eligible(self, request: FastRequest) -> bool:
         """Checks that send a request to aiohttp (which answers them properly) instead."""
+        if self.keyed():
+            return False  # keys, budgets, limits and their counts: all the web layer's
         try:
             payload = parse_json_object(request.body)  # the web layer's own checks
         except ApiError:
@@ -186,35 +192,11 @@ class FastLane:
             return False
         if target.adapter is not None:
             return False
-        if self.auth is not None:
-            principal = self._principal(request, target)
-            if principal is None:
-                return False
-            request.principal = principal
+        if self.gateway.config.models[target.model].engine == "remote":
+            return False  # a remote server's URL may be https or carry a path: aiohttp's
         request.payload = payload
         request.target = target
         return True
-
-    def _principal(self, request: FastRequest, target: Target) -> Principal | None:
-        """The key's principal, when the lane can serve it; None hands the request to the web
-        layer, untouched: no key or an unknown one (its 401 and refusal log), a key with a
-        rate limit (the limiter counts there), a model the key may not use (its 403 and
-        forbidden count). Only then is the request counted for the key, by the same
-        `identify` the authentication middleware calls."""
-        assert self.auth is not None
-        headers = CIMultiDict(
-            (name.decode("latin-1"), value.decode("latin-1")) for name, value in request.headers
-        )
-        presented = presented_key(headers)
-        api_key = self.auth.keyring.find(presented) if presented is not None else None
-        if api_key is None or api_key.rpm is not None:
-            return None
-        if not Principal(api_key.name, api_key.admin, api_key.models).may_use(
-            target.public_name, target.model
-        ):
-            return None
-        identity = self.auth.identify(headers)
-        return identity if isinstance(identity, Principal) else None
 
     def cut_streams(self, reason: str) -> int:
         """End every stream in progress with a final SSE error event carrying `reason`
@@ -367,7 +349,7 @@ class FastProtocol(asyncio.Protocol):
                 has_host = True
                 # Without keys, the web layer checks the name (DNS rebinding): only the plain
                 # local names are served here. With keys, any name is served.
-                if self.lane.auth is None and _LOCAL_HOST.fullmatch(value) is None:
+                if _LOCAL_HOST.fullmatch(value) is None:
                     return None
             elif lowered == b"content-type":
                 if json_body:
@@ -440,8 +422,16 @@ class FastProtocol(asyncio.Protocol):
         try:
             async with gateway.scheduler.engine_for(target.model) as engine:
                 status, first_byte, streamed, usage = await self._forward(
-                    request, engine.base_url, path, body, replacements, usage_added
+                    request,
+                    engine.base_url,
+                    engine.upstream_headers,
+                    path,
+                    body,
+                    replacements,
+                    usage_added,
                 )
+                # Usage per model for the key (here the anonymous one), as serving's TokenCount.
+                TokenCount(gateway, request.principal.name, target.model).count(usage)
                 return True
         except ModelUnavailable as error:
             refusal = unavailable(error, show_tail=request.principal.admin)
@@ -491,6 +481,7 @@ class FastProtocol(asyncio.Protocol):
         self,
         request: FastRequest,
         base_url: str,
+        engine_headers: Mapping[str, str],
         path: str,
         body: bytes,
         replacements: list[tuple[bytes, bytes]],
@@ -499,9 +490,14 @@ class FastProtocol(asyncio.Protocol):
         host, port, host_header = self.lane.address(base_url)
         started = time.perf_counter()
         head = [b"POST ", request.path, b" HTTP/1.1\r\nHost: ", host_header, b"\r\n"]
+        # As `forward_headers`: no credential header, nor any header that carries the key the
+        # client presented; then the engine's own key, which the client never sees or sets.
+        key = _presented_key(request.headers)
         for name, value in request.headers:
-            if _to_engine(name):
+            if _to_engine(name) and (key is None or key not in value):
                 head += [name, b": ", value, b"\r\n"]
+        for engine_name, engine_value in engine_headers.items():
+            head += [engine_name.encode("latin-1"), b": ", engine_value.encode("latin-1"), b"\r\n"]
         head.append(b"Content-Length: %d\r\n\r\n" % len(body))
         head.append(body)
         connection = await self.lane.pool.acquire(host, port)
@@ -627,6 +623,19 @@ class FastProtocol(asyncio.Protocol):
 
 class StreamCut(UpstreamError):
     """The gateway ended a stream (shutdown past its grace); the message says why."""
+
+
+def _presented_key(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The key a client sent, as `auth.credentials.presented_key` reads it."""
+    mapping = CIMultiDict(
+        (name.decode("latin-1"), value.decode("latin-1"))
+        for name, value in headers
+        if name.lower() in _KEY_HEADERS
+    )
+    if not mapping:
+        return None
+    key = presented_key(mapping)
+    return key.encode("latin-1") if key else None
 
 
 def _to_engine(name: bytes) -> bool:

@@ -90,6 +90,9 @@ class UpstreamClient:
     def __init__(self, connect_timeout: float, read_timeout: float) -> None:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
+        self._client_timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect_timeout, sock_read=read_timeout
+        )
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S),
             timeout=aiohttp.ClientTimeout(
@@ -112,6 +115,14 @@ class UpstreamClient:
             upstream.close()  # the stream loop sees the engine connection end and says why
         return len(streams)
 
+    def set_timeouts(self, connect_timeout: float, read_timeout: float) -> None:
+        """New timeouts (a config reload), for requests from now on."""
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._client_timeout = aiohttp.ClientTimeout(
+            total=None, connect=connect_timeout, sock_read=read_timeout
+        )
+
     async def close(self) -> None:
         await self.session.close()
 
@@ -123,18 +134,27 @@ class UpstreamClient:
         transformer_for: Callable[[], StreamTransformer | None],
         rewrite_body: Callable[[bytes], bytes] | None = None,
         outcome: ProxyOutcome | None = None,
+        engine_headers: Mapping[str, str] | None = None,
     ) -> tuple[web.StreamResponse, ProxyOutcome]:
         """Send the request to `url`; stream the answer back as it comes.
 
         `outcome` (filled in as it goes) tells a caller whose request was cancelled what
-        had been sent already.
+        had been sent already. `engine_headers` (the engine's own key) are added after the
+        client's credentials were stripped, so a client never sees or sets them.
         """
         outcome = outcome if outcome is not None else ProxyOutcome()
         started = time.perf_counter()
         headers = forward_headers(request.headers)
+        if engine_headers:
+            headers.update(engine_headers)
         try:
             upstream = await self.session.request(
-                request.method, url, data=body, headers=headers, allow_redirects=False
+                request.method,
+                url,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+                timeout=self._client_timeout,
             )
         except TimeoutError as error:
             raise self._timeout(error) from error

@@ -7,6 +7,7 @@ forwarded untouched. Lines are buffered only up to the next newline, never a who
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 
 def model_name_replacements(upstream_name: str, public_name: str) -> list[tuple[bytes, bytes]]:
@@ -29,8 +30,12 @@ class StreamTransformer:
         replacements: list[tuple[bytes, bytes]],
         capture_usage: bool = False,
         drop_usage_only_chunk: bool = False,
+        on_final_usage: Callable[[dict[str, int]], None] | None = None,
     ) -> None:
         self._replacements = replacements
+        # Told the stream's final usage as soon as it passes, before the client gets the
+        # stream's end: a client's next request then sees this one's tokens counted.
+        self._on_final_usage = on_final_usage
         self._capture_usage = capture_usage
         self._drop_usage_only_chunk = drop_usage_only_chunk
         self._pending = b""
@@ -85,5 +90,8 @@ class StreamTransformer:
         usage = event.get("usage") if isinstance(event, dict) else None
         if isinstance(usage, dict):
             self.usage = {k: v for k, v in usage.items() if isinstance(v, int)}
+            if event.get("choices") == [] and self._on_final_usage is not None:
+                self._on_final_usage(self.usage)
+                self._on_final_usage = None
         # The chunk vLLM sends only because we asked for usage: the client did not ask for it.
         return self._drop_usage_only_chunk and event.get("choices") == []

@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 
 from modelyard.engines.base import LaunchSpec
+from modelyard.redaction import MASK
 from modelyard.runtime.logs import EngineLog, pump_lines
 from modelyard.runtime.proctree import (
     group_members,
@@ -79,6 +80,7 @@ class EngineProcess:
         self.spec = spec
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
+        self.upstream_headers = spec.upstream_headers
         self.pid = process.pid
         self.started_at = time.monotonic()
         self.log = log
@@ -152,13 +154,18 @@ class EngineProcess:
 
     async def _is_ready(self, session: aiohttp.ClientSession) -> bool:
         timeout = aiohttp.ClientTimeout(total=HEALTH_REQUEST_TIMEOUT_S)
+        headers = self.spec.upstream_headers  # an engine started with --api-key wants it
         try:
-            async with session.get(self.base_url + self.spec.health_path, timeout=timeout) as resp:
+            async with session.get(
+                self.base_url + self.spec.health_path, timeout=timeout, headers=headers
+            ) as resp:
                 if resp.status != 200:
                     return False
             if self.spec.expect_served_name is None:
                 return True
-            async with session.get(self.base_url + "/v1/models", timeout=timeout) as resp:
+            async with session.get(
+                self.base_url + "/v1/models", timeout=timeout, headers=headers
+            ) as resp:
                 if resp.status != 200:
                     return False
                 listing = await resp.json(content_type=None)
@@ -228,7 +235,7 @@ class ProcessRuntime:
         port = pick_free_port()
         spec = spec_for_port(port)
         log = EngineLog(self.state_dir / "logs" / f"{_file_safe(name)}.log")
-        log.append(f"[modelyard] starting: {' '.join(spec.argv)}")
+        log.append(f"[modelyard] starting: {' '.join(redacted(spec.argv))}")
         env = {**os.environ, **spec.env, "PYTHONUNBUFFERED": "1"}
         try:
             process = await asyncio.create_subprocess_exec(
@@ -249,6 +256,26 @@ class ProcessRuntime:
         if self.registry is not None:
             self.registry.record(name, process.pid, spec.argv)
         return EngineProcess(name, spec, port, process, log, self.registry, self._health_session)
+
+
+_SECRET_FLAGS = frozenset({"--api-key", "--hf-token"})
+
+
+def redacted(argv: list[str]) -> list[str]:
+    """The argv with the values of secret flags hidden, for the engine log (also when they
+    were written into the config itself, where `redaction` does not know them)."""
+    shown: list[str] = []
+    hide_next = False
+    for arg in argv:
+        flag, sep, _value = arg.partition("=")
+        if hide_next:
+            shown.append(MASK)
+        elif flag in _SECRET_FLAGS and sep:
+            shown.append(f"{flag}={MASK}")
+        else:
+            shown.append(arg)
+        hide_next = arg in _SECRET_FLAGS
+    return shown
 
 
 def _file_safe(name: str) -> str:

@@ -25,9 +25,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
+from modelyard.config.diff import ReloadPlan
 from modelyard.config.schema import GatewayConfig, ModelConfig
 from modelyard.engines import engine_kind, served_name
 from modelyard.engines.base import LaunchSpec, MemoryBudget
@@ -88,6 +89,9 @@ class Scheduler:
         self._changed = asyncio.Event()
         self._start_engine = start_engine
         self._sleep_control = sleep_control
+        self._served_names: dict[str, Target] = {}
+        self._retiring: dict[str, ModelSupervisor] = {}  # removed by a reload, draining
+        self._reconfiguring: set[asyncio.Task[None]] = set()
         self._hook = Placement(
             prepare=self._prepare,
             finished=placement.finished if placement is not None else None,
@@ -95,37 +99,61 @@ class Scheduler:
         )
         for name, model in config.models.items():
             self._add_model(name, model)
+        self._index_names()
         if placement is not None:
             placement.attach(self._supervisors)
         self.adapter_targets: dict[str, Target] = {}
 
     def _add_model(self, name: str, model: ModelConfig) -> None:
-        """A supervisor for one configured model, and its public names and route."""
-        config = self.config
+        """A supervisor for one configured model (its names: `_index_names`)."""
         supervisor = ModelSupervisor(
             name=name,
             spec_for=self._spec_factory(name, model),
             start_engine=self._start_engine,
-            settings=SupervisorSettings(
-                idle_timeout=_pick(model.idle_timeout, config.defaults.idle_timeout),
-                start_timeout=_pick(model.start_timeout, config.defaults.start_timeout),
-                stop_grace=_pick(model.stop_grace, config.defaults.stop_grace),
-                stable_after=config.defaults.crash_stable_after,
-                max_backoff=config.defaults.crash_backoff_max,
-            ),
+            settings=self._settings_for(model),
             events=self.events,
             clock=self._clock,
-            placement=self._hook,
+            placement=self._hook_for(model),
             sleep_control=self._sleep_control if model.sleep else None,
         )
         supervisor.on_change(self._notify)
         self._supervisors[name] = supervisor
-        served = served_name(name, model)
-        self._names[name] = Target(name, name, served)
-        for alias in model.aliases:
-            self._names[alias] = Target(name, alias, served)
-        if model.route:
-            self._routes[model.route.strip("/")] = name
+
+    def _hook_for(self, model: ModelConfig) -> Placement:
+        # A remote engine holds none of our GPUs: placement and groups leave it alone.
+        return Placement() if model.engine == "remote" else self._hook
+
+    def _settings_for(self, model: ModelConfig) -> SupervisorSettings:
+        defaults = self.config.defaults
+        # "Stopping" a remote engine only forgets it: no idle timeout unless one is set.
+        idle_default = 0.0 if model.engine == "remote" else defaults.idle_timeout
+        return SupervisorSettings(
+            idle_timeout=_pick(model.idle_timeout, idle_default),
+            start_timeout=_pick(model.start_timeout, defaults.start_timeout),
+            stop_grace=_pick(model.stop_grace, defaults.stop_grace),
+            stable_after=defaults.crash_stable_after,
+            max_backoff=defaults.crash_backoff_max,
+        )
+
+    def _index_names(self) -> None:
+        """Names, aliases, served names and routes of the current config."""
+        names: dict[str, Target] = {}
+        served_names: dict[str, Target] = {}
+        routes: dict[str, str] = {}
+        for name, model in self.config.models.items():
+            served = served_name(name, model)
+            names[name] = Target(name, name, served)
+            for alias in model.aliases:
+                names[alias] = Target(name, alias, served)
+            if model.route:
+                routes[model.route.strip("/")] = name
+        for name, model in self.config.models.items():
+            # The engine's own name is accepted too (not listed): clients of the seeds 002
+            # and 004 send it. A name another model owns stays that model's.
+            served = served_name(name, model)
+            if served not in names and served not in served_names:
+                served_names[served] = Target(name, served, served)
+        self._names, self._served_names, self._routes = names, served_names, routes
 
     def _spec_factory(
         self, name: str, model: ModelConfig
@@ -135,17 +163,93 @@ class Scheduler:
 
     # ----- configuration -----
 
-    def apply_config(self, new_config: GatewayConfig) -> None:
-        """The seam for a live configuration reload (not implemented here).
+    def apply_config(self, config: GatewayConfig, plan: ReloadPlan) -> None:
+        """Switch to a reloaded config (already validated), following `plan`.
 
-        A reload is one more event: swap `self.config` (and the placement's), build
-        supervisors for added models with `_add_model`, stop removed or changed ones through
-        their supervisors (`stop`, which drains first) and drop their names, then call
-        `_notify()` so that every waiting start decides again under the new limits.
-        Decisions read the config only through `self.config`, `_target` and `decide()`, so
-        nothing else needs to change.
+        Names, routes, timeouts and queue bounds change at once. Unchanged engines are not
+        touched (same process, requests in flight go on). A model whose engine configuration
+        changed finishes its requests in flight on the old engine; requests that arrive
+        meanwhile wait until it has drained and stopped, then are served by an engine with the
+        new configuration (started again at once if the old one was running). A removed model
+        takes no new requests; its engine drains, then stops. A new model is available at
+        once. Every waiting start then decides again under the new limits.
         """
-        raise NotImplementedError("live configuration reload is not part of this scheduler yet")
+        self.config = config
+        if self._placement is not None:
+            self._placement.config = config
+        retired = {name: self._supervisors.pop(name) for name in plan.removed}
+        self._retiring.update(retired)
+        for name, model in config.models.items():
+            supervisor = self._supervisors.get(name)
+            if supervisor is None:
+                self._add_model(name, model)
+                continue
+            # The next start (only) uses these; a running engine is not affected.
+            supervisor.settings = self._settings_for(model)
+            supervisor.reconfigure(
+                self._spec_factory(name, model),
+                placement=self._hook_for(model),
+                sleep_control=self._sleep_control if model.sleep else None,
+            )
+        self._index_names()
+        # Adapters of a removed base model go with it (their requests would find no engine).
+        self.adapter_targets = {
+            name: target
+            for name, target in self.adapter_targets.items()
+            if target.model in config.models
+        }
+        for supervisor in retired.values():
+            self._in_background(self._retire(supervisor))
+        for name in plan.engine_changed:
+            self._in_background(self._replace_engine(self._supervisors[name]))
+        self._notify()
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._reconfiguring.add(task)
+        task.add_done_callback(self._reconfiguring.discard)
+
+    async def _retire(self, supervisor: ModelSupervisor) -> None:
+        try:
+            await supervisor.stop("removed from the configuration", drain=True)
+        finally:
+            self._retiring.pop(supervisor.name, None)
+
+    async def _replace_engine(self, supervisor: ModelSupervisor) -> None:
+        was_running = supervisor.state in (
+            ModelState.READY,
+            ModelState.SLEEPING,
+            ModelState.STARTING,
+            ModelState.WAKING,
+        )
+        # Requests that arrive meanwhile wait for this stop (the model is "draining"), then
+        # start the new engine themselves.
+        await supervisor.stop("engine configuration changed", drain=True)
+        if was_running and not self._closing:
+            with contextlib.suppress(Exception):  # a failed start is an event already
+                await self.load(supervisor.name, reason="engine configuration changed")
+
+    async def reconfigured(self) -> None:
+        """Wait until the engines a reload replaced or retired are done (for tests, shutdown)."""
+        while self._reconfiguring:
+            await asyncio.gather(*list(self._reconfiguring), return_exceptions=True)
+
+    def _all_supervisors(self) -> list[ModelSupervisor]:
+        """Configured models' supervisors and those of removed models still draining."""
+        return [*self._supervisors.values(), *self._retiring.values()]
+
+    def is_remote(self, name: str) -> bool:
+        """Whether the model's engine runs elsewhere (never started or stopped by us)."""
+        model = self.config.models.get(name)
+        return model is not None and model.engine == "remote"
+
+    def open_routes(self) -> dict[str, str]:
+        """Routes (without '/') served without an API key (`open_route: true`) -> model."""
+        return {
+            model.route.strip("/"): name
+            for name, model in self.config.models.items()
+            if model.open_route and model.route
+        }
 
     # ----- names -----
 
@@ -161,7 +265,11 @@ class Scheduler:
         return sorted({*self._names, *self.adapter_targets})
 
     def resolve(self, public_name: str) -> Target:
-        target = self._names.get(public_name) or self.adapter_targets.get(public_name)
+        target = (
+            self._names.get(public_name)
+            or self.adapter_targets.get(public_name)
+            or self._served_names.get(public_name)
+        )
         if target is None:
             raise UnknownModel(public_name, self.public_names())
         return target
@@ -201,7 +309,7 @@ class Scheduler:
         return self._supervisors[name].timings.wakes
 
     def failure_of(self, name: str) -> Failure | None:
-        return self._supervisors[name].failure
+        return self._supervisor_of(name).failure
 
     def log_tail(self, name: str) -> list[str]:
         return self._supervisors[name].last_log_tail
@@ -226,8 +334,17 @@ class Scheduler:
         async with supervisor.use(deadline) as engine:
             yield engine
 
+    def _supervisor_of(self, name: str) -> ModelSupervisor:
+        """The model's supervisor, also while a reload that removed it drains its engine."""
+        return self._supervisors.get(name) or self._retiring[name]
+
+    async def forget_remote(self, name: str, reason: str) -> None:
+        """A remote engine stopped answering while serving: forget the connection (the next
+        request, or the gateway's check, connects again)."""
+        await self._supervisor_of(name).declare_hung(reason)
+
     async def notice_exit(self, name: str, timeout: float) -> None:
-        await self._supervisors[name].notice_exit(timeout)
+        await self._supervisor_of(name).notice_exit(timeout)
 
     def mark_serving_healthy(self, name: str) -> None:
         self._supervisors[name].mark_serving_healthy()
@@ -466,16 +583,16 @@ class Scheduler:
     def begin_shutdown(self) -> None:
         """Refuse new requests and abandon starts in progress; requests in flight go on."""
         self._closing = True
-        for supervisor in self._supervisors.values():
+        for supervisor in self._all_supervisors():
             supervisor.cancel_start()
         self._notify()  # starts waiting for room give up now
 
     def in_flight(self) -> int:
-        return sum(s.in_flight for s in self._supervisors.values())
+        return sum(s.in_flight for s in self._all_supervisors())
 
     async def drained(self, grace: float) -> bool:
         """Wait up to `grace` for every request in flight; whether all finished."""
-        busy = [s.drained() for s in self._supervisors.values() if s.in_flight]
+        busy = [s.drained() for s in self._all_supervisors() if s.in_flight]
         if not busy:
             return True
         try:
@@ -494,13 +611,16 @@ class Scheduler:
                 await self._reaper
         await self.drained(grace)
         await asyncio.gather(
-            *(s.stop("gateway shutdown", drain=False) for s in self._supervisors.values()),
+            *(s.stop("gateway shutdown", drain=False) for s in self._all_supervisors()),
             return_exceptions=True,
         )
+        for task in list(self._reconfiguring):
+            task.cancel()
+        await asyncio.gather(*self._reconfiguring, return_exceptions=True)
 
     def kill_engines_now(self) -> None:
         """Last resort on gateway exit: kill any engine still there without waiting."""
-        for supervisor in self._supervisors.values():
+        for supervisor in self._all_supervisors():
             if supervisor.engine is not None:
                 supervisor.engine.kill_now()
 
@@ -511,6 +631,7 @@ class Scheduler:
         model = self.config.models[name]
         now = self._clock()
         failure = supervisor.failure
+        remote = model.engine == "remote"
         return {
             "name": name,
             "engine": model.engine,
@@ -520,8 +641,9 @@ class Scheduler:
             "state": supervisor.state.value,
             "can_sleep": supervisor.can_sleep,
             "sleep_level": supervisor.sleep_level if supervisor.state.value == "sleeping" else 0,
-            "pid": supervisor.engine.pid if supervisor.engine else None,
-            "port": supervisor.engine.port if supervisor.engine else None,
+            "url": model.url,
+            "pid": None if supervisor.engine is None or remote else supervisor.engine.pid,
+            "port": None if supervisor.engine is None or remote else supervisor.engine.port,
             "in_flight": supervisor.in_flight,
             "queued": supervisor.waiting,
             "waiting_for_room": supervisor.placing,

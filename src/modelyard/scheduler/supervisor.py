@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from modelyard.engines.base import LaunchSpec, MemoryBudget
 from modelyard.observability.events import EventBus
 from modelyard.runtime.process import EngineStartError
+from modelyard.runtime.remote import RemoteEndpoint, RemoteUnavailable
 
 
 class ModelState(enum.StrEnum):
@@ -50,6 +51,11 @@ class EngineHandle(Protocol):
     async def stop(self, grace: float) -> int | None: ...
 
     def log_tail(self, count: int) -> list[str]: ...
+
+    @property
+    def upstream_headers(self) -> dict[str, str]:
+        """Headers every request to the engine carries (its own key, when it wants one)."""
+        ...
 
     def process_gone(self) -> bool:
         """The OS says the process has exited (before the exit is reported to us)."""
@@ -197,6 +203,14 @@ class ModelSupervisor:
         self._drained = asyncio.Event()
         self._drained.set()
         self._expected_exit = False
+        self._pending_config: (
+            tuple[
+                Callable[[int, MemoryBudget | None], LaunchSpec],
+                Placement,
+                SleepControl | None,
+            ]
+            | None
+        ) = None
         self._deadlines: list[float] = []  # of the requests waiting now
         self._launched_at: float | None = None  # when the start or wake really began
         # True while a start or wake waits for the scheduler's go: it holds nothing yet.
@@ -227,6 +241,24 @@ class ModelSupervisor:
     def wait_deadline(self) -> float:
         """Until when the requests waiting now may wait (the latest of their deadlines)."""
         return max(self._deadlines, default=self._clock() + self.settings.start_timeout)
+
+    def reconfigure(
+        self,
+        spec_for: Callable[[int, MemoryBudget | None], LaunchSpec],
+        placement: Placement | None,
+        sleep_control: SleepControl | None,
+    ) -> None:
+        """A reloaded configuration for this model, taken up by its next start: the running
+        engine (if any) keeps the placement hook and sleep control it was started with, so its
+        stop, sleep and wake still go where they must."""
+        self._pending_config = (spec_for, placement or Placement(), sleep_control)
+        if self.engine is None and self.state in (ModelState.STOPPED, ModelState.FAILED):
+            self._take_pending_config()
+
+    def _take_pending_config(self) -> None:
+        if self._pending_config is not None:
+            self._spec_for, self._placement, self._sleep_control = self._pending_config
+            self._pending_config = None
 
     # ----- public: serving -----
 
@@ -289,6 +321,15 @@ class ModelSupervisor:
                     raise
                 except ModelUnavailable:
                     raise
+                except RemoteUnavailable as error:
+                    # A remote engine that is down: not a failed start, a 503 to retry.
+                    raise ModelUnavailable(
+                        str(error),
+                        status=503,
+                        retry_after=error.retry_after,
+                        log_tail=error.log_tail,
+                        code=error.code,
+                    ) from error
                 except Exception as error:
                     raise self._start_failed_error(error) from error
         finally:
@@ -474,6 +515,7 @@ class ModelSupervisor:
             await self._start_once()
 
     async def _start_once(self) -> None:
+        self._take_pending_config()  # no engine now: a reloaded configuration applies
         before = self.state
         self._launched_at = None
         self.placing = True
@@ -532,7 +574,10 @@ class ModelSupervisor:
         tail = error.log_tail if isinstance(error, EngineStartError) else []
         tail = list(tail or (engine.log_tail(20) if engine else []))
         self.failure = Failure(str(error), exit_code, tail, self._clock())
-        self.consecutive_failures += 1
+        if not isinstance(error, RemoteUnavailable):
+            # A remote engine that is down is not a crash loop of ours: no back-off, the
+            # next request checks it again.
+            self.consecutive_failures += 1
         self.state = ModelState.FAILED
         self._events.emit(
             "start_failed",
@@ -657,14 +702,18 @@ class ModelSupervisor:
             await self._placement.finished(self, False)
         return True
 
-    def _record_engine_lost(self, message: str, code: int | None, tail: list[str]) -> None:
+    def _record_engine_lost(
+        self, message: str, code: int | None, tail: list[str], crash: bool = True
+    ) -> None:
         """The engine is gone without our asking (a crash, or stopped as hung): mark the model
-        failed, counting toward a crash loop unless the engine had served stably first."""
-        serving_for = self._clock() - (self.ready_since or self._clock())
-        if serving_for >= self.settings.stable_after:
-            self.consecutive_failures = 0
-        self.consecutive_failures += 1
-        self.timings.crashes += 1
+        failed, counting toward a crash loop unless the engine had served stably first (or
+        it is a remote server that stopped answering: not a crash of ours)."""
+        if crash:
+            serving_for = self._clock() - (self.ready_since or self._clock())
+            if serving_for >= self.settings.stable_after:
+                self.consecutive_failures = 0
+            self.consecutive_failures += 1
+            self.timings.crashes += 1
         self.engine = None
         self.budget = None
         self.ready_since = None
@@ -711,12 +760,24 @@ class ModelSupervisor:
             # No drain: requests in flight are stuck on this engine and end with its exit.
             code = await engine.stop(self.settings.stop_grace)
             tail = engine.log_tail(20)
-            self._record_engine_lost(
-                f"engine for {self.name!r} was hung and has been stopped: {reason}", code, tail
-            )
-            self._events.emit(
-                "hung", self.name, reason, exit_code=code, log_tail=tail[-10:], pid=engine.pid
-            )
+            if isinstance(engine, RemoteEndpoint):
+                # Not ours, so not a crash (no back-off): forgotten until it answers again.
+                self._record_engine_lost(
+                    f"remote engine for {self.name!r} is not answering: {reason}",
+                    None,
+                    tail,
+                    crash=False,
+                )
+                self._events.emit("remote_down", self.name, reason)
+            else:
+                self._record_engine_lost(
+                    f"engine for {self.name!r} was hung and has been stopped: {reason}",
+                    code,
+                    tail,
+                )
+                self._events.emit(
+                    "hung", self.name, reason, exit_code=code, log_tail=tail[-10:], pid=engine.pid
+                )
             if self._placement.finished is not None:
                 await self._placement.finished(self, False)
             stopped = True

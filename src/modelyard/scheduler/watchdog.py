@@ -49,7 +49,9 @@ def health_probe(session: aiohttp.ClientSession) -> Probe:
     async def probe(engine: EngineHandle, timeout: float) -> bool:
         try:
             async with session.get(
-                engine.base_url + engine.health_path, timeout=aiohttp.ClientTimeout(total=timeout)
+                engine.base_url + engine.health_path,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+                headers=engine.upstream_headers,
             ) as response:
                 return response.status == 200
         except (TimeoutError, aiohttp.ClientError):
@@ -82,6 +84,15 @@ class EngineWatchdog:
     def start(self) -> None:
         if self.settings.interval > 0:
             self._task = asyncio.create_task(self._check_forever())
+
+    def reconfigure(self, settings: WatchdogSettings) -> None:
+        """New settings from a config reload; an interval of 0 stops the periodic checks."""
+        self.settings = settings
+        if settings.interval <= 0 and self._task is not None:
+            self._task.cancel()  # an interval of 0 must not become a busy loop
+            self._task = None
+        elif settings.interval > 0 and (self._task is None or self._task.done()):
+            self.start()
 
     async def close(self) -> None:
         tasks = [t for t in (self._task, *self._verdicts) if t is not None]

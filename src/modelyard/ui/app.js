@@ -142,6 +142,11 @@ function renderMeta(status) {
   if (status.version) parts.push(`v${status.version}`);
   if (status.uptime_s !== undefined) parts.push(`up ${formatUptime(status.uptime_s)}`);
   if (status.queued) parts.push(`${status.queued} queued`);
+  const nodes = status.nodes || [];
+  if (nodes.length) {
+    const lost = nodes.filter((node) => !node.alive).length;
+    parts.push(`${nodes.length - lost} Ray nodes${lost ? ` (${lost} lost)` : ""}`);
+  }
   $("gateway-meta").textContent = parts.join(" · ");
 }
 
@@ -157,7 +162,9 @@ function renderGpus(gpus) {
     const card = el("div", "gpu");
     card.dataset.gpu = gpu.index;
     const title = el("div", "gpu-title");
-    title.append(el("span", "", `GPU ${gpu.index}`), el("span", "muted", gpu.name || ""));
+    // On a Ray cluster a GPU is the pair (node, GPU on that node).
+    const label = gpu.node ? `${gpu.node} · GPU ${gpu.node_gpu}` : `GPU ${gpu.index}`;
+    title.append(el("span", "", label), el("span", "muted", gpu.name || ""));
     const bar = el("div", "bar");
     bar.setAttribute("role", "img");
     bar.setAttribute("aria-label", `used ${formatBytes(used)}, planned ${formatBytes(planned)}, free ${formatBytes(free)} of ${formatBytes(total)}`);
@@ -232,6 +239,8 @@ function renderModels(models) {
 
     const subtitle = [...(model.aliases || [])];
     if (model.route) subtitle.push(model.route);
+    // An engine that runs elsewhere: say where (it is connected to, never started here).
+    if (model.engine === "remote" && model.url) subtitle.push(`remote ${model.url}`);
     cells.name.replaceChildren(el("span", "model-name", model.name));
     if (subtitle.length) cells.name.append(el("span", "model-sub", subtitle.join(" · ")));
 
@@ -247,7 +256,8 @@ function renderModels(models) {
     cells.footprint.textContent =
       footprint === null || footprint === undefined ? "–" : `${model.footprint_measured === false ? "~" : ""}${formatBytes(footprint)}`;
     cells.footprint.title = model.footprint_measured === false ? "estimated (not measured yet)" : "";
-    cells.gpus.textContent = (model.gpus || []).join(", ") || "–";
+    const gpuList = (model.node ? model.node_gpus || [] : model.gpus || []).join(", ");
+    cells.gpus.textContent = model.node ? `${model.node}${gpuList ? ` · GPU ${gpuList}` : ""}` : gpuList || "–";
     cells.inFlight.textContent = model.in_flight ?? "–";
     cells.queued.textContent = model.queued ?? "–";
     cells.lastUse.textContent = model.in_flight ? "now" : formatAgo(model.last_used_ago_s);

@@ -1,0 +1,308 @@
+"""Tokens per API key: usage per key and model, tokens-per-minute limits, token budgets.
+
+Tokens are counted from the engines' own `usage` (streams too: the gateway asks for it), when
+a request's answer is complete. So the checks are made before a request, on what was already
+spent: a request that starts within the limit finishes, and the next one is refused (LiteLLM
+works the same way). Totals live in memory on the request path and are written to
+`<state_dir>/key_tokens.sqlite3` every few seconds and at shutdown, one transaction per flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from modelyard.auth.keys import ApiKey
+from modelyard.state import StateDatabase
+
+log = logging.getLogger("modelyard.auth")
+
+MIGRATIONS = [
+    """
+    CREATE TABLE key_model_usage (
+        name TEXT NOT NULL,
+        model TEXT NOT NULL,
+        requests INTEGER NOT NULL DEFAULT 0,
+        prompt_tokens INTEGER NOT NULL DEFAULT 0,
+        completion_tokens INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (name, model)
+    );
+    CREATE TABLE key_period_tokens (
+        name TEXT NOT NULL,
+        period TEXT NOT NULL,
+        tokens INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (name, period)
+    );
+    CREATE TABLE key_recent_tokens (
+        name TEXT NOT NULL,
+        at REAL NOT NULL,
+        tokens INTEGER NOT NULL
+    )
+    """,
+]
+WINDOW_S = 60.0
+FLUSH_INTERVAL_S = 5.0
+
+
+@dataclass
+class ModelUsage:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a key may not send a request now: a 429 with this message."""
+
+    message: str
+    code: str
+    retry_after: float | None
+    headers: dict[str, str]
+
+
+def period_of(kind: str, now: float) -> tuple[str, float | None]:
+    """The budget period `now` falls in (`day:2026-11-30`, `month:2026-11`, `total`) and when it
+    ends (Unix time; None for `total`). Periods follow UTC, like the usage reports of OpenAI."""
+    moment = time.gmtime(now)
+    if kind == "day":
+        start = calendar.timegm((moment.tm_year, moment.tm_mon, moment.tm_mday, 0, 0, 0))
+        return time.strftime("day:%Y-%m-%d", moment), float(start + 86400)
+    if kind == "month":
+        year, month = moment.tm_year + moment.tm_mon // 12, moment.tm_mon % 12 + 1
+        return time.strftime("month:%Y-%m", moment), float(
+            calendar.timegm((year, month, 1, 0, 0, 0))
+        )
+    return "total", None
+
+
+class TokenLedger:
+    """Usage per key and model, tokens per period, and the sliding tokens-per-minute window
+    (at one-second resolution)."""
+
+    def __init__(
+        self,
+        database: StateDatabase | None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._database = database
+        # Wall-clock time for the tokens-per-minute window too: it is saved, so a restart
+        # does not hand a key a fresh minute.
+        self._wall_clock = wall_clock
+        self._clock = wall_clock
+        self._window_dirty = False
+        self._usage: dict[str, dict[str, ModelUsage]] = {}
+        self._periods: dict[tuple[str, str], int] = {}
+        self._window: dict[str, collections.deque[tuple[float, int]]] = {}
+        self._window_sums: dict[str, int] = {}
+        self._periods_second = -1
+        self._periods_now: tuple[str, ...] = ()
+        self._dirty_usage: set[tuple[str, str]] = set()
+        self._dirty_periods: set[tuple[str, str]] = set()
+        self._flusher: asyncio.Task[None] | None = None
+        if database is not None:
+            for row in database.query("SELECT * FROM key_model_usage"):
+                self._usage.setdefault(row["name"], {})[row["model"]] = ModelUsage(
+                    row["requests"], row["prompt_tokens"], row["completion_tokens"]
+                )
+            for row in database.query("SELECT * FROM key_period_tokens"):
+                self._periods[(row["name"], row["period"])] = row["tokens"]
+            for row in database.query("SELECT * FROM key_recent_tokens ORDER BY at"):
+                self._window.setdefault(row["name"], collections.deque()).append(
+                    (row["at"], row["tokens"])
+                )
+                self._window_sums[row["name"]] = (
+                    self._window_sums.get(row["name"], 0) + row["tokens"]
+                )
+
+    # ----- the request path -----
+
+    def record(self, name: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        """One answered request of key `name` to `model`, with the tokens the engine reported."""
+        usage = self._usage.setdefault(name, {}).setdefault(model, ModelUsage())
+        usage.requests += 1
+        usage.prompt_tokens += prompt_tokens
+        usage.completion_tokens += completion_tokens
+        self._dirty_usage.add((name, model))
+        tokens = prompt_tokens + completion_tokens
+        if tokens <= 0:
+            return
+        now = self._wall_clock()
+        for period in self._current_periods(now):
+            self._periods[(name, period)] = self._periods.get((name, period), 0) + tokens
+            self._dirty_periods.add((name, period))
+        window = self._window.setdefault(name, collections.deque())
+        if window and int(window[-1][0]) == int(now):
+            # One entry per second: the window holds at most 60 entries per key, however
+            # busy (an entry leaves the window with its second's first request).
+            window[-1] = (window[-1][0], window[-1][1] + tokens)
+        else:
+            window.append((now, tokens))
+        self._window_sums[name] = self._window_sums.get(name, 0) + tokens
+        self._last_minute(name)  # drops what left the window: memory stays one minute's worth
+        self._window_dirty = True
+
+    def _current_periods(self, now: float) -> tuple[str, ...]:
+        # Formatting dates costs more than the rest of a record: once a second is enough.
+        second = int(now)
+        if second != self._periods_second:
+            self._periods_second = second
+            self._periods_now = tuple(period_of(kind, now)[0] for kind in ("day", "month", "total"))
+        return self._periods_now
+
+    def refusal(self, key: ApiKey) -> Refusal | None:
+        """Why `key` may not send a request now (budget spent, tokens per minute), or None."""
+        if key.token_budget is not None:
+            spent, ends = self.spent(key.name, key.budget_period)
+            if spent >= key.token_budget:
+                when = (
+                    " until the budget period ends (UTC)"
+                    if ends is not None
+                    else "; ask an admin to raise it (`modelyard keys change`)"
+                )
+                period = "in total" if key.budget_period == "total" else f"per {key.budget_period}"
+                return Refusal(
+                    f"token budget of API key {key.name!r} is spent: {spent} of "
+                    f"{key.token_budget} tokens {period}; requests are refused{when}",
+                    "budget_exceeded",
+                    None if ends is None else max(ends - self._wall_clock(), 1.0),
+                    {
+                        "x-budget-limit-tokens": str(key.token_budget),
+                        "x-budget-spent-tokens": str(spent),
+                    },
+                )
+        if key.tpm is not None:
+            used, wait = self._last_minute(key.name)
+            if used >= key.tpm:
+                return Refusal(
+                    f"rate limit reached for API key {key.name!r}: {key.tpm} tokens per minute "
+                    f"({used} used in the last 60s); retry in {wait:.0f}s",
+                    "rate_limit_exceeded",
+                    wait,
+                    {
+                        "x-ratelimit-limit-tokens": str(key.tpm),
+                        "x-ratelimit-remaining-tokens": "0",
+                        "x-ratelimit-reset-tokens": f"{wait:.3f}s",
+                    },
+                )
+        return None
+
+    def _last_minute(self, name: str) -> tuple[int, float]:
+        """Tokens in the last 60 s, and seconds until enough of them leave the window."""
+        window = self._window.get(name)
+        if not window:
+            return 0, 0.0
+        now = self._clock()
+        used = self._window_sums.get(name, 0)
+        while window and window[0][0] <= now - WINDOW_S:
+            used -= window.popleft()[1]
+        self._window_sums[name] = used  # a running sum: no pass over the window per request
+        wait = max(window[0][0] + WINDOW_S - now, 0.001) if window else 0.0
+        return used, wait
+
+    # ----- reports -----
+
+    def spent(self, name: str, kind: str) -> tuple[int, float | None]:
+        """Tokens `name` spent in the current `kind` period, and when the period ends."""
+        period, ends = period_of(kind, self._wall_clock())
+        return self._periods.get((name, period), 0), ends
+
+    def usage(self, name: str) -> dict[str, dict[str, int]]:
+        """Requests and tokens per model for key `name`."""
+        return {model: usage.to_json() for model, usage in self._usage.get(name, {}).items()}
+
+    def all_usage(self) -> dict[str, dict[str, ModelUsage]]:
+        return self._usage
+
+    def budget_report(self, key: ApiKey) -> dict[str, Any] | None:
+        if key.token_budget is None:
+            return None
+        spent, ends = self.spent(key.name, key.budget_period)
+        return {
+            "tokens": key.token_budget,
+            "period": key.budget_period,
+            "spent": spent,
+            "remaining": max(key.token_budget - spent, 0),
+            "resets_at": ends,
+        }
+
+    # ----- persistence -----
+
+    def flush(self) -> None:
+        if self._database is None or not (
+            self._dirty_usage or self._dirty_periods or self._window_dirty
+        ):
+            return
+        self._window_dirty = False
+        cutoff = self._clock() - WINDOW_S
+        recent_rows = [  # at most 60 per key (one entry per second)
+            (name, at, tokens)
+            for name, window in self._window.items()
+            for at, tokens in window
+            if at > cutoff
+        ]
+        usage_keys, self._dirty_usage = self._dirty_usage, set()
+        period_keys, self._dirty_periods = self._dirty_periods, set()
+        usage_rows = [
+            (name, model, *_usage_row(self._usage[name][model])) for name, model in usage_keys
+        ]
+        period_rows = [
+            (name, period, self._periods[(name, period)]) for name, period in period_keys
+        ]
+
+        def write(connection: Any) -> None:
+            connection.executemany(
+                "INSERT INTO key_model_usage (name, model, requests, prompt_tokens, "
+                "completion_tokens) VALUES (?, ?, ?, ?, ?) ON CONFLICT(name, model) DO UPDATE "
+                "SET requests = excluded.requests, prompt_tokens = excluded.prompt_tokens, "
+                "completion_tokens = excluded.completion_tokens",
+                usage_rows,
+            )
+            connection.executemany(
+                "INSERT INTO key_period_tokens (name, period, tokens) VALUES (?, ?, ?) "
+                "ON CONFLICT(name, period) DO UPDATE SET tokens = excluded.tokens",
+                period_rows,
+            )
+            connection.execute("DELETE FROM key_recent_tokens")
+            connection.executemany(
+                "INSERT INTO key_recent_tokens (name, at, tokens) VALUES (?, ?, ?)", recent_rows
+            )
+
+        try:
+            self._database.write(write)
+        except Exception:
+            self._dirty_usage |= usage_keys  # try again at the next flush
+            self._dirty_periods |= period_keys
+            self._window_dirty = True
+            log.exception("could not save token usage")
+
+    def start(self, interval: float = FLUSH_INTERVAL_S) -> None:
+        self._flusher = asyncio.create_task(self._flush_forever(interval))
+
+    async def _flush_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.flush()
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        self.flush()
+        if self._database is not None:
+            self._database.close()
+
+
+def _usage_row(usage: ModelUsage) -> tuple[int, int, int]:
+    return usage.requests, usage.prompt_tokens, usage.completion_tokens
