@@ -257,13 +257,11 @@ async def test_shutdown_ends_a_long_stream_with_an_error_event(gateway_factory):
     assert gateway.process.wait(timeout=20) == 0
 
 
-def test_with_keys_the_lane_serves_valid_keys_and_leaves_refusals_to_the_web_layer(
-    gateway_factory,
-):
-    """One connection, pipelined: alice's request (served by the lane, counted for alice),
-    a wrong key (the web layer's 401), alice again on the same connection (now aiohttp's),
-    and on a fresh connection a model alice may not use (the web layer's 404, which names no
-    other key's model) and bob's rate-limited key (the web layer counts it)."""
+def test_with_keys_requests_get_the_web_layers_answers_and_counts(gateway_factory):
+    """With keys the lane hands every request to the web layer (keys, limits, budgets and
+    their counts are all its own). One connection, pipelined: alice's request, a wrong key
+    (401), alice again; on fresh connections a model alice may not use (404, naming no other
+    key's model) and bob's rate-limited key; each key's usage counted once."""
     from tests.security.keys import ADMIN_KEY, LIMITED_KEY, USER_KEY, auth_settings
 
     gateway = gateway_factory(

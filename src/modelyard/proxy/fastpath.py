@@ -16,11 +16,11 @@ the bytes read so far, to aiohttp's own protocol for that connection, which serv
 every middleware and keeps the connection: the fast lane never answers a request it is not
 sure about.
 
-With API keys, the lane serves only a valid key without a rate limit, for a model it may use
-(then counted by the same `Authenticator.identify` as the middleware's); a missing or unknown
-key, a rate-limited key and a forbidden model go to the web layer untouched, for its 401, 429
-or 403 and its counts. Without keys, only a local Host (localhost, 127.0.0.1, [::1]) is served
-here: the web layer applies the DNS-rebinding rule to every other name.
+It serves only while no API keys exist (checked per request: a reload or a runtime key can
+add some): with keys, every request goes to the web layer (authentication, rate limits, token
+budgets, revocation and their counts). It serves only a local Host (localhost, 127.0.0.1,
+[::1]): the web layer applies the DNS-rebinding rule to every other name. Remote engines
+(`engine: remote`, whose URL may be https or carry a path) and TLS listeners are aiohttp's.
 """
 
 from __future__ import annotations
