@@ -262,6 +262,21 @@ class Harness:
     runtime: InProcessRuntime
     records: list[Any]
 
+    @property
+    def url(self) -> str:
+        """The gateway's base URL on the test server (a real loopback port: raw sockets and
+        the `openai` SDK reach it as they reach `modelyard serve`)."""
+        server = self.client.server
+        return f"http://{server.host}:{server.port}"
+
+    def status(self) -> dict[str, Any]:
+        """What `/gateway/status` lists per model, read from the gateway itself (no key)."""
+        scheduler = self.gateway.scheduler
+        return {"models": [self.gateway.model_status(name) for name in scheduler.models()]}
+
+    def model_state(self, name: str) -> str:
+        return str(self.gateway.model_status(name)["state"])
+
     async def chat(self, model: str, **body: Any) -> tuple[int, dict[str, Any], dict[str, str]]:
         payload = {"model": model, "messages": [{"role": "user", "content": "hi"}], **body}
         response = await self.client.post("/v1/chat/completions", json=payload)

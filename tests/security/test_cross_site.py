@@ -4,16 +4,22 @@ A keyless gateway on loopback trusts whoever connects, and the user's own browse
 on behalf of any page. Requests are sent byte for byte, as browsers send them: with `Origin`
 on cross-origin requests, `Sec-Fetch-*` headers, and "simple" requests (text/plain or form
 bodies, no preflight).
+
+Every check here is the gateway's own HTTP decision, so it runs in-process (tests/harness.py):
+the real app on a real loopback port (raw sockets reach it as they reach `modelyard serve`),
+with an in-process engine standing in for vLLM's OpenAI server.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from modelyard.config.loader import ConfigError, parse_config
-from tests.conftest import fake_model
+from tests.harness import Harness, engine_model, in_process_gateway
 from tests.security.keys import ADMIN_KEY, USER_KEY, auth_settings, bearer
 from tests.security.raw_http import is_openai_error, request, send_raw
 
@@ -24,8 +30,10 @@ JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture
-def keyless(gateway_factory):
-    return gateway_factory({"chat": fake_model("chat")}, cors={"allowed_origins": [WEBUI]})
+async def keyless(tmp_path: Path) -> AsyncIterator[Harness]:
+    models = {"chat": engine_model()}
+    async with in_process_gateway(tmp_path, models, cors={"allowed_origins": [WEBUI]}) as h:
+        yield h
 
 
 async def test_foreign_origins_are_refused_before_anything_runs(keyless):
@@ -131,8 +139,12 @@ async def test_cors_preflight_only_for_listed_origins_and_never_a_wildcard(keyle
     assert "access-control-allow-origin" not in answer.headers
 
 
-async def test_no_origin_is_allowed_by_default_and_keys_do_not_change_that(gateway_factory):
-    gateway = gateway_factory({"chat": fake_model("chat")}, **auth_settings())
+async def test_no_origin_is_allowed_by_default_and_keys_do_not_change_that(tmp_path):
+    async with in_process_gateway(tmp_path, {"chat": engine_model()}, **auth_settings()) as h:
+        await _no_origin_by_default(h)
+
+
+async def _no_origin_by_default(gateway: Harness) -> None:
     preflight = {"Origin": WEBUI, "Access-Control-Request-Method": "POST"}
     answer = await request(gateway.url, "OPTIONS", "/v1/chat/completions", preflight)
     assert answer.status == 403
