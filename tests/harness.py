@@ -52,6 +52,7 @@ class Behaviour:
 class EngineState:
     loras: set[str] = field(default_factory=set)
     requests: int = 0
+    last: dict[str, Any] | None = None  # the last completion request as it arrived
     disconnects: int = 0
     sleeping: int = 0
 
@@ -143,6 +144,7 @@ class InProcessEngine:
         app.router.add_post("/wake_up", self._wake)
         app.router.add_post("/v1/load_lora_adapter", self._load_lora)
         app.router.add_post("/v1/unload_lora_adapter", self._unload_lora)
+        app.router.add_get("/fake/seen", self._seen)
         return app
 
     def _served(self) -> str:
@@ -158,13 +160,15 @@ class InProcessEngine:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.state.requests += 1
+        self.state.last = {"path": request.path, "body": body, "headers": dict(request.headers)}
         model = body.get("model")
         if model not in (self._served(), *self.state.loras):
             return _engine_error(404, f"The model `{model}` does not exist.")
         if body.get("fake_status"):
             return _engine_error(int(body["fake_status"]), "fake error requested")
         chunks, delay = int(body.get("fake_chunks", 3)), float(body.get("fake_chunk_delay", 0))
-        text = f"{model} says hi"
+        messages = body.get("messages") or [{}]
+        text = f"{model} says: {messages[-1].get('content', '')}"  # as tests/fake_engine.py
         if not body.get("stream"):
             await asyncio.sleep(delay * chunks)
             return web.json_response(
@@ -193,6 +197,13 @@ class InProcessEngine:
             self.state.disconnects += 1
             raise
         return response
+
+    async def _seen(self, request: web.Request) -> web.Response:
+        """tests/fake_engine.py's record of what reached the engine (no real engine has it)."""
+        state = self.state
+        return web.json_response(
+            {"requests": state.requests, "last": state.last, "loras": sorted(state.loras)}
+        )
 
     async def _sleep(self, request: web.Request) -> web.Response:
         if not self.behaviour.sleep_mode:
@@ -273,6 +284,10 @@ class Harness:
         """What `/gateway/status` lists per model, read from the gateway itself (no key)."""
         scheduler = self.gateway.scheduler
         return {"models": [self.gateway.model_status(name) for name in scheduler.models()]}
+
+    def engine_pids(self) -> list[int]:
+        """The engines still running (in-process: their made-up pids)."""
+        return [e.pid for e in self.runtime.engines if not e.process_gone()]
 
     def model_state(self, name: str) -> str:
         return str(self.gateway.model_status(name)["state"])

@@ -136,7 +136,7 @@ async def test_cold_start_then_reuse(tmp_path: Path) -> None:
         assert h.gateway.scheduler.state_of("chat").value == "stopped"
         status, body, _ = await h.chat("chat")
         assert status == 200
-        assert body["choices"][0]["message"]["content"] == "chat says hi"
+        assert body["choices"][0]["message"]["content"] == "chat says: hi"
         assert (await h.chat("chat"))[0] == 200
         assert len(h.runtime.of("chat")) == 1
         assert h.gateway.model_status("chat")["starts"] == 1

@@ -1,10 +1,17 @@
-"""API keys end to end, against a real `modelyard serve` with test engines behind it."""
+"""API keys end to end.
+
+The gateway's decisions (401/403/404/429, what reaches the engine, what the listing shows)
+run in-process (tests/harness.py: the real app on a loopback port, an in-process engine for
+vLLM's OpenAI server). What only a real process shows stays on `modelyard serve` with
+tests/fake_engine.py: counters across a restart, files on disk, the CLI's refusal and the
+start message in its log."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +20,7 @@ import pytest
 import yaml
 
 from tests.conftest import fake_model, free_port
+from tests.harness import Harness, engine_model, in_process_gateway
 from tests.reliability.running import restart
 from tests.security.keys import ADMIN_KEY, LIMITED_KEY, USER_KEY, auth_settings, bearer
 
@@ -24,8 +32,20 @@ def models() -> dict[str, Any]:
     return {name: fake_model(served, route=f"/{name}") for name, served in MODELS.items()}
 
 
+def in_process_models() -> dict[str, Any]:
+    return {
+        name: engine_model(served_name=served, route=f"/{name}") for name, served in MODELS.items()
+    }
+
+
 @pytest.fixture
-def gateway(gateway_factory):
+async def gateway(tmp_path: Path) -> AsyncIterator[Harness]:
+    async with in_process_gateway(tmp_path, in_process_models(), **auth_settings()) as h:
+        yield h
+
+
+@pytest.fixture
+def process_gateway(gateway_factory):
     running = gateway_factory(models(), **auth_settings())
     running.admin_key = ADMIN_KEY
     return running
@@ -235,7 +255,8 @@ async def key_usage(gateway, name: str) -> dict[str, Any]:
     return next(k["usage"] for k in body["keys"] if k["name"] == name)
 
 
-async def test_keys_never_reach_logs_events_or_state(gateway):
+async def test_keys_never_reach_logs_events_or_state(process_gateway):
+    gateway = process_gateway
     url = gateway.url + "/v1/chat/completions"
     await call("POST", url, bearer(USER_KEY), json={"model": "chat", **CHAT})
     await call("POST", url, bearer(USER_KEY), json={"model": "secret", **CHAT})
