@@ -1,6 +1,10 @@
 """An in-process gateway for integration tests: the real app on aiohttp's test server, with
 engines that are small aiohttp servers in the test's own event loop instead of processes.
 
+The gateway is served as `modelyard serve` serves it (GatewayServer: the fast lane in front of
+aiohttp's protocol with OpenAI-shaped protocol errors, on a real loopback port), so raw
+sockets, aiohttp and the `openai` SDK reach it the same way.
+
 Most integration tests need the gateway's HTTP behaviour (routes, errors, streaming, the
 scheduler's waits), not a process: this runs in milliseconds where `modelyard serve` plus a
 Python engine per model takes seconds. What only a real process shows (signals, leaked
@@ -27,11 +31,14 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from yarl import URL
 
 from modelyard.api.app import build_app
+from modelyard.api.http_layer import use_openai_errors
 from modelyard.config import parse_config
 from modelyard.engines.base import LaunchSpec
 from modelyard.gateway import Gateway
+from modelyard.proxy.fastpath import FastLane, start_server
 from modelyard.runtime.process import EngineStartError
 
 _numbers = itertools.count()
@@ -266,6 +273,48 @@ def engine_model(**settings: Any) -> dict[str, Any]:
     return {"engine": "command", "command": ["in-process", "{port}"], **settings}
 
 
+class GatewayServer(TestServer):
+    """The app served as `modelyard serve` serves it (src/modelyard/server.py, minus signals and
+    TLS): aiohttp's protocol with OpenAI-shaped protocol errors, behind the fast lane that takes
+    the common keyless POSTs. So a test here covers the path a real client's request takes."""
+
+    def __init__(self, gateway: Gateway, app: web.Application) -> None:
+        super().__init__(app)
+        self.gateway = gateway
+        self.lane: FastLane | None = None
+        self.listener: asyncio.AbstractServer | None = None
+
+    async def start_server(self, loop: asyncio.AbstractEventLoop | None = None, **_: Any) -> None:
+        if self.runner:
+            return
+        self.runner = web.AppRunner(
+            self.app,
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=self.gateway.config.limits.shutdown_grace,
+        )
+        await self.runner.setup()
+        use_openai_errors(self.runner)
+        assert self.runner.server is not None
+        self.lane = FastLane(self.gateway, self.runner.server)
+        self.listener = await start_server(self.lane, "127.0.0.1", 0)
+        self.port = int(self.listener.sockets[0].getsockname()[1])
+        self.scheme = "http"
+        self._root = URL(f"http://127.0.0.1:{self.port}")
+
+    async def close(self) -> None:
+        if self.started and not self.closed:
+            assert self.runner is not None
+            assert self.lane is not None
+            if self.listener is not None:
+                self.listener.close()
+            await self.lane.close(0)
+            await self.runner.cleanup()
+            self._root = None
+            self.port = None
+            self._closed = True
+
+
 @dataclass
 class Harness:
     client: TestClient[web.Request, web.Application]
@@ -313,7 +362,7 @@ async def in_process_gateway(
     records: list[Any] = []
     gateway.request_observers.append(records.append)
     await gateway.start()
-    client = TestClient(TestServer(build_app(gateway)))
+    client = TestClient(GatewayServer(gateway, build_app(gateway)))
     await client.start_server()
     try:
         yield Harness(client, gateway, runtime, records)
