@@ -191,6 +191,10 @@ class InProcessEngine:
         await response.prepare(request)
         try:
             for index in range(chunks):
+                if body.get("fake_break_after") == index and request.transport is not None:
+                    # The engine drops the connection mid-stream (a crash, a killed worker).
+                    request.transport.abort()
+                    return response
                 chunk = {
                     "id": "chunk",
                     "object": "chat.completion.chunk",

@@ -1,4 +1,8 @@
-"""The audit's minor findings (issue 12), each reproduced."""
+"""The audit's minor findings (issue 12), each reproduced.
+
+The gateway's answers run in-process (tests/harness.py serves the app as `modelyard serve`
+does: fast lane, aiohttp's protocol with OpenAI-shaped errors, a real loopback port). What
+the gateway writes to its log and the CLI's refusal stay on a real process."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from tests.conftest import fake_model, free_port
+from tests.harness import Harness, engine_model, in_process_gateway
 from tests.security.keys import ADMIN_KEY, USER_KEY, auth_settings, bearer
 from tests.security.raw_http import is_openai_error, request, send_raw
 
@@ -19,13 +24,17 @@ JSON = {"Content-Type": "application/json"}
 
 def keyed_models():
     return {
-        "chat": fake_model("chat", route="/chat"),
-        "secret": fake_model("secret", route="/secret"),
+        "chat": engine_model(served_name="chat", route="/chat"),
+        "secret": engine_model(served_name="secret", route="/secret"),
     }
 
 
-async def test_protocol_level_errors_have_openai_shape(gateway_factory):
-    gateway = gateway_factory({})
+async def test_protocol_level_errors_have_openai_shape(tmp_path):
+    async with in_process_gateway(tmp_path, {}) as gateway:
+        await _protocol_errors(gateway)
+
+
+async def _protocol_errors(gateway: Harness) -> None:
     for data in [
         b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n",
         b"GET /health HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 20000 + b"\r\n\r\n",
@@ -40,34 +49,58 @@ async def test_protocol_level_errors_have_openai_shape(gateway_factory):
         assert b"aaaa" not in answer.body  # the offending bytes are not echoed
 
 
-async def test_control_characters_never_reach_labels_or_log_lines(gateway_factory):
-    gateway = gateway_factory({"chat": fake_model("chat", route="/chat")})
-    for target in ["/v1/chat%01/completions", "/chat/x%1b[31mred", "/chat/%0a%0dforged"]:
-        answer = await request(gateway.url, "POST", target, JSON, json.dumps(CHAT).encode())
+CONTROL_TARGETS = ["/v1/chat%01/completions", "/chat/x%1b[31mred", "/chat/%0a%0dforged"]
+
+
+async def send_control_characters(url: str) -> None:
+    for target in CONTROL_TARGETS:
+        answer = await request(url, "POST", target, JSON, json.dumps(CHAT).encode())
         assert answer.status == 400, answer
     answer = await request(
-        gateway.url, "POST", "/chat/v1/chat/completions", JSON, json.dumps(CHAT).encode()
+        url, "POST", "/chat/v1/chat/completions", JSON, json.dumps(CHAT).encode()
     )
     assert answer.status == 200
-    metrics = await request(gateway.url, "GET", "/metrics")
+
+
+async def test_control_characters_never_reach_labels_or_log_lines(tmp_path):
+    models = {"chat": engine_model(served_name="chat", route="/chat")}
+    async with in_process_gateway(tmp_path, models) as gateway:
+        await send_control_characters(gateway.url)
+        metrics = await request(gateway.url, "GET", "/metrics")
     text = metrics.body.decode()
     assert not [c for c in text if ord(c) < 0x20 and c != "\n"]
     assert "forged" not in text
+
+
+async def test_control_characters_never_reach_the_log_on_disk(gateway_factory):
+    # Process-level: what `modelyard serve` writes to its log.
+    gateway = gateway_factory({"chat": fake_model("chat", route="/chat")})
+    await send_control_characters(gateway.url)
     assert "\x1b" not in gateway.log_text()
 
 
-async def test_a_stream_broken_by_its_engine_is_counted_as_an_error(gateway_factory):
-    gateway = gateway_factory({"chat": fake_model("chat")})
+async def break_a_stream(url: str) -> None:
     body = json.dumps({**CHAT, "stream": True, "fake_chunks": 5, "fake_break_after": 2})
-    answer = await request(gateway.url, "POST", "/v1/chat/completions", JSON, body.encode())
+    answer = await request(url, "POST", "/v1/chat/completions", JSON, body.encode())
     assert answer.status == 200  # the header was sent before the engine broke off
     assert b"upstream_stream_broken" in answer.body
-    metrics = (await request(gateway.url, "GET", "/metrics")).body.decode()
+
+
+async def test_a_stream_broken_by_its_engine_is_counted_as_an_error(tmp_path):
+    async with in_process_gateway(tmp_path, {"chat": engine_model(served_name="chat")}) as h:
+        await break_a_stream(h.url)
+        metrics = (await request(h.url, "GET", "/metrics")).body.decode()
     counted = [
         line for line in metrics.splitlines() if line.startswith("modelyard_requests_total{")
     ]
     assert any('status="502"' in line for line in counted), counted
     assert not any('status="200"' in line for line in counted), counted
+
+
+async def test_a_stream_broken_by_its_engine_is_logged_as_502(gateway_factory):
+    # Process-level: the request line in the log `modelyard serve` writes.
+    gateway = gateway_factory({"chat": fake_model("chat")})
+    await break_a_stream(gateway.url)
     assert "status=502" in gateway.log_text()
 
 
@@ -92,9 +125,12 @@ def test_unwritable_state_dir_is_a_clear_error_in_check_and_serve(tmp_path: Path
         assert len(result.stderr.splitlines()) <= 3
 
 
-async def test_route_404_names_only_routes_the_key_may_use(gateway_factory):
-    gateway = gateway_factory(keyed_models(), **auth_settings())
-    gateway.admin_key = ADMIN_KEY
+async def test_route_404_names_only_routes_the_key_may_use(tmp_path):
+    async with in_process_gateway(tmp_path, keyed_models(), **auth_settings()) as gateway:
+        await _route_404(gateway)
+
+
+async def _route_404(gateway: Harness) -> None:
     for target in ("/nosuch/v1/chat/completions", "/secret/v1/chat/completions"):
         answer = await request(
             gateway.url, "POST", target, {**JSON, **bearer(USER_KEY)}, json.dumps(CHAT).encode()
@@ -108,9 +144,12 @@ async def test_route_404_names_only_routes_the_key_may_use(gateway_factory):
     assert "/chat" not in answer.body.decode()
 
 
-async def test_duplicate_model_keys_are_refused(gateway_factory):
-    gateway = gateway_factory(keyed_models(), **auth_settings())
-    gateway.admin_key = ADMIN_KEY
+async def test_duplicate_model_keys_are_refused(tmp_path):
+    async with in_process_gateway(tmp_path, keyed_models(), **auth_settings()) as gateway:
+        await _duplicate_model_keys(gateway)
+
+
+async def _duplicate_model_keys(gateway: Harness) -> None:
     headers = {**JSON, **bearer(USER_KEY)}
     messages = '"messages": [{"role": "user", "content": "hi"}]'
     for body in [
