@@ -36,7 +36,7 @@ from yarl import URL
 from modelyard.api.app import build_app
 from modelyard.api.http_layer import use_openai_errors
 from modelyard.config import parse_config
-from modelyard.engines.base import LaunchSpec
+from modelyard.engines.base import LaunchSpec, served_name
 from modelyard.gateway import Gateway
 from modelyard.proxy.fastpath import FastLane, start_server
 from modelyard.runtime.process import EngineStartError
@@ -59,6 +59,7 @@ class Behaviour:
 class EngineState:
     loras: set[str] = field(default_factory=set)
     requests: int = 0
+    in_flight: int = 0
     last: dict[str, Any] | None = None  # the last completion request as it arrived
     disconnects: int = 0
     sleeping: int = 0
@@ -67,8 +68,13 @@ class EngineState:
 class InProcessEngine:
     """One engine: implements the scheduler's `EngineHandle`."""
 
-    def __init__(self, name: str, spec: LaunchSpec, behaviour: Behaviour) -> None:
+    def __init__(
+        self, name: str, spec: LaunchSpec, behaviour: Behaviour, served: str | None = None
+    ) -> None:
         self.name = name
+        # The name the engine serves (vLLM's --served-model-name; tests/fake_engine.py's
+        # --served-name): the config's `served_name`, else the model's name.
+        self.served = served or spec.expect_served_name or name
         self.spec = spec
         self.behaviour = behaviour
         self.number = next(_numbers)
@@ -147,6 +153,8 @@ class InProcessEngine:
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/embeddings", self._chat)
+        app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/sleep", self._sleep)
         app.router.add_post("/wake_up", self._wake)
         app.router.add_post("/v1/load_lora_adapter", self._load_lora)
@@ -155,7 +163,7 @@ class InProcessEngine:
         return app
 
     def _served(self) -> str:
-        return self.spec.expect_served_name or self.name
+        return self.served
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(status=200 if self._ready() else 503)
@@ -165,6 +173,8 @@ class InProcessEngine:
         return web.json_response({"object": "list", "data": [{"id": n} for n in names]})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
+        """Chat completions and embeddings in vLLM's shapes, answered as tests/fake_engine.py
+        answers (the same text, token counts and usage chunk), so the same assertions hold."""
         body = await request.json()
         self.state.requests += 1
         self.state.last = {"path": request.path, "body": body, "headers": dict(request.headers)}
@@ -173,24 +183,54 @@ class InProcessEngine:
             return _engine_error(404, f"The model `{model}` does not exist.")
         if body.get("fake_status"):
             return _engine_error(int(body["fake_status"]), "fake error requested")
+        if request.path.endswith("embeddings"):
+            return web.json_response(
+                {
+                    "object": "list",
+                    "model": model,
+                    "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2, 0.3]}],
+                    "usage": {"prompt_tokens": 3, "total_tokens": 3, "completion_tokens": 0},
+                }
+            )
         chunks, delay = int(body.get("fake_chunks", 3)), float(body.get("fake_chunk_delay", 0))
         messages = body.get("messages") or [{}]
         text = f"{model} says: {messages[-1].get('content', '')}"  # as tests/fake_engine.py
-        if not body.get("stream"):
+        self.state.in_flight += 1
+        try:
+            if body.get("stream"):
+                return await self._stream(request, body, model, text, chunks, delay)
             await asyncio.sleep(delay * chunks)
+            words = len(text.split())
             return web.json_response(
                 {
                     "id": "cmpl-1",
                     "object": "chat.completion",
                     "model": model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
-                    "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+                    "usage": {
+                        "prompt_tokens": 5,
+                        "completion_tokens": words,
+                        "total_tokens": 5 + words,
+                    },
                 }
             )
+        finally:
+            self.state.in_flight -= 1
+
+    async def _stream(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        model: str,
+        text: str,
+        chunks: int,
+        delay: float,
+    ) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        words = (text.split() * chunks)[:chunks] or [""]
         try:
-            for index in range(chunks):
+            for index, word in enumerate(words):
                 if body.get("fake_break_after") == index and request.transport is not None:
                     # The engine drops the connection mid-stream (a crash, a killed worker).
                     request.transport.abort()
@@ -199,15 +239,41 @@ class InProcessEngine:
                     "id": "chunk",
                     "object": "chat.completion.chunk",
                     "model": model,
-                    "choices": [{"index": 0, "delta": {"content": f"w{index} "}}],
+                    "choices": [{"index": 0, "delta": {"content": word + " "}}],
                 }
                 await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
                 await asyncio.sleep(delay)
+            if (body.get("stream_options") or {}).get("include_usage"):
+                usage = {
+                    "id": "chunk",
+                    "object": "chat.completion.chunk",
+                    "model": model,
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": 5,
+                        "completion_tokens": chunks,
+                        "total_tokens": 5 + chunks,
+                    },
+                }
+                await response.write(f"data: {json.dumps(usage)}\n\n".encode())
             await response.write(b"data: [DONE]\n\n")
         except (ConnectionResetError, asyncio.CancelledError):
             self.state.disconnects += 1
             raise
         return response
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        """A few of vLLM's own `vllm:` metrics in its exposition format (tests/fake_engine.py's)."""
+        labels = f'engine="0",model_name="{self._served()}"'
+        text = (
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+            "# TYPE vllm:num_requests_running gauge\n"
+            f"vllm:num_requests_running{{{labels}}} {float(self.state.in_flight)}\n"
+            "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n"
+            "# TYPE vllm:kv_cache_usage_perc gauge\n"
+            f"vllm:kv_cache_usage_perc{{{labels}}} 0.25\n"
+        )
+        return web.Response(text=text, content_type="text/plain")
 
     async def _seen(self, request: web.Request) -> web.Response:
         """tests/fake_engine.py's record of what reached the engine (no real engine has it)."""
@@ -255,11 +321,13 @@ class InProcessRuntime:
     def __init__(self, behaviours: dict[str, Behaviour] | None = None) -> None:
         self.behaviours = behaviours or {}
         self.engines: list[InProcessEngine] = []
+        self.served_names: dict[str, str] = {}  # set from the config by in_process_gateway
 
     async def __call__(
         self, name: str, spec_for_port: Callable[[int], LaunchSpec]
     ) -> InProcessEngine:
-        engine = InProcessEngine(name, spec_for_port(0), self.behaviours.get(name, Behaviour()))
+        behaviour = self.behaviours.get(name, Behaviour())
+        engine = InProcessEngine(name, spec_for_port(0), behaviour, self.served_names.get(name))
         await engine.start()
         self.engines.append(engine)
         return engine
@@ -362,6 +430,7 @@ async def in_process_gateway(
     """The real gateway (scheduler, api, proxy, metrics) on a test server, engines in-process."""
     config = parse_config({"state_dir": str(tmp_path / "state"), "models": models, **settings})
     runtime = InProcessRuntime(behaviours)
+    runtime.served_names = {name: served_name(name, m) for name, m in config.models.items()}
     gateway = Gateway.create(config, start_engine=runtime)
     records: list[Any] = []
     gateway.request_observers.append(records.append)

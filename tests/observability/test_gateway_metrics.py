@@ -1,4 +1,8 @@
-"""`/metrics` of a real gateway after a scripted set of requests: exact values."""
+"""`/metrics` of a real gateway after a scripted set of requests: exact values.
+
+The metrics run in-process (tests/harness.py: the app served as `modelyard serve` serves it,
+in-process engines answering with tests/fake_engine.py's text, token counts and `vllm:`
+metrics). The JSON request log, which `modelyard serve` writes, stays on a real process."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from typing import Any
 import aiohttp
 
 from tests.conftest import fake_model
+from tests.harness import Harness, engine_model, in_process_gateway
 from tests.observability.scrape import get, scrape
 from tests.security.keys import ADMIN_KEY, USER_KEY, auth_settings, bearer
 
@@ -30,14 +35,8 @@ def data_events(stream_text: str) -> list[Any]:
     ]
 
 
-async def test_counters_histograms_and_tokens_after_scripted_requests(gateway_factory):
-    gateway = gateway_factory(
-        {"chat": fake_model("chat-engine", aliases=["smol"]), "idle": fake_model("idle")},
-        log_format="json",
-        **auth_settings(),
-    )
-    gateway.admin_key = ADMIN_KEY
-    chat = gateway.url + "/v1/chat/completions"
+async def scripted_requests(url: str) -> None:
+    chat = url + "/v1/chat/completions"
     async with aiohttp.ClientSession() as session:
         for _ in range(2):  # 5 prompt + 3 completion tokens each ("chat-engine says: hello")
             status, _ = await post(session, chat, {"model": "chat", "messages": HELLO})
@@ -55,7 +54,7 @@ async def test_counters_histograms_and_tokens_after_scripted_requests(gateway_fa
         assert all(chunk["choices"] and "usage" not in chunk for chunk in chunks)
         assert all(chunk["model"] == "smol" for chunk in chunks)
         async with session.get(
-            gateway.url + "/upstream/chat/fake/seen", headers=bearer(ADMIN_KEY)
+            url + "/upstream/chat/fake/seen", headers=bearer(ADMIN_KEY)
         ) as response:
             sent = (await response.json())["last"]["body"]
         assert sent["stream_options"] == {"include_usage": True}
@@ -75,16 +74,23 @@ async def test_counters_histograms_and_tokens_after_scripted_requests(gateway_fa
         status, _ = await post(session, chat, {"model": "chat", "messages": HELLO,
                                                "fake_status": 422})  # fmt: skip
         assert status == 422
-        status, _ = await post(
-            session, gateway.url + "/v1/embeddings", {"model": "chat", "input": "x"}
-        )
+        status, _ = await post(session, url + "/v1/embeddings", {"model": "chat", "input": "x"})
         assert status == 200
 
-        async with session.get(gateway.url + "/metrics") as response:
+        async with session.get(url + "/metrics") as response:
             assert response.status == 401  # metrics need a key like everything else
-        async with session.get(gateway.url + "/metrics", headers=bearer(USER_KEY)) as response:
+        async with session.get(url + "/metrics", headers=bearer(USER_KEY)) as response:
             assert response.status == 403  # ... an admin key
-    samples, _ = await scrape(gateway.url + "/metrics", bearer(ADMIN_KEY))
+
+
+async def test_counters_histograms_and_tokens_after_scripted_requests(tmp_path):
+    models = {
+        "chat": engine_model(served_name="chat-engine", aliases=["smol"]),
+        "idle": engine_model(served_name="idle"),
+    }
+    async with in_process_gateway(tmp_path, models, **auth_settings()) as gateway:
+        await scripted_requests(gateway.url)
+        samples, _ = await scrape(gateway.url + "/metrics", bearer(ADMIN_KEY))
 
     def requests(route: str, status: str, key: str = "alice") -> float | None:
         return get(samples, "modelyard_requests_total", model="chat", route=route, key=key,
@@ -110,6 +116,16 @@ async def test_counters_histograms_and_tokens_after_scripted_requests(gateway_fa
     assert get(samples, "modelyard_queue_depth", model="chat") == 0
     assert get(samples, "modelyard_events_total", kind="ready") == 1
 
+
+async def test_request_log_lines_after_scripted_requests(gateway_factory):
+    # Process-level: the JSON log `modelyard serve` writes.
+    gateway = gateway_factory(
+        {"chat": fake_model("chat-engine", aliases=["smol"]), "idle": fake_model("idle")},
+        log_format="json",
+        **auth_settings(),
+    )
+    gateway.admin_key = ADMIN_KEY
+    await scripted_requests(gateway.url)
     # Every proxied request is one JSON log line with its fields; no key ever reaches the log.
     log = gateway.log_text()
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
@@ -124,8 +140,13 @@ async def test_counters_histograms_and_tokens_after_scripted_requests(gateway_fa
     assert "hello" not in log  # no request body either
 
 
-async def test_engine_metrics_target_never_starts_an_engine(gateway_factory):
-    gateway = gateway_factory({"chat": fake_model("chat"), "idle": fake_model("idle")})
+async def test_engine_metrics_target_never_starts_an_engine(tmp_path):
+    models = {"chat": engine_model(served_name="chat"), "idle": engine_model(served_name="idle")}
+    async with in_process_gateway(tmp_path, models) as gateway:
+        await _engine_metrics_target(gateway)
+
+
+async def _engine_metrics_target(gateway: Harness) -> None:
     async with aiohttp.ClientSession() as session:
         status, _ = await post(session, gateway.url + "/v1/chat/completions",
                                {"model": "chat", "messages": HELLO})  # fmt: skip
