@@ -42,6 +42,7 @@ from modelyard.proxy.fastpath import FastLane, start_server
 from modelyard.runtime.process import EngineStartError
 
 _numbers = itertools.count()
+COMPACT = (",", ":")  # vLLM writes its SSE chunks as pydantic's compact JSON
 
 
 @dataclass
@@ -160,6 +161,7 @@ class InProcessEngine:
         app.router.add_post("/v1/load_lora_adapter", self._load_lora)
         app.router.add_post("/v1/unload_lora_adapter", self._unload_lora)
         app.router.add_get("/fake/seen", self._seen)
+        app.router.add_route("*", "/{tail:.*}", self._echo_any)
         return app
 
     def _served(self) -> str:
@@ -241,7 +243,7 @@ class InProcessEngine:
                     "model": model,
                     "choices": [{"index": 0, "delta": {"content": word + " "}}],
                 }
-                await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                await response.write(f"data: {json.dumps(chunk, separators=COMPACT)}\n\n".encode())
                 await asyncio.sleep(delay)
             if (body.get("stream_options") or {}).get("include_usage"):
                 usage = {
@@ -255,7 +257,7 @@ class InProcessEngine:
                         "total_tokens": 5 + chunks,
                     },
                 }
-                await response.write(f"data: {json.dumps(usage)}\n\n".encode())
+                await response.write(f"data: {json.dumps(usage, separators=COMPACT)}\n\n".encode())
             await response.write(b"data: [DONE]\n\n")
         except (ConnectionResetError, asyncio.CancelledError):
             self.state.disconnects += 1
@@ -274,6 +276,19 @@ class InProcessEngine:
             f"vllm:kv_cache_usage_perc{{{labels}}} 0.25\n"
         )
         return web.Response(text=text, content_type="text/plain")
+
+    async def _echo_any(self, request: web.Request) -> web.Response:
+        """Any other path (a non-OpenAI route such as the seed's /generate), echoed back as
+        tests/fake_engine.py echoes it."""
+        raw = await request.read()
+        return web.json_response(
+            {
+                "path": request.path,
+                "method": request.method,
+                "query": request.query_string,
+                "body": raw.decode(errors="replace") or None,
+            }
+        )
 
     async def _seen(self, request: web.Request) -> web.Response:
         """tests/fake_engine.py's record of what reached the engine (no real engine has it)."""

@@ -14,8 +14,6 @@ import time
 from pathlib import Path
 
 import aiohttp
-import openai
-import pytest
 
 from tests.conftest import fake_model, processes_with, start_gateway
 
@@ -95,73 +93,6 @@ async def test_client_disconnect_closes_upstream_request(gateway_factory, tmp_pa
     assert json.loads(report.read_text())["disconnects"] == 1
     # And the in-flight count went back to zero.
     assert gateway.status()["models"][0]["in_flight"] == 0
-
-
-async def test_alias_and_route_rewriting(gateway_factory):
-    gateway = gateway_factory(
-        {
-            "coder": fake_model("qwen-coder-7b", aliases=["coder-fast"], route="/coder"),
-            "chat": fake_model("llama-8b", route="/chat"),
-        }
-    )
-    # Alias: the engine sees its served name, the client sees the name it asked for.
-    status, body = await post(gateway.url + "/v1/chat/completions", chat_body("coder-fast"))
-    assert status == 200
-    assert body["model"] == "coder-fast"
-    assert body["choices"][0]["message"]["content"] == "qwen-coder-7b says: hello"
-    # Streams too, chunk by chunk.
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(
-            gateway.url + "/v1/chat/completions", json=chat_body("coder-fast", stream=True)
-        ) as response,
-    ):
-        text = (await response.read()).decode()
-    assert '"model":"coder-fast"' in text
-    assert 'qwen-coder-7b"' not in text
-    # Route prefix: /chat/v1/... goes to the chat model whatever `model` says.
-    status, body = await post(
-        gateway.url + "/chat/v1/chat/completions", chat_body("something-else")
-    )
-    assert status == 200
-    assert body["choices"][0]["message"]["content"] == "llama-8b says: hello"
-    # /{route}/v1/models answers without starting anything.
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(gateway.url + "/coder/v1/models") as response,
-    ):
-        listing = await response.json()
-    assert {m["id"] for m in listing["data"]} == {"coder", "coder-fast"}
-    # Other paths under a route pass through (the seed's /vision/generate shape).
-    status, body = await post(gateway.url + "/chat/generate?x=1", {"prompt": "p"})
-    assert body["path"] == "/generate"
-    assert body["query"] == "x=1"
-
-
-def test_openai_sdk_streaming_and_not(gateway_factory):
-    gateway = gateway_factory({"chat": fake_model("chat-engine", aliases=["smol"])})
-    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
-    reply = client.chat.completions.create(
-        model="smol", messages=[{"role": "user", "content": "hi"}]
-    )
-    assert reply.model == "smol"
-    assert reply.choices[0].message.content == "chat-engine says: hi"
-    stream = client.chat.completions.create(
-        model="smol",
-        messages=[{"role": "user", "content": "hi"}],
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    chunks = list(stream)
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text.startswith("chat-engine says: hi")
-    assert chunks[-1].usage is not None  # the client asked for usage: it gets it
-    models = client.models.list()
-    assert {m.id for m in models.data} == {"chat", "smol"}
-    embedding = client.embeddings.create(model="chat", input="x")
-    assert embedding.data[0].embedding == [0.1, 0.2, 0.3]
-    with pytest.raises(openai.NotFoundError):
-        client.chat.completions.create(model="missing", messages=[])
 
 
 def test_sigterm_leaves_no_process_behind(gateway_factory):

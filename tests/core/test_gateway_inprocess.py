@@ -5,8 +5,26 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import aiohttp
+import openai
+import pytest
+
 from modelyard.observability.requests import CLIENT_CLOSED_REQUEST
-from tests.harness import Behaviour, engine_model, in_process_gateway
+from tests.harness import Behaviour, Harness, engine_model, in_process_gateway
+
+CHAT = {"messages": [{"role": "user", "content": "hello"}]}
+
+
+def chat_body(model: str, **extra: object) -> dict[str, object]:
+    return {"model": model, **CHAT, **extra}
+
+
+async def post(url: str, body: object, **kwargs: object) -> tuple[int, dict[str, object]]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url, json=body, **kwargs) as response,
+    ):
+        return response.status, await response.json(content_type=None)
 
 
 async def test_thirty_requests_to_an_engine_that_never_becomes_ready_all_get_503_retry_after(
@@ -208,3 +226,80 @@ async def test_start_timeout_gives_503_with_retry_after(tmp_path: Path) -> None:
     assert status == 503
     assert int(headers["Retry-After"]) >= 1
     assert body["error"]["code"] == "start_timeout"
+
+
+async def test_alias_and_route_rewriting(tmp_path: Path) -> None:
+    models = {
+        "coder": engine_model(served_name="qwen-coder-7b", aliases=["coder-fast"], route="/coder"),
+        "chat": engine_model(served_name="llama-8b", route="/chat"),
+    }
+    async with in_process_gateway(tmp_path, models) as gateway:
+        await _alias_and_route_rewriting(gateway)
+
+
+async def _alias_and_route_rewriting(gateway: Harness) -> None:
+    # Alias: the engine sees its served name, the client sees the name it asked for.
+    status, body = await post(gateway.url + "/v1/chat/completions", chat_body("coder-fast"))
+    assert status == 200
+    assert body["model"] == "coder-fast"
+    assert body["choices"][0]["message"]["content"] == "qwen-coder-7b says: hello"
+    # Streams too, chunk by chunk.
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            gateway.url + "/v1/chat/completions", json=chat_body("coder-fast", stream=True)
+        ) as response,
+    ):
+        text = (await response.read()).decode()
+    assert '"model":"coder-fast"' in text
+    assert 'qwen-coder-7b"' not in text
+    # Route prefix: /chat/v1/... goes to the chat model whatever `model` says.
+    status, body = await post(
+        gateway.url + "/chat/v1/chat/completions", chat_body("something-else")
+    )
+    assert status == 200
+    assert body["choices"][0]["message"]["content"] == "llama-8b says: hello"
+    # /{route}/v1/models answers without starting anything.
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(gateway.url + "/coder/v1/models") as response,
+    ):
+        listing = await response.json()
+    assert {m["id"] for m in listing["data"]} == {"coder", "coder-fast"}
+    # Other paths under a route pass through (the seed's /vision/generate shape).
+    status, body = await post(gateway.url + "/chat/generate?x=1", {"prompt": "p"})
+    assert body["path"] == "/generate"
+    assert body["query"] == "x=1"
+
+
+async def test_openai_sdk_streaming_and_not(tmp_path: Path) -> None:
+    # The official SDK against the gateway's real loopback port (its async client: the
+    # gateway runs in this test's event loop).
+    models = {"chat": engine_model(served_name="chat-engine", aliases=["smol"])}
+    async with in_process_gateway(tmp_path, models) as gateway:
+        await _openai_sdk(gateway)
+
+
+async def _openai_sdk(gateway: Harness) -> None:
+    client = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
+    reply = await client.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert reply.model == "smol"
+    assert reply.choices[0].message.content == "chat-engine says: hi"
+    stream = await client.chat.completions.create(
+        model="smol",
+        messages=[{"role": "user", "content": "hi"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.startswith("chat-engine says: hi")
+    assert chunks[-1].usage is not None  # the client asked for usage: it gets it
+    models = await client.models.list()
+    assert {m.id for m in models.data} == {"chat", "smol"}
+    embedding = await client.embeddings.create(model="chat", input="x")
+    assert embedding.data[0].embedding == [0.1, 0.2, 0.3]
+    with pytest.raises(openai.NotFoundError):
+        await client.chat.completions.create(model="missing", messages=[])
