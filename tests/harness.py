@@ -408,6 +408,18 @@ class Harness:
     gateway: Gateway
     runtime: InProcessRuntime
     records: list[Any]
+    closed: bool = False
+
+    async def close(self) -> None:
+        """Shut down as `modelyard serve` ends (server.py): the listener, the gateway (it
+        stops the engines it runs), then a last kill of anything left."""
+        if self.closed:
+            return
+        self.closed = True
+        await self.client.close()
+        await self.gateway.close()
+        self.gateway.scheduler.kill_engines_now()
+        await self.runtime.close()
 
     @property
     def url(self) -> str:
@@ -427,6 +439,14 @@ class Harness:
 
     def model_state(self, name: str) -> str:
         return str(self.gateway.model_status(name)["state"])
+
+    async def wait_state(self, name: str, state: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.model_state(name) == state:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{name} did not reach {state}; it is {self.model_state(name)}")
 
     async def chat(self, model: str, **body: Any) -> tuple[int, dict[str, Any], dict[str, str]]:
         payload = {"model": model, "messages": [{"role": "user", "content": "hi"}], **body}
@@ -452,9 +472,8 @@ async def in_process_gateway(
     await gateway.start()
     client = TestClient(GatewayServer(gateway, build_app(gateway)))
     await client.start_server()
+    harness = Harness(client, gateway, runtime, records)
     try:
-        yield Harness(client, gateway, runtime, records)
+        yield harness
     finally:
-        await client.close()
-        await gateway.close()
-        await runtime.close()
+        await harness.close()

@@ -113,7 +113,8 @@ class Gateway:
         """Build the parts (call inside a running event loop).
 
         `start_engine` replaces the process runtime (the in-process test harness passes
-        engines that run in the test's own event loop)."""
+        engines that run in the test's own event loop); `engine: remote` models are still
+        connected to where they run."""
         state_dir = Path(config.state_dir).expanduser()
         state_dir.mkdir(parents=True, exist_ok=True)
         event_store = open_event_store(state_dir)  # the history survives restarts
@@ -137,7 +138,7 @@ class Gateway:
         # Without managed GPUs the scheduler plans on an unlimited inventory: one behaviour.
         scheduler = Scheduler(
             config,
-            start_engine or engine_starter(local, remote),
+            engine_starter(start_engine or local, remote),
             events,
             placement=coordinator,
             sleep_control=_sleep_control(health_session, cluster),

@@ -281,25 +281,26 @@ async def test_openai_sdk_streaming_and_not(tmp_path: Path) -> None:
 
 
 async def _openai_sdk(gateway: Harness) -> None:
-    client = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="unused", max_retries=0)
-    reply = await client.chat.completions.create(
-        model="smol", messages=[{"role": "user", "content": "hi"}]
-    )
-    assert reply.model == "smol"
-    assert reply.choices[0].message.content == "chat-engine says: hi"
-    stream = await client.chat.completions.create(
-        model="smol",
-        messages=[{"role": "user", "content": "hi"}],
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    chunks = [chunk async for chunk in stream]
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text.startswith("chat-engine says: hi")
-    assert chunks[-1].usage is not None  # the client asked for usage: it gets it
-    models = await client.models.list()
-    assert {m.id for m in models.data} == {"chat", "smol"}
-    embedding = await client.embeddings.create(model="chat", input="x")
-    assert embedding.data[0].embedding == [0.1, 0.2, 0.3]
-    with pytest.raises(openai.NotFoundError):
-        await client.chat.completions.create(model="missing", messages=[])
+    base_url = gateway.url + "/v1"
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="unused", max_retries=0) as client:
+        reply = await client.chat.completions.create(
+            model="smol", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert reply.model == "smol"
+        assert reply.choices[0].message.content == "chat-engine says: hi"
+        stream = await client.chat.completions.create(
+            model="smol",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text.startswith("chat-engine says: hi")
+        assert chunks[-1].usage is not None  # the client asked for usage: it gets it
+        models = await client.models.list()
+        assert {m.id for m in models.data} == {"chat", "smol"}
+        embedding = await client.embeddings.create(model="chat", input="x")
+        assert embedding.data[0].embedding == [0.1, 0.2, 0.3]
+        with pytest.raises(openai.NotFoundError):
+            await client.chat.completions.create(model="missing", messages=[])

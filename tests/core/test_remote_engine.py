@@ -1,7 +1,9 @@
 """`engine: remote`: an OpenAI-compatible server that something else runs (seeds 001 and 003).
 
 The test engine plays the server another host or a container runs, started by the test (never
-by the gateway), with vLLM's `--api-key` so the gateway must send the configured key.
+by the gateway), with vLLM's `--api-key` so the gateway must send the configured key. The
+gateway runs in-process (tests/harness.py serves the app as `modelyard serve` does): what is
+tested is how it connects to, checks and forwards to a server it does not run.
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import openai
 import pytest
@@ -17,6 +20,7 @@ import pytest
 from modelyard.config import ConfigError
 from modelyard.config.loader import parse_config
 from tests.conftest import FAKE_ENGINE, PYTHON, free_port
+from tests.harness import Harness, in_process_gateway
 from tests.security.keys import ADMIN_KEY, USER_KEY, key_config
 from tests.security.test_auth_gateway import assert_openai_error, call
 
@@ -74,9 +78,12 @@ def remote() -> Iterator[RemoteServer]:
 
 
 @pytest.fixture
-def gateway(gateway_factory, remote, monkeypatch):
+async def gateway(
+    tmp_path: Path, remote: RemoteServer, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Harness]:
     monkeypatch.setenv("REMOTE_KEY", UPSTREAM_KEY)  # the gateway reads it through ${env:}
-    running = gateway_factory(
+    async with in_process_gateway(
+        tmp_path,
         {
             "far": {
                 "engine": "remote",
@@ -94,17 +101,25 @@ def gateway(gateway_factory, remote, monkeypatch):
             ]
         },
         limits={"health_check_interval": 0.5},
-    )
-    running.admin_key = ADMIN_KEY
-    return running
+    ) as running:
+        yield running
+    for client in CLIENTS:  # before the test's event loop ends
+        await client.close()
+    CLIENTS.clear()
 
 
-def sdk(gateway, key: str = ADMIN_KEY) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
+CLIENTS: list[openai.AsyncOpenAI] = []
 
 
-def ask(client: openai.OpenAI, model: str) -> str:
-    answer = client.chat.completions.create(
+def sdk(gateway: Harness, key: str = ADMIN_KEY) -> openai.AsyncOpenAI:
+    # The async client: the gateway runs in the test's own event loop.
+    client = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
+    CLIENTS.append(client)
+    return client
+
+
+async def ask(client: openai.AsyncOpenAI, model: str) -> str:
+    answer = await client.chat.completions.create(
         model=model,
         messages=[{"role": "user", "content": "hi"}],  # type: ignore[list-item]
     )
@@ -112,11 +127,11 @@ def ask(client: openai.OpenAI, model: str) -> str:
 
 
 async def test_remote_engine_serves_by_name_alias_served_name_and_route(gateway, remote):
-    gateway.wait_state("far", "ready")  # connected at start: no request needed
+    await gateway.wait_state("far", "ready")  # connected at start: no request needed
     client = sdk(gateway)
-    assert ask(client, "far") == f"{SEED_003_NAME} says: hi"
-    assert ask(client, "far-alias") == f"{SEED_003_NAME} says: hi"
-    assert ask(client, SEED_003_NAME) == f"{SEED_003_NAME} says: hi"  # seed 003's clients
+    assert await ask(client, "far") == f"{SEED_003_NAME} says: hi"
+    assert await ask(client, "far-alias") == f"{SEED_003_NAME} says: hi"
+    assert await ask(client, SEED_003_NAME) == f"{SEED_003_NAME} says: hi"  # seed 003's clients
     status, body, _ = await call(
         "POST",
         gateway.url + "/far/v1/chat/completions",
@@ -146,19 +161,19 @@ async def test_remote_engine_serves_by_name_alias_served_name_and_route(gateway,
     assert 'modelyard_requests_total{key="ops",model="far"' in metrics
     # A key scoped to other models may not use it, and nothing is contacted for it.
     with pytest.raises(openai.NotFoundError):  # as if it did not exist
-        ask(sdk(gateway, USER_KEY), "far")
+        await ask(sdk(gateway, USER_KEY), "far")
 
 
 async def test_a_remote_that_is_down_gets_503_with_retry_after_and_is_never_started(
     gateway, remote
 ):
     client = sdk(gateway)
-    ask(client, "far")
+    await ask(client, "far")
     remote.kill()
     for _ in range(2):  # in use when it went down, then at connect
         started = time.monotonic()
         with pytest.raises(openai.InternalServerError) as refused:
-            ask(client, "far")
+            await ask(client, "far")
         assert refused.value.status_code == 503
         assert int(refused.value.response.headers["Retry-After"]) >= 1
         assert refused.value.body["code"] == "remote_unavailable"
@@ -174,10 +189,11 @@ async def test_a_remote_that_is_down_gets_503_with_retry_after_and_is_never_star
     # Back up: found by the gateway's checks (no request needed), then served again.
     assert gateway.model_state("far") == "failed"
     remote.start()
-    gateway.wait_state("far", "ready", timeout=10)
-    assert ask(client, "far").endswith("says: hi")
-    # The gateway's shutdown leaves the remote server running: it is not ours.
-    gateway.stop()
+    await gateway.wait_state("far", "ready", timeout=10)
+    assert (await ask(client, "far")).endswith("says: hi")
+    # The gateway's shutdown (as `modelyard serve` ends) leaves the remote server running:
+    # it is not ours.
+    await gateway.close()
     assert remote.process is not None
     assert remote.process.poll() is None
     os.kill(remote.process.pid, 0)
