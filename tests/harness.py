@@ -294,7 +294,12 @@ class InProcessEngine:
         """tests/fake_engine.py's record of what reached the engine (no real engine has it)."""
         state = self.state
         return web.json_response(
-            {"requests": state.requests, "last": state.last, "loras": sorted(state.loras)}
+            {
+                "requests": state.requests,
+                "last": state.last,
+                "loras": sorted(state.loras),
+                "sleeping": state.sleeping,
+            }
         )
 
     async def _sleep(self, request: web.Request) -> web.Response:

@@ -1,5 +1,9 @@
 """The seeds' habits: engine keys, preload, `modelyard logs`, shared defaults, served names,
-path-like model names, and routes left open without a key."""
+path-like model names, and routes left open without a key.
+
+What the engine process received (its argv, its environment, its log on disk), the CLI and
+the start message stay on a real `modelyard serve`; the open route's HTTP decisions run
+in-process (tests/harness.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from modelyard.config import ConfigError
 from modelyard.config.loader import parse_config
 from modelyard.engines import engine_kind
 from tests.conftest import FAKE_ENGINE, PYTHON, fake_model
+from tests.harness import Harness, engine_model, in_process_gateway
 from tests.security.keys import ADMIN_KEY, key_config
 from tests.security.test_auth_gateway import assert_openai_error, call
 
@@ -182,7 +187,8 @@ def test_path_like_names_are_accepted_and_traversal_is_not():
             parse_config({"models": {"coder": {"model": "m", "aliases": [bad]}}})
 
 
-async def test_open_route_serves_its_model_without_a_key_and_nothing_else(gateway_factory):
+def test_an_open_route_is_stated_loudly_at_start(gateway_factory):
+    # Process-level: the start message of `modelyard serve`.
     gateway = gateway_factory(
         {
             "vision": fake_model("vision", route="/vision", open_route=True),
@@ -190,9 +196,20 @@ async def test_open_route_serves_its_model_without_a_key_and_nothing_else(gatewa
         },
         auth={"keys": [key_config("ops", ADMIN_KEY, admin=True)]},
     )
-    gateway.admin_key = ADMIN_KEY
-    # Loudly stated at start.
     assert "route /vision is OPEN (open_route: true)" in gateway.log_text()
+
+
+async def test_open_route_serves_its_model_without_a_key_and_nothing_else(tmp_path):
+    models = {
+        "vision": engine_model(served_name="vision", route="/vision", open_route=True),
+        "chat": engine_model(served_name="chat", route="/chat"),
+    }
+    auth = {"keys": [key_config("ops", ADMIN_KEY, admin=True)]}
+    async with in_process_gateway(tmp_path, models, auth=auth) as gateway:
+        await _open_route(gateway)
+
+
+async def _open_route(gateway: Harness) -> None:
     status, body, _ = await call(
         "POST", gateway.url + "/vision/generate", json={"prompt": "sunset", "seed": 1337}
     )
