@@ -171,8 +171,13 @@ class InProcessEngine:
         return web.Response(status=200 if self._ready() else 503)
 
     async def _models(self, request: web.Request) -> web.Response:
-        names = [self._served(), *sorted(self.state.loras)]
-        return web.json_response({"object": "list", "data": [{"id": n} for n in names]})
+        # vLLM's listing: the base model, then each loaded adapter with the base as `parent`.
+        base = {"id": self._served(), "object": "model", "owned_by": "vllm", "parent": None}
+        adapters = [
+            {"id": n, "object": "model", "owned_by": "vllm", "parent": self._served()}
+            for n in sorted(self.state.loras)
+        ]
+        return web.json_response({"object": "list", "data": [base, *adapters]})
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         """Chat completions and embeddings in vLLM's shapes, answered as tests/fake_engine.py

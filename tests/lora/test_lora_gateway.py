@@ -3,7 +3,10 @@
 The test engine stands in for vLLM's `--enable-lora` server with
 VLLM_ALLOW_RUNTIME_LORA_UPDATING: `/v1/load_lora_adapter`, `/v1/unload_lora_adapter`, and
 adapters listed in `/v1/models` with `parent`. tests/vllm/test_lora_real.py does the same
-against real vLLM on CPU.
+against real vLLM on CPU. The gateway runs in-process (tests/harness.py serves the app as
+`modelyard serve` does) and its engines are the harness's, which answer vLLM's runtime LoRA
+endpoints as tests/fake_engine.py does (400 "already been loaded", 404 for an unknown adapter,
+adapters listed with `parent`): what is tested is the gateway's records and decisions.
 """
 
 from __future__ import annotations
@@ -11,13 +14,12 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from tests.conftest import FAKE_ENGINE
+from tests.harness import in_process_gateway
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 BASE_PATH = "/models/SmolLM2-135M-Instruct"
@@ -45,7 +47,7 @@ def lora_model(adapter_dir: Path, **lora: Any) -> dict[str, Any]:
     return {
         "engine": "vllm",
         "model": BASE_PATH,
-        "executable": [sys.executable, FAKE_ENGINE],
+        "executable": ["vllm"],  # never run: the harness's engines answer in-process
         "lora": {
             "max_loras": 2,
             "max_cpu_loras": 4,
@@ -69,13 +71,15 @@ async def get(session: aiohttp.ClientSession, url: str) -> Any:
         return await response.json(content_type=None)
 
 
-async def test_twenty_adapters_cycled_concurrently_on_one_engine(gateway_factory, tmp_path):
+async def test_twenty_adapters_cycled_concurrently_on_one_engine(tmp_path):
     adapters = tmp_path / "adapters"
     names = [f"task-{i:02d}" for i in range(20)]
     for name in names:
         write_adapter(adapters / name)
-    gateway = gateway_factory({"chat": lora_model(adapters)})
-    async with aiohttp.ClientSession() as session:
+    async with (
+        in_process_gateway(tmp_path, {"chat": lora_model(adapters)}) as gateway,
+        aiohttp.ClientSession() as session,
+    ):
         listing = await get(session, gateway.url + "/v1/models")
         parents = {m["id"]: m["parent"] for m in listing["data"]}
         assert all(parents[name] == "chat" for name in names)
@@ -96,11 +100,13 @@ async def test_twenty_adapters_cycled_concurrently_on_one_engine(gateway_factory
         assert len(loaded) <= 4  # max_cpu_loras
 
 
-async def test_concurrent_first_requests_load_an_adapter_once(gateway_factory, tmp_path):
+async def test_concurrent_first_requests_load_an_adapter_once(tmp_path):
     adapters = tmp_path / "adapters"
     write_adapter(adapters / "sql-adapter")
-    gateway = gateway_factory({"chat": lora_model(adapters)})
-    async with aiohttp.ClientSession() as session:
+    async with (
+        in_process_gateway(tmp_path, {"chat": lora_model(adapters)}) as gateway,
+        aiohttp.ClientSession() as session,
+    ):
         results = await asyncio.gather(
             *(ask(session, gateway.url, "sql-adapter") for _ in range(20))
         )
@@ -117,11 +123,13 @@ async def test_concurrent_first_requests_load_an_adapter_once(gateway_factory, t
     assert text.count('"kind": "adapter_load"') == 1
 
 
-async def test_adapter_folders_appear_and_disappear_without_restart(gateway_factory, tmp_path):
+async def test_adapter_folders_appear_and_disappear_without_restart(tmp_path):
     adapters = tmp_path / "adapters"
     write_adapter(adapters / "email-adapter")
-    gateway = gateway_factory({"chat": lora_model(adapters)})
-    async with aiohttp.ClientSession() as session:
+    async with (
+        in_process_gateway(tmp_path, {"chat": lora_model(adapters)}) as gateway,
+        aiohttp.ClientSession() as session,
+    ):
         assert (await ask(session, gateway.url, "email-adapter"))[0] == 200
         write_adapter(adapters / "new-adapter")
         for _ in range(50):
@@ -152,16 +160,16 @@ async def test_adapter_folders_appear_and_disappear_without_restart(gateway_fact
     assert gateway.status()["models"][0]["starts"] == 1
 
 
-async def test_bad_adapters_get_clear_errors_and_do_not_disturb_the_engine(
-    gateway_factory, tmp_path
-):
+async def test_bad_adapters_get_clear_errors_and_do_not_disturb_the_engine(tmp_path):
     adapters = tmp_path / "adapters"
     write_adapter(adapters / "good")
     write_adapter(adapters / "too-big", rank=16)
     write_adapter(adapters / "other-base", base="/models/Llama-3.1-8B")
     write_adapter(adapters / "no-weights", weights=False)
-    gateway = gateway_factory({"chat": lora_model(adapters)})
-    async with aiohttp.ClientSession() as session:
+    async with (
+        in_process_gateway(tmp_path, {"chat": lora_model(adapters)}) as gateway,
+        aiohttp.ClientSession() as session,
+    ):
         # Refused before anything starts.
         status, body = await ask(session, gateway.url, "too-big")
         assert status == 400
@@ -190,11 +198,13 @@ async def test_bad_adapters_get_clear_errors_and_do_not_disturb_the_engine(
         assert all(problems[n] for n in ("too-big", "other-base", "no-weights"))
 
 
-async def test_adapters_come_back_after_an_engine_restart(gateway_factory, tmp_path):
+async def test_adapters_come_back_after_an_engine_restart(tmp_path):
     adapters = tmp_path / "adapters"
     write_adapter(adapters / "sql-adapter")
-    gateway = gateway_factory({"chat": lora_model(adapters)})
-    async with aiohttp.ClientSession() as session:
+    async with (
+        in_process_gateway(tmp_path, {"chat": lora_model(adapters)}) as gateway,
+        aiohttp.ClientSession() as session,
+    ):
         assert (await ask(session, gateway.url, "sql-adapter"))[0] == 200
         async with session.post(gateway.url + "/admin/models/chat/unload") as response:
             assert response.status == 200
