@@ -133,10 +133,10 @@ class InProcessEngine:
     def exit_code(self) -> int | None:
         return self.exited.result().code if self.exited.done() else None
 
-    def crash(self) -> None:
+    def crash(self, code: int = -9) -> None:
         """The engine dies (its server goes away, its exit is reported)."""
         self._closing = asyncio.ensure_future(self._server.close())
-        self._exit(-9)
+        self._exit(code)
 
     def log_tail(self, count: int) -> list[str]:
         return self._lines[-count:]
@@ -190,6 +190,13 @@ class InProcessEngine:
             return _engine_error(404, f"The model `{model}` does not exist.")
         if body.get("fake_status"):
             return _engine_error(int(body["fake_status"]), "fake error requested")
+        if body.get("fake_crash"):
+            # The process exits with this code mid-request (tests/fake_engine.py's os._exit):
+            # the connection drops unanswered, the exit is reported.
+            if request.transport is not None:
+                request.transport.abort()
+            self.crash(int(body["fake_crash"]))
+            await asyncio.sleep(3600)
         if request.path.endswith("embeddings"):
             return web.json_response(
                 {

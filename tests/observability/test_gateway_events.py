@@ -1,4 +1,9 @@
-"""Events and engine logs over SSE from a real gateway: order, restarts, resuming, shutdown."""
+"""Events and engine logs over SSE from a real gateway: order, restarts, resuming, shutdown.
+
+The order of lifecycle events runs in-process (tests/harness.py: the app served as
+`modelyard serve` serves it; the engine's crash is its exit code reported, as a process's
+would be). History across restarts, shutdown with open streams, an engine's own log lines and
+a damaged history file on disk stay on real processes."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from typing import Any
 import aiohttp
 
 from tests.conftest import fake_model, start_gateway
+from tests.harness import Harness, engine_model, in_process_gateway
 from tests.observability.sse_client import SseReader
 
 HELLO = {"messages": [{"role": "user", "content": "hello"}]}
@@ -28,8 +34,13 @@ def lifecycle(events: list[dict[str, Any]]) -> list[str]:
     return [e["kind"] for e in events if e["model"] == "chat" and e["kind"] in LIFECYCLE]
 
 
-async def test_start_idle_stop_and_crash_arrive_in_order(gateway_factory):
-    gateway = gateway_factory({"chat": fake_model("chat", idle_timeout="1s")})
+async def test_start_idle_stop_and_crash_arrive_in_order(tmp_path: Path) -> None:
+    models = {"chat": engine_model(served_name="chat", idle_timeout="1s")}
+    async with in_process_gateway(tmp_path, models) as gateway:
+        await _lifecycle_in_order(gateway)
+
+
+async def _lifecycle_in_order(gateway: Harness) -> None:
     async with (
         aiohttp.ClientSession() as session,
         session.get(gateway.url + "/admin/events?recent=0") as stream,
