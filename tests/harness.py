@@ -213,7 +213,9 @@ class InProcessEngine:
         try:
             if body.get("stream"):
                 return await self._stream(request, body, model, text, chunks, delay)
-            await asyncio.sleep(delay * chunks)
+            # fake_delay: a slow answer (tests/fake_engine.py's), e.g. an engine that sends
+            # nothing within the gateway's upstream read timeout.
+            await asyncio.sleep(float(body.get("fake_delay", 0)) or delay * chunks)
             words = len(text.split())
             return web.json_response(
                 {
@@ -448,7 +450,10 @@ class Harness:
     def status(self) -> dict[str, Any]:
         """What `/gateway/status` lists per model, read from the gateway itself (no key)."""
         scheduler = self.gateway.scheduler
-        return {"models": [self.gateway.model_status(name) for name in scheduler.models()]}
+        return {
+            "queued": scheduler.total_waiting(),
+            "models": [self.gateway.model_status(name) for name in scheduler.models()],
+        }
 
     def engine_pids(self) -> list[int]:
         """The engines still running (in-process: their made-up pids)."""
