@@ -62,6 +62,7 @@ class EngineState:
     requests: int = 0
     in_flight: int = 0
     last: dict[str, Any] | None = None  # the last completion request as it arrived
+    received: list[dict[str, Any]] = field(default_factory=list)  # the wiretap's record
     disconnects: int = 0
     sleeping: int = 0
 
@@ -150,7 +151,7 @@ class InProcessEngine:
     # ----- the engine's HTTP API -----
 
     def _app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._wiretap])
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._chat)
@@ -161,6 +162,7 @@ class InProcessEngine:
         app.router.add_post("/v1/load_lora_adapter", self._load_lora)
         app.router.add_post("/v1/unload_lora_adapter", self._unload_lora)
         app.router.add_get("/fake/seen", self._seen)
+        app.router.add_get("/fake/received", self._received)
         app.router.add_route("*", "/{tail:.*}", self._echo_any)
         return app
 
@@ -290,6 +292,29 @@ class InProcessEngine:
             f"vllm:kv_cache_usage_perc{{{labels}}} 0.25\n"
         )
         return web.Response(text=text, content_type="text/plain")
+
+    @web.middleware
+    async def _wiretap(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Records exactly what arrived, as tests/fake_engine.py's wiretap does (the security
+        tests: what the engine received must be what the gateway's checks approved). Both
+        are aiohttp servers, so the request line is decoded the same way."""
+        if request.path != "/fake/received":
+            raw = await request.read()
+            self.state.received.append(
+                {
+                    "method": request.method,
+                    "raw_path": request.raw_path,
+                    "path": request.path,
+                    "query": request.query_string,
+                    "headers": list(request.headers.items()),
+                    "body": raw.decode(errors="replace"),
+                }
+            )
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    async def _received(self, request: web.Request) -> web.Response:
+        return web.json_response(self.state.received)
 
     async def _echo_any(self, request: web.Request) -> web.Response:
         """Any other path (a non-OpenAI route such as the seed's /generate), echoed back as

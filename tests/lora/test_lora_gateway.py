@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from tests.conftest import FAKE_ENGINE
 from tests.harness import in_process_gateway
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
@@ -47,7 +49,9 @@ def lora_model(adapter_dir: Path, **lora: Any) -> dict[str, Any]:
     return {
         "engine": "vllm",
         "model": BASE_PATH,
-        "executable": ["vllm"],  # never run: the harness's engines answer in-process
+        # The test engine parses vLLM's command line: for the process-level tests that share
+        # this model (test_fuzz_requests, test_openapi); in-process nothing is run.
+        "executable": [sys.executable, FAKE_ENGINE],
         "lora": {
             "max_loras": 2,
             "max_cpu_loras": 4,

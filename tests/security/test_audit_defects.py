@@ -3,19 +3,24 @@ the gateway as it was before the fix.
 
 The test engine stands for vLLM: it has `/sleep` (with --sleep-mode), `/v1/load_lora_adapter`
 and records exactly what it received (`/fake/received`), decoding request lines as uvicorn
-does.
+does. The gateway's decisions run in-process (tests/harness.py serves the app as `modelyard
+serve` does; its engines have the same `/sleep`, LoRA endpoints and wiretap, as aiohttp servers
+like tests/fake_engine.py). What reaches the log or files on disk stays on a real process.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
 from tests.conftest import fake_model
+from tests.harness import Behaviour, Harness, engine_model, in_process_gateway
 from tests.lora.test_lora_gateway import lora_model, write_adapter
 from tests.security.keys import ADMIN_KEY, USER_KEY, auth_settings, bearer, key_config
 from tests.security.raw_http import is_openai_error, request, send_raw
@@ -47,7 +52,18 @@ async def load(gateway: Any, model: str) -> None:
 
 
 @pytest.fixture
-def keyed(gateway_factory):
+async def keyed(tmp_path: Path) -> AsyncIterator[Harness]:
+    models = {
+        "chat": engine_model(served_name="chat", route="/chat"),
+        "secret": engine_model(served_name="secret", route="/secret"),
+    }
+    behaviours = {"chat": Behaviour(sleep_mode=True)}  # vLLM with --enable-sleep-mode
+    async with in_process_gateway(tmp_path, models, behaviours, **auth_settings()) as h:
+        yield h
+
+
+@pytest.fixture
+def keyed_process(gateway_factory):
     running = gateway_factory(
         {
             "chat": fake_model("chat", "--sleep-mode", route="/chat"),
@@ -91,15 +107,18 @@ async def test_1_control_endpoints_are_not_reachable_through_encodings(keyed):
 
 
 # 2. An adapter-scoped key reaching its base model or a sibling adapter via /upstream/<adapter>.
-async def test_2_adapter_scoped_key_reaches_only_its_adapter(gateway_factory, tmp_path):
+async def test_2_adapter_scoped_key_reaches_only_its_adapter(tmp_path):
     adapters = tmp_path / "adapters"
     write_adapter(adapters / "sql-adapter")
     write_adapter(adapters / "email-adapter")
     sql_key = "my-" + "s" * 43
     settings = auth_settings()
     settings["auth"]["keys"].append(key_config("sql", sql_key, models=["sql-adapter"]))
-    gateway = gateway_factory({"base": lora_model(adapters)}, **settings)
-    gateway.admin_key = ADMIN_KEY
+    async with in_process_gateway(tmp_path, {"base": lora_model(adapters)}, **settings) as h:
+        await _adapter_scoped_key(h, sql_key)
+
+
+async def _adapter_scoped_key(gateway: Harness, sql_key: str) -> None:
     url = gateway.url + "/upstream/sql-adapter/v1/chat/completions"
     for named in ("base", "email-adapter", "/models/SmolLM2-135M-Instruct"):
         body = json.dumps({"model": named, **CHAT}).encode()
@@ -205,7 +224,8 @@ async def test_5_open_prefix_cannot_be_climbed_out_of(keyed):
 
 
 # 6. A body with an invalid Content-Encoding gave 500 and a traceback.
-async def test_6_invalid_content_encoding_is_a_400(keyed):
+async def test_6_invalid_content_encoding_is_a_400(keyed_process):
+    keyed = keyed_process  # process-level: what `modelyard serve` writes to its log
     body = json.dumps({"model": "chat", **CHAT}).encode()
     for encoding, data in [
         ("gzip", b"not gzip at all"),
@@ -221,7 +241,8 @@ async def test_6_invalid_content_encoding_is_a_400(keyed):
 
 
 # 7. Malformed requests grew the log by about 1 MiB/s; an oversized Authorization was logged.
-async def test_7_malformed_requests_cannot_flood_the_log(keyed):
+async def test_7_malformed_requests_cannot_flood_the_log(keyed_process):
+    keyed = keyed_process  # process-level: the log `modelyard serve` writes
     before = len(keyed.log_text())
     long_key = USER_KEY + "A" * 9000
     for index in range(200):
@@ -246,8 +267,12 @@ async def test_7_malformed_requests_cannot_flood_the_log(keyed):
 
 
 # 8. A gateway without keys obeyed cross-site requests (see also test_cross_site.py).
-async def test_8_keyless_gateway_refuses_cross_site_requests(gateway_factory):
-    gateway = gateway_factory({"chat": fake_model("chat")})
+async def test_8_keyless_gateway_refuses_cross_site_requests(tmp_path):
+    async with in_process_gateway(tmp_path, {"chat": engine_model(served_name="chat")}) as h:
+        await _keyless_cross_site(h)
+
+
+async def _keyless_cross_site(gateway: Harness) -> None:
     evil = {"Origin": "http://evil.example"}
     answer = await request(gateway.url, "POST", "/admin/models/chat/load", evil)
     assert answer.status == 403
