@@ -308,7 +308,9 @@ async def test_idle_kept_alive_connections_are_closed():
     limits = SimpleNamespace(
         max_body_bytes=1024, upstream_connect_timeout=1.0, upstream_read_timeout=1.0
     )
-    gateway = SimpleNamespace(config=SimpleNamespace(limits=limits), auth=None)
+    counter = SimpleNamespace(inc=lambda: None)
+    metrics = SimpleNamespace(fast_lane_served=counter, fast_lane_handed_over=counter)
+    gateway = SimpleNamespace(config=SimpleNamespace(limits=limits), auth=None, metrics=metrics)
     lane = FastLane(gateway, asyncio.Protocol, idle_close_s=0.5, sweep_s=0.1)  # type: ignore[arg-type]
     port = free_port()
     server = await start_server(lane, "127.0.0.1", port)
