@@ -33,6 +33,7 @@ a path) and TLS listeners are aiohttp's.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import http
 import json
 import logging
@@ -691,11 +692,22 @@ class FastProtocol(asyncio.Protocol):
         head = [
             b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error")),
             b"Content-Type: application/json; charset=utf-8\r\n",
+            b"Date: %s\r\n" % _http_date(),
         ]
         for name, value in answer.headers.items():
             head += [name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n"]
         head += [b"Content-Length: %d\r\n\r\n" % len(answer.body), answer.body]
         self.transport.write(b"".join(head))
+
+
+_DATE: list[Any] = [0, b""]  # the second and its HTTP date, formatted once a second
+
+
+def _http_date() -> bytes:
+    now = int(time.time())
+    if _DATE[0] != now:
+        _DATE[:] = [now, email.utils.formatdate(now, usegmt=True).encode()]
+    return cast(bytes, _DATE[1])
 
 
 class StreamCut(UpstreamError):
