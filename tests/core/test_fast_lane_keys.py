@@ -56,10 +56,25 @@ def admin(gateway, method: str, path: str, body: dict[str, Any] | None = None) -
     return json.loads(text) if path != "/metrics" else text
 
 
-def served_by_lane(gateway) -> float:
+def lane_count(gateway, outcome: str) -> float:
     metrics = admin(gateway, "GET", "/metrics")
-    match = re.search(r'modelyard_fast_lane_requests_total\{outcome="served"\} (\S+)', metrics)
+    match = re.search(
+        rf'modelyard_fast_lane_requests_total\{{outcome="{outcome}"\}} (\S+)', metrics
+    )
     return float(match.group(1)) if match else 0.0
+
+
+def served_by_lane(gateway) -> float:
+    return lane_count(gateway, "served")
+
+
+async def answered_by_lane(gateway, headers: dict[str, str], body: Any = None) -> RawAnswer:
+    """A request the lane must answer itself (a refusal): no connection is handed over but
+    the one that reads the metrics (a GET: the web layer's, counted before it answers)."""
+    before = lane_count(gateway, "handed_over")
+    answer = await post(gateway, PATH, headers, body)
+    assert lane_count(gateway, "handed_over") == before + 1, answer
+    return answer
 
 
 def new_key(gateway, name: str, **fields: Any) -> str:
@@ -139,7 +154,7 @@ async def test_refusals_on_the_lane_are_the_web_layers(gateway):
     assert (await post(gateway, PATH, {"Authorization": f"Bearer {doomed}"})).status == 200
     admin(gateway, "DELETE", "/admin/keys/doomed")
     before = served_by_lane(gateway)
-    lane = await post(gateway, PATH, {"Authorization": f"Bearer {doomed}"})
+    lane = await answered_by_lane(gateway, {"Authorization": f"Bearer {doomed}"})
     assert lane.status == 401
     assert lane.json()["error"]["code"] == "key_revoked"
     same_answer(lane, await post(gateway, WEB, {"Authorization": f"Bearer {doomed}"}))
@@ -147,7 +162,7 @@ async def test_refusals_on_the_lane_are_the_web_layers(gateway):
 
     tiny = new_key(gateway, "tiny", models=["chat"], token_budget=5)
     assert (await post(gateway, PATH, {"x-api-key": tiny})).status == 200  # 8 tokens: spent
-    lane = await post(gateway, PATH, {"x-api-key": tiny})
+    lane = await answered_by_lane(gateway, {"x-api-key": tiny})
     assert lane.status == 429
     assert lane.json()["error"]["code"] == "budget_exceeded"
     assert lane.headers["x-budget-spent-tokens"] == "8"
@@ -156,7 +171,7 @@ async def test_refusals_on_the_lane_are_the_web_layers(gateway):
 
     scoped = {"Authorization": f"Bearer {USER_KEY}"}
     secret = {**CHAT, "model": "secret"}
-    lane = await post(gateway, PATH, scoped, secret)
+    lane = await answered_by_lane(gateway, scoped, secret)
     assert lane.status == 404
     assert lane.json()["error"]["code"] == "model_not_found"
     assert "secret" not in lane.json()["error"]["message"].split("known models")[-1]
@@ -164,7 +179,7 @@ async def test_refusals_on_the_lane_are_the_web_layers(gateway):
     assert key_entry(gateway, "alice")["usage"]["forbidden"] == 2
 
     wrong = {"Authorization": "Bearer my-not-a-key"}
-    same_answer(await post(gateway, PATH, wrong), await post(gateway, WEB, wrong))
+    same_answer(await answered_by_lane(gateway, wrong), await post(gateway, WEB, wrong))
     # Only tiny's one answered request was the lane's to count: refusals are not "served".
     assert served_by_lane(gateway) == before + 1
 
