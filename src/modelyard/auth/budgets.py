@@ -107,6 +107,7 @@ class TokenLedger:
         self._window_sums: dict[str, int] = {}
         self._periods_second = -1
         self._periods_now: tuple[str, ...] = ()
+        self._period_cache: dict[str, tuple[int, str, float | None]] = {}
         self._dirty_usage: set[tuple[str, str]] = set()
         self._dirty_periods: set[tuple[str, str]] = set()
         self._flusher: asyncio.Task[None] | None = None
@@ -214,8 +215,13 @@ class TokenLedger:
 
     def spent(self, name: str, kind: str) -> tuple[int, float | None]:
         """Tokens `name` spent in the current `kind` period, and when the period ends."""
-        period, ends = period_of(kind, self._wall_clock())
-        return self._periods.get((name, period), 0), ends
+        now = self._wall_clock()
+        second = int(now)
+        known = self._period_cache.get(kind)
+        if known is None or known[0] != second:  # dates change by the second at most
+            known = (second, *period_of(kind, now))
+            self._period_cache[kind] = known
+        return self._periods.get((name, known[1]), 0), known[2]
 
     def usage(self, name: str) -> dict[str, dict[str, int]]:
         """Requests and tokens per model for key `name`."""
