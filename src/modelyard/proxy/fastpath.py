@@ -116,6 +116,7 @@ class FastRequest:
         "length",
         "path",
         "payload",
+        "presented",
         "principal",
         "target",
     )
@@ -138,6 +139,7 @@ class FastRequest:
         self.payload: dict[str, Any] = {}
         self.target: Target | None = None
         self.principal = ANONYMOUS
+        self.presented: bytes | None = None  # the client's key, once admission has read it
 
 
 class FastLane:
@@ -470,6 +472,8 @@ class FastProtocol(asyncio.Protocol):
             self._answer(refusal.answer())
             return False
         request.principal = identity
+        key = presented_key(headers)  # as identify read it; kept from the engine's headers
+        request.presented = key.encode("utf-8", "surrogateescape") if key else None
         return True
 
     async def _serve_one(self, request: FastRequest) -> bool:
@@ -571,7 +575,7 @@ class FastProtocol(asyncio.Protocol):
         head = [b"POST ", request.path, b" HTTP/1.1\r\nHost: ", host_header, b"\r\n"]
         # As `forward_headers`: no credential header, nor any header that carries the key the
         # client presented; then the engine's own key, which the client never sees or sets.
-        key = _presented_key(request.headers)
+        key = request.presented or _presented_key(request.headers)
         for name, value in request.headers:
             if _to_engine(name) and (key is None or key not in value):
                 head += [name, b": ", value, b"\r\n"]
