@@ -1,7 +1,13 @@
 """Proxy overhead, side by side in one run: straight to fast upstreams, through modelyard,
 through vllm-router (Rust, PyPI `vllm-router`) and through LiteLLM's proxy (PyPI `litellm`).
 
-    python -m bench.proxy [--duration 4] [--repeat 1] [--no-litellm] [--json FILE]
+    python -m bench.proxy [--duration 4] [--repeat 1] [--no-litellm] [--keyed] [--json FILE]
+
+`--keyed` adds a second modelyard, "modelyard+key", that has API keys configured: every
+request carries a key (one with a token budget and a tokens-per-minute limit, both too large
+to be reached, so each request is checked against them and charged to them) and goes through
+the gateway's admission and usage accounting. vllm-router and LiteLLM stay keyless.
+`--no-slow` and `--no-scaling` leave out the slow streams and the core-scaling cells.
 
 Needs `wrk` and `nginx` (`make bench-deps`). The gateway starts the upstreams itself, as
 `command` engines, exactly as it would start a real engine; the other proxies are pointed at
@@ -41,6 +47,7 @@ import yaml
 
 from bench import contenders
 from bench.proc_usage import ProcessTree
+from modelyard.auth.keys import generate_key, key_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
@@ -59,12 +66,19 @@ def is_upstream(cmdline: str) -> bool:
     return "nginx" in cmdline or "bench.stream_upstream" in cmdline
 
 
-def start_gateway(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+# The keyed gateway's keys: an admin key (to start the engines) and the client's key.
+ADMIN_KEY = generate_key()
+CLIENT_KEY = generate_key()
+HUGE = 10**15  # a budget and a tokens-per-minute limit that are checked but never reached
+
+
+def start_gateway(workdir: Path, keyed: bool = False) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     upstream = str(ROOT / "bench" / "upstream_nginx.sh")
-    config = {
+    name = "keyed" if keyed else "bench"
+    config: dict[str, Any] = {
         "listen": f"127.0.0.1:{port}",
-        "state_dir": str(workdir / "state"),
+        "state_dir": str(workdir / f"state-{name}"),
         "limits": {"max_queue": 10_000, "max_queue_per_model": 10_000},
         "models": {
             "fast": {"engine": "command", "idle_timeout": 0, "command": [upstream, "{port}"]},
@@ -80,9 +94,22 @@ def start_gateway(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
             },
         },
     }
-    path = workdir / "bench.yaml"
+    if keyed:
+        config["auth"] = {
+            "keys": [
+                {"name": "ops", "sha256": key_digest(ADMIN_KEY), "admin": True},
+                {
+                    "name": "client",
+                    "sha256": key_digest(CLIENT_KEY),
+                    "models": ["*"],
+                    "token_budget": HUGE,
+                    "tpm": HUGE,
+                },
+            ]
+        }
+    path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    log = (workdir / "gateway.log").open("wb")
+    log = (workdir / f"{name}.log").open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "modelyard", "serve", "-c", str(path), "--log-level", "WARNING"],
         stdout=log,
@@ -90,20 +117,21 @@ def start_gateway(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
         cwd=ROOT,
     )
     url = f"http://127.0.0.1:{port}"
-    contenders.wait_ready(process, url + "/health", workdir / "gateway.log", 20)
+    contenders.wait_ready(process, url + "/health", workdir / f"{name}.log", 20)
     return process, url
 
 
-def engine_url(gateway_url: str, model: str) -> str:
+def engine_url(gateway_url: str, model: str, headers: dict[str, str] | None = None) -> str:
     """Start the model through the gateway, then read the engine's own address from status."""
     body = json.dumps({"model": model, **CHAT}).encode()
     request = urllib.request.Request(
         gateway_url + "/v1/chat/completions",
         data=body,
-        headers={"Content-Type": "application/json"},
+        headers={"Content-Type": "application/json", **(headers or {})},
     )
     urllib.request.urlopen(request, timeout=60).read()
-    with urllib.request.urlopen(gateway_url + "/gateway/status", timeout=10) as response:
+    status_request = urllib.request.Request(gateway_url + "/gateway/status", headers=headers or {})
+    with urllib.request.urlopen(status_request, timeout=10) as response:
         status = json.loads(response.read())
     for entry in status["models"]:
         if entry["name"] == model:
@@ -112,13 +140,19 @@ def engine_url(gateway_url: str, model: str) -> str:
 
 
 def wrk(
-    url: str, connections: int, duration: float, workdir: Path, cpus: str | None = None
+    url: str,
+    connections: int,
+    duration: float,
+    workdir: Path,
+    cpus: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, float]:
     script = workdir / "post.lua"
     script.write_text(
         'wrk.method = "POST"\n'
         f"wrk.body = '{json.dumps({'model': 'fast', **CHAT})}'\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
+        + "".join(f'wrk.headers["{name}"] = "{value}"\n' for name, value in (headers or {}).items())
     )
     command = ["wrk", "-t", "1", "-c", str(connections), "-d", f"{int(duration)}s", "--latency"]
     command += ["-s", str(script), url + "/v1/chat/completions"]
@@ -144,7 +178,9 @@ def _latency(output: str, label: str) -> float:
     return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
 
-async def sse_throughput(url: str, duration: float) -> dict[str, float]:
+async def sse_throughput(
+    url: str, duration: float, headers: dict[str, str] | None = None
+) -> dict[str, float]:
     """SSE_STREAMS clients, each asking for one 400-event stream after another."""
     events = 0
     failed = 0
@@ -166,7 +202,7 @@ async def sse_throughput(url: str, duration: float) -> dict[str, float]:
                     tail = data[-(len(marker) - 1) :]
 
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
         began = time.monotonic()
         await asyncio.gather(*(client(session, began + duration) for _ in range(SSE_STREAMS)))
         elapsed = time.monotonic() - began
@@ -174,7 +210,12 @@ async def sse_throughput(url: str, duration: float) -> dict[str, float]:
 
 
 async def slow_streams(
-    url: str, count: int, chunks: int, rate: float, tree: ProcessTree | None
+    url: str,
+    count: int,
+    chunks: int,
+    rate: float,
+    tree: ProcessTree | None,
+    headers: dict[str, str] | None = None,
 ) -> dict[str, float]:
     """`count` concurrent streams of `chunks` events at `rate`/s, all started at once.
 
@@ -220,7 +261,9 @@ async def slow_streams(
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
     watcher = asyncio.create_task(watch_rss())
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, headers=headers
+    ) as session:
         await asyncio.gather(*(one(session) for _ in range(count)))
     watcher.cancel()
     intervals.sort()
@@ -248,6 +291,7 @@ class Proxy:
     sse: str
     stream: str
     trees: list[ProcessTree] = field(default_factory=list)  # empty: direct, nothing charged
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every request (a key)
 
     def cpu(self) -> float:
         return sum(tree.cpu() for tree in self.trees)
@@ -267,32 +311,35 @@ def run_matrix(
         row: dict[str, Any] = {}
         for connections in (1, 64):
             result, cpu = measure(
-                proxy, lambda c=connections, p=proxy: wrk(p.fast, c, args.duration, workdir)
+                proxy,
+                lambda c=connections, p=proxy: wrk(
+                    p.fast, c, args.duration, workdir, headers=p.headers
+                ),
             )
             result["cpu_us_per_request"] = cpu / max(result["requests"], 1) * 1e6
             row[f"c{connections}"] = result
         result, cpu = measure(
-            proxy, lambda p=proxy: asyncio.run(sse_throughput(p.sse, args.duration))
+            proxy, lambda p=proxy: asyncio.run(sse_throughput(p.sse, args.duration, p.headers))
         )
         result["cpu_us_per_event"] = cpu / max(result["events"], 1) * 1e6
         row["sse"] = result
         results[proxy.name] = row
         print(f"  {proxy.name}: done with requests and SSE", flush=True)
     for proxy in proxies:
-        if proxy.name == "LiteLLM" and not args.litellm_slow:
+        if args.no_slow or (proxy.name == "LiteLLM" and not args.litellm_slow):
             continue
         tree = proxy.trees[0] if proxy.trees else None
         result, cpu = measure(
             proxy,
             lambda p=proxy, t=tree: asyncio.run(
-                slow_streams(p.stream, args.slow_streams, 100, 20.0, t)
+                slow_streams(p.stream, args.slow_streams, 100, 20.0, t, p.headers)
             ),
         )
         result["cpu_s"] = cpu
         results[proxy.name]["slow"] = result
         print(f"  {proxy.name}: done with {args.slow_streams} slow streams", flush=True)
     for proxy in proxies:
-        if not proxy.trees or proxy.name == "LiteLLM":
+        if args.no_scaling or not proxy.trees or proxy.name == "LiteLLM":
             continue
         scaling = {}
         for upstream in upstream_trees:
@@ -301,7 +348,10 @@ def run_matrix(
             for tree in proxy.trees:
                 tree.pin(cpus)
             result, cpu = measure(
-                proxy, lambda p=proxy: wrk(p.fast, 64, args.duration, workdir, cpus="1")
+                proxy,
+                lambda p=proxy: wrk(
+                    p.fast, 64, args.duration, workdir, cpus="1", headers=p.headers
+                ),
             )
             result["cpu_us_per_request"] = cpu / max(result["requests"], 1) * 1e6
             scaling[cpus] = result
@@ -322,6 +372,11 @@ def main() -> None:
         action="store_true",
         help="also put LiteLLM through the slow streams (it takes minutes at 1,000)",
     )
+    parser.add_argument(
+        "--keyed", action="store_true", help="also a modelyard with API keys (modelyard+key)"
+    )
+    parser.add_argument("--no-slow", action="store_true", help="skip the slow streams")
+    parser.add_argument("--no-scaling", action="store_true", help="skip core scaling")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     for tool in ("wrk", "nginx", "taskset"):
@@ -342,6 +397,27 @@ def main() -> None:
             Proxy("direct", direct["fast"], direct["sse"], direct["stream"]),
             Proxy("modelyard", url, url, url, [ProcessTree(gateway.pid, is_upstream)]),
         ]
+        if args.keyed:
+            keyed, keyed_url = start_gateway(workdir, keyed=True)
+            started.append(keyed)
+            admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+            for model in ("fast", "sse", "stream"):
+                engine_url(keyed_url, model, admin)  # its own engines, started before the load
+            upstream_trees += [
+                ProcessTree(pid)
+                for pid in ProcessTree(keyed.pid).pids()
+                if pid != keyed.pid and _is_engine_root(pid)
+            ]
+            proxies.append(
+                Proxy(
+                    "modelyard+key",
+                    keyed_url,
+                    keyed_url,
+                    keyed_url,
+                    [ProcessTree(keyed.pid, is_upstream)],
+                    {"Authorization": f"Bearer {CLIENT_KEY}"},
+                )
+            )
         routers = {
             model: contenders.start_vllm_router(direct[model], free_port(), free_port(), workdir)
             for model in direct
@@ -461,7 +537,15 @@ def print_tables(results: dict[str, Any], slow: int) -> None:
             f"| {name} | {one['rps']:,.0f} | {two['rps']:,.0f} | {two['rps'] / one['rps']:.2f}x "
             f"| {one['cpu_us_per_request']:.0f} / {two['cpu_us_per_request']:.0f} µs |"
         )
-    ours, rust = results.get("modelyard"), results.get("vllm-router")
+    ours, keyed = results.get("modelyard"), results.get("modelyard+key")
+    if ours and keyed:
+        print(
+            "\nmodelyard with a key / without: CPU per request "
+            f"{keyed['c64']['cpu_us_per_request'] / ours['c64']['cpu_us_per_request']:.2f}x, "
+            "CPU per event "
+            f"{keyed['sse']['cpu_us_per_event'] / ours['sse']['cpu_us_per_event']:.2f}x"
+        )
+    rust = results.get("vllm-router")
     if ours and rust:
         print(
             "\nmodelyard / vllm-router: CPU per request "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from modelyard.api.app import build_app
+from modelyard.api.app import POLICY_KEY, build_app
 from modelyard.api.http_layer import use_openai_errors
 from modelyard.config.loader import ConfigError
 from modelyard.config.schema import GatewayConfig
@@ -122,7 +122,7 @@ async def run_gateway(
         if certificate is None:
             # The common POSTs take the fast lane (proxy/fastpath.py); the rest is aiohttp's.
             assert runner.server is not None
-            lane = FastLane(gateway, runner.server)
+            lane = FastLane(gateway, runner.server, policy=app[POLICY_KEY])
             fast_server = await start_server(lane, config.host, config.port)
         else:
             # TLS: aiohttp serves everything (the fast lane speaks plain HTTP only, for now).

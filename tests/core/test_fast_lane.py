@@ -258,10 +258,11 @@ async def test_shutdown_ends_a_long_stream_with_an_error_event(gateway_factory):
 
 
 def test_with_keys_requests_get_the_web_layers_answers_and_counts(gateway_factory):
-    """With keys the lane hands every request to the web layer (keys, limits, budgets and
-    their counts are all its own). One connection, pipelined: alice's request, a wrong key
-    (401), alice again; on fresh connections a model alice may not use (404, naming no other
-    key's model) and bob's rate-limited key; each key's usage counted once."""
+    """With keys the lane admits requests with the web layer's own functions (and
+    tests/core/test_fast_lane_keys.py compares the answers). One connection, pipelined:
+    alice's request, a wrong key (401, and the connection stays open), alice again; on fresh
+    connections a model alice may not use (404, naming no other key's model) and bob's
+    rate-limited key; each key's usage counted once."""
     from tests.security.keys import ADMIN_KEY, LIMITED_KEY, USER_KEY, auth_settings
 
     gateway = gateway_factory(
@@ -292,7 +293,7 @@ def test_with_keys_requests_get_the_web_layers_answers_and_counts(gateway_factor
     )
     with urllib.request.urlopen(admin, timeout=10) as response:
         keys = {key["name"]: key["usage"] for key in json.loads(response.read())["keys"]}
-    assert keys["alice"]["requests"] == 3  # two served (one by the lane), the 404 one
+    assert keys["alice"]["requests"] == 3  # two served, and the 404 one
     assert keys["bot"]["requests"] == 1
 
 
@@ -308,7 +309,9 @@ async def test_idle_kept_alive_connections_are_closed():
     limits = SimpleNamespace(
         max_body_bytes=1024, upstream_connect_timeout=1.0, upstream_read_timeout=1.0
     )
-    gateway = SimpleNamespace(config=SimpleNamespace(limits=limits), auth=None)
+    counter = SimpleNamespace(inc=lambda: None)
+    metrics = SimpleNamespace(fast_lane_served=counter, fast_lane_handed_over=counter)
+    gateway = SimpleNamespace(config=SimpleNamespace(limits=limits), auth=None, metrics=metrics)
     lane = FastLane(gateway, asyncio.Protocol, idle_close_s=0.5, sweep_s=0.1)  # type: ignore[arg-type]
     port = free_port()
     server = await start_server(lane, "127.0.0.1", port)

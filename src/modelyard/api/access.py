@@ -33,14 +33,6 @@ def not_found(name: str, usable: list[str]) -> ApiError:
     )
 
 
-def require_model(request: web.Request, target: Target, usable: list[str]) -> None:
-    """The key may use `target`, or a 404 indistinguishable from an unknown model's."""
-    principal = principal_of(request)
-    if not may_use(principal, target):
-        request[FORBIDDEN_KEY] = True
-        raise not_found(target.public_name, usable)
-
-
 def require_admin(request: web.Request) -> None:
     principal = principal_of(request)
     if not principal.admin:

@@ -18,6 +18,8 @@ from modelyard.observability.log_guard import CLIENT_CAUSED_ATTR
 log = logging.getLogger("modelyard.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# The Host and Origin rules in force, for the fast lane (proxy/fastpath.py) to apply the same.
+POLICY_KEY = web.AppKey("browser_policy", BrowserPolicy)
 
 
 @web.middleware
@@ -74,6 +76,7 @@ def build_app(gateway: Gateway, middlewares: list[Middleware] | None = None) -> 
         client_max_size=gateway.config.limits.max_body_bytes,
     )
     app[serving.GATEWAY_KEY] = gateway
+    app[POLICY_KEY] = policy
     app.on_response_prepare.append(add_cors_headers)
     router = app.router
     router.add_get("/health", status.health)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from aiohttp import web
 
@@ -36,21 +38,46 @@ def error_body(
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+@dataclass(frozen=True)
+class ErrorAnswer:
+    """An error as both servers write it (aiohttp's and the fast lane's): the status, headers
+    besides Content-Type and Content-Length, and the JSON body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def error_answer(
+    status: int,
+    message: str,
+    code: str | None = None,
+    param: str | None = None,
+    retry_after: float | None = None,
+    extra_headers: Mapping[str, str] | None = None,
+) -> ErrorAnswer:
+    headers = {}
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    headers.update(extra_headers or {})
+    body = json.dumps(error_body(status, message, code, param)).encode()
+    return ErrorAnswer(status, headers, body)
+
+
 def error_response(
     status: int,
     message: str,
     code: str | None = None,
     param: str | None = None,
     retry_after: float | None = None,
+    extra_headers: Mapping[str, str] | None = None,
 ) -> web.Response:
-    headers = {}
-    if retry_after is not None:
-        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+    answer = error_answer(status, message, code, param, retry_after, extra_headers)
     return web.Response(
-        status=status,
-        text=json.dumps(error_body(status, message, code, param)),
+        status=answer.status,
+        text=answer.body.decode(),
         content_type="application/json",
-        headers=headers,
+        headers=answer.headers,
     )
 
 
@@ -72,6 +99,11 @@ class ApiError(Exception):
         self.param = param
         self.retry_after = retry_after
 
+    def answer(self, extra_headers: Mapping[str, str] | None = None) -> ErrorAnswer:
+        return error_answer(
+            self.status, self.message, self.code, self.param, self.retry_after, extra_headers
+        )
+
     def response(self) -> web.Response:
         return error_response(self.status, self.message, self.code, self.param, self.retry_after)
 
@@ -89,3 +121,12 @@ def unavailable(error: ModelUnavailable, show_tail: bool = True) -> ApiError:
     if error.status < 500:
         retry_after = None
     return ApiError(error.status, message, error.code, retry_after=retry_after)
+
+
+def with_log_tail(message: str, tail: list[str], show_tail: bool = False) -> str:
+    """An engine failure's message; only an admin (`show_tail`) sees the engine's log lines,
+    masked: a user learns that the engine failed, not how it was started or what it printed."""
+    message = redact(message)
+    if not tail or not show_tail:
+        return message
+    return redact(message + "\nlast engine log lines:\n" + "\n".join(tail[-10:]))

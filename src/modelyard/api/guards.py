@@ -15,18 +15,14 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from modelyard.api.access import FORBIDDEN_KEY, PRINCIPAL_KEY
-from modelyard.api.errors import ApiError, error_response
+from modelyard.api.admission import identify, is_open, needs_key, refusal_answer
+from modelyard.api.errors import ApiError
 from modelyard.auth.authenticator import Authenticator, Refusal
-from modelyard.auth.keys import WWW_AUTHENTICATE
 from modelyard.auth.origins import BrowserPolicy
 from modelyard.proxy.canonical import CanonicalTarget, NonCanonical, canonical_target
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-# Open without a key: liveness, the API description, and the dashboard's static files (which
-# hold no data; the dashboard reads everything through routes that need a key).
-OPEN_PATHS = frozenset({"/health", "/openapi.json", "/openapi.yaml"})
-OPEN_STATIC_PREFIX = "/ui"
 CANONICAL_KEY = web.RequestKey("modelyard.canonical", CanonicalTarget)
 CORS_ORIGIN_KEY = web.RequestKey("modelyard.cors_origin", str)
 CORS_ALLOWED_HEADERS = (
@@ -40,14 +36,6 @@ CORS_EXPOSED_HEADERS = (
     "x-ratelimit-reset-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, "
     "x-ratelimit-reset-tokens, x-budget-limit-tokens, x-budget-spent-tokens"
 )
-
-
-def is_open(method: str, path: str) -> bool:
-    if path in OPEN_PATHS:
-        return True
-    return method in ("GET", "HEAD") and (
-        path == OPEN_STATIC_PREFIX or path.startswith(OPEN_STATIC_PREFIX + "/")
-    )
 
 
 def canonical_of(request: web.Request) -> CanonicalTarget:
@@ -126,11 +114,20 @@ async def canonical_form(request: web.Request, handler: Handler) -> web.StreamRe
 def authentication(authenticator: Authenticator) -> Middleware:
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if not authenticator.enabled or is_open(request.method, request.path):
+        # The same decisions as the fast lane's, from the same functions (`api.admission`).
+        if not needs_key(authenticator, request.method, request.path):
             return await handler(request)
-        identity = authenticator.identify(request.headers, request.path)
+        identity = identify(authenticator, request.method, request.path, request.headers)
         if isinstance(identity, Refusal):
-            return _refusal_response(authenticator, request, identity)
+            answer = refusal_answer(
+                authenticator, identity, request.method, request.path, request.remote
+            )
+            return web.Response(
+                status=answer.status,
+                text=answer.body.decode(),
+                content_type="application/json",
+                headers=answer.headers,
+            )
         request[PRINCIPAL_KEY] = identity
         try:
             return await handler(request)
@@ -139,20 +136,3 @@ def authentication(authenticator: Authenticator) -> Middleware:
                 authenticator.usage.count_forbidden(identity.name)
 
     return authenticate
-
-
-def _refusal_response(
-    authenticator: Authenticator, request: web.Request, refusal: Refusal
-) -> web.Response:
-    response = error_response(
-        refusal.status, refusal.message, refusal.code, retry_after=refusal.retry_after
-    )
-    if refusal.status == 401:
-        authenticator.note_refusal(request.method, request.path, request.remote, refusal.code)
-        response.headers["WWW-Authenticate"] = WWW_AUTHENTICATE
-    elif refusal.rpm is not None and refusal.retry_after is not None:
-        response.headers["x-ratelimit-limit-requests"] = str(refusal.rpm)
-        response.headers["x-ratelimit-remaining-requests"] = "0"
-        response.headers["x-ratelimit-reset-requests"] = f"{refusal.retry_after:.3f}s"
-    response.headers.update(refusal.headers)  # tokens per minute, token budget
-    return response

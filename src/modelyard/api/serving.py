@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
 import time
 from typing import Any
 
@@ -18,8 +17,9 @@ from modelyard.api.access import (
     not_found,
     principal_of,
     require_engine_path,
-    require_model,
 )
+from modelyard.api.accounting import TokenCount, ask_stream_for_usage, finish, usage_of
+from modelyard.api.admission import model_refusal, usable_names
 from modelyard.api.bodies import (
     looks_like_json_object,
     model_field,
@@ -27,12 +27,12 @@ from modelyard.api.bodies import (
     read_body,
     require_json_content_type,
 )
-from modelyard.api.errors import ApiError, unavailable
+from modelyard.api.errors import ApiError, unavailable, with_log_tail
 from modelyard.api.guards import canonical_of
 from modelyard.auth.principal import Principal
 from modelyard.gateway import Gateway
 from modelyard.lora.manager import AdapterError
-from modelyard.observability.requests import CLIENT_CLOSED_REQUEST, RequestRecord
+from modelyard.observability.requests import CLIENT_CLOSED_REQUEST
 from modelyard.proxy.canonical import engine_path
 from modelyard.proxy.forward import ProxyOutcome, UpstreamError, UpstreamTimeout
 from modelyard.proxy.sse import (
@@ -40,7 +40,6 @@ from modelyard.proxy.sse import (
     model_name_replacements,
     rewrite_model_in_json,
 )
-from modelyard.redaction import redact
 from modelyard.scheduler.names import Target, UnknownModel
 from modelyard.scheduler.supervisor import ModelUnavailable
 
@@ -51,18 +50,11 @@ def gateway_of(request: web.Request) -> Gateway:
     return request.app[GATEWAY_KEY]
 
 
-def usable_names(gateway: Gateway, principal: Principal) -> list[str]:
-    """The public names this key may use (for error messages; never the others)."""
-    scheduler = gateway.scheduler
-    return [
-        name for name in scheduler.public_names() if may_use(principal, scheduler.resolve(name))
-    ]
-
-
 def _require(request: web.Request, gateway: Gateway, target: Target) -> None:
-    principal = principal_of(request)
-    if not may_use(principal, target):
-        require_model(request, target, usable_names(gateway, principal))
+    refusal = model_refusal(gateway, principal_of(request), target)
+    if refusal is not None:
+        request[FORBIDDEN_KEY] = True  # counted per key by the authentication middleware
+        raise refusal
 
 
 async def openai_model_route(request: web.Request) -> web.StreamResponse:
@@ -173,7 +165,7 @@ async def proxy_json(
     the engine serves the model that was authorised."""
     _require(request, gateway, target)
     require_engine_path(request, path)
-    usage_added = _ask_stream_for_usage(path, payload)
+    usage_added = ask_stream_for_usage(path, payload)
     if payload.get("model") != target.upstream_name or usage_added:
         payload["model"] = target.upstream_name
         body = json.dumps(payload).encode()
@@ -194,20 +186,6 @@ async def proxy_json(
     return await _forward(
         request, gateway, target, path, body, route_label, transformer, rewrite, tokens
     )
-
-
-def _ask_stream_for_usage(path: str, payload: dict[str, Any]) -> bool:
-    """Add `stream_options.include_usage` to a completion stream that lacks it (for token
-    metrics); True when added. Engines send usage in a last chunk with no choices."""
-    if payload.get("stream") is not True or not path.endswith("/completions"):
-        return False
-    options = payload.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        return False  # malformed: the engine's own error is the right answer
-    if options and options.get("include_usage") is True:
-        return False
-    payload["stream_options"] = {**(options or {}), "include_usage": True}
-    return True
 
 
 async def proxy_raw(
@@ -234,7 +212,7 @@ async def proxy_raw(
         except (ValueError, UnicodeDecodeError):
             payload = None  # the engine's own error is the right answer
         if isinstance(payload, dict) and payload.get("stream") is True:
-            usage_added = _ask_stream_for_usage(path.split("?", 1)[0], payload)
+            usage_added = ask_stream_for_usage(path.split("?", 1)[0], payload)
             if usage_added:
                 body = json.dumps(payload).encode()
 
@@ -249,28 +227,6 @@ async def proxy_raw(
     return await _forward(
         request, gateway, target, path, body or None, route_label, transformer, None, tokens
     )
-
-
-class TokenCount:
-    """One request's usage for its key (budgets, tokens per minute, usage per model): counted
-    once, as early as it is known."""
-
-    def __init__(self, gateway: Gateway, key_name: str, model: str) -> None:
-        self._gateway = gateway
-        self._key_name = key_name
-        self._model = model
-        self.counted = False
-
-    def count(self, usage: dict[str, int]) -> None:
-        if self.counted or self._gateway.auth is None:
-            return
-        self.counted = True
-        self._gateway.auth.ledger.record(
-            self._key_name,
-            self._model,
-            usage.get("prompt_tokens", 0),
-            usage.get("completion_tokens", 0),
-        )
 
 
 def _checked_raw_body(
@@ -360,7 +316,7 @@ async def _forward(
             elif outcome.client_gone:
                 client_gone = True
                 status = outcome.status or CLIENT_CLOSED_REQUEST
-            usage = outcome.usage or _usage_of(outcome.body)
+            usage = outcome.usage or usage_of(outcome.body)
             return response
     except AdapterError as error:
         status = error.status
@@ -399,50 +355,23 @@ async def _forward(
         tail = failure.log_tail if failure else []
         raise ApiError(
             status,
-            _with_log_tail(f"model {target.model!r}: {error}", tail, principal_of(request).admin),
+            with_log_tail(f"model {target.model!r}: {error}", tail, principal_of(request).admin),
             "upstream_timeout" if timed_out else "upstream_error",
         ) from None
     finally:
-        tokens.count(usage)  # the answer's usage, unless a stream's was counted already
-        gateway.observe(
-            RequestRecord(
-                model=target.model,
-                route=route_label,
-                key_name=principal_of(request).name,
-                status=status,
-                duration_s=time.perf_counter() - started,
-                first_byte_s=first_byte,
-                streamed=streamed,
-                prompt_tokens=usage.get("prompt_tokens"),
-                completion_tokens=usage.get("completion_tokens"),
-                client_gone=client_gone,
-            )
+        finish(
+            gateway,
+            tokens,
+            model=target.model,
+            route=route_label,
+            key_name=principal_of(request).name,
+            status=status,
+            duration_s=time.perf_counter() - started,
+            first_byte_s=first_byte,
+            streamed=streamed,
+            usage=usage,
+            client_gone=client_gone,
         )
-
-
-_USAGE_RE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*\})')
-
-
-def _usage_of(body: bytes | None) -> dict[str, int]:
-    """Token counts from a JSON answer, parsing only its flat `usage` object (an embeddings
-    answer can be megabytes of floats: not worth parsing whole for two integers)."""
-    match = _USAGE_RE.search(body) if body else None
-    if match is None:
-        return {}
-    try:
-        usage = json.loads(match.group(1))
-    except ValueError:
-        return {}
-    return {k: v for k, v in usage.items() if isinstance(v, int)}
-
-
-def _with_log_tail(message: str, tail: list[str], show_tail: bool = False) -> str:
-    """An engine failure's message; only an admin (`show_tail`) sees the engine's log lines,
-    masked: a user learns that the engine failed, not how it was started or what it printed."""
-    message = redact(message)
-    if not tail or not show_tail:
-        return message
-    return redact(message + "\nlast engine log lines:\n" + "\n".join(tail[-10:]))
 
 
 def model_listing(

@@ -9,10 +9,8 @@ works the same way). Totals live in memory on the request path and are written t
 
 from __future__ import annotations
 
-import asyncio
 import calendar
 import collections
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -21,6 +19,7 @@ from typing import Any
 
 from modelyard.auth.keys import ApiKey
 from modelyard.state import StateDatabase
+from modelyard.state.flushing import PeriodicallyFlushed
 
 log = logging.getLogger("modelyard.auth")
 
@@ -48,7 +47,6 @@ MIGRATIONS = [
     """,
 ]
 WINDOW_S = 60.0
-FLUSH_INTERVAL_S = 5.0
 
 
 @dataclass
@@ -86,7 +84,7 @@ def period_of(kind: str, now: float) -> tuple[str, float | None]:
     return "total", None
 
 
-class TokenLedger:
+class TokenLedger(PeriodicallyFlushed):
     """Usage per key and model, tokens per period, and the sliding tokens-per-minute window
     (at one-second resolution)."""
 
@@ -107,9 +105,9 @@ class TokenLedger:
         self._window_sums: dict[str, int] = {}
         self._periods_second = -1
         self._periods_now: tuple[str, ...] = ()
+        self._period_cache: dict[str, tuple[int, str, float | None]] = {}
         self._dirty_usage: set[tuple[str, str]] = set()
         self._dirty_periods: set[tuple[str, str]] = set()
-        self._flusher: asyncio.Task[None] | None = None
         if database is not None:
             for row in database.query("SELECT * FROM key_model_usage"):
                 self._usage.setdefault(row["name"], {})[row["model"]] = ModelUsage(
@@ -214,8 +212,13 @@ class TokenLedger:
 
     def spent(self, name: str, kind: str) -> tuple[int, float | None]:
         """Tokens `name` spent in the current `kind` period, and when the period ends."""
-        period, ends = period_of(kind, self._wall_clock())
-        return self._periods.get((name, period), 0), ends
+        now = self._wall_clock()
+        second = int(now)
+        known = self._period_cache.get(kind)
+        if known is None or known[0] != second:  # dates change by the second at most
+            known = (second, *period_of(kind, now))
+            self._period_cache[kind] = known
+        return self._periods.get((name, known[1]), 0), known[2]
 
     def usage(self, name: str) -> dict[str, dict[str, int]]:
         """Requests and tokens per model for key `name`."""
@@ -285,23 +288,6 @@ class TokenLedger:
             self._dirty_periods |= period_keys
             self._window_dirty = True
             log.exception("could not save token usage")
-
-    def start(self, interval: float = FLUSH_INTERVAL_S) -> None:
-        self._flusher = asyncio.create_task(self._flush_forever(interval))
-
-    async def _flush_forever(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            self.flush()
-
-    async def close(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-        self.flush()
-        if self._database is not None:
-            self._database.close()
 
 
 def _usage_row(usage: ModelUsage) -> tuple[int, int, int]:

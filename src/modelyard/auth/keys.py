@@ -25,6 +25,11 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(_raw(key)).hexdigest()
 
 
+def raw_digest(key: str) -> bytes:
+    """The SHA-256 of `key` as bytes (what `key_digest` gives in hex)."""
+    return hashlib.sha256(_raw(key)).digest()
+
+
 def _raw(key: str) -> bytes:
     # aiohttp decodes header bytes as UTF-8 with surrogateescape; this gives the bytes back.
     return key.encode("utf-8", "surrogateescape")
@@ -77,7 +82,7 @@ class KeyRing:
         guess was right; every configured key is compared, with no early exit, so it says
         nothing about which key matched either (llama-swap compares keys with `==`).
         """
-        digest = hashlib.sha256(_raw(presented)).digest()
+        digest = raw_digest(presented)
         found: ApiKey | None = None
         for key in self.keys:
             matches = hmac.compare_digest(digest, key.digest)

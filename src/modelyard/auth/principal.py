@@ -20,6 +20,8 @@ class Principal:
 
     def may_use(self, *names: str) -> bool:
         """Whether any of `names` (a public name, the configured model) matches a pattern."""
+        if "*" in self.model_patterns:
+            return True  # what fnmatchcase(name, "*") says of every name, without a regex
         return any(
             fnmatch.fnmatchcase(name, pattern) for pattern in self.model_patterns for name in names
         )

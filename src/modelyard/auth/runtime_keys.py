@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from modelyard.auth.keys import ApiKey, generate_key, key_digest
+from modelyard.auth.keys import ApiKey, generate_key, key_digest, raw_digest
 from modelyard.state import StateDatabase
 
 MIGRATIONS = [
@@ -127,7 +127,7 @@ class RuntimeKeyStore:
         time a lookup takes depends only on the SHA-256 of the guess, which says nothing about
         any stored key (finding a key from its digest is a preimage attack).
         """
-        return self._by_digest.get(bytes.fromhex(key_digest(presented)))
+        return self._by_digest.get(raw_digest(presented))
 
     def expired(self, key: ApiKey) -> bool:
         return key.expires_at is not None and self._clock() >= key.expires_at

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from modelyard.state import StateDatabase
+from modelyard.state.flushing import PeriodicallyFlushed
 
 log = logging.getLogger("modelyard.auth")
 
@@ -24,7 +23,6 @@ MIGRATIONS = [
     )
     """,
 ]
-FLUSH_INTERVAL_S = 5.0
 
 
 @dataclass
@@ -38,7 +36,7 @@ class KeyUsage:
         return asdict(self)
 
 
-class UsageCounters:
+class UsageCounters(PeriodicallyFlushed):
     """Counts in memory on the request path; written to SQLite every few seconds and at close,
     one transaction per flush (a write per request would cost more than the request)."""
 
@@ -46,7 +44,6 @@ class UsageCounters:
         self._database = database
         self._usage: dict[str, KeyUsage] = {}
         self._dirty: set[str] = set()
-        self._flusher: asyncio.Task[None] | None = None
         if database is not None:
             for row in database.query("SELECT * FROM key_usage"):
                 self._usage[row["name"]] = KeyUsage(
@@ -89,23 +86,6 @@ class UsageCounters:
         except Exception:
             self._dirty |= names  # try again at the next flush
             log.exception("could not save key usage counters")
-
-    def start(self, interval: float = FLUSH_INTERVAL_S) -> None:
-        self._flusher = asyncio.create_task(self._flush_forever(interval))
-
-    async def _flush_forever(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            self.flush()
-
-    async def close(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-        self.flush()
-        if self._database is not None:
-            self._database.close()
 
 
 def _row(usage: KeyUsage) -> tuple[int, int, int, float | None]:

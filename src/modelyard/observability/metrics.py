@@ -105,6 +105,15 @@ class GatewayMetrics:
             buckets=FIRST_TOKEN_BUCKETS,
             registry=registry,
         )
+        fast_lane = Counter(
+            "modelyard_fast_lane_requests",
+            "'served': requests the fast lane served itself; 'handed_over': connections it "
+            "handed to the web layer (from a request it is not sure about on).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.fast_lane_served = fast_lane.labels("served")
+        self.fast_lane_handed_over = fast_lane.labels("handed_over")
         self.prompt_tokens = Counter(
             "modelyard_prompt_tokens",
             "Prompt (input) tokens, from the engine's usage report.",

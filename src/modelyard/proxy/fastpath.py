@@ -16,20 +16,27 @@ the bytes read so far, to aiohttp's own protocol for that connection, which serv
 every middleware and keeps the connection: the fast lane never answers a request it is not
 sure about.
 
-It serves only while no API keys exist (checked per request: a reload or a runtime key can
-add some): with keys, every request goes to the web layer (authentication, rate limits, token
-budgets, revocation and their counts). It serves only a local Host (localhost, 127.0.0.1,
-[::1]): the web layer applies the DNS-rebinding rule to every other name. Remote engines
-(`engine: remote`, whose URL may be https or carry a path) and TLS listeners are aiohttp's.
+With API keys (config keys or runtime keys, checked per request), it admits a request with
+the web layer's own functions (`api.admission`): the key (unknown, revoked, expired), the
+token budget, tokens and requests per minute, the key's scope over the served model; a
+refusal is answered with the same status, headers and body as the web layer's (from the same
+`error_answer`), and counted once, as there. Usage is charged with the same call
+(`api.accounting.finish`). Only the request's shape is checked before admission, without side
+effects, so a request handed over is admitted by the web layer alone: nothing is counted
+twice. A request whose key headers are repeated or not plain ASCII is handed over.
+
+The Host rule is the web layer's own `BrowserPolicy` (without keys, only names of this
+gateway; with keys, any). Remote engines (`engine: remote`, whose URL may be https or carry
+a path) and TLS listeners are aiohttp's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import http
 import json
 import logging
-import math
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -37,13 +44,16 @@ from typing import Any, cast
 
 from multidict import CIMultiDict
 
+from modelyard.api.accounting import TokenCount, ask_stream_for_usage, finish, usage_of
+from modelyard.api.admission import identify, model_refusal, needs_key, refusal_answer
 from modelyard.api.bodies import parse_json_object
-from modelyard.api.errors import ApiError, error_body, unavailable
-from modelyard.api.serving import TokenCount, _ask_stream_for_usage, _usage_of, _with_log_tail
+from modelyard.api.errors import ApiError, ErrorAnswer, error_answer, unavailable, with_log_tail
+from modelyard.auth.authenticator import Refusal
 from modelyard.auth.credentials import is_credential_header, presented_key
+from modelyard.auth.origins import BrowserPolicy
 from modelyard.auth.principal import ANONYMOUS
 from modelyard.gateway import Gateway
-from modelyard.observability.requests import CLIENT_CLOSED_REQUEST, RequestRecord
+from modelyard.observability.requests import CLIENT_CLOSED_REQUEST
 from modelyard.proxy.forward import _HOP_HEADERS, UpstreamError, UpstreamTimeout
 from modelyard.proxy.lean_client import Exchange, LeanPool, UpstreamConnection
 from modelyard.proxy.sse import StreamTransformer, model_name_replacements, rewrite_model_in_json
@@ -59,6 +69,10 @@ FAST_PATHS = {
     b"/v1/embeddings": "/v1/embeddings",
 }
 MAX_HEAD = 16 * 1024  # a longer head goes to aiohttp, which applies its own limits
+# aiohttp refuses a header line over 8190 bytes and more than 128 headers: anything near
+# that goes to it, so its answer is the one given.
+MAX_LINE = 8000
+MAX_HEADERS = 100
 # An idle kept-alive connection is closed after this long, as aiohttp's keepalive_timeout does;
 # checked by one sweep for all connections rather than a timer per request.
 IDLE_CLOSE_S = 75.0
@@ -85,7 +99,7 @@ _JSON_TYPES = frozenset({b"application/json", b"application/json; charset=utf-8"
 # Host names the lane serves without asking the web layer (which decides all others).
 _LOCAL_HOST = re.compile(rb"(?:localhost|127\.0\.0\.1|\[::1\])(?::[0-9]{1,5})?")
 _HOP_TO_ENGINE = frozenset(h.encode() for h in _HOP_HEADERS)
-_KEY_HEADERS = frozenset({b"authorization", b"x-api-key", b"api-key"})
+_KEY_HEADERS = frozenset({b"authorization", b"x-api-key", b"api-key"})  # presented_key's
 _KEPT_NAMES: dict[bytes, bool] = {}  # header name -> forwarded to the engine (bounded cache)
 _DROP_FROM_ENGINE = frozenset(h.encode() for h in _HOP_HEADERS)
 _STREAM_OWN = frozenset({b"cache-control", b"x-accel-buffering"})
@@ -96,27 +110,36 @@ class FastRequest:
     __slots__ = (
         "body",
         "headers",
+        "host",
         "keep_alive",
         "label",
         "length",
         "path",
         "payload",
+        "presented",
         "principal",
         "target",
     )
 
     def __init__(
-        self, path: bytes, headers: list[tuple[bytes, bytes]], length: int, keep_alive: bool
+        self,
+        path: bytes,
+        headers: list[tuple[bytes, bytes]],
+        length: int,
+        keep_alive: bool,
+        host: bytes,
     ) -> None:
         self.path = path
         self.label = FAST_PATHS[path]
         self.headers = headers
+        self.host = host
         self.length = length
         self.body = b""
         self.keep_alive = keep_alive
         self.payload: dict[str, Any] = {}
         self.target: Target | None = None
         self.principal = ANONYMOUS
+        self.presented: bytes | None = None  # the client's key, once admission has read it
 
 
 class FastLane:
@@ -128,8 +151,11 @@ class FastLane:
         fallback: Callable[[], asyncio.Protocol],
         idle_close_s: float = IDLE_CLOSE_S,
         sweep_s: float = SWEEP_S,
+        policy: BrowserPolicy | None = None,
     ) -> None:
         self.gateway = gateway
+        # The web layer's Host rule (None: only the plain local names are served here).
+        self.policy = policy
         self.idle_close_s = idle_close_s
         self.sweep_s = sweep_s
         self.fallback = fallback
@@ -141,6 +167,15 @@ class FastLane:
         self.connections: set[FastProtocol] = set()  # while the lane serves them
         self._sweeper: asyncio.Task[None] | None = None
         self._addresses: dict[str, tuple[str, int, bytes]] = {}
+        metrics = gateway.metrics
+        self._served_metric = metrics.fast_lane_served
+        self._handed_over_metric = metrics.fast_lane_handed_over
+
+    def served(self) -> None:
+        self._served_metric.inc()
+
+    def handed_over(self) -> None:
+        self._handed_over_metric.inc()
 
     def protocol(self) -> FastProtocol:
         if self._sweeper is None:
@@ -170,15 +205,20 @@ class FastLane:
             self._addresses[base_url] = known
         return known
 
-    def keyed(self) -> bool:
-        # Checked per request: keys may appear with a reload or a runtime key.
-        auth = self.gateway.auth
-        return auth is not None and auth.enabled
+    def host_allowed(self, host: bytes) -> bool:
+        """The web layer's Host rule (DNS rebinding, without keys): True when it would let
+        the request through; anything else is the web layer's to refuse."""
+        if _LOCAL_HOST.fullmatch(host) is not None:
+            return True  # always allowed (loopback names and addresses)
+        if self.policy is None or not host.isascii():
+            return False
+        return self.policy.host_problem(host.decode("ascii")) is None
 
     def eligible(self, request: FastRequest) -> bool:
-        """Checks that send a request to aiohttp (which answers them properly) instead."""
-        if self.keyed():
-            return False  # keys, budgets, limits and their counts: all the web layer's
+        """Checks that send a request to aiohttp (which answers them properly) instead.
+        Free of side effects: a request handed over is counted by the web layer alone."""
+        if not self.host_allowed(request.host):
+            return False
         try:
             payload = parse_json_object(request.body)  # the web layer's own checks
         except ApiError:
@@ -325,11 +365,17 @@ class FastProtocol(asyncio.Protocol):
         path = parts[1]
         if path not in FAST_PATHS:
             return None
+        if len(lines) > MAX_HEADERS:
+            return None
         headers: list[tuple[bytes, bytes]] = []
         length: int | None = None
         keep_alive = True
-        has_host = json_body = False
+        json_body = False
+        host: bytes | None = None
+        key_headers: set[bytes] = set()
         for line in lines[1:]:
+            if len(line) > MAX_LINE:
+                return None
             name, colon, value = line.partition(b":")
             if not colon or _TOKEN.fullmatch(name) is None:
                 return None
@@ -344,13 +390,14 @@ class FastProtocol(asyncio.Protocol):
             elif lowered in _NOT_FAST:
                 return None
             elif lowered == b"host":
-                if has_host:
+                if host is not None:
                     return None  # two Host headers: aiohttp refuses them
-                has_host = True
-                # Without keys, the web layer checks the name (DNS rebinding): only the plain
-                # local names are served here. With keys, any name is served.
-                if _LOCAL_HOST.fullmatch(value) is None:
+                host = value  # checked against the web layer's rule in `eligible`
+            elif lowered in _KEY_HEADERS:
+                # A key sent twice, or not in plain ASCII: the web layer's to read.
+                if lowered in key_headers or not value.isascii():
                     return None
+                key_headers.add(lowered)
             elif lowered == b"content-type":
                 if json_body:
                     return None
@@ -364,9 +411,9 @@ class FastProtocol(asyncio.Protocol):
                 if b"close" in tokens:
                     keep_alive = False
             headers.append((name, value))
-        if length is None or length > self.lane.max_body or not has_host or not json_body:
+        if length is None or length > self.lane.max_body or host is None or not json_body:
             return None
-        return FastRequest(path, headers, length, keep_alive)
+        return FastRequest(path, headers, length, keep_alive, host)
 
     def _hand_over(self) -> None:
         """From here on aiohttp serves this connection, starting with the bytes we hold."""
@@ -374,6 +421,7 @@ class FastProtocol(asyncio.Protocol):
         if transport is None or self.gone:
             return
         handler = self.lane.fallback()
+        self.lane.handed_over()
         self.lane.connections.discard(self)  # aiohttp keeps its own keep-alive timer
         transport.set_protocol(handler)
         handler.connection_made(transport)
@@ -399,11 +447,43 @@ class FastProtocol(asyncio.Protocol):
         if self.writable is not None:
             await self.writable  # the client reads slowly: its next answer waits
 
+    def _admit(self, request: FastRequest, target: Target) -> bool:
+        """The web layer's admission, with its functions (`api.admission`): the key, its
+        limits and budget, its scope over the model. False when refused (and answered, with
+        the web layer's status, headers and body, counted as it counts them)."""
+        auth = self.lane.gateway.auth
+        path = request.path.decode()
+        if auth is None or not needs_key(auth, "POST", path):
+            return True  # no keys: the anonymous principal, as in the web layer
+        # As aiohttp decodes header values (key headers are ASCII here: see _parse_head).
+        headers = CIMultiDict(
+            (name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+            for name, value in request.headers
+        )
+        identity = identify(auth, "POST", path, headers)
+        if isinstance(identity, Refusal):
+            peer = self.transport.get_extra_info("peername") if self.transport else None
+            remote = str(peer[0]) if isinstance(peer, tuple) and peer else None
+            self._answer(refusal_answer(auth, identity, "POST", path, remote))
+            return False
+        refusal = model_refusal(self.lane.gateway, identity, target)
+        if refusal is not None:
+            auth.usage.count_forbidden(identity.name)  # as the middleware's FORBIDDEN_KEY
+            self._answer(refusal.answer())
+            return False
+        request.principal = identity
+        key = presented_key(headers)  # as identify read it; kept from the engine's headers
+        request.presented = key.encode("utf-8", "surrogateescape") if key else None
+        return True
+
     async def _serve_one(self, request: FastRequest) -> bool:
         """Serve one request; False when the connection must close afterwards."""
         gateway = self.lane.gateway
         target = request.target
         assert target is not None
+        if not self._admit(request, target):
+            return True
+        self.lane.served()
         started = time.perf_counter()
         status = 500
         first_byte: float | None = None
@@ -413,12 +493,13 @@ class FastProtocol(asyncio.Protocol):
         usage: dict[str, int] = {}
         path = request.path.decode()
         payload = request.payload
-        usage_added = _ask_stream_for_usage(path, payload)
+        usage_added = ask_stream_for_usage(path, payload)
         body = request.body
         if payload.get("model") != target.upstream_name or usage_added:
             payload["model"] = target.upstream_name
             body = json.dumps(payload).encode()
         replacements = model_name_replacements(target.upstream_name, target.public_name)
+        tokens = TokenCount(gateway, request.principal.name, target.model)
         try:
             async with gateway.scheduler.engine_for(target.model) as engine:
                 status, first_byte, streamed, usage = await self._forward(
@@ -429,14 +510,13 @@ class FastProtocol(asyncio.Protocol):
                     body,
                     replacements,
                     usage_added,
+                    tokens,
                 )
-                # Usage per model for the key (here the anonymous one), as serving's TokenCount.
-                TokenCount(gateway, request.principal.name, target.model).count(usage)
                 return True
         except ModelUnavailable as error:
             refusal = unavailable(error, show_tail=request.principal.admin)
             status = refusal.status
-            self._error(status, refusal.message, refusal.code, retry_after=refusal.retry_after)
+            self._answer(refusal.answer())
             return True
         except UpstreamError as error:
             timed_out = isinstance(error, UpstreamTimeout)
@@ -444,10 +524,10 @@ class FastProtocol(asyncio.Protocol):
             await gateway.scheduler.notice_exit(target.model, timeout=1.0)
             failure = gateway.scheduler.failure_of(target.model)
             tail = failure.log_tail if failure else []
-            self._error(
-                status,
-                _with_log_tail(f"model {target.model!r}: {error}", tail, request.principal.admin),
-                "upstream_timeout" if timed_out else "upstream_error",
+            message = f"model {target.model!r}: {error}"
+            code = "upstream_timeout" if timed_out else "upstream_error"
+            self._answer(
+                error_answer(status, with_log_tail(message, tail, request.principal.admin), code)
             )
             return True
         except asyncio.CancelledError:
@@ -459,22 +539,24 @@ class FastProtocol(asyncio.Protocol):
         except Exception:
             log.exception("internal error on POST %s", path)
             status = 500
-            self._error(500, "internal gateway error; see the gateway log", "internal_error")
+            self._answer(
+                error_answer(500, "internal gateway error; see the gateway log", "internal_error")
+            )
             return False
         finally:
-            gateway.observe(
-                RequestRecord(
-                    model=target.model,
-                    route=request.label,
-                    key_name=request.principal.name,
-                    status=status,
-                    duration_s=time.perf_counter() - started,
-                    first_byte_s=first_byte,
-                    streamed=streamed,
-                    prompt_tokens=usage.get("prompt_tokens"),
-                    completion_tokens=usage.get("completion_tokens"),
-                    client_gone=client_gone,
-                )
+            # The same call as the web layer's: tokens for the key, metrics, request log.
+            finish(
+                gateway,
+                tokens,
+                model=target.model,
+                route=request.label,
+                key_name=request.principal.name,
+                status=status,
+                duration_s=time.perf_counter() - started,
+                first_byte_s=first_byte,
+                streamed=streamed,
+                usage=usage,
+                client_gone=client_gone,
             )
 
     async def _forward(
@@ -486,13 +568,14 @@ class FastProtocol(asyncio.Protocol):
         body: bytes,
         replacements: list[tuple[bytes, bytes]],
         usage_added: bool,
+        tokens: TokenCount,
     ) -> tuple[int, float | None, bool, dict[str, int]]:
         host, port, host_header = self.lane.address(base_url)
         started = time.perf_counter()
         head = [b"POST ", request.path, b" HTTP/1.1\r\nHost: ", host_header, b"\r\n"]
         # As `forward_headers`: no credential header, nor any header that carries the key the
         # client presented; then the engine's own key, which the client never sees or sets.
-        key = _presented_key(request.headers)
+        key = request.presented or _presented_key(request.headers)
         for name, value in request.headers:
             if _to_engine(name) and (key is None or key not in value):
                 head += [name, b": ", value, b"\r\n"]
@@ -512,7 +595,10 @@ class FastProtocol(asyncio.Protocol):
                     content_type = value
             if content_type.startswith(b"text/event-stream"):
                 transformer = StreamTransformer(
-                    replacements, capture_usage=True, drop_usage_only_chunk=usage_added
+                    replacements,
+                    capture_usage=True,
+                    drop_usage_only_chunk=usage_added,
+                    on_final_usage=tokens.count,  # as early as the web layer counts it
                 )
                 clean = await self._stream(exchange, transformer)
                 # A stream the engine broke off: the client got a 200 header, then an error.
@@ -524,7 +610,7 @@ class FastProtocol(asyncio.Protocol):
                 data = rewrite_model_in_json(data, replacements)
             self._write_whole(exchange, data)
             clean = True
-            return exchange.status, first_byte, False, _usage_of(data)
+            return exchange.status, first_byte, False, usage_of(data)
         finally:
             self.exchange = None
             self.sent_done = False
@@ -601,24 +687,31 @@ class FastProtocol(asyncio.Protocol):
             transport.write(b"0\r\n\r\n")
         return True
 
-    def _error(
-        self,
-        status: int,
-        message: str,
-        code: str | None,
-        retry_after: float | None = None,
-    ) -> None:
+    def _answer(self, answer: ErrorAnswer) -> None:
+        """An error as the web layer writes it (`api.errors.error_answer`): same status,
+        headers and JSON body."""
         if self.gone or self.transport is None:
             return
-        data = json.dumps(error_body(status, message, code)).encode()
+        status = answer.status
         head = [
             b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error")),
             b"Content-Type: application/json; charset=utf-8\r\n",
+            b"Date: %s\r\n" % _http_date(),
         ]
-        if retry_after is not None:
-            head.append(b"Retry-After: %d\r\n" % max(1, math.ceil(retry_after)))
-        head += [b"Content-Length: %d\r\n\r\n" % len(data), data]
+        for name, value in answer.headers.items():
+            head += [name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n"]
+        head += [b"Content-Length: %d\r\n\r\n" % len(answer.body), answer.body]
         self.transport.write(b"".join(head))
+
+
+_DATE: list[Any] = [0, b""]  # the second and its HTTP date, formatted once a second
+
+
+def _http_date() -> bytes:
+    now = int(time.time())
+    if _DATE[0] != now:
+        _DATE[:] = [now, email.utils.formatdate(now, usegmt=True).encode()]
+    return cast(bytes, _DATE[1])
 
 
 class StreamCut(UpstreamError):

@@ -51,8 +51,11 @@ class EngineLog:
             self._file = None
 
 
-async def pump_lines(stream: asyncio.StreamReader, log: EngineLog) -> None:
-    """Copy a process's output into its log, line by line, until it closes."""
+async def pump_lines(stream: asyncio.StreamReader, append: Callable[[str], None]) -> None:
+    """Hand a process's output to `append` line by line (without the line end) until it closes.
+
+    Used by the gateway for its own engines and by a Ray node for the engines it runs.
+    """
     while True:
         try:
             raw = await stream.readline()
@@ -61,4 +64,4 @@ async def pump_lines(stream: asyncio.StreamReader, log: EngineLog) -> None:
             raw = await stream.read(64 * 1024)
         if not raw:
             return
-        log.append(raw.decode("utf-8", errors="replace"))
+        append(raw.decode("utf-8", errors="replace").rstrip("\r\n"))

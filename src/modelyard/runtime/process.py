@@ -90,7 +90,7 @@ class EngineProcess:
         self._output_seen = asyncio.Event()
         self._unsubscribe = log.subscribe(lambda _line: self._output_seen.set())
         assert process.stdout is not None
-        self._pump = asyncio.create_task(pump_lines(process.stdout, log))
+        self._pump = asyncio.create_task(pump_lines(process.stdout, log.append))
         self.exited: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiter = asyncio.create_task(self._wait_exit())
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from modelyard.placement.inventory import GpuInventoryError, NvmlInventory
+from modelyard.runtime.logs import pump_lines
 from modelyard.runtime.proctree import (
     group_members,
     is_zombie,
@@ -221,15 +222,7 @@ class EngineActor:
     async def _copy_output(self) -> None:
         assert self._process is not None
         assert self._process.stdout is not None
-        stream = self._process.stdout
-        while True:
-            try:
-                raw = await stream.readline()
-            except ValueError:
-                raw = await stream.read(64 * 1024)
-            if not raw:
-                return
-            self._append(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
+        await pump_lines(self._process.stdout, self._append)
 
     def _append(self, line: str) -> None:
         self._lines.append(line)
