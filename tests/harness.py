@@ -33,7 +33,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
-from modelyard.api.app import build_app
+from modelyard.api.app import POLICY_KEY, build_app
 from modelyard.api.http_layer import use_openai_errors
 from modelyard.config import parse_config
 from modelyard.engines.base import LaunchSpec, served_name
@@ -427,7 +427,9 @@ class GatewayServer(TestServer):
         await self.runner.setup()
         use_openai_errors(self.runner)
         assert self.runner.server is not None
-        self.lane = FastLane(self.gateway, self.runner.server)
+        # As server.py builds it (keep the two in step: the lane checks Host with the web
+        # layer's browser policy).
+        self.lane = FastLane(self.gateway, self.runner.server, policy=self.app[POLICY_KEY])
         self.listener = await start_server(self.lane, "127.0.0.1", 0)
         self.port = int(self.listener.sockets[0].getsockname()[1])
         self.scheme = "http"
