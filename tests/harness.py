@@ -23,8 +23,9 @@ import asyncio
 import contextlib
 import itertools
 import json
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -208,7 +209,8 @@ class InProcessEngine:
                     "usage": {"prompt_tokens": 3, "total_tokens": 3, "completion_tokens": 0},
                 }
             )
-        chunks, delay = int(body.get("fake_chunks", 3)), float(body.get("fake_chunk_delay", 0))
+        chunks = int(body.get("fake_chunks", 5))  # tests/fake_engine.py's default
+        delay = float(body.get("fake_chunk_delay", 0))
         messages = body.get("messages") or [{}]
         text = f"{model} says: {messages[-1].get('content', '')}"  # as tests/fake_engine.py
         self.state.in_flight += 1
@@ -258,6 +260,7 @@ class InProcessEngine:
                     "object": "chat.completion.chunk",
                     "model": model,
                     "choices": [{"index": 0, "delta": {"content": word + " "}}],
+                    "seq": index,  # tests/fake_engine.py's: lets a test check order and loss
                 }
                 await response.write(f"data: {json.dumps(chunk, separators=COMPACT)}\n\n".encode())
                 await asyncio.sleep(delay)
@@ -526,3 +529,30 @@ async def in_process_gateway(
         yield harness
     finally:
         await harness.close()
+
+
+@contextlib.contextmanager
+def in_process_gateway_thread(
+    tmp_path: Path,
+    models: dict[str, Any],
+    behaviours: dict[str, Behaviour] | None = None,
+    **settings: Any,
+) -> Iterator[Harness]:
+    """`in_process_gateway` on its own event loop in a thread, for tests written as a client
+    of a separate server (blocking urllib, the sync `openai` SDK, or their own event loop):
+    the gateway keeps serving while the test blocks, as `modelyard serve` would."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="in-process-gateway", daemon=True)
+    thread.start()
+    manager = in_process_gateway(tmp_path, models, behaviours, **settings)
+    try:
+        harness = asyncio.run_coroutine_threadsafe(manager.__aenter__(), loop).result(60)
+        try:
+            yield harness
+        finally:
+            closing = manager.__aexit__(None, None, None)
+            asyncio.run_coroutine_threadsafe(closing, loop).result(60)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()

@@ -20,6 +20,7 @@ import openai
 import pytest
 
 from tests.conftest import fake_model
+from tests.harness import engine_model, in_process_gateway
 
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hello"}]}
 
@@ -87,8 +88,12 @@ def connect(url: str) -> socket.socket:
     return socket.create_connection((host, int(port)), timeout=10)
 
 
-def test_pipelined_requests_change_lanes_and_stay_in_order(gateway_factory):
-    gateway = gateway_factory({"chat": fake_model("chat")})
+async def test_pipelined_requests_change_lanes_and_stay_in_order(tmp_path):
+    async with in_process_gateway(tmp_path, {"chat": engine_model(served_name="chat")}) as harness:
+        await asyncio.to_thread(_pipelined_requests_change_lanes_and_stay_in_order, harness)
+
+
+def _pipelined_requests_change_lanes_and_stay_in_order(gateway) -> None:
     body = json.dumps(CHAT).encode()
     with connect(gateway.url) as sock:
         # fast, fast, then one for aiohttp (GET): all three in one send, answered in order.
@@ -105,8 +110,12 @@ def test_pipelined_requests_change_lanes_and_stay_in_order(gateway_factory):
     assert json.loads(answers[3][1])["model"] == "chat"
 
 
-def test_a_request_sent_byte_by_byte_is_served(gateway_factory):
-    gateway = gateway_factory({"chat": fake_model("chat")})
+async def test_a_request_sent_byte_by_byte_is_served(tmp_path):
+    async with in_process_gateway(tmp_path, {"chat": engine_model(served_name="chat")}) as harness:
+        await asyncio.to_thread(_a_request_sent_byte_by_byte_is_served, harness)
+
+
+def _a_request_sent_byte_by_byte_is_served(gateway) -> None:
     raw = request("/v1/chat/completions", json.dumps(CHAT).encode())
     with connect(gateway.url) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -119,8 +128,12 @@ def test_a_request_sent_byte_by_byte_is_served(gateway_factory):
     assert json.loads(body)["choices"][0]["message"]["content"] == "chat says: hello"
 
 
-def test_hostile_requests_get_aiohttps_answers(gateway_factory):
-    gateway = gateway_factory({"chat": fake_model("chat")})
+async def test_hostile_requests_get_aiohttps_answers(tmp_path):
+    async with in_process_gateway(tmp_path, {"chat": engine_model(served_name="chat")}) as harness:
+        await asyncio.to_thread(_hostile_requests_get_aiohttps_answers, harness)
+
+
+def _hostile_requests_get_aiohttps_answers(gateway) -> None:
     body = json.dumps(CHAT).encode()
     # (request, statuses allowed, whether the answer is OpenAI-shaped: HTTP-level refusals
     # come from aiohttp's parser as plain text, exactly as without the fast lane)
@@ -161,8 +174,12 @@ def test_hostile_requests_get_aiohttps_answers(gateway_factory):
     assert client.chat.completions.create(**CHAT).choices[0].message.content == "chat says: hello"
 
 
-def test_chunked_request_body_goes_to_aiohttp_and_is_served(gateway_factory):
-    gateway = gateway_factory({"chat": fake_model("chat")})
+async def test_chunked_request_body_goes_to_aiohttp_and_is_served(tmp_path):
+    async with in_process_gateway(tmp_path, {"chat": engine_model(served_name="chat")}) as harness:
+        await asyncio.to_thread(_chunked_request_body_goes_to_aiohttp_and_is_served, harness)
+
+
+def _chunked_request_body_goes_to_aiohttp_and_is_served(gateway) -> None:
     body = json.dumps(CHAT).encode()
     chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
     with connect(gateway.url) as sock:
@@ -172,8 +189,14 @@ def test_chunked_request_body_goes_to_aiohttp_and_is_served(gateway_factory):
     assert json.loads(answer)["model"] == "chat"
 
 
-def test_fast_lane_streams_rewrite_aliases_and_count_usage(gateway_factory):
-    gateway = gateway_factory({"chat": fake_model("chat-upstream", aliases=["friendly"])})
+async def test_fast_lane_streams_rewrite_aliases_and_count_usage(tmp_path):
+    async with in_process_gateway(
+        tmp_path, {"chat": engine_model(served_name="chat-upstream", aliases=["friendly"])}
+    ) as harness:
+        await asyncio.to_thread(_fast_lane_streams_rewrite_aliases_and_count_usage, harness)
+
+
+def _fast_lane_streams_rewrite_aliases_and_count_usage(gateway) -> None:
     client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="none")
     stream = client.chat.completions.create(
         model="friendly", messages=CHAT["messages"], stream=True
@@ -197,11 +220,17 @@ def test_fast_lane_streams_rewrite_aliases_and_count_usage(gateway_factory):
 
 
 @pytest.mark.slow
-def test_a_slow_reader_pauses_the_engine_not_the_read_timeout(gateway_factory):
+async def test_a_slow_reader_pauses_the_engine_not_the_read_timeout(tmp_path):
     """A client that stops reading makes the fast lane stop reading from the engine (its
     socket buffers fill), and that wait is not the engine's silence: with a 1 s read timeout,
     a client that reads nothing for 2.5 s still gets every event, in order."""
-    gateway = gateway_factory({"chat": fake_model("chat")}, limits={"upstream_read_timeout": "1s"})
+    async with in_process_gateway(
+        tmp_path, {"chat": engine_model(served_name="chat")}, limits={"upstream_read_timeout": "1s"}
+    ) as harness:
+        await asyncio.to_thread(_a_slow_reader_pauses_the_engine_not_the_read_timeout, harness)
+
+
+def _a_slow_reader_pauses_the_engine_not_the_read_timeout(gateway) -> None:
     count = 40_000  # about 5 MB of events, beyond the socket buffers on both sides
     body = json.dumps({**CHAT, "stream": True, "fake_chunks": count, "fake_chunk_delay": 0})
     with socket.socket() as sock:
@@ -257,17 +286,25 @@ async def test_shutdown_ends_a_long_stream_with_an_error_event(gateway_factory):
     assert gateway.process.wait(timeout=20) == 0
 
 
-def test_with_keys_requests_get_the_web_layers_answers_and_counts(gateway_factory):
+async def test_with_keys_requests_get_the_web_layers_answers_and_counts(tmp_path):
     """With keys the lane admits requests with the web layer's own functions (and
     tests/core/test_fast_lane_keys.py compares the answers). One connection, pipelined:
     alice's request, a wrong key (401, and the connection stays open), alice again; on fresh
     connections a model alice may not use (404, naming no other key's model) and bob's
     rate-limited key; each key's usage counted once."""
-    from tests.security.keys import ADMIN_KEY, LIMITED_KEY, USER_KEY, auth_settings
+    from tests.security.keys import auth_settings
 
-    gateway = gateway_factory(
-        {"chat": fake_model("chat"), "secret": fake_model("secret")}, **auth_settings()
-    )
+    models = {
+        "chat": engine_model(served_name="chat"),
+        "secret": engine_model(served_name="secret"),
+    }
+    async with in_process_gateway(tmp_path, models, **auth_settings()) as harness:
+        await asyncio.to_thread(_with_keys_requests_get_the_web_layers_answers_and_counts, harness)
+
+
+def _with_keys_requests_get_the_web_layers_answers_and_counts(gateway) -> None:
+    from tests.security.keys import ADMIN_KEY, LIMITED_KEY, USER_KEY
+
     body = json.dumps(CHAT).encode()
     alice = f"Authorization: Bearer {USER_KEY}"
     with connect(gateway.url) as sock:

@@ -1,7 +1,8 @@
 """The fast lane with API keys: keyed requests are served by the lane, with exactly the web
 layer's decisions and accounting (both call `api.admission` and `api.accounting`).
 
-A real `modelyard serve` with the test engine behind it (it reports usage as vLLM does: 5
+The gateway in-process (tests/harness.py, served as `modelyard serve` serves it: the lane in
+front of aiohttp) on its own thread, with engines that report usage as vLLM does (5
 prompt tokens, one completion token per word, and for a stream one per chunk in a last
 usage-only chunk when asked). Each request is sent twice: once as the lane takes it, once with
 a query string, which the lane always hands to the web layer (aiohttp and every middleware):
@@ -19,7 +20,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.conftest import fake_model
+from tests.harness import engine_model, in_process_gateway_thread
 from tests.security.keys import ADMIN_KEY, USER_KEY, key_config
 from tests.security.raw_http import RawAnswer, request, send_raw
 
@@ -31,16 +32,18 @@ VOLATILE = {"date", "server"}
 
 
 @pytest.fixture
-def gateway(gateway_factory):
-    return gateway_factory(
-        {"chat": fake_model("chat"), "secret": fake_model("secret")},
+def gateway(tmp_path):
+    with in_process_gateway_thread(
+        tmp_path,
+        {"chat": engine_model(served_name="chat"), "secret": engine_model(served_name="secret")},
         auth={
             "keys": [
                 key_config("ops", ADMIN_KEY, admin=True),
                 key_config("alice", USER_KEY, models=["chat"]),
             ]
         },
-    )
+    ) as harness:
+        yield harness
 
 
 def admin(gateway, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
