@@ -1,13 +1,11 @@
-"""The gateway end to end: a real `modelyard serve` process with test engines behind it.
-
-What needs a real process stays here (idle timers against a real clock, crashes and kills,
-signals, orphans, the SDK against a live port); the rest runs in-process
-(tests/core/test_gateway_inprocess.py)."""
+"""The gateway end to end. What needs a real process (`modelyard serve` with test engines as
+processes) stays process-level here: an engine's crash with its own log lines, engines killed
+by signal, SIGTERM, orphans after a SIGKILL. The rest runs in-process (tests/harness.py; more
+in tests/core/test_gateway_inprocess.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import time
@@ -16,6 +14,7 @@ from pathlib import Path
 import aiohttp
 
 from tests.conftest import fake_model, processes_with, start_gateway
+from tests.harness import engine_model, in_process_gateway
 
 CHAT = {"messages": [{"role": "user", "content": "hello"}]}
 
@@ -32,14 +31,17 @@ async def post(url: str, body: object, **kwargs: object) -> tuple[int, dict[str,
         return response.status, await response.json(content_type=None)
 
 
-async def test_idle_engine_is_stopped_but_never_while_busy(gateway_factory):
-    gateway = gateway_factory({"chat": fake_model("chat", idle_timeout="1s")})
-    # A request that lasts longer than the idle timeout keeps the engine alive.
-    status, _ = await post(gateway.url + "/v1/chat/completions", chat_body("chat", fake_delay=2.0))
-    assert status == 200
-    assert gateway.model_state("chat") == "ready"
-    gateway.wait_state("chat", "stopped", timeout=5)
-    assert gateway.engine_pids() == []
+async def test_idle_engine_is_stopped_but_never_while_busy(tmp_path: Path) -> None:
+    models = {"chat": engine_model(served_name="chat", idle_timeout="1s")}
+    async with in_process_gateway(tmp_path, models) as gateway:
+        # A request that lasts longer than the idle timeout keeps the engine alive.
+        status, _ = await post(
+            gateway.url + "/v1/chat/completions", chat_body("chat", fake_delay=2.0)
+        )
+        assert status == 200
+        assert gateway.model_state("chat") == "ready"
+        await gateway.wait_state("chat", "stopped", timeout=5)
+        assert gateway.engine_pids() == []
 
 
 async def test_crash_during_start_fails_fast_with_log_tail(gateway_factory):
@@ -77,22 +79,24 @@ async def test_engine_killed_mid_stream_then_restarted(gateway_factory):
     assert gateway.status()["models"][0]["pid"] != pid
 
 
-async def test_client_disconnect_closes_upstream_request(gateway_factory, tmp_path):
-    report = tmp_path / "engine-report.json"
-    gateway = gateway_factory({"chat": fake_model("chat", "--report", str(report))})
-    async with aiohttp.ClientSession() as session:
-        body = chat_body("chat", stream=True, fake_chunks=500, fake_chunk_delay=0.02)
-        response = await session.post(gateway.url + "/v1/chat/completions", json=body)
-        await response.content.readline()
-        response.close()  # the client goes away mid-stream
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        if json.loads(report.read_text())["disconnects"] == 1:
-            break
-        await asyncio.sleep(0.05)
-    assert json.loads(report.read_text())["disconnects"] == 1
-    # And the in-flight count went back to zero.
-    assert gateway.status()["models"][0]["in_flight"] == 0
+async def test_client_disconnect_closes_upstream_request(tmp_path: Path) -> None:
+    async with in_process_gateway(tmp_path, {"chat": engine_model(served_name="chat")}) as gateway:
+        async with aiohttp.ClientSession() as session:
+            body = chat_body("chat", stream=True, fake_chunks=500, fake_chunk_delay=0.02)
+            response = await session.post(gateway.url + "/v1/chat/completions", json=body)
+            await response.content.readline()
+            response.close()  # the client goes away mid-stream
+        # The engine's own count of requests whose client went away (tests/fake_engine.py's
+        # --report file, kept in memory by the in-process engine).
+        [engine] = gateway.runtime.of("chat")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            if engine.state.disconnects == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert engine.state.disconnects == 1
+        # And the in-flight count went back to zero.
+        assert gateway.status()["models"][0]["in_flight"] == 0
 
 
 def test_sigterm_leaves_no_process_behind(gateway_factory):
