@@ -19,6 +19,7 @@ loaded", 404 for an unknown adapter).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import itertools
@@ -34,13 +35,14 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
-from modelyard.api.app import POLICY_KEY, build_app
-from modelyard.api.http_layer import use_openai_errors
+from modelyard.api.app import build_app
 from modelyard.config import parse_config
 from modelyard.engines.base import LaunchSpec, served_name
 from modelyard.gateway import Gateway
-from modelyard.proxy.fastpath import FastLane, start_server
+from modelyard.proxy.fastpath import FastLane
 from modelyard.runtime.process import EngineStartError
+from modelyard.server import ServedApp, serve_app
+from tests import fake_gpu
 
 _numbers = itertools.count()
 COMPACT = (",", ":")  # vLLM writes its SSE chunks as pydantic's compact JSON
@@ -86,13 +88,42 @@ class InProcessEngine:
         self.upstream_headers = spec.upstream_headers  # the engine's own key, if it wants one
         self.state = EngineState()
         self.exited: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._ready_at = time.monotonic() + behaviour.ready_after
+        self.flags = _vllm_flags(spec.argv)
+        # A simulated GPU (tests/fake_gpu.py), as tests/fake_engine.py claims on it.
+        gpu_dir = spec.env.get("FAKE_GPU_DIR")
+        self.gpu_dir = Path(gpu_dir) if gpu_dir else None
+        self.out_of_memory = False
+        self._ready_at = time.monotonic() + max(behaviour.ready_after, self.flags.ready_delay)
         self._server = TestServer(self._app())
         self.port = 0
         self.base_url = ""
         self._lines: list[str] = [f"engine {name} starting"]
 
+    def _claim_gpu(self, fraction: float = 1.0) -> None:
+        """Claim this engine's memory on the simulated GPU, as tests/fake_engine.py does (vLLM
+        takes --gpu-memory-utilization x each visible GPU's total); raises OutOfMemory."""
+        if self.gpu_dir is None:
+            return
+        visible = [int(i) for i in self.spec.env.get("CUDA_VISIBLE_DEVICES", "0").split(",") if i]
+        totals = fake_gpu.totals(self.gpu_dir)
+        utilization = self.flags.gpu_memory_utilization or 0.0
+        per_gpu = {
+            gpu: max(
+                int(totals[gpu] * utilization * fraction), int(self.flags.min_bytes * fraction)
+            )
+            for gpu in visible
+        }
+        fake_gpu.IN_PROCESS.add(self.pid)
+        fake_gpu.claim(self.gpu_dir, self.pid, per_gpu)
+
     async def start(self) -> None:
+        try:
+            self._claim_gpu()
+        except fake_gpu.OutOfMemory as error:
+            # As vLLM (and tests/fake_engine.py): the error in its log, then exit code 1.
+            self._lines.append(f"torch.OutOfMemoryError: {error}")
+            self.out_of_memory = True
+            asyncio.get_running_loop().call_later(0.05, self._exit, 1)
         await self._server.start_server()
         assert self._server.port is not None
         self.port = self._server.port
@@ -101,11 +132,13 @@ class InProcessEngine:
             asyncio.get_running_loop().call_later(0.05, self._exit, 1)
 
     def _exit(self, code: int) -> None:
+        if self.gpu_dir is not None:
+            fake_gpu.release(self.gpu_dir, self.pid)  # the driver frees a dead process's memory
         if not self.exited.done():
             self.exited.set_result(type("Exit", (), {"code": code})())
 
     def _ready(self) -> bool:
-        if self.behaviour.never_ready or self.behaviour.crash_on_start:
+        if self.behaviour.never_ready or self.behaviour.crash_on_start or self.out_of_memory:
             return False
         return time.monotonic() >= self._ready_at
 
@@ -113,7 +146,9 @@ class InProcessEngine:
         began = time.monotonic()
         while not self._ready():
             if self.exited.done():
-                raise EngineStartError(f"engine for {self.name!r} exited while starting", 1, [])
+                raise EngineStartError(
+                    f"engine for {self.name!r} exited while starting", 1, self._lines[-5:]
+                )
             if time.monotonic() >= deadline:
                 raise EngineStartError(
                     f"engine for {self.name!r} was not ready before the start timeout",
@@ -160,6 +195,7 @@ class InProcessEngine:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/sleep", self._sleep)
         app.router.add_post("/wake_up", self._wake)
+        app.router.add_get("/is_sleeping", self._is_sleeping)
         app.router.add_post("/v1/load_lora_adapter", self._load_lora)
         app.router.add_post("/v1/unload_lora_adapter", self._unload_lora)
         app.router.add_get("/fake/seen", self._seen)
@@ -341,18 +377,33 @@ class InProcessEngine:
                 "last": state.last,
                 "loras": sorted(state.loras),
                 "sleeping": state.sleeping,
+                "argv": self.spec.argv,
+                "cuda_visible_devices": self.spec.env.get("CUDA_VISIBLE_DEVICES"),
             }
         )
 
+    def _sleep_mode(self) -> bool:
+        return self.behaviour.sleep_mode or self.flags.enable_sleep_mode
+
     async def _sleep(self, request: web.Request) -> web.Response:
-        if not self.behaviour.sleep_mode:
+        if not self._sleep_mode():
             return web.Response(status=404)
         self.state.sleeping = int(request.query.get("level", "1"))
+        self._claim_gpu(self.flags.sleep_residual)  # a sleeping engine keeps a little memory
         return web.Response(status=200)
 
-    async def _wake(self, request: web.Request) -> web.Response:
-        if not self.behaviour.sleep_mode:
+    async def _is_sleeping(self, request: web.Request) -> web.Response:
+        if not self._sleep_mode():
             return web.Response(status=404)
+        return web.json_response({"is_sleeping": bool(self.state.sleeping)})
+
+    async def _wake(self, request: web.Request) -> web.Response:
+        if not self._sleep_mode():
+            return web.Response(status=404)
+        try:
+            self._claim_gpu()
+        except fake_gpu.OutOfMemory as error:
+            return _engine_error(500, f"wake failed: {error}")
         self.state.sleeping = 0
         return web.Response(status=200)
 
@@ -370,6 +421,35 @@ class InProcessEngine:
             return _engine_error(404, f"The lora adapter '{name}' cannot be found.")
         self.state.loras.discard(name)
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+
+
+@dataclass
+class VllmFlags:
+    """The parts of vLLM's command line (and tests/fake_engine.py's own flags) that change how
+    an engine started with `engine: vllm` behaves here."""
+
+    gpu_memory_utilization: float | None = None
+    enable_sleep_mode: bool = False
+    sleep_residual: float = 0.05  # tests/fake_engine.py's: the share a sleeping engine keeps
+    ready_delay: float = 0.0
+    min_bytes: int = 0
+
+
+def _vllm_flags(argv: list[str]) -> VllmFlags:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None)
+    parser.add_argument("--enable-sleep-mode", action="store_true")
+    parser.add_argument("--sleep-residual", type=float, default=0.05)
+    parser.add_argument("--ready-delay", type=float, default=0.0)
+    parser.add_argument("--fake-min-bytes", type=int, default=0)
+    known, _ = parser.parse_known_args(argv)
+    return VllmFlags(
+        known.gpu_memory_utilization,
+        known.enable_sleep_mode,
+        known.sleep_residual,
+        known.ready_delay,
+        known.fake_min_bytes,
+    )
 
 
 def _engine_error(status: int, message: str) -> web.Response:
@@ -408,44 +488,33 @@ def engine_model(**settings: Any) -> dict[str, Any]:
 
 
 class GatewayServer(TestServer):
-    """The app served as `modelyard serve` serves it (src/modelyard/server.py, minus signals and
-    TLS): aiohttp's protocol with OpenAI-shaped protocol errors, behind the fast lane that takes
-    the common keyless POSTs. So a test here covers the path a real client's request takes."""
+    """The app served as `modelyard serve` serves it (src/modelyard/server.py's `serve_app`,
+    minus signals and TLS): aiohttp's protocol with OpenAI-shaped protocol errors, behind the
+    fast lane that takes the common keyless POSTs. So a test here covers the path a real
+    client's request takes."""
 
     def __init__(self, gateway: Gateway, app: web.Application) -> None:
         super().__init__(app)
         self.gateway = gateway
-        self.lane: FastLane | None = None
-        self.listener: asyncio.AbstractServer | None = None
+        self.served: ServedApp | None = None
 
     async def start_server(self, loop: asyncio.AbstractEventLoop | None = None, **_: Any) -> None:
         if self.runner:
             return
-        self.runner = web.AppRunner(
-            self.app,
-            handler_cancellation=True,
-            access_log=None,
-            shutdown_timeout=self.gateway.config.limits.shutdown_grace,
-        )
-        await self.runner.setup()
-        use_openai_errors(self.runner)
-        assert self.runner.server is not None
-        # As server.py builds it (keep the two in step: the lane checks Host with the web
-        # layer's browser policy).
-        self.lane = FastLane(self.gateway, self.runner.server, policy=self.app[POLICY_KEY])
-        self.listener = await start_server(self.lane, "127.0.0.1", 0)
-        self.port = int(self.listener.sockets[0].getsockname()[1])
+        self.served = await serve_app(self.gateway, self.app, "127.0.0.1", 0)
+        self.runner = self.served.runner
+        self.port = self.served.port
         self.scheme = "http"
         self._root = URL(f"http://127.0.0.1:{self.port}")
 
+    @property
+    def lane(self) -> FastLane | None:
+        return self.served.lane if self.served is not None else None
+
     async def close(self) -> None:
         if self.started and not self.closed:
-            assert self.runner is not None
-            assert self.lane is not None
-            if self.listener is not None:
-                self.listener.close()
-            await self.lane.close(0)
-            await self.runner.cleanup()
+            assert self.served is not None
+            await self.served.close()
             self._root = None
             self.port = None
             self._closed = True
@@ -483,6 +552,7 @@ class Harness:
         return {
             "queued": scheduler.total_waiting(),
             "models": [self.gateway.model_status(name) for name in scheduler.models()],
+            "gpus": self.gateway.gpu_status(),
         }
 
     def engine_pids(self) -> list[int]:

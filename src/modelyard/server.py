@@ -8,6 +8,7 @@ import os
 import signal
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
@@ -104,37 +105,12 @@ async def run_gateway(
     if certificate is not None:
         reload_actions.append(certificate.reload)
     loop.add_signal_handler(signal.SIGHUP, run_reload_actions, reload_actions)
-    runner: web.AppRunner | None = None
-    lane: FastLane | None = None
-    fast_server: asyncio.AbstractServer | None = None
+    served: ServedApp | None = None
     try:
         await gateway.start()
         app = build_app(gateway)
         gateway.reload_hooks.append(_live_settings(app, log_level))
-        runner = web.AppRunner(
-            app,
-            handler_cancellation=True,  # a client that goes away cancels its request
-            access_log=None,  # requests are logged by the gateway with model and status
-            shutdown_timeout=config.limits.shutdown_grace,
-        )
-        await runner.setup()
-        use_openai_errors(runner)  # bad request lines and headers: OpenAI's error shape too
-        if certificate is None:
-            # The common POSTs take the fast lane (proxy/fastpath.py); the rest is aiohttp's.
-            assert runner.server is not None
-            lane = FastLane(gateway, runner.server, policy=app[POLICY_KEY])
-            fast_server = await start_server(lane, config.host, config.port)
-        else:
-            # TLS: aiohttp serves everything (the fast lane speaks plain HTTP only, for now).
-            site = web.TCPSite(
-                runner,
-                config.host,
-                config.port,
-                backlog=2048,
-                reuse_address=True,
-                ssl_context=certificate.context,
-            )
-            await site.start()
+        served = await serve_app(gateway, app, config.host, config.port, certificate)
         if ready_message:
             scheme = "https" if certificate is not None else "http"
             print(
@@ -144,17 +120,79 @@ async def run_gateway(
         await stop.wait()
         log.info("shutting down: finishing requests in flight, then stopping engines")
     finally:
-        if fast_server is not None:
-            fast_server.close()  # stops accepting; connections in flight carry on
-        await _finish_requests(gateway, config.limits.shutdown_grace, lane)
-        if lane is not None:
-            await lane.close(0)  # all its requests are done or cut by now: drop the pool
-        if runner is not None:
-            # Stops accepting; requests in flight are done (or cut with a clear end) by now.
-            await runner.cleanup()
+        if served is not None and served.listener is not None:
+            served.listener.close()  # stops accepting; connections in flight carry on
+        await _finish_requests(
+            gateway, config.limits.shutdown_grace, served.lane if served is not None else None
+        )
+        if served is not None:
+            await served.close()
         await gateway.close()
         gateway.scheduler.kill_engines_now()  # last resort: nothing is left behind
         log.info("modelyard stopped")
+
+
+@dataclass
+class ServedApp:
+    """The app being served: aiohttp's runner, and without TLS the fast lane and its listener."""
+
+    runner: web.AppRunner
+    lane: FastLane | None
+    listener: asyncio.AbstractServer | None
+    port: int  # the port bound (the one asked for, or the one given for port 0)
+
+    async def close(self) -> None:
+        """After requests are done or cut: stop listening, drop the lane's pool, end aiohttp."""
+        if self.listener is not None:
+            self.listener.close()
+        if self.lane is not None:
+            await self.lane.close(0)  # all its requests are done or cut by now: drop the pool
+        # Stops accepting; requests in flight are done (or cut with a clear end) by now.
+        await self.runner.cleanup()
+
+
+async def serve_app(
+    gateway: Gateway,
+    app: web.Application,
+    host: str,
+    port: int,
+    certificate: ServerCertificate | None = None,
+) -> ServedApp:
+    """Listen on host:port as `modelyard serve` does: aiohttp's protocol with OpenAI-shaped
+    protocol errors, behind the fast lane for plain HTTP (tests/harness.py serves its app with
+    this too, so the tests take the path a real client's request takes)."""
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,  # a client that goes away cancels its request
+        access_log=None,  # requests are logged by the gateway with model and status
+        shutdown_timeout=gateway.config.limits.shutdown_grace,
+    )
+    await runner.setup()
+    try:
+        use_openai_errors(runner)  # bad request lines and headers: OpenAI's error shape too
+        if certificate is None:
+            # The common POSTs take the fast lane (proxy/fastpath.py); the rest is aiohttp's.
+            assert runner.server is not None
+            lane = FastLane(gateway, runner.server, policy=app[POLICY_KEY])
+            listener = await start_server(lane, host, port)
+            # asyncio's and uvloop's servers both have `sockets` (AbstractServer lacks it).
+            sockets = getattr(listener, "sockets", None) or ()
+            bound = int(sockets[0].getsockname()[1]) if sockets else port
+            return ServedApp(runner, lane, listener, bound)
+        # TLS: aiohttp serves everything (the fast lane speaks plain HTTP only, for now).
+        site = web.TCPSite(
+            runner,
+            host,
+            port,
+            backlog=2048,
+            reuse_address=True,
+            ssl_context=certificate.context,
+        )
+        await site.start()
+        return ServedApp(runner, None, None, port)
+    except BaseException:
+        await runner.cleanup()
+        raise
 
 
 async def _finish_requests(gateway: Gateway, grace: float, lane: FastLane | None) -> None:
