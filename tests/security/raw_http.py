@@ -38,11 +38,12 @@ async def send_raw(url: str, data: bytes, timeout: float = 15.0) -> RawAnswer:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     if headers.get("transfer-encoding") == "chunked":
-        body = _dechunk(body)
+        body = dechunk(body)
     return RawAnswer(status, headers, body)
 
 
-def _dechunk(data: bytes) -> bytes:
+def dechunk(data: bytes) -> bytes:
+    """The body of a chunked HTTP/1.1 message."""
     out = b""
     while data:
         size_line, _, data = data.partition(b"\r\n")

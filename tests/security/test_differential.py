@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from modelyard.auth.engine_paths import is_engine_control
 from tests.conftest import fake_model, start_gateway
 from tests.security.keys import ADMIN_KEY, USER_KEY, auth_settings
+from tests.security.raw_http import dechunk
 
 PREFIXES = {  # what the route prefix strips before the engine path
     "/upstream/chat": "/upstream/chat",
@@ -151,19 +152,8 @@ def received(gateway: Any) -> list[dict[str, Any]]:
     try:
         result: list[dict[str, Any]] = json.loads(body)
     except ValueError:  # chunked
-        result = json.loads(_dechunk(body))
+        result = json.loads(dechunk(body))
     return result
-
-
-def _dechunk(data: bytes) -> bytes:
-    out = b""
-    while data:
-        size_line, _, data = data.partition(b"\r\n")
-        size = int(size_line.split(b";")[0] or b"0", 16)
-        if size == 0:
-            break
-        out, data = out + data[:size], data[size + 2 :]
-    return out
 
 
 def test_the_engine_receives_exactly_what_was_authorised(gateway):
