@@ -168,3 +168,38 @@ async def _duplicate_model_keys(gateway: Harness) -> None:
         gateway.url, "POST", "/v1/chat/completions", headers, json.dumps(nested).encode()
     )
     assert answer.status == 200
+
+
+DEEP_LIST = b"[" * 100_000 + b"]" * 100_000
+DEEP_OBJECT = b'{"model": ' * 50_000 + b"1" + b"}" * 50_000
+
+
+async def test_deeply_nested_bodies_are_a_400_on_every_json_route(tmp_path):
+    """Python's json recurses per level: `[[[[...` 100,000 deep raises RecursionError, which
+    is not a ValueError. CI's fuzzer found POST /admin/keys answering 500 for it."""
+    settings = auth_settings()
+    settings["limits"] = {"max_body_bytes": 1024 * 1024}
+    async with in_process_gateway(tmp_path, keyed_models(), **settings) as gateway:
+        targets = [
+            ("POST", "/admin/keys", ADMIN_KEY),
+            ("PATCH", "/admin/keys/someone", ADMIN_KEY),
+            ("POST", "/v1/chat/completions", USER_KEY),
+            ("POST", "/chat/v1/chat/completions", USER_KEY),
+            # A key limited to some models: the gateway reads the body to check its model.
+            # (An admin's body goes to the engine unread; the engine answers for it.)
+            ("POST", "/upstream/chat/v1/chat/completions", USER_KEY),
+        ]
+        for method, target, key in targets:
+            for body in (DEEP_LIST, DEEP_OBJECT):
+                answer = await request(gateway.url, method, target, {**JSON, **bearer(key)}, body)
+                assert is_openai_error(answer), answer.body[:200]
+                code = answer.json()["error"]["code"]
+                if target.startswith("/upstream") and body is DEEP_LIST:
+                    # Not a JSON object, so its model cannot be checked: refused before parsing.
+                    assert (answer.status, code) == (415, "unsupported_media_type"), answer
+                else:
+                    assert (answer.status, code) == (400, "invalid_json"), (target, answer)
+        # Nothing was started for them, and the gateway still answers.
+        assert gateway.model_state("chat") == "stopped"
+        answer = await request(gateway.url, "GET", "/health", {})
+        assert answer.status == 200

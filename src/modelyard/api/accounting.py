@@ -41,7 +41,7 @@ def usage_of(body: bytes | None) -> dict[str, int]:
         return {}
     try:
         usage = json.loads(match.group(1))
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return {k: v for k, v in usage.items() if isinstance(v, int)}
 

@@ -46,17 +46,24 @@ def require_json_content_type(request: web.Request) -> None:
     )
 
 
-def parse_json_object(body: bytes) -> dict[str, Any]:
-    if not body:
-        raise ApiError(400, "request body is empty; expected a JSON object", "invalid_json")
+def load_client_json(body: bytes) -> Any:
+    """Parse a body a client sent. Every way it can fail is the client's: a 400, never a 500.
+    `json` recurses once per nesting level, so `[[[[...` a few thousand deep raises
+    RecursionError (not a ValueError)."""
     try:
-        payload = json.loads(body)
+        return json.loads(body)
     except UnicodeDecodeError:
         raise ApiError(400, "request body is not valid UTF-8", "invalid_json") from None
     except RecursionError:
         raise ApiError(400, "request body is nested too deeply", "invalid_json") from None
     except ValueError as error:
         raise ApiError(400, f"request body is not valid JSON: {error}", "invalid_json") from None
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise ApiError(400, "request body is empty; expected a JSON object", "invalid_json")
+    payload = load_client_json(body)
     if not isinstance(payload, dict):
         raise ApiError(400, "request body must be a JSON object", "invalid_json")
     if _may_repeat_model(body) and _repeats_model(body):
@@ -81,7 +88,10 @@ def _repeats_model(body: bytes) -> bool:
         top_level_repeats = sum(1 for key, _ in items if key == "model") > 1
         return dict(items)
 
-    json.loads(body, object_pairs_hook=pairs)
+    try:
+        json.loads(body, object_pairs_hook=pairs)
+    except RecursionError:  # the hook's own frames can tip a body that parsed once
+        raise ApiError(400, "request body is nested too deeply", "invalid_json") from None
     return top_level_repeats
 
 

@@ -3,14 +3,13 @@ revoked. Never a key's digest; a new key itself only once, in the answer that cr
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from modelyard.api.access import principal_of, require_admin
-from modelyard.api.bodies import read_body
+from modelyard.api.bodies import load_client_json, read_body
 from modelyard.api.errors import ApiError
 from modelyard.api.serving import gateway_of
 from modelyard.auth.authenticator import Authenticator
@@ -108,10 +107,7 @@ def _runtime_only(auth: Authenticator, name: str) -> None:
 
 async def _fields(request: web.Request, gateway: Gateway, shape: type[BaseModel]) -> BaseModel:
     body = await read_body(request, gateway.config.limits.max_body_bytes)
-    try:
-        document: Any = json.loads(body or b"{}")
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "the body must be a JSON object", "invalid_json") from None
+    document: Any = load_client_json(body or b"{}")
     if not isinstance(document, dict):
         raise ApiError(400, "the body must be a JSON object", "invalid_json")
     try:

@@ -209,7 +209,7 @@ async def proxy_raw(
     if request.method == "POST" and body and path.split("?", 1)[0].endswith("/completions"):
         try:
             payload = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             payload = None  # the engine's own error is the right answer
         if isinstance(payload, dict) and payload.get("stream") is True:
             usage_added = ask_stream_for_usage(path.split("?", 1)[0], payload)

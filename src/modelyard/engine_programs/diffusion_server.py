@@ -471,6 +471,8 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         raise BadRequest(
             f"the request body is not valid JSON: {error}", None, "invalid_json"
         ) from error
+    except RecursionError:  # `[[[[...` thousands deep: the client's fault, not a 500
+        raise BadRequest("the request body is nested too deeply", None, "invalid_json") from None
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object", None, "invalid_json")
     return body

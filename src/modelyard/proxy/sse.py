@@ -85,7 +85,7 @@ class StreamTransformer:
             return False
         try:
             event = json.loads(line[5:])
-        except ValueError:
+        except (ValueError, RecursionError):
             return False
         usage = event.get("usage") if isinstance(event, dict) else None
         if isinstance(usage, dict):
