@@ -51,7 +51,7 @@ from modelyard.api.errors import ApiError, ErrorAnswer, error_answer, unavailabl
 from modelyard.auth.authenticator import Refusal
 from modelyard.auth.credentials import is_credential_header, presented_key
 from modelyard.auth.origins import BrowserPolicy
-from modelyard.auth.principal import ANONYMOUS
+from modelyard.auth.principal import ANONYMOUS, Principal
 from modelyard.gateway import Gateway
 from modelyard.observability.requests import CLIENT_CLOSED_REQUEST
 from modelyard.proxy.forward import _HOP_HEADERS, UpstreamError, UpstreamTimeout
@@ -142,44 +142,46 @@ class FastRequest:
         self.presented: bytes | None = None  # the client's key, once admission has read it
 
 
-class FastLane:
-    """What the fast lane shares across connections: the gateway and the lean pool."""
+class LaneCore:
+    """What a lane shares across its connections: the lean pool, the requests in flight, the
+    idle sweep. `FastLane` serves with the gateway in this process; a proxy worker's lane
+    (proxy/worker_lane.py) asks the gateway's process for each admission instead."""
 
     def __init__(
         self,
-        gateway: Gateway,
         fallback: Callable[[], asyncio.Protocol],
+        max_body: int,
+        connect_timeout: float,
+        read_timeout: float,
         idle_close_s: float = IDLE_CLOSE_S,
         sweep_s: float = SWEEP_S,
-        policy: BrowserPolicy | None = None,
     ) -> None:
-        self.gateway = gateway
-        # The web layer's Host rule (None: only the plain local names are served here).
-        self.policy = policy
         self.idle_close_s = idle_close_s
         self.sweep_s = sweep_s
         self.fallback = fallback
-        limits = gateway.config.limits
-        self.max_body = limits.max_body_bytes
-        self.pool = LeanPool(limits.upstream_connect_timeout, limits.upstream_read_timeout)
+        self.max_body = max_body
+        self.pool = LeanPool(connect_timeout, read_timeout)
         self.in_flight: set[asyncio.Task[None]] = set()
         self.streaming: set[FastProtocol] = set()
         self.connections: set[FastProtocol] = set()  # while the lane serves them
         self._sweeper: asyncio.Task[None] | None = None
         self._addresses: dict[str, tuple[str, int, bytes]] = {}
-        metrics = gateway.metrics
-        self._served_metric = metrics.fast_lane_served
-        self._handed_over_metric = metrics.fast_lane_handed_over
 
     def served(self) -> None:
-        self._served_metric.inc()
+        """A request is served by the lane (counted in the gateway's metrics)."""
 
     def handed_over(self) -> None:
-        self._handed_over_metric.inc()
+        """A connection went to the web layer (counted in the gateway's metrics)."""
+
+    def eligible(self, request: FastRequest) -> bool:
+        raise NotImplementedError
 
     def protocol(self) -> FastProtocol:
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_idle())
+        return self.make_protocol()
+
+    def make_protocol(self) -> FastProtocol:
         return FastProtocol(self)
 
     async def _sweep_idle(self) -> None:
@@ -204,39 +206,6 @@ class FastLane:
             known = (host.strip("[]"), int(port), host_port.encode())
             self._addresses[base_url] = known
         return known
-
-    def host_allowed(self, host: bytes) -> bool:
-        """The web layer's Host rule (DNS rebinding, without keys): True when it would let
-        the request through; anything else is the web layer's to refuse."""
-        if _LOCAL_HOST.fullmatch(host) is not None:
-            return True  # always allowed (loopback names and addresses)
-        if self.policy is None or not host.isascii():
-            return False
-        return self.policy.host_problem(host.decode("ascii")) is None
-
-    def eligible(self, request: FastRequest) -> bool:
-        """Checks that send a request to aiohttp (which answers them properly) instead.
-        Free of side effects: a request handed over is counted by the web layer alone."""
-        if not self.host_allowed(request.host):
-            return False
-        try:
-            payload = parse_json_object(request.body)  # the web layer's own checks
-        except ApiError:
-            return False
-        model = payload.get("model")
-        if not isinstance(model, str) or not model:
-            return False
-        try:
-            target = self.gateway.scheduler.resolve(model)
-        except UnknownModel:
-            return False
-        if target.adapter is not None:
-            return False
-        if self.gateway.config.models[target.model].engine == "remote":
-            return False  # a remote server's URL may be https or carry a path: aiohttp's
-        request.payload = payload
-        request.target = target
-        return True
 
     def cut_streams(self, reason: str) -> int:
         """End every stream in progress with a final SSE error event carrying `reason`
@@ -267,10 +236,114 @@ class FastLane:
         self.pool.close()
 
 
+class FastLane(LaneCore):
+    """The fast lane of the gateway's own process."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        fallback: Callable[[], asyncio.Protocol],
+        idle_close_s: float = IDLE_CLOSE_S,
+        sweep_s: float = SWEEP_S,
+        policy: BrowserPolicy | None = None,
+    ) -> None:
+        limits = gateway.config.limits
+        super().__init__(
+            fallback,
+            limits.max_body_bytes,
+            limits.upstream_connect_timeout,
+            limits.upstream_read_timeout,
+            idle_close_s,
+            sweep_s,
+        )
+        self.gateway = gateway
+        # The web layer's Host rule (None: only the plain local names are served here).
+        self.policy = policy
+        metrics = gateway.metrics
+        self._served_metric = metrics.fast_lane_served
+        self._handed_over_metric = metrics.fast_lane_handed_over
+
+    def served(self) -> None:
+        self._served_metric.inc()
+
+    def handed_over(self) -> None:
+        self._handed_over_metric.inc()
+
+    def host_allowed(self, host: bytes) -> bool:
+        """The web layer's Host rule (DNS rebinding, without keys): True when it would let
+        the request through; anything else is the web layer's to refuse."""
+        if _LOCAL_HOST.fullmatch(host) is not None:
+            return True  # always allowed (loopback names and addresses)
+        if self.policy is None or not host.isascii():
+            return False
+        return self.policy.host_problem(host.decode("ascii")) is None
+
+    def eligible(self, request: FastRequest) -> bool:
+        """Checks that send a request to aiohttp (which answers them properly) instead.
+        Free of side effects: a request handed over is counted by the web layer alone."""
+        if not self.host_allowed(request.host) or not shape_ok(request):
+            return False
+        target = self.target_of(request.payload["model"])
+        request.target = target
+        return target is not None
+
+    def target_of(self, model: str) -> Target | None:
+        """The model the lane serves for this name, or None when the web layer must (an
+        unknown name, whose 404 is the web layer's; an adapter; a remote engine)."""
+        try:
+            target = self.gateway.scheduler.resolve(model)
+        except UnknownModel:
+            return None
+        if target.adapter is not None:
+            return None
+        if self.gateway.config.models[target.model].engine == "remote":
+            return None  # a remote server's URL may be https or carry a path: aiohttp's
+        return target
+
+    def admission(
+        self, path: str, headers: list[tuple[bytes, bytes]], remote: str | None, target: Target
+    ) -> tuple[Principal, bytes | None] | ErrorAnswer:
+        """The web layer's admission, with its functions (`api.admission`): the key, its
+        limits and budget, its scope over the model. The principal and the key presented (kept
+        from the engine's headers), or the refusal with the web layer's status, headers and
+        body, counted as it counts them."""
+        auth = self.gateway.auth
+        if auth is None or not needs_key(auth, "POST", path):
+            return ANONYMOUS, None  # no keys: the anonymous principal, as in the web layer
+        # As aiohttp decodes header values (key headers are ASCII here: see _parse_head).
+        mapping = CIMultiDict(
+            (name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
+            for name, value in headers
+        )
+        identity = identify(auth, "POST", path, mapping)
+        if isinstance(identity, Refusal):
+            return refusal_answer(auth, identity, "POST", path, remote)
+        refusal = model_refusal(self.gateway, identity, target)
+        if refusal is not None:
+            auth.usage.count_forbidden(identity.name)  # as the middleware's FORBIDDEN_KEY
+            return refusal.answer()
+        key = presented_key(mapping)  # as identify read it; kept from the engine's headers
+        return identity, key.encode("utf-8", "surrogateescape") if key else None
+
+
+def shape_ok(request: FastRequest) -> bool:
+    """The body is a JSON object naming a model (the web layer's own parse): read into
+    `request.payload`. Anything else is the web layer's to answer."""
+    try:
+        payload = parse_json_object(request.body)
+    except ApiError:
+        return False
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        return False
+    request.payload = payload
+    return True
+
+
 class FastProtocol(asyncio.Protocol):
     """One client connection: fast requests served in order, the rest handed to aiohttp."""
 
-    def __init__(self, lane: FastLane) -> None:
+    def __init__(self, lane: LaneCore) -> None:
         self.lane = lane
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
@@ -448,37 +521,20 @@ class FastProtocol(asyncio.Protocol):
             await self.writable  # the client reads slowly: its next answer waits
 
     def _admit(self, request: FastRequest, target: Target) -> bool:
-        """The web layer's admission, with its functions (`api.admission`): the key, its
-        limits and budget, its scope over the model. False when refused (and answered, with
-        the web layer's status, headers and body, counted as it counts them)."""
-        auth = self.lane.gateway.auth
-        path = request.path.decode()
-        if auth is None or not needs_key(auth, "POST", path):
-            return True  # no keys: the anonymous principal, as in the web layer
-        # As aiohttp decodes header values (key headers are ASCII here: see _parse_head).
-        headers = CIMultiDict(
-            (name.decode("latin-1"), value.decode("utf-8", "surrogateescape"))
-            for name, value in request.headers
-        )
-        identity = identify(auth, "POST", path, headers)
-        if isinstance(identity, Refusal):
-            peer = self.transport.get_extra_info("peername") if self.transport else None
-            remote = str(peer[0]) if isinstance(peer, tuple) and peer else None
-            self._answer(refusal_answer(auth, identity, "POST", path, remote))
+        """Admission (`FastLane.admission`); False when refused (and answered)."""
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        remote = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        lane = cast(FastLane, self.lane)
+        admitted = lane.admission(request.path.decode(), request.headers, remote, target)
+        if isinstance(admitted, ErrorAnswer):
+            self._answer(admitted)
             return False
-        refusal = model_refusal(self.lane.gateway, identity, target)
-        if refusal is not None:
-            auth.usage.count_forbidden(identity.name)  # as the middleware's FORBIDDEN_KEY
-            self._answer(refusal.answer())
-            return False
-        request.principal = identity
-        key = presented_key(headers)  # as identify read it; kept from the engine's headers
-        request.presented = key.encode("utf-8", "surrogateescape") if key else None
+        request.principal, request.presented = admitted
         return True
 
     async def _serve_one(self, request: FastRequest) -> bool:
         """Serve one request; False when the connection must close afterwards."""
-        gateway = self.lane.gateway
+        gateway = cast(FastLane, self.lane).gateway
         target = request.target
         assert target is not None
         if not self._admit(request, target):
@@ -745,7 +801,16 @@ def _to_engine(name: bytes) -> bool:
 
 
 async def start_server(
-    lane: FastLane, host: str, port: int, backlog: int = 2048
+    lane: LaneCore, host: str, port: int, backlog: int = 2048, reuse_port: bool = False
 ) -> asyncio.AbstractServer:
+    """Listen for the lane. With `reuse_port`, proxy workers listen on the same port and the
+    kernel spreads new connections across the processes (SO_REUSEPORT)."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lane.protocol, host, port, backlog=backlog, reuse_address=True)
+    return await loop.create_server(
+        lane.protocol,
+        host,
+        port,
+        backlog=backlog,
+        reuse_address=True,
+        reuse_port=reuse_port or None,
+    )
