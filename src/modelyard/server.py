@@ -20,6 +20,7 @@ from modelyard.config.schema import GatewayConfig
 from modelyard.gateway import Gateway
 from modelyard.observability.log_format import configure_logging
 from modelyard.proxy.fastpath import FastLane, start_server
+from modelyard.proxy.worker_host import ProxyWorkers
 from modelyard.redaction import register_secrets
 from modelyard.tls import ServerCertificate
 
@@ -110,7 +111,9 @@ async def run_gateway(
         await gateway.start()
         app = build_app(gateway)
         gateway.reload_hooks.append(_live_settings(app, log_level))
-        served = await serve_app(gateway, app, config.host, config.port, certificate)
+        served = await serve_app(
+            gateway, app, config.host, config.port, certificate, log_level=log_level
+        )
         if ready_message:
             scheme = "https" if certificate is not None else "http"
             print(
@@ -120,11 +123,9 @@ async def run_gateway(
         await stop.wait()
         log.info("shutting down: finishing requests in flight, then stopping engines")
     finally:
-        if served is not None and served.listener is not None:
-            served.listener.close()  # stops accepting; connections in flight carry on
-        await _finish_requests(
-            gateway, config.limits.shutdown_grace, served.lane if served is not None else None
-        )
+        if served is not None:
+            served.stop_accepting()  # connections in flight carry on
+        await _finish_requests(gateway, config.limits.shutdown_grace, served)
         if served is not None:
             await served.close()
         await gateway.close()
@@ -134,17 +135,33 @@ async def run_gateway(
 
 @dataclass
 class ServedApp:
-    """The app being served: aiohttp's runner, and without TLS the fast lane and its listener."""
+    """The app being served: aiohttp's runner, and without TLS the fast lane, its listener
+    and the proxy workers that share its port."""
 
     runner: web.AppRunner
     lane: FastLane | None
     listener: asyncio.AbstractServer | None
     port: int  # the port bound (the one asked for, or the one given for port 0)
+    workers: ProxyWorkers | None = None
 
-    async def close(self) -> None:
-        """After requests are done or cut: stop listening, drop the lane's pool, end aiohttp."""
+    def stop_accepting(self) -> None:
         if self.listener is not None:
             self.listener.close()
+        if self.workers is not None:
+            self.workers.drain()
+
+    def cut_streams(self, reason: str) -> int:
+        """Streams of the fast lane and the workers, ended with an error event."""
+        cut = self.lane.cut_streams(reason) if self.lane is not None else 0
+        return cut + (self.workers.cut_streams(reason) if self.workers is not None else 0)
+
+    async def close(self) -> None:
+        """After requests are done or cut: stop listening, stop the workers, drop the lane's
+        pool, end aiohttp."""
+        if self.listener is not None:
+            self.listener.close()
+        if self.workers is not None:
+            await self.workers.close()
         if self.lane is not None:
             await self.lane.close(0)  # all its requests are done or cut by now: drop the pool
         # Stops accepting; requests in flight are done (or cut with a clear end) by now.
@@ -157,6 +174,7 @@ async def serve_app(
     host: str,
     port: int,
     certificate: ServerCertificate | None = None,
+    log_level: str = "INFO",
 ) -> ServedApp:
     """Listen on host:port as `modelyard serve` does: aiohttp's protocol with OpenAI-shaped
     protocol errors, behind the fast lane for plain HTTP (tests/harness.py serves its app with
@@ -174,11 +192,24 @@ async def serve_app(
             # The common POSTs take the fast lane (proxy/fastpath.py); the rest is aiohttp's.
             assert runner.server is not None
             lane = FastLane(gateway, runner.server, policy=app[POLICY_KEY])
-            listener = await start_server(lane, host, port)
+            count = gateway.config.proxy_workers
+            listener = await start_server(lane, host, port, reuse_port=count > 0)
             # asyncio's and uvloop's servers both have `sockets` (AbstractServer lacks it).
             sockets = getattr(listener, "sockets", None) or ()
             bound = int(sockets[0].getsockname()[1]) if sockets else port
-            return ServedApp(runner, lane, listener, bound)
+            served = ServedApp(runner, lane, listener, bound)
+            if count:
+                # More processes on the same port (SO_REUSEPORT): the hot path on more cores.
+                workers = ProxyWorkers(gateway, lane, count, host, bound, log_level)
+                served.workers = workers
+                gateway.reload_hooks.append(lambda _config: workers.settings_changed())
+                try:
+                    await workers.start()
+                except BaseException:
+                    listener.close()
+                    await workers.close()
+                    raise
+            return served
         # TLS: aiohttp serves everything (the fast lane speaks plain HTTP only, for now).
         site = web.TCPSite(
             runner,
@@ -195,7 +226,7 @@ async def serve_app(
         raise
 
 
-async def _finish_requests(gateway: Gateway, grace: float, lane: FastLane | None) -> None:
+async def _finish_requests(gateway: Gateway, grace: float, served: ServedApp | None) -> None:
     """One grace period for requests in flight (not two, as once); streams still going after
     it end with a final SSE error event instead of being cut silently (issue 11, defect 7).
     The scheduler counts the fast lane's requests too; its streams are cut the same way."""
@@ -206,7 +237,7 @@ async def _finish_requests(gateway: Gateway, grace: float, lane: FastLane | None
         f"the gateway is shutting down; this stream was ended after {grace:g}s "
         "(limits.shutdown_grace)"
     )
-    cut = gateway.upstream.cut_streams(reason) + (lane.cut_streams(reason) if lane else 0)
+    cut = gateway.upstream.cut_streams(reason) + (served.cut_streams(reason) if served else 0)
     log.warning("shutdown: ended %d streams still running after %gs", cut, grace)
     await gateway.scheduler.drained(5.0)
 

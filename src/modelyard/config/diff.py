@@ -46,7 +46,7 @@ PER_MODEL_SETTINGS = ("models", "defaults", "vllm", "diffusion")
 # Bound when the gateway starts: a reload reports them and leaves them as they are.
 # (`tls`: the certificate and key files themselves are read again on SIGHUP; `runtime` and
 # `ray`: the gateway connects to its cluster once.)
-START_ONLY_SETTINGS = ("listen", "state_dir", "gpus", "tls", "runtime", "ray")
+START_ONLY_SETTINGS = ("listen", "state_dir", "gpus", "tls", "runtime", "ray", "proxy_workers")
 
 
 @dataclass(frozen=True)

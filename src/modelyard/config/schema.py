@@ -373,6 +373,13 @@ class GatewayConfig(StrictModel):
     )
     groups: dict[str, GroupConfig] = Field(default_factory=dict)
     log_format: Literal["text", "json"] = "text"
+    proxy_workers: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="extra processes serving the OpenAI POSTs on the same port, one per core "
+        "beyond the first is a good start (0: the gateway's process alone); plain HTTP only",
+    )
     cors: CorsConfig = Field(default_factory=CorsConfig)
     allowed_hosts: list[str] = Field(
         default_factory=list,
@@ -446,6 +453,11 @@ class GatewayConfig(StrictModel):
             routes[model.route] = name
         if self.runtime == "ray":
             self._check_ray_placement()
+        if self.proxy_workers and self.tls is not None:
+            raise ValueError(
+                "proxy_workers serve plain HTTP only: with tls, set proxy_workers to 0 (or end "
+                "TLS in a proxy in front, such as Caddy or `tailscale serve`)"
+            )
         declared = {gpu.index for gpu in self.gpus or []}
         if self.gpus is not None and len(declared) != len(self.gpus):
             raise ValueError("gpus: each index may be declared once")

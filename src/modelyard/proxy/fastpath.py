@@ -118,6 +118,8 @@ class FastRequest:
         "payload",
         "presented",
         "principal",
+        "raw",
+        "raw_end",
         "target",
     )
 
@@ -140,6 +142,9 @@ class FastRequest:
         self.target: Target | None = None
         self.principal = ANONYMOUS
         self.presented: bytes | None = None  # the client's key, once admission has read it
+        # The bytes it came in (a proxy worker may still hand the connection over with them).
+        self.raw = b""
+        self.raw_end = 0
 
 
 class LaneCore:
@@ -421,6 +426,7 @@ class FastProtocol(asyncio.Protocol):
         if len(buffer) < start + length:
             return  # the body is still coming
         request.body = buffer[start : start + length]
+        request.raw, request.raw_end = buffer, start + length
         if not self.lane.eligible(request):
             self._hand_over()
             return
@@ -575,16 +581,11 @@ class FastProtocol(asyncio.Protocol):
             self._answer(refusal.answer())
             return True
         except UpstreamError as error:
-            timed_out = isinstance(error, UpstreamTimeout)
-            status = 504 if timed_out else 502
-            await gateway.scheduler.notice_exit(target.model, timeout=1.0)
-            failure = gateway.scheduler.failure_of(target.model)
-            tail = failure.log_tail if failure else []
-            message = f"model {target.model!r}: {error}"
-            code = "upstream_timeout" if timed_out else "upstream_error"
-            self._answer(
-                error_answer(status, with_log_tail(message, tail, request.principal.admin), code)
+            answer = await upstream_failure(
+                gateway, target.model, error, isinstance(error, UpstreamTimeout), request.principal
             )
+            status = answer.status
+            self._answer(answer)
             return True
         except asyncio.CancelledError:
             # The client hung up: a stream whose 200 was sent keeps it; otherwise 499.
@@ -758,6 +759,21 @@ class FastProtocol(asyncio.Protocol):
             head += [name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n"]
         head += [b"Content-Length: %d\r\n\r\n" % len(answer.body), answer.body]
         self.transport.write(b"".join(head))
+
+
+async def upstream_failure(
+    gateway: Gateway, model: str, error: object, timed_out: bool, principal: Principal
+) -> ErrorAnswer:
+    """The answer to a request whose engine failed it (502) or did not answer in time (504),
+    once the scheduler has seen whether the engine died; its log tail for an admin only."""
+    await gateway.scheduler.notice_exit(model, timeout=1.0)
+    failure = gateway.scheduler.failure_of(model)
+    tail = failure.log_tail if failure else []
+    message = f"model {model!r}: {error}"
+    code = "upstream_timeout" if timed_out else "upstream_error"
+    return error_answer(
+        504 if timed_out else 502, with_log_tail(message, tail, principal.admin), code
+    )
 
 
 _DATE: list[Any] = [0, b""]  # the second and its HTTP date, formatted once a second
