@@ -72,12 +72,15 @@ CLIENT_KEY = generate_key()
 HUGE = 10**15  # a budget and a tokens-per-minute limit that are checked but never reached
 
 
-def start_gateway(workdir: Path, keyed: bool = False) -> tuple[subprocess.Popen[bytes], str]:
+def start_gateway(
+    workdir: Path, keyed: bool = False, workers: int = 0
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     upstream = str(ROOT / "bench" / "upstream_nginx.sh")
-    name = "keyed" if keyed else "bench"
+    name = "keyed" if keyed else f"workers{workers}" if workers else "bench"
     config: dict[str, Any] = {
         "listen": f"127.0.0.1:{port}",
+        "proxy_workers": workers,
         "state_dir": str(workdir / f"state-{name}"),
         "limits": {"max_queue": 10_000, "max_queue_per_model": 10_000},
         "models": {
@@ -375,6 +378,12 @@ def main() -> None:
     parser.add_argument(
         "--keyed", action="store_true", help="also a modelyard with API keys (modelyard+key)"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="also a modelyard with this many proxy workers (modelyard Nw)",
+    )
     parser.add_argument("--no-slow", action="store_true", help="skip the slow streams")
     parser.add_argument("--no-scaling", action="store_true", help="skip core scaling")
     parser.add_argument("--json", help="also write the results to this file")
@@ -397,6 +406,25 @@ def main() -> None:
             Proxy("direct", direct["fast"], direct["sse"], direct["stream"]),
             Proxy("modelyard", url, url, url, [ProcessTree(gateway.pid, is_upstream)]),
         ]
+        if args.workers:
+            spread, spread_url = start_gateway(workdir, workers=args.workers)
+            started.append(spread)
+            for model in ("fast", "sse", "stream"):
+                engine_url(spread_url, model)  # its own engines, started before the load
+            upstream_trees += [
+                ProcessTree(pid)
+                for pid in ProcessTree(spread.pid).pids()
+                if pid != spread.pid and _is_engine_root(pid)
+            ]
+            proxies.append(
+                Proxy(
+                    f"modelyard {args.workers}w",
+                    spread_url,
+                    spread_url,
+                    spread_url,
+                    [ProcessTree(spread.pid, is_upstream)],
+                )
+            )
         if args.keyed:
             keyed, keyed_url = start_gateway(workdir, keyed=True)
             started.append(keyed)
