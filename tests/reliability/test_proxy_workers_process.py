@@ -1,0 +1,101 @@
+"""Proxy workers with a real `modelyard serve` process: what only a process shows (signals,
+exit codes, processes left behind)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import aiohttp
+
+from tests.conftest import fake_model
+
+WORKER = b"modelyard.proxy.worker_lane"
+
+
+def workers_of(parent: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as file:
+                command = file.read()
+            with open(f"/proc/{entry}/stat") as file:
+                ppid = int(file.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        if WORKER in command and ppid == parent:
+            pids.append(int(entry))
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+async def stream(url: str) -> list[dict[str, object]]:
+    """A long stream on its own connection (the kernel picks the process)."""
+    body = {
+        "model": "m",
+        "stream": True,
+        "messages": [{"role": "user", "content": "hi"}],
+        "fake_chunks": 300,
+        "fake_chunk_delay": 0.1,
+    }
+    events = []
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.post(url + "/v1/chat/completions", json=body) as response,
+    ):
+        assert response.status == 200
+        async for raw in response.content:
+            line = raw.decode().strip()
+            if line.startswith("data: {"):
+                events.append(json.loads(line[6:]))
+    return events
+
+
+async def test_sigterm_ends_every_processs_streams_after_one_grace_and_stops_the_workers(
+    gateway_factory,
+):
+    gateway = gateway_factory(
+        {"m": fake_model("m")}, proxy_workers=2, limits={"shutdown_grace": "3s"}
+    )
+    workers = workers_of(gateway.process.pid)
+    assert len(workers) == 2
+    streams = [asyncio.create_task(stream(gateway.url)) for _ in range(8)]
+    await asyncio.sleep(2.0)  # the engine starts, every stream is under way
+    began = time.monotonic()
+    gateway.process.send_signal(signal.SIGTERM)
+    results = await asyncio.wait_for(asyncio.gather(*streams), 30)
+    ended = time.monotonic() - began
+    assert ended < 9  # one grace (3 s) and the engine's stop, not a hang
+    for events in results:
+        assert len(events) > 10
+        assert events[-1]["error"]["code"] == "shutting_down"  # type: ignore[index]
+    assert gateway.process.wait(timeout=20) == 0
+    assert not [pid for pid in workers if alive(pid)]
+    log = gateway.log_text()
+    assert "Traceback" not in log
+    assert "proxy worker" in log  # their start is logged
+
+
+async def test_workers_never_outlive_a_killed_gateway(gateway_factory):
+    gateway = gateway_factory({"m": fake_model("m")}, proxy_workers=2)
+    workers = workers_of(gateway.process.pid)
+    assert len(workers) == 2
+    gateway.process.send_signal(signal.SIGKILL)  # the OOM killer: no shutdown at all
+    gateway.process.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert not [pid for pid in workers if alive(pid)]
