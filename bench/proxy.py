@@ -499,6 +499,10 @@ def _is_engine_root(pid: int) -> bool:
     return is_upstream(cmdline(pid))
 
 
+def _cores(cell: dict[str, float]) -> float:
+    return cell["rps"] * cell["cpu_us_per_request"] / 1e6
+
+
 def print_tables(results: dict[str, Any], slow: int) -> None:
     direct = results["direct"]
     print(
@@ -554,16 +558,18 @@ def print_tables(results: dict[str, Any], slow: int) -> None:
         )
     print(
         "\n| core scaling, c=64 (wrk, nginx on core 1) | 1 core req/s | 2 cores req/s | ratio "
-        "| CPU/request 1 / 2 cores |"
+        "| CPU/request 1 / 2 cores | cores used 1 / 2 |"
     )
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, row in results.items():
         if "scaling" not in row:
             continue
         one, two = row["scaling"]["0"], row["scaling"]["0-1"]
         print(
             f"| {name} | {one['rps']:,.0f} | {two['rps']:,.0f} | {two['rps'] / one['rps']:.2f}x "
-            f"| {one['cpu_us_per_request']:.0f} / {two['cpu_us_per_request']:.0f} µs |"
+            f"| {one['cpu_us_per_request']:.0f} / {two['cpu_us_per_request']:.0f} µs "
+            # CPU seconds per wall second: whether the proxy can use a second core at all.
+            f"| {_cores(one):.2f} / {_cores(two):.2f} |"
         )
     ours, keyed = results.get("modelyard"), results.get("modelyard+key")
     if ours and keyed:
