@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -48,6 +49,14 @@ def metric(gateway: Harness, name: str, **labels: str) -> float:
         if all(f'{key}="{value}"' in line for key, value in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait for what another process reports (a worker's message is on its way)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "not reached in time"
+        await asyncio.sleep(0.02)
 
 
 def in_flight(gateway: Harness, model: str = "chat") -> int:
@@ -107,7 +116,9 @@ async def test_requests_on_workers_are_served_and_accounted_as_the_gateways_own(
             assert set(re.findall(r'"model": ?"([^"]*)"', text)) == {"chat-alias"}, text
             if body["stream"]:
                 assert text.rstrip().endswith("data: [DONE]")
-        # Some were served by the workers, all of them counted once, as the gateway's own.
+        # Some were served by the workers, all of them counted once, as the gateway's own
+        # (a worker's `done` may still be on its way when its client has the answer).
+        await until(lambda: len(gateway.records) == 40)
         assert worker_requests(gateway) > 0
         assert metric(gateway, "modelyard_requests_total", model="chat", status="200") == 40
         assert metric(gateway, "modelyard_fast_lane_requests_total", outcome="served") == 40
@@ -220,7 +231,7 @@ async def stream_on_a_worker(
 @pytest.mark.slow
 async def test_no_engine_is_stopped_under_a_workers_stream(tmp_path):
     """A stream of 8 s on a worker holds its engine in the gateway's scheduler: the idle
-    timer (1 s) and an unload wait for it; when the worker dies mid-stream, the engine is
+    timer (1 s) waits for it; when the worker dies mid-stream, the engine is
     given back at once, the request is recorded as 502, and another worker takes its place."""
     config = {"chat": engine_model(idle_timeout=1), "secret": engine_model()}
     async with in_process_gateway(tmp_path, config, proxy_workers=2) as gateway:
@@ -231,7 +242,7 @@ async def test_no_engine_is_stopped_under_a_workers_stream(tmp_path):
         rest = await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), 20)  # its end
         assert rest.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"), rest[-200:]
         writer.close()
-        assert in_flight(gateway) == 0
+        await until(lambda: in_flight(gateway) == 0)  # the worker's `done` is on its way
         await gateway.wait_state("chat", "stopped", timeout=10)  # idle now: stopped
 
         # The worker dies mid-stream (SIGKILL: the OOM killer, a bug).
@@ -244,17 +255,10 @@ async def test_no_engine_is_stopped_under_a_workers_stream(tmp_path):
         rest = await asyncio.wait_for(reader.read(), 20)  # the client sees the connection end
         assert b"[DONE]" not in rest
         writer.close()
-        for _ in range(100):
-            if in_flight(gateway) == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert in_flight(gateway) == 0
+        await until(lambda: in_flight(gateway) == 0)
         assert metric(gateway, "modelyard_requests_total", model="chat", status="502") > before_502
-        for _ in range(100):  # restarted after a second
-            if metric(gateway, "modelyard_proxy_workers_running") == 2:
-                break
-            await asyncio.sleep(0.1)
-        assert metric(gateway, "modelyard_proxy_workers_running") == 2
+        # Restarted after a second.
+        await until(lambda: metric(gateway, "modelyard_proxy_workers_running") == 2, 10)
         assert set(worker_pids()).isdisjoint(victims)
         status, _ = await post(gateway.url, CHAT)
         assert status == 200
@@ -278,24 +282,12 @@ async def test_a_client_that_leaves_during_a_cold_start_leaves_the_queue(tmp_pat
             )
             writers.append(writer)
         scheduler = gateway.gateway.scheduler
-        for _ in range(100):
-            if scheduler.total_waiting() == 12:
-                break
-            await asyncio.sleep(0.05)
-        assert scheduler.total_waiting() == 12
+        await until(lambda: scheduler.total_waiting() == 12)
         assert worker_requests(gateway) > 0  # some of them wait through a worker
         for writer in writers:
             writer.close()
-        for _ in range(100):
-            if scheduler.total_waiting() == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert scheduler.total_waiting() == 0
-        for _ in range(100):
-            if metric(gateway, "modelyard_requests_total", status="499") == 12:
-                break
-            await asyncio.sleep(0.05)
-        assert metric(gateway, "modelyard_requests_total", status="499") == 12
+        await until(lambda: scheduler.total_waiting() == 0)
+        await until(lambda: metric(gateway, "modelyard_requests_total", status="499") == 12)
         await gateway.wait_state("chat", "ready")
         assert in_flight(gateway) == 0
 

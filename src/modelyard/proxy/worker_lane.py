@@ -186,6 +186,11 @@ class WorkerProtocol(FastProtocol):
             transport.close()
             return
         transport.pause_reading()  # what the client sends next stays in the socket
+        if transport.get_write_buffer_size():
+            # A slow reader still has part of the last answer here: the gateway's answer must
+            # not overtake it on the same socket. Look again once it has drained.
+            asyncio.get_running_loop().call_later(0.005, self._hand_over)
+            return
         connection_fd = os.dup(sock.fileno())
         data, self.buffer = self.buffer, b""
         self.gone = True
