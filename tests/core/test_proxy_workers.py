@@ -68,8 +68,8 @@ def worker_requests(gateway: Harness) -> float:
     return metric(gateway, "modelyard_proxy_worker_requests_total")
 
 
-def worker_pids() -> list[int]:
-    """This test process's proxy workers (children running the worker module)."""
+def workers_of(parent: int) -> list[int]:
+    """The proxy workers of a process (its children running the worker module)."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -78,12 +78,17 @@ def worker_pids() -> list[int]:
             with open(f"/proc/{entry}/cmdline", "rb") as file:
                 command = file.read()
             with open(f"/proc/{entry}/stat") as file:
-                parent = int(file.read().rsplit(")", 1)[1].split()[1])
+                ppid = int(file.read().rsplit(")", 1)[1].split()[1])
         except OSError:
             continue
-        if WORKER.encode() in command and parent == os.getpid():
+        if WORKER.encode() in command and ppid == parent:
             pids.append(int(entry))
     return pids
+
+
+def worker_pids() -> list[int]:
+    """This test process's proxy workers (the in-process gateway's)."""
+    return workers_of(os.getpid())
 
 
 async def post(

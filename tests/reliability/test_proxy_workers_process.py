@@ -5,32 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import time
 
 import aiohttp
 
 from tests.conftest import fake_model
-
-WORKER = b"modelyard.proxy.worker_lane"
-
-
-def workers_of(parent: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as file:
-                command = file.read()
-            with open(f"/proc/{entry}/stat") as file:
-                ppid = int(file.read().rsplit(")", 1)[1].split()[1])
-        except OSError:
-            continue
-        if WORKER in command and ppid == parent:
-            pids.append(int(entry))
-    return pids
+from tests.core.test_proxy_workers import workers_of
 
 
 def alive(pid: int) -> bool:

@@ -40,7 +40,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from multidict import CIMultiDict
 
@@ -239,6 +239,26 @@ class LaneCore:
         if self._sweeper is not None:
             self._sweeper.cancel()
         self.pool.close()
+
+
+class UsageSink(Protocol):
+    """Where a stream's usage goes as soon as its usage chunk passes (`TokenCount.count`)."""
+
+    def count(self, usage: dict[str, int]) -> None: ...
+
+
+class Outcome:
+    """How a request ended, for its record: filled in as it goes."""
+
+    __slots__ = ("client_gone", "first_byte", "started", "status", "streamed", "usage")
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.status = 500
+        self.first_byte: float | None = None
+        self.streamed = False
+        self.client_gone = False
+        self.usage: dict[str, int] = {}
 
 
 class FastLane(LaneCore):
@@ -546,60 +566,29 @@ class FastProtocol(asyncio.Protocol):
         if not self._admit(request, target):
             return True
         self.lane.served()
-        started = time.perf_counter()
-        status = 500
-        first_byte: float | None = None
-        streamed = False
-        client_gone = False
-        self.answer_status = None
-        usage: dict[str, int] = {}
-        path = request.path.decode()
-        payload = request.payload
-        usage_added = ask_stream_for_usage(path, payload)
-        body = request.body
-        if payload.get("model") != target.upstream_name or usage_added:
-            payload["model"] = target.upstream_name
-            body = json.dumps(payload).encode()
-        replacements = model_name_replacements(target.upstream_name, target.public_name)
+        outcome = Outcome()
         tokens = TokenCount(gateway, request.principal.name, target.model)
         try:
             async with gateway.scheduler.engine_for(target.model) as engine:
-                status, first_byte, streamed, usage = await self._forward(
+                return await self._relay(
                     request,
                     engine.base_url,
                     engine.upstream_headers,
-                    path,
-                    body,
-                    replacements,
-                    usage_added,
+                    target.upstream_name,
+                    target.public_name,
                     tokens,
+                    outcome,
                 )
-                return True
         except ModelUnavailable as error:
             refusal = unavailable(error, show_tail=request.principal.admin)
-            status = refusal.status
+            outcome.status = refusal.status
             self._answer(refusal.answer())
             return True
-        except UpstreamError as error:
-            answer = await upstream_failure(
-                gateway, target.model, error, isinstance(error, UpstreamTimeout), request.principal
-            )
-            status = answer.status
-            self._answer(answer)
-            return True
         except asyncio.CancelledError:
-            # The client hung up: a stream whose 200 was sent keeps it; otherwise 499.
-            client_gone = True
-            status = self.answer_status or CLIENT_CLOSED_REQUEST
-            streamed = self.answer_status is not None
+            if not outcome.client_gone:  # it hung up while waiting for the engine
+                outcome.client_gone = True
+                outcome.status = CLIENT_CLOSED_REQUEST
             raise
-        except Exception:
-            log.exception("internal error on POST %s", path)
-            status = 500
-            self._answer(
-                error_answer(500, "internal gateway error; see the gateway log", "internal_error")
-            )
-            return False
         finally:
             # The same call as the web layer's: tokens for the key, metrics, request log.
             finish(
@@ -608,13 +597,71 @@ class FastProtocol(asyncio.Protocol):
                 model=target.model,
                 route=request.label,
                 key_name=request.principal.name,
-                status=status,
-                duration_s=time.perf_counter() - started,
-                first_byte_s=first_byte,
-                streamed=streamed,
-                usage=usage,
-                client_gone=client_gone,
+                status=outcome.status,
+                duration_s=time.perf_counter() - outcome.started,
+                first_byte_s=outcome.first_byte,
+                streamed=outcome.streamed,
+                usage=outcome.usage,
+                client_gone=outcome.client_gone,
             )
+
+    async def _relay(
+        self,
+        request: FastRequest,
+        base_url: str,
+        engine_headers: Mapping[str, str],
+        upstream_name: str,
+        public_name: str,
+        tokens: UsageSink,
+        outcome: Outcome,
+    ) -> bool:
+        """Send an admitted request to its engine and the answer to the client, with the
+        engine's own model name going in and the client's coming back; `outcome` says how it
+        ended. False when the connection must close afterwards."""
+        self.answer_status = None
+        path = request.path.decode()
+        payload = request.payload
+        usage_added = ask_stream_for_usage(path, payload)
+        body = request.body
+        if payload.get("model") != upstream_name or usage_added:
+            payload["model"] = upstream_name
+            body = json.dumps(payload).encode()
+        replacements = model_name_replacements(upstream_name, public_name)
+        try:
+            (
+                outcome.status,
+                outcome.first_byte,
+                outcome.streamed,
+                outcome.usage,
+            ) = await self._forward(
+                request, base_url, engine_headers, path, body, replacements, usage_added, tokens
+            )
+            return True
+        except UpstreamError as error:
+            answer = await self._upstream_failed(request, error)
+            outcome.status = answer.status
+            self._answer(answer)
+            return True
+        except asyncio.CancelledError:
+            # The client hung up: a stream whose 200 was sent keeps it; otherwise 499.
+            outcome.client_gone = True
+            outcome.status = self.answer_status or CLIENT_CLOSED_REQUEST
+            outcome.streamed = self.answer_status is not None
+            raise
+        except Exception:
+            log.exception("internal error on POST %s", path)
+            outcome.status = 500
+            self._answer(
+                error_answer(500, "internal gateway error; see the gateway log", "internal_error")
+            )
+            return False
+
+    async def _upstream_failed(self, request: FastRequest, error: UpstreamError) -> ErrorAnswer:
+        target = request.target
+        assert target is not None
+        gateway = cast(FastLane, self.lane).gateway
+        timed_out = isinstance(error, UpstreamTimeout)
+        return await upstream_failure(gateway, target.model, error, timed_out, request.principal)
 
     async def _forward(
         self,
@@ -625,7 +672,7 @@ class FastProtocol(asyncio.Protocol):
         body: bytes,
         replacements: list[tuple[bytes, bytes]],
         usage_added: bool,
-        tokens: TokenCount,
+        tokens: UsageSink,
     ) -> tuple[int, float | None, bool, dict[str, int]]:
         host, port, host_header = self.lane.address(base_url)
         started = time.perf_counter()

@@ -113,9 +113,7 @@ class WorkerLink:
             if task is not None:
                 task.cancel()
             elif message[1] in self.held:
-                self._spawn(
-                    self._done(message[1], CLIENT_CLOSED_REQUEST, 0.0, None, False, {}, True)
-                )
+                self._spawn(self._done(message[1], CLIENT_CLOSED_REQUEST, None, False, {}, True))
         elif kind == "failed":
             self._spawn(self._failed(*message[1:]))
         elif kind == "ready":
@@ -201,7 +199,6 @@ class WorkerLink:
         self,
         request_id: int,
         status: int,
-        _duration_s: float,
         first_byte_s: float | None,
         streamed: bool,
         usage: dict[str, int],

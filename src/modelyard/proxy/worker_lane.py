@@ -28,26 +28,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import logging
 import os
 import signal
 import socket
-import time
 from typing import Any
 
-from modelyard.api.accounting import ask_stream_for_usage
-from modelyard.api.errors import ErrorAnswer, error_answer
-from modelyard.observability.requests import CLIENT_CLOSED_REQUEST
+from modelyard.api.errors import ErrorAnswer
 from modelyard.proxy.fastpath import (
     FastProtocol,
     FastRequest,
     LaneCore,
+    Outcome,
     shape_ok,
     start_server,
 )
 from modelyard.proxy.forward import UpstreamError, UpstreamTimeout
-from modelyard.proxy.sse import model_name_replacements
 from modelyard.proxy.worker_wire import Wire, open_wire, send_connection
 
 log = logging.getLogger("modelyard.worker")
@@ -175,6 +171,7 @@ class WorkerLane(LaneCore):
 
 class WorkerProtocol(FastProtocol):
     lane: WorkerLane
+    ticket = 0  # the request's id with the gateway's process, while it is served
 
     def _hand_over(self) -> None:
         """The connection goes to the owner's web layer, with the bytes read so far."""
@@ -221,72 +218,38 @@ class WorkerProtocol(FastProtocol):
             self._answer(decision)
             return True
         lease: Lease = decision
-        return await self._serve_leased(request, request_id, lease, path)
-
-    async def _serve_leased(
-        self, request: FastRequest, request_id: int, lease: Lease, path: str
-    ) -> bool:
-        lane = self.lane
-        started = time.perf_counter()
-        status = 500
-        first_byte: float | None = None
-        streamed = False
-        client_gone = False
-        self.answer_status = None
-        usage: dict[str, int] = {}
-        payload = request.payload
-        usage_added = ask_stream_for_usage(path, payload)
-        body = request.body
-        if payload.get("model") != lease.upstream_name or usage_added:
-            payload["model"] = lease.upstream_name
-            body = json.dumps(payload).encode()
-        replacements = model_name_replacements(lease.upstream_name, lease.public_name)
+        self.ticket = request_id
+        outcome = Outcome()
         seen = UsageSeen()
         try:
-            status, first_byte, streamed, usage = await self._forward(
+            return await self._relay(
                 request,
                 lease.base_url,
                 lease.engine_headers,
-                path,
-                body,
-                replacements,
-                usage_added,
-                seen,  # type: ignore[arg-type]
+                lease.upstream_name,
+                lease.public_name,
+                seen,
+                outcome,
             )
-            return True
-        except UpstreamError as error:
-            _, reply = lane.ask(
-                ("failed", request_id, str(error), isinstance(error, UpstreamTimeout))
-            )
-            answer: ErrorAnswer = await reply
-            status = answer.status
-            self._answer(answer)
-            return True
-        except asyncio.CancelledError:
-            client_gone = True
-            status = self.answer_status or CLIENT_CLOSED_REQUEST
-            streamed = self.answer_status is not None
-            raise
-        except Exception:
-            log.exception("internal error on POST %s", path)
-            status = 500
-            self._answer(
-                error_answer(500, "internal gateway error; see the gateway log", "internal_error")
-            )
-            return False
         finally:
             lane.tell(
                 (
                     "done",
                     request_id,
-                    status,
-                    time.perf_counter() - started,
-                    first_byte,
-                    streamed,
-                    usage or seen.usage,
-                    client_gone,
+                    outcome.status,
+                    outcome.first_byte,
+                    outcome.streamed,
+                    outcome.usage or seen.usage,
+                    outcome.client_gone,
                 )
             )
+
+    async def _upstream_failed(self, request: FastRequest, error: UpstreamError) -> ErrorAnswer:
+        """The gateway's process sees whether the engine died and writes the answer."""
+        timed_out = isinstance(error, UpstreamTimeout)
+        _, reply = self.lane.ask(("failed", self.ticket, str(error), timed_out))
+        answer: ErrorAnswer = await reply
+        return answer
 
 
 async def run_worker(args: argparse.Namespace) -> None:
