@@ -114,14 +114,18 @@ def bodies(draw: st.DrawFn) -> bytes:
     return text.encode()
 
 
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory):
+# Also with proxy workers: each request comes on a new connection, so some are parsed and
+# forwarded by a worker process (admitted by the gateway's process) and the rest by the
+# gateway's own.
+@pytest.fixture(scope="module", params=[0, 2], ids=["one-process", "proxy-workers"])
+def gateway(tmp_path_factory, request):
     running = start_gateway(
         tmp_path_factory.mktemp("differential"),
         {
             "chat": fake_model("chat", "--sleep-mode", route="/chat", aliases=["chat-alias"]),
             "secret": fake_model("secret", route="/secret"),
         },
+        proxy_workers=request.param,
         **auth_settings(),
     )
     running.admin_key = ADMIN_KEY

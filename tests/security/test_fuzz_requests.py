@@ -7,9 +7,11 @@ import http.client
 import json
 import os
 import urllib.parse
+import urllib.request
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -115,8 +117,11 @@ def quote(path: str) -> str:
     return urllib.parse.quote(path, safe="/%:@~!$&'()*+,;=")
 
 
-@pytest.fixture
-def gateway(gateway_factory, tmp_path):
+# Once as one process, once with proxy workers: each request comes on a new connection, so
+# the kernel gives some of them to a worker (which parses them itself and asks the gateway's
+# process to admit them) and the rest to the gateway's process.
+@pytest.fixture(params=[0, 2], ids=["one-process", "proxy-workers"])
+def gateway(gateway_factory, tmp_path, request):
     write_adapter(tmp_path / "adapters" / "helper")
     running = gateway_factory(
         {
@@ -125,6 +130,7 @@ def gateway(gateway_factory, tmp_path):
             "tuned": lora_model(tmp_path / "adapters"),
         },
         limits={"max_body_bytes": LIMIT},
+        proxy_workers=request.param,
         **auth_settings(),
     )
     running.admin_key = ADMIN_KEY
@@ -178,3 +184,16 @@ def test_any_request_gets_an_answer_or_an_openai_error(gateway):
     assert "internal error" not in log  # no exception reached the error middleware
     assert "Traceback" not in log
     assert "Error handling request" not in log  # nor aiohttp's own last-resort handler
+    if yaml.safe_load(gateway.config_path.read_text())["proxy_workers"]:
+        # The workers took their share: some requests were admitted for them.
+        request = urllib.request.Request(
+            gateway.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            metrics = response.read().decode()
+        served = [
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("modelyard_proxy_worker_requests_total{")
+        ]
+        assert sum(served) > 0, metrics[-2000:]
