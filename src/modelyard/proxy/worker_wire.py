@@ -18,6 +18,7 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
+import os
 import pickle
 import socket
 import struct
@@ -122,8 +123,12 @@ class ConnectionReceiver:
     def _readable(self) -> None:
         while True:
             try:
+                # MSG_CMSG_CLOEXEC: a received descriptor is not close-on-exec otherwise, and
+                # an engine started while it is open would inherit the client's connection
+                # (uvloop's spawn leaves inheritable descriptors open): the client would
+                # never see it close.
                 data, fds, _flags, _addr = socket.recv_fds(
-                    self.sock, _HANDOVER_HEAD.size + HANDOVER_CHUNK, 1
+                    self.sock, _HANDOVER_HEAD.size + HANDOVER_CHUNK, 1, socket.MSG_CMSG_CLOEXEC
                 )
             except (BlockingIOError, InterruptedError):
                 return
@@ -136,6 +141,8 @@ class ConnectionReceiver:
             self._take(data, fds)
 
     def _take(self, data: bytes, fds: list[int]) -> None:
+        for fd in fds:
+            os.set_inheritable(fd, False)  # as above, where the flag is not honoured
         if fds:
             (total,) = _HANDOVER_HEAD.unpack_from(data)
             connection = socket.socket(fileno=fds[0])
