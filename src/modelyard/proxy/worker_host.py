@@ -90,6 +90,8 @@ class WorkerLink:
                 str(host.gateway.config.limits.upstream_read_timeout),
                 "--log-level",
                 host.log_level,
+                "--log-format",
+                host.gateway.config.log_format,
                 pass_fds=(control_there.fileno(), handover_there.fileno()),
                 stdin=asyncio.subprocess.DEVNULL,
             )

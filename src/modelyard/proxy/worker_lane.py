@@ -35,6 +35,7 @@ import socket
 from typing import Any
 
 from modelyard.api.errors import ErrorAnswer
+from modelyard.observability.log_format import configure_logging
 from modelyard.proxy.fastpath import (
     FastProtocol,
     FastRequest,
@@ -280,10 +281,9 @@ def main() -> None:
     parser.add_argument("--connect-timeout", type=float, required=True)
     parser.add_argument("--read-timeout", type=float, required=True)
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", choices=["text", "json"], default="text")
     args = parser.parse_args()
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level, args.log_format)  # the gateway's own format
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
