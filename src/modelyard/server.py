@@ -16,11 +16,11 @@ from aiohttp import web
 from modelyard.api.app import POLICY_KEY, build_app
 from modelyard.api.http_layer import use_openai_errors
 from modelyard.config.loader import ConfigError
-from modelyard.config.schema import GatewayConfig
+from modelyard.config.schema import GatewayConfig, LimitsConfig
 from modelyard.gateway import Gateway
 from modelyard.observability.log_format import configure_logging
 from modelyard.proxy.fastpath import FastLane, start_server
-from modelyard.proxy.worker_host import ProxyWorkers
+from modelyard.proxy.worker_host import ProxyWorkers, lane_limits
 from modelyard.redaction import register_secrets
 from modelyard.tls import ServerCertificate
 
@@ -144,6 +144,13 @@ class ServedApp:
     port: int  # the port bound (the one asked for, or the one given for port 0)
     workers: ProxyWorkers | None = None
 
+    def apply_limits(self, limits: LimitsConfig) -> None:
+        """A reload's body limit and upstream timeouts, in the fast lane and the workers."""
+        if self.lane is not None:
+            self.lane.apply_limits(*lane_limits(limits))
+        if self.workers is not None:
+            self.workers.apply_limits(limits)
+
     def stop_accepting(self) -> None:
         if self.listener is not None:
             self.listener.close()
@@ -198,11 +205,11 @@ async def serve_app(
             sockets = getattr(listener, "sockets", None) or ()
             bound = int(sockets[0].getsockname()[1]) if sockets else port
             served = ServedApp(runner, lane, listener, bound)
+            gateway.reload_hooks.append(lambda config: served.apply_limits(config.limits))
             if count:
                 # More processes on the same port (SO_REUSEPORT): the hot path on more cores.
                 workers = ProxyWorkers(gateway, lane, count, host, bound, log_level)
                 served.workers = workers
-                gateway.reload_hooks.append(lambda _config: workers.settings_changed())
                 try:
                     await workers.start()
                 except BaseException:

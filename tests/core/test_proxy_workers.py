@@ -22,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from prometheus_client import generate_latest
 
 from modelyard.config.loader import ConfigError, parse_config
@@ -354,3 +355,27 @@ def test_proxy_workers_and_tls_together_are_a_clear_config_error(tmp_path):
         )
     with pytest.raises(ConfigError):
         parse_config({"proxy_workers": -1, "models": {}})
+
+
+async def test_a_reload_reaches_the_lanes_upstream_timeout_in_every_process(tmp_path):
+    """`limits.upstream_read_timeout` lowered by a reload: an engine that then answers too
+    slowly gets the 504 of the new limit, whichever process the connection lands on (the fast
+    lanes kept their start-time timeouts before)."""
+    settings: dict[str, Any] = {"proxy_workers": 2, "limits": {"upstream_read_timeout": 10}}
+    async with in_process_gateway(tmp_path, models(), **settings) as gateway:
+        slow = {**CHAT, "fake_delay": 1.0}
+        assert [status for status, _ in [await post(gateway.url, slow) for _ in range(3)]] == [
+            200
+        ] * 3
+        path = tmp_path / "modelyard.yaml"
+        config = {"state_dir": str(tmp_path / "state"), "models": models(), **settings}
+        config["limits"] = {"upstream_read_timeout": 0.3}
+        path.write_text(yaml.safe_dump(config))
+        gateway.gateway.config_path = path
+        await gateway.gateway.reload()
+        await asyncio.sleep(0.5)  # the workers hear of it over their socket pairs
+        answers = await asyncio.gather(*(post(gateway.url, slow) for _ in range(8)))
+        for status, data in answers:
+            assert status == 504, data[:300]
+            assert "0.3s" in json.loads(data)["error"]["message"]
+        assert worker_requests(gateway) > 0

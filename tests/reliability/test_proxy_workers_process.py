@@ -11,6 +11,7 @@ import socket
 import time
 
 import aiohttp
+import yaml
 
 from tests.conftest import fake_model
 from tests.core.test_proxy_workers import workers_of
@@ -129,3 +130,39 @@ async def test_an_engine_started_for_a_handed_over_connection_does_not_inherit_i
     assert engines
     for pid in engines:
         assert sockets_on_port(pid, port) == []
+
+
+async def test_a_reload_changes_the_body_limit_in_every_process(gateway_factory):
+    """`limits.max_body_bytes` lowered by a reload: a body over the new limit gets 413 on
+    whichever process its connection lands (the fast lane of each kept its start-time limit
+    before), and one within it is still served."""
+    gateway = gateway_factory(
+        {"m": fake_model("m")}, proxy_workers=2, limits={"max_body_bytes": "64KiB"}
+    )
+    padding = "x" * (30 * 1024)
+    big = {"model": "m", "messages": [{"role": "user", "content": padding}]}
+    small = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    statuses = [(await post_fresh(gateway.url, big))[0] for _ in range(6)]
+    assert statuses == [200] * 6
+    config = yaml.safe_load(gateway.config_path.read_text())
+    config["limits"]["max_body_bytes"] = "16KiB"
+    gateway.config_path.write_text(yaml.safe_dump(config))
+    status, _ = await post_fresh(gateway.url, None, "/admin/reload")
+    assert status == 200
+    for _ in range(8):
+        status, body = await post_fresh(gateway.url, big)
+        assert status == 413, body[:200]
+        assert json.loads(body)["error"]["code"] == "body_too_large"
+        status, _ = await post_fresh(gateway.url, small)
+        assert status == 200
+
+
+async def post_fresh(
+    url: str, body: dict[str, object] | None, path: str = "/v1/chat/completions"
+) -> tuple[int, bytes]:
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.post(url + path, json=body) as response,
+    ):
+        return response.status, await response.read()

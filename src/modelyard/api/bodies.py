@@ -12,13 +12,15 @@ from aiohttp.web_protocol import RequestPayloadError
 from modelyard.api.errors import ApiError
 
 
+def body_too_large(length: int, limit: int) -> ApiError:
+    return ApiError(
+        413, f"request body is {length} bytes; the limit is {limit} bytes", "body_too_large"
+    )
+
+
 async def read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
-        raise ApiError(
-            413,
-            f"request body is {request.content_length} bytes; the limit is {limit} bytes",
-            "body_too_large",
-        )
+        raise body_too_large(request.content_length, limit)
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:

@@ -172,6 +172,12 @@ class LaneCore:
         self._sweeper: asyncio.Task[None] | None = None
         self._addresses: dict[str, tuple[str, int, bytes]] = {}
 
+    def apply_limits(self, max_body: int, connect_timeout: float, read_timeout: float) -> None:
+        """A reload's limits, for the next request (a body over the limit goes to the web
+        layer, which answers 413 with the limit in force)."""
+        self.max_body = max_body
+        self.pool.set_timeouts(connect_timeout, read_timeout)
+
     def served(self) -> None:
         """A request is served by the lane (counted in the gateway's metrics)."""
 

@@ -220,6 +220,11 @@ class LeanPool:
         self._idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
         self._closing = False
 
+    def set_timeouts(self, connect_timeout: float, read_timeout: float) -> None:
+        """A reload's limits: for the next connection made or taken from the pool."""
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+
     async def acquire(self, host: str, port: int) -> UpstreamConnection:
         loop = asyncio.get_running_loop()
         idle = self._idle.get((host, port))
@@ -228,6 +233,7 @@ class LeanPool:
             connection = idle.pop()
             # Below the engine's own keep-alive: never reuse one it may be closing right now.
             if not connection.closed and now - connection.idle_since < KEEPALIVE_S:
+                connection.read_timeout = self._read_timeout  # as a reload may have set it
                 return connection
             connection.close()
         try:

@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelyard.api.accounting import TokenCount, finish
+from modelyard.api.bodies import body_too_large
 from modelyard.api.errors import ErrorAnswer, unavailable
 from modelyard.auth.principal import Principal
+from modelyard.config.schema import LimitsConfig
 from modelyard.gateway import Gateway
 from modelyard.observability.requests import CLIENT_CLOSED_REQUEST
 from modelyard.proxy.fastpath import FAST_PATHS, FastLane, upstream_failure
@@ -69,6 +71,7 @@ class WorkerLink:
         control_here, control_there = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         handover_here, handover_there = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         host = self.host
+        max_body, connect_timeout, read_timeout = lane_limits(host.gateway.config.limits)
         try:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -83,11 +86,11 @@ class WorkerLink:
                 "--port",
                 str(host.port),
                 "--max-body",
-                str(host.gateway.config.limits.max_body_bytes),
+                str(max_body),
                 "--connect-timeout",
-                str(host.gateway.config.limits.upstream_connect_timeout),
+                str(connect_timeout),
                 "--read-timeout",
-                str(host.gateway.config.limits.upstream_read_timeout),
+                str(read_timeout),
                 "--log-level",
                 host.log_level,
                 "--log-format",
@@ -146,6 +149,7 @@ class WorkerLink:
         host_header: bytes,
         key_headers: list[tuple[bytes, bytes]],
         remote: str | None,
+        length: int,
     ) -> None:
         lane = self.host.lane
         gateway = self.host.gateway
@@ -153,6 +157,12 @@ class WorkerLink:
         target = lane.target_of(model) if lane.host_allowed(host_header) else None
         if route is None or target is None:
             self.reply(request_id, HAND_OVER)  # nothing counted: the web layer counts it
+            return
+        limit = gateway.config.limits.max_body_bytes
+        if length > limit:
+            # A reload lowered the limit and the worker has not heard yet: the limit in force
+            # is this one, as the web layer would answer.
+            self.reply(request_id, body_too_large(length, limit).answer())
             return
         admitted = lane.admission(path, key_headers, remote, target)
         if isinstance(admitted, ErrorAnswer):
@@ -293,6 +303,15 @@ class WorkerLink:
             self.wire.close()
 
 
+def lane_limits(limits: LimitsConfig) -> tuple[int, float, float]:
+    """What a lane applies of the limits (`LaneCore.apply_limits`)."""
+    return (
+        limits.max_body_bytes,
+        limits.upstream_connect_timeout,
+        limits.upstream_read_timeout,
+    )
+
+
 class ProxyWorkers:
     """The gateway's proxy workers: `count` processes serving the fast lane on its port."""
 
@@ -374,10 +393,10 @@ class ProxyWorkers:
         except OSError:
             connection.close()  # the client left in the meantime
 
-    def settings_changed(self) -> None:
-        """A reload: the body limit the workers apply (their timeouts need a restart)."""
+    def apply_limits(self, limits: LimitsConfig) -> None:
+        """A reload: the body limit and upstream timeouts the workers apply."""
         for link in self.links:
-            link.send(("settings", self.gateway.config.limits.max_body_bytes))
+            link.send(("limits", *lane_limits(limits)))
 
     def drain(self) -> None:
         """Shutdown begins: the workers stop accepting; their requests carry on."""

@@ -122,8 +122,8 @@ class WorkerLane(LaneCore):
             future = self._waiting.pop(message[1], None)
             if future is not None and not future.done():
                 future.set_result(message[2])
-        elif kind == "settings":
-            self.max_body = message[1]
+        elif kind == "limits":
+            self.apply_limits(*message[1:])
         elif kind == "cut":
             self.cut_streams(message[1])
         elif kind == "drain" and self.listener is not None:
@@ -203,7 +203,15 @@ class WorkerProtocol(FastProtocol):
         remote = str(peer[0]) if isinstance(peer, tuple) and peer else None
         key_headers = [(n, v) for n, v in request.headers if n.lower() in _KEY_HEADERS]
         request_id, answer = lane.ask(
-            ("admit", path, request.payload["model"], request.host, key_headers, remote)
+            (
+                "admit",
+                path,
+                request.payload["model"],
+                request.host,
+                key_headers,
+                remote,
+                len(request.body),
+            )
         )
         try:
             decision = await answer
