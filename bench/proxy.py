@@ -407,43 +407,26 @@ def main() -> None:
             Proxy("modelyard", url, url, url, [ProcessTree(gateway.pid, is_upstream)]),
         ]
         if args.workers:
-            spread, spread_url = start_gateway(workdir, workers=args.workers)
-            started.append(spread)
-            for model in ("fast", "sse", "stream"):
-                engine_url(spread_url, model)  # its own engines, started before the load
-            upstream_trees += [
-                ProcessTree(pid)
-                for pid in ProcessTree(spread.pid).pids()
-                if pid != spread.pid and _is_engine_root(pid)
-            ]
             proxies.append(
-                Proxy(
+                second_gateway(
                     f"modelyard {args.workers}w",
-                    spread_url,
-                    spread_url,
-                    spread_url,
-                    [ProcessTree(spread.pid, is_upstream)],
+                    workdir,
+                    started,
+                    upstream_trees,
+                    {},
+                    workers=args.workers,
                 )
             )
         if args.keyed:
-            keyed, keyed_url = start_gateway(workdir, keyed=True)
-            started.append(keyed)
-            admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
-            for model in ("fast", "sse", "stream"):
-                engine_url(keyed_url, model, admin)  # its own engines, started before the load
-            upstream_trees += [
-                ProcessTree(pid)
-                for pid in ProcessTree(keyed.pid).pids()
-                if pid != keyed.pid and _is_engine_root(pid)
-            ]
             proxies.append(
-                Proxy(
+                second_gateway(
                     "modelyard+key",
-                    keyed_url,
-                    keyed_url,
-                    keyed_url,
-                    [ProcessTree(keyed.pid, is_upstream)],
-                    {"Authorization": f"Bearer {CLIENT_KEY}"},
+                    workdir,
+                    started,
+                    upstream_trees,
+                    {"Authorization": f"Bearer {ADMIN_KEY}"},
+                    client_headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+                    keyed=True,
                 )
             )
         routers = {
@@ -491,6 +474,30 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"versions": versions, "runs": runs}, indent=2))
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+def second_gateway(
+    name: str,
+    workdir: Path,
+    started: list[subprocess.Popen[bytes]],
+    upstream_trees: list[ProcessTree],
+    admin_headers: dict[str, str],
+    client_headers: dict[str, str] | None = None,
+    **settings: Any,
+) -> Proxy:
+    """Another modelyard beside the first (with keys, with workers), with its own engines,
+    started before the load; its engines join the upstreams pinned in the scaling cells."""
+    process, url = start_gateway(workdir, **settings)
+    started.append(process)
+    for model in ("fast", "sse", "stream"):
+        engine_url(url, model, admin_headers or None)
+    upstream_trees += [
+        ProcessTree(pid)
+        for pid in ProcessTree(process.pid).pids()
+        if pid != process.pid and _is_engine_root(pid)
+    ]
+    trees = [ProcessTree(process.pid, is_upstream)]
+    return Proxy(name, url, url, url, trees, client_headers or {})
 
 
 def _is_engine_root(pid: int) -> bool:
