@@ -185,12 +185,24 @@ def test_any_request_gets_an_answer_or_an_openai_error(gateway):
     assert "Traceback" not in log
     assert "Error handling request" not in log  # nor aiohttp's own last-resort handler
     if yaml.safe_load(gateway.config_path.read_text())["proxy_workers"]:
-        # The workers took their share: some requests were admitted for them.
+        # Two in three of those connections went to a worker, which parsed them first. Both
+        # workers are still there, and still serve (20 good requests: some land on them).
+        chat = json.dumps({"model": "chat", "messages": [{"role": "user", "content": "hi"}]})
+        for _ in range(20):
+            status, _ = send(
+                gateway,
+                "POST",
+                "/v1/chat/completions",
+                chat.encode(),
+                {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"},
+            )
+            assert status == 200
         request = urllib.request.Request(
             gateway.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
         )
         with urllib.request.urlopen(request, timeout=10) as response:
             metrics = response.read().decode()
+        assert "modelyard_proxy_workers_running 2.0" in metrics
         served = [
             float(line.rsplit(" ", 1)[1])
             for line in metrics.splitlines()
