@@ -410,10 +410,6 @@ class ProxyWorkers:
             link.send(("cut", reason))
         return sum(len(link.held) for link in self.links)
 
-    @property
-    def in_flight(self) -> int:
-        return sum(len(link.held) + len(link.admitting) for link in self.links)
-
     async def close(self) -> None:
         self.closing = True
         for task in list(self._restarts):
