@@ -99,7 +99,7 @@ _JSON_TYPES = frozenset({b"application/json", b"application/json; charset=utf-8"
 # Host names the lane serves without asking the web layer (which decides all others).
 _LOCAL_HOST = re.compile(rb"(?:localhost|127\.0\.0\.1|\[::1\])(?::[0-9]{1,5})?")
 _HOP_TO_ENGINE = frozenset(h.encode() for h in _HOP_HEADERS)
-_KEY_HEADERS = frozenset({b"authorization", b"x-api-key", b"api-key"})  # presented_key's
+KEY_HEADERS = frozenset({b"authorization", b"x-api-key", b"api-key"})  # presented_key's
 _KEPT_NAMES: dict[bytes, bool] = {}  # header name -> forwarded to the engine (bounded cache)
 _DROP_FROM_ENGINE = frozenset(h.encode() for h in _HOP_HEADERS)
 _STREAM_OWN = frozenset({b"cache-control", b"x-accel-buffering"})
@@ -498,7 +498,7 @@ class FastProtocol(asyncio.Protocol):
                 if host is not None:
                     return None  # two Host headers: aiohttp refuses them
                 host = value  # checked against the web layer's rule in `eligible`
-            elif lowered in _KEY_HEADERS:
+            elif lowered in KEY_HEADERS:
                 # A key sent twice, or not in plain ASCII: the web layer's to read.
                 if lowered in key_headers or not value.isascii():
                     return None
@@ -848,7 +848,7 @@ def _presented_key(headers: list[tuple[bytes, bytes]]) -> bytes | None:
     mapping = CIMultiDict(
         (name.decode("latin-1"), value.decode("latin-1"))
         for name, value in headers
-        if name.lower() in _KEY_HEADERS
+        if name.lower() in KEY_HEADERS
     )
     if not mapping:
         return None

@@ -37,6 +37,7 @@ from typing import Any
 from modelyard.api.errors import ErrorAnswer
 from modelyard.observability.log_format import configure_logging
 from modelyard.proxy.fastpath import (
+    KEY_HEADERS,
     FastProtocol,
     FastRequest,
     LaneCore,
@@ -48,9 +49,6 @@ from modelyard.proxy.forward import UpstreamError, UpstreamTimeout
 from modelyard.proxy.worker_wire import Wire, open_wire, send_connection
 
 log = logging.getLogger("modelyard.worker")
-
-# Header names the owner needs for admission: the ones a key may come in.
-_KEY_HEADERS = frozenset({b"authorization", b"x-api-key", b"api-key"})
 
 
 class Lease:
@@ -201,7 +199,8 @@ class WorkerProtocol(FastProtocol):
         path = request.path.decode()
         peer = self.transport.get_extra_info("peername") if self.transport else None
         remote = str(peer[0]) if isinstance(peer, tuple) and peer else None
-        key_headers = [(n, v) for n, v in request.headers if n.lower() in _KEY_HEADERS]
+        # The owner needs only the headers a key may come in, for admission.
+        key_headers = [(n, v) for n, v in request.headers if n.lower() in KEY_HEADERS]
         request_id, answer = lane.ask(
             (
                 "admit",
