@@ -53,6 +53,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 SSE_EVENTS = 400
 SSE_STREAMS = 16
+# The slow streams: the proxy alone on core 0, the client and the upstream on core 1.
+SLOW_PROXY_CPUS = "0"
+SLOW_LOAD_CPUS = "1"
 
 
 def free_port() -> int:
@@ -220,65 +223,35 @@ async def slow_streams(
     tree: ProcessTree | None,
     headers: dict[str, str] | None = None,
 ) -> dict[str, float]:
-    """`count` concurrent streams of `chunks` events at `rate`/s, all started at once.
+    """`count` concurrent streams of `chunks` events at `rate`/s, all asked for at once.
 
-    Inter-chunk is the time between two events of one stream as the client received them
-    (1/rate when nothing stutters); first chunk is from sending the request to the first event.
+    The client (bench/stream_client.py) runs on core 1 beside the upstream; the proxy is
+    pinned to core 0 by the caller, so neither the client nor the upstream takes the proxy's
+    CPU. Inter-chunk is the time between two events of one stream as the client received
+    them (1/rate when nothing stutters); first chunk is from sending the request to the
+    first event.
     """
-    intervals: list[float] = []
-    firsts: list[float] = []
-    done = 0
-    peak_rss = 0
-    body = {"model": "stream", **CHAT, "stream": True, "bench_chunks": chunks, "bench_rate": rate}
-
-    async def one(session: aiohttp.ClientSession) -> None:
-        nonlocal done
-        seen = 0
-        began = time.monotonic()
-        previous: float | None = None
-        try:
-            async with session.post(url + "/v1/chat/completions", json=body) as response:
-                async for line in response.content:
-                    if line.startswith(b'data: {"sent":'):
-                        now = time.monotonic()
-                        if previous is None:
-                            firsts.append(now - began)
-                        else:
-                            intervals.append(now - previous)
-                        previous = now
-                        seen += 1
-                    elif line.startswith(b"data: [DONE]"):
-                        break
-        except (aiohttp.ClientError, TimeoutError):
-            pass
-        if seen == chunks:
-            done += 1
-
-    async def watch_rss() -> None:
-        nonlocal peak_rss
-        while tree is not None:
-            peak_rss = max(peak_rss, tree.rss())
-            await asyncio.sleep(0.25)
-
+    command = ["taskset", "-c", SLOW_LOAD_CPUS, sys.executable, "-m", "bench.stream_client"]
+    command += ["--url", url, "--count", str(count), "--chunks", str(chunks)]
+    command += ["--rate", str(rate)]
+    for name, value in (headers or {}).items():
+        command += ["--header", f"{name}: {value}"]
     rss_before = tree.rss() if tree is not None else 0
-    connector = aiohttp.TCPConnector(limit=0)
-    timeout = aiohttp.ClientTimeout(total=None, sock_read=120)
-    watcher = asyncio.create_task(watch_rss())
-    async with aiohttp.ClientSession(
-        connector=connector, timeout=timeout, headers=headers
-    ) as session:
-        await asyncio.gather(*(one(session) for _ in range(count)))
-    watcher.cancel()
-    intervals.sort()
-    firsts.sort()
-    return {
-        "done": float(done),
-        "count": float(count),
-        "gap_p99_ms": _percentile(intervals, 0.99) * 1000,
-        "gap_max_ms": (intervals[-1] if intervals else float("nan")) * 1000,
-        "first_p50_ms": _percentile(firsts, 0.5) * 1000,
-        "rss_growth_mib": (max(peak_rss, rss_before) - rss_before) / 2**20 if tree else 0.0,
-    }
+    peak_rss = rss_before
+    client = await asyncio.create_subprocess_exec(
+        *command, cwd=ROOT, stdout=asyncio.subprocess.PIPE
+    )
+    reading = asyncio.ensure_future(client.communicate())
+    while not reading.done():
+        if tree is not None:
+            peak_rss = max(peak_rss, tree.rss())
+        await asyncio.wait([reading], timeout=0.25)
+    output, _ = reading.result()
+    if client.returncode != 0:
+        raise SystemExit(f"bench.stream_client failed ({client.returncode})")
+    result: dict[str, float] = json.loads(output)
+    result["rss_growth_mib"] = (peak_rss - rss_before) / 2**20 if tree else 0.0
+    return result
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -332,12 +305,18 @@ def run_matrix(
         if args.no_slow or (proxy.name == "LiteLLM" and not args.litellm_slow):
             continue
         tree = proxy.trees[0] if proxy.trees else None
+        for upstream in upstream_trees:
+            upstream.pin(SLOW_LOAD_CPUS)
+        for tree_ in proxy.trees:
+            tree_.pin(SLOW_PROXY_CPUS)
         result, cpu = measure(
             proxy,
             lambda p=proxy, t=tree: asyncio.run(
                 slow_streams(p.stream, args.slow_streams, 100, 20.0, t, p.headers)
             ),
         )
+        for tree_ in [*proxy.trees, *upstream_trees]:
+            tree_.pin("0-1")
         result["cpu_s"] = cpu
         results[proxy.name]["slow"] = result
         print(f"  {proxy.name}: done with {args.slow_streams} slow streams", flush=True)

@@ -19,6 +19,7 @@ from modelyard.config.loader import ConfigError
 from modelyard.config.schema import GatewayConfig, LimitsConfig
 from modelyard.gateway import Gateway
 from modelyard.observability.log_format import configure_logging
+from modelyard.process_heap import keep_startup_heap
 from modelyard.proxy.fastpath import FastLane, start_server
 from modelyard.proxy.worker_host import ProxyWorkers, lane_limits
 from modelyard.redaction import register_secrets
@@ -114,6 +115,7 @@ async def run_gateway(
         served = await serve_app(
             gateway, app, config.host, config.port, certificate, log_level=log_level
         )
+        keep_startup_heap()
         if ready_message:
             scheme = "https" if certificate is not None else "http"
             print(

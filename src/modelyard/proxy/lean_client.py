@@ -12,21 +12,34 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 
 import httptools
 
 from modelyard.proxy.forward import KEEPALIVE_S, UpstreamError, UpstreamTimeout
 
-# A body piece goes to the sink at once; with no sink yet, pieces wait in a short list.
-BodySink = Callable[[bytes], None]
+
+class AnswerListener(Protocol):
+    """Told of an answer's parts as they are parsed, inside the connection's read callback:
+    a stream is relayed without a task switch, so its head and first event go out while a
+    burst of other requests still waits in the event loop's queue."""
+
+    def on_head(self, exchange: Exchange) -> bool:
+        """The status and headers are in; True to take the body as it comes."""
+
+    def on_piece(self, piece: bytes) -> None: ...
+
+    def on_read_end(self) -> None:
+        """One read from the engine is parsed (a place to write what was gathered)."""
+
+    def on_end(self) -> None:
+        """The whole answer has come (before `done` resolves)."""
 
 
 class Exchange:
     """One request and its answer on one connection."""
 
-    def __init__(self, connection: UpstreamConnection) -> None:
+    def __init__(self, connection: UpstreamConnection, listener: AnswerListener | None) -> None:
         loop = connection.loop
         self.connection = connection
         self.status = 0
@@ -34,25 +47,27 @@ class Exchange:
         self.head_ready: asyncio.Future[None] = loop.create_future()
         self.done: asyncio.Future[None] = loop.create_future()
         self.first_byte_at: float | None = None
-        self._early: list[bytes] = []  # body pieces that came before a sink was set
-        self._sink: BodySink | None = None
+        self.listener = listener
+        self.streaming = False  # the listener takes the body
+        self._pieces: list[bytes] = []  # the body, when no listener takes it
 
-    def set_sink(self, sink: BodySink) -> None:
-        early, self._early = self._early, []
-        self._sink = sink
-        for piece in early:
-            sink(piece)
+    def head(self) -> None:
+        if self.listener is not None:
+            self.streaming = self.listener.on_head(self)
+        if not self.head_ready.done():
+            self.head_ready.set_result(None)
 
     def body(self, piece: bytes) -> None:
-        if self._sink is not None:
-            self._sink(piece)
+        if self.streaming:
+            assert self.listener is not None
+            self.listener.on_piece(piece)
         else:
-            self._early.append(piece)
+            self._pieces.append(piece)
 
     def take_buffered(self) -> bytes:
         """The whole body once `done` (for answers read whole, with no sink)."""
-        data = b"".join(self._early)
-        self._early = []
+        data = b"".join(self._pieces)
+        self._pieces = []
         return data
 
     def fail(self, error: UpstreamError) -> None:
@@ -87,10 +102,15 @@ class UpstreamConnection(asyncio.Protocol):
         if self._parser is None or self.exchange is None:
             self.close()  # bytes nobody asked for: the connection cannot be trusted
             return
+        exchange = self.exchange
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as error:
             self._broken(UpstreamError(f"engine sent a malformed answer: {error}"))
+            return
+        if exchange.streaming:
+            assert exchange.listener is not None
+            exchange.listener.on_read_end()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -127,8 +147,7 @@ class UpstreamConnection(asyncio.Protocol):
         assert self._parser is not None
         self.exchange.status = self._parser.get_status_code()
         self.exchange.first_byte_at = time.perf_counter()
-        if not self.exchange.head_ready.done():
-            self.exchange.head_ready.set_result(None)
+        self.exchange.head()
 
     def on_body(self, body: bytes) -> None:
         assert self.exchange is not None
@@ -140,9 +159,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._complete()
 
     # -- use --
-    def send(self, request: bytes) -> Exchange:
+    def send(self, request: bytes, listener: AnswerListener | None = None) -> Exchange:
         assert self.transport is not None
-        self.exchange = Exchange(self)
+        self.exchange = Exchange(self, listener)
         self._parser = httptools.HttpResponseParser(self)
         self._length_known = False
         self._keep_alive = False
@@ -181,6 +200,9 @@ class UpstreamConnection(asyncio.Protocol):
         if exchange is not None and not exchange.done.done():
             if not exchange.head_ready.done():
                 exchange.head_ready.set_result(None)
+            if exchange.streaming:
+                assert exchange.listener is not None
+                exchange.listener.on_end()
             exchange.done.set_result(None)
 
     def _broken(self, error: UpstreamError) -> None:
@@ -219,6 +241,13 @@ class LeanPool:
         self._read_timeout = read_timeout
         self._idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
         self._closing = False
+        self._running_loop: asyncio.AbstractEventLoop | None = None
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        # Looked up once: on Python 3.11 each `asyncio.get_running_loop()` costs a getpid().
+        if self._running_loop is None:
+            self._running_loop = asyncio.get_running_loop()
+        return self._running_loop
 
     def set_timeouts(self, connect_timeout: float, read_timeout: float) -> None:
         """A reload's limits: for the next connection made or taken from the pool."""
@@ -226,7 +255,7 @@ class LeanPool:
         self._read_timeout = read_timeout
 
     async def acquire(self, host: str, port: int) -> UpstreamConnection:
-        loop = asyncio.get_running_loop()
+        loop = self._loop()
         idle = self._idle.get((host, port))
         now = loop.time()
         while idle:
@@ -237,12 +266,11 @@ class LeanPool:
                 return connection
             connection.close()
         try:
-            _transport, connection = await asyncio.wait_for(
-                loop.create_connection(
+            # asyncio.timeout, not wait_for: no extra task per connection made.
+            async with asyncio.timeout(self._connect_timeout):
+                _transport, connection = await loop.create_connection(
                     lambda: UpstreamConnection(loop, self._read_timeout), host, port
-                ),
-                self._connect_timeout,
-            )
+                )
         except TimeoutError:
             raise UpstreamTimeout(
                 f"engine did not accept a connection within {self._connect_timeout:g}s "
@@ -260,7 +288,7 @@ class LeanPool:
             connection.close()
             return
         connection.exchange = None
-        connection.idle_since = asyncio.get_running_loop().time()
+        connection.idle_since = self._loop().time()
         self._idle.setdefault((host, port), []).append(connection)
 
     def close(self) -> None:

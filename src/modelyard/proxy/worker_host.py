@@ -126,7 +126,7 @@ class WorkerLink:
             self.host.gateway.metrics.proxy_workers_running.inc()
 
     def _spawn(self, coroutine: Any) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coroutine)
+        task = self.host.lane.loop.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task

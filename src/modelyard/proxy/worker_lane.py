@@ -36,6 +36,7 @@ from typing import Any
 
 from modelyard.api.errors import ErrorAnswer
 from modelyard.observability.log_format import configure_logging
+from modelyard.process_heap import keep_startup_heap
 from modelyard.proxy.fastpath import (
     KEY_HEADERS,
     FastProtocol,
@@ -132,7 +133,7 @@ class WorkerLane(LaneCore):
     def ask(self, message: tuple[Any, ...]) -> tuple[int, asyncio.Future[Any]]:
         """Send a question (its id goes second); the future gets the owner's reply."""
         request_id = next(self._ids)
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = self.loop.create_future()
         self._waiting[request_id] = future
         assert self.link is not None
         self.link.send((message[0], request_id, *message[1:]))
@@ -197,8 +198,7 @@ class WorkerProtocol(FastProtocol):
     async def _serve_one(self, request: FastRequest) -> bool:
         lane = self.lane
         path = request.path.decode()
-        peer = self.transport.get_extra_info("peername") if self.transport else None
-        remote = str(peer[0]) if isinstance(peer, tuple) and peer else None
+        remote = self.remote()
         # The owner needs only the headers a key may come in, for admission.
         key_headers = [(n, v) for n, v in request.headers if n.lower() in KEY_HEADERS]
         request_id, answer = lane.ask(
@@ -272,6 +272,7 @@ async def run_worker(args: argparse.Namespace) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, lambda: None)
     lane.listener = await start_server(lane, args.host, args.port, reuse_port=True)
+    keep_startup_heap()
     lane.tell(("ready", os.getpid()))
     await lane.stopped.wait()
     lane.listener.close()

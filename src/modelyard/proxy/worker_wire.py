@@ -43,9 +43,11 @@ class Wire(asyncio.Protocol):
         self._buffer = bytearray()
         self._outgoing: list[bytes] = []
         self.closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         buffer = self._buffer
@@ -73,7 +75,8 @@ class Wire(asyncio.Protocol):
             return
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         if not self._outgoing:
-            asyncio.get_running_loop().call_soon(self._flush)
+            assert self._loop is not None
+            self._loop.call_soon(self._flush)
         self._outgoing += (_LENGTH.pack(len(data)), data)
 
     def _flush(self) -> None:
