@@ -16,7 +16,9 @@ the same upstreams and installed on first use, each in its own venv under
 
 - wrk, POST /v1/chat/completions, 1 and 64 connections (nginx answering a fixed completion);
 - SSE: 16 concurrent streams, again and again, of 400 events each (nginx, a fixed stream);
-- 1,000 concurrent slow streams of 100 events at 20/s (bench/stream_upstream.py);
+- 1,000 concurrent slow streams of 100 events at 20/s, all asked for at once
+  (bench/stream_upstream.py and bench/stream_client.py, bare asyncio protocols on core 1; the
+  proxy alone on core 0, so the delay measured is the proxy's, not the load generator's);
 - core scaling: c=64 with the proxy pinned to core 0, then to cores 0-1 (wrk and nginx on
   core 1), as `taskset -a -p` would.
 

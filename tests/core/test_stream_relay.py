@@ -110,7 +110,10 @@ async def test_the_streams_end_is_written_before_the_exchange_resolves():
     exchange = engine.send(b"POST /v1/chat/completions HTTP/1.1\r\n\r\n", relay)
     engine.data_received(HEAD + chunk(b'data: {"choices":[{"delta":{}}]}\n\n'))
     usage = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}\n\n'
+    writes_before = len(client.writes)
     engine.data_received(chunk(usage) + chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+    # Three chunks and the end in one read of the engine's: one write to the client.
+    assert len(client.writes) == writes_before + 1
     # The usage-only chunk the gateway asked for is dropped, counted, and the client has the
     # whole stream (with its last, empty chunk) by the time `done` resolves.
     assert tokens.counted == [{"prompt_tokens": 3, "completion_tokens": 5}]
@@ -119,6 +122,17 @@ async def test_the_streams_end_is_written_before_the_exchange_resolves():
     assert sent.endswith(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
     assert exchange.done.done()
     assert relay.usage["completion_tokens"] == 5
+
+
+async def test_events_that_come_in_one_read_leave_in_one_write():
+    # An engine that got ahead of a busy gateway: its socket holds many events at once.
+    client, engine, relay, _ = relay_pair(replacements=[(b'"model":"m-1"', b'"model":"chat"')])
+    engine.send(b"POST /v1/chat/completions HTTP/1.1\r\n\r\n", relay)
+    events = [b'data: {"model":"m-1","seq":%d}\n\n' % n for n in range(50)]
+    engine.data_received(HEAD + b"".join(chunk(event) for event in events))
+    assert len(client.writes) == 1
+    relayed = client.writes[0].partition(b"\r\n\r\n")[2]
+    assert relayed == b"".join(chunk(event.replace(b"m-1", b"chat")) for event in events)
 
 
 async def test_a_json_answer_is_not_streamed():

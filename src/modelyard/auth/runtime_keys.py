@@ -111,7 +111,7 @@ class RuntimeKeyStore:
 
     def __bool__(self) -> bool:
         """Whether any key can still be used (then the gateway must ask for keys)."""
-        return any(not key.revoked for key in self._by_name.values())
+        return bool(self._by_name) and any(not key.revoked for key in self._by_name.values())
 
     def keys(self) -> list[ApiKey]:
         return list(self._by_name.values())

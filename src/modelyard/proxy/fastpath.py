@@ -804,8 +804,8 @@ class StreamRelay:
     """Relays an event stream from the engine's socket to the client's inside the engine's
     read callback (`lean_client.AnswerListener`): no task switch per chunk, and the head, the
     first event and the end go out as soon as they are read, even while a burst of other
-    requests waits in the event loop's queue. The head waits for the first event of the
-    same read, so both go in one write."""
+    requests waits in the event loop's queue. What one read of the engine's brings (the
+    head, events, the end) leaves in one write."""
 
     def __init__(
         self,
@@ -819,7 +819,7 @@ class StreamRelay:
         self.usage_added = usage_added
         self.tokens = tokens
         self.transformer: StreamTransformer | None = None
-        self.pending = b""  # the head, until the first write
+        self.pending: list[bytes] = []  # what this read of the engine's has made so far
 
     @property
     def usage(self) -> dict[str, int]:
@@ -840,7 +840,7 @@ class StreamRelay:
             on_final_usage=self.tokens.count,  # as early as the web layer counts it
         )
         protocol = self.protocol
-        self.pending = b"".join(protocol.response_head(exchange, _STREAM_HEAD))
+        self.pending = protocol.response_head(exchange, _STREAM_HEAD)
         protocol.answer_status = exchange.status
         protocol.upstream = exchange.connection  # paused while the client reads slowly
         return True
@@ -849,29 +849,34 @@ class StreamRelay:
         assert self.transformer is not None
         piece = self.transformer.feed(piece)
         if piece:
-            self._write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            # httptools gives each chunk on its own: those of one read leave in one write.
+            self.pending.append(b"%x\r\n%s\r\n" % (len(piece), piece))
             self.protocol.sent_done = piece.endswith(b"data: [DONE]\n\n")
 
     def on_read_end(self) -> None:
         if self.pending:
-            self._write(b"")
+            self._flush()
 
     def on_end(self) -> None:
         assert self.transformer is not None
         tail = self.transformer.flush()
-        self._write((b"%x\r\n%s\r\n" % (len(tail), tail) if tail else b"") + b"0\r\n\r\n")
+        if tail:
+            self.pending.append(b"%x\r\n%s\r\n" % (len(tail), tail))
+        self.pending.append(b"0\r\n\r\n")
+        self._flush()
 
     def close_with(self, event: bytes) -> None:
         """End a broken stream: what the engine left unfinished, `event`, the last chunk."""
         if self.transformer is not None:
             self.transformer.flush()
-        self._write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
+        self.pending.append(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
+        self._flush()
 
-    def _write(self, data: bytes) -> None:
-        if self.pending:
-            data, self.pending = self.pending + data, b""
+    def _flush(self) -> None:
+        data = b"".join(self.pending)
+        self.pending = []
         transport = self.protocol.transport
-        if data and transport is not None and not self.protocol.gone:
+        if transport is not None and not self.protocol.gone:
             transport.write(data)
 
 
