@@ -376,6 +376,7 @@ def main() -> None:
     started: list[subprocess.Popen[bytes]] = []
     gateway, url = start_gateway(workdir)
     runs: list[dict[str, Any]] = []
+    stuck: list[subprocess.Popen[bytes]] = []
     try:
         direct = {model: engine_url(url, model) for model in ("fast", "sse", "stream")}
         upstream_trees = [
@@ -447,6 +448,10 @@ def main() -> None:
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
+                # A gateway that does not stop leaves its engines running: say so, and keep
+                # its log for a look rather than hiding it.
+                print(f"did not stop within 30 s of SIGTERM: {process.args}", flush=True)
+                stuck.append(process)
                 process.kill()
     versions = contenders.describe_versions()
     for number, results in enumerate(runs):
@@ -454,7 +459,10 @@ def main() -> None:
         print_tables(results, args.slow_streams)
     if args.json:
         Path(args.json).write_text(json.dumps({"versions": versions, "runs": runs}, indent=2))
-    shutil.rmtree(workdir, ignore_errors=True)
+    if stuck:
+        print(f"logs kept in {workdir}", flush=True)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def second_gateway(

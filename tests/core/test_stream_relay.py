@@ -12,7 +12,13 @@ import asyncio
 import json
 from typing import Any
 
-from modelyard.proxy.fastpath import FastProtocol, LaneCore, StreamRelay, _with_usage_asked
+from modelyard.proxy.fastpath import (
+    FastProtocol,
+    FastRequest,
+    LaneCore,
+    StreamRelay,
+    _with_usage_asked,
+)
 from modelyard.proxy.lean_client import UpstreamConnection
 
 HEAD = (
@@ -34,6 +40,8 @@ class RecordingTransport:
         self.closed = False
 
     def write(self, data: bytes) -> None:
+        if self.closed:  # as uvloop's transports do
+            raise RuntimeError("unable to perform operation on a closed transport")
         self.writes.append(bytes(data))
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
@@ -146,6 +154,40 @@ async def test_a_json_answer_is_not_streamed():
     assert not exchange.streaming
     assert client.writes == []
     assert exchange.take_buffered() == body
+
+
+async def test_a_client_that_leaves_as_its_answer_comes_is_not_an_internal_error():
+    # wrk and SDKs close connections at any moment. When the engine's whole answer is in but
+    # the request's task has not run again yet, the client's hang-up leaves the request to
+    # finish (`connection_lost`): its answer must then be dropped quietly, not written to
+    # the closed socket (uvloop raises: this was logged as a 500 with a traceback).
+    loop = asyncio.get_running_loop()
+    lane = LaneCore(fallback=asyncio.Protocol, max_body=1 << 20, connect_timeout=5, read_timeout=60)
+    client = RecordingTransport()
+    protocol = FastProtocol(lane)
+    protocol.connection_made(client)  # type: ignore[arg-type]
+    engine = UpstreamConnection(loop, read_timeout=60)
+    engine.connection_made(RecordingTransport())  # type: ignore[arg-type]
+    engine.idle_since = loop.time()
+    lane.pool._idle[("127.0.0.1", 9)] = [engine]  # the pool hands this connection out
+    request = FastRequest(b"/v1/chat/completions", [], 2, True, b"127.0.0.1")
+    forwarding = asyncio.ensure_future(
+        protocol._forward(
+            request, "http://127.0.0.1:9", {}, "/v1/chat/completions", b"{}", [], False, Tokens()
+        )
+    )
+    await asyncio.sleep(0)  # the request is written and waits for the engine's head
+    body = b'{"choices":[]}'
+    engine.data_received(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    client.close()
+    protocol.connection_lost(None)
+    status, _first_byte, streamed, _usage = await forwarding
+    assert status == 200
+    assert not streamed
+    assert client.writes == []
 
 
 def test_asking_for_usage_splices_the_option_only_into_plain_utf8():

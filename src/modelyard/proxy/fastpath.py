@@ -663,6 +663,7 @@ class FastProtocol(asyncio.Protocol):
             ) = await self._forward(
                 request, base_url, engine_headers, path, body, replacements, usage_added, tokens
             )
+            outcome.client_gone = self.gone
             return True
         except UpstreamError as error:
             answer = await self._upstream_failed(request, error)
@@ -755,7 +756,10 @@ class FastProtocol(asyncio.Protocol):
         head = self.response_head(exchange, [])
         head.append(b"Content-Length: %d\r\n\r\n" % len(data))
         head.append(data)
-        assert self.transport is not None
+        if self.gone or self.transport is None:
+            # The client hung up as its answer came in (its request was left to finish, see
+            # `connection_lost`): uvloop raises on a write to a closed transport.
+            return
         self.transport.write(b"".join(head))
 
     async def _stream(self, exchange: Exchange, relay: StreamRelay) -> bool:
