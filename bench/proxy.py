@@ -22,6 +22,9 @@ the same upstreams and installed on first use, each in its own venv under
 - core scaling: c=64 with the proxy pinned to core 0, then to cores 0-1 (wrk and nginx on
   core 1), as `taskset -a -p` would.
 
+A gateway that does not stop within 30 s of SIGTERM is reported and its logs kept
+(BENCH_GATEWAY_LOG=INFO logs every request in them).
+
 CPU is charged to a proxy from /proc (utime + stime of all its processes and threads, engines
 left out) before and after each workload: per proxied request and per streamed event.
 """
@@ -31,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import shutil
 import signal
@@ -119,7 +123,16 @@ def start_gateway(
     path.write_text(yaml.safe_dump(config))
     log = (workdir / f"{name}.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "modelyard", "serve", "-c", str(path), "--log-level", "WARNING"],
+        [
+            sys.executable,
+            "-m",
+            "modelyard",
+            "serve",
+            "-c",
+            str(path),
+            "--log-level",
+            os.environ.get("BENCH_GATEWAY_LOG", "WARNING"),
+        ],
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=ROOT,
