@@ -57,13 +57,20 @@ def tree(root: int, exclude: Callable[[str], bool] = lambda _cmd: False) -> list
     return found
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
+def user_and_system_seconds(pids: list[int]) -> tuple[float, float]:
+    """User and system CPU seconds of the processes (each with all its threads)."""
+    user = system = 0
     for pid in pids:
         fields = _stat_fields(pid)
         if fields is not None:
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return total / _TICK
+            user += int(fields[11])  # utime (field 14)
+            system += int(fields[12])  # stime (field 15)
+    return user / _TICK, system / _TICK
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    user, system = user_and_system_seconds(pids)
+    return user + system
 
 
 def rss_bytes(pids: list[int]) -> int:
