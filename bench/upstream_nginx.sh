@@ -41,4 +41,12 @@ http {
   }
 }
 CONF
-exec nginx -p "$dir" -c "$dir/nginx.conf" -g "daemon off;"
+# nginx as a child, not exec'd: its directory is removed when it stops (the gateway stops an
+# engine by signalling its process group, which reaches this shell too).
+nginx -p "$dir" -c "$dir/nginx.conf" -g "daemon off;" &
+nginx_pid=$!
+trap 'kill -TERM "$nginx_pid" 2>/dev/null || true; wait "$nginx_pid" || true; rm -rf "$dir"; exit 0' TERM INT
+status=0
+wait "$nginx_pid" || status=$?
+rm -rf "$dir"
+exit "$status"
