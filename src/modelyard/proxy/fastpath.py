@@ -736,6 +736,7 @@ class FastProtocol(asyncio.Protocol):
             return exchange.status, first_byte, False, usage_of(data)
         finally:
             self.exchange = None
+            self.upstream = None  # set by the relay at the head, whether or not _stream ran
             self.sent_done = False
             if clean and not self.gone:
                 self.lane.pool.release(host, port, connection)

@@ -65,7 +65,7 @@ class Exchange:
             self._pieces.append(piece)
 
     def take_buffered(self) -> bytes:
-        """The whole body once `done` (for answers read whole, with no sink)."""
+        """The whole body once `done` (an answer no listener took as it came)."""
         data = b"".join(self._pieces)
         self._pieces = []
         return data
