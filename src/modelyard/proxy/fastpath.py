@@ -757,11 +757,14 @@ class FastProtocol(asyncio.Protocol):
         head = self.response_head(exchange, [])
         head.append(b"Content-Length: %d\r\n\r\n" % len(data))
         head.append(data)
-        if self.gone or self.transport is None:
-            # The client hung up as its answer came in (its request was left to finish, see
-            # `connection_lost`): uvloop raises on a write to a closed transport.
-            return
-        self.transport.write(b"".join(head))
+        self.write_to_client(b"".join(head))
+
+    def write_to_client(self, data: bytes) -> None:
+        """Write to the client, unless it has gone: a request whose answer was complete is
+        left to finish when its client hangs up (`connection_lost`), and uvloop raises on a
+        write to a closed transport."""
+        if not self.gone and self.transport is not None:
+            self.transport.write(data)
 
     async def _stream(self, exchange: Exchange, relay: StreamRelay) -> bool:
         """Wait for the end of a stream that `relay` passes on; False if the engine broke
@@ -791,7 +794,7 @@ class FastProtocol(asyncio.Protocol):
     def _answer(self, answer: ErrorAnswer) -> None:
         """An error as the web layer writes it (`api.errors.error_answer`): same status,
         headers and JSON body."""
-        if self.gone or self.transport is None:
+        if self.gone:
             return
         status = answer.status
         head = [
@@ -802,7 +805,7 @@ class FastProtocol(asyncio.Protocol):
         for name, value in answer.headers.items():
             head += [name.encode("latin-1"), b": ", value.encode("latin-1"), b"\r\n"]
         head += [b"Content-Length: %d\r\n\r\n" % len(answer.body), answer.body]
-        self.transport.write(b"".join(head))
+        self.write_to_client(b"".join(head))
 
 
 class StreamRelay:
@@ -880,9 +883,7 @@ class StreamRelay:
     def _flush(self) -> None:
         data = b"".join(self.pending)
         self.pending = []
-        transport = self.protocol.transport
-        if transport is not None and not self.protocol.gone:
-            transport.write(data)
+        self.protocol.write_to_client(data)
 
 
 async def upstream_failure(
