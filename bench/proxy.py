@@ -60,6 +60,7 @@ CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 SSE_EVENTS = 400
 SSE_STREAMS = 16
 # The slow streams: the proxy alone on core 0, the client and the upstream on core 1.
+ALL_CPUS = "0-1"  # this machine's two cores
 SLOW_PROXY_CPUS = "0"
 SLOW_LOAD_CPUS = "1"
 
@@ -269,12 +270,6 @@ async def slow_streams(
     return result
 
 
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    return values[min(len(values) - 1, int(q * len(values)))]
-
-
 @dataclass
 class Proxy:
     name: str
@@ -286,6 +281,11 @@ class Proxy:
 
     def cpu(self) -> float:
         return sum(tree.cpu() for tree in self.trees)
+
+
+def pin_all(trees: list[ProcessTree], cpus: str) -> None:
+    for tree in trees:
+        tree.pin(cpus)
 
 
 def measure(proxy: Proxy, workload: Any) -> tuple[dict[str, float], float]:
@@ -320,18 +320,15 @@ def run_matrix(
         if args.no_slow or (proxy.name == "LiteLLM" and not args.litellm_slow):
             continue
         tree = proxy.trees[0] if proxy.trees else None
-        for upstream in upstream_trees:
-            upstream.pin(SLOW_LOAD_CPUS)
-        for tree_ in proxy.trees:
-            tree_.pin(SLOW_PROXY_CPUS)
+        pin_all(upstream_trees, SLOW_LOAD_CPUS)
+        pin_all(proxy.trees, SLOW_PROXY_CPUS)
         result, cpu = measure(
             proxy,
             lambda p=proxy, t=tree: asyncio.run(
                 slow_streams(p.stream, args.slow_streams, 100, 20.0, t, p.headers)
             ),
         )
-        for tree_ in [*proxy.trees, *upstream_trees]:
-            tree_.pin("0-1")
+        pin_all([*proxy.trees, *upstream_trees], ALL_CPUS)
         result["cpu_s"] = cpu
         results[proxy.name]["slow"] = result
         print(f"  {proxy.name}: done with {args.slow_streams} slow streams", flush=True)
@@ -339,11 +336,9 @@ def run_matrix(
         if args.no_scaling or not proxy.trees or proxy.name == "LiteLLM":
             continue
         scaling = {}
-        for upstream in upstream_trees:
-            upstream.pin("1")
-        for cpus in ("0", "0-1"):
-            for tree in proxy.trees:
-                tree.pin(cpus)
+        pin_all(upstream_trees, "1")
+        for cpus in ("0", ALL_CPUS):
+            pin_all(proxy.trees, cpus)
             result, cpu = measure(
                 proxy,
                 lambda p=proxy: wrk(
@@ -352,8 +347,7 @@ def run_matrix(
             )
             result["cpu_us_per_request"] = cpu / max(result["requests"], 1) * 1e6
             scaling[cpus] = result
-        for tree in [*proxy.trees, *upstream_trees]:
-            tree.pin("0-1")
+        pin_all([*proxy.trees, *upstream_trees], ALL_CPUS)
         results[proxy.name]["scaling"] = scaling
     return results
 
@@ -573,7 +567,7 @@ def print_tables(results: dict[str, Any], slow: int) -> None:
     for name, row in results.items():
         if "scaling" not in row:
             continue
-        one, two = row["scaling"]["0"], row["scaling"]["0-1"]
+        one, two = row["scaling"]["0"], row["scaling"][ALL_CPUS]
         print(
             f"| {name} | {one['rps']:,.0f} | {two['rps']:,.0f} | {two['rps'] / one['rps']:.2f}x "
             f"| {one['cpu_us_per_request']:.0f} / {two['cpu_us_per_request']:.0f} µs "

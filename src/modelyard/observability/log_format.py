@@ -111,8 +111,6 @@ def key_values(fields: dict[str, Any]) -> str:
         kind = type(value)
         if kind is int:
             text = str(value)  # digits and a sign: never quoted
-        elif kind is float:
-            text = f"{value:.3f}"
         elif kind is bool:
             text = "true" if value else "false"
         elif isinstance(value, float):

@@ -787,15 +787,12 @@ class FastProtocol(asyncio.Protocol):
             relay.close_with(f"data: {json.dumps(event)}\n\n".encode())
             return cut  # a cut stream keeps its status: the engine did nothing wrong
         finally:
-            self.upstream = None
             self.lane.streaming.discard(self)
         return True
 
     def _answer(self, answer: ErrorAnswer) -> None:
         """An error as the web layer writes it (`api.errors.error_answer`): same status,
         headers and JSON body."""
-        if self.gone:
-            return
         status = answer.status
         head = [
             b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Error")),
@@ -858,7 +855,7 @@ class StreamRelay:
         piece = self.transformer.feed(piece)
         if piece:
             # httptools gives each chunk on its own: those of one read leave in one write.
-            self.pending.append(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.pending.append(_chunk(piece))
             self.protocol.sent_done = piece.endswith(b"data: [DONE]\n\n")
 
     def on_read_end(self) -> None:
@@ -869,21 +866,29 @@ class StreamRelay:
         assert self.transformer is not None
         tail = self.transformer.flush()
         if tail:
-            self.pending.append(b"%x\r\n%s\r\n" % (len(tail), tail))
-        self.pending.append(b"0\r\n\r\n")
+            self.pending.append(_chunk(tail))
+        self.pending.append(_LAST_CHUNK)
         self._flush()
 
     def close_with(self, event: bytes) -> None:
         """End a broken stream: what the engine left unfinished, `event`, the last chunk."""
         if self.transformer is not None:
             self.transformer.flush()
-        self.pending.append(b"%x\r\n%s\r\n0\r\n\r\n" % (len(event), event))
+        self.pending += (_chunk(event), _LAST_CHUNK)
         self._flush()
 
     def _flush(self) -> None:
         data = b"".join(self.pending)
         self.pending = []
         self.protocol.write_to_client(data)
+
+
+_LAST_CHUNK = b"0\r\n\r\n"
+
+
+def _chunk(data: bytes) -> bytes:
+    """`data` as one chunk of a chunked HTTP/1.1 body."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
 
 
 async def upstream_failure(
