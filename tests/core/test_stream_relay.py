@@ -199,8 +199,10 @@ def test_asking_for_usage_splices_the_option_only_into_plain_utf8():
         text.encode(),
         b" \r\n\t" + text.encode(),
         b"\xef\xbb\xbf" + text.encode(),  # a BOM
-        text.encode("utf-16-le"),
+        text.encode("utf-16-le"),  # "{" then a zero byte
+        text.encode("utf-16-be"),
         text.encode("utf-16"),
+        text.encode("utf-32-le"),
         text.encode("utf-32-be"),
     ):
         parsed = json.loads(body)

@@ -39,6 +39,7 @@ import json
 import logging
 import re
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, cast
 
@@ -76,6 +77,7 @@ MAX_HEADERS = 100
 # An idle kept-alive connection is closed after this long, as aiohttp's keepalive_timeout does;
 # checked by one sweep for all connections rather than a timer per request.
 IDLE_CLOSE_S = 75.0
+START_PER_TURN = 64  # requests read and started per turn of the event loop (LaneCore.take_turn)
 SWEEP_S = 15.0
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
@@ -177,6 +179,9 @@ class LaneCore:
         self._sweeper: asyncio.Task[None] | None = None
         self._addresses: dict[str, tuple[str, int, bytes]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._awaiting_turn: deque[FastProtocol] = deque()
+        self._started_this_turn = 0
+        self._turn: asyncio.Handle | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -190,6 +195,34 @@ class LaneCore:
         layer, which answers 413 with the limit in force)."""
         self.max_body = max_body
         self.pool.set_timeouts(connect_timeout, read_timeout)
+
+    def take_turn(self, protocol: FastProtocol) -> bool:
+        """True when `protocol` may read and start its request now; False when this turn of
+        the event loop has started START_PER_TURN already, and the lane calls
+        `protocol.turn()` in a later one, in order.
+
+        Why: a thousand requests that arrive together would otherwise go through each stage
+        together (all parsed, then all connecting to engines, then all sending), and the
+        first answers could leave only after the last request had been read. Taken in turns,
+        the first ones reach their engines and their clients while later ones still wait.
+        """
+        if self._turn is None:
+            self._turn = self.loop.call_soon(self._next_turn)
+        if self._awaiting_turn or self._started_this_turn >= START_PER_TURN:
+            self._awaiting_turn.append(protocol)
+            return False
+        self._started_this_turn += 1
+        return True
+
+    def _next_turn(self) -> None:
+        self._turn = None
+        self._started_this_turn = 0
+        waiting = self._awaiting_turn
+        while waiting and self._started_this_turn < START_PER_TURN:
+            self._started_this_turn += 1
+            waiting.popleft().turn()
+        if waiting:
+            self._turn = self.loop.call_soon(self._next_turn)
 
     def served(self) -> None:
         """A request is served by the lane (counted in the gateway's metrics)."""
@@ -400,6 +433,7 @@ class FastProtocol(asyncio.Protocol):
         self.sent_done = False  # the stream's `[DONE]` has gone to the client
         self.answer_status: int | None = None  # a stream's status, once its head is sent
         self._remote: str | None = None
+        self.waiting = False  # waiting for its turn to read its request (LaneCore.take_turn)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -409,7 +443,16 @@ class FastProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         self.last_active = self.lane.loop_time()
-        if self.task is None:
+        if self.task is None and not self.waiting:
+            if self.lane.take_turn(self):
+                self._next()
+            else:
+                self.waiting = True
+
+    def turn(self) -> None:
+        """This connection's turn to read its request (`LaneCore.take_turn`)."""
+        self.waiting = False
+        if not self.gone and self.task is None:
             self._next()
 
     def eof_received(self) -> bool | None:
@@ -575,7 +618,10 @@ class FastProtocol(asyncio.Protocol):
     def _admit(self, request: FastRequest, target: Target) -> bool:
         """Admission (`FastLane.admission`); False when refused (and answered)."""
         lane = cast(FastLane, self.lane)
-        admitted = lane.admission(request.path.decode(), request.headers, self.remote(), target)
+        # The client's address is for a refusal's log line, and only keys refuse: without
+        # them, no system call to read it.
+        remote = self.remote() if lane.gateway.auth is not None else None
+        admitted = lane.admission(request.path.decode(), request.headers, remote, target)
         if isinstance(admitted, ErrorAnswer):
             self._answer(admitted)
             return False
@@ -938,6 +984,9 @@ def _with_usage_asked(body: bytes, payload: dict[str, Any]) -> bytes:
     rather than the whole payload serialised again (a fifth of a stream request's CPU). Only
     for a body in plain UTF-8 without `stream_options` (so no key is repeated); any other
     is serialised from `payload`, which already holds the option."""
+    if body[:1] == b"{" and body[1:2] != b"\x00":
+        # UTF-8 by json.detect_encoding's own rule (no BOM, no UTF-16 or -32), and no copy.
+        return b'{"stream_options":{"include_usage":true},' + body[1:]
     start = len(body) - len(body.lstrip())
     if body[start : start + 1] != b"{" or json.detect_encoding(body) != "utf-8":
         return json.dumps(payload).encode()

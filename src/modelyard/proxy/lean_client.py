@@ -233,15 +233,32 @@ class UpstreamConnection(asyncio.Protocol):
             self._timer = None
 
 
-class LeanPool:
-    """Keep-alive connections per engine address, reused last-in first-out."""
+# How often idle connections are looked over, and how many are closed per turn of the event
+# loop: a burst's worth of connections that expire together must not stall the loop in one go.
+PRUNE_EVERY_S = 1.0
+PRUNE_BATCH = 64
 
-    def __init__(self, connect_timeout: float, read_timeout: float) -> None:
+
+class LeanPool:
+    """Keep-alive connections per engine address, reused last-in first-out.
+
+    Expired connections are closed by a timer of the pool's own, a few per loop turn, never by
+    the request that finds them: after a quiet spell, the first request of a burst would
+    otherwise close every connection the last burst left (a thousand closes inline, each a
+    system call and a FIN for the engine to answer) before its own could start.
+    """
+
+    def __init__(
+        self, connect_timeout: float, read_timeout: float, keepalive_s: float = KEEPALIVE_S
+    ) -> None:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
+        self._keepalive_s = keepalive_s
+        # Per address, oldest first: `release` appends, `acquire` takes the newest.
         self._idle: dict[tuple[str, int], list[UpstreamConnection]] = {}
         self._closing = False
         self._running_loop: asyncio.AbstractEventLoop | None = None
+        self._pruning: asyncio.Handle | None = None
 
     def _loop(self) -> asyncio.AbstractEventLoop:
         # Looked up once: on Python 3.11 each `asyncio.get_running_loop()` costs a getpid().
@@ -254,17 +271,26 @@ class LeanPool:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
 
+    def idle_count(self) -> int:
+        return sum(len(connections) for connections in self._idle.values())
+
     async def acquire(self, host: str, port: int) -> UpstreamConnection:
         loop = self._loop()
         idle = self._idle.get((host, port))
-        now = loop.time()
-        while idle:
-            connection = idle.pop()
-            # Below the engine's own keep-alive: never reuse one it may be closing right now.
-            if not connection.closed and now - connection.idle_since < KEEPALIVE_S:
+        if idle:
+            now = loop.time()
+            while idle:
+                connection = idle[-1]
+                if connection.closed:  # the engine closed it: nothing left to do
+                    idle.pop()
+                    continue
+                # Below the engine's own keep-alive: never reuse one it may be closing right
+                # now. The newest has expired, so have all older ones: the pruner closes them.
+                if now - connection.idle_since >= self._keepalive_s:
+                    break
+                idle.pop()
                 connection.read_timeout = self._read_timeout  # as a reload may have set it
                 return connection
-            connection.close()
         try:
             # asyncio.timeout, not wait_for: no extra task per connection made.
             async with asyncio.timeout(self._connect_timeout):
@@ -287,12 +313,45 @@ class LeanPool:
         if self._closing or not connection.reusable():
             connection.close()
             return
+        loop = self._loop()
         connection.exchange = None
-        connection.idle_since = self._loop().time()
+        connection.idle_since = loop.time()
         self._idle.setdefault((host, port), []).append(connection)
+        if self._pruning is None:
+            self._pruning = loop.call_later(PRUNE_EVERY_S, self._prune)
+
+    def _prune(self) -> None:
+        """Drop what engines closed and close what has expired, at most PRUNE_BATCH of those
+        per loop turn; look again while anything is idle."""
+        self._pruning = None
+        if self._closing:
+            return
+        now = self._loop().time()
+        budget = PRUNE_BATCH
+        for address, connections in list(self._idle.items()):
+            kept = []
+            for connection in connections:
+                if connection.closed:
+                    continue
+                if budget and now - connection.idle_since >= self._keepalive_s:
+                    connection.close()
+                    budget -= 1
+                    continue
+                kept.append(connection)
+            if kept:
+                self._idle[address] = kept
+            else:
+                del self._idle[address]
+        if budget == 0:  # more may have expired: the next batch after other work has run
+            self._pruning = self._loop().call_soon(self._prune)
+        elif self._idle:
+            self._pruning = self._loop().call_later(PRUNE_EVERY_S, self._prune)
 
     def close(self) -> None:
         self._closing = True
+        if self._pruning is not None:
+            self._pruning.cancel()
+            self._pruning = None
         for connections in self._idle.values():
             for connection in connections:
                 connection.close()

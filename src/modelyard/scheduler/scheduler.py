@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from modelyard.config.diff import ReloadPlan
@@ -320,9 +320,13 @@ class Scheduler:
 
     # ----- serving -----
 
-    @contextlib.asynccontextmanager
-    async def engine_for(self, model: str) -> AsyncIterator[EngineHandle]:
-        """A ready engine for one request, within the model's start timeout and queue bounds."""
+    def engine_for(self, model: str) -> EngineFor:
+        """A ready engine for one request, within the model's start timeout and queue bounds:
+        `async with scheduler.engine_for(model) as engine`."""
+        return EngineFor(self, model)
+
+    def _supervisor_to_wait_on(self, model: str) -> ModelSupervisor:
+        """The model's supervisor, for a request that may wait for it (or ModelUnavailable)."""
         if self._closing:
             raise ModelUnavailable(
                 "the gateway is shutting down", retry_after=5.0, code="shutting_down"
@@ -330,9 +334,7 @@ class Scheduler:
         supervisor = self._supervisors[model]
         if supervisor.state is not ModelState.READY:
             self._check_queue_bounds(supervisor)
-        deadline = self._clock() + supervisor.settings.start_timeout
-        async with supervisor.use(deadline) as engine:
-            yield engine
+        return supervisor
 
     def _supervisor_of(self, name: str) -> ModelSupervisor:
         """The model's supervisor, also while a reload that removed it drains its engine."""
@@ -668,3 +670,31 @@ class Scheduler:
 
 def _pick(value: float | None, default: float) -> float:
     return default if value is None else value
+
+
+class EngineFor:
+    """`Scheduler.engine_for`'s context: the engine is held from entry to exit.
+
+    A class rather than a generator-based context manager: it is on every request's path,
+    and for a ready engine its entry takes no await and creates no generator.
+    """
+
+    __slots__ = ("_model", "_scheduler", "_supervisor")
+
+    def __init__(self, scheduler: Scheduler, model: str) -> None:
+        self._scheduler = scheduler
+        self._model = model
+        self._supervisor: ModelSupervisor | None = None
+
+    async def __aenter__(self) -> EngineHandle:
+        scheduler = self._scheduler
+        supervisor = scheduler._supervisor_to_wait_on(self._model)
+        deadline = scheduler._clock() + supervisor.settings.start_timeout
+        engine = await supervisor.hold(deadline)
+        self._supervisor = supervisor
+        return engine
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._supervisor is not None:
+            self._supervisor.let_go()
+            self._supervisor = None

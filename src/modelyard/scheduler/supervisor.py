@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import enum
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -262,25 +262,31 @@ class ModelSupervisor:
 
     # ----- public: serving -----
 
-    @contextlib.asynccontextmanager
-    async def use(self, deadline: float) -> AsyncIterator[EngineHandle]:
-        """Hold a ready engine for one request; the engine is not stopped while held."""
-        engine = await self.ensure_ready(deadline)
-        # No await between the state check in ensure_ready and this increment: a stop or
-        # sleep decision made later sees the request in flight.
+    async def hold(self, deadline: float) -> EngineHandle:
+        """Hold a ready engine for one request, until `let_go`; it is not stopped while held.
+
+        A ready engine is taken with no await and without passing through the waiters: on
+        every request's path, and nothing can look at the counts in between.
+        """
+        engine = self.engine
+        if self.state is not ModelState.READY or engine is None:
+            engine = await self.ensure_ready(deadline)
+        # No await between the state check (here or in ensure_ready) and this increment: a
+        # stop or sleep decision made later sees the request in flight.
         self.in_flight += 1
         self._drained.clear()
-        try:
-            yield engine
-        finally:
-            self.in_flight -= 1
-            self.last_used = self._clock()
-            if self.in_flight == 0:
-                self._drained.set()
-            if self.demand == 0:
-                # The engine is idle now: a drain someone waits for is over. (Plans only ask
-                # whether an engine is busy, so other request ends change no decision.)
-                self._on_change()
+        return engine
+
+    def let_go(self) -> None:
+        """One request that held the engine has ended."""
+        self.in_flight -= 1
+        self.last_used = self._clock()
+        if self.in_flight == 0:
+            self._drained.set()
+        if self.demand == 0:
+            # The engine is idle now: a drain someone waits for is over. (Plans only ask
+            # whether an engine is busy, so other request ends change no decision.)
+            self._on_change()
 
     async def ensure_ready(self, deadline: float) -> EngineHandle:
         """Return the ready engine, starting or waking it if needed (one start for all).
