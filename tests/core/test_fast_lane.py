@@ -365,3 +365,43 @@ async def test_idle_kept_alive_connections_are_closed():
     finally:
         server.close()
         await lane.close(0)
+
+
+@pytest.mark.slow
+async def test_a_burst_of_streams_is_served_whole_and_its_engine_connections_let_go(tmp_path):
+    """300 clients ask for a stream in the same moment (the benchmark does 1,000), each of 10
+    events 50 ms apart, as an engine's tokens come. Taken in turns (LaneCore.take_turn), every
+    stream still comes whole and is counted once, the engine is let go by all of them, and the
+    engine connections they leave are closed by the pool after its keep-alive (4 s, below
+    uvicorn's 5 s), not left for the next burst's first request to close."""
+    from modelyard.proxy.forward import KEEPALIVE_S
+    from modelyard.proxy.lean_client import PRUNE_EVERY_S
+
+    async with in_process_gateway(tmp_path, {"chat": engine_model()}) as harness:
+        lane = harness.client.server.lane
+        assert lane is not None
+        body = {**CHAT, "stream": True, "fake_chunks": 10, "fake_chunk_delay": 0.05}
+        connector = aiohttp.TCPConnector(limit=0, force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            # The engine is up first: 300 waiting for a cold start would meet the queue bound.
+            async with session.post(harness.url + "/v1/chat/completions", json=CHAT) as answer:
+                assert answer.status == 200
+
+            async def one() -> tuple[int, bytes]:
+                async with session.post(harness.url + "/v1/chat/completions", json=body) as answer:
+                    return answer.status, await answer.read()
+
+            answers = await asyncio.gather(*(one() for _ in range(300)))
+        for status, text in answers:
+            assert status == 200
+            assert text.count(b"data: {") == 10
+            assert text.endswith(b"data: [DONE]\n\n")
+        await asyncio.sleep(0.1)  # each record is written just after its last byte
+        streams = [record for record in harness.records if record.streamed]
+        assert len(streams) == 300
+        assert {record.status for record in streams} == {200}
+        assert harness.gateway.scheduler.load_counts("chat") == (0, 0)
+        assert lane.pool.idle_count() > 0
+        async with asyncio.timeout(KEEPALIVE_S + 3 * PRUNE_EVERY_S + 2):
+            while lane.pool.idle_count():
+                await asyncio.sleep(0.1)
