@@ -10,6 +10,8 @@ burst's first request to close them all inline before it can start.
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import AsyncIterator
 
 import pytest
@@ -160,3 +162,24 @@ async def test_closing_the_pool_closes_its_idle_connections_and_stops_its_timer(
     pool.close()
     await until(lambda: not engine.open)
     assert pool._pruning is None
+
+
+async def test_a_closed_connection_is_freed_without_the_cycle_collector(
+    engine: CountingServer,
+) -> None:
+    # A thousand streams' connections closed at once must not wait, in a full collection of
+    # the gateway's heap, for a collection that happens to run in the next burst.
+    pool = LeanPool(connect_timeout=5, read_timeout=5, keepalive_s=30)
+    connection = await exchange(pool, engine.port)
+    pool.close()
+    await until(lambda: not engine.open)
+    await asyncio.sleep(0.05)  # our side's connection_lost
+    assert connection.closed
+    freed = weakref.ref(connection)
+    gc.disable()
+    try:
+        del connection
+        await asyncio.sleep(0)
+        assert freed() is None
+    finally:
+        gc.enable()

@@ -115,6 +115,16 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._stop_timer()
+        try:
+            self._end_exchange_at_close(exc)
+        finally:
+            # The parser's callbacks and the transport point back at this object: without
+            # them it goes by reference counting, not at the next full collection (a burst
+            # of streams leaves a thousand such cycles when its connections are closed).
+            self._parser = None
+            self.transport = None
+
+    def _end_exchange_at_close(self, exc: Exception | None) -> None:
         exchange = self.exchange
         if exchange is None or exchange.done.done():
             return
