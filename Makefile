@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup system-deps test-deps bench-deps demo test lint unit bench bench-proxy bench-placement clean \
+.PHONY: setup system-deps test-deps bench-deps demo test lint unit bench bench-proxy bench-burst bench-placement clean \
 	test-container demo-container gpu-check
 
 $(STAMP): pyproject.toml
@@ -70,6 +70,10 @@ bench: bench-proxy bench-placement
 
 bench-proxy: setup bench-deps
 	$(PY) -m bench.proxy
+
+# First chunk of 1,000 streams asked for at once, after a quiet spell, median of 5 rounds.
+bench-burst: setup
+	$(PY) -m bench.burst
 
 bench-placement: setup
 	$(PY) -m bench.placement.simulate
