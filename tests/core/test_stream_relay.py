@@ -98,7 +98,7 @@ async def test_the_head_and_first_event_leave_in_one_write_from_the_engines_read
     assert b"Cache-Control: no-cache" in head
     assert body == chunk(first)
     assert exchange.streaming
-    assert exchange.head_ready.done()
+    assert exchange.head_seen
 
 
 async def test_a_head_without_an_event_is_not_held_back():

@@ -44,7 +44,7 @@ class Exchange:
         self.connection = connection
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
-        self.head_ready: asyncio.Future[None] = loop.create_future()
+        self.head_seen = False  # the engine's status line and headers have come
         self.done: asyncio.Future[None] = loop.create_future()
         self.first_byte_at: float | None = None
         self.listener = listener
@@ -52,10 +52,9 @@ class Exchange:
         self._pieces: list[bytes] = []  # the body, when no listener takes it
 
     def head(self) -> None:
+        self.head_seen = True
         if self.listener is not None:
             self.streaming = self.listener.on_head(self)
-        if not self.head_ready.done():
-            self.head_ready.set_result(None)
 
     def body(self, piece: bytes) -> None:
         if self.streaming:
@@ -71,10 +70,9 @@ class Exchange:
         return data
 
     def fail(self, error: UpstreamError) -> None:
-        for future in (self.head_ready, self.done):
-            if not future.done():
-                future.set_exception(error)
-                future.exception()  # marked retrieved: the awaiting side may be gone
+        if not self.done.done():
+            self.done.set_exception(error)
+            self.done.exception()  # marked retrieved: the awaiting side may be gone
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -128,7 +126,7 @@ class UpstreamConnection(asyncio.Protocol):
         exchange = self.exchange
         if exchange is None or exchange.done.done():
             return
-        if exchange.head_ready.done() and not self._length_known:
+        if exchange.head_seen and not self._length_known:
             self._complete()  # an answer with neither length nor chunks ends at close
             return
         detail = f": {exc}" if exc else ""
@@ -208,8 +206,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._stop_timer()
         exchange = self.exchange
         if exchange is not None and not exchange.done.done():
-            if not exchange.head_ready.done():
-                exchange.head_ready.set_result(None)
+            exchange.head_seen = True
             if exchange.streaming:
                 assert exchange.listener is not None
                 exchange.listener.on_end()
