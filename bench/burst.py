@@ -1,6 +1,6 @@
 """Bursts of streams after a quiet spell: how soon the first event of each comes, over rounds.
 
-    python -m bench.burst --rounds 5 [--compare-with REV] [--streams 1000] [--events 20]
+    python -m bench.burst --rounds 5 [--compare-with REV] [--router] [--streams 1000]
 
 Each round waits `--quiet` seconds (past the engine connections' keep-alive, so the pool
 starts empty, as after any lull), sends `--streams` requests for a stream at the same moment
@@ -9,8 +9,9 @@ reports the first-chunk p50 of both and the difference. The figure of one burst 
 tens of milliseconds with whatever else this shared machine does, so the report is the median
 over rounds. With `--compare-with REV`, a second gateway runs the code of that git revision
 (from a temporary worktree) beside this one, each round measuring both, so a change is judged
-side by side in one run. The proxies are pinned to core 0, the upstreams and the client to
-core 1, as in bench/proxy.py's slow streams.
+side by side in one run; with `--router`, vllm-router (installed by bench/proxy.py's first
+run) takes the same bursts to the first gateway's engine. The proxies are pinned to core 0,
+the upstreams and the client to core 1, as in bench/proxy.py's slow streams.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import contenders
 from bench.proc_usage import ProcessTree
 from bench.proxy import (
     ROOT,
@@ -33,6 +35,7 @@ from bench.proxy import (
     SLOW_PROXY_CPUS,
     _is_engine_root,
     engine_url,
+    free_port,
     is_upstream,
     slow_streams,
     start_gateway,
@@ -66,6 +69,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=20, help="events per stream, 20 a second")
     parser.add_argument("--quiet", type=float, default=5.0, help="seconds before each burst")
     parser.add_argument("--compare-with", metavar="REV", help="also a gateway on this revision")
+    parser.add_argument("--router", action="store_true", help="also vllm-router")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="modelyard-burst-"))
     for name in ("this", "other"):
@@ -83,6 +87,11 @@ def main() -> None:
                 capture_output=True,
             )
             gateways.append((args.compare_with, *start("other", workdir, worktree)))
+        if args.router:
+            engine = gateways[0][3]
+            router = contenders.start_vllm_router(engine, free_port(), free_port(), workdir)
+            ProcessTree(router.process.pid).pin(SLOW_PROXY_CPUS)
+            gateways.append(("vllm-router", router.process, router.url, engine))
         added: dict[str, list[float]] = {name: [] for name, *_ in gateways}
         for number in range(args.rounds):
             cells = []

@@ -4,7 +4,10 @@ A connection starts here. A request that is exactly `POST /v1/chat/completions` 
 `/v1/completions`, `/v1/embeddings`) in plain HTTP/1.1, with one Content-Length, a JSON object
 body within the size limit and a known model without an adapter, is served by this module:
 parsed by hand, forwarded with the lean client (proxy/lean_client.py), answered with one write
-(or, for a stream, one write per chunk). It goes through everything the aiohttp route goes
+(or, for a stream, one write per read of the engine's, from the engine's read callback). A
+burst of new requests is read and started a few per turn of the event loop, in the order it
+came (`LaneCore.take_turn`), so the first answers do not wait for the last request to be
+read. It goes through everything the aiohttp route goes
 through: the scheduler's `engine_for` (queues, back-pressure, in-flight counts, idle timers),
 alias rewriting and usage capture (proxy/sse.py), the same error shapes, and
 `gateway.observe` (metrics, request log, watchdog).
@@ -77,8 +80,8 @@ MAX_HEADERS = 100
 # An idle kept-alive connection is closed after this long, as aiohttp's keepalive_timeout does;
 # checked by one sweep for all connections rather than a timer per request.
 IDLE_CLOSE_S = 75.0
-START_PER_TURN = 16  # requests read and started per turn of the event loop (LaneCore.take_turn)
 SWEEP_S = 15.0
+START_PER_TURN = 16  # requests read and started per turn of the event loop (LaneCore.take_turn)
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 # Requests with these go to aiohttp: framing the lane does not handle, and anything a browser
