@@ -533,12 +533,20 @@ def print_tables(results: dict[str, Any], slow: int) -> None:
                 f"{sse['cpu_us_per_event']:.2f} µs",
             ]
         print("| " + " | ".join(cells) + " |")
+    _print_slow_streams(results, slow)
+    _print_scaling(results)
+    _print_ratios(results)
+
+
+def _print_slow_streams(results: dict[str, Any], slow: int) -> None:
+    if not any("slow" in row for row in results.values()):
+        return  # --no-slow
     print(
         f"\n| {slow} streams x 100 events at 20/s | done | inter-chunk p99 (added) | worst gap "
         "| first chunk p50 (added) | proxy RSS growth | proxy CPU |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    base_slow = direct.get("slow")
+    base_slow = results["direct"].get("slow")
     for name, row in results.items():
         if "slow" not in row:
             continue
@@ -559,6 +567,11 @@ def print_tables(results: dict[str, Any], slow: int) -> None:
             + " | ".join(extra)
             + " |"
         )
+
+
+def _print_scaling(results: dict[str, Any]) -> None:
+    if not any("scaling" in row for row in results.values()):
+        return  # --no-scaling
     print(
         "\n| core scaling, c=64 (wrk, nginx on core 1) | 1 core req/s | 2 cores req/s | ratio "
         "| CPU/request 1 / 2 cores | cores used 1 / 2 |"
@@ -574,6 +587,9 @@ def print_tables(results: dict[str, Any], slow: int) -> None:
             # CPU seconds per wall second: whether the proxy can use a second core at all.
             f"| {_cores(one):.2f} / {_cores(two):.2f} |"
         )
+
+
+def _print_ratios(results: dict[str, Any]) -> None:
     ours, keyed = results.get("modelyard"), results.get("modelyard+key")
     if ours and keyed:
         print(
