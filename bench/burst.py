@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import signal
 import statistics
@@ -33,7 +32,7 @@ from bench.proxy import (
     ROOT,
     SLOW_LOAD_CPUS,
     SLOW_PROXY_CPUS,
-    _is_engine_root,
+    engine_trees,
     engine_url,
     free_port,
     is_upstream,
@@ -44,20 +43,11 @@ from bench.proxy import (
 
 def start(name: str, workdir: Path, code: Path | None) -> tuple[subprocess.Popen[bytes], str, str]:
     """A gateway (with `code`'s src first on the path, if given) and its stream engine's URL."""
-    saved = os.environ.get("PYTHONPATH")
-    if code is not None:
-        os.environ["PYTHONPATH"] = str(code / "src")
-    try:
-        gateway, url = start_gateway(workdir / name)
-    finally:
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
+    env = {"PYTHONPATH": str(code / "src")} if code is not None else None
+    gateway, url = start_gateway(workdir / name, env=env)
     direct = engine_url(url, "stream")
-    for pid in ProcessTree(gateway.pid).pids():
-        if pid != gateway.pid and _is_engine_root(pid):
-            ProcessTree(pid).pin(SLOW_LOAD_CPUS)
+    for tree in engine_trees(gateway.pid):
+        tree.pin(SLOW_LOAD_CPUS)
     ProcessTree(gateway.pid, is_upstream).pin(SLOW_PROXY_CPUS)
     return gateway, url, direct
 

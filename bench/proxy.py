@@ -83,8 +83,9 @@ HUGE = 10**15  # a budget and a tokens-per-minute limit that are checked but nev
 
 
 def start_gateway(
-    workdir: Path, keyed: bool = False, workers: int = 0
+    workdir: Path, keyed: bool = False, workers: int = 0, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
+    """A gateway on the benchmark's engines; `env`: variables added to this process's."""
     port = free_port()
     upstream = str(ROOT / "bench" / "upstream_nginx.sh")
     name = "keyed" if keyed else f"workers{workers}" if workers else "bench"
@@ -137,6 +138,7 @@ def start_gateway(
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=ROOT,
+        env={**os.environ, **env} if env else None,
     )
     url = f"http://127.0.0.1:{port}"
     contenders.wait_ready(process, url + "/health", workdir / f"{name}.log", 20)
@@ -386,11 +388,7 @@ def main() -> None:
     stuck: list[subprocess.Popen[bytes]] = []
     try:
         direct = {model: engine_url(url, model) for model in ("fast", "sse", "stream")}
-        upstream_trees = [
-            ProcessTree(pid)
-            for pid in ProcessTree(gateway.pid).pids()
-            if pid != gateway.pid and _is_engine_root(pid)
-        ]
+        upstream_trees = engine_trees(gateway.pid)
         proxies = [
             Proxy("direct", direct["fast"], direct["sse"], direct["stream"]),
             Proxy("modelyard", url, url, url, [ProcessTree(gateway.pid, is_upstream)]),
@@ -487,19 +485,20 @@ def second_gateway(
     started.append(process)
     for model in ("fast", "sse", "stream"):
         engine_url(url, model, admin_headers or None)
-    upstream_trees += [
-        ProcessTree(pid)
-        for pid in ProcessTree(process.pid).pids()
-        if pid != process.pid and _is_engine_root(pid)
-    ]
+    upstream_trees += engine_trees(process.pid)
     trees = [ProcessTree(process.pid, is_upstream)]
     return Proxy(name, url, url, url, trees, client_headers or {})
 
 
-def _is_engine_root(pid: int) -> bool:
+def engine_trees(gateway_pid: int) -> list[ProcessTree]:
+    """The benchmark engines a gateway started, each with its children (not the proxy's)."""
     from bench.proc_usage import cmdline
 
-    return is_upstream(cmdline(pid))
+    return [
+        ProcessTree(pid)
+        for pid in ProcessTree(gateway_pid).pids()
+        if pid != gateway_pid and is_upstream(cmdline(pid))
+    ]
 
 
 def _cores(cell: dict[str, float]) -> float:

@@ -18,6 +18,7 @@ import pytest
 
 from modelyard.proxy import lean_client
 from modelyard.proxy.lean_client import PRUNE_BATCH, LeanPool, UpstreamConnection
+from tests.core.test_proxy_workers import until
 
 ANSWER = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
 
@@ -75,12 +76,6 @@ async def exchange(pool: LeanPool, port: int) -> UpstreamConnection:
     await sent.done
     pool.release("127.0.0.1", port, connection)
     return connection
-
-
-async def until(condition: object, timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():  # type: ignore[operator]
-            await asyncio.sleep(0.01)
 
 
 async def test_a_connection_is_reused_within_its_keep_alive(engine: CountingServer) -> None:
