@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from modelyard.config.state_home import default_state_dir
 from modelyard.config.units import ByteSize, Duration
 
 EngineKindName = Literal["vllm", "command", "diffusion", "remote"]
@@ -357,7 +358,11 @@ class CorsConfig(StrictModel):
 class GatewayConfig(StrictModel):
     listen: str = "127.0.0.1:8000"
     tls: TlsConfig | None = None
-    state_dir: str = ".state"
+    state_dir: str = Field(
+        default_factory=default_state_dir,
+        description="where logs, the engine registry, events, learned footprints, runtime keys "
+        "and budgets are kept",
+    )
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rich.console import Console
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -146,7 +147,13 @@ def event_line(event: dict[str, Any]) -> Text:
     return line
 
 
+# Below this many columns a table leaves the long fields (event reasons, failure notes) a
+# strip a dozen characters wide: they are printed under their row or table instead.
+WIDE_COLUMNS = 120
+
+
 def events_table(events: list[dict[str, Any]], title: str) -> Table:
+    """Recent events as a table, for a terminal at least `WIDE_COLUMNS` wide."""
     table = Table(title=title)
     for column in ("id", "time", "event", "model", "reason", "took"):
         table.add_column(column, overflow="fold")
@@ -163,11 +170,38 @@ def events_table(events: list[dict[str, Any]], title: str) -> Table:
     return table
 
 
+def print_events(console: Console, events: list[dict[str, Any]], title: str) -> None:
+    """`modelyard events`: a table on a wide terminal; on a narrow one each event's line,
+    with its reason wrapped beneath it, so nothing is cut and no column is a sliver."""
+    if console.width >= WIDE_COLUMNS:
+        console.print(events_table(events, title))
+        return
+    console.print(Text(title, style="italic"), justify="center")
+    for event in events:
+        console.print(_event_head(event), overflow="fold")
+        reason = str(event.get("reason") or "")
+        if reason:
+            console.print(Padding(Text(reason), (0, 0, 0, 4)), overflow="fold")
+
+
+def _event_head(event: dict[str, Any]) -> Text:
+    kind = str(event.get("kind", "?"))
+    head = Text()
+    head.append(f"#{event.get('id', '?')} ", style="dim")
+    head.append(f"{_when(float(event.get('time', 0)))} ", style="dim")
+    head.append(kind, style=_style(kind))
+    head.append(f" {event.get('model') or '-'}", style="bold")
+    duration = _duration(event.get("duration_s"))
+    if duration:
+        head.append(f" ({duration})")
+    return head
+
+
 def gpu_table(gpus: list[dict[str, Any]]) -> Table:
     """GPU memory as placement sees it: total, used, planned and free, and who is there."""
     table = Table(title="GPUs")
     for column in ("gpu", "name", "total", "used", "planned", "free", "models"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     for gpu in gpus:
         table.add_row(
             str(gpu.get("index", "?")),
@@ -182,19 +216,24 @@ def gpu_table(gpus: list[dict[str, Any]]) -> Table:
 
 
 def print_status(console: Console, status: dict[str, Any], title: str) -> None:
-    """`modelyard status`: every model; footprint and GPU columns only when there is data."""
+    """`modelyard status`: every model; footprint and GPU columns only when there is data.
+    Long names fold inside their cell; failure notes are a column on a wide terminal and
+    whole wrapped lines under the table on a narrow one."""
     models: list[dict[str, Any]] = status.get("models") or []
     with_footprint = any(m.get("footprint_bytes") is not None for m in models)
     with_gpus = bool(status.get("gpus")) or any(m.get("gpus") for m in models)
+    notes_in_table = console.width >= WIDE_COLUMNS
     columns = ["model", "state", "engine", "route", "in flight", "queued", "last use"]
     if with_footprint:
         columns.append("footprint")
     if with_gpus:
         columns.append("gpus")
-    columns.append("note")
+    if notes_in_table:
+        columns.append("note")
     table = Table(title=title)
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
+    notes: list[tuple[str, str]] = []
     for model in models:
         ago = model.get("last_used_ago_s")
         failure = model.get("failure") or {}
@@ -213,8 +252,17 @@ def print_status(console: Console, status: dict[str, Any], title: str) -> None:
             row.append(size if measured or size == "-" else f"~{size}")
         if with_gpus:
             row.append(",".join(str(g) for g in model.get("gpus") or []) or "-")
-        row.append((failure.get("message") or "")[:60])
+        note = str(failure.get("message") or "")
+        if notes_in_table:
+            row.append(note)
+        elif note:
+            notes.append((model["name"], note))
         table.add_row(*row)
     console.print(table)
+    for name, note in notes:
+        line = Text()
+        line.append(f"{name}: ", style="bold")
+        line.append(note)
+        console.print(line, overflow="fold")
     if status.get("gpus"):
         console.print(gpu_table(status["gpus"]))
