@@ -28,7 +28,9 @@ OUT = Path(__file__).resolve().parents[2] / "docs" / "images" / "dashboard.png"
 def ask(url: str, model: str, question: str) -> None:
     body = {"model": model, "messages": [{"role": "user", "content": question}], "max_tokens": 24}
     request = urllib.request.Request(
-        url + "/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        url + "/v1/chat/completions",
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=300) as response:
         response.read()
