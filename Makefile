@@ -73,7 +73,7 @@ test-container: setup test-deps
 	$(PY) -m pytest tests/deploy
 
 # The CPU demo image (vLLM for CPU and the demo's models, ~5 GB): built, started, one real
-# answer, stopped. Too slow for `make test`; figures in the README (Deploy).
+# answer, stopped. Too slow for `make test`; figures in docs/deployment.md.
 demo-container: setup test-deps
 	$(PY) -m tests.deploy.demo_container
 

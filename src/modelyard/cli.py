@@ -175,7 +175,8 @@ def _demo(args: argparse.Namespace) -> int:
         f"\nmodelyard demo: {', '.join(config.models)} at {url}\n"
         "Models start on their first request (about 30-60 s on a CPU), then answer at once:\n"
         f"  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-        """    -d '{"model": "chat", "messages": [{"role": "user", "content": "Say hello"}]}'\n"""
+        """    -d '{"model": "chat", "messages": [{"role": "user", "content": "Say hello"}], """
+        """"max_tokens": 32}'\n"""
         f"  curl -s {url}/v1/models\n"
         f"Dashboard: {url}/ui    Status: modelyard status --url {url}\n",
         flush=True,

@@ -51,7 +51,12 @@ def blocks(language: tuple[str, ...] | str | None = None) -> list[Block]:
     return found
 
 
-def block(page: str, starting: str) -> Block:
-    """The one shell block of `page` whose first command starts with `starting`."""
-    (found,) = [b for b in blocks(SHELL) if b.page == page and b.first_command.startswith(starting)]
+def block(page: str, starting: str, containing: str = "") -> Block:
+    """The one shell block of `page` whose first command starts with `starting` (and whose
+    text contains `containing`)."""
+    (found,) = [
+        b
+        for b in blocks(SHELL)
+        if b.page == page and b.first_command.startswith(starting) and containing in b.text
+    ]
     return found

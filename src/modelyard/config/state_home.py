@@ -20,6 +20,7 @@ _STATE_MARKERS = (
     "events.sqlite3",
     "footprints.sqlite3",
     "runtime_keys.sqlite3",
+    "key_usage.sqlite3",
     "key_tokens.sqlite3",
 )
 
