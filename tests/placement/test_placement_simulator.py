@@ -1,4 +1,4 @@
-"""The placement simulator: its mechanics on tiny traces, and the table in bench/placement/README.md stays true."""
+"""The placement simulator: its mechanics on tiny traces, and its README's table stays true."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -41,11 +42,14 @@ def main(out: Path) -> None:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = Path("/tmp") / f"modelyard-screenshot-{port}.log"
+    scratch = Path(tempfile.mkdtemp(prefix="modelyard-screenshot-"))
+    log = scratch / "demo.log"
+    # A state folder of its own: the picture shows this run's events only.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XDG_STATE_HOME": str(scratch / "state")}
     with log.open("w") as sink:
         demo = subprocess.Popen(
             [sys.executable, "-m", "modelyard", "demo", "--port", str(port)],
-            stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=sink, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
     try:
         deadline = time.monotonic() + 600
@@ -60,7 +64,19 @@ def main(out: Path) -> None:
             page = browser.new_page(viewport={"width": 1280, "height": 800})
             page.goto(url + "/ui")
             page.wait_for_selector('tr[data-model="chat"][data-state="ready"]', timeout=30_000)
+            # A question in the chat box; its streamed answer is stopped after a few lines
+            # (on a CPU the small model would write up to its whole context).
+            page.select_option("#chat-model", "chat")
+            page.fill("#chat-input", "What is a GPU? Answer in one sentence.")
+            page.click("#chat-send")
+            answer = page.locator(".msg.assistant .text")
+            deadline = time.monotonic() + 120  # the page's policy allows no evaluated script
+            while len(answer.text_content() or "") < 120 and time.monotonic() < deadline:
+                page.wait_for_timeout(200)
+            page.click("#chat-send")  # Stop
             page.wait_for_timeout(1500)  # the event feed fills from the live stream
+            page.mouse.wheel(0, -10_000)  # typing scrolled the window a little
+            page.wait_for_timeout(300)
             out.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(out))
             browser.close()
