@@ -1,10 +1,14 @@
-"""The CLI's tables at 80 and 200 columns: long names and notes fold or wrap, never cut."""
+"""The CLI's output at 80 and 200 columns: long names and notes fold or wrap, never cut."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
+import yaml
 from rich.console import Console
 
 from modelyard.observability.console import print_events, print_status
@@ -75,3 +79,26 @@ def test_events_fit_and_reasons_wrap_in_a_few_lines(width: int) -> None:
     assert REASON in shown, text
     # The whole listing: a title, a line or two an event, the reason over a few lines.
     assert len(lines) <= (8 if width == 80 else 12), text
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_check_plan_fits_and_folds_long_names(tmp_path, width: int) -> None:
+    config = {
+        "state_dir": str(tmp_path / "state"),
+        "models": {
+            LONG_NAME: {"model": "/srv/llm/weights/qwen2.5-coder-7b-instruct-gptq-int4",
+                        "aliases": ["coder", "qwen-coder-7b"], "route": "/coding"},
+        },
+    }  # fmt: skip
+    path = tmp_path / "modelyard.yaml"
+    path.write_text(yaml.safe_dump(config))
+    checked = subprocess.run(
+        [sys.executable, "-m", "modelyard", "check", "-c", str(path)],
+        capture_output=True, text=True, check=False,
+        env={**os.environ, "COLUMNS": str(width), "XDG_STATE_HOME": str(tmp_path)},
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stderr
+    lines = checked.stdout.splitlines()
+    assert all(len(line) <= width for line in lines), checked.stdout
+    assert LONG_NAME in cells(lines, 1), checked.stdout
+    assert "…" not in checked.stdout
