@@ -82,3 +82,12 @@ def test_pages_speak_to_users() -> None:
         text = page.read_text()
         for pattern in (r"\bissue \d+", r"\bseed \d{3}", r"\bthis session", r"\bbefore this\b"):
             assert not re.search(pattern, text, re.IGNORECASE), (page.name, pattern)
+
+
+def test_a_field_without_a_description_stops_the_generator(monkeypatch) -> None:
+    from modelyard.config import reference
+    from modelyard.config.schema import LimitsConfig
+
+    field = LimitsConfig.model_fields["shutdown_grace"]
+    monkeypatch.setattr(field, "description", None)
+    assert reference.main(["--write", "/dev/null"]) == 1

@@ -185,7 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     action.add_argument("--write", metavar="FILE", help="write the reference page")
     action.add_argument("--check", metavar="FILE", help="fail if FILE is not what --write makes")
     args = parser.parse_args(argv)
-    text = render()
+    try:
+        text = render()
+    except MissingDescription as error:
+        print(f"modelyard.config.schema: {error}", file=sys.stderr)
+        return 1
     if args.write:
         Path(args.write).write_text(text)
         return 0
