@@ -14,6 +14,7 @@ CURL = "curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: appl
 
 # (page, the block's first command, start of the line) -> the test that runs it as written.
 RUN_BY = {
+    # The block's second command, `make test`, is the command that runs all of these.
     ("README.md", "make demo"): "tests/docs/test_quick_start.py",
     ("README.md", "curl -s http://127.0.0.1:8000/v1/chat"): "tests/docs/test_quick_start.py",
     ("README.md", "modelyard check -c modelyard.yaml"): "tests/docs/test_walkthrough.py",
