@@ -44,24 +44,63 @@ def words(lines: list[str]) -> str:
     return re.sub(r"\s+", " ", " ".join(line.strip(" │") for line in lines))
 
 
+GIB = 2**30
 STATUS = {
     "models": [
         {"name": LONG_NAME, "state": "failed", "engine": "vllm", "route": "/coder",
-         "in_flight": 0, "queued": 0, "last_used_ago_s": 12.0, "failure": {"message": NOTE}},
-        {"name": "chat", "state": "ready", "engine": "vllm", "in_flight": 2, "queued": 1,
-         "last_used_ago_s": 1.0},
-    ]
+         "in_flight": 0, "queued": 0, "last_used_ago_s": 12.0, "failure": {"message": NOTE},
+         "footprint_bytes": 16 * GIB, "footprint_measured": True, "gpus": [0, 1]},
+        {"name": "chat", "state": "ready", "engine": "diffusion", "in_flight": 2, "queued": 128,
+         "last_used_ago_s": 3000.0, "footprint_bytes": 3 * GIB, "gpus": []},
+    ],
+    "gpus": [
+        {"index": 0, "name": "NVIDIA GeForce RTX 4090", "total_bytes": 24 * GIB,
+         "used_bytes": 7 * GIB, "planned_bytes": 6 * GIB, "free_bytes": 17 * GIB,
+         "models": [LONG_NAME, "chat"]},
+    ],
 }  # fmt: skip
+
+
+def column(lines: list[str], header: str, next_header: str | None, sep: str = "") -> str:
+    """One column of the first table (no vertical rules): its pieces under the header, joined
+    (sep "" for folded names, " " for wrapped text)."""
+    rule = next(i for i, line in enumerate(lines) if line.startswith("─"))
+    head = lines[rule - 1]
+    start = head.index(header)
+    end = head.index(next_header) if next_header else None
+    pieces = []
+    for line in lines[rule + 1 :]:
+        if not line.strip() or line.startswith(f"{LONG_NAME}:") or line.strip() == "GPUs":
+            break
+        if line[start:end].strip():
+            pieces.append(line[start:end].strip())
+    return sep.join(pieces)
 
 
 @pytest.mark.parametrize("width", [80, 200])
 def test_status_fits_and_keeps_whole_names_and_notes(width: int) -> None:
     lines = render(width, lambda console: print_status(console, STATUS, "modelyard at test"))
-    assert all(len(line) <= width for line in lines), "\n".join(lines)
-    assert LONG_NAME in cells(lines, 1)
-    shown = words(lines) if width < 120 else cells(lines, 8, sep=" ")
-    assert NOTE in shown, "\n".join(lines)
-    assert "…" not in "\n".join(lines)
+    text = "\n".join(lines)
+    assert all(len(line) <= width for line in lines), text
+    assert LONG_NAME in column(lines, "model", "state"), text
+    # Every column is there, whole: the counts and sizes are not pushed off the edge.
+    for cell in (
+        "failed",
+        "diffusion",
+        "/coder",
+        "128",
+        "3000s ago",
+        "16.0 GiB",
+        "0,1",
+        "~3.0 GiB",
+    ):
+        assert cell in text, (cell, text)
+    shown = words(lines) if width < 120 else column(lines, "note", None, sep=" ")
+    assert NOTE in shown, text
+    assert "…" not in text
+    gpus = lines[[line.strip() for line in lines].index("GPUs") :]
+    assert column(gpus, "name", "total", sep=" ") == "NVIDIA GeForce RTX 4090", text
+    assert LONG_NAME in column(gpus, "models", None), text
 
 
 @pytest.mark.parametrize("width", [80, 200])

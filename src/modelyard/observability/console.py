@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.padding import Padding
 from rich.table import Table
@@ -197,13 +198,10 @@ def _event_head(event: dict[str, Any]) -> Text:
     return head
 
 
-def gpu_table(gpus: list[dict[str, Any]]) -> Table:
+def gpu_table(gpus: list[dict[str, Any]], width: int = 200) -> Table:
     """GPU memory as placement sees it: total, used, planned and free, and who is there."""
-    table = Table(title="GPUs")
-    for column in ("gpu", "name", "total", "used", "planned", "free", "models"):
-        table.add_column(column, overflow="fold")
-    for gpu in gpus:
-        table.add_row(
+    rows = [
+        [
             str(gpu.get("index", "?")),
             str(gpu.get("name") or "-"),
             format_bytes(gpu.get("total_bytes")),
@@ -211,7 +209,52 @@ def gpu_table(gpus: list[dict[str, Any]]) -> Table:
             format_bytes(gpu.get("planned_bytes")),
             format_bytes(gpu.get("free_bytes")),
             ", ".join(gpu.get("models") or []) or "-",
-        )
+        ]
+        for gpu in gpus
+    ]
+    columns = ["gpu", "name", "total", "used", "planned", "free", "models"]
+    return _fitted_table("GPUs", columns, rows, ("name", "models"), width)
+
+
+def _fitted_table(
+    title: str, columns: list[str], rows: list[list[str]], wide: tuple[str, ...], width: int
+) -> Table:
+    """A table whose short columns (states, counts, sizes) keep their width and whose long
+    ones (names, notes) share what is left, folding or wrapping there: on an 80-column
+    terminal a model's name folds inside its cell instead of pushing the counts off."""
+    table = Table(
+        title=title,
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        pad_edge=False,
+        collapse_padding=True,
+        show_edge=False,
+    )
+    natural = [
+        max([len(row[index]) for row in rows] + [len(column)])
+        for index, column in enumerate(columns)
+    ]
+    narrowest = [
+        max([len(row[index]) for row in rows] + [len(word) for word in column.split()])
+        for index, column in enumerate(columns)
+    ]
+    gaps = 2 * (len(columns) - 1)
+    if sum(natural) + gaps <= width:
+        widths = natural
+    else:
+        # Short columns at their narrowest (a two-word header may take two lines); the long
+        # ones share the rest in proportion to what they hold, at least 4 columns each.
+        widths = [4 if c in wide else n for c, n in zip(columns, narrowest, strict=True)]
+        room = max(width - gaps - sum(widths), 0)
+        wanted = sum(n - 4 for c, n in zip(columns, natural, strict=True) if c in wide) or 1
+        for index, column in enumerate(columns):
+            if column in wide:
+                extra = room * (natural[index] - 4) // wanted
+                widths[index] = min(natural[index], 4 + extra)
+    for column, column_width in zip(columns, widths, strict=True):
+        table.add_column(column, overflow="fold", width=column_width)
+    for row in rows:
+        table.add_row(*row)
     return table
 
 
@@ -230,9 +273,7 @@ def print_status(console: Console, status: dict[str, Any], title: str) -> None:
         columns.append("gpus")
     if notes_in_table:
         columns.append("note")
-    table = Table(title=title)
-    for column in columns:
-        table.add_column(column, overflow="fold")
+    rows: list[list[str]] = []
     notes: list[tuple[str, str]] = []
     for model in models:
         ago = model.get("last_used_ago_s")
@@ -257,12 +298,13 @@ def print_status(console: Console, status: dict[str, Any], title: str) -> None:
             row.append(note)
         elif note:
             notes.append((model["name"], note))
-        table.add_row(*row)
-    console.print(table)
+        rows.append(row)
+    wide = ("model", "note")
+    console.print(_fitted_table(title, columns, rows, wide, console.width))
     for name, note in notes:
         line = Text()
         line.append(f"{name}: ", style="bold")
         line.append(note)
         console.print(line, overflow="fold")
     if status.get("gpus"):
-        console.print(gpu_table(status["gpus"]))
+        console.print(gpu_table(status["gpus"], console.width))
