@@ -83,15 +83,14 @@ HUGE = 10**15  # a budget and a tokens-per-minute limit that are checked but nev
 
 
 def start_gateway(
-    workdir: Path, keyed: bool = False, workers: int = 0, env: dict[str, str] | None = None
+    workdir: Path, keyed: bool = False, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
     """A gateway on the benchmark's engines; `env`: variables added to this process's."""
     port = free_port()
     upstream = str(ROOT / "bench" / "upstream_nginx.sh")
-    name = "keyed" if keyed else f"workers{workers}" if workers else "bench"
+    name = "keyed" if keyed else "bench"
     config: dict[str, Any] = {
         "listen": f"127.0.0.1:{port}",
-        "proxy_workers": workers,
         "state_dir": str(workdir / f"state-{name}"),
         "limits": {"max_queue": 10_000, "max_queue_per_model": 10_000},
         "models": {
@@ -369,10 +368,10 @@ def main() -> None:
         "--keyed", action="store_true", help="also a modelyard with API keys (modelyard+key)"
     )
     parser.add_argument(
-        "--workers",
-        type=int,
-        default=0,
-        help="also a modelyard with this many proxy workers (modelyard Nw)",
+        "--front-doors",
+        action="store_true",
+        help="also the HTTP server candidates of issue 21 (bench/front_door_relay.py on "
+        "aiohttp alone, uvicorn+httptools+uvloop, granian RSGI)",
     )
     parser.add_argument("--no-slow", action="store_true", help="skip the slow streams")
     parser.add_argument("--no-scaling", action="store_true", help="skip core scaling")
@@ -393,17 +392,6 @@ def main() -> None:
             Proxy("direct", direct["fast"], direct["sse"], direct["stream"]),
             Proxy("modelyard", url, url, url, [ProcessTree(gateway.pid, is_upstream)]),
         ]
-        if args.workers:
-            proxies.append(
-                second_gateway(
-                    f"modelyard {args.workers}w",
-                    workdir,
-                    started,
-                    upstream_trees,
-                    {},
-                    workers=args.workers,
-                )
-            )
         if args.keyed:
             proxies.append(
                 second_gateway(
@@ -430,6 +418,12 @@ def main() -> None:
                 [ProcessTree(router.process.pid) for router in routers.values()],
             )
         )
+        if args.front_doors:
+            for name in contenders.FRONT_DOORS:
+                door = contenders.start_front_door(name, direct, free_port(), workdir)
+                started.append(door.process)
+                tree = ProcessTree(door.process.pid)
+                proxies.append(Proxy(name, door.url, door.url, door.url, [tree]))
         if not args.no_litellm:
             litellm = contenders.start_litellm(direct, free_port(), workdir)
             started.append(litellm.process)
@@ -479,7 +473,7 @@ def second_gateway(
     client_headers: dict[str, str] | None = None,
     **settings: Any,
 ) -> Proxy:
-    """Another modelyard beside the first (with keys, with workers), with its own engines,
+    """Another modelyard beside the first (with keys), with its own engines,
     started before the load; its engines join the upstreams pinned in the scaling cells."""
     process, url = start_gateway(workdir, **settings)
     started.append(process)
