@@ -15,7 +15,8 @@ the same upstreams and installed on first use, each in its own venv under
 ~/.cache/modelyard-bench (bench/contenders.py). Workloads, each proxy in turn:
 
 - wrk, POST /v1/chat/completions, 1 and 64 connections (nginx answering a fixed completion);
-- SSE: 16 concurrent streams, again and again, of 400 events each (nginx, a fixed stream);
+- SSE: 16 concurrent streams, again and again, of 400 events each (nginx, a fixed stream),
+  once from an aiohttp client and once from wrk (which an aiohttp client cannot keep up with);
 - 1,000 concurrent slow streams of 100 events at 20/s, all asked for at once
   (bench/stream_upstream.py and bench/stream_client.py, bare asyncio protocols on core 1; the
   proxy alone on core 0, so the delay measured is the proxy's, not the load generator's);
@@ -58,6 +59,7 @@ from modelyard.auth.keys import generate_key, key_digest
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 SSE_EVENTS = 400
+STREAM_BODY = {"model": "sse", **CHAT, "stream": True}
 SSE_STREAMS = 16
 # The slow streams: the proxy alone on core 0, the client and the upstream on core 1.
 ALL_CPUS = "0-1"  # this machine's two cores
@@ -169,11 +171,12 @@ def wrk(
     workdir: Path,
     cpus: str | None = None,
     headers: dict[str, str] | None = None,
+    body: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     script = workdir / "post.lua"
     script.write_text(
         'wrk.method = "POST"\n'
-        f"wrk.body = '{json.dumps({'model': 'fast', **CHAT})}'\n"
+        f"wrk.body = '{json.dumps(body or {'model': 'fast', **CHAT})}'\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
         + "".join(f'wrk.headers["{name}"] = "{value}"\n' for name, value in (headers or {}).items())
     )
@@ -315,6 +318,17 @@ def run_matrix(
         )
         result["cpu_us_per_event"] = cpu / max(result["events"], 1) * 1e6
         row["sse"] = result
+        # The same streams driven by wrk (C, one thread): an aiohttp client as the load can
+        # be slower than the proxy it measures, and hide the gap between proxies.
+        result, cpu = measure(
+            proxy,
+            lambda p=proxy, stream_body=STREAM_BODY: wrk(
+                p.sse, SSE_STREAMS, args.duration, workdir, headers=p.headers, body=stream_body
+            ),
+        )
+        result["events_per_s"] = result["rps"] * SSE_EVENTS
+        result["cpu_us_per_event"] = cpu / max(result["requests"] * SSE_EVENTS, 1) * 1e6
+        row["sse_wrk"] = result
         results[proxy.name] = row
         print(f"  {proxy.name}: done with requests and SSE", flush=True)
     for proxy in proxies:
@@ -503,9 +517,10 @@ def print_tables(results: dict[str, Any], slow: int) -> None:
     direct = results["direct"]
     print(
         "| | c=1 req/s | added p50 / p99 | c=64 req/s | added p50 / p99 | CPU/request "
-        f"(c=64) | SSE events/s ({SSE_STREAMS}x{SSE_EVENTS}) | CPU/event |"
+        f"(c=64) | SSE events/s ({SSE_STREAMS}x{SSE_EVENTS}) | CPU/event "
+        "| SSE events/s, wrk | CPU/event, wrk |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, row in results.items():
         cells = [name]
         for connections in (1, 64):
@@ -516,14 +531,17 @@ def print_tables(results: dict[str, Any], slow: int) -> None:
             else:
                 added = cell["p50_ms"] - base["p50_ms"], cell["p99_ms"] - base["p99_ms"]
                 cells.append(f"{added[0]:.2f} / {added[1]:.2f} ms")
-        sse = row["sse"]
+        sse, by_wrk = row["sse"], row["sse_wrk"]
+        wrk_events = f"{by_wrk['events_per_s'] / 1e6:.3f} M" + (" ⚠" if by_wrk["non2xx"] else "")
         if name == "direct":
-            cells += ["", f"{sse['events_per_s'] / 1e6:.2f} M", ""]
+            cells += ["", f"{sse['events_per_s'] / 1e6:.2f} M", "", wrk_events, ""]
         else:
             cells += [
                 f"{row['c64']['cpu_us_per_request']:.0f} µs",
                 f"{sse['events_per_s'] / 1e6:.3f} M" + (" ⚠" if sse["failed"] else ""),
                 f"{sse['cpu_us_per_event']:.2f} µs",
+                wrk_events,
+                f"{by_wrk['cpu_us_per_event']:.2f} µs",
             ]
         print("| " + " | ".join(cells) + " |")
     _print_slow_streams(results, slow)
@@ -592,14 +610,22 @@ def _print_ratios(results: dict[str, Any]) -> None:
             f"{keyed['sse']['cpu_us_per_event'] / ours['sse']['cpu_us_per_event']:.2f}x"
         )
     rust = results.get("vllm-router")
-    if ours and rust:
+    if not rust:
+        return
+    print(
+        "\n| / vllm-router | CPU/request (c=64) | CPU/event (wrk) | c=64 req/s "
+        "| SSE events/s (wrk) |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, row in results.items():
+        if name in ("direct", "vllm-router"):
+            continue
         print(
-            "\nmodelyard / vllm-router: CPU per request "
-            f"{ours['c64']['cpu_us_per_request'] / rust['c64']['cpu_us_per_request']:.2f}x, "
-            "CPU per "
-            f"event {ours['sse']['cpu_us_per_event'] / rust['sse']['cpu_us_per_event']:.2f}x, c=64 "
-            f"throughput {ours['c64']['rps'] / rust['c64']['rps']:.2f}x, SSE throughput "
-            f"{ours['sse']['events_per_s'] / rust['sse']['events_per_s']:.2f}x"
+            f"| {name} "
+            f"| {row['c64']['cpu_us_per_request'] / rust['c64']['cpu_us_per_request']:.2f}x "
+            f"| {row['sse_wrk']['cpu_us_per_event'] / rust['sse_wrk']['cpu_us_per_event']:.2f}x "
+            f"| {row['c64']['rps'] / rust['c64']['rps']:.2f}x "
+            f"| {row['sse_wrk']['events_per_s'] / rust['sse_wrk']['events_per_s']:.2f}x |"
         )
 
 

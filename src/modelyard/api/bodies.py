@@ -8,7 +8,6 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestPayloadError
 
 from modelyard.api.errors import ApiError
 from modelyard.config.schema import LimitsConfig
@@ -47,7 +46,7 @@ async def read_body(request: web.Request, limits: LimitsConfig) -> bytes:
             f"the request body did not arrive within {timeout:g}s (limits.body_timeout)",
             "body_timeout",
         ) from None
-    except (RequestPayloadError, HttpProcessingError, ValueError, EOFError) as error:
+    except (web.RequestPayloadError, HttpProcessingError, ValueError, EOFError) as error:
         # A Content-Encoding (gzip, deflate, br) whose data does not decode, or a body cut off.
         raise ApiError(
             400, f"request body could not be read: {type(error).__name__}", "invalid_body"
