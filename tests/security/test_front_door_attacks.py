@@ -17,8 +17,10 @@ is set lower for the test (`limits.head_timeout`, `limits.body_timeout`).
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -34,7 +36,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import RunningGateway, fake_model, free_port
+from tests.conftest import RunningGateway, fake_model, free_port, processes_with
 from tests.security.front_door import DOORS, door_settings, open_socket
 from tests.security.keys import auth_settings
 
@@ -275,6 +277,63 @@ def test_four_unauthenticated_4_mib_bodies_are_refused_before_any_parse(gateway_
     assert statistics.median(latencies) < 0.1, latencies
 
 
+@contextmanager
+def served_by_script(tmp_path: Path, cwd: Path, **settings: Any) -> Iterator[tuple[Any, str]]:
+    """`modelyard serve` as an operator starts it (the installed script), from `cwd`, in a
+    session of its own (so the test can signal its whole process group), with one test engine;
+    stopped with SIGTERM after the block, and no engine of it left running."""
+    port = free_port()
+    marker = f"frontdoor-{tmp_path.name}-{port}"
+    chat = fake_model("chat")
+    chat["command"] = [*chat["command"], "--root", marker]
+    config = {
+        "listen": f"127.0.0.1:{port}",
+        "state_dir": str(tmp_path / "state"),
+        "models": {"chat": chat},
+        **settings,
+    }
+    config_path = tmp_path / "modelyard.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    script = Path(sys.executable).parent / "modelyard"
+    process = subprocess.Popen(
+        [str(script), "serve", "-c", str(config_path)],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as answer:
+                    assert answer.status == 200
+                break
+            except OSError:
+                assert process.poll() is None, process.communicate()[0]
+                assert time.monotonic() < deadline, "the gateway did not start"
+                time.sleep(0.1)
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.terminate()
+        process.wait(timeout=30)
+        leaked = processes_with(marker)
+        for pid in leaked:
+            os.kill(pid, signal.SIGKILL)
+        assert not leaked, f"engine processes leaked: {leaked}"
+
+
+def chat_request(url: str, **fields: Any) -> urllib.request.Request:
+    return urllib.request.Request(
+        url + "/v1/chat/completions",
+        data=json.dumps({**CHAT, **fields}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+
+
 def test_a_planted_modelyard_folder_in_the_working_directory_is_never_run(tmp_path):
     """The gateway started as an operator starts it (the `modelyard` script) from a directory
     that holds a `modelyard/` package: nothing of that package runs, in the gateway or any
@@ -290,48 +349,49 @@ def test_a_planted_modelyard_folder_in_the_working_directory_is_never_run(tmp_pa
     (planted / "proxy").mkdir()
     (planted / "proxy" / "__init__.py").write_text(code)
     (planted / "proxy" / "worker_lane.py").write_text(code)
-    port = free_port()
-    state = tmp_path / "state"
-    config = {
-        "listen": f"127.0.0.1:{port}",
-        "state_dir": str(state),
-        "proxy_workers": 2,
-        "models": {"chat": fake_model("chat")},
-    }
-    config_path = tmp_path / "modelyard.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    script = Path(sys.executable).parent / "modelyard"
-    process = subprocess.Popen(
-        [str(script), "serve", "-c", str(config_path)],
-        cwd=planted.parent,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as answer:
-                    assert answer.status == 200
-                break
-            except OSError:
-                assert process.poll() is None, process.communicate()[0]
-                assert time.monotonic() < deadline, "the gateway did not start"
-                time.sleep(0.1)
-        sent = urllib.request.Request(
-            url + "/v1/chat/completions",
-            data=json.dumps(CHAT).encode(),
-            headers={"Content-Type": "application/json"},
-        )
+    with served_by_script(tmp_path, planted.parent, proxy_workers=2) as (_, url):
         for _ in range(6):  # on new connections: any process on the port gets some
-            with urllib.request.urlopen(sent, timeout=30) as answer:
+            with urllib.request.urlopen(chat_request(url), timeout=30) as answer:
                 assert answer.status == 200
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
     assert not marker.exists(), "code from the planted modelyard/ folder ran"
+
+
+def test_a_sighup_to_the_process_group_cuts_no_stream(tmp_path):
+    """What a closed terminal sends: SIGHUP to the gateway's whole process group while six
+    streams are in flight, each on its own connection. The gateway reloads its config; every
+    stream comes whole, without an error event, and the gateway serves on. (With
+    `proxy_workers`, it killed every worker, cutting their streams, while the gateway itself
+    reloaded; the setting is kept here for that reason.)"""
+    with served_by_script(tmp_path, tmp_path, proxy_workers=2) as (process, url):
+        with urllib.request.urlopen(chat_request(url), timeout=30) as answer:
+            assert answer.status == 200  # the engine is up
+        streamed: list[bytes] = []
+
+        def stream() -> None:
+            request = chat_request(url, stream=True, fake_chunks=30, fake_chunk_delay=0.05)
+            try:
+                with urllib.request.urlopen(request, timeout=30) as answer:
+                    streamed.append(answer.read())
+            except (OSError, http.client.HTTPException) as error:
+                streamed.append(repr(error).encode())
+
+        readers = [threading.Thread(target=stream) for _ in range(6)]
+        for reader in readers:
+            reader.start()
+        time.sleep(0.5)  # about ten events in
+        os.killpg(process.pid, signal.SIGHUP)
+        for reader in readers:
+            reader.join(timeout=30)
+        assert len(streamed) == 6
+        for answer in streamed:
+            events = [line for line in answer.split(b"\n") if line.startswith(b"data: ")]
+            assert events, answer[-300:]
+            assert events[-1] == b"data: [DONE]", answer[-300:]
+            assert not any(b'"error"' in event for event in events)
+            assert sum(b'"choices"' in event for event in events) >= 30
+        assert process.poll() is None
+        with urllib.request.urlopen(chat_request(url), timeout=30) as answer:
+            assert answer.status == 200
 
 
 HOSTILE: list[bytes] = [
