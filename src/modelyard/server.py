@@ -116,9 +116,7 @@ async def run_gateway(
         await gateway.start()
         app = build_app(gateway)
         gateway.reload_hooks.append(_live_settings(log_level))
-        served = await serve_app(
-            gateway, app, config.host, config.port, certificate, log_level=log_level
-        )
+        served = await serve_app(gateway, app, config.host, config.port, certificate)
         keep_startup_heap()
         if ready_message:
             scheme = "https" if certificate is not None else "http"
@@ -163,7 +161,6 @@ async def serve_app(
     host: str,
     port: int,
     certificate: ServerCertificate | None = None,
-    log_level: str = "INFO",
 ) -> ServedApp:
     """Listen on host:port as `modelyard serve` does: aiohttp's server with the connection
     limits of `limits:` and OpenAI-shaped protocol errors, with or without TLS

@@ -388,3 +388,33 @@ async def test_a_burst_of_streams_is_served_whole_and_its_engine_connections_let
         assert len(streams) == 300
         assert {record.status for record in streams} == {200}
         assert harness.gateway.scheduler.load_counts("chat") == (0, 0)
+
+
+async def test_oversized_and_too_many_headers_get_openai_errors_that_quote_nothing(tmp_path):
+    """The parser's own refusals (api/http_layer.py): a header past 8,190 bytes, more than 100
+    headers. A 400 in OpenAI's shape that quotes none of the request (a key in an oversized
+    header must not come back, nor reach the log), and the connection closed."""
+    async with in_process_gateway(tmp_path, {"chat": engine_model(served_name="chat")}) as harness:
+        await asyncio.to_thread(_oversized_and_too_many_headers, harness)
+
+
+def _oversized_and_too_many_headers(gateway) -> None:
+    secret = "sk-" + "s" * 9000
+    body = json.dumps(CHAT).encode()
+    cases = {
+        "too long": request("/v1/chat/completions", body, f"Authorization: Bearer {secret}"),
+        "too many headers": request(
+            "/v1/chat/completions", body, *(f"X-Extra-{n}: {n}" for n in range(150))
+        ),
+    }
+    for reason, raw in cases.items():
+        with connect(gateway.url) as sock:
+            sock.sendall(raw)
+            [(status, answer)] = read_answers(sock, 1)
+            sock.settimeout(5)
+            assert sock.recv(1) == b""  # closed after the refusal
+        assert status == 400
+        error = json.loads(answer)["error"]
+        assert error["code"] == "bad_request"
+        assert reason in error["message"], error
+        assert "sssss" not in answer.decode()
