@@ -85,12 +85,15 @@ HUGE = 10**15  # a budget and a tokens-per-minute limit that are checked but nev
 
 
 def start_gateway(
-    workdir: Path, keyed: bool = False, env: dict[str, str] | None = None
+    workdir: Path,
+    keyed: bool = False,
+    env: dict[str, str] | None = None,
+    name: str | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """A gateway on the benchmark's engines; `env`: variables added to this process's."""
     port = free_port()
     upstream = str(ROOT / "bench" / "upstream_nginx.sh")
-    name = "keyed" if keyed else "bench"
+    name = name or ("keyed" if keyed else "bench")
     config: dict[str, Any] = {
         "listen": f"127.0.0.1:{port}",
         "state_dir": str(workdir / f"state-{name}"),
@@ -387,6 +390,11 @@ def main() -> None:
         help="also the HTTP server candidates of issue 21 (bench/front_door_relay.py on "
         "aiohttp alone, uvicorn+httptools+uvloop, granian RSGI)",
     )
+    parser.add_argument(
+        "--baseline-src",
+        help="also a keyless modelyard run from this source folder (`modelyard before`), e.g. "
+        "the src/ of `git archive <commit> src`",
+    )
     parser.add_argument("--no-slow", action="store_true", help="skip the slow streams")
     parser.add_argument("--no-scaling", action="store_true", help="skip core scaling")
     parser.add_argument("--json", help="also write the results to this file")
@@ -416,6 +424,21 @@ def main() -> None:
                     {"Authorization": f"Bearer {ADMIN_KEY}"},
                     client_headers={"Authorization": f"Bearer {CLIENT_KEY}"},
                     keyed=True,
+                )
+            )
+        if args.baseline_src:
+            # The same gateway from another source tree (an older commit's `src`), keyless,
+            # beside this one: a before/after measured in one run.
+            source = str(Path(args.baseline_src).resolve())
+            proxies.append(
+                second_gateway(
+                    "modelyard before",
+                    workdir,
+                    started,
+                    upstream_trees,
+                    {},
+                    env={"PYTHONPATH": source},
+                    name="baseline",
                 )
             )
         routers = {
