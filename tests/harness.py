@@ -39,7 +39,6 @@ from modelyard.api.app import build_app
 from modelyard.config import parse_config
 from modelyard.engines.base import LaunchSpec, served_name
 from modelyard.gateway import Gateway
-from modelyard.proxy.fastpath import FastLane
 from modelyard.runtime.process import EngineStartError
 from modelyard.server import ServedApp, serve_app
 from tests import fake_gpu
@@ -489,9 +488,8 @@ def engine_model(**settings: Any) -> dict[str, Any]:
 
 class GatewayServer(TestServer):
     """The app served as `modelyard serve` serves it (src/modelyard/server.py's `serve_app`,
-    minus signals and TLS): aiohttp's protocol with OpenAI-shaped protocol errors, behind the
-    fast lane that takes the common keyless POSTs. So a test here covers the path a real
-    client's request takes."""
+    minus signals and TLS): aiohttp's server with the connection limits and OpenAI-shaped
+    protocol errors. So a test here covers the path a real client's request takes."""
 
     def __init__(self, gateway: Gateway, app: web.Application) -> None:
         super().__init__(app)
@@ -506,10 +504,6 @@ class GatewayServer(TestServer):
         self.port = self.served.port
         self.scheme = "http"
         self._root = URL(f"http://127.0.0.1:{self.port}")
-
-    @property
-    def lane(self) -> FastLane | None:
-        return self.served.lane if self.served is not None else None
 
     async def close(self) -> None:
         if self.started and not self.closed:
