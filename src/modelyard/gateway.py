@@ -45,6 +45,7 @@ from modelyard.runtime.vllm_sleep import VllmSleepControl
 from modelyard.scheduler.scheduler import Scheduler
 from modelyard.scheduler.supervisor import EngineHandle, EngineStarter, ModelState, SleepControl
 from modelyard.scheduler.watchdog import EngineWatchdog, WatchdogSettings, health_probe
+from modelyard.sharing.fair_queue import FairQueues
 from modelyard.state import SetAside, StateDirectory
 
 if TYPE_CHECKING:  # Ray is imported only when the config says `runtime: ray`
@@ -94,6 +95,8 @@ class Gateway:
     reload_hooks: list[Callable[[GatewayConfig], None]] = field(default_factory=list)
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     cluster: RayCluster | None = None
+    # Requests beyond a model's max_in_flight wait here, served fairly across keys.
+    fair_queues: FairQueues = field(default_factory=FairQueues)
 
     def __post_init__(self) -> None:
         # The config file's `listen` (it differs from config.listen when --host or --port
@@ -198,6 +201,10 @@ class Gateway:
             self.auth.ledger.start()
         self.preload(self.config.models)
         self._in_background(self._watch_down_remotes())
+
+    def in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` as a task the gateway cancels when it closes."""
+        self._in_background(work)
 
     def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)

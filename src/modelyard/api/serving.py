@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import time
+from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
@@ -29,6 +30,7 @@ from modelyard.api.bodies import (
 )
 from modelyard.api.errors import ApiError, unavailable, with_log_tail
 from modelyard.api.guards import canonical_of
+from modelyard.api.turns import after_request, end_turn, shape_body, take_turn
 from modelyard.auth.principal import Principal
 from modelyard.gateway import Gateway
 from modelyard.lora.manager import AdapterError
@@ -71,12 +73,25 @@ async def openai_model_route(request: web.Request) -> web.StreamResponse:
 
 
 def _resolve_listing(request: web.Request, gateway: Gateway, name: str) -> Target:
-    try:
-        target = gateway.scheduler.resolve(name)
-    except UnknownModel:
-        raise not_found(name, usable_names(gateway, principal_of(request))) from None
+    target = resolve_public(gateway, name)
+    if target is None:
+        raise not_found(name, usable_names(gateway, principal_of(request)))
     _require(request, gateway, target)
     return target
+
+
+def resolve_public(gateway: Gateway, name: str) -> Target | None:
+    """What a name a client sends serves: a model, alias, adapter or served name (the
+    scheduler's), or a variant (the same engine under another name with its own params)."""
+    try:
+        return gateway.scheduler.resolve(name)
+    except UnknownModel:
+        pass
+    for model_name, model in gateway.config.models.items():
+        if name in model.variants:
+            base = gateway.scheduler.resolve(model_name)
+            return replace(base, public_name=name)
+    return None
 
 
 async def seed_route(request: web.Request) -> web.StreamResponse:
@@ -165,8 +180,9 @@ async def proxy_json(
     the engine serves the model that was authorised."""
     _require(request, gateway, target)
     require_engine_path(request, path)
+    shaped = shape_body(gateway, principal_of(request), target, payload)
     usage_added = ask_stream_for_usage(path, payload)
-    if payload.get("model") != target.upstream_name or usage_added:
+    if payload.get("model") != target.upstream_name or usage_added or shaped.changed:
         payload["model"] = target.upstream_name
         body = json.dumps(payload).encode()
     replacements = model_name_replacements(target.upstream_name, target.public_name)
@@ -183,9 +199,12 @@ async def proxy_json(
         )
 
     rewrite = (lambda data: rewrite_model_in_json(data, replacements)) if replacements else None
-    return await _forward(
-        request, gateway, target, path, body, route_label, transformer, rewrite, tokens
-    )
+    try:
+        return await _forward(
+            request, gateway, target, path, body, route_label, transformer, rewrite, tokens
+        )
+    finally:
+        after_request(gateway, target.model, shaped.keep_alive)
 
 
 async def proxy_raw(
@@ -297,6 +316,10 @@ async def _forward(
         if target.adapter is not None:
             gateway.lora_manager().check(target)  # a bad adapter never starts the engine
         async with contextlib.AsyncExitStack() as stack:
+            # A fair turn first (a model at its max_in_flight), then the engine: a request
+            # waiting its turn does not hold the engine, nor start one.
+            turn = await take_turn(gateway, principal_of(request), target.model)
+            stack.callback(end_turn, gateway, turn)
             engine = await stack.enter_async_context(gateway.scheduler.engine_for(target.model))
             if target.adapter is not None:  # the adapter stays loaded while it serves
                 await stack.enter_async_context(gateway.lora_manager().use(target, engine))
@@ -375,21 +398,35 @@ async def _forward(
 
 
 def model_listing(
-    gateway: Gateway, only: str | None = None, principal: Principal | None = None
+    gateway: Gateway,
+    only: str | None = None,
+    principal: Principal | None = None,
+    include_unlisted: bool = False,
 ) -> dict[str, Any]:
     """GET /v1/models: every configured name the key may use, answered at once (never waits
-    for an engine)."""
+    for an engine). OpenAI's fields first, then the gateway's own (`model_card`)."""
     scheduler = gateway.scheduler
     created = int(gateway.started_at)
+    names: list[tuple[str, str | None]] = [(public, None) for public in scheduler.public_names()]
+    names += [
+        (variant, model)
+        for model, config in gateway.config.models.items()
+        for variant in config.variants
+    ]
     data = []
-    for public in scheduler.public_names():
-        target = scheduler.resolve(public)
+    for public, variant_of in sorted(names):
+        target = resolve_public(gateway, public)
+        if target is None:
+            continue
         if only is not None and target.model != only:
             continue
         if principal is not None and not may_use(principal, target):
             continue
         if target.adapter is not None and not gateway.adapter_servable(target.adapter):
             continue  # refused adapters answer requests with their problem, but are not listed
+        config = gateway.config.models[target.model]
+        if config.unlisted and not include_unlisted:
+            continue
         entry: dict[str, Any] = {
             "id": public,
             "object": "model",
@@ -397,12 +434,39 @@ def model_listing(
             "owned_by": "modelyard",
             "root": target.model,
             "parent": target.model if target.adapter else None,
-            "state": scheduler.state_of(target.model).value,
+            **model_card(gateway, target.model),
         }
-        if public != target.model and target.adapter is None:
+        if variant_of is not None:
+            entry["variant_of"] = variant_of
+        elif public != target.model and target.adapter is None:
             entry["alias_of"] = target.model
         data.append(entry)
     return {"object": "list", "data": data}
+
+
+def model_card(gateway: Gateway, model: str) -> dict[str, Any]:
+    """The gateway's fields of a model's listing: names, context length, what it can do and
+    whether its engine runs now."""
+    config = gateway.config.models[model]
+    context = config.context_length or config.max_model_len
+    if context is None and config.engine == "vllm":
+        context = gateway.config.defaults.max_model_len
+    card: dict[str, Any] = {
+        "display_name": config.display_name or model,
+        "description": config.description,
+        "context_length": context,
+        "capabilities": list(config.capabilities or default_capabilities(config.engine)),
+        "state": gateway.scheduler.state_of(model).value,
+    }
+    if config.unlisted:
+        card["unlisted"] = True
+    return card
+
+
+def default_capabilities(engine: str) -> tuple[str, ...]:
+    # What the engine kind serves without knowing the weights: vLLM and OpenAI-compatible
+    # servers serve completions; the built-in diffusion server makes images.
+    return ("image",) if engine == "diffusion" else ("chat", "completion")
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -414,7 +478,7 @@ async def get_model(request: web.Request) -> web.Response:
     gateway = gateway_of(request)
     name = request.match_info["name"]
     target = _resolve_listing(request, gateway, name)
-    listing = model_listing(gateway)["data"]
+    listing = model_listing(gateway, include_unlisted=True)["data"]
     for entry in listing:
         if entry["id"] == name:
             return web.json_response(entry)

@@ -135,7 +135,13 @@ class Authenticator:
                 rpm=api_key.rpm,
             )
         self.usage.count_request(api_key.name)
-        return Principal(api_key.name, api_key.admin, api_key.models, metrics=api_key.metrics)
+        return Principal(
+            api_key.name,
+            api_key.admin,
+            api_key.models,
+            metrics=api_key.metrics,
+            share=api_key.share,
+        )
 
     def note_refusal(self, method: str, path: str, remote: str | None, code: str) -> None:
         """Log a refused request, throttled: a scanner must not fill the disk with lines."""
@@ -170,6 +176,10 @@ class Authenticator:
             "models": list(key.models),
             "rpm": key.rpm,
             "tpm": key.tpm,
+            "weight": key.share.weight,
+            "priority": key.share.priority,
+            "max_in_flight": key.share.max_in_flight,
+            "keep_alive": key.share.keep_alive,
             "budget": self.ledger.budget_report(key),
             "expires_at": key.expires_at,
             "expired": self.runtime_keys.expired(key),

@@ -8,6 +8,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from modelyard.auth.principal import DEFAULT_SHARE, ShareTerms
 from modelyard.config.schema import ApiKeyConfig
 
 KEY_PREFIX = "my-"  # recognisable in a leaked paste, like OpenAI's "sk-"
@@ -51,6 +52,7 @@ class ApiKey:
     expires_at: float | None = None  # wall-clock time; runtime keys only
     revoked: bool = False  # runtime keys only: kept for the record, refused at once
     runtime: bool = False  # made through the admin API, not written in the config
+    share: ShareTerms = DEFAULT_SHARE  # weight, priority, max_in_flight, keep_alive
 
 
 class KeyRing:
@@ -68,6 +70,7 @@ class KeyRing:
                 tpm=key.tpm,
                 token_budget=key.token_budget,
                 budget_period=key.budget_period,
+                share=ShareTerms(key.weight, key.priority, key.max_in_flight, key.keep_alive),
             )
             for key in keys
         )

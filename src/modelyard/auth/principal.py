@@ -7,11 +7,25 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
+class ShareTerms:
+    """How a key shares busy engines with other keys (`admission.fair_queue`)."""
+
+    weight: float = 1.0  # its share of a busy model's slots against keys of the same priority
+    priority: int = 0  # lower is served first, as vLLM's `priority` field
+    max_in_flight: int | None = None  # the most of its requests in flight at once, all models
+    keep_alive: bool = True  # may send `keep_alive` (keep an engine loaded, or stop it)
+
+
+DEFAULT_SHARE = ShareTerms()
+
+
+@dataclass(frozen=True)
 class Principal:
     name: str
     admin: bool
     model_patterns: tuple[str, ...] = field(default=("*",))
     metrics: bool = False  # a scraper's key: /metrics and /metrics/engines
+    share: ShareTerms = DEFAULT_SHARE
 
     @property
     def unrestricted(self) -> bool:

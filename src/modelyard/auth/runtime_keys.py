@@ -12,12 +12,13 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from modelyard.auth.keys import ApiKey, generate_key, key_digest, raw_digest
+from modelyard.auth.principal import DEFAULT_SHARE, ShareTerms
 from modelyard.state import StateDatabase
 
 MIGRATIONS = [
@@ -36,6 +37,8 @@ MIGRATIONS = [
         revoked_at REAL
     )
     """,
+    # How the key shares busy engines: {"weight", "priority", "max_in_flight", "keep_alive"}.
+    "ALTER TABLE runtime_keys ADD COLUMN sharing TEXT",
 ]
 
 # Usage without a key is counted under these names; a key may not take them.
@@ -58,6 +61,10 @@ class KeyFields(BaseModel):
     expires_at: float | None = Field(default=None, ge=0, description="Unix time")
     expires_in: float | None = Field(default=None, gt=0, description="seconds from now")
     admin: bool | None = None
+    weight: float | None = Field(default=None, gt=0, le=1000)
+    priority: int | None = Field(default=None, ge=-1000, le=1000)
+    max_in_flight: int | None = Field(default=None, ge=0, description="0 or null: no limit")
+    keep_alive: bool | None = None
 
     @field_validator("models")
     @classmethod
@@ -193,7 +200,16 @@ class RuntimeKeyStore:
             updates["expires_at"] = self._clock() + fields.expires_in
         if "admin" in given and fields.admin is not None:
             updates["admin"] = fields.admin
-        return replace(key, **updates)
+        share = key.share
+        if "weight" in given:
+            share = replace(share, weight=fields.weight or 1.0)
+        if "priority" in given:
+            share = replace(share, priority=fields.priority or 0)
+        if "max_in_flight" in given:
+            share = replace(share, max_in_flight=fields.max_in_flight or None)
+        if "keep_alive" in given:
+            share = replace(share, keep_alive=fields.keep_alive is not False)
+        return replace(key, **updates, share=share)
 
     def _remember(self, key: ApiKey, created_at: float) -> None:
         old = self._by_name.get(key.name)
@@ -218,15 +234,17 @@ class RuntimeKeyStore:
             int(key.admin),
             created_at,
             revoked_at,
+            json.dumps(asdict(key.share)),
         )
         self._database.write(
             lambda connection: connection.execute(
                 "INSERT INTO runtime_keys (name, sha256, models, rpm, tpm, token_budget, "
-                "budget_period, expires_at, admin, created_at, revoked_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                "budget_period, expires_at, admin, created_at, revoked_at, sharing) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
                 "models = excluded.models, rpm = excluded.rpm, tpm = excluded.tpm, "
                 "token_budget = excluded.token_budget, budget_period = excluded.budget_period, "
                 "expires_at = excluded.expires_at, admin = excluded.admin, "
+                "sharing = excluded.sharing, "
                 "revoked_at = COALESCE(excluded.revoked_at, runtime_keys.revoked_at)",
                 row,
             )
@@ -246,4 +264,5 @@ def _from_row(row: Any) -> ApiKey:
         expires_at=row["expires_at"],
         revoked=row["revoked_at"] is not None,
         runtime=True,
+        share=ShareTerms(**json.loads(row["sharing"])) if row["sharing"] else DEFAULT_SHARE,
     )

@@ -16,6 +16,9 @@ from modelyard.config.state_home import default_state_dir
 from modelyard.config.units import ByteSize, Duration
 
 EngineKindName = Literal["vllm", "command", "diffusion", "remote"]
+Capability = Literal[
+    "chat", "completion", "embedding", "rerank", "audio", "image", "tools", "vision"
+]
 # Engine kinds the gateway starts and stops itself (a remote one runs elsewhere).
 STARTED_KINDS = ("vllm", "command", "diffusion")
 
@@ -66,6 +69,32 @@ class LoraConfig(StrictModel):
             if "/" in name:
                 raise ValueError(f"adapter name {name!r} may not contain '/'")
         return adapters
+
+
+# Fields no request policy may touch: they pick the engine, the stream's shape or the key.
+_POLICY_FORBIDDEN = frozenset({"model", "stream", "keep_alive"})
+
+
+class ParamsConfig(StrictModel):
+    """A model's request policy, applied to every JSON request body it serves."""
+
+    set: dict[str, object] = Field(
+        default_factory=dict, description="fields forced on every request (the client's replaced)"
+    )
+    default: dict[str, object] = Field(
+        default_factory=dict, description="fields used when the client sends none of its own"
+    )
+    strip: list[str] = Field(
+        default_factory=list, description="fields removed from every request before the engine"
+    )
+
+    @model_validator(mode="after")
+    def _no_routing_fields(self) -> ParamsConfig:
+        named = {*self.set, *self.default, *self.strip}
+        touched = sorted(named & _POLICY_FORBIDDEN)
+        if touched:
+            raise ValueError(f"params may not set, default or strip {', '.join(touched)}")
+        return self
 
 
 class ModelConfig(StrictModel):
@@ -126,6 +155,39 @@ class ModelConfig(StrictModel):
     sleep: Literal[0, 1, 2] = Field(default=0, description="vLLM sleep level when idle; 0 = never")
     # Back-pressure.
     max_queue: int | None = Field(default=None, ge=0, description="requests waiting for a start")
+    max_in_flight: int | None = Field(
+        default=None,
+        ge=1,
+        description="most requests sent to the engine at once; more wait at the gateway, "
+        "served fairly across keys",
+    )
+    # Sharing: request policy, variants, metadata.
+    params: ParamsConfig = Field(
+        default_factory=ParamsConfig, description="request fields set, defaulted or stripped"
+    )
+    variants: dict[str, ParamsConfig] = Field(
+        default_factory=dict,
+        description="other names for this engine, each with its own params on top of the "
+        "model's (e.g. coder-precise with temperature 0)",
+    )
+    max_keep_alive: Duration | None = Field(
+        default=None,
+        description="largest keep_alive a request may ask for (longer ones are capped); "
+        "unset: requests may not extend the idle timeout",
+    )
+    display_name: str | None = Field(
+        default=None, max_length=200, description="a human name shown in /v1/models"
+    )
+    description: str | None = Field(
+        default=None, max_length=2000, description="shown in /v1/models"
+    )
+    context_length: int | None = Field(
+        default=None, ge=1, description="shown in /v1/models; default max_model_len"
+    )
+    capabilities: list[Capability] | None = Field(
+        default=None, description="shown in /v1/models; default from the engine kind"
+    )
+    unlisted: bool = Field(default=False, description="left out of /v1/models, though still usable")
     lora: LoraConfig | None = Field(default=None, description="LoRA adapters on this base model")
 
     @field_validator("aliases")
@@ -134,6 +196,13 @@ class ModelConfig(StrictModel):
         for alias in aliases:
             check_model_name(alias)
         return aliases
+
+    @field_validator("variants")
+    @classmethod
+    def _variant_names(cls, variants: dict[str, ParamsConfig]) -> dict[str, ParamsConfig]:
+        for name in variants:
+            check_model_name(name)
+        return variants
 
     @field_validator("route")
     @classmethod
@@ -248,6 +317,25 @@ class ApiKeyConfig(StrictModel):
     )
     admin: bool = Field(default=False, description="may use /admin routes and manage keys")
     metrics: bool = Field(default=False, description="may read /metrics and /metrics/engines")
+    weight: float = Field(
+        default=1.0,
+        gt=0,
+        le=1000,
+        description="share of a busy model's slots against other keys at the same priority",
+    )
+    priority: int = Field(
+        default=0,
+        ge=-1000,
+        le=1000,
+        description="lower is served first (vLLM's order); passed to engines started with "
+        "--scheduling-policy priority",
+    )
+    max_in_flight: int | None = Field(
+        default=None, ge=1, description="most of this key's requests in flight at once"
+    )
+    keep_alive: bool = Field(
+        default=True, description="may send keep_alive to keep an engine loaded or stop it"
+    )
 
     @model_validator(mode="after")
     def _metrics_keys_read_only(self) -> ApiKeyConfig:
@@ -517,6 +605,9 @@ class GatewayConfig(StrictModel):
         for name, model in self.models.items():
             for alias in model.aliases:
                 claim(alias, name)
+        for name, model in self.models.items():
+            for variant in model.variants:
+                claim(variant, f"{name} (variant)")
         for name, model in self.models.items():
             # Clients of the seeds 002 and 004 send the engine's own name.
             if model.served_name is not None and model.served_name not in owners:

@@ -85,6 +85,8 @@ class Scheduler:
         self._routes: dict[str, str] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._closing = False
+        # Idle timeouts set by a request's keep_alive (`sharing.keep_alive`), until the next.
+        self._kept_alive: dict[str, float] = {}
         self._deciding = asyncio.Lock()  # one decision at a time: no two plan the same room
         self._changed = asyncio.Event()
         self._start_engine = start_engine
@@ -539,7 +541,7 @@ class Scheduler:
         acted = []
         for supervisor in list(self._supervisors.values()):
             idle = supervisor.idle_for(now)
-            timeout = supervisor.settings.idle_timeout
+            timeout = self._kept_alive.get(supervisor.name, supervisor.settings.idle_timeout)
             if idle is None or timeout <= 0 or idle < timeout:
                 continue
             model = self.config.models[supervisor.name]
@@ -568,6 +570,18 @@ class Scheduler:
     async def load(self, model: str, reason: str = "admin load") -> None:
         supervisor = self._supervisors[model]
         await supervisor.load(self._clock() + supervisor.settings.start_timeout, reason)
+
+    def keep_alive(self, model: str, seconds: float | None) -> None:
+        """The idle timeout a request's keep_alive set for `model`, until the next request
+        sets another (None: the configured one again)."""
+        if seconds is None:
+            self._kept_alive.pop(model, None)
+        else:
+            self._kept_alive[model] = seconds
+
+    async def stop_if_idle(self, model: str, reason: str) -> bool:
+        """Stop the engine unless a request is in flight or waiting for it."""
+        return await self._supervisors[model].stop(reason, if_idle=True)
 
     async def unload(self, model: str, reason: str) -> bool:
         return await self._supervisors[model].stop(reason)

@@ -1,0 +1,1 @@
+"""Sharing busy engines between keys: fair queues, per-model request policy, keep_alive."""
