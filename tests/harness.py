@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
 from aiohttp.test_utils import TestClient, TestServer
 from yarl import URL
 
@@ -67,6 +69,7 @@ class EngineState:
     received: list[dict[str, Any]] = field(default_factory=list)  # the wiretap's record
     disconnects: int = 0
     sleeping: int = 0
+    peak_in_flight: int = 0  # the most requests it served at once
 
 
 class InProcessEngine:
@@ -88,6 +91,9 @@ class InProcessEngine:
         self.state = EngineState()
         self.exited: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.flags = _vllm_flags(spec.argv)
+        # vLLM's --max-num-seqs: the most sequences it runs at once; the others wait in its
+        # own queue (first come, first served, whichever key sent them).
+        self._seqs = asyncio.Semaphore(self.flags.max_num_seqs or 1_000_000)
         # A simulated GPU (tests/fake_gpu.py), as tests/fake_engine.py claims on it.
         gpu_dir = spec.env.get("FAKE_GPU_DIR")
         self.gpu_dir = Path(gpu_dir) if gpu_dir else None
@@ -191,6 +197,12 @@ class InProcessEngine:
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._chat)
+        app.router.add_post("/v1/audio/transcriptions", self._transcribe)
+        app.router.add_post("/v1/audio/translations", self._transcribe)
+        for path in ("/v1/audio/speech", "/v1/rerank", "/v1/score", "/tokenize", "/detokenize"):
+            app.router.add_post(path, self._json_route)
+        app.router.add_post("/v1/responses", self._json_route)
+        app.router.add_post("/v1/messages", self._json_route)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/sleep", self._sleep)
         app.router.add_post("/wake_up", self._wake)
@@ -248,7 +260,20 @@ class InProcessEngine:
         delay = float(body.get("fake_chunk_delay", 0))
         messages = body.get("messages") or [{}]
         text = f"{model} says: {messages[-1].get('content', '')}"  # as tests/fake_engine.py
+        async with self._seqs:
+            return await self._serve_chat(request, body, model, text, chunks, delay)
+
+    async def _serve_chat(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        model: str,
+        text: str,
+        chunks: int,
+        delay: float,
+    ) -> web.StreamResponse:
         self.state.in_flight += 1
+        self.state.peak_in_flight = max(self.state.peak_in_flight, self.state.in_flight)
         try:
             if body.get("stream"):
                 return await self._stream(request, body, model, text, chunks, delay)
@@ -317,6 +342,107 @@ class InProcessEngine:
             self.state.disconnects += 1
             raise
         return response
+
+    async def _transcribe(self, request: web.Request) -> web.Response:
+        """vLLM's Whisper routes: a multipart form with `file` and `model` (and optional
+        `language`, `response_format`...); the answer is `{"text": ...}`."""
+        raw = await request.read()  # read once by the wiretap; parsed here as vLLM would
+        reader = aiohttp.MultipartReader(request.headers, _stream_of(raw))
+        form: dict[str, bytes] = {}
+        while (part := await reader.next()) is not None:
+            assert isinstance(part, aiohttp.BodyPartReader)
+            form[part.name or ""] = await part.read()
+        self.state.requests += 1
+        self.state.last = {
+            "path": request.path,
+            "form": {k: v.decode(errors="replace") for k, v in form.items() if k != "file"},
+            "file_bytes": len(form.get("file", b"")),
+        }
+        model = form.get("model", b"").decode()
+        if model not in (self._served(), *self.state.loras):
+            return _engine_error(404, f"The model `{model}` does not exist.")
+        return web.json_response(
+            {
+                "text": f"{len(form.get('file', b''))} bytes of audio",
+                "usage": {"type": "duration", "seconds": 1},
+            }
+        )
+
+    async def _json_route(self, request: web.Request) -> web.StreamResponse:
+        """vLLM's other model routes, each in its answer's shape (the values made up)."""
+        body = await request.json()
+        self.state.requests += 1
+        self.state.last = {"path": request.path, "body": body, "headers": dict(request.headers)}
+        model = body.get("model")
+        if model not in (self._served(), *self.state.loras):
+            return _engine_error(404, f"The model `{model}` does not exist.")
+        path = request.path
+        if path == "/v1/audio/speech":
+            return web.Response(body=b"RIFF" + bytes(40), content_type="audio/wav")
+        if path == "/tokenize":
+            text = body.get("prompt") or ""
+            tokens = list(range(len(str(text).split())))
+            return web.json_response(
+                {"count": len(tokens), "max_model_len": 4096, "tokens": tokens, "token_strs": None}
+            )
+        if path == "/detokenize":
+            return web.json_response({"prompt": " ".join(f"t{t}" for t in body.get("tokens", []))})
+        if path in ("/v1/rerank", "/v1/score"):
+            documents = body.get("documents") or body.get("text_2") or []
+            results = [
+                {"index": i, "relevance_score": 1.0 / (i + 1), "document": {"text": d}}
+                for i, d in enumerate(documents)
+            ]
+            usage = {"total_tokens": 3 * len(documents)}
+            if path == "/v1/rerank":
+                return web.json_response(
+                    {"id": "rerank-1", "model": model, "usage": usage, "results": results}
+                )
+            data = [{"index": i, "object": "score", "score": 0.5} for i in range(len(documents))]
+            return web.json_response(
+                {"id": "score-1", "object": "list", "model": model, "data": data, "usage": usage}
+            )
+        if path == "/v1/responses":
+            return web.json_response(
+                {
+                    "id": "resp_1",
+                    "object": "response",
+                    "created_at": 0,
+                    "model": model,
+                    "status": "completed",
+                    "output": [
+                        {
+                            "id": "msg_1",
+                            "type": "message",
+                            "role": "assistant",
+                            "status": "completed",
+                            "content": [
+                                {
+                                    "type": "output_text",
+                                    "text": f"{model} says: hi",
+                                    "annotations": [],
+                                }
+                            ],
+                        }
+                    ],
+                    "usage": {"input_tokens": 5, "output_tokens": 3, "total_tokens": 8},
+                }
+            )
+        # /v1/messages: Anthropic's Messages shape, as vLLM's Anthropic-compatible route.
+        messages = body.get("messages") or [{}]
+        content = messages[-1].get("content", "")
+        return web.json_response(
+            {
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": [{"type": "text", "text": f"{model} says: {content}"}],
+                "stop_reason": "end_turn",
+                "stop_sequence": None,
+                "usage": {"input_tokens": 5, "output_tokens": 3},
+            }
+        )
 
     async def _metrics(self, request: web.Request) -> web.Response:
         """A few of vLLM's own `vllm:` metrics in its exposition format (tests/fake_engine.py's)."""
@@ -432,6 +558,7 @@ class VllmFlags:
     sleep_residual: float = 0.05  # tests/fake_engine.py's: the share a sleeping engine keeps
     ready_delay: float = 0.0
     min_bytes: int = 0
+    max_num_seqs: int | None = None
 
 
 def _vllm_flags(argv: list[str]) -> VllmFlags:
@@ -441,6 +568,7 @@ def _vllm_flags(argv: list[str]) -> VllmFlags:
     parser.add_argument("--sleep-residual", type=float, default=0.05)
     parser.add_argument("--ready-delay", type=float, default=0.0)
     parser.add_argument("--fake-min-bytes", type=int, default=0)
+    parser.add_argument("--max-num-seqs", type=int, default=None)
     known, _ = parser.parse_known_args(argv)
     return VllmFlags(
         known.gpu_memory_utilization,
@@ -448,7 +576,16 @@ def _vllm_flags(argv: list[str]) -> VllmFlags:
         known.sleep_residual,
         known.ready_delay,
         known.fake_min_bytes,
+        known.max_num_seqs,
     )
+
+
+def _stream_of(raw: bytes) -> aiohttp.StreamReader:
+    loop = asyncio.get_running_loop()
+    stream = aiohttp.StreamReader(BaseProtocol(loop), limit=2**16, loop=loop)
+    stream.feed_data(raw)
+    stream.feed_eof()
+    return stream
 
 
 def _engine_error(status: int, message: str) -> web.Response:

@@ -81,6 +81,9 @@ def build_app(gateway: Gateway, middlewares: list[Middleware] | None = None) -> 
     router.add_get("/v1/models", serving.list_models)
     router.add_get("/v1/models/{name:.+}", serving.get_model)
     router.add_post("/v1/{tail:.+}", serving.openai_model_route)
+    for path in ("/tokenize", "/detokenize", "/rerank", "/v2/rerank", "/score", "/pooling"):
+        router.add_post(path, serving.openai_model_route)  # vLLM's routes outside /v1
+    router.add_post("/classify", serving.openai_model_route)
     router.add_get("/gateway/status", status.gateway_status)
     admin.add_routes(router)
     adapters.add_routes(router)  # /admin/adapters

@@ -30,6 +30,13 @@ from modelyard.api.bodies import (
 )
 from modelyard.api.errors import ApiError, unavailable, with_log_tail
 from modelyard.api.guards import canonical_of
+from modelyard.api.model_routes import (
+    MULTIPART_ROUTES,
+    check_route,
+    multipart_model,
+    route_label,
+    with_model_field,
+)
 from modelyard.api.turns import after_request, end_turn, shape_body, take_turn
 from modelyard.auth.principal import Principal
 from modelyard.gateway import Gateway
@@ -60,15 +67,49 @@ def _require(request: web.Request, gateway: Gateway, target: Target) -> None:
 
 
 async def openai_model_route(request: web.Request) -> web.StreamResponse:
-    """POST /v1/<anything>: the `model` field picks the engine."""
+    """POST to an engine route (`/v1/chat/completions`, `/tokenize`, `/v1/audio/...`): the
+    request's model picks the engine; routes the gateway does not know are a 404."""
     gateway = gateway_of(request)
+    path = canonical_of(request).path  # exactly as checked and as forwarded
+    check_route(path)
     body = await read_body(request, gateway.config.limits)  # 413 first
+    if path in MULTIPART_ROUTES:
+        content_type = request.headers.get("Content-Type", "")
+        target = _resolve_listing(request, gateway, await multipart_model(body, content_type))
+        return await proxy_multipart(request, gateway, target, path, body, content_type)
     require_json_content_type(request)
     payload = parse_json_object(body)
     target = _resolve_listing(request, gateway, model_field(payload))
-    path = canonical_of(request).path  # "/v1/..." exactly as checked and as forwarded
-    return await proxy_json(
-        request, gateway, target, path, payload, body, "/v1/" + path[4:].split("/")[0]
+    return await proxy_json(request, gateway, target, path, payload, body, route_label(path))
+
+
+async def proxy_multipart(
+    request: web.Request,
+    gateway: Gateway,
+    target: Target,
+    path: str,
+    body: bytes,
+    content_type: str,
+) -> web.StreamResponse:
+    """Forward a multipart upload (audio), its `model` field set to the engine's own name."""
+    _require(request, gateway, target)
+    headers: dict[str, str] = {}
+    if (await multipart_model(body, content_type)) != target.upstream_name:
+        body, headers["Content-Type"] = await with_model_field(
+            body, content_type, target.upstream_name
+        )
+    tokens = TokenCount(gateway, principal_of(request).name, target.model)
+    return await _forward(
+        request,
+        gateway,
+        target,
+        path,
+        body,
+        route_label(path),
+        lambda: None,
+        None,
+        tokens,
+        headers,
     )
 
 
@@ -304,6 +345,7 @@ async def _forward(
     transformer: Any,
     rewrite: Any,
     tokens: TokenCount,
+    extra_headers: dict[str, str] | None = None,
 ) -> web.StreamResponse:
     started = time.perf_counter()
     status = 500
@@ -330,8 +372,15 @@ async def _forward(
                 engine.base_url + engine_path(path) + (f"?{query}" if query else ""),
                 encoded=True,
             )
+            headers = {**extra_headers, **engine.upstream_headers} if extra_headers else None
             response, outcome = await gateway.upstream.forward(
-                request, url, body, transformer, rewrite, outcome, engine.upstream_headers
+                request,
+                url,
+                body,
+                transformer,
+                rewrite,
+                outcome,
+                headers or engine.upstream_headers,
             )
             status, first_byte, streamed = outcome.status, outcome.first_byte_s, outcome.streamed
             if outcome.upstream_broke:

@@ -118,13 +118,19 @@ class FairQueues:
             self._dispatch(queue)
         counts = queue.counts.setdefault(key, KeyCounts())
         now = self._clock()
-        if self._has_room(queue, key):
-            return self._grant(queue, key, counts, now)
+        room = self._has_room(queue, key)
         waiting = queue.waiting()
-        if waiting >= max_waiting:
+        if not room and waiting >= max_waiting:
             raise QueueFull(model, waiting, self._retry_after(queue, waiting))
+        # Requests sent at once are tagged too: a key's share counts all it sent, so a
+        # backlog's first requests (sent before anything waited) are not free.
         start = max(queue.virtual_time, queue.finish_tags.get(key, 0.0))
         queue.finish_tags[key] = start + 1.0 / share.weight
+        if room:
+            # Served now, so the model's virtual time is this request's: a key that used an
+            # idle engine alone is not held back for it once others arrive.
+            queue.virtual_time = max(queue.virtual_time, start)
+            return self._grant(queue, key, counts, now)
         waiter = _Waiter(
             key,
             share.priority,

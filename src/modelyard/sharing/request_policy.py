@@ -48,10 +48,14 @@ def apply_policy(payload: dict[str, Any], layers: list[ParamsConfig]) -> bool:
 
 
 def schedules_by_priority(model: ModelConfig, defaults: DefaultsConfig) -> bool:
-    """Whether the model's vLLM engine runs with `--scheduling-policy priority`."""
-    if model.engine != "vllm":
+    """Whether the model's engine is started with vLLM's `--scheduling-policy priority` (in
+    its args, or in the command of a vLLM started by `engine: command`)."""
+    if model.engine == "vllm":
+        args = [*defaults.args, *model.args]
+    elif model.engine == "command":
+        args = [*(model.command or []), *model.args]
+    else:
         return False
-    args = [*defaults.args, *model.args]
     for index, arg in enumerate(args):
         if arg == "--scheduling-policy=priority":
             return True
