@@ -28,6 +28,7 @@ from modelyard.observability.events import EventBus
 from modelyard.observability.key_metrics import KeyUsageCollector
 from modelyard.observability.metrics import GatewayMetrics
 from modelyard.observability.node_metrics import NodeCollector
+from modelyard.observability.queue_metrics import KeyQueueCollector
 from modelyard.observability.requests import RequestObserver, RequestRecord
 from modelyard.placement.coordinator import PlacementCoordinator
 from modelyard.placement.footprints import FootprintStore
@@ -108,6 +109,7 @@ class Gateway:
         self.events.add_sink(log_event)
         self.request_observers += [self.metrics.observe_request, log_request]
         self.metrics.registry.register(KeyUsageCollector(lambda: self.auth))
+        self.metrics.registry.register(KeyQueueCollector(self.fair_queues.counts))
         if self.cluster is not None:
             self.metrics.registry.register(
                 NodeCollector(self.node_status, self.gpu_status, self._model_nodes)
@@ -373,6 +375,23 @@ class Gateway:
 
     def model_status(self, name: str) -> dict[str, object]:
         status = self.scheduler.model_status(name)
+        # The fair queue in front of the engine: its limit and each key's share of it.
+        model = self.config.models.get(name)  # None while a reload retires it
+        status["max_in_flight"] = model.max_in_flight if model is not None else None
+        status["waiting_turn"] = self.fair_queues.waiting(name)
+        status["keys"] = {
+            key: {
+                "waiting": counts.waiting,
+                "in_flight": counts.in_flight,
+                "served": counts.served,
+                "waited": counts.queued,
+                "mean_wait_s": round(counts.wait_seconds / counts.queued, 3)
+                if counts.queued
+                else 0.0,
+                "longest_wait_s": round(counts.longest_wait_s, 3),
+            }
+            for key, counts in self.fair_queues.counts().get(name, {}).items()
+        }
         if self.placement is not None and not self.scheduler.is_remote(name):
             status.update(self.placement.model_placement(name))
         if self.cluster is not None:

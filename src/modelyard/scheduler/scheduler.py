@@ -579,6 +579,10 @@ class Scheduler:
         else:
             self._kept_alive[model] = seconds
 
+    def kept_alive(self, model: str) -> float | None:
+        """The idle timeout the last request's keep_alive set (None: the configured one)."""
+        return self._kept_alive.get(model)
+
     async def stop_if_idle(self, model: str, reason: str) -> bool:
         """Stop the engine unless a request is in flight or waiting for it."""
         return await self._supervisors[model].stop(reason, if_idle=True)

@@ -259,7 +259,18 @@ function renderModels(models) {
     const gpuList = (model.node ? model.node_gpus || [] : model.gpus || []).join(", ");
     cells.gpus.textContent = model.node ? `${model.node}${gpuList ? ` · GPU ${gpuList}` : ""}` : gpuList || "–";
     cells.inFlight.textContent = model.in_flight ?? "–";
-    cells.queued.textContent = model.queued ?? "–";
+    if (model.max_in_flight) cells.inFlight.textContent += ` / ${model.max_in_flight}`;
+    // Waiting for a start, plus waiting for a turn at a busy engine (the fair queue).
+    const waiting = model.queued === null || model.queued === undefined ? null : model.queued + (model.waiting_turn || 0);
+    cells.queued.textContent = waiting ?? "–";
+    cells.queued.title = "";
+    const keys = Object.entries(model.keys || {}).filter(([, share]) => share.waiting || share.in_flight);
+    if (keys.length) {
+      // Each key's share of the engine now: in flight, waiting, its mean wait so far.
+      const shares = keys.map(([key, share]) => `${key} ${share.in_flight}+${share.waiting} (waits ${share.mean_wait_s.toFixed(1)}s)`);
+      cells.queued.title = shares.join("\n");
+      cells.name.append(el("span", "model-sub", `keys: ${shares.join(" · ")}`));
+    }
     cells.lastUse.textContent = model.in_flight ? "now" : formatAgo(model.last_used_ago_s);
 
     const state = model.state;
