@@ -222,7 +222,13 @@ class InProcessEngine:
 
     async def _models(self, request: web.Request) -> web.Response:
         # vLLM's listing: the base model, then each loaded adapter with the base as `parent`.
-        base = {"id": self._served(), "object": "model", "owned_by": "vllm", "parent": None}
+        base = {
+            "id": self._served(),
+            "object": "model",
+            "owned_by": "vllm",
+            "parent": None,
+            "max_model_len": 4096,  # vLLM's model card says its context length
+        }
         adapters = [
             {"id": n, "object": "model", "owned_by": "vllm", "parent": self._served()}
             for n in sorted(self.state.loras)

@@ -196,3 +196,14 @@ def test_model_metadata_in_the_listing(gateway) -> None:
         model="hidden", messages=[{"role": "user", "content": "hi"}]
     )
     assert answer.model == "hidden"  # unlisted, still usable
+
+
+async def test_context_length_from_the_engine_when_the_config_names_none(tmp_path) -> None:
+    async with in_process_gateway(tmp_path, {"m": engine_model(served_name="m")}) as harness:
+        listing = await (await harness.client.get("/v1/models")).json()
+        assert listing["data"][0]["context_length"] is None  # stopped: nothing to ask
+        assert (await harness.chat("m"))[0] == 200
+        await (await harness.client.get("/v1/models")).json()  # asks the engine, not waiting
+        await asyncio.sleep(0.3)
+        listing = await (await harness.client.get("/v1/models")).json()
+        assert listing["data"][0]["context_length"] == 4096  # the engine's max_model_len

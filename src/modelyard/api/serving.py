@@ -28,6 +28,7 @@ from modelyard.api.bodies import (
     read_body,
     require_json_content_type,
 )
+from modelyard.api.engine_cards import engine_context_length
 from modelyard.api.errors import ApiError, unavailable, with_log_tail
 from modelyard.api.guards import canonical_of
 from modelyard.api.model_routes import (
@@ -221,7 +222,7 @@ async def proxy_json(
     the engine serves the model that was authorised."""
     _require(request, gateway, target)
     require_engine_path(request, path)
-    shaped = shape_body(gateway, principal_of(request), target, payload)
+    shaped = shape_body(gateway, principal_of(request), target, path, payload)
     usage_added = ask_stream_for_usage(path, payload)
     if payload.get("model") != target.upstream_name or usage_added or shaped.changed:
         payload["model"] = target.upstream_name
@@ -500,6 +501,8 @@ def model_card(gateway: Gateway, model: str) -> dict[str, Any]:
     context = config.context_length or config.max_model_len
     if context is None and config.engine == "vllm":
         context = gateway.config.defaults.max_model_len
+    if context is None:
+        context = engine_context_length(gateway, model)
     card: dict[str, Any] = {
         "display_name": config.display_name or model,
         "description": config.description,

@@ -51,10 +51,18 @@ class Shaped:
     keep_alive: float | None  # seconds the request asked for (None: it did not ask)
 
 
+# Routes whose requests generate text: where sampling params and vLLM's `priority` mean
+# something (a temperature forced onto `/tokenize` or an embedding would not).
+GENERATION_ROUTES = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"}
+)
+
+
 def shape_body(
-    gateway: Gateway, principal: Principal, target: Target, payload: dict[str, Any]
+    gateway: Gateway, principal: Principal, target: Target, path: str, payload: dict[str, Any]
 ) -> Shaped:
-    """Apply the model's request policy to `payload` in place (see `sharing`)."""
+    """Apply the model's request policy to `payload` in place (see `sharing`): keep_alive on
+    every route; params and priority on the routes that generate (`GENERATION_ROUTES`)."""
     model = gateway.config.models.get(target.model)
     if model is None:  # removed by a reload while this request was on its way
         return Shaped(False, None)
@@ -75,6 +83,8 @@ def shape_body(
                 keep_alive = parse_keep_alive(asked)
             except BadKeepAlive as error:
                 raise ApiError(400, str(error), "invalid_keep_alive", "keep_alive") from None
+    if path.split("?", 1)[0] not in GENERATION_ROUTES:
+        return Shaped(changed, keep_alive)
     changed |= apply_policy(payload, policy_for(model, target.public_name))
     if schedules_by_priority(model, gateway.config.defaults):
         changed |= set_priority(payload, principal.share.priority)
