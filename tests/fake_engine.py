@@ -3,7 +3,9 @@
 It stands in for what cannot run in tests: slow or failing starts, crashes on demand, slow
 streams, GPU memory claims and vLLM's GPU-only sleep mode. Its wire format follows vLLM's
 (`/health`, `/v1/models`, chat/completions/embeddings with SSE chunks and `[DONE]`,
-`/sleep?level=N`, `/wake_up`, `/is_sleeping`, runtime LoRA endpoints).
+`/sleep?level=N`, `/wake_up`, `/is_sleeping`, runtime LoRA endpoints, the Whisper uploads,
+`/tokenize`, `/detokenize`, rerank, score, `/v1/responses`, Anthropic's `/v1/messages`), and
+`--max-num-seqs N` caps the requests it serves at once (vLLM queues the rest itself).
 
 Run: python fake_engine.py --port P --served-name NAME [--ready-delay S] [--crash-on-start]
 """
@@ -63,6 +65,7 @@ async def models(request: web.Request) -> web.Response:
             "owned_by": "vllm",
             "root": args.root,
             "parent": None,
+            "max_model_len": args.max_model_len,
         }
     ]
     data += [
@@ -130,7 +133,15 @@ async def completions(request: web.Request) -> web.StreamResponse:
                 "usage": {"prompt_tokens": 3, "total_tokens": 3, "completion_tokens": 0},
             }
         )
+    async with request.app["seqs"]:  # vLLM's --max-num-seqs: the rest wait in its queue
+        return await _serve(request, body, text, chat, delay)
+
+
+async def _serve(
+    request: web.Request, body: dict[str, Any], text: str, chat: bool, delay: float
+) -> web.StreamResponse:
     STATE["in_flight"] += 1
+    STATE["peak_in_flight"] = max(STATE.get("peak_in_flight", 0), STATE["in_flight"])
     try:
         if body.get("stream"):
             return await _stream(request, body, text, chat)
@@ -225,6 +236,79 @@ async def _stream(
         _write_report(request.app["args"])
         raise
     return response
+
+
+async def transcribe(request: web.Request) -> web.Response:
+    """vLLM's Whisper routes: a multipart form with `file` and `model`; `{"text": ...}`."""
+    from aiohttp import BodyPartReader, MultipartReader
+    from aiohttp.base_protocol import BaseProtocol
+    from aiohttp.streams import StreamReader
+
+    raw = await request.read()  # read once by the wiretap
+    loop = asyncio.get_running_loop()
+    stream = StreamReader(BaseProtocol(loop), limit=2**16, loop=loop)
+    stream.feed_data(raw)
+    stream.feed_eof()
+    form: dict[str, bytes] = {}
+    reader = MultipartReader(request.headers, stream)
+    while (part := await reader.next()) is not None:
+        assert isinstance(part, BodyPartReader)
+        form[part.name or ""] = await part.read()
+    model = form.get("model", b"").decode()
+    STATE["requests"].append({"path": request.path, "form_model": model})
+    if model not in _known_models(request.app["args"]):
+        return _error(404, f"The model `{model}` does not exist.")
+    return web.json_response({"text": f"{len(form.get('file', b''))} bytes of audio"})
+
+
+async def other_route(request: web.Request) -> web.StreamResponse:
+    """vLLM's other model routes, each in its answer's shape (values made up)."""
+    body = await request.json()
+    STATE["requests"].append({"path": request.path, "body": body})
+    model = body.get("model")
+    if model not in _known_models(request.app["args"]):
+        return _error(404, f"The model `{model}` does not exist.")
+    path = request.path
+    if path == "/v1/audio/speech":
+        return web.Response(body=b"RIFF" + bytes(40), content_type="audio/wav")
+    if path == "/tokenize":
+        tokens = list(range(len(str(body.get("prompt") or "").split())))
+        return web.json_response({"count": len(tokens), "max_model_len": 4096, "tokens": tokens})
+    if path == "/detokenize":
+        return web.json_response({"prompt": " ".join(f"t{t}" for t in body.get("tokens", []))})
+    if path in ("/v1/rerank", "/v1/score"):
+        documents = body.get("documents") or body.get("text_2") or []
+        usage = {"total_tokens": 3 * len(documents)}
+        if path == "/v1/rerank":
+            results = [
+                {"index": i, "relevance_score": 1.0 / (i + 1)} for i in range(len(documents))
+            ]
+            return web.json_response(
+                {"id": "rerank-1", "model": model, "usage": usage, "results": results}
+            )
+        data = [{"index": i, "object": "score", "score": 0.5} for i in range(len(documents))]
+        return web.json_response({"object": "list", "model": model, "data": data, "usage": usage})
+    if path == "/v1/responses":
+        content = [{"type": "output_text", "text": f"{model} says: hi", "annotations": []}]
+        output = [{"type": "message", "role": "assistant", "content": content}]
+        usage = {"input_tokens": 5, "output_tokens": 3, "total_tokens": 8}
+        return web.json_response(
+            {"object": "response", "model": model, "output": output, "usage": usage}
+        )
+    messages = body.get("messages") or [{}]  # /v1/messages: Anthropic's shape
+    return web.json_response(
+        {
+            "id": "msg_1",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [
+                {"type": "text", "text": f"{model} says: {messages[-1].get('content', '')}"}
+            ],
+            "stop_reason": "end_turn",
+            "usage": {"input_tokens": 5, "output_tokens": 3},
+        }
+    )
 
 
 async def sleep(request: web.Request) -> web.Response:
@@ -424,6 +508,8 @@ def main() -> None:
         help="fraction of its memory a sleeping engine keeps on the GPU",
     )
     parser.add_argument("--fake-min-bytes", type=int, default=0)
+    parser.add_argument("--max-num-seqs", type=int, default=None)
+    parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--served-name", default="fake")
     parser.add_argument("--root", default="/models/fake")
@@ -489,11 +575,18 @@ def main() -> None:
     )
     app["args"] = args
     app["ready_at"] = time.monotonic() + args.ready_delay
+    app["seqs"] = asyncio.Semaphore(args.max_num_seqs or 1_000_000)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", completions)
+    app.router.add_post("/v1/audio/transcriptions", transcribe)
+    app.router.add_post("/v1/audio/translations", transcribe)
+    for path in ("/v1/audio/speech", "/v1/rerank", "/v1/score", "/tokenize", "/detokenize"):
+        app.router.add_post(path, other_route)
+    app.router.add_post("/v1/responses", other_route)
+    app.router.add_post("/v1/messages", other_route)
     app.router.add_post("/sleep", sleep)
     app.router.add_post("/wake_up", wake_up)
     app.router.add_get("/is_sleeping", is_sleeping)
