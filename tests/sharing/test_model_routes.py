@@ -164,3 +164,15 @@ def test_unknown_routes_stay_refused(gateway) -> None:
 def test_routes_are_counted_by_their_own_label(gateway) -> None:
     labels = {record.route for record in gateway.records}
     assert {"/v1/audio/transcriptions", "/tokenize", "/v1/messages"} <= labels
+
+
+def test_tokens_of_messages_and_responses_count_like_a_chats(gateway) -> None:
+    client = anthropic.Anthropic(base_url=gateway.url, api_key=ADMIN_KEY, max_retries=0)
+    client.messages.create(model="chat", max_tokens=8, messages=[{"role": "user", "content": "x"}])
+    record = [r for r in gateway.records if r.route == "/v1/messages"][-1]
+    assert (record.prompt_tokens, record.completion_tokens) == (5, 3)
+    openai.OpenAI(base_url=gateway.url + "/v1", api_key=ADMIN_KEY).responses.create(
+        model="chat", input="hi"
+    )
+    record = [r for r in gateway.records if r.route == "/v1/responses"][-1]
+    assert (record.prompt_tokens, record.completion_tokens) == (5, 3)

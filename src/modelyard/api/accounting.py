@@ -52,6 +52,19 @@ def usage_of(body: bytes | None) -> dict[str, int]:
     return {k: v for k, v in usage.items() if isinstance(v, int)}
 
 
+def in_openai_terms(usage: dict[str, int]) -> dict[str, int]:
+    """Usage as `prompt_tokens` and `completion_tokens`, also from the shapes of
+    `/v1/responses` and Anthropic's `/v1/messages` (`input_tokens`, `output_tokens`), so
+    their tokens count for budgets and metrics as a chat completion's do."""
+    if "prompt_tokens" in usage or "input_tokens" not in usage:
+        return usage
+    return {
+        **usage,
+        "prompt_tokens": usage["input_tokens"],
+        "completion_tokens": usage.get("output_tokens", 0),
+    }
+
+
 class TokenCount:
     """One request's usage for its key (budgets, tokens per minute, usage per model): counted
     once, as early as it is known (a stream's as soon as its usage chunk passes)."""
@@ -66,6 +79,7 @@ class TokenCount:
         if self.counted or self._gateway.auth is None:
             return
         self.counted = True
+        usage = in_openai_terms(usage)
         self._gateway.auth.ledger.record(
             self._key_name,
             self._model,
@@ -90,6 +104,7 @@ def finish(
 ) -> None:
     """A proxied request is over, however it ended: its tokens (unless a stream's were
     counted already) and its record."""
+    usage = in_openai_terms(usage)
     tokens.count(usage)
     gateway.observe(
         RequestRecord(
