@@ -140,3 +140,15 @@ async def test_a_waiter_that_hangs_up_leaves_the_queue() -> None:
     counts = queues.counts()["m"]
     assert counts["b"].waiting == 0
     assert counts["b"].served == 0
+
+
+async def test_the_bound_across_all_models_holds_too() -> None:
+    queues = FairQueues(FakeClock())
+    held = [await queues.admit(m, 1, "k", ONE, max_waiting=10) for m in ("a", "b")]
+    waiter = asyncio.create_task(queues.admit("a", 1, "k", ONE, 10, max_waiting_total=1))
+    await _settle()
+    with pytest.raises(QueueFull):
+        await queues.admit("b", 1, "k", ONE, 10, max_waiting_total=1)
+    for slot in held:
+        queues.release(slot)
+    queues.release(await waiter)

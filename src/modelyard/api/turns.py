@@ -35,7 +35,12 @@ async def take_turn(gateway: Gateway, principal: Principal, model: str) -> Slot:
         bound = config.limits.max_queue_per_model
     try:
         return await gateway.fair_queues.admit(
-            model, model_config.max_in_flight, principal.name, principal.share, bound
+            model,
+            model_config.max_in_flight,
+            principal.name,
+            principal.share,
+            bound,
+            config.limits.max_queue,  # across all models, as for starts
         )
     except QueueFull as error:
         raise ApiError(503, str(error), "queue_full", retry_after=error.retry_after) from None

@@ -105,12 +105,19 @@ class FairQueues:
         self._seq = itertools.count()
 
     async def admit(
-        self, model: str, limit: int | None, key: str, share: ShareTerms, max_waiting: int
+        self,
+        model: str,
+        limit: int | None,
+        key: str,
+        share: ShareTerms,
+        max_waiting: int,
+        max_waiting_total: int | None = None,
     ) -> Slot:
         """A slot on `model` (at most `limit` in flight, None: no limit) for one of `key`'s
         requests: at once if one is free, else after waiting fairly. Raises QueueFull when
-        `max_waiting` requests already wait. The limits are passed on each call, so a reload
-        or a changed key applies from its next request."""
+        `max_waiting` requests already wait for `model`, or `max_waiting_total` for all
+        models. The limits are passed on each call, so a reload or a changed key applies
+        from its next request."""
         queue = self._queue(model)
         self._key_limits[key] = share.max_in_flight
         if limit != queue.limit:
@@ -120,7 +127,10 @@ class FairQueues:
         now = self._clock()
         room = self._has_room(queue, key)
         waiting = queue.waiting()
-        if not room and waiting >= max_waiting:
+        if not room and (
+            waiting >= max_waiting
+            or (max_waiting_total is not None and self.total_waiting() >= max_waiting_total)
+        ):
             raise QueueFull(model, waiting, self._retry_after(queue, waiting))
         # Requests sent at once are tagged too: a key's share counts all it sent, so a
         # backlog's first requests (sent before anything waited) are not free.
@@ -180,6 +190,9 @@ class FairQueues:
     def waiting(self, model: str) -> int:
         queue = self._models.get(model)
         return queue.waiting() if queue is not None else 0
+
+    def total_waiting(self) -> int:
+        return sum(queue.waiting() for queue in self._models.values())
 
     def counts(self) -> dict[str, dict[str, KeyCounts]]:
         """model -> key -> figures (a snapshot, for metrics and the dashboard)."""
