@@ -33,6 +33,7 @@ async def test_waiting_is_shown_per_key_and_a_full_queue_says_when_to_retry(tmp_
         assert refused.status == 503
         assert (await refused.json())["error"]["code"] == "queue_full"
         assert 1 <= int(refused.headers["Retry-After"]) <= 60
+        assert harness.records[-1].status == 503  # counted as what the client got
 
         status = await (await client.get("/gateway/status", headers=bearer(A))).json()
         model = status["models"][0]

@@ -391,6 +391,9 @@ async def _forward(
                 status = outcome.status or CLIENT_CLOSED_REQUEST
             usage = outcome.usage or usage_of(outcome.body)
             return response
+    except ApiError as error:  # a full fair queue's 503: recorded with its own status
+        status = error.status
+        raise
     except AdapterError as error:
         status = error.status
         raise ApiError(error.status, str(error), error.code, "model") from None
