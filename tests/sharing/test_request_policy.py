@@ -207,3 +207,17 @@ async def test_context_length_from_the_engine_when_the_config_names_none(tmp_pat
         await asyncio.sleep(0.3)
         listing = await (await harness.client.get("/v1/models")).json()
         assert listing["data"][0]["context_length"] == 4096  # the engine's max_model_len
+
+
+async def test_a_variant_works_behind_the_models_route(tmp_path) -> None:
+    model = engine_model(
+        served_name="coder", route="/coder", variants={"coder-precise": {"set": {"temperature": 0}}}
+    )
+    async with in_process_gateway(tmp_path, {"coder": model}) as harness:
+        body = {"model": "coder-precise", "messages": [{"role": "user", "content": "x"}]}
+        answer = await harness.client.post("/coder/v1/chat/completions", json=body)
+        assert answer.status == 200
+        assert (await answer.json())["model"] == "coder-precise"
+        received = harness.runtime.of("coder")[0].state.last
+        assert received is not None
+        assert received["body"]["temperature"] == 0

@@ -177,13 +177,11 @@ async def seed_route(request: web.Request) -> web.StreamResponse:
 
 
 def _route_target(gateway: Gateway, base: Target, asked: object) -> Target:
-    # The route decides the engine "whatever model says" (seed 000); an adapter of that same
-    # base model is the one exception, so LoRA fine-tunes work behind a route too.
+    # The route decides the engine "whatever model says" (seed 000); an adapter or a variant
+    # of that same model is the one exception, so LoRA fine-tunes and variants work behind a
+    # route too.
     if isinstance(asked, str):
-        try:
-            candidate = gateway.scheduler.resolve(asked)
-        except UnknownModel:
-            candidate = None
+        candidate = resolve_public(gateway, asked)  # a variant of this model counts too
         if candidate is not None and candidate.model == base.model:
             return candidate
     return base
