@@ -59,9 +59,8 @@ def check_route(path: str) -> None:
 
 
 def route_label(path: str) -> str:
-    """The metrics label of a served route (every served route is one of a fixed set)."""
-    if path in JSON_ROUTES or path in MULTIPART_ROUTES:
-        return path
+    """The metrics label of a served route: its first segment under `/v1` (`/v1/chat`,
+    `/v1/audio`, `/v1/messages`: the labels dashboards already use), else the path."""
     return "/v1/" + path[4:].split("/")[0] if path.startswith("/v1/") else path
 
 
