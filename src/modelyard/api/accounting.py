@@ -56,11 +56,12 @@ def in_openai_terms(usage: dict[str, int]) -> dict[str, int]:
     """Usage as `prompt_tokens` and `completion_tokens`, also from the shapes of
     `/v1/responses` and Anthropic's `/v1/messages` (`input_tokens`, `output_tokens`), so
     their tokens count for budgets and metrics as a chat completion's do."""
-    if "prompt_tokens" in usage or "input_tokens" not in usage:
+    if "prompt_tokens" in usage or not ("input_tokens" in usage or "output_tokens" in usage):
         return usage
+    # A Messages stream's last usage (`message_delta`) carries only `output_tokens`.
     return {
         **usage,
-        "prompt_tokens": usage["input_tokens"],
+        "prompt_tokens": usage.get("input_tokens", 0),
         "completion_tokens": usage.get("output_tokens", 0),
     }
 
