@@ -156,7 +156,7 @@ class FairQueues:
         except asyncio.CancelledError:
             if waiter.granted.done() and not waiter.granted.cancelled():
                 # Granted in the same turn the client left: give the slot straight back.
-                self.release(Slot(model, key, now))
+                self.release(Slot(model, key, self._clock()))
             else:
                 self._forget(queue, waiter, counts)
             raise
