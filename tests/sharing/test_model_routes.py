@@ -37,7 +37,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory):
         tmp_path_factory.mktemp("routes"),
         models,
         auth={"keys": keys},
-        limits={"max_body_bytes": 200_000},
+        limits={"max_body_bytes": 2_000, "max_upload_bytes": 200_000},
     ) as harness:
         yield harness
 
@@ -113,7 +113,7 @@ def test_a_bad_boundary_or_a_cut_body_is_a_400_and_a_huge_part_a_413(gateway) ->
         (body, "multipart/form-data; boundary=other", 400),  # not the body's boundary
         (body[: len(body) // 2], content_type, 400),  # cut short
         (body, "multipart/form-data", 400),  # no boundary at all
-        (huge, content_type, 413),  # past limits.max_body_bytes
+        (huge, content_type, 413),  # past limits.max_upload_bytes
         (b"{}", "application/json", 415),
     ]:
         assert _post(gateway, path, sent, sent_type)[0] == status, sent_type

@@ -19,12 +19,13 @@ def body_too_large(length: int, limit: int) -> ApiError:
     )
 
 
-async def read_body(request: web.Request, limits: LimitsConfig) -> bytes:
+async def read_body(request: web.Request, limits: LimitsConfig, limit: int | None = None) -> bytes:
     """The request's body, read as it comes: a 413 as soon as it passes `max_body_bytes`
     (after decoding any Content-Encoding), a 408 when it has not all come within
-    `body_timeout`. Called by handlers only, so after the middlewares checked Host, Origin
-    and the key: nothing of a body is read, let alone parsed, for a request without one."""
-    limit, timeout = limits.max_body_bytes, limits.body_timeout
+    `body_timeout`. `limit` replaces `max_body_bytes` (audio uploads). Called by handlers
+    only, so after the middlewares checked Host, Origin and the key: nothing of a body is
+    read, let alone parsed, for a request without one."""
+    limit, timeout = limit or limits.max_body_bytes, limits.body_timeout
     if request.content_length is not None and request.content_length > limit:
         raise body_too_large(request.content_length, limit)
     pieces: list[bytes] = []

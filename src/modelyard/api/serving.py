@@ -73,8 +73,10 @@ async def openai_model_route(request: web.Request) -> web.StreamResponse:
     gateway = gateway_of(request)
     path = canonical_of(request).path  # exactly as checked and as forwarded
     check_route(path)
-    body = await read_body(request, gateway.config.limits)  # 413 first
-    if path in MULTIPART_ROUTES:
+    limits = gateway.config.limits
+    upload = path in MULTIPART_ROUTES
+    body = await read_body(request, limits, limits.max_upload_bytes if upload else None)
+    if upload:
         content_type = request.headers.get("Content-Type", "")
         target = _resolve_listing(request, gateway, await multipart_model(body, content_type))
         return await proxy_multipart(request, gateway, target, path, body, content_type)

@@ -388,6 +388,10 @@ class LimitsConfig(StrictModel):
         default=4 * 1024 * 1024, description="request body limit (413 beyond)"
     )
     # aiohttp's keep-alive timer does this job: bytes that trickle in do not push it back.
+    max_upload_bytes: ByteSize = Field(
+        default=25 * 1024 * 1024,
+        description="body limit of audio uploads (multipart, as OpenAI's 25 MB; 413 beyond)",
+    )
     head_timeout: Duration = Field(
         default=15.0,
         gt=0,
