@@ -246,7 +246,7 @@ async def transcribe(request: web.Request) -> web.Response:
 
     raw = await request.read()  # read once by the wiretap
     loop = asyncio.get_running_loop()
-    stream = StreamReader(BaseProtocol(loop), limit=2**16, loop=loop)
+    stream = StreamReader(BaseProtocol(loop), limit=len(raw) + 1, loop=loop)  # never pauses
     stream.feed_data(raw)
     stream.feed_eof()
     form: dict[str, bytes] = {}

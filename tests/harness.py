@@ -192,7 +192,10 @@ class InProcessEngine:
     # ----- the engine's HTTP API -----
 
     def _app(self) -> web.Application:
-        app = web.Application(middlewares=[self._wiretap])
+        app = web.Application(
+            middlewares=[self._wiretap],
+            client_max_size=64 * 1024 * 1024,  # as tests/fake_engine.py: vLLM takes big bodies
+        )
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._chat)
@@ -588,7 +591,8 @@ def _vllm_flags(argv: list[str]) -> VllmFlags:
 
 def _stream_of(raw: bytes) -> aiohttp.StreamReader:
     loop = asyncio.get_running_loop()
-    stream = aiohttp.StreamReader(BaseProtocol(loop), limit=2**16, loop=loop)
+    # Above the body's size: fed at once, it must not ask the (absent) transport to pause.
+    stream = aiohttp.StreamReader(BaseProtocol(loop), limit=len(raw) + 1, loop=loop)
     stream.feed_data(raw)
     stream.feed_eof()
     return stream

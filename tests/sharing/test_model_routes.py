@@ -37,7 +37,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory):
         tmp_path_factory.mktemp("routes"),
         models,
         auth={"keys": keys},
-        limits={"max_body_bytes": 2_000, "max_upload_bytes": 200_000},
+        limits={"max_body_bytes": 2_000, "max_upload_bytes": 8 * 1024 * 1024},
     ) as harness:
         yield harness
 
@@ -79,6 +79,19 @@ def test_a_whisper_upload_through_the_sdk_reaches_the_engine_by_its_alias(gatewa
     assert _engine(gateway, "whisper").state.last["path"] == "/v1/audio/translations"
 
 
+def test_a_large_upload_with_the_model_field_last(gateway) -> None:
+    """Minutes of audio: megabytes before the `model` field (the SDK sends it after the file
+    when the file is given first); the engine gets the file whole and its own name."""
+    audio = b"RIFF" + bytes(5 * 1024 * 1024)
+    body, content_type = _form(("file", audio), ("model", b"stt"))
+    status, answer = _post(gateway, "/v1/audio/transcriptions", body, content_type)
+    assert status == 200, answer
+    assert answer["text"] == f"{len(audio)} bytes of audio"
+    seen = _engine(gateway, "whisper").state.last
+    assert seen["form"]["model"] == "whisper-large-v3"
+    assert seen["file_bytes"] == len(audio)
+
+
 def _form(*fields: tuple[str, bytes], boundary: str = "b0und") -> tuple[bytes, str]:
     parts = b"".join(
         f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
@@ -108,7 +121,7 @@ def test_hostile_forms_get_a_400(gateway, fields, code) -> None:
 def test_a_bad_boundary_or_a_cut_body_is_a_400_and_a_huge_part_a_413(gateway) -> None:
     path = "/v1/audio/transcriptions"
     body, content_type = _form(("model", b"whisper"), ("file", WAV))
-    huge, _ = _form(("model", b"whisper"), ("file", bytes(300_000)))
+    huge, _ = _form(("model", b"whisper"), ("file", bytes(9 * 1024 * 1024)))
     for sent, sent_type, status in [
         (body, "multipart/form-data; boundary=other", 400),  # not the body's boundary
         (body[: len(body) // 2], content_type, 400),  # cut short

@@ -114,7 +114,9 @@ async def _small_text(part: BodyPartReader) -> str:
 def _stream_of(body: bytes) -> StreamReader:
     """The body as the stream aiohttp's multipart reader reads from."""
     loop = asyncio.get_running_loop()
-    stream = StreamReader(BaseProtocol(loop), limit=2**16, loop=loop)
+    # A limit above the body's size: the whole body is fed at once, and a smaller one would
+    # ask the (absent) transport to pause reading.
+    stream = StreamReader(BaseProtocol(loop), limit=len(body) + 1, loop=loop)
     stream.feed_data(body)
     stream.feed_eof()
     return stream

@@ -78,8 +78,9 @@ async def openai_model_route(request: web.Request) -> web.StreamResponse:
     body = await read_body(request, limits, limits.max_upload_bytes if upload else None)
     if upload:
         content_type = request.headers.get("Content-Type", "")
-        target = _resolve_listing(request, gateway, await multipart_model(body, content_type))
-        return await proxy_multipart(request, gateway, target, path, body, content_type)
+        asked = await multipart_model(body, content_type)
+        target = _resolve_listing(request, gateway, asked)
+        return await proxy_multipart(request, gateway, target, path, body, content_type, asked)
     require_json_content_type(request)
     payload = parse_json_object(body)
     target = _resolve_listing(request, gateway, model_field(payload))
@@ -93,11 +94,13 @@ async def proxy_multipart(
     path: str,
     body: bytes,
     content_type: str,
+    asked: str,
 ) -> web.StreamResponse:
-    """Forward a multipart upload (audio), its `model` field set to the engine's own name."""
+    """Forward a multipart upload (audio) that named `asked`, its `model` field set to the
+    engine's own name."""
     _require(request, gateway, target)
     headers: dict[str, str] = {}
-    if (await multipart_model(body, content_type)) != target.upstream_name:
+    if asked != target.upstream_name:
         body, headers["Content-Type"] = await with_model_field(
             body, content_type, target.upstream_name
         )
