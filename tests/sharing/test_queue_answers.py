@@ -36,6 +36,7 @@ async def test_waiting_is_shown_per_key_and_a_full_queue_says_when_to_retry(tmp_
         assert harness.records[-1].status == 503  # counted as what the client got
 
         status = await (await client.get("/gateway/status", headers=bearer(A))).json()
+        assert status["waiting_turn"] == 2
         model = status["models"][0]
         assert model["max_in_flight"] == 1
         assert model["waiting_turn"] == 2

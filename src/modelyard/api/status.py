@@ -27,6 +27,8 @@ async def gateway_status(request: web.Request) -> web.Response:
                 "version": __version__,
                 "uptime_s": round(_now() - gateway.started_at, 3),
                 "queued": scheduler.total_waiting(),
+                # Waiting for a turn at a model at its max_in_flight (the fair queues).
+                "waiting_turn": gateway.fair_queues.total_waiting(),
                 "models": [gateway.model_status(name) for name in scheduler.models()],
                 "gpus": gateway.gpu_status(),
                 "nodes": gateway.node_status(),

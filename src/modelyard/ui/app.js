@@ -142,6 +142,7 @@ function renderMeta(status) {
   if (status.version) parts.push(`v${status.version}`);
   if (status.uptime_s !== undefined) parts.push(`up ${formatUptime(status.uptime_s)}`);
   if (status.queued) parts.push(`${status.queued} queued`);
+  if (status.waiting_turn) parts.push(`${status.waiting_turn} waiting for a turn`);
   const nodes = status.nodes || [];
   if (nodes.length) {
     const lost = nodes.filter((node) => !node.alive).length;
