@@ -231,3 +231,40 @@ def test_dashboard_asks_for_a_key_once_per_tab(browser, gateway_factory, page_er
     other.context.close()
     context.close()
     assert page_errors == []
+
+
+def test_dashboard_shows_each_keys_turn_at_a_busy_model(browser, gateway_factory, page_errors):
+    """A model at its max_in_flight: the row shows the slots in use and each key's share of
+    the queue (in flight + waiting), and the header the requests waiting for a turn."""
+    import threading
+
+    from playwright.sync_api import expect
+
+    gateway = gateway_factory(
+        {"slow": fake_model("slow", max_in_flight=1)},
+    )
+    page = open_page(browser, page_errors)
+    page.goto(gateway.url + "/ui")
+    row = page.locator('tr[data-model="slow"]')
+    expect(row).to_be_visible()
+
+    def slow_request() -> None:
+        body = {"model": "slow", "messages": [{"role": "user", "content": "x"}], "fake_delay": 4}
+        request = urllib.request.Request(
+            gateway.url + "/v1/chat/completions",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            response.read()
+
+    senders = [threading.Thread(target=slow_request) for _ in range(3)]
+    for sender in senders:
+        sender.start()
+    expect(row).to_contain_text("1 / 1")  # in flight / max_in_flight
+    expect(row).to_contain_text("keys: anonymous 1+2")
+    expect(page.locator("#gateway-meta")).to_contain_text("2 waiting for a turn")
+    for sender in senders:
+        sender.join()
+    assert page_errors == []
+    page.close()
