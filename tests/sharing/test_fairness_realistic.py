@@ -48,6 +48,7 @@ async def test_fair_shares_at_realistic_timings(tmp_path) -> None:
             tmp_path,
             {"chat": _model(served_name="chat"), "batch": _model(served_name="batch")},
             auth={"keys": keys},
+            limits={"max_queue": 2000},  # 650 wait at once, more than the default 512
         ) as harness,
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session,
     ):
@@ -83,7 +84,7 @@ async def test_fair_shares_at_realistic_timings(tmp_path) -> None:
             async with session.post(
                 url, json={**body, "fake_delay": 1.0}, headers=bearer(KEYS[key])
             ) as response:
-                await response.read()
+                assert response.status == 200, await response.text()
 
         began = time.monotonic()
         backlog = [asyncio.create_task(chat("A", f"a{i}")) for i in range(190)]
