@@ -154,7 +154,11 @@ class ModelConfig(StrictModel):
     pinned: bool = Field(default=False, description="never evicted to make room for another model")
     sleep: Literal[0, 1, 2] = Field(default=0, description="vLLM sleep level when idle; 0 = never")
     # Back-pressure.
-    max_queue: int | None = Field(default=None, ge=0, description="requests waiting for a start")
+    max_queue: int | None = Field(
+        default=None,
+        ge=0,
+        description="requests waiting for a start, and for a turn at max_in_flight (503 beyond)",
+    )
     max_in_flight: int | None = Field(
         default=None,
         ge=1,
