@@ -110,6 +110,10 @@ class PlacementCoordinator:
         self.events.emit("placed", name, why, gpus=list(gpus), bytes_per_gpu=bytes_per_gpu)
         return MemoryBudget(gpus, bytes_per_gpu, self._total(gpus))
 
+    def note_plan(self, name: str, why: str) -> None:
+        """What the scheduler plans for `name` while it waits (shown in status)."""
+        self.last_plan[name] = why
+
     async def finished(self, supervisor: ModelSupervisor, ok: bool) -> None:
         """After a start, wake, sleep or stop: measure and learn."""
         name = supervisor.name

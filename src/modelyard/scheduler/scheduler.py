@@ -34,18 +34,19 @@ from modelyard.engines import engine_kind, served_name
 from modelyard.engines.base import LaunchSpec, MemoryBudget
 from modelyard.observability.events import EventBus
 from modelyard.placement.coordinator import POLICY_STATE, PlacementCoordinator
-from modelyard.placement.policy import Engine, Sleep
+from modelyard.placement.policy import Action, Engine, Sleep
 from modelyard.placement.policy import Target as PlacementTarget
-from modelyard.scheduler.decide import (
-    Ask,
-    Evict,
-    Go,
-    Refuse,
-    Snapshot,
-    Wait,
-    decide,
-    unlimited_gpus,
+from modelyard.scheduler.core import (
+    CarryOut,
+    Dropped,
+    EvictionsDone,
+    RefuseNow,
+    SchedulerCore,
+    StartNow,
+    WaitUntil,
+    Wanted,
 )
+from modelyard.scheduler.decide import Ask, Snapshot, unlimited_gpus
 from modelyard.scheduler.names import Target, UnknownModel
 from modelyard.scheduler.supervisor import (
     EngineHandle,
@@ -85,7 +86,10 @@ class Scheduler:
         self._routes: dict[str, str] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._closing = False
-        self._deciding = asyncio.Lock()  # one decision at a time: no two plan the same room
+        # The decisions' records (rooms set aside while evictions run): changed only by
+        # its synchronous `step`, so no lock is needed and none is held across slow work.
+        self._core = SchedulerCore()
+        self._evicting: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
         self._start_engine = start_engine
         self._sleep_control = sleep_control
@@ -204,10 +208,13 @@ class Scheduler:
             self._in_background(self._replace_engine(self._supervisors[name]))
         self._notify()
 
-    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+    def _in_background(
+        self, work: Coroutine[Any, Any, None], into: set[asyncio.Task[None]] | None = None
+    ) -> None:
+        tasks = self._reconfiguring if into is None else into
         task = asyncio.create_task(work)
-        self._reconfiguring.add(task)
-        task.add_done_callback(self._reconfiguring.discard)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     async def _retire(self, supervisor: ModelSupervisor) -> None:
         try:
@@ -386,74 +393,97 @@ class Scheduler:
         self._changed = asyncio.Event()
 
     async def _prepare(self, supervisor: ModelSupervisor) -> MemoryBudget | None:
-        """Wait (on events) until `supervisor` may start or wake; its memory budget then."""
+        """Wait (on events) until `supervisor` may start or wake; its memory budget then.
+
+        Each turn is one synchronous step of the pure core: no lock is held, and no slow
+        work (a stop, a sleep, the wait for memory to come back) happens here. Evictions run
+        as their own tasks and end as events, so a slow stop on one GPU never holds a
+        decision for another (issue 22: a start on a free GPU waited 11.1 s, not 2 s).
+        """
         name = supervisor.name
-        # Each eviction round changes some engine's state; more rounds than models means the
-        # evictions are failing (a stop that errs): refuse rather than spin.
-        evictions_left = len(self._supervisors) + 1
-        while True:
-            async with self._deciding:
+        try:
+            while True:
                 if self._closing:
                     raise Refused("the gateway is shutting down", 5.0, "shutting_down")
                 if supervisor.waiting == 0:
                     # Every request that wanted it went away while it waited for room: do
                     # not evict anything or start an engine for nobody.
                     raise Refused(f"nobody waits for {name!r} any more", 1.0, "abandoned")
-                ask = Ask(self._target(supervisor), supervisor.wait_deadline())
-                decision = decide(self._snapshot(name), ask)
-                if isinstance(decision, Refuse):
-                    self.events.emit("placement_refused", name, decision.message)
-                    raise Refused(decision.message, decision.retry_after, decision.code)
-                if isinstance(decision, Go):
-                    return self._go(supervisor, decision)
-                if isinstance(decision, Evict):
-                    if evictions_left == 0:
-                        raise Refused(
-                            f"model {name!r}: evicting {decision.explanation!r} did not make "
-                            "room (see the engines' events)",
-                            5.0,
-                            "eviction_failed",
-                        )
-                    evictions_left -= 1
-                    await self._evict(decision, name)
-                    continue
-                assert isinstance(decision, Wait)
-                if self._placement is not None:
-                    self._placement.last_plan[name] = decision.explanation
-                changed = self._changed  # taken under the lock: no change is missed
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), max(decision.until - self._clock(), 0))
+                wanted = Wanted(
+                    Ask(self._target(supervisor), supervisor.wait_deadline()),
+                    self._snapshot(name),
+                    # Each eviction round changes some engine's state; more rounds than
+                    # models means the evictions are failing: refuse rather than spin.
+                    max_eviction_rounds=len(self._supervisors) + 1,
+                )
+                changed = self._changed  # taken before the step: no change is missed
+                until = self._clock()
+                for command in self._core.step(wanted):
+                    if isinstance(command, StartNow):
+                        return self._go(supervisor, command)
+                    if isinstance(command, RefuseNow):
+                        self.events.emit("placement_refused", name, command.message)
+                        raise Refused(command.message, command.retry_after, command.code)
+                    if isinstance(command, CarryOut):
+                        self._in_background(self._carry_out(command), self._evicting)
+                        until = supervisor.wait_deadline()
+                    else:
+                        assert isinstance(command, WaitUntil)
+                        if self._placement is not None:
+                            self._placement.note_plan(name, command.explanation)
+                        until = command.until
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), max(until - self._clock(), 0))
+        finally:
+            # Started, refused or abandoned: the room the core set aside for it is free.
+            self._core.step(Dropped(name))
 
-    def _go(self, supervisor: ModelSupervisor, go: Go) -> MemoryBudget | None:
+    def _go(self, supervisor: ModelSupervisor, go: StartNow) -> MemoryBudget | None:
         if self._placement is None:
             return None
         return self._placement.place(supervisor, go.gpus, go.bytes_per_gpu, go.explanation)
 
-    async def _evict(self, evict: Evict, target: str) -> None:
-        for action in evict.actions:
-            victim = self._supervisors[action.name]
-            group = self._exclusive_group(target)
-            if group is not None and self._exclusive_group(action.name) == group:
-                reason = f"exclusive group: {target!r} is starting"
-            else:
-                reason = f"evicted to make room for {target!r}"
-            self.events.emit(
-                "evict",
-                victim.name,
-                reason,
-                for_model=target,
-                action="sleep" if isinstance(action, Sleep) else "stop",
-            )
+    async def _carry_out(self, evict: CarryOut) -> None:
+        """Make room for `evict.target` (the core's command), then tell the core it is done."""
+        ok = True
+        try:
+            for action in evict.actions:
+                ok = await self._evict_one(action, evict.target) and ok
+            if self._placement is not None:
+                await self._placement.wait_memory_back(
+                    evict.gpus, evict.bytes_per_gpu, evict.target
+                )
+        finally:
+            self._core.step(EvictionsDone(evict.target, evict.number, ok))
+            self._notify()
+
+    async def _evict_one(self, action: Action, target: str) -> bool:
+        """Sleep or stop one victim; whether it is asleep or stopped now."""
+        victim = self._supervisor_of(action.name)
+        group = self._exclusive_group(target)
+        if group is not None and self._exclusive_group(action.name) == group:
+            reason = f"exclusive group: {target!r} is starting"
+        else:
+            reason = f"evicted to make room for {target!r}"
+        self.events.emit(
+            "evict",
+            victim.name,
+            reason,
+            for_model=target,
+            action="sleep" if isinstance(action, Sleep) else "stop",
+        )
+        try:
+            if isinstance(action, Sleep) and await victim.sleep(action.level, reason):
+                return True
+            await victim.stop(reason)
+            return True
+        except Exception as error:  # a failed sleep falls back to a stop
+            log.warning("evicting %s: %s; stopping it instead", victim.name, error)
             try:
-                if isinstance(action, Sleep) and await victim.sleep(action.level, reason):
-                    continue
                 await victim.stop(reason)
-            except Exception as error:  # a failed sleep falls back to a stop
-                log.warning("evicting %s: %s; stopping it instead", victim.name, error)
-                with contextlib.suppress(Exception):
-                    await victim.stop(reason)
-        if self._placement is not None:
-            await self._placement.wait_memory_back(evict.gpus, evict.bytes_per_gpu, target)
+            except Exception:
+                return False
+            return True
 
     def _snapshot(self, target: str) -> Snapshot:
         starts = {
@@ -616,9 +646,9 @@ class Scheduler:
             *(s.stop("gateway shutdown", drain=False) for s in self._all_supervisors()),
             return_exceptions=True,
         )
-        for task in list(self._reconfiguring):
+        for task in [*self._reconfiguring, *self._evicting]:
             task.cancel()
-        await asyncio.gather(*self._reconfiguring, return_exceptions=True)
+        await asyncio.gather(*self._reconfiguring, *self._evicting, return_exceptions=True)
 
     def kill_engines_now(self) -> None:
         """Last resort on gateway exit: kill any engine still there without waiting."""
