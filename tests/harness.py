@@ -79,6 +79,10 @@ class EngineState:
 class InProcessEngine:
     """One engine: implements the scheduler's `EngineHandle`."""
 
+    node: str | None = None
+    actor_name: str | None = None
+    remote = False
+
     def __init__(
         self, name: str, spec: LaunchSpec, behaviour: Behaviour, served: str | None = None
     ) -> None:

@@ -63,37 +63,43 @@ async def slow_eviction_then_other_gpu(
     tmp_path: Path, a: Behaviour, a_settings: dict[str, Any]
 ) -> tuple[tuple[int, float], tuple[int, float]]:
     """`b` evicts `a` on GPU 0 (slowly); `c` asks for GPU 1 half a second later."""
-    async with in_process_gateway(
-        tmp_path,
-        {
-            "a": vllm("20GiB", 0, **a_settings),
-            "b": vllm("20GiB", 0),
-            "c": vllm("10GiB", 1),
-        },
-        {"a": a, "c": Behaviour(ready_after=0.5)},
-        **TWO_GPUS,
-    ) as gateway:
-        async with aiohttp.ClientSession() as session:
-            assert (await timed(session, gateway.url, "a"))[0] == 200
-            for_b = asyncio.ensure_future(timed(session, gateway.url, "b"))
-            await asyncio.sleep(0.5)
-            c = await timed(session, gateway.url, "c")
-            b = await for_b
+    async with (
+        in_process_gateway(
+            tmp_path,
+            {
+                "a": vllm("20GiB", 0, **a_settings),
+                "b": vllm("20GiB", 0),
+                "c": vllm("10GiB", 1),
+            },
+            {"a": a, "c": Behaviour(ready_after=0.5)},
+            **TWO_GPUS,
+        ) as gateway,
+        aiohttp.ClientSession() as session,
+    ):
+        assert (await timed(session, gateway.url, "a"))[0] == 200
+        for_b = asyncio.ensure_future(timed(session, gateway.url, "b"))
+        await asyncio.sleep(0.5)
+        c = await timed(session, gateway.url, "c")
+        b = await for_b
     return b, c
 
 
 async def test_a_slow_stop_on_gpu_0_does_not_hold_a_start_on_gpu_1(tmp_path: Path) -> None:
     b, c = await slow_eviction_then_other_gpu(tmp_path, Behaviour(exit_after=SLOW), {})
-    assert c[0] == 200 and c[1] < 2.0, c  # its own 0.5 s start, not the 4 s stop
-    assert b[0] == 200 and b[1] >= SLOW, b  # b did wait for a's memory
+    assert c[0] == 200, c
+    assert c[1] < 2.0, c  # its own 0.5 s start, not the 4 s stop
+    assert b[0] == 200, b
+    assert b[1] >= SLOW, b  # b did wait for a's memory
 
 
 async def test_a_slow_sleep_on_gpu_0_does_not_hold_a_start_on_gpu_1(tmp_path: Path) -> None:
     b, c = await slow_eviction_then_other_gpu(
         tmp_path, Behaviour(sleep_after=SLOW, sleep_mode=True), {"sleep": 1}
     )
-    assert c[0] == 200 and c[1] < 2.0, c
-    assert b[0] == 200 and b[1] >= SLOW, b
+    assert c[0] == 200, c
+    assert c[1] < 2.0, c
+    assert b[0] == 200, b
+    assert b[1] >= SLOW, b
 
 
 async def test_a_slow_memory_return_on_gpu_0_does_not_hold_a_start_on_gpu_1(

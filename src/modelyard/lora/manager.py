@@ -23,11 +23,11 @@ from typing import Any
 import aiohttp
 
 from modelyard.config.schema import GatewayConfig, ModelConfig
+from modelyard.lifecycle import EngineHandle
 from modelyard.lora.adapters import Adapter, read_adapter, scan_adapter_dir
 from modelyard.observability.events import EventBus
 from modelyard.scheduler.names import Target
 from modelyard.scheduler.scheduler import Scheduler
-from modelyard.scheduler.supervisor import EngineHandle
 
 log = logging.getLogger("modelyard.lora")
 

@@ -13,10 +13,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modelyard.config.schema import GatewayConfig
 from modelyard.engines.base import MemoryBudget
+from modelyard.lifecycle import ModelState
 from modelyard.observability.events import EventBus
 from modelyard.placement.estimate import estimate_bytes
 from modelyard.placement.footprints import FootprintStore, engine_fingerprint
@@ -27,7 +28,9 @@ from modelyard.placement.policy import (
     GpuCapacity,
     Target,
 )
-from modelyard.scheduler.supervisor import ModelState, ModelSupervisor
+
+if TYPE_CHECKING:  # the scheduler hands its supervisors in; placement never imports it
+    from modelyard.scheduler.supervisor import ModelSupervisor
 
 log = logging.getLogger("modelyard.placement")
 

@@ -114,6 +114,7 @@ class WaitUntil:
     target: str
     until: float
     explanation: str
+    waiting_for: tuple[str, ...] = ()  # the engines whose change may let it go
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,7 @@ class SchedulerCore:
                     name,
                     ask.deadline,
                     f"waiting for {', '.join(held.victims) or 'room'} to make room for it",
+                    held.victims,
                 )
             ]
         # Its evictions are over (or there were none): it decides afresh, its old room free.
@@ -210,7 +212,8 @@ class SchedulerCore:
                 )
             ]
         if isinstance(decision, Wait):
-            return [WaitUntil(name, decision.until, decision.explanation)]
+            waits = tuple(w.name for w in decision.for_models)
+            return [WaitUntil(name, decision.until, decision.explanation, waits)]
         assert isinstance(decision, Evict)
         rounds = self._rounds.get(name, 0)
         if rounds >= event.max_eviction_rounds:

@@ -10,82 +10,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from modelyard.engines.base import LaunchSpec, MemoryBudget
+from modelyard.lifecycle import (
+    EngineHandle,
+    EngineStarter,
+    ModelState,
+    SleepControl,
+    check_transition,
+)
 from modelyard.observability.events import EventBus
 from modelyard.runtime.process import EngineStartError
-from modelyard.runtime.remote import RemoteEndpoint, RemoteUnavailable
+from modelyard.runtime.remote import RemoteUnavailable
 
-
-class ModelState(enum.StrEnum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    READY = "ready"
-    DRAINING = "draining"
-    SLEEPING = "sleeping"
-    WAKING = "waking"
-    STOPPING = "stopping"
-    FAILED = "failed"
-
-
-class EngineHandle(Protocol):
-    """A running engine as the supervisor sees it (a process, or a fake in unit tests)."""
-
-    base_url: str
-    pid: int
-    port: int
-
-    @property
-    def health_path(self) -> str: ...
-
-    @property
-    def exited(self) -> asyncio.Future[Any]: ...
-
-    async def wait_ready(self, deadline: float) -> float: ...
-
-    async def stop(self, grace: float) -> int | None: ...
-
-    def log_tail(self, count: int) -> list[str]: ...
-
-    @property
-    def upstream_headers(self) -> dict[str, str]:
-        """Headers every request to the engine carries (its own key, when it wants one)."""
-        ...
-
-    def process_gone(self) -> bool:
-        """The OS says the process has exited (before the exit is reported to us)."""
-        ...
-
-    def kill_now(self) -> None:
-        """Last resort on gateway exit: kill without waiting."""
-        ...
-
-    def exit_code(self) -> int | None:
-        """The process's exit code once it has exited (None while it runs)."""
-        ...
-
-    def subscribe_log(self, on_line: Callable[[str], None]) -> Callable[[], None]:
-        """Follow the engine's output; returns the unsubscribe function."""
-        ...
-
-
-class SleepControl(Protocol):
-    """vLLM's sleep endpoints (`POST /sleep?level=N`, `POST /wake_up`) for one engine."""
-
-    async def sleep(self, base_url: str, level: int) -> None: ...
-
-    async def wake(self, base_url: str) -> None: ...
-
-
-class EngineStarter(Protocol):
-    async def __call__(
-        self, name: str, spec_for_port: Callable[[int], LaunchSpec]
-    ) -> EngineHandle: ...
+__all__ = [  # the lifecycle's types, re-exported for the callers that import them from here
+    "EngineHandle",
+    "EngineStarter",
+    "ModelState",
+    "SleepControl",
+]
 
 
 class ModelUnavailable(Exception):
@@ -224,6 +171,7 @@ class ModelSupervisor:
 
     @state.setter
     def state(self, value: ModelState) -> None:
+        check_transition(self.name, self._state, value)
         self._state = value
         self._on_change()
 
@@ -766,7 +714,7 @@ class ModelSupervisor:
             # No drain: requests in flight are stuck on this engine and end with its exit.
             code = await engine.stop(self.settings.stop_grace)
             tail = engine.log_tail(20)
-            if isinstance(engine, RemoteEndpoint):
+            if engine.remote:
                 # Not ours, so not a crash (no back-off): forgotten until it answers again.
                 self._record_engine_lost(
                     f"remote engine for {self.name!r} is not answering: {reason}",
