@@ -19,8 +19,8 @@ from modelyard.config.schema import GatewayConfig
 from modelyard.engines.base import MemoryBudget
 from modelyard.lifecycle import ModelState
 from modelyard.observability.events import EventBus
-from modelyard.placement.estimate import estimate_bytes
-from modelyard.placement.footprints import FootprintStore, engine_fingerprint
+from modelyard.placement.estimate import estimate_bytes, weights_bytes
+from modelyard.placement.footprints import Footprint, FootprintStore, engine_fingerprint
 from modelyard.placement.inventory import GpuInventory, GpuInventoryError
 from modelyard.placement.policy import (
     Engine,
@@ -63,6 +63,18 @@ class Residency:
     learnable: bool = True
 
 
+@dataclass(frozen=True)
+class _Record:
+    """Measurements to store for one model's configuration."""
+
+    model: str
+    fingerprint: str
+    awake_bytes_per_gpu: int | None = None
+    asleep_bytes_per_gpu: int | None = None
+    start_seconds: float | None = None
+    wake_seconds: float | None = None
+
+
 class PlacementCoordinator:
     def __init__(
         self,
@@ -84,6 +96,10 @@ class PlacementCoordinator:
         self.residency: dict[str, Residency] = {}
         self._whole_gpu_next: set[str] = set()  # after an OOM: plan the next try generously
         self.last_plan: dict[str, str] = {}
+        # What decisions need from disk, read off the event loop (`read_inputs`) and kept:
+        # a decision is synchronous and must not walk a weights folder or wait on SQLite.
+        self._footprints: dict[tuple[str, str], Footprint | None] = {}
+        self._disk_bytes: dict[str, int | None] = {}
 
     def attach(self, supervisors: dict[str, ModelSupervisor]) -> None:
         self._supervisors = supervisors
@@ -120,17 +136,20 @@ class PlacementCoordinator:
     async def finished(self, supervisor: ModelSupervisor, ok: bool) -> None:
         """After a start, wake, sleep or stop: measure and learn."""
         name = supervisor.name
+        record = None
         try:
             # After a start, `finished` comes before the supervisor marks the model ready: it
             # is still STARTING here, and the engine already holds its full footprint.
             if ok and supervisor.state in (ModelState.READY, ModelState.STARTING):
-                self._learn_awake(supervisor)
+                record = self._learn_awake(supervisor)
             elif supervisor.state is ModelState.SLEEPING:
-                self._learn_asleep(supervisor)
+                record = self._learn_asleep(supervisor)
             elif supervisor.state in (ModelState.STOPPED, ModelState.FAILED):
                 self.residency.pop(name, None)
         except GpuInventoryError as error:
             log.warning("could not measure %s: %s", name, error)
+        if record is not None:
+            await self._write(record)
 
     def note_out_of_memory(self, supervisor: ModelSupervisor) -> None:
         """The engine ran out of GPU memory while starting: plan its retry generously."""
@@ -144,17 +163,38 @@ class PlacementCoordinator:
             spec.argv, spec.env, self.config.models[supervisor.name].model, port=0
         )
 
+    async def read_inputs(self, supervisor: ModelSupervisor) -> None:
+        """Read the footprint and the weights' size on disk that decisions for `supervisor`
+        need, in a thread (issue 22: the folder walk and SQLite's busy wait blocked the loop)."""
+        name = supervisor.name
+        model = self.config.models.get(name)
+        if model is None:
+            return
+        key = (name, self._fingerprint(supervisor))
+        if key not in self._footprints:
+            self._footprints[key] = await asyncio.to_thread(self.footprints.get, *key)
+        if model.model and model.memory is None and model.model not in self._disk_bytes:
+            self._disk_bytes[model.model] = await asyncio.to_thread(weights_bytes, model.model)
+
+    def _footprint(self, supervisor: ModelSupervisor) -> Footprint | None:
+        key = (supervisor.name, self._fingerprint(supervisor))
+        if key not in self._footprints:  # not read ahead (a status call): read it now
+            self._footprints[key] = self.footprints.get(*key)
+        return self._footprints[key]
+
     def target(self, supervisor: ModelSupervisor) -> Target:
         name = supervisor.name
         model = self.config.models[name]
         if name in self._whole_gpu_next:
             need = None
         else:
+            read = model.model in self._disk_bytes if model.model else False
             estimate = estimate_bytes(
-                footprint=self.footprints.get(name, self._fingerprint(supervisor)),
+                footprint=self._footprint(supervisor),
                 hint_bytes=model.memory,
-                model=model.model,
+                model=None if read else model.model,
                 tensor_parallel=model.tensor_parallel,
+                disk_bytes=self._disk_bytes.get(model.model) if model.model else None,
             )
             need = estimate.bytes_per_gpu
         return Target(
@@ -204,7 +244,7 @@ class PlacementCoordinator:
             if name == target and state not in (EngineState.SLEEPING, EngineState.WAKING):
                 continue  # a wake is planned on the GPUs it sleeps on; a start is not
             model = self.config.models[name]
-            footprint = self.footprints.get(name, self._fingerprint(supervisor))
+            footprint = self._footprint(supervisor)
             engines.append(
                 Engine(
                     name=name,
@@ -277,11 +317,11 @@ class PlacementCoordinator:
         # The inventory follows the process tree itself (on a cluster, on the engine's node).
         return self.inventory.process_memory([supervisor.engine.pid])
 
-    def _learn_awake(self, supervisor: ModelSupervisor) -> None:
+    def _learn_awake(self, supervisor: ModelSupervisor) -> _Record | None:
         name = supervisor.name
         residency = self.residency.get(name)
         if residency is None:
-            return
+            return None
         measured = self._measure(supervisor)
         if measured:
             residency.awake_bytes_per_gpu = max(measured.values())
@@ -291,7 +331,7 @@ class PlacementCoordinator:
             and supervisor.timings.wakes > 0
             and (self._clock() - (supervisor.ready_since or 0) < 1.0)
         )
-        self.footprints.record(
+        return _Record(
             name,
             self._fingerprint(supervisor),
             awake_bytes_per_gpu=(
@@ -303,18 +343,34 @@ class PlacementCoordinator:
             wake_seconds=supervisor.timings.last_wake_s if woke else None,
         )
 
-    def _learn_asleep(self, supervisor: ModelSupervisor) -> None:
+    def _learn_asleep(self, supervisor: ModelSupervisor) -> _Record | None:
         residency = self.residency.get(supervisor.name)
         if residency is None:
-            return
+            return None
         measured = self._measure(supervisor)
-        if measured is not None:
-            residency.asleep_bytes_per_gpu = max(measured.values(), default=0)
-            self.footprints.record(
-                supervisor.name,
-                self._fingerprint(supervisor),
-                asleep_bytes_per_gpu=residency.asleep_bytes_per_gpu,
+        if measured is None:
+            return None
+        residency.asleep_bytes_per_gpu = max(measured.values(), default=0)
+        return _Record(
+            supervisor.name,
+            self._fingerprint(supervisor),
+            asleep_bytes_per_gpu=residency.asleep_bytes_per_gpu,
+        )
+
+    async def _write(self, record: _Record) -> None:
+        """Store the measurements in a thread: SQLite may wait seconds for another process's
+        lock (its busy timeout), and the event loop must not wait with it."""
+        footprint = await asyncio.to_thread(
+            lambda: self.footprints.record(
+                record.model,
+                record.fingerprint,
+                awake_bytes_per_gpu=record.awake_bytes_per_gpu,
+                asleep_bytes_per_gpu=record.asleep_bytes_per_gpu,
+                start_seconds=record.start_seconds,
+                wake_seconds=record.wake_seconds,
             )
+        )
+        self._footprints[(record.model, record.fingerprint)] = footprint
 
     # ----- status -----
 
@@ -340,7 +396,7 @@ class PlacementCoordinator:
     def model_placement(self, name: str) -> dict[str, Any]:
         residency = self.residency.get(name)
         supervisor = self._supervisors.get(name)
-        footprint = self.footprints.get(name, self._fingerprint(supervisor)) if supervisor else None
+        footprint = self._footprint(supervisor) if supervisor else None
         return {
             "gpus": list(residency.gpus) if residency else [],
             "footprint_bytes": residency.awake_bytes_per_gpu

@@ -205,6 +205,8 @@ class Scheduler:
         for supervisor in retired.values():
             self._in_background(self._retire(supervisor))
         for name in plan.engine_changed:
+            # A new engine configuration: the old one's failures say nothing of it.
+            self._supervisors[name].forget_failures()
             self._in_background(self._replace_engine(self._supervisors[name]))
         self._notify()
 
@@ -402,9 +404,20 @@ class Scheduler:
         """
         name = supervisor.name
         try:
+            if self._placement is not None:
+                await self._placement.read_inputs(supervisor)  # disk and SQLite, in a thread
             while True:
                 if self._closing:
                     raise Refused("the gateway is shutting down", 5.0, "shutting_down")
+                if self._supervisors.get(name) is not supervisor:
+                    # A reload removed (or replaced) the model while it waited: its waiters
+                    # get a clear 503, not a KeyError from the new config (issue 22).
+                    raise Refused(
+                        f"model {name!r} was removed from the configuration while it waited "
+                        "to start",
+                        5.0,
+                        "model_removed",
+                    )
                 if supervisor.waiting == 0:
                     # Every request that wanted it went away while it waited for room: do
                     # not evict anything or start an engine for nobody.

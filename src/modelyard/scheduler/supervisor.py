@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from modelyard.lifecycle import (
 from modelyard.observability.events import EventBus
 from modelyard.runtime.process import EngineStartError
 from modelyard.runtime.remote import RemoteUnavailable
+
+log = logging.getLogger("modelyard.supervisor")
 
 __all__ = [  # the lifecycle's types, re-exported for the callers that import them from here
     "EngineHandle",
@@ -134,7 +137,11 @@ class ModelSupervisor:
         self.last_used: float | None = None
         self.ready_since: float | None = None
         self.failure: Failure | None = None
-        self.consecutive_failures = 0
+        # Back-off counts failures in a row (issue 22): a good start ends a run of failed
+        # starts; a crash counts until the engine has served stably. A config change for the
+        # engine ends both.
+        self.failed_starts = 0
+        self.quick_crashes = 0
         self.timings = ModelTimings()
         self.sleep_level = 0
         self._last_engine: EngineHandle | None = None
@@ -189,6 +196,16 @@ class ModelSupervisor:
     def wait_deadline(self) -> float:
         """Until when the requests waiting now may wait (the latest of their deadlines)."""
         return max(self._deadlines, default=self._clock() + self.settings.start_timeout)
+
+    @property
+    def consecutive_failures(self) -> int:
+        """Failures in a row, for the back-off: failed starts since the last good one, and
+        crashes since the engine last served stably."""
+        return self.failed_starts + self.quick_crashes
+
+    def forget_failures(self) -> None:
+        """The engine's configuration changed: its old failures say nothing of the new one."""
+        self.failed_starts = self.quick_crashes = 0
 
     def reconfigure(
         self,
@@ -504,11 +521,11 @@ class ModelSupervisor:
             await self._record_failed_start(engine, error, started)
             raise
         finally:
-            if self._placement.finished is not None:
-                await self._placement.finished(self, ok)
+            await self._bookkeep(ok)
         took = self._clock() - started
         self.timings.last_start_s = took
         self.timings.starts += 1
+        self.failed_starts = 0  # a good start ends a run of failed ones
         self.state = ModelState.READY
         self.ready_since = self._clock()
         self._events.emit("ready", self.name, "started", took, port=engine.port)
@@ -531,7 +548,7 @@ class ModelSupervisor:
         if not isinstance(error, RemoteUnavailable):
             # A remote engine that is down is not a crash loop of ours: no back-off, the
             # next request checks it again.
-            self.consecutive_failures += 1
+            self.failed_starts += 1
         self.state = ModelState.FAILED
         self._events.emit(
             "start_failed",
@@ -575,8 +592,7 @@ class ModelSupervisor:
             self.state = ModelState.FAILED
             raise
         finally:
-            if self._placement.finished is not None:
-                await self._placement.finished(self, ok)
+            await self._bookkeep(ok)
         took = self._clock() - began
         self.timings.last_wake_s = took
         self.timings.wakes += 1
@@ -616,8 +632,7 @@ class ModelSupervisor:
         self.ready_since = None
         self.state = ModelState.STOPPED
         self._events.emit("stop", self.name, reason, self._clock() - began, exit_code=code)
-        if self._placement.finished is not None:
-            await self._placement.finished(self, False)
+        await self._bookkeep(False)
         return True
 
     async def _sleep(self, level: int, reason: str) -> bool:
@@ -652,9 +667,21 @@ class ModelSupervisor:
         self.sleep_level = level
         self.state = ModelState.SLEEPING
         self._events.emit("sleep", self.name, reason, self._clock() - began, level=level)
-        if self._placement.finished is not None:
-            await self._placement.finished(self, False)
+        await self._bookkeep(False)
         return True
+
+    async def _bookkeep(self, ok: bool) -> None:
+        """Tell placement a residency changed (it measures and learns). Its failure (the
+        footprint store locked by another process, a GPU that cannot be read) never fails
+        the engine's start, stop or sleep: the engine is what it is (issue 22: a start that
+        had succeeded answered 502 and left a live engine behind, counted as starting)."""
+        if self._placement.finished is None:
+            return
+        try:
+            await self._placement.finished(self, ok)
+        except Exception as error:
+            log.warning("bookkeeping for %s failed: %s", self.name, error)
+            self._events.emit("bookkeeping_failed", self.name, str(error))
 
     def _record_engine_lost(
         self, message: str, code: int | None, tail: list[str], crash: bool = True
@@ -665,8 +692,8 @@ class ModelSupervisor:
         if crash:
             serving_for = self._clock() - (self.ready_since or self._clock())
             if serving_for >= self.settings.stable_after:
-                self.consecutive_failures = 0
-            self.consecutive_failures += 1
+                self.quick_crashes = 0
+            self.quick_crashes += 1
             self.timings.crashes += 1
         self.engine = None
         self.budget = None
@@ -696,8 +723,7 @@ class ModelSupervisor:
             log_tail=tail[-10:],
             in_flight=self.in_flight,
         )
-        if self._placement.finished is not None:
-            self._background = asyncio.ensure_future(self._placement.finished(self, False))
+        self._background = asyncio.ensure_future(self._bookkeep(False))
 
     async def declare_hung(self, reason: str) -> bool:
         """Stop a ready engine that no longer answers and mark the model failed, like a crash
@@ -732,8 +758,7 @@ class ModelSupervisor:
                 self._events.emit(
                     "hung", self.name, reason, exit_code=code, log_tail=tail[-10:], pid=engine.pid
                 )
-            if self._placement.finished is not None:
-                await self._placement.finished(self, False)
+            await self._bookkeep(False)
             stopped = True
 
         await self._run_exclusive(run)
@@ -760,11 +785,11 @@ class ModelSupervisor:
     def mark_serving_healthy(self) -> None:
         """A request succeeded: a later crash starts a new count once the engine was stable."""
         if (
-            self.consecutive_failures
+            self.quick_crashes
             and self.ready_since is not None
             and self._clock() - self.ready_since >= self.settings.stable_after
         ):
-            self.consecutive_failures = 0
+            self.quick_crashes = 0
 
 
 _OOM_MARKERS = (
