@@ -31,6 +31,8 @@ from modelyard.scheduler.scheduler import Scheduler
 from modelyard.scheduler.supervisor import ModelUnavailable
 from tests.fakes import FakeClock, FakeEngine, FakeRuntime, FakeSleep, settle
 
+GIB = 1024**3
+
 
 class FailingStarts(FakeRuntime):
     """Starts whose engines die before they are ready when their number is in `failing`."""
@@ -198,3 +200,101 @@ async def test_a_bookkeeping_error_after_a_good_start_never_loses_the_engine(
     assert len(runtime.engines) == 1  # no second engine
     await scheduler.shutdown(1.0)
     assert runtime.engines[0].stopped
+
+
+# ----- engines, not model names, are the unit (issue 22) -----
+
+GPU_24 = [{"index": 0, "memory": "24GiB"}]
+
+
+class Stream:
+    """A request that holds its engine until `end()`, as a long stream does."""
+
+    def __init__(self, scheduler: Scheduler, name: str) -> None:
+        self._release = asyncio.Event()
+        self.task = asyncio.ensure_future(self._run(scheduler, name))
+
+    async def _run(self, scheduler: Scheduler, name: str) -> None:
+        async with scheduler.engine_for(name):
+            await self._release.wait()
+
+    async def end(self) -> None:
+        self._release.set()
+        await self.task
+
+
+def reload(scheduler: Scheduler, models: dict[str, Any]) -> None:
+    new = parse_config({"models": models, "gpus": GPU_24})
+    scheduler.apply_config(new, plan_reload(scheduler.config, new))
+
+
+def planned(scheduler: Scheduler) -> tuple[int, list[str]]:
+    assert scheduler._placement is not None
+    (gpu,) = scheduler._placement.gpu_status()
+    return gpu["planned_bytes"], gpu["models"]
+
+
+async def test_a_removed_models_draining_engine_is_seen_by_placement(tmp_path: Path) -> None:
+    # Before: q started at once beside the draining m and the idle p, 36 GiB planned on 24.
+    twelve = command_model(memory="12GiB")
+    clock, runtime = FakeClock(), FakeRuntime()
+    scheduler = make({"m": twelve, "p": twelve, "q": twelve}, runtime, clock, tmp_path, gpus=GPU_24)
+    assert await serve(scheduler, "p") == 200
+    stream = Stream(scheduler, "m")
+    await settle()
+    reload(scheduler, {"p": twelve, "q": twelve})
+    await settle()
+    assert await serve(scheduler, "q") == 200
+    total, _ = planned(scheduler)
+    assert total <= 24 * GIB
+    assert scheduler.state_of("p") is ModelState.STOPPED  # evicted for q, m being busy
+    await stream.end()
+    await scheduler.reconfigured()
+    assert planned(scheduler) == (12 * GIB, ["q"])
+    await scheduler.shutdown(1.0)
+
+
+async def test_removing_and_re_adding_a_model_keeps_both_engines_apart(tmp_path: Path) -> None:
+    # Before: the old engine's stop popped the new engine's placement (keyed by name), and
+    # the GPU showed 0 GiB planned under a running engine.
+    twelve = command_model(memory="12GiB")
+    clock, runtime = FakeClock(), FakeRuntime()
+    scheduler = make({"m": twelve}, runtime, clock, tmp_path, gpus=GPU_24)
+    stream = Stream(scheduler, "m")
+    await settle()
+    reload(scheduler, {})
+    reload(scheduler, {"m": twelve})
+    assert await serve(scheduler, "m") == 200  # a new engine, beside the draining one
+    assert len(runtime.engines) == 2
+    assert planned(scheduler)[0] == 24 * GIB
+    await stream.end()
+    await scheduler.reconfigured()
+    assert runtime.engines[0].stopped
+    assert not runtime.engines[1].stopped
+    assert planned(scheduler) == (12 * GIB, ["m"])
+    await scheduler.shutdown(1.0)
+
+
+async def test_a_reload_storm_never_loses_a_draining_engine(tmp_path: Path) -> None:
+    # Remove, re-add, remove: before, the second removal overwrote the first draining engine
+    # (kept by model name), which then was never stopped with its grace.
+    twelve = command_model(memory="12GiB")
+    clock, runtime = FakeClock(), FakeRuntime()
+    scheduler = make({"m": twelve}, runtime, clock, tmp_path, gpus=GPU_24)
+    first = Stream(scheduler, "m")
+    await settle()
+    reload(scheduler, {})
+    reload(scheduler, {"m": twelve})
+    second = Stream(scheduler, "m")
+    await settle()
+    reload(scheduler, {})
+    await settle()
+    assert len(runtime.engines) == 2
+    assert scheduler.in_flight() == 2  # both draining engines are still known
+    assert planned(scheduler)[0] == 24 * GIB
+    await first.end()
+    await second.end()
+    await scheduler.reconfigured()
+    assert all(engine.stopped for engine in runtime.engines)
+    assert planned(scheduler) == (0, [])
+    await scheduler.shutdown(1.0)

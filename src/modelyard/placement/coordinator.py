@@ -61,6 +61,8 @@ class Residency:
     # vLLM fills whatever budget it gets: a start planned as "the whole GPU" (unknown size,
     # or the retry after an OOM) measures the budget, not the model, so it is not learned.
     learnable: bool = True
+    # As it was started: an engine outlives its model's place in the config (a reload).
+    sleep_level: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,17 +94,25 @@ class PlacementCoordinator:
         # NVML sees each process's memory; a declared inventory does not.
         self.measures_processes = measures_processes
         self._clock = clock
-        self._supervisors: dict[str, ModelSupervisor] = {}
-        self.residency: dict[str, Residency] = {}
+        self._engines: Callable[[], dict[str, ModelSupervisor]] = dict
+        self.residency: dict[str, Residency] = {}  # by engine key
         self._whole_gpu_next: set[str] = set()  # after an OOM: plan the next try generously
         self.last_plan: dict[str, str] = {}
         # What decisions need from disk, read off the event loop (`read_inputs`) and kept:
         # a decision is synchronous and must not walk a weights folder or wait on SQLite.
         self._footprints: dict[tuple[str, str], Footprint | None] = {}
         self._disk_bytes: dict[str, int | None] = {}
+        self._writes: set[asyncio.Future[None]] = set()
 
-    def attach(self, supervisors: dict[str, ModelSupervisor]) -> None:
-        self._supervisors = supervisors
+    def attach(self, engines: Callable[[], dict[str, ModelSupervisor]]) -> None:
+        """`engines`: every engine's owner by its key, configured or draining after a reload
+        removed its model (issue 22: an engine is seen until its process is gone)."""
+        self._engines = engines
+
+    def rekey(self, old: str, new: str) -> None:
+        """An engine's key changed (its model was removed): its memory goes with it."""
+        if old in self.residency:
+            self.residency[new] = self.residency.pop(old)
 
     # ----- called by the scheduler -----
 
@@ -119,11 +129,12 @@ class PlacementCoordinator:
                 residency.gpus, residency.awake_bytes_per_gpu, self._total(residency.gpus)
             )
         unknown = name in self._whole_gpu_next or self.target(supervisor).bytes_per_gpu is None
-        self.residency[name] = Residency(
+        self.residency[supervisor.key] = Residency(
             gpus,
             bytes_per_gpu,
             int(bytes_per_gpu * ASSUMED_SLEEP_RESIDUAL) if model.sleep else 0,
             learnable=not unknown or model.engine != "vllm",
+            sleep_level=model.sleep or 0,
         )
         self._whole_gpu_next.discard(name)
         self.events.emit("placed", name, why, gpus=list(gpus), bytes_per_gpu=bytes_per_gpu)
@@ -137,6 +148,10 @@ class PlacementCoordinator:
         """After a start, wake, sleep or stop: measure and learn."""
         name = supervisor.name
         record = None
+        if supervisor.key != name:  # draining after a reload removed its model: no learning
+            if supervisor.state in (ModelState.STOPPED, ModelState.FAILED):
+                self.residency.pop(supervisor.key, None)
+            return
         try:
             # After a start, `finished` comes before the supervisor marks the model ready: it
             # is still STARTING here, and the engine already holds its full footprint.
@@ -145,11 +160,14 @@ class PlacementCoordinator:
             elif supervisor.state is ModelState.SLEEPING:
                 record = self._learn_asleep(supervisor)
             elif supervisor.state in (ModelState.STOPPED, ModelState.FAILED):
-                self.residency.pop(name, None)
+                self.residency.pop(supervisor.key, None)
         except GpuInventoryError as error:
             log.warning("could not measure %s: %s", name, error)
         if record is not None:
-            await self._write(record)
+            # Stored in the background: the engine is ready now, whatever SQLite does.
+            task = asyncio.ensure_future(self._write(record))
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
 
     def note_out_of_memory(self, supervisor: ModelSupervisor) -> None:
         """The engine ran out of GPU memory while starting: plan its retry generously."""
@@ -164,21 +182,21 @@ class PlacementCoordinator:
         )
 
     async def read_inputs(self, supervisor: ModelSupervisor) -> None:
-        """Read the footprint and the weights' size on disk that decisions for `supervisor`
-        need, in a thread (issue 22: the folder walk and SQLite's busy wait blocked the loop)."""
-        name = supervisor.name
-        model = self.config.models.get(name)
-        if model is None:
+        """Read the weights' size on disk that decisions for `supervisor` may need, in a
+        thread (issue 22: the folder walk ran on the event loop). Footprints are read from
+        memory, refreshed by each write; the writes run in a thread too (`_write`)."""
+        model = self.config.models.get(supervisor.name)
+        if model is None or not model.model or model.memory is not None:
             return
-        key = (name, self._fingerprint(supervisor))
-        if key not in self._footprints:
-            self._footprints[key] = await asyncio.to_thread(self.footprints.get, *key)
-        if model.model and model.memory is None and model.model not in self._disk_bytes:
-            self._disk_bytes[model.model] = await asyncio.to_thread(weights_bytes, model.model)
+        if self._footprint(supervisor) is not None or model.model in self._disk_bytes:
+            return
+        self._disk_bytes[model.model] = await asyncio.to_thread(weights_bytes, model.model)
 
     def _footprint(self, supervisor: ModelSupervisor) -> Footprint | None:
         key = (supervisor.name, self._fingerprint(supervisor))
-        if key not in self._footprints:  # not read ahead (a status call): read it now
+        if key not in self._footprints:
+            # Read once, then kept: a read does not wait on another process's write lock
+            # (WAL), and every write here refreshes the copy.
             self._footprints[key] = self.footprints.get(*key)
         return self._footprints[key]
 
@@ -214,8 +232,9 @@ class PlacementCoordinator:
     def _held_per_gpu(self) -> dict[int, int]:
         """Bytes our engines hold on each GPU as planned (a sleeping one, its residual)."""
         held: dict[int, int] = {}
-        for name, residency in self.residency.items():
-            supervisor = self._supervisors.get(name)
+        engines = self._engines()
+        for key, residency in self.residency.items():
+            supervisor = engines.get(key)
             asleep = supervisor is not None and supervisor.state is ModelState.SLEEPING
             size = residency.asleep_bytes_per_gpu if asleep else residency.awake_bytes_per_gpu
             for index in residency.gpus:
@@ -236,18 +255,19 @@ class PlacementCoordinator:
 
     def engines(self, target: str) -> list[Engine]:
         engines = []
-        for name, supervisor in self._supervisors.items():
+        for key, supervisor in self._engines().items():
             state = POLICY_STATE.get(supervisor.state)
-            residency = self.residency.get(name)
+            residency = self.residency.get(key)
             if state is None or residency is None:
                 continue
-            if name == target and state not in (EngineState.SLEEPING, EngineState.WAKING):
+            if key == target and state not in (EngineState.SLEEPING, EngineState.WAKING):
                 continue  # a wake is planned on the GPUs it sleeps on; a start is not
-            model = self.config.models[name]
-            footprint = self._footprint(supervisor)
+            # A removed model's engine (draining) is planned on as it was started.
+            model = self.config.models.get(key)
+            footprint = self._footprint(supervisor) if model is not None else None
             engines.append(
                 Engine(
-                    name=name,
+                    name=key,
                     state=state,
                     gpus=residency.gpus,
                     awake_bytes_per_gpu=residency.awake_bytes_per_gpu,
@@ -260,10 +280,10 @@ class PlacementCoordinator:
                     or (footprint.start_seconds if footprint else None),
                     wake_seconds=supervisor.timings.last_wake_s
                     or (footprint.wake_seconds if footprint else None),
-                    sleep_level=model.sleep if supervisor.can_sleep else 0,
+                    sleep_level=residency.sleep_level if supervisor.can_sleep else 0,
                     sleeping_level=supervisor.sleep_level if state is EngineState.SLEEPING else 0,
-                    pinned=model.pinned,
-                    exclusive_group=self._exclusive_group(name),
+                    pinned=model.pinned if model is not None else False,
+                    exclusive_group=self._exclusive_group(key),
                 )
             )
         return engines
@@ -274,8 +294,8 @@ class PlacementCoordinator:
             return None
         held = sum(
             r.awake_bytes_per_gpu * len(r.gpus)
-            for name, r in self.residency.items()
-            if (s := self._supervisors.get(name)) is not None
+            for key, r in self.residency.items()
+            if (s := self._engines().get(key)) is not None
             and s.state is ModelState.SLEEPING
             and s.sleep_level == 1
         )
@@ -357,19 +377,30 @@ class PlacementCoordinator:
             asleep_bytes_per_gpu=residency.asleep_bytes_per_gpu,
         )
 
+    async def written(self) -> None:
+        """Wait until the measurements in flight are stored (for tests and shutdown)."""
+        while self._writes:
+            await asyncio.gather(*list(self._writes), return_exceptions=True)
+
     async def _write(self, record: _Record) -> None:
         """Store the measurements in a thread: SQLite may wait seconds for another process's
-        lock (its busy timeout), and the event loop must not wait with it."""
-        footprint = await asyncio.to_thread(
-            lambda: self.footprints.record(
-                record.model,
-                record.fingerprint,
-                awake_bytes_per_gpu=record.awake_bytes_per_gpu,
-                asleep_bytes_per_gpu=record.asleep_bytes_per_gpu,
-                start_seconds=record.start_seconds,
-                wake_seconds=record.wake_seconds,
+        lock (its busy timeout), and the event loop must not wait with it. A failure is
+        reported, never raised: the engine it measured runs on (issue 22)."""
+        try:
+            footprint = await asyncio.to_thread(
+                lambda: self.footprints.record(
+                    record.model,
+                    record.fingerprint,
+                    awake_bytes_per_gpu=record.awake_bytes_per_gpu,
+                    asleep_bytes_per_gpu=record.asleep_bytes_per_gpu,
+                    start_seconds=record.start_seconds,
+                    wake_seconds=record.wake_seconds,
+                )
             )
-        )
+        except Exception as error:
+            log.warning("could not store the footprint of %s: %s", record.model, error)
+            self.events.emit("bookkeeping_failed", record.model, str(error))
+            return
         self._footprints[(record.model, record.fingerprint)] = footprint
 
     # ----- status -----
@@ -395,7 +426,7 @@ class PlacementCoordinator:
 
     def model_placement(self, name: str) -> dict[str, Any]:
         residency = self.residency.get(name)
-        supervisor = self._supervisors.get(name)
+        supervisor = self._engines().get(name)
         footprint = self._footprint(supervisor) if supervisor else None
         return {
             "gpus": list(residency.gpus) if residency else [],

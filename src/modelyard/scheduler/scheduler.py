@@ -94,7 +94,10 @@ class Scheduler:
         self._start_engine = start_engine
         self._sleep_control = sleep_control
         self._served_names: dict[str, Target] = {}
-        self._retiring: dict[str, ModelSupervisor] = {}  # removed by a reload, draining
+        # Removed by a reload and draining, by engine key (never by model name: a model
+        # removed, re-added and removed again has two engines draining at once).
+        self._retiring: dict[str, ModelSupervisor] = {}
+        self._retired = 0
         self._reconfiguring: set[asyncio.Task[None]] = set()
         self._hook = Placement(
             prepare=self._prepare,
@@ -105,7 +108,7 @@ class Scheduler:
             self._add_model(name, model)
         self._index_names()
         if placement is not None:
-            placement.attach(self._supervisors)
+            placement.attach(self._engines_by_key)
         self.adapter_targets: dict[str, Target] = {}
 
     def _add_model(self, name: str, model: ModelConfig) -> None:
@@ -181,7 +184,14 @@ class Scheduler:
         self.config = config
         if self._placement is not None:
             self._placement.config = config
-        retired = {name: self._supervisors.pop(name) for name in plan.removed}
+        retired = {}
+        for name in plan.removed:
+            leaving = self._supervisors.pop(name)
+            self._retired += 1
+            leaving.key = f"{name} (removed #{self._retired})"
+            if self._placement is not None:
+                self._placement.rekey(name, leaving.key)
+            retired[leaving.key] = leaving
         self._retiring.update(retired)
         for name, model in config.models.items():
             supervisor = self._supervisors.get(name)
@@ -222,7 +232,7 @@ class Scheduler:
         try:
             await supervisor.stop("removed from the configuration", drain=True)
         finally:
-            self._retiring.pop(supervisor.name, None)
+            self._retiring.pop(supervisor.key, None)
 
     async def _replace_engine(self, supervisor: ModelSupervisor) -> None:
         was_running = supervisor.state in (
@@ -246,6 +256,10 @@ class Scheduler:
     def _all_supervisors(self) -> list[ModelSupervisor]:
         """Configured models' supervisors and those of removed models still draining."""
         return [*self._supervisors.values(), *self._retiring.values()]
+
+    def _engines_by_key(self) -> dict[str, ModelSupervisor]:
+        """Every engine's owner by its key: what every decision sees."""
+        return {supervisor.key: supervisor for supervisor in self._all_supervisors()}
 
     def is_remote(self, name: str) -> bool:
         """Whether the model's engine runs elsewhere (never started or stopped by us)."""
@@ -346,8 +360,12 @@ class Scheduler:
         return supervisor
 
     def _supervisor_of(self, name: str) -> ModelSupervisor:
-        """The model's supervisor, also while a reload that removed it drains its engine."""
-        return self._supervisors.get(name) or self._retiring[name]
+        """The model's supervisor, also while a reload that removed it drains its engine
+        (then the latest such engine of that name)."""
+        found = self._supervisors.get(name) or self._retiring.get(name)
+        if found is None:
+            found = [s for s in self._retiring.values() if s.name == name][-1]
+        return found
 
     async def forget_remote(self, name: str, reason: str) -> None:
         """A remote engine stopped answering while serving: forget the connection (the next
@@ -472,7 +490,7 @@ class Scheduler:
 
     async def _evict_one(self, action: Action, target: str) -> bool:
         """Sleep or stop one victim; whether it is asleep or stopped now."""
-        victim = self._supervisor_of(action.name)
+        victim = self._engines_by_key()[action.name]
         group = self._exclusive_group(target)
         if group is not None and self._exclusive_group(action.name) == group:
             reason = f"exclusive group: {target!r} is starting"
@@ -662,6 +680,8 @@ class Scheduler:
         for task in [*self._reconfiguring, *self._evicting]:
             task.cancel()
         await asyncio.gather(*self._reconfiguring, *self._evicting, return_exceptions=True)
+        if self._placement is not None:
+            await self._placement.written()  # the last measurements are stored
 
     def kill_engines_now(self) -> None:
         """Last resort on gateway exit: kill any engine still there without waiting."""

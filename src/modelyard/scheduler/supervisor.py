@@ -127,6 +127,10 @@ class ModelSupervisor:
         sleep_control: SleepControl | None = None,
     ) -> None:
         self.name = name
+        # The engine's identity for placement and evictions: the model's name while it is
+        # configured, a name of its own once a reload removed the model and it drains, so a
+        # re-added model of that name is a different engine (issue 22).
+        self.key = name
         self.settings = settings
         self._on_change: Callable[[], None] = lambda: None
         self._state = ModelState.STOPPED
