@@ -139,11 +139,13 @@ class LoraManager:
                 adapter=name,
             )
         self.adapters = found
-        self.scheduler.adapter_targets = {
-            name: Target(model=a.base, public_name=name, upstream_name=name, adapter=name)
-            for name, a in found.items()
-            if name not in taken
-        }
+        self.scheduler.set_adapter_targets(
+            {
+                name: Target(model=a.base, public_name=name, upstream_name=name, adapter=name)
+                for name, a in found.items()
+                if name not in taken
+            }
+        )
         return added, removed
 
     def start_background(self) -> None:

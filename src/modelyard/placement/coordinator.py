@@ -220,14 +220,8 @@ class PlacementCoordinator:
             bytes_per_gpu=need,
             gpus=tuple(model.gpus or ()),
             tensor_parallel=model.tensor_parallel,
-            exclusive_group=self._exclusive_group(name),
+            exclusive_group=self.config.exclusive_group_of(name),
         )
-
-    def _exclusive_group(self, name: str) -> str | None:
-        for group_name, group in self.config.groups.items():
-            if group.exclusive and name in group.members:
-                return group_name
-        return None
 
     def _held_per_gpu(self) -> dict[int, int]:
         """Bytes our engines hold on each GPU as planned (a sleeping one, its residual)."""
@@ -283,7 +277,7 @@ class PlacementCoordinator:
                     sleep_level=residency.sleep_level if supervisor.can_sleep else 0,
                     sleeping_level=supervisor.sleep_level if state is EngineState.SLEEPING else 0,
                     pinned=model.pinned if model is not None else False,
-                    exclusive_group=self._exclusive_group(key),
+                    exclusive_group=self.config.exclusive_group_of(key),
                 )
             )
         return engines

@@ -111,6 +111,10 @@ class Scheduler:
             placement.attach(self._engines_by_key)
         self.adapter_targets: dict[str, Target] = {}
 
+    def set_adapter_targets(self, targets: dict[str, Target]) -> None:
+        """The LoRA adapters on disk now, by public name (the adapter manager's scan)."""
+        self.adapter_targets = targets
+
     def _add_model(self, name: str, model: ModelConfig) -> None:
         """A supervisor for one configured model (its names: `_index_names`)."""
         supervisor = ModelSupervisor(
@@ -491,8 +495,8 @@ class Scheduler:
     async def _evict_one(self, action: Action, target: str) -> bool:
         """Sleep or stop one victim; whether it is asleep or stopped now."""
         victim = self._engines_by_key()[action.name]
-        group = self._exclusive_group(target)
-        if group is not None and self._exclusive_group(action.name) == group:
+        group = self.config.exclusive_group_of(target)
+        if group is not None and self.config.exclusive_group_of(action.name) == group:
             reason = f"exclusive group: {target!r} is starting"
         else:
             reason = f"evicted to make room for {target!r}"
@@ -551,7 +555,7 @@ class Scheduler:
                     sleep_level=self.config.models[name].sleep if s.can_sleep else 0,
                     sleeping_level=s.sleep_level if s.state is ModelState.SLEEPING else 0,
                     pinned=self.config.models[name].pinned,
-                    exclusive_group=self._exclusive_group(name),
+                    exclusive_group=self.config.exclusive_group_of(name),
                 )
             )
         return Snapshot(
@@ -569,14 +573,8 @@ class Scheduler:
             name=supervisor.name,
             bytes_per_gpu=0,
             gpus=(index,),
-            exclusive_group=self._exclusive_group(supervisor.name),
+            exclusive_group=self.config.exclusive_group_of(supervisor.name),
         )
-
-    def _exclusive_group(self, name: str) -> str | None:
-        for group_name, group in self.config.groups.items():
-            if group.exclusive and name in group.members:
-                return group_name
-        return None
 
     # ----- timers and lifecycle -----
 
