@@ -298,3 +298,33 @@ async def test_a_reload_storm_never_loses_a_draining_engine(tmp_path: Path) -> N
     assert all(engine.stopped for engine in runtime.engines)
     assert planned(scheduler) == (0, [])
     await scheduler.shutdown(1.0)
+
+
+async def test_requests_after_a_reload_during_a_cold_start_get_the_new_engine() -> None:
+    # Before: requests that came after the reload joined the old configuration's start and
+    # were served by that stale engine (a 404 for the new served name).
+    clock, runtime = FakeClock(), FakeRuntime()
+    runtime.auto_ready = False
+    scheduler = make({"m": command_model()}, runtime, clock)
+    before = asyncio.ensure_future(scheduler.engine_for("m").__aenter__())
+    await settle()
+    assert scheduler.state_of("m") is ModelState.STARTING
+    new = parse_config({"models": {"m": command_model(command=["y", "{port}"])}})
+    scheduler.apply_config(new, plan_reload(scheduler.config, new))
+    after = asyncio.ensure_future(scheduler.engine_for("m").__aenter__())
+    await settle()
+    runtime.engines[0].ready.set()  # the old configuration's engine becomes ready
+    old_engine = await asyncio.wait_for(before, 5)
+    assert old_engine is runtime.engines[0]  # asked before the reload: the old engine
+    scheduler._supervisors["m"].let_go()
+    for _ in range(100):
+        await settle()
+        if len(runtime.engines) == 2:
+            break
+    runtime.engines[1].ready.set()
+    new_engine = await asyncio.wait_for(after, 5)
+    assert new_engine is runtime.engines[1]
+    assert runtime.engines[0].stopped
+    scheduler._supervisors["m"].let_go()
+    await scheduler.reconfigured()
+    await scheduler.shutdown(1.0)

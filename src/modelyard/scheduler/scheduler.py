@@ -219,8 +219,9 @@ class Scheduler:
         for supervisor in retired.values():
             self._in_background(self._retire(supervisor))
         for name in plan.engine_changed:
-            # A new engine configuration: the old one's failures say nothing of it.
-            self._supervisors[name].forget_failures()
+            # A new engine configuration: requests from now on are for it, and the old one's
+            # failures say nothing of it.
+            self._supervisors[name].engine_config_changed()
             self._in_background(self._replace_engine(self._supervisors[name]))
         self._notify()
 

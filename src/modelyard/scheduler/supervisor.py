@@ -173,6 +173,10 @@ class ModelSupervisor:
         self._launched_at: float | None = None  # when the start or wake really began
         # True while a start or wake waits for the scheduler's go: it holds nothing yet.
         self.placing = False
+        self._state_changed = asyncio.Event()  # replaced at each change of state
+        # Reloads that changed the engine, and the one the current engine was started under.
+        self._config_version = 0
+        self._engine_version = 0
 
     # ----- state, observed by the scheduler -----
 
@@ -184,6 +188,8 @@ class ModelSupervisor:
     def state(self, value: ModelState) -> None:
         check_transition(self.name, self._state, value)
         self._state = value
+        self._state_changed.set()
+        self._state_changed = asyncio.Event()
         self._on_change()
 
     @property
@@ -224,10 +230,21 @@ class ModelSupervisor:
         if self.engine is None and self.state in (ModelState.STOPPED, ModelState.FAILED):
             self._take_pending_config()
 
+    def engine_config_changed(self) -> None:
+        """A reload changed this model's engine: requests from now on are for an engine with
+        the new configuration, not for one that was started (or is starting) with the old."""
+        self._config_version += 1
+        self.forget_failures()
+
+    @property
+    def _stale(self) -> bool:
+        return self._engine_version < self._config_version
+
     def _take_pending_config(self) -> None:
         if self._pending_config is not None:
             self._spec_for, self._placement, self._sleep_control = self._pending_config
             self._pending_config = None
+        self._engine_version = self._config_version
 
     # ----- public: serving -----
 
@@ -238,7 +255,7 @@ class ModelSupervisor:
         every request's path, and nothing can look at the counts in between.
         """
         engine = self.engine
-        if self.state is not ModelState.READY or engine is None:
+        if self.state is not ModelState.READY or engine is None or self._stale:
             engine = await self.ensure_ready(deadline)
         # No await between the state check (here or in ensure_ready) and this increment: a
         # stop or sleep decision made later sees the request in flight.
@@ -266,10 +283,22 @@ class ModelSupervisor:
         """
         self.waiting += 1
         self._deadlines.append(deadline)
+        wanted = self._config_version  # the configuration this request was resolved under
         try:
             while True:
                 if self.state is ModelState.READY and self.engine is not None:
-                    return self.engine
+                    if self._engine_version >= wanted:
+                        return self.engine
+                    # Started under a configuration a reload has replaced (issue 22: such
+                    # requests were served by the stale engine, a 404 for the new served
+                    # name): the reload's stop-and-start serves it. Wait for a change.
+                    changed = self._state_changed
+                    remaining = self._effective_deadline(deadline) - self._clock()
+                    if remaining <= 0:
+                        raise self._timeout_error()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), remaining)
+                    continue
                 if self._operation is None or self._operation.done():
                     self._begin_needed_operation()
                 operation = self._operation
