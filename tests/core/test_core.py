@@ -229,3 +229,42 @@ def test_properties_on_random_traces(seed: int, gpu_count: int, nodes: list[str]
             assert mine & theirs, (decided, other)
 
     assert sum(o.served_at is not None for o in outcomes) > len(outcomes) // 2
+
+
+# ----- queue bounds and idle verdicts: pure steps too -----
+
+
+def test_queue_bounds_refuse_with_retry_after_per_model_then_in_all() -> None:
+    from modelyard.scheduler.core import Arrived
+
+    core = SchedulerCore()
+    assert core.step(Arrived("m", 3, 4, 10, 100, 42.0)) == []
+    (full,) = core.step(Arrived("m", 4, 4, 10, 100, 42.0))
+    assert isinstance(full, RefuseNow)
+    assert (full.status, full.code, full.retry_after) == (503, "queue_full", 42.0)
+    assert "model 'm'" in full.message
+    (busy,) = core.step(Arrived("m", 0, 4, 100, 100, 7.0))
+    assert isinstance(busy, RefuseNow)
+    assert "gateway is busy" in busy.message
+
+
+def test_idle_verdicts_sleep_what_can_sleep_stop_the_rest_and_spare_pinned_and_busy() -> None:
+    from modelyard.scheduler.core import IdleCheck, IdleEngine, PutToSleep, StopIdle
+
+    core = SchedulerCore()
+    verdicts = core.step(
+        IdleCheck(
+            (
+                IdleEngine("sleepy", 700.0, 600.0, pinned=False, sleep_level=1),
+                IdleEngine("plain", 700.0, 600.0, pinned=False, sleep_level=0),
+                IdleEngine("pinned", 700.0, 600.0, pinned=True, sleep_level=0),
+                IdleEngine("busy", None, 600.0, pinned=False, sleep_level=0),
+                IdleEngine("recent", 30.0, 600.0, pinned=False, sleep_level=0),
+                IdleEngine("never", 9e9, 0.0, pinned=False, sleep_level=0),
+            )
+        )
+    )
+    assert verdicts == [
+        PutToSleep("sleepy", 1, "idle for 700s"),
+        StopIdle("plain", "idle for 700s"),
+    ]

@@ -78,7 +78,39 @@ class Dropped:
     target: str
 
 
-Event = Wanted | EvictionsDone | Dropped
+@dataclass(frozen=True)
+class Arrived:
+    """A request for `model` that must wait (its engine is not ready) asks to join the queue.
+
+    The counts are of the requests waiting now, before this one."""
+
+    model: str
+    waiting_for_model: int
+    model_limit: int
+    waiting_in_all: int
+    limit_in_all: int
+    retry_after: float  # the model's typical start: when a retry is likely to be served
+
+
+@dataclass(frozen=True)
+class IdleEngine:
+    """One engine's idleness as its owner reports it, for `IdleCheck`."""
+
+    key: str
+    idle_s: float | None  # None: busy, or not ready
+    idle_timeout: float  # 0: never idle-stopped
+    pinned: bool
+    sleep_level: int  # 0: cannot sleep, so it stops
+
+
+@dataclass(frozen=True)
+class IdleCheck:
+    """The idle timer fired: which engines have been idle past their timeout?"""
+
+    engines: tuple[IdleEngine, ...]
+
+
+Event = Wanted | EvictionsDone | Dropped | Arrived | IdleCheck
 
 # ----- commands (what the driver must do) -----
 
@@ -128,7 +160,24 @@ class RefuseNow:
     message: str
 
 
-Command = StartNow | CarryOut | WaitUntil | RefuseNow
+@dataclass(frozen=True)
+class PutToSleep:
+    """Idle past its timeout: put it to sleep at `level` (a failed sleep falls back to a stop)."""
+
+    key: str
+    level: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class StopIdle:
+    """Idle past its timeout: stop it, unless a request came meanwhile."""
+
+    key: str
+    reason: str
+
+
+Command = StartNow | CarryOut | WaitUntil | RefuseNow | PutToSleep | StopIdle
 
 
 @dataclass(frozen=True)
@@ -167,6 +216,10 @@ class SchedulerCore:
             if held is not None and held.number == event.number:
                 self._reservations[event.target] = replace(held, evictions_done=True)
             return []
+        if isinstance(event, Arrived):
+            return _queue_bounds(event)
+        if isinstance(event, IdleCheck):
+            return _idle_verdicts(event)
         return self._wanted(event)
 
     def _wanted(self, event: Wanted) -> list[Command]:
@@ -278,3 +331,35 @@ class SchedulerCore:
                 )
             )
         return replace(snapshot, engines=tuple(engines))
+
+
+def _queue_bounds(event: Arrived) -> list[Command]:
+    """A refusal when the model's queue or the gateway's is full (Ollama's 503 "server busy",
+    with a Retry-After the client's SDK honours)."""
+    if event.waiting_for_model >= event.model_limit:
+        message = (
+            f"too many requests are waiting for model {event.model!r} "
+            f"(limit {event.model_limit}); retry later"
+        )
+    elif event.waiting_in_all >= event.limit_in_all:
+        message = (
+            f"the gateway is busy: {event.limit_in_all} requests are already waiting; retry later"
+        )
+    else:
+        return []
+    return [RefuseNow(event.model, 503, event.retry_after, "queue_full", message)]
+
+
+def _idle_verdicts(event: IdleCheck) -> list[Command]:
+    """Sleep (where it can) or stop every unpinned engine idle past its timeout."""
+    verdicts: list[Command] = []
+    for engine in event.engines:
+        idle, timeout = engine.idle_s, engine.idle_timeout
+        if idle is None or timeout <= 0 or idle < timeout or engine.pinned:
+            continue
+        reason = f"idle for {idle:.0f}s"
+        if engine.sleep_level:
+            verdicts.append(PutToSleep(engine.key, engine.sleep_level, reason))
+        else:
+            verdicts.append(StopIdle(engine.key, reason))
+    return verdicts

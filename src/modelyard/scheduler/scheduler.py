@@ -37,12 +37,17 @@ from modelyard.placement.coordinator import POLICY_STATE, PlacementCoordinator
 from modelyard.placement.policy import Action, Engine, Sleep
 from modelyard.placement.policy import Target as PlacementTarget
 from modelyard.scheduler.core import (
+    Arrived,
     CarryOut,
     Dropped,
     EvictionsDone,
+    IdleCheck,
+    IdleEngine,
+    PutToSleep,
     RefuseNow,
     SchedulerCore,
     StartNow,
+    StopIdle,
     WaitUntil,
     Wanted,
 )
@@ -388,19 +393,18 @@ class Scheduler:
         model_limit = self.config.models[supervisor.name].max_queue
         if model_limit is None:
             model_limit = limits.max_queue_per_model
-        if supervisor.waiting >= model_limit:
+        arrived = Arrived(
+            supervisor.name,
+            supervisor.waiting,
+            model_limit,
+            self.total_waiting(),
+            limits.max_queue,
+            self._retry_hint(supervisor),
+        )
+        for refusal in self._core.step(arrived):
+            assert isinstance(refusal, RefuseNow)
             raise ModelUnavailable(
-                f"too many requests are waiting for model {supervisor.name!r} "
-                f"(limit {model_limit}); retry later",
-                retry_after=self._retry_hint(supervisor),
-                code="queue_full",
-            )
-        if self.total_waiting() >= limits.max_queue:
-            raise ModelUnavailable(
-                f"the gateway is busy: {limits.max_queue} requests are already waiting; "
-                "retry later",
-                retry_after=self._retry_hint(supervisor),
-                code="queue_full",
+                refusal.message, retry_after=refusal.retry_after, code=refusal.code
             )
 
     def _retry_hint(self, supervisor: ModelSupervisor) -> float:
@@ -597,19 +601,27 @@ class Scheduler:
         stops the others' idle timers: a failed sleep falls back to a stop.
         """
         acted = []
-        for supervisor in list(self._supervisors.values()):
-            idle = supervisor.idle_for(now)
-            timeout = supervisor.settings.idle_timeout
-            if idle is None or timeout <= 0 or idle < timeout:
-                continue
-            model = self.config.models[supervisor.name]
-            if model.pinned:
-                continue
-            reason = f"idle for {idle:.0f}s"
+        check = IdleCheck(
+            tuple(
+                IdleEngine(
+                    s.key,
+                    s.idle_for(now),
+                    s.settings.idle_timeout,
+                    self.config.models[name].pinned,
+                    (self.config.models[name].sleep or 0) if s.can_sleep else 0,
+                )
+                for name, s in self._supervisors.items()
+            )
+        )
+        for verdict in self._core.step(check):
+            assert isinstance(verdict, (PutToSleep, StopIdle))
+            supervisor, reason = self._supervisors[verdict.key], verdict.reason
+            if supervisor.idle_for(self._clock()) is None:
+                continue  # a request came while an earlier verdict was carried out
             try:
-                if supervisor.can_sleep:
+                if isinstance(verdict, PutToSleep):
                     try:
-                        done = await supervisor.sleep(model.sleep, reason)
+                        done = await supervisor.sleep(verdict.level, reason)
                     except Exception as error:
                         self.events.emit(
                             "sleep_failed", supervisor.name, f"{error}; stopping it instead"
