@@ -20,6 +20,9 @@ it as a start in progress on those GPUs with the reserved bytes (one start or wa
 a time; the memory must be back before the next start there), and sees its victims as
 busy (no second plan counts on them). A reservation ends when its target starts, is refused,
 or is abandoned by its requests.
+
+It also answers the queue bounds (`Arrived` -> a `RefuseNow` when a queue is full) and the idle
+timer (`IdleCheck` -> `PutToSleep` / `StopIdle`), which need no memory between steps.
 """
 
 from __future__ import annotations
