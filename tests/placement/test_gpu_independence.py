@@ -7,7 +7,7 @@ exited. Half a second later a request for `c` comes, which fits on the free GPU 
 in 0.5 s. It must be served in about that, not after the eviction (the scheduler once carried
 out evictions while it held its one decision lock: `c` took 11.1 s instead of 2 s).
 
-The test engines stand for vLLM's slow exit, sleep and memory return (tests/harness.py's
+The test engines stand for vLLM's slow exit, sleep, wake and memory return (tests/harness.py's
 `Behaviour.exit_after` / `sleep_after`; a declared inventory that sees the process's memory
 for seconds after it exited).
 """
@@ -174,3 +174,26 @@ async def test_a_slow_memory_return_on_gpu_0_does_not_hold_a_start_on_gpu_1(
     await scheduler.shutdown(1.0)
     assert c_took < 1.0, c_took  # a fake start is instant: nothing but the decision
     assert b_took >= SLOW - 0.2, b_took  # b waited for the memory to come back
+
+
+async def test_a_slow_wake_on_gpu_0_does_not_hold_a_start_on_gpu_1(tmp_path: Path) -> None:
+    # The wake itself is the slow work (vLLM moves the weights back: 1-3 s, more for big ones).
+    async with (
+        in_process_gateway(
+            tmp_path,
+            {"a": vllm("20GiB", 0, sleep=1), "c": vllm("10GiB", 1)},
+            {"a": Behaviour(wake_after=SLOW, sleep_mode=True), "c": Behaviour(ready_after=0.5)},
+            **TWO_GPUS,
+        ) as gateway,
+        aiohttp.ClientSession() as session,
+    ):
+        assert (await timed(session, gateway.url, "a"))[0] == 200
+        await gateway.gateway.scheduler.sleep("a", 1, "test")
+        for_a = asyncio.ensure_future(timed(session, gateway.url, "a"))
+        await asyncio.sleep(0.5)
+        c = await timed(session, gateway.url, "c")
+        a = await for_a
+    assert c[0] == 200, c
+    assert c[1] < 2.0, c
+    assert a[0] == 200, a
+    assert a[1] >= SLOW, a
