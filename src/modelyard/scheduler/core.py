@@ -317,9 +317,10 @@ class SchedulerCore:
         for engine in snapshot.engines:
             if engine.name in reserved:
                 continue  # replaced by its reservation below
-            if engine.name in victims and engine.state is EngineState.READY:
-                # Its owner has not begun the sleep or stop yet: busy until it has.
-                engine = replace(engine, state=EngineState.DRAINING, in_flight=1)
+            if engine.name in victims:
+                # Another plan counts on it (its owner may not have begun the sleep or stop
+                # yet): busy for every other plan, so none counts on the same bytes.
+                engine = replace(engine, in_flight=max(engine.in_flight, 1))
             engines.append(engine)
         for r in others:
             was = next((e for e in snapshot.engines if e.name == r.target), None)

@@ -493,6 +493,9 @@ class Scheduler:
                 await self._placement.wait_memory_back(
                     evict.gpus, evict.bytes_per_gpu, evict.target
                 )
+        except Exception:  # the target decides again; the core counts the failed round
+            log.exception("making room for %s failed", evict.target)
+            ok = False
         finally:
             self._core.step(EvictionsDone(evict.target, evict.number, ok))
             self._notify()
