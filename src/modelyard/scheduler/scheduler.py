@@ -201,6 +201,7 @@ class Scheduler:
             if self._placement is not None:
                 self._placement.rekey(name, leaving.key)
             retired[leaving.key] = leaving
+            self._core.step(Dropped(name))  # no room is made for a model that is gone
         self._retiring.update(retired)
         for name, model in config.models.items():
             supervisor = self._supervisors.get(name)
@@ -432,7 +433,7 @@ class Scheduler:
         name = supervisor.name
         try:
             if self._placement is not None:
-                await self._placement.read_inputs(supervisor)  # disk and SQLite, in a thread
+                await self._placement.read_inputs(supervisor)  # a folder walk, in a thread
             while True:
                 if self._closing:
                     raise Refused("the gateway is shutting down", 5.0, "shutting_down")
@@ -475,8 +476,10 @@ class Scheduler:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), max(until - self._clock(), 0))
         finally:
-            # Started, refused or abandoned: the room the core set aside for it is free.
-            self._core.step(Dropped(name))
+            # Started, refused or abandoned: the room the core set aside for it is free. (A
+            # removed model's room was freed by the reload; the name may be another's now.)
+            if self._supervisors.get(name) is supervisor:
+                self._core.step(Dropped(name))
 
     def _go(self, supervisor: ModelSupervisor, go: StartNow) -> MemoryBudget | None:
         if self._placement is None:
