@@ -40,9 +40,9 @@ ALLOWED: Mapping[ModelState, frozenset[ModelState]] = {
     _S.DRAINING: frozenset({_S.SLEEPING, _S.STOPPING, _S.READY, _S.FAILED}),
     _S.SLEEPING: frozenset({_S.WAKING, _S.STOPPING, _S.FAILED}),
     _S.WAKING: frozenset({_S.READY, _S.FAILED}),
-    # A stop that errs while the process still runs leaves it serving; a hung engine's stop
-    # ends failed.
-    _S.STOPPING: frozenset({_S.STOPPED, _S.READY, _S.FAILED}),
+    # A stop that errs while the process still runs leaves it as it was (serving, or
+    # asleep); a hung engine's stop ends failed.
+    _S.STOPPING: frozenset({_S.STOPPED, _S.READY, _S.SLEEPING, _S.FAILED}),
     _S.FAILED: frozenset({_S.STARTING}),
 }
 

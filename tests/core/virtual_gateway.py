@@ -52,6 +52,8 @@ class Model:
     crash_after_s: float | None = None  # the next start dies after this long
     stop_s: float = 0.0  # from the stop command until the process is gone
     sleep_s: float = 0.0  # from the sleep command until it sleeps
+    wake2_s: float | None = None  # a wake from level 2 (None: as from level 1)
+    sleep2_s: float | None = None  # a sleep at level 2 (None: as at level 1)
     gpus: tuple[int, ...] = ()  # the GPUs it may use (config `gpus:`); () any
 
 
@@ -84,6 +86,7 @@ class _Live:
     generation: int = 0  # a start or wake in progress (its finish event names it)
     measured_start: float | None = None
     gpus: tuple[int, ...] = ()  # where it runs (or sleeps)
+    stopping_asleep: bool = False  # a sleeper being stopped holds only its asleep size
 
 
 @dataclass(frozen=True)
@@ -210,6 +213,7 @@ class VirtualGateway:
             assert isinstance(data, str)
             self._become(data, None)
             self.live[data].sleeping_level = 0
+            self.live[data].stopping_asleep = False
         elif kind == "slept":
             name, level = data  # type: ignore[misc]
             self._become(name, EngineState.SLEEPING)
@@ -292,10 +296,14 @@ class VirtualGateway:
                 if isinstance(action, Sleep):
                     # Still counted awake until it sleeps (the supervisor's DRAINING).
                     self._become(action.name, EngineState.DRAINING)
-                    at += model.sleep_s
+                    seconds = model.sleep_s
+                    if action.level == 2 and model.sleep2_s is not None:
+                        seconds = model.sleep2_s
+                    at += seconds
                     self._push(at, "slept", (action.name, action.level))
                     self.log.append((self.now, action.name, f"sleep{action.level}"))
                 else:
+                    victim.stopping_asleep = victim.state is EngineState.SLEEPING
                     self._become(action.name, EngineState.STOPPING)
                     at += model.stop_s
                     self._push(at, "stopped", action.name)
@@ -313,6 +321,8 @@ class VirtualGateway:
         live.gpus = gpus
         self.log.append((self.now, name, "wake" if waking else "start"))
         took = model.wake_s if waking else model.start_s
+        if waking and live.sleeping_level == 2 and model.wake2_s is not None:
+            took = model.wake2_s
         if not waking and model.crash_after_s is not None:
             self._push(self.now + model.crash_after_s, "crash", (name, live.generation))
             model.crash_after_s = None
@@ -339,7 +349,8 @@ class VirtualGateway:
         live, model = self.live[name], self.models[name]
         if live.state is None:
             return 0
-        return model.asleep_bytes if live.state is EngineState.SLEEPING else model.bytes
+        asleep = live.state is EngineState.SLEEPING or live.stopping_asleep
+        return model.asleep_bytes if asleep else model.bytes
 
     def _home(self, name: str) -> tuple[int, ...]:
         """Without managed GPUs each model has a boundless GPU of its own; with, GPU 0."""
@@ -365,7 +376,11 @@ class VirtualGateway:
                     name=name,
                     state=live.state,
                     gpus=live.gpus,
-                    awake_bytes_per_gpu=model.bytes if managed else 0,
+                    awake_bytes_per_gpu=(
+                        model.asleep_bytes if live.stopping_asleep else model.bytes
+                    )
+                    if managed
+                    else 0,
                     asleep_bytes_per_gpu=model.asleep_bytes if managed else 0,
                     in_flight=live.in_flight + len(live.waiters),
                     last_used=live.last_used,

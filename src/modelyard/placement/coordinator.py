@@ -229,7 +229,9 @@ class PlacementCoordinator:
         engines = self._engines()
         for key, residency in self.residency.items():
             supervisor = engines.get(key)
-            asleep = supervisor is not None and supervisor.state is ModelState.SLEEPING
+            asleep = supervisor is not None and (
+                supervisor.state is ModelState.SLEEPING or supervisor.stopping_asleep
+            )
             size = residency.asleep_bytes_per_gpu if asleep else residency.awake_bytes_per_gpu
             for index in residency.gpus:
                 held[index] = held.get(index, 0) + size
@@ -264,7 +266,10 @@ class PlacementCoordinator:
                     name=key,
                     state=state,
                     gpus=residency.gpus,
-                    awake_bytes_per_gpu=residency.awake_bytes_per_gpu,
+                    # A sleeper being stopped never wakes again: it holds its asleep size.
+                    awake_bytes_per_gpu=residency.asleep_bytes_per_gpu
+                    if supervisor.stopping_asleep
+                    else residency.awake_bytes_per_gpu,
                     asleep_bytes_per_gpu=residency.asleep_bytes_per_gpu,
                     in_flight=supervisor.demand,
                     last_used=supervisor.last_used

@@ -174,6 +174,7 @@ class ModelSupervisor:
         # True while a start or wake waits for the scheduler's go: it holds nothing yet.
         self.placing = False
         self._state_changed = asyncio.Event()  # replaced at each change of state
+        self.stopping_asleep = False  # STOPPING from SLEEPING: it holds its asleep size
         # Reloads that changed the engine, and the one the current engine was started under.
         self._config_version = 0
         self._engine_version = 0
@@ -647,6 +648,8 @@ class ModelSupervisor:
             await self._drained.wait()
             if self.engine is not engine:
                 return False  # it died while draining: the exit is recorded already
+        # A sleeper being stopped holds only what it holds asleep until it is gone.
+        self.stopping_asleep = self.state is ModelState.SLEEPING
         self.state = ModelState.STOPPING
         self._expected_exit = True
         began = self._clock()
@@ -657,9 +660,11 @@ class ModelSupervisor:
                 # It could not be stopped and still runs: say so, rather than stay STOPPING
                 # forever (a state that would hold every plan waiting for its memory).
                 self._expected_exit = False
-                self.state = ModelState.READY
+                self.state = ModelState.SLEEPING if self.stopping_asleep else ModelState.READY
+                self.stopping_asleep = False
                 raise
             code = engine.exit_code()
+        self.stopping_asleep = False
         self.engine = None
         self.budget = None
         self.ready_since = None
