@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
-from modelyard.engines.base import LaunchSpec
+from modelyard.engines.base import LaunchSpec, MemoryBudget
 
 
 class ModelState(enum.StrEnum):
@@ -45,6 +46,17 @@ ALLOWED: Mapping[ModelState, frozenset[ModelState]] = {
     _S.STOPPING: frozenset({_S.STOPPED, _S.READY, _S.SLEEPING, _S.FAILED}),
     _S.FAILED: frozenset({_S.STARTING}),
 }
+
+
+@dataclass
+class ModelTimings:
+    """What was measured for a model, for placement's cost model and for status."""
+
+    last_start_s: float | None = None
+    last_wake_s: float | None = None
+    starts: int = 0
+    wakes: int = 0
+    crashes: int = 0
 
 
 class ForbiddenTransition(RuntimeError):
@@ -127,3 +139,30 @@ class EngineStarter(Protocol):
     async def __call__(
         self, name: str, spec_for_port: Callable[[int], LaunchSpec]
     ) -> EngineHandle: ...
+
+
+class EngineOwner(Protocol):
+    """What placement reads of the part that owns one engine (the scheduler's supervisor):
+    placement measures and plans on it, and never imports the scheduler."""
+
+    name: str  # the model's name
+    key: str  # the engine's own: the model's name, or its own once a reload removed the model
+    engine: EngineHandle | None
+    last_used: float | None
+    ready_since: float | None
+    timings: ModelTimings
+    sleep_level: int
+    stopping_asleep: bool
+
+    @property
+    def state(self) -> ModelState: ...
+
+    @property
+    def demand(self) -> int:
+        """Requests that hold or want the engine: with any, it is busy, never evicted."""
+        ...
+
+    @property
+    def can_sleep(self) -> bool: ...
+
+    def launch_spec_for(self, port: int, budget: MemoryBudget | None) -> LaunchSpec: ...

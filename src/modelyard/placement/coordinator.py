@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from modelyard.config.schema import GatewayConfig
 from modelyard.engines.base import MemoryBudget
-from modelyard.lifecycle import ModelState
+from modelyard.lifecycle import EngineOwner, ModelState
 from modelyard.observability.events import EventBus
 from modelyard.placement.estimate import estimate_bytes, weights_bytes
 from modelyard.placement.footprints import Footprint, FootprintStore, engine_fingerprint
@@ -28,9 +28,6 @@ from modelyard.placement.policy import (
     GpuCapacity,
     Target,
 )
-
-if TYPE_CHECKING:  # the scheduler hands its supervisors in; placement never imports it
-    from modelyard.scheduler.supervisor import ModelSupervisor
 
 log = logging.getLogger("modelyard.placement")
 
@@ -94,7 +91,7 @@ class PlacementCoordinator:
         # NVML sees each process's memory; a declared inventory does not.
         self.measures_processes = measures_processes
         self._clock = clock
-        self._engines: Callable[[], dict[str, ModelSupervisor]] = dict
+        self._engines: Callable[[], Mapping[str, EngineOwner]] = dict
         self.residency: dict[str, Residency] = {}  # by engine key
         self._whole_gpu_next: set[str] = set()  # after an OOM: plan the next try generously
         self.last_plan: dict[str, str] = {}
@@ -104,7 +101,7 @@ class PlacementCoordinator:
         self._disk_bytes: dict[str, int | None] = {}
         self._writes: set[asyncio.Future[None]] = set()
 
-    def attach(self, engines: Callable[[], dict[str, ModelSupervisor]]) -> None:
+    def attach(self, engines: Callable[[], Mapping[str, EngineOwner]]) -> None:
         """`engines`: every engine's owner by its key, configured or draining after a reload
         removed its model (issue 22: an engine is seen until its process is gone)."""
         self._engines = engines
@@ -117,7 +114,7 @@ class PlacementCoordinator:
     # ----- called by the scheduler -----
 
     def place(
-        self, supervisor: ModelSupervisor, gpus: tuple[int, ...], bytes_per_gpu: int, why: str
+        self, supervisor: EngineOwner, gpus: tuple[int, ...], bytes_per_gpu: int, why: str
     ) -> MemoryBudget:
         """The scheduler decided: record where the engine goes and return its budget."""
         name = supervisor.name
@@ -144,7 +141,7 @@ class PlacementCoordinator:
         """What the scheduler plans for `name` while it waits (shown in status)."""
         self.last_plan[name] = why
 
-    async def finished(self, supervisor: ModelSupervisor, ok: bool) -> None:
+    async def finished(self, supervisor: EngineOwner, ok: bool) -> None:
         """After a start, wake, sleep or stop: measure and learn."""
         name = supervisor.name
         record = None
@@ -169,19 +166,19 @@ class PlacementCoordinator:
             self._writes.add(task)
             task.add_done_callback(self._writes.discard)
 
-    def note_out_of_memory(self, supervisor: ModelSupervisor) -> None:
+    def note_out_of_memory(self, supervisor: EngineOwner) -> None:
         """The engine ran out of GPU memory while starting: plan its retry generously."""
         self._whole_gpu_next.add(supervisor.name)
 
     # ----- planning inputs -----
 
-    def _fingerprint(self, supervisor: ModelSupervisor) -> str:
+    def _fingerprint(self, supervisor: EngineOwner) -> str:
         spec = supervisor.launch_spec_for(0, None)
         return engine_fingerprint(
             spec.argv, spec.env, self.config.models[supervisor.name].model, port=0
         )
 
-    async def read_inputs(self, supervisor: ModelSupervisor) -> None:
+    async def read_inputs(self, supervisor: EngineOwner) -> None:
         """Read the weights' size on disk that decisions for `supervisor` may need, in a
         thread (issue 22: the folder walk ran on the event loop). Footprints are read from
         memory, refreshed by each write; the writes run in a thread too (`_write`)."""
@@ -192,7 +189,7 @@ class PlacementCoordinator:
             return
         self._disk_bytes[model.model] = await asyncio.to_thread(weights_bytes, model.model)
 
-    def _footprint(self, supervisor: ModelSupervisor) -> Footprint | None:
+    def _footprint(self, supervisor: EngineOwner) -> Footprint | None:
         key = (supervisor.name, self._fingerprint(supervisor))
         if key not in self._footprints:
             # Read once, then kept: a read does not wait on another process's write lock
@@ -200,7 +197,7 @@ class PlacementCoordinator:
             self._footprints[key] = self.footprints.get(*key)
         return self._footprints[key]
 
-    def target(self, supervisor: ModelSupervisor) -> Target:
+    def target(self, supervisor: EngineOwner) -> Target:
         name = supervisor.name
         model = self.config.models[name]
         if name in self._whole_gpu_next:
@@ -330,13 +327,13 @@ class PlacementCoordinator:
 
     # ----- learning -----
 
-    def _measure(self, supervisor: ModelSupervisor) -> dict[int, int] | None:
+    def _measure(self, supervisor: EngineOwner) -> dict[int, int] | None:
         if not self.measures_processes or supervisor.engine is None:
             return None
         # The inventory follows the process tree itself (on a cluster, on the engine's node).
         return self.inventory.process_memory([supervisor.engine.pid])
 
-    def _learn_awake(self, supervisor: ModelSupervisor) -> _Record | None:
+    def _learn_awake(self, supervisor: EngineOwner) -> _Record | None:
         name = supervisor.name
         residency = self.residency.get(name)
         if residency is None:
@@ -362,7 +359,7 @@ class PlacementCoordinator:
             wake_seconds=supervisor.timings.last_wake_s if woke else None,
         )
 
-    def _learn_asleep(self, supervisor: ModelSupervisor) -> _Record | None:
+    def _learn_asleep(self, supervisor: EngineOwner) -> _Record | None:
         residency = self.residency.get(supervisor.name)
         if residency is None:
             return None

@@ -21,6 +21,7 @@ from modelyard.lifecycle import (
     EngineHandle,
     EngineStarter,
     ModelState,
+    ModelTimings,
     SleepControl,
     check_transition,
 )
@@ -34,6 +35,7 @@ __all__ = [  # the lifecycle's types, re-exported for the callers that import th
     "EngineHandle",
     "EngineStarter",
     "ModelState",
+    "ModelTimings",
     "SleepControl",
 ]
 
@@ -70,17 +72,6 @@ class Failure:
     exit_code: int | None
     log_tail: list[str]
     at: float
-
-
-@dataclass
-class ModelTimings:
-    """What was measured for this model, for placement's cost model and for status."""
-
-    last_start_s: float | None = None
-    last_wake_s: float | None = None
-    starts: int = 0
-    wakes: int = 0
-    crashes: int = 0
 
 
 @dataclass
