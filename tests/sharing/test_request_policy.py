@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -221,3 +222,18 @@ async def test_a_variant_works_behind_the_models_route(tmp_path) -> None:
         received = harness.runtime.of("coder")[0].state.last
         assert received is not None
         assert received["body"]["temperature"] == 0
+
+
+async def test_keep_alive_is_the_idle_timeout_until_the_next_request(tmp_path) -> None:
+    """Ollama's meaning: longer or shorter than the model's own idle timeout."""
+    model = engine_model(served_name="m", idle_timeout="1m", max_keep_alive="1h")
+    async with in_process_gateway(tmp_path, {"m": model}) as harness:
+        scheduler = harness.gateway.scheduler
+        now = time.monotonic()
+        assert (await harness.chat("m", keep_alive="10m"))[0] == 200
+        assert await scheduler.reap_idle(now + 120) == []  # past the 1m idle timeout: kept
+        assert await scheduler.reap_idle(now + 700) == ["m"]  # past the 10m it asked for
+        await harness.wait_state("m", "stopped")
+        assert (await harness.chat("m", keep_alive="5s"))[0] == 200
+        now = time.monotonic()
+        assert await scheduler.reap_idle(now + 10) == ["m"]  # shorter than the model's 1m
