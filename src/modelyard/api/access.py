@@ -10,7 +10,7 @@ from aiohttp import web
 
 from modelyard.api.errors import ApiError
 from modelyard.auth.engine_paths import is_engine_control
-from modelyard.auth.principal import ANONYMOUS, Principal
+from modelyard.auth.principal import NOBODY, Principal
 from modelyard.scheduler.names import Target
 
 PRINCIPAL_KEY = web.RequestKey("modelyard.principal", Principal)
@@ -18,8 +18,10 @@ FORBIDDEN_KEY = web.RequestKey("modelyard.forbidden", bool)  # access refused: c
 
 
 def principal_of(request: web.Request) -> Principal:
+    """Who the request acts as; a request no key check passed (an open route) may use
+    nothing. The authentication middleware sets the anonymous admin only where keys are off."""
     principal = request.get(PRINCIPAL_KEY)
-    return principal if isinstance(principal, Principal) else ANONYMOUS
+    return principal if isinstance(principal, Principal) else NOBODY
 
 
 def may_use(principal: Principal, target: Target) -> bool:

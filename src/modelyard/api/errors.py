@@ -91,6 +91,7 @@ class ApiError(Exception):
         code: str | None = None,
         param: str | None = None,
         retry_after: float | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -98,14 +99,22 @@ class ApiError(Exception):
         self.code = code
         self.param = param
         self.retry_after = retry_after
+        self.headers = dict(headers or {})  # e.g. a token budget's x-budget-* headers
 
     def answer(self, extra_headers: Mapping[str, str] | None = None) -> ErrorAnswer:
         return error_answer(
-            self.status, self.message, self.code, self.param, self.retry_after, extra_headers
+            self.status,
+            self.message,
+            self.code,
+            self.param,
+            self.retry_after,
+            {**self.headers, **(extra_headers or {})},
         )
 
     def response(self) -> web.Response:
-        return error_response(self.status, self.message, self.code, self.param, self.retry_after)
+        return error_response(
+            self.status, self.message, self.code, self.param, self.retry_after, self.headers
+        )
 
 
 def unavailable(error: ModelUnavailable, show_tail: bool = True) -> ApiError:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modelyard.auth.budgets import MIGRATIONS as BUDGET_MIGRATIONS
-from modelyard.auth.budgets import TokenLedger
+from modelyard.auth.budgets import Reservation, TokenLedger
 from modelyard.auth.credentials import presented_key
 from modelyard.auth.keys import ApiKey, KeyRing
 from modelyard.auth.principal import Principal
@@ -136,6 +136,20 @@ class Authenticator:
             )
         self.usage.count_request(api_key.name)
         return Principal(api_key.name, api_key.admin, api_key.models, metrics=api_key.metrics)
+
+    def reserve(self, name: str, tokens: int) -> Reservation | Refusal:
+        """Hold `tokens` for a request of key `name` that is about to reach an engine (its
+        budget and tokens per minute; see `auth.budgets`), or the 429 that refuses it."""
+        key = self.keyring.named(name) or self.runtime_keys.get(name)
+        if key is None:
+            return Reservation(name, 0)  # the anonymous admin, an open route: no limits
+        held = self.ledger.reserve(key, tokens)
+        if isinstance(held, Reservation):
+            return held
+        self.usage.count_rate_limited(name)
+        return Refusal(
+            429, held.message, held.code, retry_after=held.retry_after, headers=held.headers
+        )
 
     def note_refusal(self, method: str, path: str, remote: str | None, code: str) -> None:
         """Log a refused request, throttled: a scanner must not fill the disk with lines."""

@@ -104,6 +104,16 @@ class ModelConfig(StrictModel):
     # Back-pressure.
     max_queue: int | None = Field(default=None, ge=0, description="requests waiting for a start")
     lora: LoraConfig | None = None
+    # Keys with a token budget or tpm (docs/keys-and-budgets.md).
+    reserve_tokens: int = Field(
+        default=512,
+        ge=1,
+        description="answer tokens held at admission for a request with no max_tokens",
+    )
+    upstream_paths: list[str] = Field(
+        default_factory=list,
+        description="engine: remote: paths /upstream/ may reach besides the OpenAI routes",
+    )
 
     @field_validator("aliases")
     @classmethod

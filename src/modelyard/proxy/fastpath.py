@@ -48,10 +48,19 @@ from typing import Any, Protocol, cast
 
 from multidict import CIMultiDict
 
-from modelyard.api.accounting import TokenCount, ask_stream_for_usage, finish, usage_of
+from modelyard.api.accounting import (
+    ServedTokens,
+    TokenCount,
+    UsageAsked,
+    ask_stream_for_usage,
+    finish,
+    supports_running_usage,
+    usage_of,
+)
 from modelyard.api.admission import identify, model_refusal, needs_key, refusal_answer
 from modelyard.api.bodies import parse_json_object
 from modelyard.api.errors import ApiError, ErrorAnswer, error_answer, unavailable, with_log_tail
+from modelyard.api.request_options import read_options
 from modelyard.auth.authenticator import Refusal
 from modelyard.auth.credentials import is_credential_header, presented_key
 from modelyard.auth.origins import BrowserPolicy
@@ -296,7 +305,11 @@ class LaneCore:
 
 
 class UsageSink(Protocol):
-    """Where a stream's usage goes as soon as its usage chunk passes (`TokenCount.count`)."""
+    """Where a stream's usage goes as soon as its usage chunk passes (`TokenCount.count`), and
+    what the answer served as it passes (`served`: a stream cut early is charged that)."""
+
+    @property
+    def served(self) -> ServedTokens: ...
 
     def count(self, usage: dict[str, int]) -> None: ...
 
@@ -640,7 +653,19 @@ class FastProtocol(asyncio.Protocol):
             return True
         self.lane.served()
         outcome = Outcome()
-        tokens = TokenCount(gateway, request.principal.name, target.model)
+        path = request.path.decode()
+        tokens = TokenCount(
+            gateway,
+            request.principal.name,
+            target.model,
+            read_options(path, request.payload, len(request.body)),
+        )
+        try:
+            tokens.reserve()  # the web layer's reservation: 429 when it does not fit
+        except ApiError as refused:
+            self._answer(refused.answer())
+            return True
+        continuous = supports_running_usage(gateway, target.model)
         try:
             async with gateway.scheduler.engine_for(target.model) as engine:
                 return await self._relay(
@@ -651,6 +676,7 @@ class FastProtocol(asyncio.Protocol):
                     target.public_name,
                     tokens,
                     outcome,
+                    continuous,
                 )
         except ModelUnavailable as error:
             refusal = unavailable(error, show_tail=request.principal.admin)
@@ -687,6 +713,7 @@ class FastProtocol(asyncio.Protocol):
         public_name: str,
         tokens: UsageSink,
         outcome: Outcome,
+        continuous: bool = False,
     ) -> bool:
         """Send an admitted request to its engine and the answer to the client, with the
         engine's own model name going in and the client's coming back; `outcome` says how it
@@ -695,9 +722,11 @@ class FastProtocol(asyncio.Protocol):
         path = request.path.decode()
         payload = request.payload
         had_options = "stream_options" in payload
-        usage_added = ask_stream_for_usage(path, payload)
+        usage_added = ask_stream_for_usage(path, payload, continuous)
         body = request.body
-        if payload.get("model") != upstream_name or (usage_added and had_options):
+        if payload.get("model") != upstream_name or (
+            usage_added and (had_options or usage_added.running)
+        ):
             payload["model"] = upstream_name
             body = json.dumps(payload).encode()
         elif usage_added:
@@ -748,7 +777,7 @@ class FastProtocol(asyncio.Protocol):
         path: str,
         body: bytes,
         replacements: list[tuple[bytes, bytes]],
-        usage_added: bool,
+        usage_added: UsageAsked,
         tokens: UsageSink,
     ) -> tuple[int, float | None, bool, dict[str, int]]:
         host, port, host_header = self.lane.address(base_url)
@@ -868,7 +897,7 @@ class StreamRelay:
         self,
         protocol: FastProtocol,
         replacements: list[tuple[bytes, bytes]],
-        usage_added: bool,
+        usage_added: UsageAsked,
         tokens: UsageSink,
     ) -> None:
         self.protocol = protocol
@@ -893,8 +922,10 @@ class StreamRelay:
         self.transformer = StreamTransformer(
             self.replacements,
             capture_usage=True,
-            drop_usage_only_chunk=self.usage_added,
+            drop_usage_only_chunk=self.usage_added.final,
             on_final_usage=self.tokens.count,  # as early as the web layer counts it
+            meter=self.tokens.served,  # a stream cut early is charged what it relayed
+            strip_progress_usage=self.usage_added.running,
         )
         protocol = self.protocol
         self.pending = protocol.response_head(exchange, _STREAM_HEAD)

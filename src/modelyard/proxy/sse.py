@@ -7,7 +7,25 @@ forwarded untouched. Lines are buffered only up to the next newline, never a who
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
+from typing import Protocol
+
+from modelyard.proxy.usage_reader import normalized_usage
+
+# A per-chunk usage object the gateway asked for (`continuous_usage_stats`) and the client did
+# not: vLLM writes it flat, last in the chunk.
+_PROGRESS_USAGE_RE = re.compile(rb',\s*"usage"\s*:\s*\{[^{}]*\}')
+# A Responses stream's last event carries the whole answer's usage.
+_FINAL_RESPONSE_EVENTS = ("response.completed", "response.incomplete", "response.failed")
+
+
+class StreamMeter(Protocol):
+    """Told what a stream carries as it passes (`api.accounting.ServedTokens`)."""
+
+    def relayed_events(self, count: int) -> None: ...
+
+    def saw_usage(self, usage: dict[str, int], final: bool) -> None: ...
 
 
 def model_name_replacements(upstream_name: str, public_name: str) -> list[tuple[bytes, bytes]]:
@@ -31,6 +49,8 @@ class StreamTransformer:
         capture_usage: bool = False,
         drop_usage_only_chunk: bool = False,
         on_final_usage: Callable[[dict[str, int]], None] | None = None,
+        meter: StreamMeter | None = None,
+        strip_progress_usage: bool = False,
     ) -> None:
         self._replacements = replacements
         # Told the stream's final usage as soon as it passes, before the client gets the
@@ -40,6 +60,10 @@ class StreamTransformer:
         self._drop_usage_only_chunk = drop_usage_only_chunk
         self._pending = b""
         self.usage: dict[str, int] = {}
+        # Counts the data events relayed (a stream cut before its usage chunk is charged for
+        # them) and hears every usage seen, the engine's running totals included.
+        self._meter = meter
+        self._strip_progress_usage = strip_progress_usage
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._pending + chunk
@@ -57,6 +81,14 @@ class StreamTransformer:
     def _edit(self, block: bytes) -> bytes:
         for old, new in self._replacements:
             block = block.replace(old, new)
+        if self._meter is not None:
+            # One event a token, as vLLM streams by default; the role and finish events make
+            # this an overcount by a few, never an undercount. Counted here, before a usage
+            # line is dropped, and then corrected by that usage when it comes.
+            events = block.count(b"\ndata:") + block.startswith(b"data:")
+            events -= block.count(b"data: [DONE]") + block.count(b"data:[DONE]")
+            if events > 0:
+                self._meter.relayed_events(events)
         if not self._capture_usage:
             return block
         # Only the lines that mention usage are looked at (one in a whole stream, usually):
@@ -67,7 +99,14 @@ class StreamTransformer:
             line_end = block.find(b"\n", at)
             if line_end < 0:
                 line_end = len(block)
-            if self._take_usage(block[line_start:line_end]):
+            line = block[line_start:line_end]
+            drop = self._take_usage(line)
+            if not drop and self._progress_usage_line(line):
+                stripped = _PROGRESS_USAGE_RE.sub(b"", line, count=1)
+                block = block[:line_start] + stripped + block[line_end:]
+                start = line_start + len(stripped) + 1
+                continue
+            if drop:
                 if line_end < len(block):
                     block = block[:line_start] + block[line_end + 1 :]  # the line and its \n
                 else:
@@ -87,11 +126,29 @@ class StreamTransformer:
             event = json.loads(line[5:])
         except (ValueError, RecursionError):
             return False
-        usage = event.get("usage") if isinstance(event, dict) else None
+        if not isinstance(event, dict):
+            return False
+        usage = event.get("usage")
+        final = event.get("choices") == []
+        if not isinstance(usage, dict):
+            # A Responses stream: the usage of the whole answer is in its last event.
+            response = event.get("response")
+            usage = response.get("usage") if isinstance(response, dict) else None
+            final = event.get("type") in _FINAL_RESPONSE_EVENTS
         if isinstance(usage, dict):
-            self.usage = {k: v for k, v in usage.items() if isinstance(v, int)}
-            if event.get("choices") == [] and self._on_final_usage is not None:
+            self.usage = normalized_usage(usage)
+            if self._meter is not None:
+                self._meter.saw_usage(self.usage, final)
+            if final and self._on_final_usage is not None:
                 self._on_final_usage(self.usage)
                 self._on_final_usage = None
         # The chunk vLLM sends only because we asked for usage: the client did not ask for it.
         return self._drop_usage_only_chunk and event.get("choices") == []
+
+    def _progress_usage_line(self, line: bytes) -> bool:
+        """A chunk with choices and the running usage the gateway asked for on its own."""
+        return (
+            self._strip_progress_usage
+            and b'"choices":[]' not in line
+            and (b'"usage":{' in line or b'"usage": {' in line)
+        )

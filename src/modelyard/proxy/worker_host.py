@@ -19,9 +19,10 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from modelyard.api.accounting import TokenCount, finish
+from modelyard.api.accounting import TokenCount, finish, supports_running_usage
 from modelyard.api.bodies import body_too_large
-from modelyard.api.errors import ErrorAnswer, unavailable
+from modelyard.api.errors import ApiError, ErrorAnswer, unavailable
+from modelyard.api.request_options import RequestOptions
 from modelyard.auth.principal import Principal
 from modelyard.config.schema import LimitsConfig
 from modelyard.gateway import Gateway
@@ -154,6 +155,7 @@ class WorkerLink:
         key_headers: list[tuple[bytes, bytes]],
         remote: str | None,
         length: int,
+        options: RequestOptions | None = None,
     ) -> None:
         lane = self.host.lane
         gateway = self.host.gateway
@@ -175,7 +177,13 @@ class WorkerLink:
         principal = admitted[0]
         lane.served()
         self.requests_metric.inc()
-        tokens = TokenCount(gateway, principal.name, target.model)
+        # The worker read the body's options (`read_options`), as the web layer does.
+        tokens = TokenCount(gateway, principal.name, target.model, options)
+        try:
+            tokens.reserve()
+        except ApiError as refused:
+            self.reply(request_id, refused.answer())
+            return
         started = time.perf_counter()
         engine = contextlib.AsyncExitStack()
         try:
@@ -199,6 +207,7 @@ class WorkerLink:
                 dict(handle.upstream_headers),
                 target.upstream_name,
                 target.public_name,
+                supports_running_usage(gateway, target.model),
             ),
         )
 
@@ -249,6 +258,7 @@ class WorkerLink:
         streamed: bool = False,
         usage: dict[str, int] | None = None,
         gone: bool = False,
+        served_unknown: bool = False,
     ) -> None:
         # The same call as the web layer's and the fast lane's: tokens, metrics, request log.
         # The duration is the owner's: from the admission (queue and start included) to done.
@@ -264,6 +274,7 @@ class WorkerLink:
             streamed=streamed,
             usage=usage or {},
             client_gone=gone,
+            served_unknown=served_unknown,
         )
 
     # -- the worker's end --
@@ -283,7 +294,16 @@ class WorkerLink:
                 len(held),
             )
         for item in held.values():
-            self._finish(item.tokens, item.target, item.principal, item.route, item.started, 502)
+            # What the dead worker relayed is not known here: charged its whole reservation.
+            self._finish(
+                item.tokens,
+                item.target,
+                item.principal,
+                item.route,
+                item.started,
+                502,
+                served_unknown=True,
+            )
             self._spawn(item.engine.aclose())
         if self.receiver is not None:
             self.receiver.close()

@@ -34,7 +34,9 @@ import signal
 import socket
 from typing import Any
 
+from modelyard.api.accounting import ServedTokens
 from modelyard.api.errors import ErrorAnswer
+from modelyard.api.request_options import read_options
 from modelyard.observability.log_format import configure_logging
 from modelyard.process_heap import keep_startup_heap
 from modelyard.proxy.fastpath import (
@@ -55,7 +57,7 @@ log = logging.getLogger("modelyard.worker")
 class Lease:
     """The owner's yes: the engine to send the request to, and the names to use."""
 
-    __slots__ = ("base_url", "engine_headers", "public_name", "upstream_name")
+    __slots__ = ("base_url", "continuous_usage", "engine_headers", "public_name", "upstream_name")
 
     def __init__(
         self,
@@ -63,11 +65,13 @@ class Lease:
         engine_headers: dict[str, str],
         upstream_name: str,
         public_name: str,
+        continuous_usage: bool = False,
     ) -> None:
         self.base_url = base_url
         self.engine_headers = engine_headers
         self.upstream_name = upstream_name
         self.public_name = public_name
+        self.continuous_usage = continuous_usage  # the engine answers continuous_usage_stats
 
 
 # The owner's "not for the lane": the connection goes to its web layer.
@@ -75,12 +79,14 @@ HAND_OVER = "hand_over"
 
 
 class UsageSeen:
-    """A stream's usage as it passes (the owner counts it for the key with `done`)."""
+    """A stream's usage as it passes, and what it served (the owner counts it for the key
+    with `done`: a stream cut early is charged what it relayed)."""
 
-    __slots__ = ("usage",)
+    __slots__ = ("served", "usage")
 
-    def __init__(self) -> None:
+    def __init__(self, prompt_estimate: int = 0) -> None:
         self.usage: dict[str, int] = {}
+        self.served = ServedTokens(prompt_estimate)
 
     def count(self, usage: dict[str, int]) -> None:
         self.usage = usage
@@ -201,6 +207,8 @@ class WorkerProtocol(FastProtocol):
         remote = self.remote()
         # The owner needs only the headers a key may come in, for admission.
         key_headers = [(n, v) for n, v in request.headers if n.lower() in KEY_HEADERS]
+        # One reading of the body, here; the owner reserves the key's tokens from it.
+        options = read_options(path, request.payload, len(request.body))
         request_id, answer = lane.ask(
             (
                 "admit",
@@ -210,6 +218,7 @@ class WorkerProtocol(FastProtocol):
                 key_headers,
                 remote,
                 len(request.body),
+                options,
             )
         )
         try:
@@ -228,7 +237,7 @@ class WorkerProtocol(FastProtocol):
         lease: Lease = decision
         self.ticket = request_id
         outcome = Outcome()
-        seen = UsageSeen()
+        seen = UsageSeen(options.prompt_estimate)
         try:
             return await self._relay(
                 request,
@@ -238,6 +247,7 @@ class WorkerProtocol(FastProtocol):
                 lease.public_name,
                 seen,
                 outcome,
+                lease.continuous_usage,
             )
         finally:
             lane.tell(
@@ -247,7 +257,7 @@ class WorkerProtocol(FastProtocol):
                     outcome.status,
                     outcome.first_byte,
                     outcome.streamed,
-                    outcome.usage or seen.usage,
+                    seen.served.served(outcome.usage or seen.usage),
                     outcome.client_gone,
                 )
             )
