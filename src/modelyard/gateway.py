@@ -115,6 +115,9 @@ class Gateway:
         `start_engine` replaces the process runtime (the in-process test harness passes
         engines that run in the test's own event loop); `engine: remote` models are still
         connected to where they run."""
+        # Before anything can log or record: `modelyard serve` registers them too, and
+        # registering twice costs nothing (embedded and test gateways have no `serve`).
+        register_secrets(config.secret_values())
         state_dir = Path(config.state_dir).expanduser()
         state_dir.mkdir(parents=True, exist_ok=True)
         event_store = open_event_store(state_dir)  # the history survives restarts
@@ -282,6 +285,21 @@ class Gateway:
                     "(keep an admin key in the config, or revoke the runtime keys first)"
                 ]
             )
+        if self.auth is not None:
+            taken = sorted(
+                key.name for key in new.auth.keys if self.auth.runtime_keys.get(key.name)
+            )
+            if taken:
+                # Key names are unique across config and run time: a config key named like a
+                # runtime key would leave that runtime key impossible to change or revoke
+                # (409) while it still works (issue 23). Refused whole: nothing changes.
+                raise ConfigError(
+                    [
+                        f"{self.config_path}: auth.keys: {', '.join(map(repr, taken))}: a "
+                        "runtime key already has this name (runtime keys stay on record, "
+                        "revoked ones too: give the config key another name)"
+                    ]
+                )
         register_secrets(new.secret_values())  # a reloaded file may bring new secrets
         plan = plan_reload(self.config, new)
         if file_listen != self._file_listen and file_listen != self.config.listen:

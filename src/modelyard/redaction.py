@@ -57,6 +57,22 @@ def redact_value(value: Any) -> Any:
     return value
 
 
+# What names where an engine runs: a URL, or `host:port` / `host 10.0.0.5:8001` as aiohttp's
+# connection errors write it.
+_ADDRESS = re.compile(
+    r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\")]+"
+    r"|(?<![\w.-])(?:\[[0-9a-fA-F:.]+\]|(?=[\w.-]*[a-zA-Z.])[\w-]+(?:\.[\w-]+)*):\d{1,5}"
+    r"(?![\w.])"
+)
+ADDRESS_MASK = "[engine address]"
+
+
+def without_addresses(text: str) -> str:
+    """`text` with every URL and host:port replaced: a key that is not an admin's learns
+    nothing of where engines run (issue 23)."""
+    return _ADDRESS.sub(ADDRESS_MASK, text)
+
+
 def printable(text: str) -> str:
     """Control characters (other than tab and newline) escaped as \\xNN."""
     if not _CONTROL.search(text):

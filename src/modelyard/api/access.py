@@ -9,7 +9,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from modelyard.api.errors import ApiError
-from modelyard.auth.engine_paths import is_engine_control
+from modelyard.auth.engine_paths import is_engine_control, remote_path_allowed
 from modelyard.auth.principal import NOBODY, Principal
 from modelyard.scheduler.names import Target
 
@@ -67,4 +67,16 @@ def require_engine_path(request: web.Request, path: str) -> None:
             f"this path controls the engine itself; this API key ({principal.name}) is not an "
             "admin key",
             "admin_required",
+        )
+
+
+def require_remote_path(path: str, extra: list[str]) -> None:
+    """A remote engine is reached on OpenAI's routes and its `upstream_paths:` only, whoever
+    asks: the gateway's own key for it must not open the rest of that server."""
+    if not remote_path_allowed(path, extra):
+        raise ApiError(
+            403,
+            "this path is not open on this remote engine (OpenAI routes only; the config's "
+            "'upstream_paths:' opens more)",
+            "path_not_allowed",
         )

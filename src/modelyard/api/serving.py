@@ -17,6 +17,7 @@ from modelyard.api.access import (
     not_found,
     principal_of,
     require_engine_path,
+    require_remote_path,
 )
 from modelyard.api.accounting import (
     TokenCount,
@@ -55,6 +56,15 @@ GATEWAY_KEY = web.AppKey("gateway", Gateway)
 
 def gateway_of(request: web.Request) -> Gateway:
     return request.app[GATEWAY_KEY]
+
+
+def _require_path(request: web.Request, gateway: Gateway, target: Target, path: str) -> None:
+    """The engine paths this request may reach: control paths for admins, and on a remote
+    engine only the OpenAI routes and its `upstream_paths:`."""
+    require_engine_path(request, path)
+    if gateway.scheduler.is_remote(target.model):
+        model = gateway.config.models.get(target.model)
+        require_remote_path(path, model.upstream_paths if model is not None else [])
 
 
 def _require(request: web.Request, gateway: Gateway, target: Target) -> None:
@@ -171,7 +181,7 @@ async def proxy_json(
     The engine gets `model` set to the checked target's own name: whatever the client named,
     the engine serves the model that was authorised."""
     _require(request, gateway, target)
-    require_engine_path(request, path)
+    _require_path(request, gateway, target, path)
     # One reading of the body's options, for the decisions and the accounting alike.
     tokens = TokenCount(
         gateway, principal_of(request).name, target.model, read_options(path, payload, len(body))
@@ -215,7 +225,7 @@ async def proxy_raw(
     removed), as on `/v1`, so its tokens count for the key's budget and limits:
     `/upstream/{model}/v1/chat/completions` must not be a way around them."""
     _require(request, gateway, target)
-    require_engine_path(request, path)
+    _require_path(request, gateway, target, path)
     target, body = _checked_raw_body(request, gateway, target, body)
     bare_path = path.split("?", 1)[0]
     payload = None
@@ -370,8 +380,12 @@ async def _forward(
             )
             raise ApiError(
                 503,
-                f"model {target.model!r}: the remote engine is not answering ({error}); "
-                "retry later",
+                with_log_tail(
+                    f"model {target.model!r}: the remote engine is not answering ({error}); "
+                    "retry later",
+                    [],
+                    principal_of(request).admin,
+                ),
                 "remote_unavailable",
                 retry_after=5.0,
             ) from None
