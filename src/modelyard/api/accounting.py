@@ -91,12 +91,13 @@ class ServedTokens:
     (`proxy.sse.StreamMeter`): events relayed, the last usage seen. Pure, so a proxy worker
     keeps one and sends `served()` to the gateway's process at the end."""
 
-    __slots__ = ("final", "prompt_estimate", "relayed", "usage")
+    __slots__ = ("final", "prompt_estimate", "relayed", "running", "usage")
 
     def __init__(self, prompt_estimate: int = 0) -> None:
         self.prompt_estimate = prompt_estimate
         self.relayed = 0
         self.usage: dict[str, int] = {}
+        self.running = b""  # the last chunk's running usage, parsed only if needed
         self.final = False
 
     def relayed_events(self, count: int) -> None:
@@ -106,10 +107,15 @@ class ServedTokens:
         self.usage = usage
         self.final = self.final or final
 
+    def saw_running_usage(self, raw: bytes) -> None:
+        self.running = raw
+
     def served(self, usage: dict[str, int] | None = None) -> dict[str, int]:
         """The usage to charge: the engine's (final, or its running totals when the stream was
         cut), else the prompt's estimate and one token per event relayed."""
         known = usage or self.usage
+        if not known and self.running:
+            known = usage_of(b'{"usage":' + self.running + b"}")
         if known:
             return known
         if self.relayed:
