@@ -154,6 +154,7 @@ class Gateway:
             state.note(record)  # the event history was set aside before the bus existed
         watchdog = _watchdog_for(config, scheduler, health_session)
         auth = Authenticator.create(config.auth, state)
+        auth.require_unique_names(config.auth, "the config")  # a key added while stopped
         auth.open_routes = scheduler.open_routes()
         lora = (
             LoraManager(config, scheduler, health_session, events)
@@ -286,20 +287,8 @@ class Gateway:
                 ]
             )
         if self.auth is not None:
-            taken = sorted(
-                key.name for key in new.auth.keys if self.auth.runtime_keys.get(key.name)
-            )
-            if taken:
-                # Key names are unique across config and run time: a config key named like a
-                # runtime key would leave that runtime key impossible to change or revoke
-                # (409) while it still works (issue 23). Refused whole: nothing changes.
-                raise ConfigError(
-                    [
-                        f"{self.config_path}: auth.keys: {', '.join(map(repr, taken))}: a "
-                        "runtime key already has this name (runtime keys stay on record, "
-                        "revoked ones too: give the config key another name)"
-                    ]
-                )
+            # Refused whole: nothing changes.
+            self.auth.require_unique_names(new.auth, str(self.config_path))
         register_secrets(new.secret_values())  # a reloaded file may bring new secrets
         plan = plan_reload(self.config, new)
         if file_listen != self._file_listen and file_listen != self.config.listen:

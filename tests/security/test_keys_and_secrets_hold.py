@@ -186,6 +186,16 @@ async def test_a_reload_that_names_a_config_key_like_a_runtime_key_is_refused(ga
     keys_cli(gateway, "revoke", "bob")
     status, _, _ = await call("POST", gateway.url + "/v1/chat/completions", bob, json=CHAT)
     assert status == 401
+    # Nor can the collision come in while the gateway is stopped: it does not start.
+    gateway.stop()
+    started = subprocess.run(
+        [PYTHON, "-m", "modelyard", "serve", "-c", str(gateway.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert started.returncode == 1
+    assert "'bob': a runtime key already has this name" in started.stderr
 
 
 async def test_a_remote_is_reached_on_openai_routes_and_upstream_paths_only(

@@ -22,6 +22,7 @@ from modelyard.auth.ratelimit import RateLimiter
 from modelyard.auth.runtime_keys import MIGRATIONS as RUNTIME_MIGRATIONS
 from modelyard.auth.runtime_keys import RuntimeKeyStore
 from modelyard.auth.usage import MIGRATIONS, UsageCounters
+from modelyard.config.loader import ConfigError
 from modelyard.config.schema import AuthConfig
 from modelyard.redaction import one_line
 from modelyard.state import StateDirectory
@@ -81,6 +82,20 @@ class Authenticator:
             RuntimeKeyStore(stored),
             TokenLedger(tokens),
         )
+
+    def require_unique_names(self, config: AuthConfig, source: str) -> None:
+        """Key names are unique across config and run time: a config key named like a
+        runtime key would leave that runtime key impossible to change or revoke (409) while
+        it still works (issue 23). Raises `ConfigError` naming them."""
+        taken = sorted(key.name for key in config.keys if self.runtime_keys.get(key.name))
+        if taken:
+            raise ConfigError(
+                [
+                    f"{source}: auth.keys: {', '.join(map(repr, taken))}: a runtime key "
+                    "already has this name (runtime keys stay on record, revoked ones too: "
+                    "give the config key another name)"
+                ]
+            )
 
     def replace_config_keys(self, config: AuthConfig) -> None:
         """A reloaded config's keys; usage and runtime keys are kept (by name)."""
