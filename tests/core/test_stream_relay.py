@@ -12,6 +12,7 @@ import asyncio
 import json
 from typing import Any
 
+from modelyard.api.accounting import ServedTokens, UsageAsked
 from modelyard.proxy.fastpath import (
     FastProtocol,
     FastRequest,
@@ -66,6 +67,7 @@ class RecordingTransport:
 class Tokens:
     def __init__(self) -> None:
         self.counted: list[dict[str, int]] = []
+        self.served = ServedTokens()  # what the relay tells of the stream as it passes
 
     def count(self, usage: dict[str, int]) -> None:
         self.counted.append(usage)
@@ -81,7 +83,7 @@ def relay_pair(
     engine = UpstreamConnection(asyncio.get_running_loop(), read_timeout=60)
     engine.connection_made(RecordingTransport())  # type: ignore[arg-type]
     tokens = Tokens()
-    relay = StreamRelay(protocol, replacements or [], usage_added, tokens)
+    relay = StreamRelay(protocol, replacements or [], UsageAsked(final=usage_added), tokens)
     return client, engine, relay, tokens
 
 
