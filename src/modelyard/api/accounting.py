@@ -1,9 +1,14 @@
-"""What a proxied request leaves behind, the same for the aiohttp route and the fast lane:
-its tokens for the key (budgets, tokens per minute, usage per model) and its record
-(metrics, request log, watchdog).
+"""What a proxied request leaves behind, the same on every path (the aiohttp route, the fast
+lane, the proxy workers): its tokens for the key (budgets, tokens per minute, usage per
+model) and its record (metrics, request log, watchdog).
 
-Both paths call `ask_stream_for_usage` before forwarding, read usage with `usage_of` (or from
-the stream's last chunk) and end with `finish`, so their accounting cannot drift apart.
+Every path, in this order (issue 23):
+1. `read_options` (api.request_options): one reading of the body, for decisions and charges;
+2. `TokenCount(...).reserve()`: the key's reservation, or its 429 before any engine is asked;
+3. `ask_stream_for_usage`: usage asked of a stream (running totals too, where the engine
+   supports them), then a `StreamTransformer` with `meter=tokens.served` so a stream cut
+   anywhere is charged what it relayed;
+4. `finish`: the reservation settled to what was served, and the record.
 """
 
 from __future__ import annotations
