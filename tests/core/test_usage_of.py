@@ -35,18 +35,3 @@ def test_answers_without_a_flat_usage_object_count_nothing():
     for body in (b"", None, b'{"usage": [1, 2]}', b'{"usage": {"a": {"b": 1}}}', b"not json"):
         assert usage_of(body) == {}
     assert usage_of(b'{"usage": {"prompt_tokens": "3", "total_tokens": 4}}') == {"total_tokens": 4}
-
-
-def test_usage_in_the_responses_and_messages_shapes_counts_as_openais() -> None:
-    from modelyard.api.accounting import in_openai_terms
-
-    chat = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
-    assert in_openai_terms(chat) == chat
-    assert in_openai_terms({"input_tokens": 5, "output_tokens": 3}) == {
-        "input_tokens": 5,
-        "output_tokens": 3,
-        "prompt_tokens": 5,
-        "completion_tokens": 3,
-    }
-    assert in_openai_terms({"output_tokens": 7})["completion_tokens"] == 7  # a stream's last
-    assert in_openai_terms({}) == {}

@@ -32,6 +32,7 @@ JSON_ROUTES = frozenset(
         "/v1/score",
         "/v1/audio/speech",
         "/v1/images/generations",
+        "/v1/moderations",  # not vLLM's; an OpenAI-compatible remote engine may serve it
         "/v1/classify",
         "/v1/pooling",
         # vLLM's routes outside /v1.
