@@ -221,7 +221,7 @@ def _streams_rewrite_aliases_and_count_usage(gateway) -> None:
 
 @pytest.mark.slow
 async def test_a_slow_reader_pauses_the_engine_not_the_read_timeout(tmp_path):
-    """A client that stops reading makes the fast lane stop reading from the engine (its
+    """A client that stops reading makes the gateway stop reading from the engine (its
     socket buffers fill), and that wait is not the engine's silence: with a 1 s read timeout,
     a client that reads nothing for 2.5 s still gets every event, in order."""
     async with in_process_gateway(
