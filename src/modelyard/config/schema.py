@@ -264,12 +264,17 @@ class AuthConfig(StrictModel):
 
 class LimitsConfig(StrictModel):
     max_body_bytes: ByteSize = 4 * 1024 * 1024
-    # A connection's time to send a complete request head, from its opening or from the end
-    # of its previous answer (aiohttp's keep-alive timer: bytes that trickle in do not push it
-    # back). An idle keep-alive connection is closed after it too.
-    head_timeout: Duration = Field(default=15.0, gt=0)
-    # A request's time to send its whole body once its head is in: a 408 after it.
-    body_timeout: Duration = Field(default=60.0, gt=0)
+    # aiohttp's keep-alive timer does this (api/http_layer.py): bytes that trickle in do not
+    # push it back, so a head sent a line at a time is cut off too.
+    head_timeout: Duration = Field(
+        default=15.0,
+        gt=0,
+        description="a connection's time to send a whole request head, from its opening or "
+        "from the end of its previous answer; an idle keep-alive connection is closed after it",
+    )
+    body_timeout: Duration = Field(
+        default=60.0, gt=0, description="a request's time to send its whole body: a 408 after it"
+    )
     max_queue: int = Field(default=512, ge=0, description="requests waiting across all models")
     max_queue_per_model: int = Field(default=128, ge=0)
     upstream_connect_timeout: Duration = 10.0
