@@ -1,4 +1,4 @@
-# modelyard container images (see README, "Deploy"). Three targets:
+# modelyard container images (see docs/deployment.md). Three targets:
 #
 #   gateway  modelyard alone (engines of kind `command`, or a vLLM you mount)   300 MB
 #   gpu      modelyard + vLLM for NVIDIA GPUs in /opt/engine; the default target

@@ -4,8 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup system-deps test-deps bench-deps demo test lint unit bench bench-proxy bench-burst bench-placement clean \
-	test-container demo-container gpu-check
+.PHONY: setup system-deps test-deps bench-deps demo test lint unit docs docs-reference bench bench-proxy \
+	bench-burst bench-placement clean test-container demo-container gpu-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,10 +46,21 @@ lint: setup
 	$(VENV)/bin/ruff format --check src tests bench
 	$(VENV)/bin/mypy
 
+# The documentation site (MkDocs + Material) into site/; any warning (a broken link, a page
+# missing from the nav, a stale configuration reference) fails it.
+docs: setup
+	$(PY) -m modelyard.config.reference --check docs/configuration.md
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+# The configuration reference, written from the schema's field descriptions.
+docs-reference: setup
+	$(PY) -m modelyard.config.reference --write docs/configuration.md
+
 # Everything CI runs: lint, types, unit and integration tests, real vLLM engines on CPU
 # (the first run builds the engine venv and the demo models under ~/.cache/modelyard).
 test: setup system-deps test-deps
 	$(MAKE) lint
+	$(MAKE) docs
 	$(VENV)/bin/modelyard demo --setup-only
 	$(PY) -m pytest tests
 
@@ -62,7 +73,7 @@ test-container: setup test-deps
 	$(PY) -m pytest tests/deploy
 
 # The CPU demo image (vLLM for CPU and the demo's models, ~5 GB): built, started, one real
-# answer, stopped. Too slow for `make test`; figures in the README (Deploy).
+# answer, stopped. Too slow for `make test`; figures in docs/deployment.md.
 demo-container: setup test-deps
 	$(PY) -m tests.deploy.demo_container
 
@@ -86,4 +97,4 @@ gpu-check:
 	$(GPU_PYTHON) bench/gpu_check.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache test-artifacts site

@@ -312,10 +312,6 @@ DOC_HEAD = """# Real vLLM engines on CPU: cold starts and warm latency, measured
 (`--enforce-eager -O0`, 1 GiB KV cache: examples/demo.yaml), each started by `modelyard serve`
 and, for comparison, alone with the same command line.
 
-Before the gateway's readiness poll was capped at 50 ms (it backed off to 0.5 s, and vLLM prints
-nothing when its port opens), the same benchmark measured 415-453 ms between the engine being
-ready and the gateway noticing, and 354-475 ms added to a cold request in all.
-
 """
 
 

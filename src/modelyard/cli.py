@@ -126,6 +126,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return 1
+    file_listen = config.listen
     host = args.host or config.host
     port = args.port if args.port is not None else config.port
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -142,7 +143,7 @@ def _serve(args: argparse.Namespace) -> int:
     from modelyard.tls import TlsError
 
     try:
-        serve(config, config_path=args.config, log_level=args.log_level)
+        serve(config, config_path=args.config, log_level=args.log_level, file_listen=file_listen)
     except (StateDirError, TlsError) as error:
         print(f"modelyard: {error}", file=sys.stderr)
         return 1
@@ -174,7 +175,8 @@ def _demo(args: argparse.Namespace) -> int:
         f"\nmodelyard demo: {', '.join(config.models)} at {url}\n"
         "Models start on their first request (about 30-60 s on a CPU), then answer at once:\n"
         f"  curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-        """    -d '{"model": "chat", "messages": [{"role": "user", "content": "Say hello"}]}'\n"""
+        """    -d '{"model": "chat", "messages": [{"role": "user", "content": "Say hello"}], """
+        """"max_tokens": 32}'\n"""
         f"  curl -s {url}/v1/models\n"
         f"Dashboard: {url}/ui    Status: modelyard status --url {url}\n",
         flush=True,
@@ -255,7 +257,7 @@ def _events(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(result, indent=2))
         else:
-            Console().print(views.events_table(result["events"], f"events at {args.url}"))
+            views.print_events(Console(), result["events"], f"events at {args.url}")
         return 0
     console = Console(highlight=False, soft_wrap=True)
 
@@ -323,7 +325,9 @@ def _reload(args: argparse.Namespace) -> int:
         f"reloaded {result['file']}: " + (f"{len(changes)} change(s)" if changes else "no changes")
     )
     for change in changes:
-        print(f"  {change['what']}: {change['detail']}")
+        # A setting's change names no model; a model's change names it.
+        subject = f"{change['model']}: " if change.get("model") else ""
+        print(f"  {change['what']}: {subject}{change['detail']}")
     for note in result.get("not_applied") or []:
         print(f"  not applied (needs a restart): {note}")
     return 0

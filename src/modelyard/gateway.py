@@ -96,7 +96,9 @@ class Gateway:
     cluster: RayCluster | None = None
 
     def __post_init__(self) -> None:
-        self._file_listen = self.config.listen
+        # The config file's `listen` (it differs from config.listen when --host or --port
+        # replaced it): a reload reports `listen` as not applied only when the file changed it.
+        self.file_listen = self.config.listen
         # Observability hangs off the two hooks every part already feeds: events, requests.
         self.metrics = GatewayMetrics(self, self.config.models)
         self.events.add_sink(self.metrics.observe_event)
@@ -284,9 +286,9 @@ class Gateway:
             )
         register_secrets(new.secret_values())  # a reloaded file may bring new secrets
         plan = plan_reload(self.config, new)
-        if file_listen != self._file_listen and file_listen != self.config.listen:
+        if file_listen != self.file_listen and file_listen != self.config.listen:
             plan.not_applied.append("listen: bound when the gateway starts; restart to change it")
-        self._file_listen = file_listen
+        self.file_listen = file_listen
         self.scheduler.apply_config(new, plan)  # the placement's config too
         if self.lora is not None:
             # Removed base models take their adapters with them; other LoRA settings change

@@ -75,6 +75,7 @@ async def run_gateway(
     ready_message: bool = True,
     config_path: str | None = None,
     log_level: str = "INFO",
+    file_listen: str | None = None,
 ) -> None:
     # Secrets from `${env:}` and `env:` are masked in everything the gateway writes from now on.
     register_secrets(config.secret_values())
@@ -85,6 +86,8 @@ async def run_gateway(
     certificate = ServerCertificate(config.tls.cert, config.tls.key) if config.tls else None
     gateway = Gateway.create(config)
     gateway.config_path = Path(config_path) if config_path is not None else None
+    if file_listen is not None:
+        gateway.file_listen = file_listen
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -231,8 +234,17 @@ def _live_settings(log_level: str) -> Callable[[GatewayConfig], None]:
     return apply
 
 
-def serve(config: GatewayConfig, config_path: str | None = None, log_level: str = "INFO") -> None:
-    main = run_gateway(config, config_path=config_path, log_level=log_level)
+def serve(
+    config: GatewayConfig,
+    config_path: str | None = None,
+    log_level: str = "INFO",
+    file_listen: str | None = None,
+) -> None:
+    """Run the gateway until SIGTERM or SIGINT. `file_listen` is the config file's own
+    `listen` when --host or --port replaced it, so a reload compares like with like."""
+    main = run_gateway(
+        config, config_path=config_path, log_level=log_level, file_listen=file_listen
+    )
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS

@@ -17,12 +17,13 @@ GATEWAY_SERVICES = ("gateway", "gateway-cpu")
 
 
 def fresh_env_file(folder: Path) -> Path:
-    """A .env made by deploy/new-env.sh (what a user does first), plus a Tailscale key."""
+    """A .env exactly as deploy/new-env.sh writes it (what a user does first): nothing added,
+    so a variable the user has not filled in (TS_AUTHKEY, HF_TOKEN) is empty here too."""
     made = subprocess.run(
         ["sh", str(DEPLOY / "new-env.sh")], capture_output=True, text=True, check=True
     )
     env_file = folder / "test.env"
-    env_file.write_text(made.stdout + "TS_AUTHKEY=tskey-auth-test\n")
+    env_file.write_text(made.stdout)
     return env_file
 
 

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shlex
+import shutil
 import subprocess
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +30,7 @@ from tests.deploy.compose_files import (
     read_env_file,
     resolved,
 )
-from tests.deploy.private_docker import REPO
+from tests.deploy.private_docker import REPO, compose_binary
 
 OPENAPI = REPO / "src" / "modelyard" / "api" / "openapi.yaml"
 
@@ -337,3 +341,53 @@ def test_modelyard_check_accepts_the_container_configs(env_file: Path, config: s
     assert result.returncode == 0, result.stdout + result.stderr
     assert "config OK" in result.stdout
     assert "3 API key(s), 1 admin" in result.stdout
+
+
+# --- the documented steps, as written ------------------------------------------------------
+
+
+def documented_compose_commands() -> list[str]:
+    from tests.docs.blocks import SHELL, blocks
+
+    return [
+        command
+        for block in blocks(SHELL)
+        if block.page == "docs/deployment.md"
+        for command in block.commands
+        if command.startswith(("cd deploy", "./new-env.sh", "docker compose"))
+    ]
+
+
+def test_the_documented_compose_steps_resolve_with_the_env_file_as_written(tmp_path: Path) -> None:
+    # A reader's checkout: `cd deploy`, `./new-env.sh > .env` (compose reads .env from the
+    # project folder by itself, nothing added), then each `docker compose` line with only the
+    # profiles it names. `up` and `build` need a Docker daemon (and GPUs for `gpu`), so each is
+    # resolved with `config -q`, which reads and interpolates exactly what they would.
+    checkout = tmp_path / "modelyard"
+    shutil.copytree(DEPLOY, checkout / "deploy", ignore=shutil.ignore_patterns(".env", "*.whl"))
+    shutil.copy2(REPO / "Dockerfile", checkout / "Dockerfile")
+    commands = documented_compose_commands()
+    assert [command.split("#")[0].strip() for command in commands[:2]] == [
+        "cd deploy",
+        "./new-env.sh > .env",
+    ]
+    cwd = checkout
+    profiles_seen = set()
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)}
+    for command in commands:
+        if command.startswith("cd "):
+            cwd = cwd / command.split()[1]
+            continue
+        if command.startswith("./new-env.sh"):
+            subprocess.run(["sh", "-c", command], cwd=cwd, env=env, check=True)
+            continue
+        words = shlex.split(command, comments=True)
+        flags = [word for pair in pairwise(words) if pair[0] == "--profile" for word in pair]
+        assert flags, command
+        profiles_seen.update(flags[1::2])
+        result = subprocess.run(
+            [str(compose_binary()), *flags, "config", "-q"],
+            cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, f"{command}:\n{result.stderr}"
+    assert set(PROFILES) <= profiles_seen

@@ -1,4 +1,4 @@
-"""The placement simulator: its mechanics on tiny traces, and the README's table stays true."""
+"""The placement simulator: its mechanics on tiny traces, and its README's table stays true."""
 
 from __future__ import annotations
 
@@ -114,3 +114,20 @@ def test_readme_table_is_what_the_simulator_prints(capsys: pytest.CaptureFixture
     readme = README.read_text()
     for line in tables:
         assert line in readme, f"README table is stale (run the simulator): {line}"
+
+
+def test_the_gpu_pages_summary_is_the_readmes_table() -> None:
+    # docs/gpus.md shows the total load-wait of four policies per trace; those figures come
+    # from the tables above (checked against the simulator's own output).
+    readme = README.read_text()
+    page = (Path(__file__).resolve().parents[2] / "docs" / "gpus.md").read_text()
+    policies = ("one-at-a-time", "LRU by count", "LRU by footprint", "modelyard |")
+    rows = re.findall(r"^\| (bursty|steady|gpu-timings), .*$", page, re.MULTILINE)
+    assert sorted(rows) == ["bursty", "gpu-timings", "steady"]
+    for line in re.findall(r"^\| (?:bursty|steady|gpu-timings), .*$", page, re.MULTILINE):
+        trace_name = line[2:].split(",")[0]
+        shown = re.findall(r"([\d,]+) s\b", line.split("|", 2)[2])
+        section = readme.split(f"### {trace_name} (")[1].split("###")[0]
+        for policy, figure in zip(policies, shown, strict=True):
+            (row,) = [r for r in section.splitlines() if r.startswith(f"| {policy}")]
+            assert row.split("|")[2].strip() == figure, (trace_name, policy, figure, row)

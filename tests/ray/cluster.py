@@ -28,7 +28,7 @@ RAY = str(Path(sys.executable).with_name("ray"))
 TESTS = Path(__file__).resolve().parents[1]
 GIB = 1024**3
 
-# The settings a modelyard cluster needs (README: "Engines on a Ray cluster"): engines die with
+# The settings a modelyard cluster needs (docs/ray.md): engines die with
 # their actor's worker, dead nodes are noticed in seconds, the object store stays small.
 NODE_ENV = {
     "RAY_process_group_cleanup_enabled": "1",

@@ -38,6 +38,11 @@ def add_key_commands(verbs: Any) -> None:
     create.add_argument("name", help="the key's name, shown in metrics, events and logs")
     _rights(create)
     _gateway_args(create, required=False)
+    create.add_argument(
+        "--config-entry",
+        action="store_true",
+        help="print the key and its lines for the config file, even when $MODELYARD_URL is set",
+    )
     create.set_defaults(run=_create)
 
     hashed = actions.add_parser(
@@ -87,7 +92,7 @@ def _gateway_args(command: argparse.ArgumentParser, required: bool) -> None:
     command.add_argument(
         "--url",
         required=required and not os.environ.get("MODELYARD_URL"),
-        default=os.environ.get("MODELYARD_URL") if required else None,
+        default=os.environ.get("MODELYARD_URL") or None,
         help="a running gateway (default: $MODELYARD_URL)",
     )
     command.add_argument(
@@ -99,7 +104,7 @@ def _gateway_args(command: argparse.ArgumentParser, required: bool) -> None:
 
 
 def _create(args: argparse.Namespace) -> int:
-    if args.url:
+    if args.url and not args.config_entry:
         return _create_runtime(args)
     if args.expires:
         print("modelyard: --expires is for runtime keys (give --url)", file=sys.stderr)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from modelyard.config.loader import ConfigError, load_config
 from modelyard.config.schema import GatewayConfig
+from modelyard.config.state_home import LEGACY_STATE_DIR, legacy_state_warning
 from modelyard.engines import engine_kind
 
 
@@ -28,8 +29,11 @@ def load_checked_config(path: str | Path) -> GatewayConfig:
 
 def config_warnings(path: str | Path, config: GatewayConfig) -> list[str]:
     """Settings that are valid but probably wrong, as `FILE: key: what` lines."""
-    return [
+    warnings = [
         f"{path}: {warning}"
         for name, model in config.models.items()
         for warning in engine_kind(model.engine).warnings(name, model, config)
     ]
+    if "state_dir" not in config.model_fields_set and config.state_dir == LEGACY_STATE_DIR:
+        warnings.append(f"{path}: {legacy_state_warning()}")
+    return warnings

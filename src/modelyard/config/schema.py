@@ -12,6 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from modelyard.config.state_home import default_state_dir
 from modelyard.config.units import ByteSize, Duration
 
 EngineKindName = Literal["vllm", "command", "diffusion", "remote"]
@@ -53,7 +54,9 @@ class LoraConfig(StrictModel):
     adapter_dirs: list[str] = Field(
         default_factory=list, description="folders scanned for adapters"
     )
-    scan_interval: Duration = 2.0
+    scan_interval: Duration = Field(
+        default=2.0, description="how often `adapter_dirs` are scanned for new or removed adapters"
+    )
 
     @field_validator("adapters")
     @classmethod
@@ -68,7 +71,11 @@ class LoraConfig(StrictModel):
 class ModelConfig(StrictModel):
     """One model the gateway can start on demand."""
 
-    engine: EngineKindName = "vllm"
+    engine: EngineKindName = Field(
+        default="vllm",
+        description="vllm, command (any OpenAI-compatible server), diffusion (the built-in image "
+        "server) or remote (a server that runs elsewhere)",
+    )
     model: str | None = Field(default=None, description="weights path or name (vllm, diffusion)")
     url: str | None = Field(default=None, description="engine: remote: the server's base URL")
     api_key: str | None = Field(
@@ -84,26 +91,42 @@ class ModelConfig(StrictModel):
     served_name: str | None = Field(
         default=None, description="name the engine uses; default the key"
     )
-    aliases: list[str] = Field(default_factory=list)
+    aliases: list[str] = Field(
+        default_factory=list, description="other names clients may use; rewritten both ways"
+    )
     route: str | None = Field(default=None, description="path prefix such as /coder")
     command: list[str] | None = Field(default=None, description="argv for engine: command; {port}")
     executable: list[str] | None = Field(default=None, description="vllm: argv that starts vLLM")
     args: list[str] = Field(default_factory=list, description="extra engine arguments, last")
-    env: dict[str, str] = Field(default_factory=dict)
-    health_path: str | None = None
-    idle_timeout: Duration | None = None
-    start_timeout: Duration | None = None
-    stop_grace: Duration | None = None
-    max_model_len: int | None = Field(default=None, ge=1)
+    env: dict[str, str] = Field(
+        default_factory=dict, description="engine environment (wins over defaults.env)"
+    )
+    health_path: str | None = Field(
+        default=None, description="readiness check path; default /health (vllm, command)"
+    )
+    idle_timeout: Duration | None = Field(
+        default=None, description="stop (or sleep) after this long unused; 0 = never"
+    )
+    start_timeout: Duration | None = Field(
+        default=None, description="give up on a start after this long (503 to the waiters)"
+    )
+    stop_grace: Duration | None = Field(
+        default=None, description="SIGTERM, then SIGKILL after this long"
+    )
+    max_model_len: int | None = Field(
+        default=None, ge=1, description="vLLM's --max-model-len (wins over defaults)"
+    )
     # Placement (GPU memory).
     gpus: list[int] | None = Field(default=None, description="GPU indexes this model may use")
-    tensor_parallel: int = Field(default=1, ge=1)
+    tensor_parallel: int = Field(
+        default=1, ge=1, description="GPUs one engine spans (vLLM's --tensor-parallel-size)"
+    )
     memory: ByteSize | None = Field(default=None, description="footprint hint before measuring")
-    pinned: bool = False
+    pinned: bool = Field(default=False, description="never evicted to make room for another model")
     sleep: Literal[0, 1, 2] = Field(default=0, description="vLLM sleep level when idle; 0 = never")
     # Back-pressure.
     max_queue: int | None = Field(default=None, ge=0, description="requests waiting for a start")
-    lora: LoraConfig | None = None
+    lora: LoraConfig | None = Field(default=None, description="LoRA adapters on this base model")
 
     @field_validator("aliases")
     @classmethod
@@ -199,25 +222,31 @@ class ModelConfig(StrictModel):
 class GpuConfig(StrictModel):
     """A GPU declared by hand, for machines without NVML and for tests."""
 
-    index: int = Field(ge=0)
-    memory: ByteSize
-    name: str | None = None
+    index: int = Field(ge=0, description="the GPU's index, as CUDA_VISIBLE_DEVICES numbers it")
+    memory: ByteSize = Field(description="its memory, such as 24GiB")
+    name: str | None = Field(default=None, description="a label shown in status and metrics")
 
 
 class GroupConfig(StrictModel):
-    members: list[str]
+    """Models that share a constraint (today: at most one of them runs)."""
+
+    members: list[str] = Field(description="model names")
     exclusive: bool = Field(default=False, description="at most one member runs at a time")
 
 
 class ApiKeyConfig(StrictModel):
-    name: str
+    """One API key, stored as its SHA-256 (`modelyard keys create NAME` prints the entry)."""
+
+    name: str = Field(description="shown in logs, events and metrics")
     sha256: str = Field(description="hex SHA-256 of the key; the key itself is never stored")
     models: list[str] = Field(default_factory=lambda: ["*"], description="glob patterns")
     rpm: int | None = Field(default=None, ge=1, description="requests per minute")
     tpm: int | None = Field(default=None, ge=1, description="tokens per minute")
     token_budget: int | None = Field(default=None, ge=1, description="tokens per budget_period")
-    budget_period: Literal["day", "month", "total"] = "total"
-    admin: bool = False
+    budget_period: Literal["day", "month", "total"] = Field(
+        default="total", description="when token_budget starts again (UTC days and months)"
+    )
+    admin: bool = Field(default=False, description="may use /admin routes and manage keys")
     metrics: bool = Field(default=False, description="may read /metrics and /metrics/engines")
 
     @model_validator(mode="after")
@@ -248,7 +277,9 @@ class ApiKeyConfig(StrictModel):
 
 
 class AuthConfig(StrictModel):
-    keys: list[ApiKeyConfig] = Field(default_factory=list)
+    """API keys. With none, the gateway serves loopback only (see allow_unauthenticated)."""
+
+    keys: list[ApiKeyConfig] = Field(default_factory=list, description="the config's API keys")
     allow_unauthenticated: bool = Field(
         default=False, description="allow a non-loopback listen address with no keys"
     )
@@ -263,7 +294,11 @@ class AuthConfig(StrictModel):
 
 
 class LimitsConfig(StrictModel):
-    max_body_bytes: ByteSize = 4 * 1024 * 1024
+    """Back-pressure, timeouts and health checks."""
+
+    max_body_bytes: ByteSize = Field(
+        default=4 * 1024 * 1024, description="request body limit (413 beyond)"
+    )
     # aiohttp's keep-alive timer does this (api/http_layer.py): bytes that trickle in do not
     # push it back, so a head sent a line at a time is cut off too.
     head_timeout: Duration = Field(
@@ -276,28 +311,50 @@ class LimitsConfig(StrictModel):
         default=60.0, gt=0, description="a request's time to send its whole body: a 408 after it"
     )
     max_queue: int = Field(default=512, ge=0, description="requests waiting across all models")
-    max_queue_per_model: int = Field(default=128, ge=0)
-    upstream_connect_timeout: Duration = 10.0
-    upstream_read_timeout: Duration = 600.0
-    shutdown_grace: Duration = 30.0
+    max_queue_per_model: int = Field(
+        default=128, ge=0, description="requests waiting for one model's start (503 beyond)"
+    )
+    upstream_connect_timeout: Duration = Field(default=10.0, description="connecting to an engine")
+    upstream_read_timeout: Duration = Field(
+        default=600.0, description="longest silence from an engine within one answer"
+    )
+    shutdown_grace: Duration = Field(
+        default=30.0, description="on SIGTERM, how long requests in flight may finish"
+    )
     # Hung engines (scheduler/watchdog.py): a ready engine whose health check fails or whose
     # requests time out this many times in a row is stopped and marked failed.
-    health_check_interval: Duration = Field(default=10.0, description="0 turns checks off")
-    health_check_timeout: Duration = 5.0
-    health_check_failures: int = Field(default=3, ge=1)
+    health_check_interval: Duration = Field(
+        default=10.0, description="how often ready engines are checked; 0 turns checks off"
+    )
+    health_check_timeout: Duration = Field(
+        default=5.0, description="a health check slower than this fails"
+    )
+    health_check_failures: int = Field(
+        default=3, ge=1, description="failures in a row after which an engine is stopped as hung"
+    )
 
 
 class DefaultsConfig(StrictModel):
-    idle_timeout: Duration = 600.0  # the seed 000's IDLE_SECONDS default
-    start_timeout: Duration = 300.0
-    stop_grace: Duration = 10.0
-    # Crash loops: from the second crash in a row, restarts wait 1, 2, 4 ... s, up to this.
-    crash_backoff_max: Duration = 60.0
-    # An engine that served this long before it crashed starts a new count.
-    crash_stable_after: Duration = 30.0
+    """Settings every model gets unless it sets its own."""
+
+    idle_timeout: Duration = Field(
+        default=600.0, description="stop (or sleep) an engine after this long unused; 0 = never"
+    )
+    start_timeout: Duration = Field(default=300.0, description="give up on a start after this")
+    stop_grace: Duration = Field(default=10.0, description="SIGTERM, then SIGKILL after this")
+    crash_backoff_max: Duration = Field(
+        default=60.0,
+        description="from the second crash in a row, restarts wait 1, 2, 4 ... s, up to this",
+    )
+    crash_stable_after: Duration = Field(
+        default=30.0,
+        description="an engine that served this long before a crash starts a new count",
+    )
     # Shared by every model (a model's own setting wins): env for every started engine,
-    # args and max_model_len for vLLM engines (seed 004's VLLM_MAX_MODEL_LEN_GLOBAL).
-    env: dict[str, str] = Field(default_factory=dict)
+    # args and max_model_len for vLLM engines (a launcher's VLLM_MAX_MODEL_LEN_GLOBAL).
+    env: dict[str, str] = Field(
+        default_factory=dict, description="environment for every started engine"
+    )
     args: list[str] = Field(default_factory=list, description="vLLM arguments, before a model's")
     max_model_len: int | None = Field(default=None, ge=1, description="vLLM's --max-model-len")
 
@@ -305,13 +362,17 @@ class DefaultsConfig(StrictModel):
 class VllmConfig(StrictModel):
     """How to run vLLM: the argv that starts it, so it can live in its own venv."""
 
-    executable: list[str] = Field(default_factory=lambda: ["vllm", "serve"])
+    executable: list[str] = Field(
+        default_factory=lambda: ["vllm", "serve"], description="argv that starts vLLM"
+    )
 
 
 class DiffusionConfig(StrictModel):
     """How to run the built-in diffusion server: a Python that has diffusers and torch."""
 
-    executable: list[str] = Field(default_factory=lambda: ["python3"])
+    executable: list[str] = Field(
+        default_factory=lambda: ["python3"], description="a Python with torch and diffusers"
+    )
 
 
 class RayConfig(StrictModel):
@@ -340,7 +401,7 @@ class RayConfig(StrictModel):
 
 
 class TlsConfig(StrictModel):
-    """HTTPS on `listen`: PEM files, read again on SIGHUP (see modelyard.tls)."""
+    """HTTPS on `listen`: PEM files, read again on SIGHUP (new certificates, no restart)."""
 
     cert: str = Field(description="certificate chain (PEM), leaf first")
     key: str = Field(description="private key (PEM)")
@@ -366,9 +427,15 @@ class CorsConfig(StrictModel):
 
 
 class GatewayConfig(StrictModel):
-    listen: str = "127.0.0.1:8000"
-    tls: TlsConfig | None = None
-    state_dir: str = ".state"
+    """The whole file."""
+
+    listen: str = Field(default="127.0.0.1:8000", description="HOST:PORT the gateway serves on")
+    tls: TlsConfig | None = Field(default=None, description="serve HTTPS on listen")
+    state_dir: str = Field(
+        default_factory=default_state_dir,
+        description="where logs, the engine registry, events, learned footprints, runtime keys "
+        "and budgets are kept",
+    )
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
@@ -382,8 +449,12 @@ class GatewayConfig(StrictModel):
     host_ram_for_sleep: ByteSize | None = Field(
         default=None, description="host RAM that level-1 sleeping engines may hold"
     )
-    groups: dict[str, GroupConfig] = Field(default_factory=dict)
-    log_format: Literal["text", "json"] = "text"
+    groups: dict[str, GroupConfig] = Field(
+        default_factory=dict, description="named groups of models"
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="the gateway's log lines: text, or one JSON object a line"
+    )
     proxy_workers: int = Field(
         default=0,
         ge=0,
@@ -397,7 +468,9 @@ class GatewayConfig(StrictModel):
         default_factory=list,
         description="host names this gateway answers to besides loopback names and addresses",
     )
-    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    models: dict[str, ModelConfig] = Field(
+        default_factory=dict, description="the models, by the name clients send"
+    )
     # Values the loader took from the environment (`${env:...}`): possibly secrets.
     _env_values: frozenset[str] = PrivateAttr(default=frozenset())
 

@@ -15,7 +15,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from rich import box
 from rich.console import Console
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -146,7 +148,13 @@ def event_line(event: dict[str, Any]) -> Text:
     return line
 
 
+# Below this many columns a table leaves the long fields (event reasons, failure notes) a
+# strip a dozen characters wide: they are printed under their row or table instead.
+WIDE_COLUMNS = 120
+
+
 def events_table(events: list[dict[str, Any]], title: str) -> Table:
+    """Recent events as a table, for a terminal at least `WIDE_COLUMNS` wide."""
     table = Table(title=title)
     for column in ("id", "time", "event", "model", "reason", "took"):
         table.add_column(column, overflow="fold")
@@ -163,13 +171,37 @@ def events_table(events: list[dict[str, Any]], title: str) -> Table:
     return table
 
 
-def gpu_table(gpus: list[dict[str, Any]]) -> Table:
+def print_events(console: Console, events: list[dict[str, Any]], title: str) -> None:
+    """`modelyard events`: a table on a wide terminal; on a narrow one each event's line,
+    with its reason wrapped beneath it, so nothing is cut and no column is a sliver."""
+    if console.width >= WIDE_COLUMNS:
+        console.print(events_table(events, title))
+        return
+    console.print(Text(title, style="italic"), justify="center")
+    for event in events:
+        console.print(_event_head(event), overflow="fold")
+        reason = str(event.get("reason") or "")
+        if reason:
+            console.print(Padding(Text(reason), (0, 0, 0, 4)), overflow="fold")
+
+
+def _event_head(event: dict[str, Any]) -> Text:
+    kind = str(event.get("kind", "?"))
+    head = Text()
+    head.append(f"#{event.get('id', '?')} ", style="dim")
+    head.append(f"{_when(float(event.get('time', 0)))} ", style="dim")
+    head.append(kind, style=_style(kind))
+    head.append(f" {event.get('model') or '-'}", style="bold")
+    duration = _duration(event.get("duration_s"))
+    if duration:
+        head.append(f" ({duration})")
+    return head
+
+
+def gpu_table(gpus: list[dict[str, Any]], width: int = 200) -> Table:
     """GPU memory as placement sees it: total, used, planned and free, and who is there."""
-    table = Table(title="GPUs")
-    for column in ("gpu", "name", "total", "used", "planned", "free", "models"):
-        table.add_column(column)
-    for gpu in gpus:
-        table.add_row(
+    rows = [
+        [
             str(gpu.get("index", "?")),
             str(gpu.get("name") or "-"),
             format_bytes(gpu.get("total_bytes")),
@@ -177,24 +209,72 @@ def gpu_table(gpus: list[dict[str, Any]]) -> Table:
             format_bytes(gpu.get("planned_bytes")),
             format_bytes(gpu.get("free_bytes")),
             ", ".join(gpu.get("models") or []) or "-",
-        )
+        ]
+        for gpu in gpus
+    ]
+    columns = ["gpu", "name", "total", "used", "planned", "free", "models"]
+    return _fitted_table("GPUs", columns, rows, ("name", "models"), width)
+
+
+def _fitted_table(
+    title: str, columns: list[str], rows: list[list[str]], wide: tuple[str, ...], width: int
+) -> Table:
+    """A table whose short columns (states, counts, sizes) keep their width and whose long
+    ones (names, notes) share what is left, folding or wrapping there: on an 80-column
+    terminal a model's name folds inside its cell instead of pushing the counts off."""
+    table = Table(
+        title=title,
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        pad_edge=False,
+        collapse_padding=True,
+        show_edge=False,
+    )
+    natural = [
+        max([len(row[index]) for row in rows] + [len(column)])
+        for index, column in enumerate(columns)
+    ]
+    narrowest = [
+        max([len(row[index]) for row in rows] + [len(word) for word in column.split()])
+        for index, column in enumerate(columns)
+    ]
+    gaps = 2 * (len(columns) - 1)
+    if sum(natural) + gaps <= width:
+        widths = natural
+    else:
+        # Short columns at their narrowest (a two-word header may take two lines); the long
+        # ones share the rest in proportion to what they hold, at least 4 columns each.
+        widths = [4 if c in wide else n for c, n in zip(columns, narrowest, strict=True)]
+        room = max(width - gaps - sum(widths), 0)
+        wanted = sum(n - 4 for c, n in zip(columns, natural, strict=True) if c in wide) or 1
+        for index, column in enumerate(columns):
+            if column in wide:
+                extra = room * (natural[index] - 4) // wanted
+                widths[index] = min(natural[index], 4 + extra)
+    for column, column_width in zip(columns, widths, strict=True):
+        table.add_column(column, overflow="fold", width=column_width)
+    for row in rows:
+        table.add_row(*row)
     return table
 
 
 def print_status(console: Console, status: dict[str, Any], title: str) -> None:
-    """`modelyard status`: every model; footprint and GPU columns only when there is data."""
+    """`modelyard status`: every model; footprint and GPU columns only when there is data.
+    Long names fold inside their cell; failure notes are a column on a wide terminal and
+    whole wrapped lines under the table on a narrow one."""
     models: list[dict[str, Any]] = status.get("models") or []
     with_footprint = any(m.get("footprint_bytes") is not None for m in models)
     with_gpus = bool(status.get("gpus")) or any(m.get("gpus") for m in models)
+    notes_in_table = console.width >= WIDE_COLUMNS
     columns = ["model", "state", "engine", "route", "in flight", "queued", "last use"]
     if with_footprint:
         columns.append("footprint")
     if with_gpus:
         columns.append("gpus")
-    columns.append("note")
-    table = Table(title=title)
-    for column in columns:
-        table.add_column(column)
+    if notes_in_table:
+        columns.append("note")
+    rows: list[list[str]] = []
+    notes: list[tuple[str, str]] = []
     for model in models:
         ago = model.get("last_used_ago_s")
         failure = model.get("failure") or {}
@@ -213,8 +293,18 @@ def print_status(console: Console, status: dict[str, Any], title: str) -> None:
             row.append(size if measured or size == "-" else f"~{size}")
         if with_gpus:
             row.append(",".join(str(g) for g in model.get("gpus") or []) or "-")
-        row.append((failure.get("message") or "")[:60])
-        table.add_row(*row)
-    console.print(table)
+        note = str(failure.get("message") or "")
+        if notes_in_table:
+            row.append(note)
+        elif note:
+            notes.append((model["name"], note))
+        rows.append(row)
+    wide = ("model", "note")
+    console.print(_fitted_table(title, columns, rows, wide, console.width))
+    for name, note in notes:
+        line = Text()
+        line.append(f"{name}: ", style="bold")
+        line.append(note)
+        console.print(line, overflow="fold")
     if status.get("gpus"):
-        console.print(gpu_table(status["gpus"]))
+        console.print(gpu_table(status["gpus"], console.width))
