@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from modelyard.proxy.usage_reader import normalized_usage
+from modelyard.redaction import redact
 
 # A Responses stream's last event carries the whole answer's usage.
 _FINAL_RESPONSE_EVENTS = ("response.completed", "response.incomplete", "response.failed")
@@ -24,8 +25,6 @@ class StreamMeter(Protocol):
     def saw_usage(self, usage: dict[str, int], final: bool) -> None: ...
 
     def saw_running_usage(self, raw: bytes) -> None: ...
-
-from modelyard.redaction import redact
 
 
 def error_event(message: str, code: str) -> bytes:
