@@ -3,6 +3,9 @@
 - vllm-router (PyPI `vllm-router`): vLLM's Rust router; one router per upstream, since it
   balances over workers rather than routing by model name.
 - LiteLLM's proxy (PyPI `litellm[proxy]`): one process serving every benchmark model.
+- the front-door candidates (`--front-doors`, issue 21): bench/front_door_relay.py, the same
+  small relay on aiohttp's server alone, on uvicorn (httptools, uvloop) and on granian (RSGI),
+  all in one venv (PyPI `granian`, `uvicorn`, `httptools`, `uvloop`, `aiohttp`).
 
 The venvs live under ~/.cache/modelyard-bench and are made on first use (the registry is the
 only thing reached over the network); `make test` never installs them.
@@ -22,8 +25,27 @@ from pathlib import Path
 import yaml
 
 CACHE = Path(os.environ.get("MODELYARD_BENCH_CACHE", Path.home() / ".cache" / "modelyard-bench"))
-PACKAGES = {"vllm-router": ["vllm-router"], "litellm": ["litellm[proxy]"]}
-EXECUTABLES = {"vllm-router": "vllm-router", "litellm": "litellm"}
+PACKAGES = {
+    "vllm-router": ["vllm-router"],
+    "litellm": ["litellm[proxy]"],
+    "front-doors": ["granian", "uvicorn", "httptools", "uvloop", "aiohttp"],
+}
+EXECUTABLES = {"vllm-router": "vllm-router", "litellm": "litellm", "front-doors": "granian"}
+RELAY_DIR = Path(__file__).resolve().parent  # bench/, where front_door_relay.py is
+# The candidates, each as the command that serves the relay on {port} with one process.
+FRONT_DOORS = {
+    "aiohttp alone": ["{python}", "front_door_relay.py", "aiohttp", "--port", "{port}"],
+    "uvicorn+httptools": [
+        "{python}", "-m", "uvicorn", "front_door_relay:asgi", "--app-dir", ".",
+        "--http", "httptools", "--loop", "uvloop", "--no-access-log", "--log-level", "warning",
+        "--host", "127.0.0.1", "--port", "{port}",
+    ],
+    "granian rsgi": [
+        "{bin}/granian", "--interface", "rsgi", "--working-dir", ".", "--host", "127.0.0.1",
+        "--port", "{port}", "--workers", "1", "--loop", "uvloop", "--no-ws",
+        "--log-level", "warning", "front_door_relay:rsgi",
+    ],
+}  # fmt: skip
 
 
 def venv_bin(name: str) -> Path:
@@ -135,6 +157,25 @@ def start_litellm(upstreams: dict[str, str], port: int, workdir: Path) -> Starte
     )
     url = f"http://127.0.0.1:{port}"
     wait_ready(process, url + "/health/liveliness", log, 120)
+    return Started(process, url)
+
+
+def start_front_door(name: str, upstreams: dict[str, str], port: int, workdir: Path) -> Started:
+    """One candidate server running bench/front_door_relay.py in front of `upstreams`."""
+    bin_dir = venv_bin("front-doors").parent
+    command = [
+        part.format(python=bin_dir / "python", bin=bin_dir, port=port) for part in FRONT_DOORS[name]
+    ]
+    log = workdir / f"front-door-{port}.log"
+    process = subprocess.Popen(
+        command,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        cwd=RELAY_DIR,
+        env={**os.environ, "RELAY_UPSTREAMS": json.dumps(upstreams)},
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(process, url + "/health", log, 60)
     return Started(process, url)
 
 

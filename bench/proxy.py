@@ -15,7 +15,8 @@ the same upstreams and installed on first use, each in its own venv under
 ~/.cache/modelyard-bench (bench/contenders.py). Workloads, each proxy in turn:
 
 - wrk, POST /v1/chat/completions, 1 and 64 connections (nginx answering a fixed completion);
-- SSE: 16 concurrent streams, again and again, of 400 events each (nginx, a fixed stream);
+- SSE: 16 concurrent streams, again and again, of 400 events each (nginx, a fixed stream),
+  once from an aiohttp client and once from wrk (which an aiohttp client cannot keep up with);
 - 1,000 concurrent slow streams of 100 events at 20/s, all asked for at once
   (bench/stream_upstream.py and bench/stream_client.py, bare asyncio protocols on core 1; the
   proxy alone on core 0, so the delay measured is the proxy's, not the load generator's);
@@ -58,6 +59,7 @@ from modelyard.auth.keys import generate_key, key_digest
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 SSE_EVENTS = 400
+STREAM_BODY = {"model": "sse", **CHAT, "stream": True}
 SSE_STREAMS = 16
 # The slow streams: the proxy alone on core 0, the client and the upstream on core 1.
 ALL_CPUS = "0-1"  # this machine's two cores
@@ -83,15 +85,17 @@ HUGE = 10**15  # a budget and a tokens-per-minute limit that are checked but nev
 
 
 def start_gateway(
-    workdir: Path, keyed: bool = False, workers: int = 0, env: dict[str, str] | None = None
+    workdir: Path,
+    keyed: bool = False,
+    env: dict[str, str] | None = None,
+    label: str | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """A gateway on the benchmark's engines; `env`: variables added to this process's."""
     port = free_port()
     upstream = str(ROOT / "bench" / "upstream_nginx.sh")
-    name = "keyed" if keyed else f"workers{workers}" if workers else "bench"
+    name = label or ("keyed" if keyed else "bench")
     config: dict[str, Any] = {
         "listen": f"127.0.0.1:{port}",
-        "proxy_workers": workers,
         "state_dir": str(workdir / f"state-{name}"),
         "limits": {"max_queue": 10_000, "max_queue_per_model": 10_000},
         "models": {
@@ -170,11 +174,12 @@ def wrk(
     workdir: Path,
     cpus: str | None = None,
     headers: dict[str, str] | None = None,
+    body: dict[str, Any] | None = None,
 ) -> dict[str, float]:
     script = workdir / "post.lua"
     script.write_text(
         'wrk.method = "POST"\n'
-        f"wrk.body = '{json.dumps({'model': 'fast', **CHAT})}'\n"
+        f"wrk.body = '{json.dumps(body or {'model': 'fast', **CHAT})}'\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
         + "".join(f'wrk.headers["{name}"] = "{value}"\n' for name, value in (headers or {}).items())
     )
@@ -316,6 +321,17 @@ def run_matrix(
         )
         result["cpu_us_per_event"] = cpu / max(result["events"], 1) * 1e6
         row["sse"] = result
+        # The same streams driven by wrk (C, one thread): an aiohttp client as the load can
+        # be slower than the proxy it measures, and hide the gap between proxies.
+        result, cpu = measure(
+            proxy,
+            lambda p=proxy, stream_body=STREAM_BODY: wrk(
+                p.sse, SSE_STREAMS, args.duration, workdir, headers=p.headers, body=stream_body
+            ),
+        )
+        result["events_per_s"] = result["rps"] * SSE_EVENTS
+        result["cpu_us_per_event"] = cpu / max(result["requests"] * SSE_EVENTS, 1) * 1e6
+        row["sse_wrk"] = result
         results[proxy.name] = row
         print(f"  {proxy.name}: done with requests and SSE", flush=True)
     for proxy in proxies:
@@ -369,10 +385,15 @@ def main() -> None:
         "--keyed", action="store_true", help="also a modelyard with API keys (modelyard+key)"
     )
     parser.add_argument(
-        "--workers",
-        type=int,
-        default=0,
-        help="also a modelyard with this many proxy workers (modelyard Nw)",
+        "--front-doors",
+        action="store_true",
+        help="also the HTTP server candidates of issue 21 (bench/front_door_relay.py on "
+        "aiohttp alone, uvicorn+httptools+uvloop, granian RSGI)",
+    )
+    parser.add_argument(
+        "--baseline-src",
+        help="also a keyless modelyard run from this source folder (`modelyard before`), e.g. "
+        "the src/ of `git archive <commit> src`",
     )
     parser.add_argument("--no-slow", action="store_true", help="skip the slow streams")
     parser.add_argument("--no-scaling", action="store_true", help="skip core scaling")
@@ -393,17 +414,6 @@ def main() -> None:
             Proxy("direct", direct["fast"], direct["sse"], direct["stream"]),
             Proxy("modelyard", url, url, url, [ProcessTree(gateway.pid, is_upstream)]),
         ]
-        if args.workers:
-            proxies.append(
-                second_gateway(
-                    f"modelyard {args.workers}w",
-                    workdir,
-                    started,
-                    upstream_trees,
-                    {},
-                    workers=args.workers,
-                )
-            )
         if args.keyed:
             proxies.append(
                 second_gateway(
@@ -414,6 +424,21 @@ def main() -> None:
                     {"Authorization": f"Bearer {ADMIN_KEY}"},
                     client_headers={"Authorization": f"Bearer {CLIENT_KEY}"},
                     keyed=True,
+                )
+            )
+        if args.baseline_src:
+            # The same gateway from another source tree (an older commit's `src`), keyless,
+            # beside this one: a before/after measured in one run.
+            source = str(Path(args.baseline_src).resolve())
+            proxies.append(
+                second_gateway(
+                    "modelyard before",
+                    workdir,
+                    started,
+                    upstream_trees,
+                    {},
+                    env={"PYTHONPATH": source},
+                    label="baseline",
                 )
             )
         routers = {
@@ -430,6 +455,12 @@ def main() -> None:
                 [ProcessTree(router.process.pid) for router in routers.values()],
             )
         )
+        if args.front_doors:
+            for name in contenders.FRONT_DOORS:
+                door = contenders.start_front_door(name, direct, free_port(), workdir)
+                started.append(door.process)
+                tree = ProcessTree(door.process.pid)
+                proxies.append(Proxy(name, door.url, door.url, door.url, [tree]))
         if not args.no_litellm:
             litellm = contenders.start_litellm(direct, free_port(), workdir)
             started.append(litellm.process)
@@ -479,7 +510,7 @@ def second_gateway(
     client_headers: dict[str, str] | None = None,
     **settings: Any,
 ) -> Proxy:
-    """Another modelyard beside the first (with keys, with workers), with its own engines,
+    """Another modelyard beside the first (with keys), with its own engines,
     started before the load; its engines join the upstreams pinned in the scaling cells."""
     process, url = start_gateway(workdir, **settings)
     started.append(process)
@@ -509,9 +540,10 @@ def print_tables(results: dict[str, Any], slow: int) -> None:
     direct = results["direct"]
     print(
         "| | c=1 req/s | added p50 / p99 | c=64 req/s | added p50 / p99 | CPU/request "
-        f"(c=64) | SSE events/s ({SSE_STREAMS}x{SSE_EVENTS}) | CPU/event |"
+        f"(c=64) | SSE events/s ({SSE_STREAMS}x{SSE_EVENTS}) | CPU/event "
+        "| SSE events/s, wrk | CPU/event, wrk |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, row in results.items():
         cells = [name]
         for connections in (1, 64):
@@ -522,14 +554,17 @@ def print_tables(results: dict[str, Any], slow: int) -> None:
             else:
                 added = cell["p50_ms"] - base["p50_ms"], cell["p99_ms"] - base["p99_ms"]
                 cells.append(f"{added[0]:.2f} / {added[1]:.2f} ms")
-        sse = row["sse"]
+        sse, by_wrk = row["sse"], row["sse_wrk"]
+        wrk_events = f"{by_wrk['events_per_s'] / 1e6:.3f} M" + (" ⚠" if by_wrk["non2xx"] else "")
         if name == "direct":
-            cells += ["", f"{sse['events_per_s'] / 1e6:.2f} M", ""]
+            cells += ["", f"{sse['events_per_s'] / 1e6:.2f} M", "", wrk_events, ""]
         else:
             cells += [
                 f"{row['c64']['cpu_us_per_request']:.0f} µs",
                 f"{sse['events_per_s'] / 1e6:.3f} M" + (" ⚠" if sse["failed"] else ""),
                 f"{sse['cpu_us_per_event']:.2f} µs",
+                wrk_events,
+                f"{by_wrk['cpu_us_per_event']:.2f} µs",
             ]
         print("| " + " | ".join(cells) + " |")
     _print_slow_streams(results, slow)
@@ -598,14 +633,22 @@ def _print_ratios(results: dict[str, Any]) -> None:
             f"{keyed['sse']['cpu_us_per_event'] / ours['sse']['cpu_us_per_event']:.2f}x"
         )
     rust = results.get("vllm-router")
-    if ours and rust:
+    if not rust:
+        return
+    print(
+        "\n| / vllm-router | CPU/request (c=64) | CPU/event (wrk) | c=64 req/s "
+        "| SSE events/s (wrk) |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, row in results.items():
+        if name in ("direct", "vllm-router"):
+            continue
         print(
-            "\nmodelyard / vllm-router: CPU per request "
-            f"{ours['c64']['cpu_us_per_request'] / rust['c64']['cpu_us_per_request']:.2f}x, "
-            "CPU per "
-            f"event {ours['sse']['cpu_us_per_event'] / rust['sse']['cpu_us_per_event']:.2f}x, c=64 "
-            f"throughput {ours['c64']['rps'] / rust['c64']['rps']:.2f}x, SSE throughput "
-            f"{ours['sse']['events_per_s'] / rust['sse']['events_per_s']:.2f}x"
+            f"| {name} "
+            f"| {row['c64']['cpu_us_per_request'] / rust['c64']['cpu_us_per_request']:.2f}x "
+            f"| {row['sse_wrk']['cpu_us_per_event'] / rust['sse_wrk']['cpu_us_per_event']:.2f}x "
+            f"| {row['c64']['rps'] / rust['c64']['rps']:.2f}x "
+            f"| {row['sse_wrk']['events_per_s'] / rust['sse_wrk']['events_per_s']:.2f}x |"
         )
 
 

@@ -495,7 +495,10 @@ def main() -> None:
         # The child carries the engine's --root in its argv, so a test finds it by its marker.
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)", args.root])
     time.sleep(args.bind_delay)
-    app = web.Application(middlewares=[wiretap, *([_require_api_key] if args.api_key else [])])
+    app = web.Application(
+        middlewares=[wiretap, *([_require_api_key] if args.api_key else [])],
+        client_max_size=64 * 1024 * 1024,  # vLLM takes long prompts; aiohttp's default is 1 MiB
+    )
     app["args"] = args
     app["ready_at"] = time.monotonic() + args.ready_delay
     app.router.add_get("/health", health)

@@ -1,8 +1,8 @@
 """An in-process gateway for integration tests: the real app on aiohttp's test server, with
 engines that are small aiohttp servers in the test's own event loop instead of processes.
 
-The gateway is served as `modelyard serve` serves it (GatewayServer: the fast lane in front of
-aiohttp's protocol with OpenAI-shaped protocol errors, on a real loopback port), so raw
+The gateway is served as `modelyard serve` serves it (GatewayServer: aiohttp's server with the
+connection limits and OpenAI-shaped protocol errors, on a real loopback port), so raw
 sockets, aiohttp and the `openai` SDK reach it the same way.
 
 Most integration tests need the gateway's HTTP behaviour (routes, errors, streaming, the
@@ -39,7 +39,6 @@ from modelyard.api.app import build_app
 from modelyard.config import parse_config
 from modelyard.engines.base import LaunchSpec, served_name
 from modelyard.gateway import Gateway
-from modelyard.proxy.fastpath import FastLane
 from modelyard.runtime.process import EngineStartError
 from modelyard.server import ServedApp, serve_app
 from tests import fake_gpu
@@ -502,9 +501,8 @@ def engine_model(**settings: Any) -> dict[str, Any]:
 
 class GatewayServer(TestServer):
     """The app served as `modelyard serve` serves it (src/modelyard/server.py's `serve_app`,
-    minus signals and TLS): aiohttp's protocol with OpenAI-shaped protocol errors, behind the
-    fast lane that takes the common keyless POSTs. So a test here covers the path a real
-    client's request takes."""
+    minus signals and TLS): aiohttp's server with the connection limits and OpenAI-shaped
+    protocol errors. So a test here covers the path a real client's request takes."""
 
     def __init__(self, gateway: Gateway, app: web.Application) -> None:
         super().__init__(app)
@@ -519,10 +517,6 @@ class GatewayServer(TestServer):
         self.port = self.served.port
         self.scheme = "http"
         self._root = URL(f"http://127.0.0.1:{self.port}")
-
-    @property
-    def lane(self) -> FastLane | None:
-        return self.served.lane if self.served is not None else None
 
     async def close(self) -> None:
         if self.started and not self.closed:

@@ -13,15 +13,13 @@ from pathlib import Path
 
 from aiohttp import web
 
-from modelyard.api.app import POLICY_KEY, build_app
-from modelyard.api.http_layer import use_openai_errors
+from modelyard.api.app import build_app
+from modelyard.api.http_layer import ConnectionLimits, listen
 from modelyard.config.loader import ConfigError
-from modelyard.config.schema import GatewayConfig, LimitsConfig
+from modelyard.config.schema import GatewayConfig
 from modelyard.gateway import Gateway
 from modelyard.observability.log_format import configure_logging
 from modelyard.process_heap import keep_startup_heap
-from modelyard.proxy.fastpath import FastLane, start_server
-from modelyard.proxy.worker_host import ProxyWorkers, lane_limits
 from modelyard.redaction import register_secrets
 from modelyard.tls import ServerCertificate
 
@@ -110,14 +108,18 @@ async def run_gateway(
     if certificate is not None:
         reload_actions.append(certificate.reload)
     loop.add_signal_handler(signal.SIGHUP, run_reload_actions, reload_actions)
+    if config.proxy_workers:
+        log.warning(
+            "proxy_workers: %d is not in effect in this version: the gateway's process serves "
+            "every request (docs/front-door.md)",
+            config.proxy_workers,
+        )
     served: ServedApp | None = None
     try:
         await gateway.start()
         app = build_app(gateway)
-        gateway.reload_hooks.append(_live_settings(app, log_level))
-        served = await serve_app(
-            gateway, app, config.host, config.port, certificate, log_level=log_level
-        )
+        gateway.reload_hooks.append(_live_settings(log_level))
+        served = await serve_app(gateway, app, config.host, config.port, certificate)
         keep_startup_heap()
         if ready_message:
             scheme = "https" if certificate is not None else "http"
@@ -130,7 +132,7 @@ async def run_gateway(
     finally:
         if served is not None:
             served.stop_accepting()  # connections in flight carry on
-        await _finish_requests(gateway, config.limits.shutdown_grace, served)
+        await _finish_requests(gateway, config.limits.shutdown_grace)
         if served is not None:
             await served.close()
         await gateway.close()
@@ -140,43 +142,19 @@ async def run_gateway(
 
 @dataclass
 class ServedApp:
-    """The app being served: aiohttp's runner, and without TLS the fast lane, its listener
-    and the proxy workers that share its port."""
+    """The app being served: aiohttp's runner and the one listener whose connections aiohttp's
+    handler serves (with or without TLS: the same server, the same limits)."""
 
     runner: web.AppRunner
-    lane: FastLane | None
-    listener: asyncio.AbstractServer | None
+    listener: asyncio.Server
     port: int  # the port bound (the one asked for, or the one given for port 0)
-    workers: ProxyWorkers | None = None
-
-    def apply_limits(self, limits: LimitsConfig) -> None:
-        """A reload's body limit and upstream timeouts, in the fast lane and the workers."""
-        if self.lane is not None:
-            self.lane.apply_limits(*lane_limits(limits))
-        if self.workers is not None:
-            self.workers.apply_limits(limits)
 
     def stop_accepting(self) -> None:
-        if self.listener is not None:
-            self.listener.close()
-        if self.workers is not None:
-            self.workers.drain()
-
-    def cut_streams(self, reason: str) -> int:
-        """Streams of the fast lane and the workers, ended with an error event."""
-        cut = self.lane.cut_streams(reason) if self.lane is not None else 0
-        return cut + (self.workers.cut_streams(reason) if self.workers is not None else 0)
+        self.listener.close()  # connections in flight carry on
 
     async def close(self) -> None:
-        """After requests are done or cut: stop listening, stop the workers, drop the lane's
-        pool, end aiohttp."""
-        if self.listener is not None:
-            self.listener.close()
-        if self.workers is not None:
-            await self.workers.close()
-        if self.lane is not None:
-            await self.lane.close(0)  # all its requests are done or cut by now: drop the pool
-        # Stops accepting; requests in flight are done (or cut with a clear end) by now.
+        """After requests are done or cut: stop listening, end aiohttp's connections."""
+        self.listener.close()
         await self.runner.cleanup()
 
 
@@ -186,11 +164,10 @@ async def serve_app(
     host: str,
     port: int,
     certificate: ServerCertificate | None = None,
-    log_level: str = "INFO",
 ) -> ServedApp:
-    """Listen on host:port as `modelyard serve` does: aiohttp's protocol with OpenAI-shaped
-    protocol errors, behind the fast lane for plain HTTP (tests/harness.py serves its app with
-    this too, so the tests take the path a real client's request takes)."""
+    """Listen on host:port as `modelyard serve` does: aiohttp's server with the connection
+    limits of `limits:` and OpenAI-shaped protocol errors, with or without TLS
+    (tests/harness.py serves its app with this too, so the tests take a real client's path)."""
     runner = web.AppRunner(
         app,
         handler_cancellation=True,  # a client that goes away cancels its request
@@ -199,49 +176,25 @@ async def serve_app(
     )
     await runner.setup()
     try:
-        use_openai_errors(runner)  # bad request lines and headers: OpenAI's error shape too
-        if certificate is None:
-            # The common POSTs take the fast lane (proxy/fastpath.py); the rest is aiohttp's.
-            assert runner.server is not None
-            lane = FastLane(gateway, runner.server, policy=app[POLICY_KEY])
-            count = gateway.config.proxy_workers
-            listener = await start_server(lane, host, port, reuse_port=count > 0)
-            # asyncio's and uvloop's servers both have `sockets` (AbstractServer lacks it).
-            sockets = getattr(listener, "sockets", None) or ()
-            bound = int(sockets[0].getsockname()[1]) if sockets else port
-            served = ServedApp(runner, lane, listener, bound)
-            gateway.reload_hooks.append(lambda config: served.apply_limits(config.limits))
-            if count:
-                # More processes on the same port (SO_REUSEPORT): the hot path on more cores.
-                workers = ProxyWorkers(gateway, lane, count, host, bound, log_level)
-                served.workers = workers
-                try:
-                    await workers.start()
-                except BaseException:
-                    listener.close()
-                    await workers.close()
-                    raise
-            return served
-        # TLS: aiohttp serves everything (the fast lane speaks plain HTTP only, for now).
-        site = web.TCPSite(
+        context = certificate.context if certificate is not None else None
+        listener = await listen(
             runner,
+            lambda: ConnectionLimits.from_config(gateway.config.limits),
             host,
             port,
-            backlog=2048,
-            reuse_address=True,
-            ssl_context=certificate.context,
+            ssl_context=context,
         )
-        await site.start()
-        return ServedApp(runner, None, None, port)
+        bound = int(listener.sockets[0].getsockname()[1]) if listener.sockets else port
+        return ServedApp(runner, listener, bound)
     except BaseException:
         await runner.cleanup()
         raise
 
 
-async def _finish_requests(gateway: Gateway, grace: float, served: ServedApp | None) -> None:
+async def _finish_requests(gateway: Gateway, grace: float) -> None:
     """One grace period for requests in flight (not two, as once); streams still going after
     it end with a final SSE error event instead of being cut silently (issue 11, defect 7).
-    The scheduler counts the fast lane's requests too; its streams are cut the same way."""
+    """
     gateway.scheduler.begin_shutdown()
     if await gateway.scheduler.drained(grace):
         return
@@ -249,7 +202,7 @@ async def _finish_requests(gateway: Gateway, grace: float, served: ServedApp | N
         f"the gateway is shutting down; this stream was ended after {grace:g}s "
         "(limits.shutdown_grace)"
     )
-    cut = gateway.upstream.cut_streams(reason) + (served.cut_streams(reason) if served else 0)
+    cut = gateway.upstream.cut_streams(reason)
     log.warning("shutdown: ended %d streams still running after %gs", cut, grace)
     await gateway.scheduler.drained(5.0)
 
@@ -271,13 +224,12 @@ async def _reload_on_signal(gateway: Gateway) -> None:
     )
 
 
-def _live_settings(app: web.Application, log_level: str) -> Callable[[GatewayConfig], None]:
-    """What a reload changes outside the gateway's parts: log format, request body limit."""
+def _live_settings(log_level: str) -> Callable[[GatewayConfig], None]:
+    """What a reload changes outside the gateway's parts: the log format. (The body limit is
+    read from the gateway's config for each request, by `api.bodies.read_body`.)"""
 
     def apply(config: GatewayConfig) -> None:
         configure_logging(log_level, config.log_format)
-        # aiohttp reads the limit from the application for each new request.
-        app._client_max_size = config.limits.max_body_bytes
 
     return apply
 

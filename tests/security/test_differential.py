@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from typing import Any
 from urllib.parse import unquote
 
@@ -28,6 +27,7 @@ from hypothesis import strategies as st
 
 from modelyard.auth.engine_paths import is_engine_control
 from tests.conftest import fake_model, start_gateway
+from tests.security.front_door import DOORS, door_settings, open_socket
 from tests.security.keys import ADMIN_KEY, USER_KEY, auth_settings
 from tests.security.raw_http import dechunk
 
@@ -114,28 +114,27 @@ def bodies(draw: st.DrawFn) -> bytes:
     return text.encode()
 
 
-# Also with proxy workers: each request comes on a new connection, so some are parsed and
-# forwarded by a worker process (admitted by the gateway's process) and the rest by the
-# gateway's own.
-@pytest.fixture(scope="module", params=[0, 2], ids=["one-process", "proxy-workers"])
+# Over plain TCP and over TLS: one server serves both, so the same rules must hold.
+@pytest.fixture(scope="module", params=DOORS)
 def gateway(tmp_path_factory, request):
+    folder = tmp_path_factory.mktemp("differential")
     running = start_gateway(
-        tmp_path_factory.mktemp("differential"),
+        folder,
         {
             "chat": fake_model("chat", "--sleep-mode", route="/chat", aliases=["chat-alias"]),
             "secret": fake_model("secret", route="/secret"),
         },
-        proxy_workers=request.param,
+        **door_settings(request.param, folder),
         **auth_settings(),
     )
     running.admin_key = ADMIN_KEY
+    running.tls = request.param == "tls"
     yield running
     running.stop()
 
 
-def send(url: str, data: bytes) -> tuple[int, bytes]:
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
+def send(gateway: Any, data: bytes) -> tuple[int, bytes]:
+    with open_socket(gateway.url, gateway.tls) as sock:
         sock.sendall(data)
         chunks = []
         while chunk := sock.recv(65536):
@@ -151,7 +150,7 @@ def received(gateway: Any) -> list[dict[str, Any]]:
         "GET /upstream/chat/fake/received HTTP/1.1\r\nHost: localhost\r\n"
         f"Authorization: Bearer {ADMIN_KEY}\r\nConnection: close\r\n\r\n"
     ).encode()
-    status, body = send(gateway.url, data)
+    status, body = send(gateway, data)
     assert status == 200, body[:300]
     try:
         result: list[dict[str, Any]] = json.loads(body)
@@ -194,7 +193,7 @@ def test_the_engine_receives_exactly_what_was_authorised(gateway):
             *(f"{name}: {value}" for name, value in headers.items()),
         ]
         data = "\r\n".join(lines).encode("latin-1", "replace") + b"\r\n\r\n" + body
-        status, answer = send(gateway.url, data)
+        status, answer = send(gateway, data)
         sent[probe] = {"target": target, "prefix": prefix, "status": status, "answer": answer}
         assert status != 500, answer[:300]
         assert status != 0

@@ -3,7 +3,6 @@ OpenAI-shaped error or a real answer; never a 5xx from the gateway, never a cras
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import urllib.parse
@@ -11,12 +10,12 @@ import urllib.request
 from typing import Any
 
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import fake_model
 from tests.lora.test_lora_gateway import lora_model, write_adapter
+from tests.security.front_door import DOORS, door_settings, http_connection
 from tests.security.keys import ADMIN_KEY, USER_KEY, auth_settings
 
 LIMIT = 64 * 1024
@@ -117,10 +116,8 @@ def quote(path: str) -> str:
     return urllib.parse.quote(path, safe="/%:@~!$&'()*+,;=")
 
 
-# Once as one process, once with proxy workers: each request comes on a new connection, so
-# the kernel gives some of them to a worker (which parses them itself and asks the gateway's
-# process to admit them) and the rest to the gateway's process.
-@pytest.fixture(params=[0, 2], ids=["one-process", "proxy-workers"])
+# Over plain TCP and over TLS: one server serves both, so the same answers must come.
+@pytest.fixture(params=DOORS)
 def gateway(gateway_factory, tmp_path, request):
     write_adapter(tmp_path / "adapters" / "helper")
     running = gateway_factory(
@@ -130,18 +127,18 @@ def gateway(gateway_factory, tmp_path, request):
             "tuned": lora_model(tmp_path / "adapters"),
         },
         limits={"max_body_bytes": LIMIT},
-        proxy_workers=request.param,
+        **door_settings(request.param, tmp_path),
         **auth_settings(),
     )
     running.admin_key = ADMIN_KEY
+    running.tls = request.param == "tls"
     return running
 
 
 def send(
     gateway, method: str, path: str, body: bytes, headers: dict[str, str]
 ) -> tuple[int, bytes]:
-    host = gateway.url.removeprefix("http://")
-    connection = http.client.HTTPConnection(host, timeout=30)
+    connection = http_connection(gateway.url, gateway.tls)
     try:
         connection.request(method, path, body=body, headers=headers)
         response = connection.getresponse()
@@ -184,28 +181,3 @@ def test_any_request_gets_an_answer_or_an_openai_error(gateway):
     assert "internal error" not in log  # no exception reached the error middleware
     assert "Traceback" not in log
     assert "Error handling request" not in log  # nor aiohttp's own last-resort handler
-    if yaml.safe_load(gateway.config_path.read_text())["proxy_workers"]:
-        # Two in three of those connections went to a worker, which parsed them first. Both
-        # workers are still there, and still serve (20 good requests: some land on them).
-        chat = json.dumps({"model": "chat", "messages": [{"role": "user", "content": "hi"}]})
-        for _ in range(20):
-            status, _ = send(
-                gateway,
-                "POST",
-                "/v1/chat/completions",
-                chat.encode(),
-                {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"},
-            )
-            assert status == 200
-        request = urllib.request.Request(
-            gateway.url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            metrics = response.read().decode()
-        assert "modelyard_proxy_workers_running 2.0" in metrics
-        served = [
-            float(line.rsplit(" ", 1)[1])
-            for line in metrics.splitlines()
-            if line.startswith("modelyard_proxy_worker_requests_total{")
-        ]
-        assert sum(served) > 0, metrics[-2000:]

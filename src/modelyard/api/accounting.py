@@ -1,9 +1,8 @@
-"""What a proxied request leaves behind, the same for the aiohttp route and the fast lane:
-its tokens for the key (budgets, tokens per minute, usage per model) and its record
-(metrics, request log, watchdog).
+"""What a proxied request leaves behind: its tokens for the key (budgets, tokens per minute,
+usage per model) and its record (metrics, request log, watchdog).
 
-Both paths call `ask_stream_for_usage` before forwarding, read usage with `usage_of` (or from
-the stream's last chunk) and end with `finish`, so their accounting cannot drift apart.
+The one request path (`api.serving`) calls `ask_stream_for_usage` before forwarding, reads
+usage with `usage_of` (or from the stream's last chunk) and ends with `finish`, once.
 """
 
 from __future__ import annotations

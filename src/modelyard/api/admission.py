@@ -1,7 +1,6 @@
-"""Admission of a request to a model: the one set of decisions both ways in make.
+"""Admission of a request to a model: the one set of decisions, each made once.
 
-The aiohttp stack (`api.guards.authentication`, `api.serving`) and the fast lane
-(`proxy.fastpath`) both call these, so they cannot drift apart:
+The middleware (`api.guards.authentication`) and the handlers (`api.serving`) call these:
 
 - `identify`: who is asking (the key via `Authenticator.identify`: unknown, revoked and
   expired keys, token budget, tokens and requests per minute, each counted once), or the

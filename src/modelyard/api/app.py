@@ -18,7 +18,7 @@ from modelyard.observability.log_guard import CLIENT_CAUSED_ATTR
 log = logging.getLogger("modelyard.api")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-# The Host and Origin rules in force, for the fast lane (proxy/fastpath.py) to apply the same.
+# The Host and Origin rules in force.
 POLICY_KEY = web.AppKey("browser_policy", BrowserPolicy)
 
 
@@ -70,11 +70,9 @@ def build_app(gateway: Gateway, middlewares: list[Middleware] | None = None) -> 
         *auth,
         *(middlewares or []),
     ]
-    app = web.Application(
-        middlewares=stack,
-        # Bodies beyond the limit are refused by aiohttp before they are read (413).
-        client_max_size=gateway.config.limits.max_body_bytes,
-    )
+    # Bodies are read by `api.bodies.read_body` alone, which enforces limits.max_body_bytes
+    # (as reloaded) while reading; aiohttp's own `client_max_size` is never reached.
+    app = web.Application(middlewares=stack)
     app[serving.GATEWAY_KEY] = gateway
     app[POLICY_KEY] = policy
     app.on_response_prepare.append(add_cors_headers)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from aiohttp.web_protocol import RequestPayloadError
 
 from modelyard.api.errors import ApiError
+from modelyard.config.schema import LimitsConfig
 
 
 def body_too_large(length: int, limit: int) -> ApiError:
@@ -18,20 +19,48 @@ def body_too_large(length: int, limit: int) -> ApiError:
     )
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limits: LimitsConfig) -> bytes:
+    """The request's body, read as it comes: a 413 as soon as it passes `max_body_bytes`
+    (after decoding any Content-Encoding), a 408 when it has not all come within
+    `body_timeout`. Called by handlers only, so after the middlewares checked Host, Origin
+    and the key: nothing of a body is read, let alone parsed, for a request without one."""
+    limit, timeout = limits.max_body_bytes, limits.body_timeout
     if request.content_length is not None and request.content_length > limit:
         raise body_too_large(request.content_length, limit)
+    content = request.content
     try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
+        if content.is_eof():
+            # The whole body came with the head (the usual case): nothing to wait for.
+            body = content.read_nowait()
+            if len(body) > limit:
+                raise _larger_than(limit)
+            return body
+        pieces: list[bytes] = []
+        size = 0
+        async with asyncio.timeout(timeout):
+            while piece := await content.readany():
+                size += len(piece)
+                if size > limit:
+                    raise _larger_than(limit)
+                pieces.append(piece)
+        return b"".join(pieces)
+    except TimeoutError:
         raise ApiError(
-            413, f"request body is larger than the limit of {limit} bytes", "body_too_large"
+            408,
+            f"the request body did not arrive within {timeout:g}s (limits.body_timeout)",
+            "body_timeout",
         ) from None
-    except (RequestPayloadError, HttpProcessingError, ValueError, EOFError) as error:
+    except (web.RequestPayloadError, HttpProcessingError, ValueError, EOFError) as error:
         # A Content-Encoding (gzip, deflate, br) whose data does not decode, or a body cut off.
         raise ApiError(
             400, f"request body could not be read: {type(error).__name__}", "invalid_body"
         ) from None
+
+
+def _larger_than(limit: int) -> ApiError:
+    return ApiError(
+        413, f"request body is larger than the limit of {limit} bytes", "body_too_large"
+    )
 
 
 def require_json_content_type(request: web.Request) -> None:

@@ -40,8 +40,8 @@ def error_body(
 
 @dataclass(frozen=True)
 class ErrorAnswer:
-    """An error as both servers write it (aiohttp's and the fast lane's): the status, headers
-    besides Content-Type and Content-Length, and the JSON body."""
+    """An error as the gateway writes it: the status, headers besides Content-Type and
+    Content-Length, and the JSON body."""
 
     status: int
     headers: dict[str, str]

@@ -114,7 +114,7 @@ async def canonical_form(request: web.Request, handler: Handler) -> web.StreamRe
 def authentication(authenticator: Authenticator) -> Middleware:
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
-        # The same decisions as the fast lane's, from the same functions (`api.admission`).
+        # Who is asking and whether they may, decided once (`api.admission`).
         if not needs_key(authenticator, request.method, request.path):
             return await handler(request)
         identity = identify(authenticator, request.method, request.path, request.headers)

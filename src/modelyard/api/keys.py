@@ -106,7 +106,7 @@ def _runtime_only(auth: Authenticator, name: str) -> None:
 
 
 async def _fields(request: web.Request, gateway: Gateway, shape: type[BaseModel]) -> BaseModel:
-    body = await read_body(request, gateway.config.limits.max_body_bytes)
+    body = await read_body(request, gateway.config.limits)
     document: Any = load_client_json(body or b"{}")
     if not isinstance(document, dict):
         raise ApiError(400, "the body must be a JSON object", "invalid_json")

@@ -60,7 +60,7 @@ def _require(request: web.Request, gateway: Gateway, target: Target) -> None:
 async def openai_model_route(request: web.Request) -> web.StreamResponse:
     """POST /v1/<anything>: the `model` field picks the engine."""
     gateway = gateway_of(request)
-    body = await read_body(request, gateway.config.limits.max_body_bytes)  # 413 first
+    body = await read_body(request, gateway.config.limits)  # 413 first
     require_json_content_type(request)
     payload = parse_json_object(body)
     target = _resolve_listing(request, gateway, model_field(payload))
@@ -107,7 +107,7 @@ async def seed_route(request: web.Request) -> web.StreamResponse:
     label = f"/{route}/" + tail.split("/")[0]
     path = "/" + tail
     if request.method == "POST" and tail.startswith("v1/"):
-        body = await read_body(request, gateway.config.limits.max_body_bytes)
+        body = await read_body(request, gateway.config.limits)
         if body:
             require_json_content_type(request)
             payload = parse_json_object(body)
@@ -115,7 +115,7 @@ async def seed_route(request: web.Request) -> web.StreamResponse:
             _require(request, gateway, chosen)
             return await proxy_json(request, gateway, chosen, path, payload, body, label)
         return await proxy_raw(request, gateway, target, path, body, label)
-    body = await read_body(request, gateway.config.limits.max_body_bytes)
+    body = await read_body(request, gateway.config.limits)
     return await proxy_raw(request, gateway, target, path, body, label)
 
 
@@ -144,7 +144,7 @@ async def upstream_route(request: web.Request) -> web.StreamResponse:
     ):
         # The engine would list every adapter it has loaded, other keys' included.
         return web.json_response(model_listing(gateway, only=target.model, principal=principal))
-    body = await read_body(request, gateway.config.limits.max_body_bytes)
+    body = await read_body(request, gateway.config.limits)
     return await proxy_raw(
         request, gateway, target, "/" + request.match_info["tail"], body, "/upstream"
     )

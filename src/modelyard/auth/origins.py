@@ -15,6 +15,7 @@ Pure: the web layer (`api.guards`) applies it.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Mapping
 
@@ -31,6 +32,7 @@ def host_name(host_header: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
+@functools.lru_cache(maxsize=1024)  # asked for every keyless request; bounded for odd Hosts
 def _is_ip(name: str) -> bool:
     try:
         ipaddress.ip_address(name)

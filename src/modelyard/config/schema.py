@@ -299,6 +299,17 @@ class LimitsConfig(StrictModel):
     max_body_bytes: ByteSize = Field(
         default=4 * 1024 * 1024, description="request body limit (413 beyond)"
     )
+    # aiohttp's keep-alive timer does this (api/http_layer.py): bytes that trickle in do not
+    # push it back, so a head sent a line at a time is cut off too.
+    head_timeout: Duration = Field(
+        default=15.0,
+        gt=0,
+        description="a connection's time to send a whole request head, from its opening or "
+        "from the end of its previous answer; an idle keep-alive connection is closed after it",
+    )
+    body_timeout: Duration = Field(
+        default=60.0, gt=0, description="a request's time to send its whole body: a 408 after it"
+    )
     max_queue: int = Field(default=512, ge=0, description="requests waiting across all models")
     max_queue_per_model: int = Field(
         default=128, ge=0, description="requests waiting for one model's start (503 beyond)"
@@ -448,8 +459,9 @@ class GatewayConfig(StrictModel):
         default=0,
         ge=0,
         le=64,
-        description="extra processes serving the OpenAI POSTs on the same port, one per core "
-        "beyond the first is a good start (0: the gateway's process alone); plain HTTP only",
+        description="extra processes serving requests on the same port (0: the gateway's "
+        "process alone). Not in effect in this version: one process serves every request "
+        "(docs/front-door.md says why and what it measured)",
     )
     cors: CorsConfig = Field(default_factory=CorsConfig)
     allowed_hosts: list[str] = Field(
@@ -526,11 +538,6 @@ class GatewayConfig(StrictModel):
             routes[model.route] = name
         if self.runtime == "ray":
             self._check_ray_placement()
-        if self.proxy_workers and self.tls is not None:
-            raise ValueError(
-                "proxy_workers serve plain HTTP only: with tls, set proxy_workers to 0 (or end "
-                "TLS in a proxy in front, such as Caddy or `tailscale serve`)"
-            )
         declared = {gpu.index for gpu in self.gpus or []}
         if self.gpus is not None and len(declared) != len(self.gpus):
             raise ValueError("gpus: each index may be declared once")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -103,27 +103,6 @@ class GatewayMetrics:
             "Streamed requests: time from forwarding to the engine to its first chunk.",
             ["model", "route"],
             buckets=FIRST_TOKEN_BUCKETS,
-            registry=registry,
-        )
-        fast_lane = Counter(
-            "modelyard_fast_lane_requests",
-            "'served': requests the fast lane served itself; 'handed_over': connections it "
-            "handed to the web layer (from a request it is not sure about on).",
-            ["outcome"],
-            registry=registry,
-        )
-        self.fast_lane_served = fast_lane.labels("served")
-        self.fast_lane_handed_over = fast_lane.labels("handed_over")
-        self.proxy_worker_requests = Counter(
-            "modelyard_proxy_worker_requests",
-            "Requests each proxy worker (proxy_workers) was admitted for; the rest of the fast "
-            "lane's are the gateway process's own.",
-            ["worker"],
-            registry=registry,
-        )
-        self.proxy_workers_running = Gauge(
-            "modelyard_proxy_workers_running",
-            "Proxy worker processes listening now (proxy_workers: how many are configured).",
             registry=registry,
         )
         self.prompt_tokens = Counter(

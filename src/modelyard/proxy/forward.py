@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ from aiohttp import web
 from yarl import URL
 
 from modelyard.auth.credentials import CREDENTIAL_HEADERS, is_credential_header, presented_key
-from modelyard.proxy.sse import StreamTransformer
+from modelyard.proxy.sse import StreamTransformer, error_event
 
 # Headers that describe one hop, not the message (RFC 9110 7.6.1), plus ones we recompute.
 _HOP_HEADERS = frozenset(
@@ -246,16 +245,8 @@ class UpstreamClient:
                 outcome.cut_by_gateway = True
             else:
                 outcome.upstream_broke = True
-            event = {
-                "error": {
-                    "message": message,
-                    "type": "server_error",
-                    "param": None,
-                    "code": code,
-                }
-            }
             try:
-                await response.write(f"data: {json.dumps(event)}\n\n".encode())
+                await response.write(error_event(message, code))
             except (ConnectionResetError, aiohttp.ClientConnectionResetError):
                 outcome.client_gone = True
                 return response

@@ -9,6 +9,17 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
+from modelyard.redaction import redact
+
+
+def error_event(message: str, code: str) -> bytes:
+    """The last event of a stream that did not end well (the engine broke off, the gateway
+    shut down): OpenAI's error shape, its message redacted as every error body is."""
+    event = {
+        "error": {"message": redact(message), "type": "server_error", "param": None, "code": code}
+    }
+    return f"data: {json.dumps(event)}\n\n".encode()
+
 
 def model_name_replacements(upstream_name: str, public_name: str) -> list[tuple[bytes, bytes]]:
     """The byte patterns that name the model in JSON, compact or with a space after ':'."""

@@ -1,9 +1,9 @@
-"""The fast lane (proxy/fastpath.py) on the wire: what it serves itself, what it hands to aiohttp.
+"""The front door (api/http_layer.py: aiohttp's server, every request) on the wire.
 
 Raw sockets, because the interesting cases are the ones a polite client never sends: pipelined
-requests that change lanes mid-connection, requests split into single bytes, duplicate
-Content-Length headers, chunked bodies. Every answer must be the one
-aiohttp's full stack would give (OpenAI-shaped errors), in order, with nothing lost.
+requests of different routes on one connection, requests split into single bytes, duplicate
+Content-Length headers, chunked bodies. Every answer is OpenAI-shaped, in order, with nothing
+lost. (These once checked the fast lane against aiohttp; they keep checking the one path.)
 """
 
 from __future__ import annotations
@@ -88,20 +88,20 @@ def connect(url: str) -> socket.socket:
     return socket.create_connection((host, int(port)), timeout=10)
 
 
-async def test_pipelined_requests_change_lanes_and_stay_in_order(tmp_path):
+async def test_pipelined_requests_of_different_routes_stay_in_order(tmp_path):
     async with in_process_gateway(tmp_path, {"chat": engine_model(served_name="chat")}) as harness:
-        await asyncio.to_thread(_pipelined_requests_change_lanes_and_stay_in_order, harness)
+        await asyncio.to_thread(_pipelined_requests_of_different_routes_stay_in_order, harness)
 
 
-def _pipelined_requests_change_lanes_and_stay_in_order(gateway) -> None:
+def _pipelined_requests_of_different_routes_stay_in_order(gateway) -> None:
     body = json.dumps(CHAT).encode()
     with connect(gateway.url) as sock:
-        # fast, fast, then one for aiohttp (GET): all three in one send, answered in order.
+        # POST, POST, GET, POST: all in one send, answered in order.
         sock.sendall(
             request("/v1/chat/completions", body)
             + request("/v1/chat/completions", body)
             + request("/v1/models", b"", method="GET")
-            + request("/v1/chat/completions", body)  # aiohttp serves the rest of the connection
+            + request("/v1/chat/completions", body)
         )
         answers = read_answers(sock, 4)
     assert [status for status, _ in answers] == [200, 200, 200, 200]
@@ -128,15 +128,15 @@ def _a_request_sent_byte_by_byte_is_served(gateway) -> None:
     assert json.loads(body)["choices"][0]["message"]["content"] == "chat says: hello"
 
 
-async def test_hostile_requests_get_aiohttps_answers(tmp_path):
+async def test_hostile_requests_get_openai_shaped_answers(tmp_path):
     async with in_process_gateway(tmp_path, {"chat": engine_model(served_name="chat")}) as harness:
-        await asyncio.to_thread(_hostile_requests_get_aiohttps_answers, harness)
+        await asyncio.to_thread(_hostile_requests_get_openai_shaped_answers, harness)
 
 
-def _hostile_requests_get_aiohttps_answers(gateway) -> None:
+def _hostile_requests_get_openai_shaped_answers(gateway) -> None:
     body = json.dumps(CHAT).encode()
-    # (request, statuses allowed, whether the answer is OpenAI-shaped: HTTP-level refusals
-    # come from aiohttp's parser as plain text, exactly as without the fast lane)
+    # (request, statuses allowed, whether the answer is OpenAI-shaped: every error is, the
+    # parser's own refusals included)
     cases = [
         # two lengths: a smuggling attempt; aiohttp refuses it
         (
@@ -147,16 +147,16 @@ def _hostile_requests_get_aiohttps_answers(gateway) -> None:
                 f"Content-Length: {len(body) + 5}",
             ),
             {400},
-            False,
+            True,
         ),
         # a NUL in a header value
-        (request("/v1/chat/completions", body, "X-Odd: a\x00b"), {400}, False),
+        (request("/v1/chat/completions", body, "X-Odd: a\x00b"), {400}, True),
         # not JSON, not an object, no model, unknown model: OpenAI-shaped errors
         (request("/v1/chat/completions", b"{nope"), {400}, True),
         (request("/v1/chat/completions", b"[1, 2]"), {400}, True),
         (request("/v1/chat/completions", b'{"messages": []}'), {400}, True),
         (request("/v1/chat/completions", b'{"model": "nosuch"}'), {404}, True),
-        # a query string is not the fast lane's: aiohttp serves it, as before
+        # a query string is passed on
         (request("/v1/chat/completions?trace=1", body), {200}, False),
     ]
     for raw, statuses, shaped in cases:
@@ -174,12 +174,12 @@ def _hostile_requests_get_aiohttps_answers(gateway) -> None:
     assert client.chat.completions.create(**CHAT).choices[0].message.content == "chat says: hello"
 
 
-async def test_chunked_request_body_goes_to_aiohttp_and_is_served(tmp_path):
+async def test_a_chunked_request_body_is_served(tmp_path):
     async with in_process_gateway(tmp_path, {"chat": engine_model(served_name="chat")}) as harness:
-        await asyncio.to_thread(_chunked_request_body_goes_to_aiohttp_and_is_served, harness)
+        await asyncio.to_thread(_a_chunked_request_body_is_served, harness)
 
 
-def _chunked_request_body_goes_to_aiohttp_and_is_served(gateway) -> None:
+def _a_chunked_request_body_is_served(gateway) -> None:
     body = json.dumps(CHAT).encode()
     chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
     with connect(gateway.url) as sock:
@@ -189,14 +189,14 @@ def _chunked_request_body_goes_to_aiohttp_and_is_served(gateway) -> None:
     assert json.loads(answer)["model"] == "chat"
 
 
-async def test_fast_lane_streams_rewrite_aliases_and_count_usage(tmp_path):
+async def test_streams_rewrite_aliases_and_count_usage(tmp_path):
     async with in_process_gateway(
         tmp_path, {"chat": engine_model(served_name="chat-upstream", aliases=["friendly"])}
     ) as harness:
-        await asyncio.to_thread(_fast_lane_streams_rewrite_aliases_and_count_usage, harness)
+        await asyncio.to_thread(_streams_rewrite_aliases_and_count_usage, harness)
 
 
-def _fast_lane_streams_rewrite_aliases_and_count_usage(gateway) -> None:
+def _streams_rewrite_aliases_and_count_usage(gateway) -> None:
     client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="none")
     stream = client.chat.completions.create(
         model="friendly", messages=CHAT["messages"], stream=True
@@ -221,7 +221,7 @@ def _fast_lane_streams_rewrite_aliases_and_count_usage(gateway) -> None:
 
 @pytest.mark.slow
 async def test_a_slow_reader_pauses_the_engine_not_the_read_timeout(tmp_path):
-    """A client that stops reading makes the fast lane stop reading from the engine (its
+    """A client that stops reading makes the gateway stop reading from the engine (its
     socket buffers fill), and that wait is not the engine's silence: with a 1 s read timeout,
     a client that reads nothing for 2.5 s still gets every event, in order."""
     async with in_process_gateway(
@@ -286,9 +286,8 @@ async def test_shutdown_ends_a_long_stream_with_an_error_event(gateway_factory):
     assert gateway.process.wait(timeout=20) == 0
 
 
-async def test_with_keys_requests_get_the_web_layers_answers_and_counts(tmp_path):
-    """With keys the lane admits requests with the web layer's own functions (and
-    tests/core/test_fast_lane_keys.py compares the answers). One connection, pipelined:
+async def test_keyed_pipelined_requests_are_answered_and_counted_once(tmp_path):
+    """With keys (tests/core/test_keyed_requests.py compares answers). One connection, pipelined:
     alice's request, a wrong key (401, and the connection stays open), alice again; on fresh
     connections a model alice may not use (404, naming no other key's model) and bob's
     rate-limited key; each key's usage counted once."""
@@ -299,10 +298,10 @@ async def test_with_keys_requests_get_the_web_layers_answers_and_counts(tmp_path
         "secret": engine_model(served_name="secret"),
     }
     async with in_process_gateway(tmp_path, models, **auth_settings()) as harness:
-        await asyncio.to_thread(_with_keys_requests_get_the_web_layers_answers_and_counts, harness)
+        await asyncio.to_thread(_keyed_pipelined_requests_are_answered_and_counted_once, harness)
 
 
-def _with_keys_requests_get_the_web_layers_answers_and_counts(gateway) -> None:
+def _keyed_pipelined_requests_are_answered_and_counted_once(gateway) -> None:
     from tests.security.keys import ADMIN_KEY, LIMITED_KEY, USER_KEY
 
     body = json.dumps(CHAT).encode()
@@ -334,52 +333,40 @@ def _with_keys_requests_get_the_web_layers_answers_and_counts(gateway) -> None:
     assert keys["bot"]["requests"] == 1
 
 
-async def test_idle_kept_alive_connections_are_closed():
-    """As aiohttp's keepalive_timeout: a connection that sends nothing (a client that went
-    quiet, or one that opens sockets to hold them) is closed after the idle time, while one
-    that keeps talking is not. In process, with the idle time shortened from 75 s."""
-    from types import SimpleNamespace
-
-    from modelyard.proxy.fastpath import FastLane, start_server
-    from tests.conftest import free_port
-
-    limits = SimpleNamespace(
-        max_body_bytes=1024, upstream_connect_timeout=1.0, upstream_read_timeout=1.0
-    )
-    counter = SimpleNamespace(inc=lambda: None)
-    metrics = SimpleNamespace(fast_lane_served=counter, fast_lane_handed_over=counter)
-    gateway = SimpleNamespace(config=SimpleNamespace(limits=limits), auth=None, metrics=metrics)
-    lane = FastLane(gateway, asyncio.Protocol, idle_close_s=0.5, sweep_s=0.1)  # type: ignore[arg-type]
-    port = free_port()
-    server = await start_server(lane, "127.0.0.1", port)
-    try:
-        quiet_reader, quiet_writer = await asyncio.open_connection("127.0.0.1", port)
-        _busy_reader, busy_writer = await asyncio.open_connection("127.0.0.1", port)
-        for byte in b"POST /v1":  # 1.2 s of a partial request head, a byte at a time
-            busy_writer.write(bytes([byte]))
-            await asyncio.sleep(0.15)
+async def test_idle_kept_alive_connections_are_closed(tmp_path):
+    """limits.head_timeout: a connection that sends nothing (a client that went quiet, or one
+    that opens sockets to hold them) is closed after it, as is one that sends a request head
+    a byte at a time; one that sends whole requests is served. Shortened from 15 s."""
+    limits = {"head_timeout": "0.6s"}
+    async with in_process_gateway(tmp_path, {"chat": engine_model()}, limits=limits) as harness:
+        host, port = harness.url.removeprefix("http://").split(":")
+        quiet_reader, quiet_writer = await asyncio.open_connection(host, int(port))
+        trickle_reader, trickle_writer = await asyncio.open_connection(host, int(port))
+        began = time.monotonic()
+        for byte in b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n":
+            if trickle_writer.is_closing() or trickle_reader.at_eof():
+                break
+            trickle_writer.write(bytes([byte]))
+            await asyncio.sleep(0.05)
         assert await asyncio.wait_for(quiet_reader.read(), timeout=2) == b""  # closed
-        assert len(lane.connections) == 1  # the busy one is still open
+        assert await asyncio.wait_for(trickle_reader.read(), timeout=2) == b""
+        assert time.monotonic() - began < 2.5
         quiet_writer.close()
-        busy_writer.close()
-    finally:
-        server.close()
-        await lane.close(0)
+        trickle_writer.close()
+        # A client that asks, waits less than the limit and asks again keeps its connection.
+        async with aiohttp.ClientSession() as session:
+            for _ in range(3):
+                async with session.post(harness.url + "/v1/chat/completions", json=CHAT) as answer:
+                    assert answer.status == 200
+                await asyncio.sleep(0.2)
 
 
 @pytest.mark.slow
 async def test_a_burst_of_streams_is_served_whole_and_its_engine_connections_let_go(tmp_path):
     """300 clients ask for a stream in the same moment (the benchmark does 1,000), each of 10
     events 50 ms apart, as an engine's tokens come. Taken in turns (LaneCore.take_turn), every
-    stream still comes whole and is counted once, the engine is let go by all of them, and the
-    engine connections they leave are closed by the pool after its keep-alive (4 s, below
-    uvicorn's 5 s), not left for the next burst's first request to close."""
-    from modelyard.proxy.forward import KEEPALIVE_S
-    from modelyard.proxy.lean_client import PRUNE_EVERY_S
-
+    stream still comes whole and is counted once, and the engine is let go by all of them."""
     async with in_process_gateway(tmp_path, {"chat": engine_model()}) as harness:
-        lane = harness.client.server.lane
-        assert lane is not None
         body = {**CHAT, "stream": True, "fake_chunks": 10, "fake_chunk_delay": 0.05}
         connector = aiohttp.TCPConnector(limit=0, force_close=True)
         async with aiohttp.ClientSession(connector=connector) as session:
@@ -401,7 +388,79 @@ async def test_a_burst_of_streams_is_served_whole_and_its_engine_connections_let
         assert len(streams) == 300
         assert {record.status for record in streams} == {200}
         assert harness.gateway.scheduler.load_counts("chat") == (0, 0)
-        assert lane.pool.idle_count() > 0
-        async with asyncio.timeout(KEEPALIVE_S + 3 * PRUNE_EVERY_S + 2):
-            while lane.pool.idle_count():
-                await asyncio.sleep(0.1)
+
+
+async def test_oversized_and_too_many_headers_get_openai_errors_that_quote_nothing(tmp_path):
+    """The parser's own refusals (api/http_layer.py): a header past 8,190 bytes, more than 100
+    headers. A 400 in OpenAI's shape that quotes none of the request (a key in an oversized
+    header must not come back, nor reach the log), and the connection closed."""
+    async with in_process_gateway(tmp_path, {"chat": engine_model(served_name="chat")}) as harness:
+        await asyncio.to_thread(_oversized_and_too_many_headers, harness)
+
+
+def _oversized_and_too_many_headers(gateway) -> None:
+    secret = "sk-" + "s" * 9000
+    body = json.dumps(CHAT).encode()
+    cases = {
+        "too long": request("/v1/chat/completions", body, f"Authorization: Bearer {secret}"),
+        "too many headers": request(
+            "/v1/chat/completions", body, *(f"X-Extra-{n}: {n}" for n in range(150))
+        ),
+    }
+    for reason, raw in cases.items():
+        with connect(gateway.url) as sock:
+            sock.sendall(raw)
+            [(status, answer)] = read_answers(sock, 1)
+            sock.settimeout(5)
+            assert sock.recv(1) == b""  # closed after the refusal
+        assert status == 400
+        error = json.loads(answer)["error"]
+        assert error["code"] == "bad_request"
+        assert reason in error["message"], error
+        assert "sssss" not in answer.decode()
+
+
+async def test_the_body_limit_holds_while_reading_chunked_and_compressed_bodies(tmp_path):
+    """limits.max_body_bytes without a Content-Length to go by: a chunked body that goes on
+    and on is refused with a 413 once it passes the limit, not read to its end; a small gzip
+    body that inflates past the limit is refused the same way (the limit counts decoded
+    bytes)."""
+    limits = {"max_body_bytes": "64KiB"}
+    models = {"chat": engine_model(served_name="chat")}
+    async with in_process_gateway(tmp_path, models, limits=limits) as harness:
+        await asyncio.to_thread(_the_body_limit_holds_while_reading, harness)
+
+
+def _the_body_limit_holds_while_reading(gateway) -> None:
+    import gzip
+
+    head = request("/v1/chat/completions", b"", "Transfer-Encoding: chunked")
+    piece = b"x" * 16384
+    sent = 0
+    with connect(gateway.url) as sock:
+        sock.sendall(head)
+        sock.settimeout(0.05)
+        answer = b""
+        while sent < 8 * 1024 * 1024 and not answer:
+            try:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(piece)
+            try:
+                answer = sock.recv(65536)
+            except TimeoutError:
+                continue
+        sock.settimeout(10)
+        answer += b"" if answer else sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b'"body_too_large"' in answer
+    assert sent < 1024 * 1024, f"{sent} bytes were taken before the refusal"
+
+    bomb = gzip.compress(b'{"model": "chat", "pad": "' + b"y" * (1024 * 1024) + b'"}')
+    assert len(bomb) < 8192
+    with connect(gateway.url) as sock:
+        sock.sendall(request("/v1/chat/completions", bomb, "Content-Encoding: gzip"))
+        [(status, body)] = read_answers(sock, 1)
+    assert status == 413, body[:200]
+    assert json.loads(body)["error"]["code"] == "body_too_large"
