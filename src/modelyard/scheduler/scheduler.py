@@ -36,6 +36,7 @@ from modelyard.observability.events import EventBus
 from modelyard.placement.coordinator import POLICY_STATE, PlacementCoordinator
 from modelyard.placement.policy import Action, Engine, Sleep
 from modelyard.placement.policy import Target as PlacementTarget
+from modelyard.runtime.remote import RETRY_AFTER_S as RETRY_REMOTE_S
 from modelyard.scheduler.core import (
     Arrived,
     CarryOut,
@@ -382,6 +383,21 @@ class Scheduler:
         """A remote engine stopped answering while serving: forget the connection (the next
         request, or the gateway's check, connects again)."""
         await self._supervisor_of(name).declare_hung(reason)
+
+    @property
+    def closing(self) -> bool:
+        """Shutting down: new requests are refused, engines are being stopped."""
+        return self._closing
+
+    def retry_after_loss(self, name: str) -> float:
+        """When a client whose request was on a lost engine may come back: at once for an
+        engine of ours (its next request starts a fresh one), after the crash-loop back-off
+        when there is one, and after a few seconds for a remote server (not ours to
+        restart)."""
+        supervisor = self._supervisor_of(name)
+        if self.is_remote(name):
+            return RETRY_REMOTE_S
+        return max(1.0, supervisor.backoff_remaining())
 
     async def notice_exit(self, name: str, timeout: float) -> None:
         await self._supervisor_of(name).notice_exit(timeout)
@@ -759,12 +775,15 @@ class EngineFor:
     and for a ready engine its entry takes no await and creates no generator.
     """
 
-    __slots__ = ("_model", "_scheduler", "_supervisor")
+    __slots__ = ("_model", "_scheduler", "_supervisor", "lost")
 
     def __init__(self, scheduler: Scheduler, model: str) -> None:
         self._scheduler = scheduler
         self._model = model
         self._supervisor: ModelSupervisor | None = None
+        # Once entered: completes, with the reason, if the held engine is lost (it crashed,
+        # was declared hung, a remote was declared down, its node was lost).
+        self.lost: asyncio.Future[str] | None = None
 
     async def __aenter__(self) -> EngineHandle:
         scheduler = self._scheduler
@@ -772,6 +791,7 @@ class EngineFor:
         deadline = scheduler._clock() + supervisor.settings.start_timeout
         engine = await supervisor.hold(deadline)
         self._supervisor = supervisor
+        self.lost = supervisor.lost_signal  # no await since the hold: this engine's
         return engine
 
     async def __aexit__(self, *exc_info: object) -> None:
