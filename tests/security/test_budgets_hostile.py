@@ -1,6 +1,5 @@
-"""Token budgets against a client who tries (issue 23), on the one request path (aiohttp's
-server and `api.serving`): a plain POST, the same POST with a query string, and
-`/v1/responses`.
+"""Token budgets against a client who tries (issue 23), on the one request path, spelled two
+ways (a plain POST, the same POST with a query string), and `/v1/responses`.
 
 The gateway runs in-process (tests/harness.py, served as `modelyard serve` serves it); its
 engines answer as vLLM does (tests/vllm_shapes.py): 5 prompt tokens, one completion token per
@@ -32,11 +31,10 @@ BIG = 10**9
 PATHS = {"fast": "/v1/chat/completions", "web": "/v1/chat/completions?via=web"}
 
 
-async def until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "not reached in time"
-        await asyncio.sleep(0.02)
+async def until(condition: Callable[[], bool], timeout: float) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.05)
 
 
 def settings(**more: Any) -> dict[str, Any]:

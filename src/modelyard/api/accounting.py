@@ -92,8 +92,7 @@ def charged_tokens(usage: dict[str, int]) -> tuple[int, int]:
 
 class ServedTokens:
     """What a request's answer has carried so far, told by the stream as it passes
-    (`proxy.sse.StreamMeter`): events relayed, the last usage seen. Pure, so a proxy worker
-    keeps one and sends `served()` to the gateway's process at the end."""
+    (`proxy.sse.StreamMeter`): events relayed, the last usage seen. Pure: no I/O, no clock."""
 
     __slots__ = ("final", "prompt_estimate", "relayed", "running", "usage")
 
