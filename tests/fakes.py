@@ -124,3 +124,8 @@ class FakeSleep:
 async def settle() -> None:
     for _ in range(30):
         await asyncio.sleep(0)
+    # Reads off the event loop (a footprint from SQLite, in a thread) end in real time, not
+    # in loop turns: give them that, then let what they wake run.
+    await asyncio.sleep(0.005)
+    for _ in range(30):
+        await asyncio.sleep(0)

@@ -309,7 +309,7 @@ class Gateway:
         if self.lora is not None:
             # Removed base models take their adapters with them; other LoRA settings change
             # at the next restart (reported in `not_applied`).
-            self.lora.bases = {n: m for n, m in self.lora.bases.items() if n in new.models}
+            self.lora.keep_bases(new.models)
         if self.auth is not None:
             self.auth.replace_config_keys(new.auth)
             self.auth.open_routes = self.scheduler.open_routes()

@@ -153,6 +153,7 @@ class EngineOwner(Protocol):
     timings: ModelTimings
     sleep_level: int
     stopping_asleep: bool
+    placing: bool  # a start or wake waiting for the decision's go: it holds nothing yet
 
     @property
     def state(self) -> ModelState: ...

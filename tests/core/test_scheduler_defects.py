@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -200,6 +201,39 @@ async def test_a_bookkeeping_error_after_a_good_start_never_loses_the_engine(
     assert len(runtime.engines) == 1  # no second engine
     await scheduler.shutdown(1.0)
     assert runtime.engines[0].stopped
+
+
+async def test_footprints_are_read_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # SQLite may wait up to its busy timeout (seconds) on another process's lock: the read
+    # must not hold the event loop meanwhile, as the writes already do not.
+    clock = FakeClock()
+    runtime = FakeRuntime()
+    scheduler = make(
+        {"m": command_model(memory="10GiB")},
+        runtime,
+        clock,
+        tmp_path,
+        gpus=[{"index": 0, "memory": "24GiB"}],
+    )
+    assert scheduler._placement is not None
+    store = scheduler._placement.footprints
+    loop_thread = threading.get_ident()
+    read_on: list[int] = []
+    real_get = store.get
+
+    def get(*args: Any) -> Any:
+        read_on.append(threading.get_ident())
+        return real_get(*args)
+
+    monkeypatch.setattr(store, "get", get)
+    assert await serve(scheduler, "m") == 200
+    scheduler.model_status("m")
+    scheduler._placement.model_placement("m")  # status reads its copy, never the file
+    assert read_on
+    assert loop_thread not in read_on
+    await scheduler.shutdown(1.0)
 
 
 # ----- engines, not model names, are the unit (issue 22) -----

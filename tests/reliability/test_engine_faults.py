@@ -21,13 +21,20 @@ def chat(model: str, **extra: Any) -> dict[str, Any]:
 
 
 async def post(session: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any, str]:
+    status, payload, text, _ = await post_with_headers(session, url, body)
+    return status, payload, text
+
+
+async def post_with_headers(
+    session: aiohttp.ClientSession, url: str, body: Any
+) -> tuple[int, Any, str, dict[str, str]]:
     async with session.post(url, json=body) as response:
         text = (await response.read()).decode()
         try:
             payload = await response.json(content_type=None)
         except ValueError:
             payload = None
-        return response.status, payload, text
+        return response.status, payload, text, dict(response.headers)
 
 
 async def events(session: aiohttp.ClientSession, gateway, kind: str) -> list[dict[str, Any]]:
@@ -40,10 +47,10 @@ async def test_requests_in_flight_get_an_error_when_the_engine_dies(gateway_fact
     url = gateway.url + "/v1/chat/completions"
     async with aiohttp.ClientSession() as session:
         assert (await post(session, url, chat("chat")))[0] == 200
-        slow = [asyncio.ensure_future(post(session, url, chat("chat", fake_delay=30)))]
+        slow = [asyncio.ensure_future(post_with_headers(session, url, chat("chat", fake_delay=30)))]
         slow += [
             asyncio.ensure_future(
-                post(
+                post_with_headers(
                     session, url, chat("chat", stream=True, fake_chunks=500, fake_chunk_delay=0.05)
                 )
             )
@@ -52,13 +59,20 @@ async def test_requests_in_flight_get_an_error_when_the_engine_dies(gateway_fact
             await asyncio.sleep(0.02)
         pid = gateway.status()["models"][0]["pid"]
         os.killpg(pid, signal.SIGKILL)
-        (status, body, _), (stream_status, _, stream_text) = await asyncio.wait_for(
+        (status, body, _, headers), (stream_status, _, stream_text, _) = await asyncio.wait_for(
             asyncio.gather(*slow), timeout=10
         )
-        assert status == 502
-        assert body["error"]["code"] == "upstream_error"
+        # Nothing had reached the client: refused, to be retried (the next request starts a
+        # fresh engine), not a 502 the client would not retry.
+        assert status == 503, body
+        assert body["error"]["code"] == "engine_lost"
+        assert int(headers["Retry-After"]) >= 1
         assert stream_status == 200
-        assert '"code": "upstream_stream_broken"' in stream_text
+        # The socket reset or the exit, whichever the gateway sees first, ends the stream.
+        assert (
+            '"code": "upstream_stream_broken"' in stream_text
+            or '"code": "engine_lost"' in stream_text
+        )
         model = gateway.status()["models"][0]
         assert model["state"] == "failed"
         assert model["failure"]["exit_code"] == -9
@@ -111,9 +125,16 @@ async def test_a_hung_engine_is_found_by_health_checks_stopped_and_reported(gate
         pid = gateway.status()["models"][0]["pid"]
         # The engine stops answering anything; the request that hung it gets an error when
         # the watchdog stops the engine, not a hang.
-        status, body, _ = await asyncio.wait_for(post(session, url, chat("chat", fake_hang=1)), 20)
-        assert status == 502
+        status, body, _, headers = await asyncio.wait_for(
+            post_with_headers(session, url, chat("chat", fake_hang=1)), 20
+        )
+        # Ended when the engine was declared hung (not when its stop is done): a 503 the
+        # client may retry, the next request starting a fresh engine.
+        assert status == 503, body
         assert body["error"]["type"] == "server_error"
+        assert body["error"]["code"] == "engine_lost"
+        assert "health checks" in body["error"]["message"]
+        assert int(headers["Retry-After"]) >= 1
         gateway.wait_state("chat", "failed", timeout=10)
         model = gateway.status()["models"][0]
         assert "hung" in model["failure"]["message"]

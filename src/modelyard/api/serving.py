@@ -49,10 +49,11 @@ from modelyard.api.request_options import engine_reads_true, read_options
 from modelyard.api.turns import after_request, end_turn, shape_body, take_turn
 from modelyard.auth.principal import Principal
 from modelyard.gateway import Gateway
+from modelyard.lifecycle import EngineHandle
 from modelyard.lora.manager import AdapterError
 from modelyard.observability.requests import CLIENT_CLOSED_REQUEST
 from modelyard.proxy.canonical import engine_path
-from modelyard.proxy.forward import ProxyOutcome, UpstreamError, UpstreamTimeout
+from modelyard.proxy.forward import EngineLost, ProxyOutcome, UpstreamError, UpstreamTimeout
 from modelyard.proxy.sse import (
     StreamTransformer,
     model_name_replacements,
@@ -398,6 +399,7 @@ async def _forward(
     client_gone = False
     usage: dict[str, int] = {}
     outcome = ProxyOutcome()
+    engine: EngineHandle | None = None
     try:
         if target.adapter is not None:
             gateway.lora_manager().check(target)  # a bad adapter never starts the engine
@@ -406,7 +408,8 @@ async def _forward(
             # waiting its turn does not hold the engine, nor start one.
             turn = await take_turn(gateway, principal_of(request), target.model)
             stack.callback(end_turn, gateway, turn)
-            engine = await stack.enter_async_context(gateway.scheduler.engine_for(target.model))
+            held = gateway.scheduler.engine_for(target.model)
+            engine = await stack.enter_async_context(held)
             if target.adapter is not None:  # the adapter stays loaded while it serves
                 await stack.enter_async_context(gateway.lora_manager().use(target, engine))
             # Built from the canonical form: the engine decodes exactly the path that was
@@ -425,9 +428,10 @@ async def _forward(
                 rewrite,
                 outcome,
                 headers or engine.upstream_headers,
+                lost=held.lost,  # a lost engine ends its requests at once
             )
             status, first_byte, streamed = outcome.status, outcome.first_byte_s, outcome.streamed
-            if outcome.upstream_broke:
+            if outcome.upstream_broke or outcome.engine_lost:
                 status = 502  # the client got a 200 header, then an error event
             elif outcome.client_gone:
                 client_gone = True
@@ -450,6 +454,9 @@ async def _forward(
         status = outcome.status or CLIENT_CLOSED_REQUEST
         first_byte, streamed = outcome.first_byte_s, outcome.streamed
         raise
+    except EngineLost as lost:
+        status = 503
+        raise _engine_lost(request, gateway, target.model, str(lost)) from None
     except UpstreamError as error:
         # 504 for an engine that sent nothing in time (the watchdog counts these as signs of
         # a hung engine), 502 for one that could not be reached or broke off.
@@ -474,6 +481,10 @@ async def _forward(
                 retry_after=5.0,
             ) from None
         await gateway.scheduler.notice_exit(target.model, timeout=1.0)
+        if not timed_out and engine is not None and engine.exited.done():
+            # Its socket broke before its exit was reported: the same loss, the same answer.
+            status = 503
+            raise _engine_lost(request, gateway, target.model, "its engine exited") from None
         failure = gateway.scheduler.failure_of(target.model)
         tail = failure.log_tail if failure else []
         raise ApiError(
@@ -495,6 +506,30 @@ async def _forward(
             usage=usage,
             client_gone=client_gone,
         )
+
+
+def _engine_lost(request: web.Request, gateway: Gateway, model: str, why: str) -> ApiError:
+    """A request whose engine was lost before anything of the answer reached the client: a
+    503 with Retry-After (OpenAI's SDKs retry such an answer on their own), and the next
+    request starts a fresh engine, or is told when it may."""
+    if gateway.scheduler.closing:
+        return ApiError(
+            503,
+            f"model {model!r}: the gateway is shutting down and stopped its engine",
+            "shutting_down",
+            retry_after=5.0,
+        )
+    failure = gateway.scheduler.failure_of(model)
+    return ApiError(
+        503,
+        with_log_tail(
+            f"model {model!r}: the engine serving this request was lost ({why}); retry",
+            failure.log_tail if failure is not None else [],
+            principal_of(request).admin,
+        ),
+        "engine_lost",
+        retry_after=gateway.scheduler.retry_after_loss(model),
+    )
 
 
 def model_listing(

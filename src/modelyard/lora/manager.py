@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +79,11 @@ class LoraManager:
         self._changed: dict[str, asyncio.Event] = {}
         self._scanner: asyncio.Task[None] | None = None
         self.refresh()
+
+    def keep_bases(self, models: Collection[str]) -> None:
+        """A reload: base models no longer configured take their adapters with them (at the
+        next scan). Other LoRA settings change at the next restart."""
+        self.bases = {name: model for name, model in self.bases.items() if name in models}
 
     # ----- which adapters exist -----
 

@@ -22,12 +22,9 @@ from modelyard.observability.events import EventBus
 from modelyard.placement.estimate import estimate_bytes, weights_bytes
 from modelyard.placement.footprints import Footprint, FootprintStore, engine_fingerprint
 from modelyard.placement.inventory import GpuInventory, GpuInventoryError
-from modelyard.placement.policy import (
-    Engine,
-    EngineState,
-    GpuCapacity,
-    Target,
-)
+from modelyard.placement.planning import POLICY_STATE as POLICY_STATE
+from modelyard.placement.planning import engine_record
+from modelyard.placement.policy import Engine, GpuCapacity, Target
 
 log = logging.getLogger("modelyard.placement")
 
@@ -36,15 +33,6 @@ log = logging.getLogger("modelyard.placement")
 ASSUMED_SLEEP_RESIDUAL = 0.1
 MEMORY_RETURN_TIMEOUT_S = 10.0
 MEMORY_POLL_S = 0.1
-
-POLICY_STATE = {
-    ModelState.STARTING: EngineState.STARTING,
-    ModelState.READY: EngineState.READY,
-    ModelState.DRAINING: EngineState.DRAINING,
-    ModelState.SLEEPING: EngineState.SLEEPING,
-    ModelState.WAKING: EngineState.WAKING,
-    ModelState.STOPPING: EngineState.STOPPING,
-}
 
 
 @dataclass
@@ -179,23 +167,29 @@ class PlacementCoordinator:
         )
 
     async def read_inputs(self, supervisor: EngineOwner) -> None:
-        """Read the weights' size on disk that decisions for `supervisor` may need, in a
-        thread (issue 22: the folder walk ran on the event loop). Footprints are read from
-        memory, refreshed by each write; the writes run in a thread too (`_write`)."""
+        """Read what decisions for `supervisor` need from disk, in a thread: its footprint
+        (SQLite, which may wait up to its busy timeout on another process's lock) and, with
+        no footprint or memory hint, the weights' size (a folder walk). Both are kept; each
+        footprint write here refreshes the copy, and the writes run in a thread too."""
         model = self.config.models.get(supervisor.name)
-        if model is None or not model.model or model.memory is not None:
+        if model is None:
             return
-        if self._footprint(supervisor) is not None or model.model in self._disk_bytes:
+        key = (supervisor.name, self._fingerprint(supervisor))
+        if key not in self._footprints:
+            try:
+                self._footprints[key] = await asyncio.to_thread(self.footprints.get, *key)
+            except Exception as error:  # planned on its hint or its weights; read next time
+                log.warning("could not read the footprint of %s: %s", supervisor.name, error)
+        if not model.model or model.memory is not None:
+            return
+        if self._footprints.get(key) is not None or model.model in self._disk_bytes:
             return
         self._disk_bytes[model.model] = await asyncio.to_thread(weights_bytes, model.model)
 
     def _footprint(self, supervisor: EngineOwner) -> Footprint | None:
-        key = (supervisor.name, self._fingerprint(supervisor))
-        if key not in self._footprints:
-            # Read once, then kept: a read does not wait on another process's write lock
-            # (WAL), and every write here refreshes the copy.
-            self._footprints[key] = self.footprints.get(*key)
-        return self._footprints[key]
+        """The footprint read by `read_inputs` (never read here: this runs on the event
+        loop). An engine not yet read has none, and is planned on its hint or its weights."""
+        return self._footprints.get((supervisor.name, self._fingerprint(supervisor)))
 
     def target(self, supervisor: EngineOwner) -> Target:
         name = supervisor.name
@@ -247,42 +241,27 @@ class PlacementCoordinator:
         return capacities
 
     def engines(self, target: str) -> list[Engine]:
-        engines = []
+        records = []
         for key, supervisor in self._engines().items():
-            state = POLICY_STATE.get(supervisor.state)
             residency = self.residency.get(key)
-            if state is None or residency is None:
-                continue
-            if key == target and state not in (EngineState.SLEEPING, EngineState.WAKING):
-                continue  # a wake is planned on the GPUs it sleeps on; a start is not
+            if residency is None:
+                continue  # not placed (yet): it holds nothing
             # A removed model's engine (draining) is planned on as it was started.
-            model = self.config.models.get(key)
-            footprint = self._footprint(supervisor) if model is not None else None
-            engines.append(
-                Engine(
-                    name=key,
-                    state=state,
-                    gpus=residency.gpus,
-                    # A sleeper being stopped never wakes again: it holds its asleep size.
-                    awake_bytes_per_gpu=residency.asleep_bytes_per_gpu
-                    if supervisor.stopping_asleep
-                    else residency.awake_bytes_per_gpu,
-                    asleep_bytes_per_gpu=residency.asleep_bytes_per_gpu,
-                    in_flight=supervisor.demand,
-                    last_used=supervisor.last_used
-                    if supervisor.last_used is not None
-                    else supervisor.ready_since,
-                    start_seconds=supervisor.timings.last_start_s
-                    or (footprint.start_seconds if footprint else None),
-                    wake_seconds=supervisor.timings.last_wake_s
-                    or (footprint.wake_seconds if footprint else None),
-                    sleep_level=residency.sleep_level if supervisor.can_sleep else 0,
-                    sleeping_level=supervisor.sleep_level if state is EngineState.SLEEPING else 0,
-                    pinned=model.pinned if model is not None else False,
-                    exclusive_group=self.config.exclusive_group_of(key),
-                )
+            configured = key in self.config.models
+            record = engine_record(
+                key,
+                supervisor,
+                self.config,
+                target,
+                gpus=residency.gpus,
+                awake_bytes_per_gpu=residency.awake_bytes_per_gpu,
+                asleep_bytes_per_gpu=residency.asleep_bytes_per_gpu,
+                sleep_level=residency.sleep_level,
+                footprint=self._footprint(supervisor) if configured else None,
             )
-        return engines
+            if record is not None:
+                records.append(record)
+        return records
 
     def host_ram_left(self) -> int | None:
         budget = self.config.host_ram_for_sleep

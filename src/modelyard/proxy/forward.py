@@ -50,6 +50,12 @@ class UpstreamTimeout(UpstreamError):
     """The engine sent nothing within the read timeout; a 504, and a sign it may be hung."""
 
 
+class EngineLost(UpstreamError):
+    """The engine was declared lost (it crashed, was stopped as hung, a remote engine was
+    declared down, its node was lost) before anything of its answer reached the client: the
+    caller may still refuse the request cleanly (503 with Retry-After)."""
+
+
 @dataclass
 class ProxyOutcome:
     """What happened, for metrics and logs."""
@@ -61,6 +67,9 @@ class ProxyOutcome:
     client_gone: bool = False
     # Ended by the gateway at shutdown (with a final error event): neither side failed.
     cut_by_gateway: bool = False
+    # The engine was declared lost while this request was on it (see `EngineLost`); a
+    # stream already begun got a final error event.
+    engine_lost: bool = False
     body: bytes | None = None  # the non-streamed response body, for usage accounting
     usage: dict[str, int] = field(default_factory=dict)
 
@@ -134,14 +143,53 @@ class UpstreamClient:
         rewrite_body: Callable[[bytes], bytes] | None = None,
         outcome: ProxyOutcome | None = None,
         engine_headers: Mapping[str, str] | None = None,
+        lost: asyncio.Future[str] | None = None,
     ) -> tuple[web.StreamResponse, ProxyOutcome]:
         """Send the request to `url`; stream the answer back as it comes.
 
         `outcome` (filled in as it goes) tells a caller whose request was cancelled what
         had been sent already. `engine_headers` (the engine's own key) are added after the
         client's credentials were stripped, so a client never sees or sets them.
+
+        `lost` (the held engine's loss signal, its result the reason) ends the exchange as
+        soon as it completes: the engine is gone or declared gone, and its socket may never
+        say so (a remote host gone silent, a lost node, a hung engine). Before anything
+        reached the client that is `EngineLost`; a stream already begun gets a final error
+        event. The cost is one callback on the future, no task and no timer.
         """
         outcome = outcome if outcome is not None else ProxyOutcome()
+        if lost is None:
+            return await self._exchange(
+                request, url, body, transformer_for, rewrite_body, outcome, engine_headers
+            )
+        if lost.done():
+            outcome.engine_lost = True
+            raise EngineLost(lost.result())
+        watch = _LossWatch(outcome)
+        lost.add_done_callback(watch.fire)
+        try:
+            return await self._exchange(
+                request, url, body, transformer_for, rewrite_body, outcome, engine_headers, watch
+            )
+        except asyncio.CancelledError:
+            if watch.fired and watch.take_cancel():
+                raise EngineLost(lost.result()) from None
+            raise
+        finally:
+            watch.live = False  # a callback already scheduled must not cancel what follows
+            lost.remove_done_callback(watch.fire)
+
+    async def _exchange(
+        self,
+        request: web.Request,
+        url: str | URL,
+        body: bytes | None,
+        transformer_for: Callable[[], StreamTransformer | None],
+        rewrite_body: Callable[[bytes], bytes] | None,
+        outcome: ProxyOutcome,
+        engine_headers: Mapping[str, str] | None,
+        watch: _LossWatch | None = None,
+    ) -> tuple[web.StreamResponse, ProxyOutcome]:
         started = time.perf_counter()
         headers = forward_headers(request.headers)
         if engine_headers:
@@ -163,7 +211,7 @@ class UpstreamClient:
             content_type = upstream.headers.get("Content-Type", "")
             if content_type.startswith("text/event-stream"):
                 response = await self._stream(
-                    request, upstream, transformer_for(), outcome, started
+                    request, upstream, transformer_for(), outcome, started, watch
                 )
             else:
                 try:
@@ -184,7 +232,12 @@ class UpstreamClient:
             outcome.status = upstream.status
             return response, outcome
         finally:
-            if outcome.client_gone or outcome.upstream_broke or outcome.cut_by_gateway:
+            if (
+                outcome.client_gone
+                or outcome.upstream_broke
+                or outcome.cut_by_gateway
+                or outcome.engine_lost
+            ):
                 upstream.close()  # drop the connection so the engine stops generating
             else:
                 upstream.release()
@@ -206,6 +259,7 @@ class UpstreamClient:
         transformer: StreamTransformer | None,
         outcome: ProxyOutcome,
         started: float,
+        watch: _LossWatch | None = None,
     ) -> web.StreamResponse:
         outcome.streamed = True
         response = web.StreamResponse(status=upstream.status, headers=response_headers(upstream))
@@ -229,7 +283,25 @@ class UpstreamClient:
                 tail = transformer.flush()
                 if tail:
                     await response.write(tail)
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError, asyncio.CancelledError):
+        except asyncio.CancelledError:
+            if watch is None or not watch.fired or not watch.take_cancel():
+                outcome.client_gone = True
+                raise
+            # The engine was declared lost mid-stream: the client has its 200 already, so
+            # the stream ends with an error event in OpenAI's shape, now, not at the read
+            # timeout.
+            if transformer is not None:
+                transformer.flush()
+            try:
+                await response.write(
+                    error_event(
+                        f"the engine serving this stream was lost: {watch.reason}", "engine_lost"
+                    )
+                )
+            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                outcome.client_gone = True
+                return response
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             outcome.client_gone = True
             raise
         except (aiohttp.ClientError, TimeoutError) as error:
@@ -260,6 +332,37 @@ class UpstreamClient:
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             outcome.client_gone = True
         return response
+
+
+class _LossWatch:
+    """The one registration a request makes on its engine's loss signal: when the engine
+    is lost, the request's own task is cancelled (as `asyncio.timeout` does) and told apart
+    from a client that hung up by `fired`."""
+
+    __slots__ = ("_alone", "_outcome", "_task", "fired", "live", "reason")
+
+    def __init__(self, outcome: ProxyOutcome) -> None:
+        self.fired = False
+        self.reason = ""
+        self.live = True
+        self._alone: bool | None = None  # whether ours was the only cancellation
+        self._outcome = outcome
+        self._task = asyncio.current_task()
+
+    def fire(self, lost: asyncio.Future[str]) -> None:
+        if self.live and not self.fired and self._task is not None:
+            self.fired = True
+            self.reason = lost.result()
+            self._outcome.engine_lost = True
+            self._task.cancel()
+
+    def take_cancel(self) -> bool:
+        """Undo our cancellation; False when the task was also cancelled for another reason
+        (the client hung up, shutdown), which then goes on as a cancellation. Undone once,
+        however often asked (the stream and its caller both ask)."""
+        if self._alone is None:
+            self._alone = self._task is None or self._task.uncancel() == 0
+        return self._alone
 
 
 def describe(error: BaseException) -> str:

@@ -20,6 +20,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+# Re-exported: the core's callers without managed GPUs (tests, the simulator) take them here.
+from modelyard.placement.planning import UNLIMITED_BYTES as UNLIMITED_BYTES
+from modelyard.placement.planning import unlimited_gpus as unlimited_gpus
 from modelyard.placement.policy import (
     DEFAULT_SETTINGS,
     Action,
@@ -36,8 +39,6 @@ from modelyard.placement.policy import (
 DEFAULT_RETRY_AFTER_S = 5.0
 # "Can never fit" is refused at once; a later retry helps only after a configuration change.
 NEVER_FITS_RETRY_AFTER_S = 60.0
-# Unlimited inventory: big enough that no sum of footprints reaches it.
-UNLIMITED_BYTES = 1 << 62
 
 
 @dataclass(frozen=True)
@@ -94,11 +95,6 @@ class Refuse:
 
 
 Decision = Go | Evict | Wait | Refuse
-
-
-def unlimited_gpus(models: Sequence[str]) -> tuple[GpuCapacity, ...]:
-    """The inventory of a machine without managed GPUs: one boundless GPU per model."""
-    return tuple(GpuCapacity(index, UNLIMITED_BYTES) for index in range(len(models)))
 
 
 def decide(snapshot: Snapshot, ask: Ask, settings: PolicySettings = DEFAULT_SETTINGS) -> Decision:

@@ -33,9 +33,10 @@ from modelyard.config.schema import GatewayConfig, ModelConfig
 from modelyard.engines import engine_kind, served_name
 from modelyard.engines.base import LaunchSpec, MemoryBudget
 from modelyard.observability.events import EventBus
-from modelyard.placement.coordinator import POLICY_STATE, PlacementCoordinator
-from modelyard.placement.policy import Action, Engine, Sleep
-from modelyard.placement.policy import Target as PlacementTarget
+from modelyard.placement.coordinator import PlacementCoordinator
+from modelyard.placement.planning import Planning, UnmanagedGpus
+from modelyard.placement.policy import Action, Sleep
+from modelyard.runtime.remote import RETRY_AFTER_S as RETRY_REMOTE_S
 from modelyard.scheduler.core import (
     Arrived,
     CarryOut,
@@ -51,7 +52,7 @@ from modelyard.scheduler.core import (
     WaitUntil,
     Wanted,
 )
-from modelyard.scheduler.decide import Ask, Snapshot, unlimited_gpus
+from modelyard.scheduler.decide import Ask, Snapshot
 from modelyard.scheduler.names import Target, UnknownModel
 from modelyard.scheduler.supervisor import (
     EngineHandle,
@@ -116,6 +117,11 @@ class Scheduler:
         self._index_names()
         if placement is not None:
             placement.attach(self._engines_by_key)
+        # Where the decision's input comes from: placement's records with managed GPUs, one
+        # boundless GPU per engine without.
+        self._planning: Planning = (
+            placement if placement is not None else UnmanagedGpus(config, self._engines_by_key)
+        )
         self.adapter_targets: dict[str, Target] = {}
 
     def set_adapter_targets(self, targets: dict[str, Target]) -> None:
@@ -193,8 +199,7 @@ class Scheduler:
         once. Every waiting start then decides again under the new limits.
         """
         self.config = config
-        if self._placement is not None:
-            self._placement.config = config
+        self._planning.config = config  # placement's too, when it plans
         retired = {}
         for name in plan.removed:
             leaving = self._supervisors.pop(name)
@@ -385,6 +390,21 @@ class Scheduler:
         request, or the gateway's check, connects again)."""
         await self._supervisor_of(name).declare_hung(reason)
 
+    @property
+    def closing(self) -> bool:
+        """Shutting down: new requests are refused, engines are being stopped."""
+        return self._closing
+
+    def retry_after_loss(self, name: str) -> float:
+        """When a client whose request was on a lost engine may come back: at once for an
+        engine of ours (its next request starts a fresh one), after the crash-loop back-off
+        when there is one, and after a few seconds for a remote server (not ours to
+        restart)."""
+        supervisor = self._supervisor_of(name)
+        if self.is_remote(name):
+            return RETRY_REMOTE_S
+        return max(1.0, supervisor.backoff_remaining())
+
     async def notice_exit(self, name: str, timeout: float) -> None:
         await self._supervisor_of(name).notice_exit(timeout)
 
@@ -453,7 +473,7 @@ class Scheduler:
                     # not evict anything or start an engine for nobody.
                     raise Refused(f"nobody waits for {name!r} any more", 1.0, "abandoned")
                 wanted = Wanted(
-                    Ask(self._target(supervisor), supervisor.wait_deadline()),
+                    Ask(self._planning.target(supervisor), supervisor.wait_deadline()),
                     self._snapshot(name),
                     # Each eviction round changes some engine's state; more rounds than
                     # models means the evictions are failing: refuse rather than spin.
@@ -534,59 +554,18 @@ class Scheduler:
             return True
 
     def _snapshot(self, target: str) -> Snapshot:
+        """The decision's input, the same way with managed GPUs or without (`_planning`)."""
         starts = {
             name: s.timings.last_start_s
             for name, s in self._supervisors.items()
             if s.timings.last_start_s is not None
         }
-        if self._placement is not None:
-            return Snapshot(
-                now=self._clock(),
-                gpus=tuple(self._placement.gpu_capacities()),
-                engines=tuple(self._placement.engines(target)),
-                host_ram_for_sleep=self._placement.host_ram_left(),
-                start_seconds=starts,
-            )
-        names = list(self._supervisors)
-        engines = []
-        for index, (name, s) in enumerate(self._supervisors.items()):
-            state = POLICY_STATE.get(s.state)
-            if state is None or (s.placing and s.state is not ModelState.SLEEPING):
-                continue
-            if name == target and s.state not in (ModelState.SLEEPING, ModelState.WAKING):
-                continue
-            engines.append(
-                Engine(
-                    name=name,
-                    state=state,
-                    gpus=(index,),
-                    awake_bytes_per_gpu=0,
-                    in_flight=s.demand,
-                    last_used=s.last_used if s.last_used is not None else s.ready_since,
-                    start_seconds=s.timings.last_start_s,
-                    wake_seconds=s.timings.last_wake_s,
-                    sleep_level=self.config.models[name].sleep if s.can_sleep else 0,
-                    sleeping_level=s.sleep_level if s.state is ModelState.SLEEPING else 0,
-                    pinned=self.config.models[name].pinned,
-                    exclusive_group=self.config.exclusive_group_of(name),
-                )
-            )
         return Snapshot(
             now=self._clock(),
-            gpus=unlimited_gpus(names),
-            engines=tuple(engines),
+            gpus=tuple(self._planning.gpu_capacities()),
+            engines=tuple(self._planning.engines(target)),
+            host_ram_for_sleep=self._planning.host_ram_left(),
             start_seconds=starts,
-        )
-
-    def _target(self, supervisor: ModelSupervisor) -> PlacementTarget:
-        if self._placement is not None:
-            return self._placement.target(supervisor)
-        index = list(self._supervisors).index(supervisor.name)
-        return PlacementTarget(
-            name=supervisor.name,
-            bytes_per_gpu=0,
-            gpus=(index,),
-            exclusive_group=self.config.exclusive_group_of(supervisor.name),
         )
 
     # ----- timers and lifecycle -----
@@ -777,12 +756,15 @@ class EngineFor:
     and for a ready engine its entry takes no await and creates no generator.
     """
 
-    __slots__ = ("_model", "_scheduler", "_supervisor")
+    __slots__ = ("_model", "_scheduler", "_supervisor", "lost")
 
     def __init__(self, scheduler: Scheduler, model: str) -> None:
         self._scheduler = scheduler
         self._model = model
         self._supervisor: ModelSupervisor | None = None
+        # Once entered: completes, with the reason, if the held engine is lost (it crashed,
+        # was declared hung, a remote was declared down, its node was lost).
+        self.lost: asyncio.Future[str] | None = None
 
     async def __aenter__(self) -> EngineHandle:
         scheduler = self._scheduler
@@ -790,6 +772,7 @@ class EngineFor:
         deadline = scheduler._clock() + supervisor.settings.start_timeout
         engine = await supervisor.hold(deadline)
         self._supervisor = supervisor
+        self.lost = supervisor.lost_signal  # no await since the hold: this engine's
         return engine
 
     async def __aexit__(self, *exc_info: object) -> None:

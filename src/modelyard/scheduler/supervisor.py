@@ -140,6 +140,10 @@ class ModelSupervisor:
         self.timings = ModelTimings()
         self.sleep_level = 0
         self._last_engine: EngineHandle | None = None
+        # Completes (with the reason) when the current engine is lost or gone: its exit, or
+        # the moment the watchdog declares it hung or a remote down, before the slow stop.
+        # The requests holding the engine race their exchange against it.
+        self.lost_signal: asyncio.Future[str] | None = None
         self._background: asyncio.Future[None] | None = None
         self._spec_for = spec_for
         self._start_engine = start_engine
@@ -539,6 +543,7 @@ class ModelSupervisor:
             self.engine = engine
             self._last_engine = engine
             self._expected_exit = False
+            self.lost_signal = _loss_signal(engine)
             engine.exited.add_done_callback(self._exit_callback(engine))
             await engine.wait_ready(started + self.settings.start_timeout)
             ok = True
@@ -766,7 +771,9 @@ class ModelSupervisor:
                 return  # it changed meanwhile: stopped, slept or already restarted
             self.state = ModelState.STOPPING
             self._expected_exit = True
-            # No drain: requests in flight are stuck on this engine and end with its exit.
+            # No drain: requests in flight are stuck on this engine. They end now, not when
+            # the stop is done (up to stop_grace later) nor at their read timeout.
+            _signal(self.lost_signal, f"it was declared not answering: {reason}")
             code = await engine.stop(self.settings.stop_grace)
             tail = engine.log_tail(20)
             if engine.remote:
@@ -833,6 +840,20 @@ _OOM_MARKERS = (
 def _looks_out_of_memory(log_tail: list[str]) -> bool:
     text = "\n".join(log_tail).lower()
     return any(marker in text for marker in _OOM_MARKERS)
+
+
+def _loss_signal(engine: EngineHandle) -> asyncio.Future[str]:
+    """A new engine's loss signal: completed by its exit at the latest."""
+    lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    engine.exited.add_done_callback(
+        lambda _exited: _signal(lost, f"its engine exited (exit code {engine.exit_code()})")
+    )
+    return lost
+
+
+def _signal(lost: asyncio.Future[str] | None, reason: str) -> None:
+    if lost is not None and not lost.done():
+        lost.set_result(reason)
 
 
 def _observed(task: asyncio.Task[None]) -> asyncio.Task[None]:
