@@ -1,0 +1,149 @@
+"""Which model will be asked for next, learned by counting the gateway's own request history.
+
+Pure: no I/O and no clock of its own; the driver feeds `observe(now, key, model)` for every
+request (replayed from the event store at start-up, so it survives restarts) and asks
+`chances(now, horizons)` for the models that are not ready.
+
+Two counts, each decayed with a half-life so old habits fade:
+
+- transitions, per key (an API key or session): after a request for X, was Y asked for by the
+  same key within `window_s`? `P(Y | X) = followed(X -> Y) / seen(X)`. It is read only while
+  the key's last request (X) is recent enough for the next one to come.
+- the hour of the week: how often Y was asked for in this hour, per week the history covers.
+  Requests arriving as a Poisson stream at that rate give `1 - exp(-rate * horizon)`.
+
+The two are combined as independent reasons for Y to come: `1 - (1 - a)(1 - b)`. Each chance
+carries its reason in words ("after coder, 0.72 within 60 s"), so a pre-warm can be explained.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+WEEK_S = 7 * 24 * 3600.0
+HOUR_S = 3600.0
+
+_K = TypeVar("_K")
+
+
+@dataclass(frozen=True)
+class Chance:
+    """The probability that `model` is asked for within `horizon_s`, and why."""
+
+    model: str
+    probability: float
+    horizon_s: float
+    reason: str
+
+
+@dataclass
+class _Decayed:
+    """A count that halves every `half_life_s` (stored at its last update time)."""
+
+    value: float = 0.0
+    at: float = 0.0
+
+    def read(self, now: float, half_life_s: float) -> float:
+        return self.value * math.pow(0.5, max(now - self.at, 0.0) / half_life_s)
+
+    def add(self, now: float, half_life_s: float, amount: float = 1.0) -> None:
+        self.value = self.read(now, half_life_s) + amount
+        self.at = now
+
+
+@dataclass
+class _Pending:
+    """A request for `model` by one key, still within the window for its successor."""
+
+    model: str
+    at: float
+    followed: set[str] = field(default_factory=set)
+
+
+@dataclass
+class Predictor:
+    """Counting and decay over (time, key, model) observations; see the module docstring."""
+
+    window_s: float = 300.0  # "after X, Y within this long" counts as a transition
+    half_life_s: float = 7 * 24 * 3600.0  # habits fade over about a week
+    min_seen: float = 3.0  # fewer observations of X than this: no transition chance yet
+    _seen: dict[str, _Decayed] = field(default_factory=dict)
+    _followed: dict[tuple[str, str], _Decayed] = field(default_factory=dict)
+    _last: dict[str, _Pending] = field(default_factory=dict)  # per key
+    _hourly: dict[tuple[str, int], _Decayed] = field(default_factory=dict)
+    _first: float | None = None
+
+    def observe(self, now: float, key: str, model: str) -> None:
+        """A request for `model` from `key` arrived at `now`."""
+        if self._first is None:
+            self._first = now
+        pending = self._last.get(key)
+        if pending is not None and now - pending.at <= self.window_s:
+            # Count X -> Y once per X, however many Y follow it.
+            if pending.model != model and model not in pending.followed:
+                pending.followed.add(model)
+                self._count(self._followed, (pending.model, model), now)
+            if pending.model == model:
+                pending.at = now  # a burst for the same model: its successor's window moves on
+                return
+        self._count(self._seen, model, now)
+        self._last[key] = _Pending(model, now)
+        self._count(self._hourly, (model, hour_of_week(now)), now)
+
+    def _count(self, table: dict[_K, _Decayed], key: _K, now: float) -> None:
+        table.setdefault(key, _Decayed()).add(now, self.half_life_s)
+
+    def transition(self, now: float, after: str, then: str) -> float:
+        """P(`then` within the window | a request for `after`), from the counts at `now`."""
+        seen = self._seen.get(after)
+        if seen is None or seen.read(now, self.half_life_s) < self.min_seen:
+            return 0.0
+        followed = self._followed.get((after, then))
+        if followed is None:
+            return 0.0
+        return min(followed.read(now, self.half_life_s) / seen.read(now, self.half_life_s), 1.0)
+
+    def hourly_rate(self, now: float, model: str) -> float:
+        """Requests (first of a burst) per second for `model` in this hour of the week."""
+        if self._first is None:
+            return 0.0
+        weeks = max((now - self._first) / WEEK_S, 1.0)
+        count = self._hourly.get((model, hour_of_week(now)))
+        if count is None:
+            return 0.0
+        return count.read(now, self.half_life_s) / weeks / HOUR_S
+
+    def chances(self, now: float, horizons: dict[str, float]) -> list[Chance]:
+        """For each model in `horizons` (not ready; the value: its start or wake time), the
+        chance it is asked for within that time, best first; models with none are left out."""
+        out: list[Chance] = []
+        for model, horizon in horizons.items():
+            best, reason = 0.0, ""
+            for pending in self._last.values():
+                # The successor comes within the window after X; past it, X says nothing.
+                if now - pending.at > self.window_s or model in pending.followed:
+                    continue
+                if pending.model == model:
+                    continue
+                p = self.transition(now, pending.model, model)
+                if p > best:
+                    best = p
+                    reason = f"after {pending.model}, {p:.2f} within {self.window_s:.0f} s"
+            rate = self.hourly_rate(now, model)
+            daily = 1.0 - math.exp(-rate * horizon)
+            if daily > 0.0 and best < 1.0:
+                combined = 1.0 - (1.0 - best) * (1.0 - daily)
+                if daily > best:
+                    reason = f"this hour of the week, {daily:.2f} within {horizon:.0f} s"
+                best = combined
+            if best > 0.0:
+                out.append(Chance(model, best, horizon, reason))
+        out.sort(key=lambda chance: -chance.probability)
+        return out
+
+
+def hour_of_week(now: float) -> int:
+    """0-167 from a Unix time (UTC; Unix day 0 was a Thursday, so Monday 00:00 is hour 0)."""
+    return int(((now + 3 * 24 * 3600.0) % WEEK_S) // HOUR_S)
