@@ -119,13 +119,18 @@ def steady(rng: random.Random) -> list[tuple[float, str, float]]:
         requests.append((round(t, 3), model, round(rng.expovariate(1 / 5.0), 3)))
 
 
-def chains(rng: random.Random, users: int, duration: float, start: float = 0.0) -> list[list[Any]]:
+def chains(
+    rng: random.Random,
+    users: int,
+    duration: float,
+    start: float = 0.0,
+    habits: list[list[str]] | None = None,
+) -> list[list[Any]]:
     """Agent chains: each user (an API key) has its own habit, a chain of 2-3 models it walks
     in order (a few requests each, seconds apart), then pauses for minutes and starts again."""
-    names = [name for name, _, _ in MODELS]
+    habits = habits or user_habits(rng, users)
     requests: list[list[Any]] = []
-    for user in range(users):
-        habit = rng.sample(names, rng.choice([2, 3]))
+    for user, habit in enumerate(habits):
         t = start + rng.uniform(0, 120)
         while t < start + duration:
             for model in habit:
@@ -139,17 +144,22 @@ def chains(rng: random.Random, users: int, duration: float, start: float = 0.0) 
     return requests
 
 
+def user_habits(rng: random.Random, users: int) -> list[list[str]]:
+    names = [name for name, _, _ in MODELS]
+    return [rng.sample(names, rng.choice([2, 3])) for _ in range(users)]
+
+
 def daily(rng: random.Random) -> list[list[Any]]:
     """Daily cycles: three working days; each user works 9:00-12:00 and 14:00-17:00 with
     their own chain, nobody at night (the trace's times are seconds since Monday 00:00)."""
     requests: list[list[Any]] = []
     monday = 4 * 24 * 3600.0  # Unix day 4 was a Monday: time-of-day patterns line up
+    habits = user_habits(rng, 3)  # the same people, with the same habits, every day
     for day in range(3):
         for hours in ((9, 12), (14, 17)):
             begin = monday + day * 86400.0 + hours[0] * 3600.0
-            requests += chains(
-                random.Random(rng.random()), 3, (hours[1] - hours[0]) * 3600.0, begin
-            )
+            length = (hours[1] - hours[0]) * 3600.0
+            requests += chains(random.Random(rng.random()), 3, length, begin, habits)
     return requests
 
 

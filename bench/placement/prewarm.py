@@ -102,7 +102,7 @@ def compare(trace: Trace) -> Row:
         if after.waited > before.waited + LONGER_S
     )
     used = [p for p in learned.prewarms if p.used_at is not None]
-    spared = sum(max(p.spared_s - (p.used_at or 0.0) + p.at, 0.0) for p in used)
+    spared = sum(min((p.used_at or p.at) - p.at, p.spared_s) for p in used)
     return Row(
         trace.name,
         len(trace.requests),

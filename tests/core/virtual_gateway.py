@@ -338,7 +338,13 @@ class VirtualGateway:
         if not chances:
             return
         candidates = tuple(Candidate(self._target(c.model), c, horizons[c.model]) for c in chances)
-        for command in self.core.step(PreWarmAsk(self._snapshot(""), candidates)):
+        for command in self.core.step(
+            PreWarmAsk(
+                self._snapshot(""),
+                candidates,
+                in_use=frozenset(self.predictor.in_use(self.now)),
+            )
+        ):
             assert isinstance(command, PreWarmNow)
             self.decisions.append(Decided(self.now, command.prewarm.target, command))
             self._carry_out(command.prewarm.target, command)

@@ -121,6 +121,7 @@ class PreWarmAsk:
     snapshot: Snapshot
     candidates: tuple[Candidate, ...]
     requests_waiting: bool = False
+    in_use: frozenset[str] = frozenset()  # asked for a moment ago: never evicted for it
 
 
 @dataclass(frozen=True)
@@ -283,6 +284,7 @@ class SchedulerCore:
             self.world(event.snapshot, ""),
             event.candidates,
             requests_waiting=event.requests_waiting,
+            in_use=event.in_use,
             settings=self.settings,
         )
         if chosen is None:

@@ -7,8 +7,9 @@ request (replayed from the event store at start-up, so it survives restarts) and
 Two counts, each decayed with a half-life so old habits fade:
 
 - transitions, per key (an API key or session): after a request for X, was Y asked for by the
-  same key within `window_s`? `P(Y | X) = followed(X -> Y) / seen(X)`. It is read only while
-  the key's last request (X) is recent enough for the next one to come.
+  same key within `window_s`? `P(Y | X) = followed(X -> Y) / seen(X)`, from the key's own
+  counts once it has enough, else from all keys' (a new key borrows the others' habits). It
+  is read only while the key's last request (X) is recent enough for the next one to come.
 - the hour of the week: how often Y was asked for in this hour, per week the history covers.
   Requests arriving as a Poisson stream at that rate give `1 - exp(-rate * horizon)`.
 
@@ -59,7 +60,6 @@ class _Pending:
 
     model: str
     at: float
-    followed: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -69,8 +69,10 @@ class Predictor:
     window_s: float = 300.0  # "after X, Y within this long" counts as a transition
     half_life_s: float = 7 * 24 * 3600.0  # habits fade over about a week
     min_seen: float = 3.0  # fewer observations of X than this: no transition chance yet
-    _seen: dict[str, _Decayed] = field(default_factory=dict)
-    _followed: dict[tuple[str, str], _Decayed] = field(default_factory=dict)
+    recent_s: float = 60.0  # a key's model asked for this recently is in use now
+    # Keyed by (key, X) and (key, X, Y); the key "" holds every key's counts together.
+    _seen: dict[tuple[str, str], _Decayed] = field(default_factory=dict)
+    _followed: dict[tuple[str, str, str], _Decayed] = field(default_factory=dict)
     _last: dict[str, _Pending] = field(default_factory=dict)  # per key
     _hourly: dict[tuple[str, int], _Decayed] = field(default_factory=dict)
     _first: float | None = None
@@ -80,39 +82,52 @@ class Predictor:
         if self._first is None:
             self._first = now
         pending = self._last.get(key)
-        if pending is not None and now - pending.at <= self.window_s:
-            # Count X -> Y once per X, however many Y follow it.
-            if pending.model != model and model not in pending.followed:
-                pending.followed.add(model)
-                self._count(self._followed, (pending.model, model), now)
-            if pending.model == model:
-                pending.at = now  # a burst for the same model: its successor's window moves on
-                return
-        self._count(self._seen, model, now)
+        if pending is not None and pending.model == model and now - pending.at <= self.window_s:
+            pending.at = now  # a burst for the same model: its successor's window moves on
+            return
+        if pending is not None:
+            # X's turn is over: it was seen once, and followed by `model` if that came in time.
+            # (Counted only now, so an X still waiting for its successor does not count.)
+            for who in {key, ""}:
+                self._count(self._seen, (who, pending.model), now)
+                if now - pending.at <= self.window_s:
+                    self._count(self._followed, (who, pending.model, model), now)
         self._last[key] = _Pending(model, now)
         self._count(self._hourly, (model, hour_of_week(now)), now)
 
     def _count(self, table: dict[_K, _Decayed], key: _K, now: float) -> None:
         table.setdefault(key, _Decayed()).add(now, self.half_life_s)
 
-    def transition(self, now: float, after: str, then: str) -> float:
-        """P(`then` within the window | a request for `after`), from the counts at `now`."""
-        seen = self._seen.get(after)
-        if seen is None or seen.read(now, self.half_life_s) < self.min_seen:
-            return 0.0
-        followed = self._followed.get((after, then))
-        if followed is None:
-            return 0.0
-        return min(followed.read(now, self.half_life_s) / seen.read(now, self.half_life_s), 1.0)
+    def transition(self, now: float, after: str, then: str, key: str = "") -> float:
+        """P(`then` within the window | a request for `after` by `key`), from the counts at
+        `now`: the key's own once it has seen `after` `min_seen` times, else every key's."""
+        for who in (key, ""):
+            seen = self._seen.get((who, after))
+            if seen is None or seen.read(now, self.half_life_s) < self.min_seen:
+                continue
+            followed = self._followed.get((who, after, then))
+            if followed is None:
+                return 0.0
+            return min(followed.read(now, self.half_life_s) / seen.read(now, self.half_life_s), 1.0)
+        return 0.0
+
+    def in_use(self, now: float) -> set[str]:
+        """The models some key asked for within `recent_s`: likely asked for again soon."""
+        return {p.model for p in self._last.values() if now - p.at <= self.recent_s}
 
     def hourly_rate(self, now: float, model: str) -> float:
-        """Requests (first of a burst) per second for `model` in this hour of the week."""
-        if self._first is None:
+        """Requests (first of a burst) per second for `model` in this hour of the week: the
+        decayed count over the decayed number of weeks seen (none before a whole week)."""
+        if self._first is None or now - self._first < WEEK_S:
             return 0.0
-        weeks = max((now - self._first) / WEEK_S, 1.0)
         count = self._hourly.get((model, hour_of_week(now)))
         if count is None:
             return 0.0
+        # This hour came round once a week: 1, 2, ... weeks ago, each decayed as its count.
+        weeks = sum(
+            math.pow(0.5, k * WEEK_S / self.half_life_s)
+            for k in range(1, int((now - self._first) // WEEK_S) + 1)
+        )
         return count.read(now, self.half_life_s) / weeks / HOUR_S
 
     def chances(self, now: float, horizons: dict[str, float]) -> list[Chance]:
@@ -121,13 +136,13 @@ class Predictor:
         out: list[Chance] = []
         for model, horizon in horizons.items():
             best, reason = 0.0, ""
-            for pending in self._last.values():
+            for key, pending in self._last.items():
                 # The successor comes within the window after X; past it, X says nothing.
-                if now - pending.at > self.window_s or model in pending.followed:
+                if now - pending.at > self.window_s:
                     continue
                 if pending.model == model:
                     continue
-                p = self.transition(now, pending.model, model)
+                p = self.transition(now, pending.model, model, key)
                 if p > best:
                     best = p
                     reason = f"after {pending.model}, {p:.2f} within {self.window_s:.0f} s"

@@ -74,10 +74,14 @@ def choose_prewarm(
     candidates: Sequence[Candidate],
     *,
     requests_waiting: bool,
+    in_use: frozenset[str] = frozenset(),
     settings: PolicySettings = DEFAULT_SETTINGS,
     min_probability: float = MIN_PROBABILITY,
 ) -> PreWarm | None:
-    """The best pre-warm worth its cost now, or None (see the module docstring)."""
+    """The best pre-warm worth its cost now, or None (see the module docstring).
+
+    `in_use`: models with traffic a moment ago (the predictor's "in use now"); idle this
+    instant, between two requests of a burst, they are still never evicted."""
     if requests_waiting or not candidates:
         return None
     busy_gpus = {
@@ -87,7 +91,7 @@ def choose_prewarm(
         or engine.state is EngineState.STOPPING
         for gpu in engine.gpus
     }
-    engines = tuple(_untouchable(engine) for engine in snapshot.engines)
+    engines = tuple(_untouchable(engine, in_use) for engine in snapshot.engines)
     snapshot = replace(snapshot, engines=engines)
     best: PreWarm | None = None
     others = sum(c.chance.probability for c in candidates)
@@ -127,9 +131,10 @@ def choose_prewarm(
     return best
 
 
-def _untouchable(engine: Engine) -> Engine:
+def _untouchable(engine: Engine, in_use: frozenset[str]) -> Engine:
     """An engine a pre-warm may not evict is shown as pinned: the planner never evicts a
     pinned engine, so the plan uses only free memory and idle or sleeping engines."""
-    if engine.in_flight > 0 or engine.state not in (EngineState.READY, EngineState.SLEEPING):
+    busy = engine.in_flight > 0 or (engine.state is EngineState.READY and engine.name in in_use)
+    if busy or engine.state not in (EngineState.READY, EngineState.SLEEPING):
         return replace(engine, pinned=True)
     return engine
