@@ -144,6 +144,15 @@ def chains(
     return requests
 
 
+# Three agents whose chains together need twice the GPU (48 GiB on 24): the next model of a
+# chain is rarely still loaded, which is what pre-warming is for.
+AGENTS = [
+    ["chat-8g", "coder-12g", "coderslow-16g"],
+    ["general-2g", "coderslow-16g"],
+    ["vision-6g", "coder-12g", "agent-4g"],
+]
+
+
 def user_habits(rng: random.Random, users: int) -> list[list[str]]:
     names = [name for name, _, _ in MODELS]
     return [rng.sample(names, rng.choice([2, 3])) for _ in range(users)]
@@ -207,7 +216,7 @@ def main() -> None:
     )
     # Traces with structure, for learned pre-warming: requests carry the user's key.
     for name, seed, requests, about in (
-        ("agent-chains", 4, chains(random.Random(4), 3, DURATION_S), "3 agents, own chains"),
+        ("agent-chains", 4, chains(random.Random(4), 3, DURATION_S, habits=AGENTS), "3 agents"),
         ("users-habits", 5, chains(random.Random(5), 6, DURATION_S), "6 users, own habits"),
         ("daily-cycle", 6, daily(random.Random(6)), "3 working days of 3 users' chains"),
     ):

@@ -251,6 +251,9 @@ class VirtualGateway:
             assert isinstance(data, str)
             self.core.step(Dropped(data))
             if data in self.core.prewarming() and self._at_rest(data):
+                # As good as just used: the next eviction must not pick it first for having
+                # never served a request (its prediction is why it is here).
+                self.live[data].last_used = self.now
                 self._go(data, self.live[data].gpus or (0,))
         elif kind == "stopped":
             assert isinstance(data, str)
