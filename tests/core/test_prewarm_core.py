@@ -94,7 +94,9 @@ def test_a_prewarm_touches_only_free_or_idle_memory(seed: int) -> None:
     engines = {e.name: e for e in snapshot.engines}
     for action in prewarm.actions:
         victim = engines[action.name]
-        assert victim.in_flight == 0 and not victim.pinned and victim.name not in in_use
+        assert victim.in_flight == 0
+        assert not victim.pinned
+        assert victim.name not in in_use
         assert victim.state in (EngineState.READY, EngineState.SLEEPING)
         assert isinstance(action, Sleep | Stop)
     # The GPUs it goes on had no start, wake or eviction under way.
@@ -136,7 +138,8 @@ def test_a_real_request_takes_the_start_slot_of_a_prewarm() -> None:
     # Its start is under way when a request for c comes: c must not wait behind it.
     starting = Engine("b", EngineState.STARTING, (0,), 8 * GIB, in_flight=0)
     commands = core.step(Wanted(Ask(Target("c", 8 * GIB), 300.0), Snapshot(1.0, gpu, (starting,))))
-    assert isinstance(commands[0], CancelPreWarm) and commands[0].target == "b"
+    assert isinstance(commands[0], CancelPreWarm)
+    assert commands[0].target == "b"
     assert any(isinstance(c, WaitUntil | StartNow) for c in commands[1:])
     assert core.prewarming() == ()
 

@@ -340,12 +340,20 @@ class VirtualGateway:
         chances = self.predictor.chances(self.now, horizons)
         if not chances:
             return
+        loaded = {
+            name: self.models[name].start_s
+            for name, live in self.live.items()
+            if live.state in (EngineState.READY, EngineState.SLEEPING)
+        }
+        expected = {c.model: c.probability for c in self.predictor.chances(self.now, loaded)}
         candidates = tuple(Candidate(self._target(c.model), c, horizons[c.model]) for c in chances)
         for command in self.core.step(
             PreWarmAsk(
                 self._snapshot(""),
                 candidates,
                 in_use=frozenset(self.predictor.in_use(self.now)),
+                expected=expected,
+                switch_rate=self.predictor.switch_rate(self.now),
             )
         ):
             assert isinstance(command, PreWarmNow)

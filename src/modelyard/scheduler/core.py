@@ -122,6 +122,8 @@ class PreWarmAsk:
     candidates: tuple[Candidate, ...]
     requests_waiting: bool = False
     in_use: frozenset[str] = frozenset()  # asked for a moment ago: never evicted for it
+    expected: dict[str, float] = field(default_factory=dict)  # chances of loaded models
+    switch_rate: float = 0.0  # first requests for a model per second, all users
 
 
 @dataclass(frozen=True)
@@ -285,6 +287,8 @@ class SchedulerCore:
             event.candidates,
             requests_waiting=event.requests_waiting,
             in_use=event.in_use,
+            expected=event.expected,
+            switch_rate=event.switch_rate,
             settings=self.settings,
         )
         if chosen is None:

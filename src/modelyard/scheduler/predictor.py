@@ -70,6 +70,8 @@ class Predictor:
     half_life_s: float = 7 * 24 * 3600.0  # habits fade over about a week
     min_seen: float = 3.0  # fewer observations of X than this: no transition chance yet
     recent_s: float = 60.0  # a key's model asked for this recently is in use now
+    switch_half_life_s: float = 600.0  # how fast `switch_rate` follows the traffic
+    _switches: _Decayed = field(default_factory=_Decayed)
     # Keyed by (key, X) and (key, X, Y); the key "" holds every key's counts together.
     _seen: dict[tuple[str, str], _Decayed] = field(default_factory=dict)
     _followed: dict[tuple[str, str, str], _Decayed] = field(default_factory=dict)
@@ -93,6 +95,7 @@ class Predictor:
                 if now - pending.at <= self.window_s:
                     self._count(self._followed, (who, pending.model, model), now)
         self._last[key] = _Pending(model, now)
+        self._switches.add(now, self.switch_half_life_s)
         self._count(self._hourly, (model, hour_of_week(now)), now)
 
     def _count(self, table: dict[_K, _Decayed], key: _K, now: float) -> None:
@@ -110,6 +113,16 @@ class Predictor:
                 return 0.0
             return min(followed.read(now, self.half_life_s) / seen.read(now, self.half_life_s), 1.0)
         return 0.0
+
+    def switch_rate(self, now: float) -> float:
+        """First requests for a model (not the rest of a burst) per second, all keys, lately:
+        how often a real request may come for a model that is not ready."""
+        # A decayed count of events at rate r tends to r * half_life / ln 2.
+        return (
+            self._switches.read(now, self.switch_half_life_s)
+            * math.log(2)
+            / (self.switch_half_life_s)
+        )
 
     def in_use(self, now: float) -> set[str]:
         """The models some key asked for within `recent_s`: likely asked for again soon."""

@@ -4,12 +4,13 @@ Pure, beside the core's `step`: the driver asks `choose_prewarm` when no request
 with the predictor's chances for the models that are not ready. The same placement planner and
 cost model as a real start decide where it goes and what it would evict:
 
-- saving: probability x the wait it would spare (its start, or its wake when asleep);
+- saving: probability x the wait it would spare (its start, or its wake when asleep), if it
+  is not cancelled first;
 - cost: the plan's eviction cost (expected seconds of reloading, weighted by each victim's
-  recency, as every eviction is), plus the start slot it takes: while it starts, a real
-  request for another model on that GPU must have it cancelled, and the cancelled start's
-  stop is a wait. That is charged as the chance another model is asked for meanwhile x the
-  stop time.
+  recency, as every eviction is), plus each victim's own chance of being asked for x its
+  reload, plus the start slot it takes: a real request for a model that is not ready, coming
+  while it starts, has it cancelled, and the cancelled start's stop is a wait. The chance of
+  that is `1 - exp(-switch_rate x wait)`, from how often the users switch models now.
 
 The rules that keep a pre-warm harmless hold by construction:
 - nothing with traffic is touched: engines with requests in flight or waiting, engines
@@ -21,7 +22,8 @@ The rules that keep a pre-warm harmless hold by construction:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from modelyard.placement.policy import (
@@ -75,13 +77,18 @@ def choose_prewarm(
     *,
     requests_waiting: bool,
     in_use: frozenset[str] = frozenset(),
+    expected: Mapping[str, float] | None = None,
+    switch_rate: float = 0.0,
     settings: PolicySettings = DEFAULT_SETTINGS,
     min_probability: float = MIN_PROBABILITY,
 ) -> PreWarm | None:
     """The best pre-warm worth its cost now, or None (see the module docstring).
 
     `in_use`: models with traffic a moment ago (the predictor's "in use now"); idle this
-    instant, between two requests of a burst, they are still never evicted."""
+    instant, between two requests of a burst, they are still never evicted. `expected`: the
+    predictor's chance for models that are loaded (a victim as likely as the target is kept).
+    `switch_rate`: first requests for a model per second, all users together."""
+    expected = expected or {}
     if requests_waiting or not candidates:
         return None
     busy_gpus = {
@@ -91,18 +98,18 @@ def choose_prewarm(
         or engine.state is EngineState.STOPPING
         for gpu in engine.gpus
     }
-    engines = tuple(_untouchable(engine, in_use) for engine in snapshot.engines)
-    snapshot = replace(snapshot, engines=engines)
     best: PreWarm | None = None
-    others = sum(c.chance.probability for c in candidates)
     for candidate in candidates:
         chance = candidate.chance
         if chance.probability < min_probability:
             continue
+        # Engines as likely to be asked for as the target are kept, as if in use.
+        keep = in_use | {n for n, p in expected.items() if p >= chance.probability}
+        engines = [_untouchable(engine, keep) for engine in snapshot.engines]
         plan = plan_placement(
             candidate.target,
             [g for g in snapshot.gpus if g.index not in busy_gpus],
-            snapshot.engines,
+            engines,
             now=snapshot.now,
             host_ram_for_sleep=snapshot.host_ram_for_sleep,
             settings=settings,
@@ -111,9 +118,14 @@ def choose_prewarm(
             continue
         if any(gpu in busy_gpus for gpu in plan.gpus):
             continue
-        saving = chance.probability * candidate.wait_s
-        slot = min(others - chance.probability, 1.0) * CANCEL_STOP_S
-        cost = plan.cost + max(slot, 0.0)
+        cancelled = 1.0 - math.exp(-switch_rate * candidate.wait_s)
+        saving = chance.probability * candidate.wait_s * (1.0 - cancelled)
+        victims = {e.name: e for e in engines}
+        risk = sum(
+            expected.get(a.name, 0.0) * (victims[a.name].start_seconds or candidate.wait_s)
+            for a in plan.actions
+        )
+        cost = plan.cost + risk + cancelled * CANCEL_STOP_S
         if saving <= cost:
             continue
         if best is None or saving - cost > best.saving_s - best.cost_s:
