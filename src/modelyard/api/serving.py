@@ -297,7 +297,9 @@ async def _forward(
         if target.adapter is not None:
             gateway.lora_manager().check(target)  # a bad adapter never starts the engine
         async with contextlib.AsyncExitStack() as stack:
-            engine = await stack.enter_async_context(gateway.scheduler.engine_for(target.model))
+            engine = await stack.enter_async_context(
+                gateway.scheduler.engine_for(target.model, principal_of(request).name)
+            )
             if target.adapter is not None:  # the adapter stays loaded while it serves
                 await stack.enter_async_context(gateway.lora_manager().use(target, engine))
             # Built from the canonical form: the engine decodes exactly the path that was

@@ -125,7 +125,8 @@ def choose_prewarm(
             expected.get(a.name, 0.0) * (victims[a.name].start_seconds or candidate.wait_s)
             for a in plan.actions
         )
-        cost = plan.cost + risk + cancelled * CANCEL_STOP_S
+        # A start cancelled early holds little yet: its stop is bounded by its start too.
+        cost = plan.cost + risk + cancelled * min(CANCEL_STOP_S, candidate.wait_s)
         if saving <= cost:
             continue
         if best is None or saving - cost > best.saving_s - best.cost_s:
