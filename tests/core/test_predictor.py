@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
+from pathlib import Path
 
 import pytest
 
 from modelyard.scheduler.predictor import WEEK_S, Predictor, hour_of_week
+from modelyard.scheduler.prewarm_habits import HabitsFile
 
 MONDAY = 4 * 24 * 3600.0  # Unix day 4 was a Monday
 
@@ -119,3 +122,22 @@ def test_in_use_is_what_was_asked_for_a_moment_ago() -> None:
     predictor.observe(0.0, "k", "a")
     predictor.observe(50.0, "j", "b")
     assert predictor.in_use(70.0) == {"b"}
+
+
+def test_what_was_learned_survives_a_restart(tmp_path: Path) -> None:
+    predictor = Predictor(window_s=60.0)
+    t = rounds(predictor, 10, "a", "b", 5.0)
+    habits = HabitsFile(tmp_path / "habits.json")
+    asyncio.run(habits.save(predictor))
+    again = Predictor(window_s=60.0)
+    habits.read_into(again)
+    assert again.to_dict() == predictor.to_dict()
+    assert again.transition(t, "a", "b", "k") == pytest.approx(1.0)
+
+
+def test_a_damaged_habits_file_is_set_aside(tmp_path: Path) -> None:
+    (tmp_path / "habits.json").write_text("{not json")
+    predictor = Predictor()
+    HabitsFile(tmp_path / "habits.json").read_into(predictor)
+    assert predictor.to_dict()["seen"] == []
+    assert (tmp_path / "habits.damaged").exists()

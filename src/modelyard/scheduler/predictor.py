@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 WEEK_S = 7 * 24 * 3600.0
 HOUR_S = 3600.0
@@ -97,6 +97,34 @@ class Predictor:
         self._last[key] = _Pending(model, now)
         self._switches.add(now, self.switch_half_life_s)
         self._count(self._hourly, (model, hour_of_week(now)), now)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The counts as plain JSON data (the gateway keeps them in its state dir, so what
+        was learned survives a restart)."""
+
+        def rows(table: dict[Any, _Decayed]) -> list[list[Any]]:
+            return [[*key, count.value, count.at] for key, count in table.items()]
+
+        return {
+            "version": 1,
+            "first": self._first,
+            "seen": rows(self._seen),
+            "followed": rows(self._followed),
+            "hourly": rows(self._hourly),
+            "last": [[key, p.model, p.at] for key, p in self._last.items()],
+            "switches": [self._switches.value, self._switches.at],
+        }
+
+    def load(self, raw: dict[str, Any]) -> None:
+        """Take the counts `to_dict` wrote (this predictor's own settings stay)."""
+        if raw.get("version") != 1:
+            raise ValueError(f"unknown pre-warm habits version {raw.get('version')!r}")
+        self._first = raw["first"]
+        self._seen = {(r[0], r[1]): _Decayed(r[2], r[3]) for r in raw["seen"]}
+        self._followed = {(r[0], r[1], r[2]): _Decayed(r[3], r[4]) for r in raw["followed"]}
+        self._hourly = {(r[0], int(r[1])): _Decayed(r[2], r[3]) for r in raw["hourly"]}
+        self._last = {r[0]: _Pending(r[1], r[2]) for r in raw["last"]}
+        self._switches = _Decayed(*raw["switches"])
 
     def _count(self, table: dict[_K, _Decayed], key: _K, now: float) -> None:
         table.setdefault(key, _Decayed()).add(now, self.half_life_s)

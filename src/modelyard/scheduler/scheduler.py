@@ -26,6 +26,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from modelyard.config.diff import ReloadPlan
@@ -59,6 +60,7 @@ from modelyard.scheduler.decide import Ask, Snapshot, unlimited_gpus
 from modelyard.scheduler.names import Target, UnknownModel
 from modelyard.scheduler.predictor import Predictor
 from modelyard.scheduler.prewarm import Candidate
+from modelyard.scheduler.prewarm_habits import HABITS_NAME, HabitsFile
 from modelyard.scheduler.prewarm_stats import PreWarmStats
 from modelyard.scheduler.supervisor import (
     EngineHandle,
@@ -127,6 +129,8 @@ class Scheduler:
         self.predictor = Predictor()
         self.prewarm_stats = PreWarmStats()
         self._wall: Callable[[], float] = time.time
+        self._habits = HabitsFile(Path(config.state_dir).expanduser() / HABITS_NAME)
+        self._habits.read_into(self.predictor)
 
     def set_adapter_targets(self, targets: dict[str, Target]) -> None:
         """The LoRA adapters on disk now, by public name (the adapter manager's scan)."""
@@ -378,9 +382,12 @@ class Scheduler:
         model = self.config.models[name]
         return (model.prewarm or self.config.defaults.prewarm) == "auto"
 
+    def _prewarm_anywhere(self) -> bool:
+        return any(self._prewarm_on(name) for name in self._supervisors)
+
     def note_request(self, model: str, key: str) -> None:
         """A request for `model` from `key` came: learn from it, then maybe pre-warm."""
-        if not any(self._prewarm_on(name) for name in self._supervisors):
+        if not self._prewarm_anywhere():
             return
         self.predictor.observe(self._wall(), key, model)
         spared = self.prewarm_stats.asked_for(model, self._clock())
@@ -712,6 +719,8 @@ class Scheduler:
         while True:
             await asyncio.sleep(IDLE_CHECK_INTERVAL_S)
             try:
+                if self._prewarm_anywhere():
+                    await self._habits.save_every(self.predictor, self._clock())
                 await self.reap_idle(self._clock())
             except Exception:  # the reaper must outlive any one bug (issue 11, defect 2)
                 log.exception("idle check failed; checking again")
@@ -807,6 +816,9 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reaper
         await self.drained(grace)
+        if self._prewarm_anywhere():
+            with contextlib.suppress(Exception):  # losing what was learned never blocks a stop
+                await self._habits.save(self.predictor)
         await asyncio.gather(
             *(s.stop("gateway shutdown", drain=False) for s in self._all_supervisors()),
             return_exceptions=True,
