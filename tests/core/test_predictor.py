@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from modelyard.scheduler.predictor import WEEK_S, Predictor, hour_of_week
+from modelyard.scheduler.predictor import DAY_S, WEEK_S, Predictor, hour_of_week
 from modelyard.scheduler.prewarm_habits import HabitsFile
 
 MONDAY = 4 * 24 * 3600.0  # Unix day 4 was a Monday
@@ -109,12 +109,28 @@ def test_the_hour_of_the_week_pattern() -> None:
         for minute in range(0, 60, 10):
             predictor.observe(nine + week * WEEK_S + minute * 60.0, f"u{minute}", "chat")
     monday_nine = nine + 4 * WEEK_S + 60.0
-    rate = predictor.hourly_rate(monday_nine, "chat")
+    rate, what = predictor.hourly_rate(monday_nine, "chat")
+    assert what == "week"
     assert rate == pytest.approx(6 / 3600.0, rel=0.1)
     [chance] = predictor.chances(monday_nine + 3600.0 * 0.5, {"chat": 60.0})
     assert chance.probability == pytest.approx(1 - math.exp(-rate * 60.0), rel=0.05)
     assert chance.reason.startswith("this hour of the week")
     assert predictor.chances(monday_nine + 5 * 3600.0, {"chat": 60.0}) == []
+
+
+def test_the_hour_of_the_day_in_the_first_week() -> None:
+    predictor = Predictor()
+    nine = MONDAY + 9 * 3600.0
+    for day in range(3):  # Monday to Wednesday at 9:00-9:59, three first requests
+        for minute in (0, 20, 40):
+            predictor.observe(nine + day * DAY_S + minute * 60.0, f"u{minute}", "chat")
+    thursday_nine = nine + 3 * DAY_S + 60.0
+    rate, what = predictor.hourly_rate(thursday_nine, "chat")
+    assert what == "day"
+    assert rate == pytest.approx(3 / 3600.0, rel=0.05)
+    [chance] = predictor.chances(thursday_nine, {"chat": 60.0})
+    assert chance.reason.startswith("this hour of the day")
+    assert predictor.hourly_rate(nine - 3600.0 + 4 * DAY_S, "chat") == (0.0, "")
 
 
 def test_in_use_is_what_was_asked_for_a_moment_ago() -> None:

@@ -10,8 +10,9 @@ Two counts, each decayed with a half-life so old habits fade:
   same key within `window_s`? `P(Y | X) = followed(X -> Y) / seen(X)`, from the key's own
   counts once it has enough, else from all keys' (a new key borrows the others' habits). It
   is read only while the key's last request (X) is recent enough for the next one to come.
-- the hour of the week: how often Y was asked for in this hour, per week the history covers.
-  Requests arriving as a Poisson stream at that rate give `1 - exp(-rate * horizon)`.
+- the hour of the week (day of the week and time of day): how often Y was asked for in this
+  hour, per week the history covers; in the first week, the hour of the day, per day. Requests
+  arriving as a Poisson stream at that rate give `1 - exp(-rate * horizon)`.
 
 The two are combined as independent reasons for Y to come: `1 - (1 - a)(1 - b)`. Each chance
 carries its reason in words ("after coder, 0.72 within 60 s"), so a pre-warm can be explained.
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 WEEK_S = 7 * 24 * 3600.0
+DAY_S = 24 * 3600.0
 HOUR_S = 3600.0
 
 _K = TypeVar("_K")
@@ -76,7 +78,8 @@ class Predictor:
     _seen: dict[tuple[str, str], _Decayed] = field(default_factory=dict)
     _followed: dict[tuple[str, str, str], _Decayed] = field(default_factory=dict)
     _last: dict[str, _Pending] = field(default_factory=dict)  # per key
-    _hourly: dict[tuple[str, int], _Decayed] = field(default_factory=dict)
+    _hourly: dict[tuple[str, int], _Decayed] = field(default_factory=dict)  # hour of week
+    _daily: dict[tuple[str, int], _Decayed] = field(default_factory=dict)  # hour of day
     _first: float | None = None
 
     def observe(self, now: float, key: str, model: str) -> None:
@@ -97,6 +100,7 @@ class Predictor:
         self._last[key] = _Pending(model, now)
         self._switches.add(now, self.switch_half_life_s)
         self._count(self._hourly, (model, hour_of_week(now)), now)
+        self._count(self._daily, (model, hour_of_week(now) % 24), now)
 
     def to_dict(self) -> dict[str, Any]:
         """The counts as plain JSON data (the gateway keeps them in its state dir, so what
@@ -111,6 +115,7 @@ class Predictor:
             "seen": rows(self._seen),
             "followed": rows(self._followed),
             "hourly": rows(self._hourly),
+            "daily": rows(self._daily),
             "last": [[key, p.model, p.at] for key, p in self._last.items()],
             "switches": [self._switches.value, self._switches.at],
         }
@@ -123,6 +128,7 @@ class Predictor:
         self._seen = {(r[0], r[1]): _Decayed(r[2], r[3]) for r in raw["seen"]}
         self._followed = {(r[0], r[1], r[2]): _Decayed(r[3], r[4]) for r in raw["followed"]}
         self._hourly = {(r[0], int(r[1])): _Decayed(r[2], r[3]) for r in raw["hourly"]}
+        self._daily = {(r[0], int(r[1])): _Decayed(r[2], r[3]) for r in raw["daily"]}
         self._last = {r[0]: _Pending(r[1], r[2]) for r in raw["last"]}
         self._switches = _Decayed(*raw["switches"])
 
@@ -156,20 +162,28 @@ class Predictor:
         """The models some key asked for within `recent_s`: likely asked for again soon."""
         return {p.model for p in self._last.values() if now - p.at <= self.recent_s}
 
-    def hourly_rate(self, now: float, model: str) -> float:
-        """Requests (first of a burst) per second for `model` in this hour of the week: the
-        decayed count over the decayed number of weeks seen (none before a whole week)."""
-        if self._first is None or now - self._first < WEEK_S:
-            return 0.0
-        count = self._hourly.get((model, hour_of_week(now)))
+    def hourly_rate(self, now: float, model: str) -> tuple[float, str]:
+        """Requests (first of a burst) per second for `model` at this time, and which pattern
+        says so: the hour of the week once a week of history is there, else the hour of the
+        day once a day is. The decayed count over the decayed number of times this hour came
+        round (1, 2, ... periods ago, each decayed as its count)."""
+        if self._first is None:
+            return 0.0, ""
+        covered = now - self._first
+        if covered >= WEEK_S:
+            period, table, bucket, what = WEEK_S, self._hourly, hour_of_week(now), "week"
+        elif covered >= DAY_S:
+            period, table, bucket, what = DAY_S, self._daily, hour_of_week(now) % 24, "day"
+        else:
+            return 0.0, ""
+        count = table.get((model, bucket))
         if count is None:
-            return 0.0
-        # This hour came round once a week: 1, 2, ... weeks ago, each decayed as its count.
-        weeks = sum(
-            math.pow(0.5, k * WEEK_S / self.half_life_s)
-            for k in range(1, int((now - self._first) // WEEK_S) + 1)
+            return 0.0, ""
+        rounds = sum(
+            math.pow(0.5, k * period / self.half_life_s)
+            for k in range(1, int(covered // period) + 1)
         )
-        return count.read(now, self.half_life_s) / weeks / HOUR_S
+        return count.read(now, self.half_life_s) / rounds / HOUR_S, what
 
     def chances(self, now: float, horizons: dict[str, float]) -> list[Chance]:
         """For each model in `horizons` (not ready; the value: its start or wake time), the
@@ -187,12 +201,12 @@ class Predictor:
                 if p > best:
                     best = p
                     reason = f"after {pending.model}, {p:.2f} within {self.window_s:.0f} s"
-            rate = self.hourly_rate(now, model)
+            rate, what = self.hourly_rate(now, model)
             daily = 1.0 - math.exp(-rate * horizon)
             if daily > 0.0 and best < 1.0:
                 combined = 1.0 - (1.0 - best) * (1.0 - daily)
                 if daily > best:
-                    reason = f"this hour of the week, {daily:.2f} within {horizon:.0f} s"
+                    reason = f"this hour of the {what}, {daily:.2f} within {horizon:.0f} s"
                 best = combined
             if best > 0.0:
                 out.append(Chance(model, best, horizon, reason))
