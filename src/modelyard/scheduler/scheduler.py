@@ -129,6 +129,8 @@ class Scheduler:
         self.predictor = Predictor()
         self.prewarm_stats = PreWarmStats()
         self._wall: Callable[[], float] = time.time
+        self._prewarm_for: GatewayConfig | None = None
+        self._prewarm_any = False
         self._habits = HabitsFile(Path(config.state_dir).expanduser() / HABITS_NAME)
         self._habits.read_into(self.predictor)
 
@@ -383,10 +385,15 @@ class Scheduler:
         return (model.prewarm or self.config.defaults.prewarm) == "auto"
 
     def _prewarm_anywhere(self) -> bool:
-        return any(self._prewarm_on(name) for name in self._supervisors)
+        """Whether any model may be pre-warmed (on every request's path: cached per config)."""
+        if self._prewarm_for is not self.config:
+            self._prewarm_for = self.config
+            self._prewarm_any = any(self._prewarm_on(name) for name in self.config.models)
+        return self._prewarm_any
 
     def note_request(self, model: str, key: str) -> None:
-        """A request for `model` from `key` came: learn from it, then maybe pre-warm."""
+        """A request for `model` from `key` came: learn from it. (The pre-warm it may lead to
+        is asked for once it holds its engine: its own start goes first.)"""
         if not self._prewarm_anywhere():
             return
         self.predictor.observe(self._wall(), key, model)
@@ -395,11 +402,10 @@ class Scheduler:
             self.events.emit("prewarm_used", model, "asked for after its pre-warm", spared)
         if model in self._core.prewarming():
             self._core.step(PreWarmOver(model))  # a real start now: never cancelled
-        self.maybe_prewarm()
 
     def maybe_prewarm(self) -> None:
         """Offer the core the predictor's chances for the models that are not ready."""
-        if self._closing or self.total_waiting():
+        if not self._prewarm_anywhere() or self._closing or self.total_waiting():
             return
         now = self._wall()
         horizons: dict[str, float] = {}
@@ -903,6 +909,7 @@ class EngineFor:
         deadline = scheduler._clock() + supervisor.settings.start_timeout
         engine = await supervisor.hold(deadline)
         self._supervisor = supervisor
+        scheduler.maybe_prewarm()
         return engine
 
     async def __aexit__(self, *exc_info: object) -> None:
