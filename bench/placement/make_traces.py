@@ -30,6 +30,8 @@ from typing import Any
 GIB = 1024**3
 HERE = Path(__file__).parent
 TRACES = HERE / "traces"
+# Traces with structure (who asked; habits to learn), replayed by `bench.placement.prewarm`.
+STRUCTURED = HERE / "structured"
 DURATION_S = 2 * 3600.0
 
 MODELS = [
@@ -117,16 +119,70 @@ def steady(rng: random.Random) -> list[tuple[float, str, float]]:
         requests.append((round(t, 3), model, round(rng.expovariate(1 / 5.0), 3)))
 
 
+def chains(
+    rng: random.Random,
+    users: int,
+    duration: float,
+    start: float = 0.0,
+    habits: list[list[str]] | None = None,
+) -> list[list[Any]]:
+    """Agent chains: each user (an API key) has its own habit, a chain of 2-3 models it walks
+    in order (a few requests each, seconds apart), then pauses for minutes and starts again."""
+    habits = habits or user_habits(rng, users)
+    requests: list[list[Any]] = []
+    for user, habit in enumerate(habits):
+        t = start + rng.uniform(0, 120)
+        while t < start + duration:
+            for model in habit:
+                for _ in range(1 + int(rng.expovariate(1 / 3))):
+                    requests.append(
+                        [round(t, 3), model, round(rng.lognormvariate(1.0, 0.6), 3), f"user{user}"]
+                    )
+                    t += rng.expovariate(1 / 5.0)
+                t += rng.uniform(2.0, 20.0)  # the agent thinks, then calls the next model
+            t += rng.expovariate(1 / 300.0)
+    return requests
+
+
+# Three agents whose chains together need twice the GPU (48 GiB on 24): the next model of a
+# chain is rarely still loaded, which is what pre-warming is for.
+AGENTS = [
+    ["chat-8g", "coder-12g", "coderslow-16g"],
+    ["general-2g", "coderslow-16g"],
+    ["vision-6g", "coder-12g", "agent-4g"],
+]
+
+
+def user_habits(rng: random.Random, users: int) -> list[list[str]]:
+    names = [name for name, _, _ in MODELS]
+    return [rng.sample(names, rng.choice([2, 3])) for _ in range(users)]
+
+
+def daily(rng: random.Random) -> list[list[Any]]:
+    """Daily cycles: three working days; each user works 9:00-12:00 and 14:00-17:00 with
+    their own chain, nobody at night (the trace's times are seconds since Monday 00:00)."""
+    requests: list[list[Any]] = []
+    monday = 4 * 24 * 3600.0  # Unix day 4 was a Monday: time-of-day patterns line up
+    habits = user_habits(rng, 3)  # the same people, with the same habits, every day
+    for day in range(3):
+        for hours in ((9, 12), (14, 17)):
+            begin = monday + day * 86400.0 + hours[0] * 3600.0
+            length = (hours[1] - hours[0]) * 3600.0
+            requests += chains(random.Random(rng.random()), 3, length, begin, habits)
+    return requests
+
+
 def write(
     name: str,
     seed: int,
-    requests: list[tuple[float, str, float]],
+    requests: list[tuple[float, str, float]] | list[list[Any]],
     about: str,
     models: list[dict[str, Any]] | None = None,
+    folder: Path = TRACES,
     **extra: Any,
 ) -> Path:
-    TRACES.mkdir(exist_ok=True)
-    path = TRACES / f"{name}.json"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{name}.json"
     trace = {
         "name": name,
         "about": about,
@@ -158,6 +214,25 @@ def main() -> None:
             load_wait_goal=False,
         )
     )
+    # Traces with structure, for learned pre-warming: requests carry the user's key.
+    for name, seed, requests, about in (
+        ("agent-chains", 4, chains(random.Random(4), 3, DURATION_S, habits=AGENTS), "3 agents"),
+        ("users-habits", 5, chains(random.Random(5), 6, DURATION_S), "6 users, own habits"),
+        ("daily-cycle", 6, daily(random.Random(6)), "3 working days of 3 users' chains"),
+    ):
+        for sleep in (True, False):
+            models = model_table() if sleep else [{**m, "sleep_level": 0} for m in model_table()]
+            print(
+                write(
+                    name if sleep else f"{name}-nosleep",
+                    seed,
+                    sorted(requests),
+                    about + ("" if sleep else ", sleep off"),
+                    models,
+                    STRUCTURED,
+                    load_wait_goal=False,
+                )
+            )
 
 
 if __name__ == "__main__":

@@ -28,9 +28,9 @@ from bench.placement.simulate import TRACES, Simulation, Trace
 from bench.placement.world import STOP_S
 
 
-def replay(trace: Trace) -> list[Outcome]:
-    """Every request of `trace`, answered by the virtual gateway around the real core."""
-    models = {
+def models_of(trace: Trace) -> dict[str, Model]:
+    """The trace's models as the virtual gateway runs them (stops and sleeps take time)."""
+    return {
         spec.name: Model(
             bytes=spec.bytes,
             start_s=spec.start_s,
@@ -45,7 +45,13 @@ def replay(trace: Trace) -> list[Outcome]:
         )
         for spec in trace.models
     }
-    world = VirtualGateway(models, [trace.gpu_bytes], host_ram_for_sleep=trace.host_ram_for_sleep)
+
+
+def replay(trace: Trace) -> list[Outcome]:
+    """Every request of `trace`, answered by the virtual gateway around the real core."""
+    world = VirtualGateway(
+        models_of(trace), [trace.gpu_bytes], host_ram_for_sleep=trace.host_ram_for_sleep
+    )
     for request in trace.requests:
         world.request(request.at, request.model, duration=request.service_s)
     return world.run(until=math.inf)

@@ -49,6 +49,7 @@ class Request:
     at: float
     model: str
     service_s: float
+    key: str = ""  # who asked (an API key, a user): what pre-warming learns habits by
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,9 @@ class Trace:
             gpu_bytes=int(raw["gpu_bytes"]),
             host_ram_for_sleep=int(raw["host_ram_for_sleep"]),
             models=tuple(ModelSpec.from_json(m) for m in raw["models"]),
-            requests=tuple(Request(float(t), m, float(s)) for t, m, s in raw["requests"]),
+            requests=tuple(
+                Request(float(row[0]), row[1], float(row[2]), *row[3:4]) for row in raw["requests"]
+            ),
             start_timeout=float(raw.get("start_timeout", 300.0)),
             load_wait_goal=bool(raw.get("load_wait_goal", True)),
         )

@@ -22,12 +22,16 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
-from modelyard.placement.policy import Engine, EngineState, GpuCapacity, Sleep, Target
+from modelyard.placement.policy import Action, Engine, EngineState, GpuCapacity, Sleep, Target
 from modelyard.scheduler.core import (
+    CancelPreWarm,
     CarryOut,
     Command,
     Dropped,
     EvictionsDone,
+    PreWarmAsk,
+    PreWarmNow,
+    PreWarmOver,
     RefuseNow,
     SchedulerCore,
     StartNow,
@@ -35,6 +39,8 @@ from modelyard.scheduler.core import (
     Wanted,
 )
 from modelyard.scheduler.decide import Ask, Snapshot, unlimited_gpus
+from modelyard.scheduler.predictor import Predictor
+from modelyard.scheduler.prewarm import Candidate
 
 GIB = 1024**3
 
@@ -89,6 +95,19 @@ class _Live:
     stopping_asleep: bool = False  # a sleeper being stopped holds only its asleep size
 
 
+@dataclass
+class PreWarmRecord:
+    """One pre-warm: made at `at` for `model` because of `reason`; `used_at` when a request
+    came for it first, `wasted` when it was cancelled or evicted before any did."""
+
+    at: float
+    model: str
+    reason: str
+    spared_s: float  # the wait a request at the moment it was made would have had
+    used_at: float | None = None
+    wasted: bool = False
+
+
 @dataclass(frozen=True)
 class Decided:
     at: float
@@ -103,9 +122,11 @@ class VirtualGateway:
         gpus: list[int] | None,
         host_ram_for_sleep: int | None = None,
         nodes: list[str] | None = None,
+        predictor: Predictor | None = None,
     ) -> None:
         """`gpus`: the GPUs' sizes in bytes; None for a machine without managed GPUs.
-        `nodes`: on a cluster, the node each GPU is in."""
+        `nodes`: on a cluster, the node each GPU is in. `predictor`: learn from the requests
+        and pre-warm (None: never pre-warm, today's policy)."""
         self.models = models
         self.gpus = gpus
         self.nodes = nodes
@@ -121,14 +142,19 @@ class VirtualGateway:
         self._events: list[tuple[float, int, str, object]] = []
         self._seq = 0
         self._durations: dict[int, float] = {}
+        self._keys: dict[int, str] = {}
         self._wakeups: set[float] = set()
+        self.predictor = predictor
+        self.prewarms: list[PreWarmRecord] = []
+        self._open_prewarm: dict[str, PreWarmRecord] = {}  # not yet used, nor wasted
 
     # ----- the test's inputs -----
 
-    def request(self, at: float, model: str, duration: float = 5.0) -> int:
+    def request(self, at: float, model: str, duration: float = 5.0, key: str = "") -> int:
         index = len(self.outcomes)
         self.outcomes.append(Outcome(index, model, at))
         self._durations[index] = duration
+        self._keys[index] = key
         self._push(at, "arrive", index)
         self._push(at + self.models[model].start_timeout, "deadline", index)
         return index
@@ -153,7 +179,11 @@ class VirtualGateway:
             self.now = at
             self._handle(kind, data)
             self._decide_all()
+            self._maybe_prewarm()
             self._check_memory()
+        for record in self._open_prewarm.values():
+            record.wasted = True  # never asked for before the trace ended
+        self._open_prewarm.clear()
         return self.outcomes
 
     # ----- events -----
@@ -175,6 +205,12 @@ class VirtualGateway:
             assert isinstance(data, int)
             outcome = self.outcomes[data]
             live = self.live[outcome.model]
+            if self.predictor is not None:
+                self.predictor.observe(self.now, self._keys[data], outcome.model)
+            record = self._open_prewarm.pop(outcome.model, None)
+            if record is not None:
+                record.used_at = self.now
+                self.core.step(PreWarmOver(outcome.model))
             if live.state is EngineState.READY:
                 self._serve(outcome.model, data)
             else:
@@ -193,6 +229,8 @@ class VirtualGateway:
                 return
             if live.state is EngineState.STARTING:
                 live.measured_start = self.models[name].start_s
+            if name in self.core.prewarming():
+                self.core.step(PreWarmOver(name))
             self._become(name, EngineState.READY)
             live.sleeping_level = 0
             self.log.append((self.now, name, "ready"))
@@ -209,13 +247,23 @@ class VirtualGateway:
             for index in live.waiters:
                 self._answer(index, 502, "engine_start_failed", 5.0, "crashed while starting")
             live.waiters = []
+        elif kind == "prewarm_go":
+            assert isinstance(data, str)
+            self.core.step(Dropped(data))
+            if data in self.core.prewarming() and self._at_rest(data):
+                # As good as just used: the next eviction must not pick it first for having
+                # never served a request (its prediction is why it is here).
+                self.live[data].last_used = self.now
+                self._go(data, self.live[data].gpus or (0,))
         elif kind == "stopped":
             assert isinstance(data, str)
+            self._waste(data)
             self._become(data, None)
             self.live[data].sleeping_level = 0
             self.live[data].stopping_asleep = False
         elif kind == "slept":
             name, level = data  # type: ignore[misc]
+            self._waste(name)
             self._become(name, EngineState.SLEEPING)
             self.live[name].sleeping_level = level
         elif kind == "evicted":
@@ -271,9 +319,95 @@ class VirtualGateway:
                 self.decisions.append(Decided(self.now, name, command))
                 self._carry_out(name, command)
 
+    def _waste(self, name: str) -> None:
+        """Evicted (or cancelled) before any request came: the pre-warm was wasted."""
+        record = self._open_prewarm.pop(name, None)
+        if record is not None:
+            record.wasted = True
+
+    def _maybe_prewarm(self) -> None:
+        """With nobody waiting, offer the core the predictor's chances (as the driver does)."""
+        if self.predictor is None or any(live.waiters for live in self.live.values()):
+            return
+        horizons = {}
+        for name, live in self.live.items():
+            if live.state is None:
+                horizons[name] = self.models[name].start_s
+            elif live.state is EngineState.SLEEPING:
+                model = self.models[name]
+                wake = model.wake2_s if live.sleeping_level == 2 else None
+                horizons[name] = wake if wake is not None else model.wake_s
+        chances = self.predictor.chances(self.now, horizons)
+        if not chances:
+            return
+        loaded = {
+            name: self.models[name].start_s
+            for name, live in self.live.items()
+            if live.state in (EngineState.READY, EngineState.SLEEPING)
+        }
+        expected = {c.model: c.probability for c in self.predictor.chances(self.now, loaded)}
+        candidates = tuple(Candidate(self._target(c.model), c, horizons[c.model]) for c in chances)
+        for command in self.core.step(
+            PreWarmAsk(
+                self._snapshot(""),
+                candidates,
+                in_use=frozenset(self.predictor.in_use(self.now)),
+                expected=expected,
+                switch_rate=self.predictor.switch_rate(self.now),
+            )
+        ):
+            assert isinstance(command, PreWarmNow)
+            self.decisions.append(Decided(self.now, command.prewarm.target, command))
+            self._carry_out(command.prewarm.target, command)
+
+    def _evict(self, actions: tuple[Action, ...]) -> float:
+        """Sleep or stop `actions` one after the other; when the last is done."""
+        at = self.now
+        for action in actions:
+            victim = self.live[action.name]
+            assert victim.in_flight == 0, f"evicted busy {action.name}"
+            model = self.models[action.name]
+            if isinstance(action, Sleep):
+                # Still counted awake until it sleeps (the supervisor's DRAINING).
+                self._become(action.name, EngineState.DRAINING)
+                seconds = model.sleep_s
+                if action.level == 2 and model.sleep2_s is not None:
+                    seconds = model.sleep2_s
+                at += seconds
+                self._push(at, "slept", (action.name, action.level))
+                self.log.append((self.now, action.name, f"sleep{action.level}"))
+            else:
+                victim.stopping_asleep = victim.state is EngineState.SLEEPING
+                self._become(action.name, EngineState.STOPPING)
+                at += model.stop_s
+                self._push(at, "stopped", action.name)
+                self.log.append((self.now, action.name, "stop"))
+        return at
+
     def _carry_out(self, name: str, command: Command) -> None:
         live = self.live[name]
-        if isinstance(command, StartNow):
+        if isinstance(command, PreWarmNow):
+            prewarm = command.prewarm
+            live.gpus = prewarm.gpus if live.state is None else live.gpus
+            record = PreWarmRecord(self.now, name, prewarm.reason, prewarm.saving_s)
+            record.spared_s = (
+                self.models[name].start_s if live.state is None else self.models[name].wake_s
+            )
+            self.prewarms.append(record)
+            self._open_prewarm[name] = record
+            self.log.append((self.now, name, f"prewarm: {prewarm.reason}"))
+            self._push(self._evict(prewarm.actions), "prewarm_go", name)
+        elif isinstance(command, CancelPreWarm):
+            live = self.live[command.target]
+            self._waste(command.target)
+            self.log.append((self.now, command.target, f"prewarm cancelled: {command.reason}"))
+            if live.state in (EngineState.STARTING, EngineState.WAKING):
+                live.generation += 1  # its "loaded" event no longer counts
+                live.stopping_asleep = False
+                self._become(command.target, EngineState.STOPPING)
+                stop_s = self.models[command.target].stop_s
+                self._push(self.now + stop_s, "stopped", command.target)
+        elif isinstance(command, StartNow):
             self._go(name, command.gpus)
         elif isinstance(command, RefuseNow):
             for index in live.waiters:
@@ -288,26 +422,7 @@ class VirtualGateway:
                 self._push(command.until, "wake_deciders", command.until)
         else:
             assert isinstance(command, CarryOut)
-            at = self.now
-            for action in command.actions:
-                victim = self.live[action.name]
-                assert victim.in_flight == 0, f"evicted busy {action.name}"
-                model = self.models[action.name]
-                if isinstance(action, Sleep):
-                    # Still counted awake until it sleeps (the supervisor's DRAINING).
-                    self._become(action.name, EngineState.DRAINING)
-                    seconds = model.sleep_s
-                    if action.level == 2 and model.sleep2_s is not None:
-                        seconds = model.sleep2_s
-                    at += seconds
-                    self._push(at, "slept", (action.name, action.level))
-                    self.log.append((self.now, action.name, f"sleep{action.level}"))
-                else:
-                    victim.stopping_asleep = victim.state is EngineState.SLEEPING
-                    self._become(action.name, EngineState.STOPPING)
-                    at += model.stop_s
-                    self._push(at, "stopped", action.name)
-                    self.log.append((self.now, action.name, "stop"))
+            at = self._evict(command.actions)
             self._push(at, "evicted", (name, command.number))
 
     def _at_rest(self, name: str) -> bool:

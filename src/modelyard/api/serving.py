@@ -406,9 +406,10 @@ async def _forward(
         async with contextlib.AsyncExitStack() as stack:
             # A fair turn first (a model at its max_in_flight), then the engine: a request
             # waiting its turn does not hold the engine, nor start one.
-            turn = await take_turn(gateway, principal_of(request), target.model)
+            principal = principal_of(request)
+            turn = await take_turn(gateway, principal, target.model)
             stack.callback(end_turn, gateway, turn)
-            held = gateway.scheduler.engine_for(target.model)
+            held = gateway.scheduler.engine_for(target.model, principal.name)
             engine = await stack.enter_async_context(held)
             if target.adapter is not None:  # the adapter stays loaded while it serves
                 await stack.enter_async_context(gateway.lora_manager().use(target, engine))

@@ -169,6 +169,10 @@ class ModelConfig(StrictModel):
     memory: ByteSize | None = Field(default=None, description="footprint hint before measuring")
     pinned: bool = Field(default=False, description="never evicted to make room for another model")
     sleep: Literal[0, 1, 2] = Field(default=0, description="vLLM sleep level when idle; 0 = never")
+    prewarm: Literal["auto", "off"] | None = Field(
+        default=None,
+        description="start it before it is asked for when learned habits say so (defaults')",
+    )
     # Back-pressure.
     max_queue: int | None = Field(
         default=None,
@@ -463,6 +467,10 @@ class DefaultsConfig(StrictModel):
         default=600.0, description="stop (or sleep) an engine after this long unused; 0 = never"
     )
     start_timeout: Duration = Field(default=300.0, description="give up on a start after this")
+    prewarm: Literal["auto", "off"] = Field(
+        default="off",
+        description="auto: start a model before it is asked for when learned habits say so",
+    )
     stop_grace: Duration = Field(default=10.0, description="SIGTERM, then SIGKILL after this")
     crash_backoff_max: Duration = Field(
         default=60.0,

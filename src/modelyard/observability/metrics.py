@@ -38,6 +38,9 @@ MAX_ROUTE_LABELS = 100
 OTHER = "other"
 
 
+PREWARM_OUTCOMES = {"prewarm": "made", "prewarm_used": "used", "prewarm_wasted": "wasted"}
+
+
 class SchedulerView(Protocol):
     """What the metrics read from the scheduler."""
 
@@ -151,6 +154,18 @@ class GatewayMetrics:
         self.events = Counter(
             "modelyard_events", "Events of every kind.", ["kind"], registry=registry
         )
+        self.prewarms = Counter(
+            "modelyard_prewarms",
+            "Pre-warms by outcome: made, used (asked for before it went), wasted.",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self.prewarm_spared = Counter(
+            "modelyard_prewarm_spared_seconds",
+            "Load-wait that pre-warms spared the requests that came for them.",
+            per_model,
+            registry=registry,
+        )
         self.start_duration = Histogram(
             "modelyard_start_duration_seconds",
             "Cold start time: from launching the engine until it answered its health check.",
@@ -228,6 +243,11 @@ class GatewayMetrics:
         }.get(event.kind)
         if counter is not None:
             counter.labels(model).inc()
+        outcome = PREWARM_OUTCOMES.get(event.kind)
+        if outcome is not None:
+            self.prewarms.labels(model, outcome).inc()
+            if outcome == "used" and event.duration_s:
+                self.prewarm_spared.labels(model).inc(event.duration_s)
         if event.duration_s is None:
             return
         if event.kind == "ready":

@@ -46,6 +46,7 @@ from modelyard.scheduler.decide import (
     Wait,
     decide,
 )
+from modelyard.scheduler.prewarm import Candidate, PreWarm, choose_prewarm
 
 # ----- events (what happened) -----
 
@@ -113,7 +114,27 @@ class IdleCheck:
     engines: tuple[IdleEngine, ...]
 
 
-Event = Wanted | EvictionsDone | Dropped | Arrived | IdleCheck
+@dataclass(frozen=True)
+class PreWarmAsk:
+    """No request waits: is a model the predictor expects worth starting now?"""
+
+    snapshot: Snapshot
+    candidates: tuple[Candidate, ...]
+    requests_waiting: bool = False
+    in_use: frozenset[str] = frozenset()  # asked for a moment ago: never evicted for it
+    expected: dict[str, float] = field(default_factory=dict)  # chances of loaded models
+    switch_rate: float = 0.0  # first requests for a model per second, all users
+
+
+@dataclass(frozen=True)
+class PreWarmOver:
+    """Pre-warmed `target` is ready, or was cancelled, or a real request came for it (from
+    then on it is a start like any other, never cancelled for another model)."""
+
+    target: str
+
+
+Event = Wanted | EvictionsDone | Dropped | Arrived | IdleCheck | PreWarmAsk | PreWarmOver
 
 # ----- commands (what the driver must do) -----
 
@@ -180,7 +201,27 @@ class StopIdle:
     reason: str
 
 
-Command = StartNow | CarryOut | WaitUntil | RefuseNow | PutToSleep | StopIdle
+@dataclass(frozen=True)
+class PreWarmNow:
+    """Carry out `prewarm.actions` (idle engines only), then start or wake its target; feed
+    `Dropped(target)` once the start has begun, and `PreWarmOver(target)` once it is ready."""
+
+    prewarm: PreWarm
+    number: int
+
+
+@dataclass(frozen=True)
+class CancelPreWarm:
+    """A real request needs the start slot (or the room) of this pre-warm: do not start it,
+    or stop it if it has begun. The core has forgotten it already."""
+
+    target: str
+    reason: str
+
+
+Command = (
+    StartNow | CarryOut | WaitUntil | RefuseNow | PutToSleep | StopIdle | PreWarmNow | CancelPreWarm
+)
 
 
 @dataclass(frozen=True)
@@ -204,6 +245,13 @@ class SchedulerCore:
     _reservations: dict[str, Reservation] = field(default_factory=dict)
     _rounds: dict[str, int] = field(default_factory=dict)  # eviction rounds in a row
     _numbers: int = 0
+    # Pre-warms under way (their evictions, or their start), by target: cancelled when a
+    # real request needs what they hold. The reservation of one in its eviction phase is in
+    # `_reservations`, as any other.
+    _prewarms: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def prewarming(self) -> tuple[str, ...]:
+        return tuple(self._prewarms)
 
     def reservations(self) -> tuple[Reservation, ...]:
         return tuple(self._reservations.values())
@@ -223,7 +271,63 @@ class SchedulerCore:
             return _queue_bounds(event)
         if isinstance(event, IdleCheck):
             return _idle_verdicts(event)
-        return self._wanted(event)
+        if isinstance(event, PreWarmAsk):
+            return self._prewarm(event)
+        if isinstance(event, PreWarmOver):
+            self._prewarms.pop(event.target, None)
+            return []
+        return self._yield_to_real(event, self._wanted(event))
+
+    def _prewarm(self, event: PreWarmAsk) -> list[Command]:
+        """A pre-warm, only when nothing else is under way (one at a time, no reservation)."""
+        if self._reservations or self._prewarms:
+            return []
+        chosen = choose_prewarm(
+            self.world(event.snapshot, ""),
+            event.candidates,
+            requests_waiting=event.requests_waiting,
+            in_use=event.in_use,
+            expected=event.expected,
+            switch_rate=event.switch_rate,
+            settings=self.settings,
+        )
+        if chosen is None:
+            return []
+        self._numbers += 1
+        self._prewarms[chosen.target] = chosen.gpus
+        if chosen.actions:
+            self._reservations[chosen.target] = Reservation(
+                chosen.target,
+                self._numbers,
+                chosen.gpus,
+                chosen.bytes_per_gpu,
+                tuple(action.name for action in chosen.actions),
+            )
+        return [PreWarmNow(chosen, self._numbers)]
+
+    def _yield_to_real(self, event: Wanted, commands: list[Command]) -> list[Command]:
+        """A real request goes first: when it must wait for a pre-warm (its start slot, or
+        its room), the pre-warm is cancelled."""
+        blocking: set[str] = set()
+        for command in commands:
+            if isinstance(command, WaitUntil):
+                blocking.update(n for n in command.waiting_for if n in self._prewarms)
+        if not blocking and any(isinstance(c, WaitUntil) for c in commands):
+            # Waiting on something else: a pre-warm on a GPU it may use still holds a slot.
+            allowed = set(event.ask.target.gpus)
+            blocking = {
+                name
+                for name, gpus in self._prewarms.items()
+                if name != event.ask.target.name and (not allowed or allowed & set(gpus))
+            }
+        cancels: list[Command] = []
+        for name in sorted(blocking):
+            self._prewarms.pop(name, None)
+            self._reservations.pop(name, None)
+            cancels.append(
+                CancelPreWarm(name, f"{event.ask.target.name} was asked for and needs its slot")
+            )
+        return cancels + commands
 
     def _wanted(self, event: Wanted) -> list[Command]:
         ask = event.ask

@@ -26,6 +26,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from modelyard.config.diff import ReloadPlan
@@ -39,11 +40,15 @@ from modelyard.placement.policy import Action, Sleep
 from modelyard.runtime.remote import RETRY_AFTER_S as RETRY_REMOTE_S
 from modelyard.scheduler.core import (
     Arrived,
+    CancelPreWarm,
     CarryOut,
     Dropped,
     EvictionsDone,
     IdleCheck,
     IdleEngine,
+    PreWarmAsk,
+    PreWarmNow,
+    PreWarmOver,
     PutToSleep,
     RefuseNow,
     SchedulerCore,
@@ -54,6 +59,10 @@ from modelyard.scheduler.core import (
 )
 from modelyard.scheduler.decide import Ask, Snapshot
 from modelyard.scheduler.names import Target, UnknownModel
+from modelyard.scheduler.predictor import Predictor
+from modelyard.scheduler.prewarm import Candidate
+from modelyard.scheduler.prewarm_habits import HABITS_NAME, HabitsFile
+from modelyard.scheduler.prewarm_stats import PreWarmStats
 from modelyard.scheduler.supervisor import (
     EngineHandle,
     EngineStarter,
@@ -123,6 +132,15 @@ class Scheduler:
             placement if placement is not None else UnmanagedGpus(config, self._engines_by_key)
         )
         self.adapter_targets: dict[str, Target] = {}
+        # Learned pre-warming: the predictor counts on the wall clock (its hour-of-week
+        # patterns need one); decisions and deadlines stay on `clock`.
+        self.predictor = Predictor()
+        self.prewarm_stats = PreWarmStats()
+        self._wall: Callable[[], float] = time.time
+        self._prewarm_for: GatewayConfig | None = None
+        self._prewarm_any = False
+        self._habits = HabitsFile(Path(config.state_dir).expanduser() / HABITS_NAME)
+        self._habits.read_into(self.predictor)
 
     def set_adapter_targets(self, targets: dict[str, Target]) -> None:
         """The LoRA adapters on disk now, by public name (the adapter manager's scan)."""
@@ -361,10 +379,117 @@ class Scheduler:
 
     # ----- serving -----
 
-    def engine_for(self, model: str) -> EngineFor:
+    def engine_for(self, model: str, key: str = "") -> EngineFor:
         """A ready engine for one request, within the model's start timeout and queue bounds:
-        `async with scheduler.engine_for(model) as engine`."""
-        return EngineFor(self, model)
+        `async with scheduler.engine_for(model) as engine`. `key`: who asks (an API key's
+        name), for the habits pre-warming learns."""
+        return EngineFor(self, model, key)
+
+    # ----- learned pre-warming -----
+
+    def _prewarm_on(self, name: str) -> bool:
+        model = self.config.models[name]
+        return (model.prewarm or self.config.defaults.prewarm) == "auto"
+
+    def _prewarm_anywhere(self) -> bool:
+        """Whether any model may be pre-warmed (on every request's path: cached per config)."""
+        if self._prewarm_for is not self.config:
+            self._prewarm_for = self.config
+            self._prewarm_any = any(self._prewarm_on(name) for name in self.config.models)
+        return self._prewarm_any
+
+    def note_request(self, model: str, key: str) -> None:
+        """A request for `model` from `key` came: learn from it. (The pre-warm it may lead to
+        is asked for once it holds its engine: its own start goes first.)"""
+        if not self._prewarm_anywhere():
+            return
+        self.predictor.observe(self._wall(), key, model)
+        spared = self.prewarm_stats.asked_for(model, self._clock())
+        if spared is not None:
+            self.events.emit("prewarm_used", model, "asked for after its pre-warm", spared)
+        if model in self._core.prewarming():
+            self._core.step(PreWarmOver(model))  # a real start now: never cancelled
+
+    def maybe_prewarm(self) -> None:
+        """Offer the core the predictor's chances for the models that are not ready."""
+        if not self._prewarm_anywhere() or self._closing or self.total_waiting():
+            return
+        now = self._wall()
+        horizons: dict[str, float] = {}
+        loaded: dict[str, float] = {}
+        for name, supervisor in self._supervisors.items():
+            start = supervisor.timings.last_start_s or supervisor.settings.start_timeout / 5
+            if supervisor.state is ModelState.READY:
+                loaded[name] = start
+            elif self._prewarm_on(name) and supervisor.state in (
+                ModelState.STOPPED,
+                ModelState.SLEEPING,
+            ):
+                horizons[name] = start
+        chances = self.predictor.chances(now, horizons)
+        if not chances:
+            return
+        candidates = tuple(
+            Candidate(self._target(self._supervisors[c.model]), c, c.horizon_s) for c in chances
+        )
+        ask = PreWarmAsk(
+            self._snapshot(""),
+            candidates,
+            in_use=frozenset(self.predictor.in_use(now)),
+            expected={c.model: c.probability for c in self.predictor.chances(now, loaded)},
+            switch_rate=self.predictor.switch_rate(now),
+        )
+        for command in self._core.step(ask):
+            assert isinstance(command, PreWarmNow)
+            prewarm = command.prewarm
+            self.events.emit("prewarm", prewarm.target, prewarm.reason)
+            spared = next(c.wait_s for c in candidates if c.target.name == prewarm.target)
+            self.prewarm_stats.made_for(prewarm.target, self._clock(), spared)
+            self._in_background(self._prewarm(command), self._evicting)
+
+    async def _prewarm(self, command: PreWarmNow) -> None:
+        """Make its room from idle engines, then load it as the admin API does."""
+        prewarm = command.prewarm
+        supervisor = self._supervisors.get(prewarm.target)
+        try:
+            ok = True
+            for action in prewarm.actions:
+                ok = await self._evict_one(action, prewarm.target) and ok
+            if prewarm.actions:
+                self._core.step(EvictionsDone(prewarm.target, command.number, ok))
+            if supervisor is not None and prewarm.target in self._core.prewarming():
+                await supervisor.load(
+                    self._clock() + supervisor.settings.start_timeout,
+                    f"pre-warm: {prewarm.reason}",
+                )
+                # Its idle timer runs from now (not from its last use, maybe hours ago): a
+                # request has until its idle timeout to use it.
+                supervisor.last_used = self._clock()
+        except Exception as error:  # a cancelled or failed pre-warm: nobody waited for it
+            log.info("pre-warm of %s ended: %s", prewarm.target, error)
+        finally:
+            self._core.step(PreWarmOver(prewarm.target))
+            self._notify()
+            self.maybe_prewarm()  # one at a time: the next may go now
+
+    def _cancel_prewarm(self, cancel: CancelPreWarm) -> None:
+        """A real request needs what this pre-warm holds: stop it (in the background)."""
+        self.events.emit("prewarm_cancelled", cancel.target, cancel.reason)
+        self._prewarm_gone(cancel.target, "cancelled")
+        supervisor = self._supervisors.get(cancel.target)
+        if supervisor is not None:
+            reason = f"pre-warm cancelled: {cancel.reason}"
+            self._in_background(self._stop_quietly(supervisor, reason), self._evicting)
+
+    def _prewarm_gone(self, model: str, why: str) -> None:
+        if self.prewarm_stats.gone(model):
+            self.events.emit("prewarm_wasted", model, f"{why} before any request came")
+
+    async def _stop_quietly(self, supervisor: ModelSupervisor, reason: str) -> None:
+        try:
+            await supervisor.stop(reason, drain=False)
+        finally:
+            self._notify()
 
     def _supervisor_to_wait_on(self, model: str) -> ModelSupervisor:
         """The model's supervisor, for a request that may wait for it (or ModelUnavailable)."""
@@ -482,6 +607,9 @@ class Scheduler:
                 changed = self._changed  # taken before the step: no change is missed
                 until = self._clock()
                 for command in self._core.step(wanted):
+                    if isinstance(command, CancelPreWarm):
+                        self._cancel_prewarm(command)
+                        continue
                     if isinstance(command, StartNow):
                         return self._go(supervisor, command)
                     if isinstance(command, RefuseNow):
@@ -528,6 +656,7 @@ class Scheduler:
     async def _evict_one(self, action: Action, target: str) -> bool:
         """Sleep or stop one victim; whether it is asleep or stopped now."""
         victim = self._engines_by_key()[action.name]
+        self._prewarm_gone(victim.name, "evicted")
         group = self.config.exclusive_group_of(target)
         if group is not None and self.config.exclusive_group_of(action.name) == group:
             reason = f"exclusive group: {target!r} is starting"
@@ -577,6 +706,8 @@ class Scheduler:
         while True:
             await asyncio.sleep(IDLE_CHECK_INTERVAL_S)
             try:
+                if self._prewarm_anywhere():
+                    await self._habits.save_every(self.predictor, self._clock())
                 await self.reap_idle(self._clock())
             except Exception:  # the reaper must outlive any one bug (issue 11, defect 2)
                 log.exception("idle check failed; checking again")
@@ -621,6 +752,7 @@ class Scheduler:
                 self.events.emit("idle_stop_failed", supervisor.name, str(error))
                 continue
             if done:
+                self._prewarm_gone(supervisor.name, "idle")
                 acted.append(supervisor.name)
         return acted
 
@@ -687,6 +819,9 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reaper
         await self.drained(grace)
+        if self._prewarm_anywhere():
+            with contextlib.suppress(Exception):  # losing what was learned never blocks a stop
+                await self._habits.save(self.predictor)
         await asyncio.gather(
             *(s.stop("gateway shutdown", drain=False) for s in self._all_supervisors()),
             return_exceptions=True,
@@ -756,11 +891,12 @@ class EngineFor:
     and for a ready engine its entry takes no await and creates no generator.
     """
 
-    __slots__ = ("_model", "_scheduler", "_supervisor", "lost")
+    __slots__ = ("_key", "_model", "_scheduler", "_supervisor", "lost")
 
-    def __init__(self, scheduler: Scheduler, model: str) -> None:
+    def __init__(self, scheduler: Scheduler, model: str, key: str = "") -> None:
         self._scheduler = scheduler
         self._model = model
+        self._key = key
         self._supervisor: ModelSupervisor | None = None
         # Once entered: completes, with the reason, if the held engine is lost (it crashed,
         # was declared hung, a remote was declared down, its node was lost).
@@ -768,11 +904,13 @@ class EngineFor:
 
     async def __aenter__(self) -> EngineHandle:
         scheduler = self._scheduler
+        scheduler.note_request(self._model, self._key)
         supervisor = scheduler._supervisor_to_wait_on(self._model)
         deadline = scheduler._clock() + supervisor.settings.start_timeout
         engine = await supervisor.hold(deadline)
         self._supervisor = supervisor
-        self.lost = supervisor.lost_signal  # no await since the hold: this engine's
+        self.lost = supervisor.lost_signal  # read with no await since the hold: this engine's
+        scheduler.maybe_prewarm()
         return engine
 
     async def __aexit__(self, *exc_info: object) -> None:

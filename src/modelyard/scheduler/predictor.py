@@ -1,0 +1,219 @@
+"""Which model will be asked for next, learned by counting the gateway's own request history.
+
+Pure: no I/O and no clock of its own; the driver feeds `observe(now, key, model)` for every
+request (replayed from the event store at start-up, so it survives restarts) and asks
+`chances(now, horizons)` for the models that are not ready.
+
+Two counts, each decayed with a half-life so old habits fade:
+
+- transitions, per key (an API key or session): after a request for X, was Y asked for by the
+  same key within `window_s`? `P(Y | X) = followed(X -> Y) / seen(X)`, from the key's own
+  counts once it has enough, else from all keys' (a new key borrows the others' habits). It
+  is read only while the key's last request (X) is recent enough for the next one to come.
+- the hour of the week (day of the week and time of day): how often Y was asked for in this
+  hour, per week the history covers; in the first week, the hour of the day, per day. Requests
+  arriving as a Poisson stream at that rate give `1 - exp(-rate * horizon)`.
+
+The two are combined as independent reasons for Y to come: `1 - (1 - a)(1 - b)`. Each chance
+carries its reason in words ("after coder, 0.72 within 60 s"), so a pre-warm can be explained.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+WEEK_S = 7 * 24 * 3600.0
+DAY_S = 24 * 3600.0
+HOUR_S = 3600.0
+
+_K = TypeVar("_K")
+
+
+@dataclass(frozen=True)
+class Chance:
+    """The probability that `model` is asked for within `horizon_s`, and why."""
+
+    model: str
+    probability: float
+    horizon_s: float
+    reason: str
+
+
+@dataclass
+class _Decayed:
+    """A count that halves every `half_life_s` (stored at its last update time)."""
+
+    value: float = 0.0
+    at: float = 0.0
+
+    def read(self, now: float, half_life_s: float) -> float:
+        return self.value * math.pow(0.5, max(now - self.at, 0.0) / half_life_s)
+
+    def add(self, now: float, half_life_s: float, amount: float = 1.0) -> None:
+        self.value = self.read(now, half_life_s) + amount
+        self.at = now
+
+
+@dataclass
+class _Pending:
+    """A request for `model` by one key, still within the window for its successor."""
+
+    model: str
+    at: float
+
+
+@dataclass
+class Predictor:
+    """Counting and decay over (time, key, model) observations; see the module docstring."""
+
+    window_s: float = 300.0  # "after X, Y within this long" counts as a transition
+    half_life_s: float = 7 * 24 * 3600.0  # habits fade over about a week
+    min_seen: float = 3.0  # fewer observations of X than this: no transition chance yet
+    recent_s: float = 60.0  # a key's model asked for this recently is in use now
+    switch_half_life_s: float = 600.0  # how fast `switch_rate` follows the traffic
+    _switches: _Decayed = field(default_factory=_Decayed)
+    # Keyed by (key, X) and (key, X, Y); the key "" holds every key's counts together.
+    _seen: dict[tuple[str, str], _Decayed] = field(default_factory=dict)
+    _followed: dict[tuple[str, str, str], _Decayed] = field(default_factory=dict)
+    _last: dict[str, _Pending] = field(default_factory=dict)  # per key
+    _hourly: dict[tuple[str, int], _Decayed] = field(default_factory=dict)  # hour of week
+    _daily: dict[tuple[str, int], _Decayed] = field(default_factory=dict)  # hour of day
+    _first: float | None = None
+
+    def observe(self, now: float, key: str, model: str) -> None:
+        """A request for `model` from `key` arrived at `now`."""
+        if self._first is None:
+            self._first = now
+        pending = self._last.get(key)
+        if pending is not None and pending.model == model and now - pending.at <= self.window_s:
+            pending.at = now  # a burst for the same model: its successor's window moves on
+            return
+        if pending is not None:
+            # X's turn is over: it was seen once, and followed by `model` if that came in time.
+            # (Counted only now, so an X still waiting for its successor does not count.)
+            for who in {key, ""}:
+                self._count(self._seen, (who, pending.model), now)
+                if now - pending.at <= self.window_s:
+                    self._count(self._followed, (who, pending.model, model), now)
+        self._last[key] = _Pending(model, now)
+        self._switches.add(now, self.switch_half_life_s)
+        self._count(self._hourly, (model, hour_of_week(now)), now)
+        self._count(self._daily, (model, hour_of_week(now) % 24), now)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The counts as plain JSON data (the gateway keeps them in its state dir, so what
+        was learned survives a restart)."""
+
+        def rows(table: dict[Any, _Decayed]) -> list[list[Any]]:
+            return [[*key, count.value, count.at] for key, count in table.items()]
+
+        return {
+            "version": 1,
+            "first": self._first,
+            "seen": rows(self._seen),
+            "followed": rows(self._followed),
+            "hourly": rows(self._hourly),
+            "daily": rows(self._daily),
+            "last": [[key, p.model, p.at] for key, p in self._last.items()],
+            "switches": [self._switches.value, self._switches.at],
+        }
+
+    def load(self, raw: dict[str, Any]) -> None:
+        """Take the counts `to_dict` wrote (this predictor's own settings stay)."""
+        if raw.get("version") != 1:
+            raise ValueError(f"unknown pre-warm habits version {raw.get('version')!r}")
+        self._first = raw["first"]
+        self._seen = {(r[0], r[1]): _Decayed(r[2], r[3]) for r in raw["seen"]}
+        self._followed = {(r[0], r[1], r[2]): _Decayed(r[3], r[4]) for r in raw["followed"]}
+        self._hourly = {(r[0], int(r[1])): _Decayed(r[2], r[3]) for r in raw["hourly"]}
+        self._daily = {(r[0], int(r[1])): _Decayed(r[2], r[3]) for r in raw["daily"]}
+        self._last = {r[0]: _Pending(r[1], r[2]) for r in raw["last"]}
+        self._switches = _Decayed(*raw["switches"])
+
+    def _count(self, table: dict[_K, _Decayed], key: _K, now: float) -> None:
+        table.setdefault(key, _Decayed()).add(now, self.half_life_s)
+
+    def transition(self, now: float, after: str, then: str, key: str = "") -> float:
+        """P(`then` within the window | a request for `after` by `key`), from the counts at
+        `now`: the key's own once it has seen `after` `min_seen` times, else every key's."""
+        for who in (key, ""):
+            seen = self._seen.get((who, after))
+            if seen is None or seen.read(now, self.half_life_s) < self.min_seen:
+                continue
+            followed = self._followed.get((who, after, then))
+            if followed is None:
+                return 0.0
+            return min(followed.read(now, self.half_life_s) / seen.read(now, self.half_life_s), 1.0)
+        return 0.0
+
+    def switch_rate(self, now: float) -> float:
+        """First requests for a model (not the rest of a burst) per second, all keys, lately:
+        how often a real request may come for a model that is not ready."""
+        # A decayed count of events at rate r tends to r * half_life / ln 2.
+        return (
+            self._switches.read(now, self.switch_half_life_s)
+            * math.log(2)
+            / (self.switch_half_life_s)
+        )
+
+    def in_use(self, now: float) -> set[str]:
+        """The models some key asked for within `recent_s`: likely asked for again soon."""
+        return {p.model for p in self._last.values() if now - p.at <= self.recent_s}
+
+    def hourly_rate(self, now: float, model: str) -> tuple[float, str]:
+        """Requests (first of a burst) per second for `model` at this time, and which pattern
+        says so: the hour of the week once a week of history is there, else the hour of the
+        day once a day is. The decayed count over the decayed number of times this hour came
+        round (1, 2, ... periods ago, each decayed as its count)."""
+        if self._first is None:
+            return 0.0, ""
+        covered = now - self._first
+        if covered >= WEEK_S:
+            period, table, bucket, what = WEEK_S, self._hourly, hour_of_week(now), "week"
+        elif covered >= DAY_S:
+            period, table, bucket, what = DAY_S, self._daily, hour_of_week(now) % 24, "day"
+        else:
+            return 0.0, ""
+        count = table.get((model, bucket))
+        if count is None:
+            return 0.0, ""
+        rounds = sum(
+            math.pow(0.5, k * period / self.half_life_s)
+            for k in range(1, int(covered // period) + 1)
+        )
+        return count.read(now, self.half_life_s) / rounds / HOUR_S, what
+
+    def chances(self, now: float, horizons: dict[str, float]) -> list[Chance]:
+        """For each model in `horizons` (not ready; the value: its start or wake time), the
+        chance it is asked for within that time, best first; models with none are left out."""
+        out: list[Chance] = []
+        for model, horizon in horizons.items():
+            best, reason = 0.0, ""
+            for key, pending in self._last.items():
+                # The successor comes within the window after X; past it, X says nothing.
+                if now - pending.at > self.window_s:
+                    continue
+                if pending.model == model:
+                    continue
+                p = self.transition(now, pending.model, model, key)
+                if p > best:
+                    best = p
+                    reason = f"after {pending.model}, {p:.2f} within {self.window_s:.0f} s"
+            rate, what = self.hourly_rate(now, model)
+            daily = 1.0 - math.exp(-rate * horizon)
+            if daily > 0.0 and best < 1.0:
+                combined = 1.0 - (1.0 - best) * (1.0 - daily)
+                if daily > best:
+                    reason = f"this hour of the {what}, {daily:.2f} within {horizon:.0f} s"
+                best = combined
+            if best > 0.0:
+                out.append(Chance(model, best, horizon, reason))
+        out.sort(key=lambda chance: -chance.probability)
+        return out
+
+
+def hour_of_week(now: float) -> int:
+    """0-167 from a Unix time (UTC; Unix day 0 was a Thursday, so Monday 00:00 is hour 0)."""
+    return int(((now + 3 * 24 * 3600.0) % WEEK_S) // HOUR_S)

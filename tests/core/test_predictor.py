@@ -1,0 +1,159 @@
+"""The pre-warming predictor's counting, on synthetic histories with a virtual clock."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from pathlib import Path
+
+import pytest
+
+from modelyard.scheduler.predictor import DAY_S, WEEK_S, Predictor, hour_of_week
+from modelyard.scheduler.prewarm_habits import HabitsFile
+
+MONDAY = 4 * 24 * 3600.0  # Unix day 4 was a Monday
+
+
+def rounds(
+    predictor: Predictor, n: int, first: str, then: str, gap: float, key: str = "k"
+) -> float:
+    """`n` rounds of `first` then `then` `gap` s later, 1000 s apart; returns the clock."""
+    t = 0.0
+    for _ in range(n):
+        predictor.observe(t, key, first)
+        predictor.observe(t + gap, key, then)
+        t += 1000.0
+    return t
+
+
+def test_a_then_b_is_learned_with_its_reason() -> None:
+    predictor = Predictor(window_s=60.0)
+    t = rounds(predictor, 20, "coder", "reasoner", 10.0)
+    predictor.observe(t, "k", "coder")
+    [chance] = predictor.chances(t + 1.0, {"reasoner": 40.0})
+    assert chance.probability == pytest.approx(1.0)
+    assert chance.reason == "after coder, 1.00 within 60 s"
+
+
+def test_a_successor_outside_the_window_is_not_a_transition() -> None:
+    predictor = Predictor(window_s=60.0)
+    t = rounds(predictor, 20, "coder", "reasoner", 120.0)
+    predictor.observe(t, "k", "coder")
+    assert predictor.transition(t, "coder", "reasoner", "k") == 0.0
+
+
+def test_the_probability_is_the_share_of_rounds() -> None:
+    predictor = Predictor(window_s=60.0, half_life_s=math.inf)
+    t = 0.0
+    for index in range(10):
+        predictor.observe(t, "k", "a")
+        if index % 4 != 0:  # 7 of 10 rounds go on to b
+            predictor.observe(t + 5.0, "k", "b")
+        t += 1000.0
+    assert predictor.transition(t, "a", "b", "k") == pytest.approx(0.7)
+
+
+def test_too_few_observations_predict_nothing() -> None:
+    predictor = Predictor(window_s=60.0, min_seen=3.0)
+    t = rounds(predictor, 2, "a", "b", 5.0)
+    predictor.observe(t, "k", "a")
+    assert predictor.chances(t, {"b": 30.0}) == []
+
+
+def test_a_burst_counts_once() -> None:
+    predictor = Predictor(window_s=60.0, half_life_s=math.inf)
+    t = 0.0
+    for _ in range(5):
+        for second in range(4):  # a burst of a: one observation of a
+            predictor.observe(t + second, "k", "a")
+        predictor.observe(t + 10.0, "k", "b")
+        predictor.observe(t + 11.0, "k", "b")
+        t += 1000.0
+    assert predictor.transition(t, "a", "b", "k") == pytest.approx(1.0)
+
+
+def test_old_habits_decay() -> None:
+    predictor = Predictor(window_s=60.0, half_life_s=3000.0)
+    t = rounds(predictor, 10, "a", "b", 5.0)
+    t2 = t + 60_000.0  # 20 half-lives later, a new habit: a then c
+    for index in range(10):
+        predictor.observe(t2 + index * 1000.0, "k", "a")
+        predictor.observe(t2 + index * 1000.0 + 5.0, "k", "c")
+    now = t2 + 10_000.0
+    assert predictor.transition(now, "a", "c", "k") > 0.99
+    assert predictor.transition(now, "a", "b", "k") < 0.01
+
+
+def test_habits_are_per_key_and_a_new_key_borrows_everyones() -> None:
+    predictor = Predictor(window_s=60.0, half_life_s=math.inf)
+    rounds(predictor, 10, "a", "b", 5.0, key="alice")
+    t = rounds(predictor, 10, "a", "c", 5.0, key="bob")
+    assert predictor.transition(t, "a", "b", "alice") == pytest.approx(1.0)
+    assert predictor.transition(t, "a", "c", "alice") == 0.0
+    assert predictor.transition(t, "a", "b", "carol") == pytest.approx(0.5)
+
+
+def test_the_chance_fades_once_the_window_has_passed() -> None:
+    predictor = Predictor(window_s=60.0)
+    t = rounds(predictor, 10, "a", "b", 5.0)
+    predictor.observe(t, "k", "a")
+    assert predictor.chances(t + 30.0, {"b": 30.0})
+    assert predictor.chances(t + 61.0, {"b": 30.0}) == []
+
+
+def test_the_hour_of_the_week_pattern() -> None:
+    predictor = Predictor()
+    nine = MONDAY + 9 * 3600.0
+    assert hour_of_week(nine) == 9
+    for week in range(4):  # every Monday at 9:00-9:59, six first requests of the chat model
+        for minute in range(0, 60, 10):
+            predictor.observe(nine + week * WEEK_S + minute * 60.0, f"u{minute}", "chat")
+    monday_nine = nine + 4 * WEEK_S + 60.0
+    rate, what = predictor.hourly_rate(monday_nine, "chat")
+    assert what == "week"
+    assert rate == pytest.approx(6 / 3600.0, rel=0.1)
+    [chance] = predictor.chances(monday_nine + 3600.0 * 0.5, {"chat": 60.0})
+    assert chance.probability == pytest.approx(1 - math.exp(-rate * 60.0), rel=0.05)
+    assert chance.reason.startswith("this hour of the week")
+    assert predictor.chances(monday_nine + 5 * 3600.0, {"chat": 60.0}) == []
+
+
+def test_the_hour_of_the_day_in_the_first_week() -> None:
+    predictor = Predictor()
+    nine = MONDAY + 9 * 3600.0
+    for day in range(3):  # Monday to Wednesday at 9:00-9:59, three first requests
+        for minute in (0, 20, 40):
+            predictor.observe(nine + day * DAY_S + minute * 60.0, f"u{minute}", "chat")
+    thursday_nine = nine + 3 * DAY_S + 60.0
+    rate, what = predictor.hourly_rate(thursday_nine, "chat")
+    assert what == "day"
+    assert rate == pytest.approx(3 / 3600.0, rel=0.05)
+    [chance] = predictor.chances(thursday_nine, {"chat": 60.0})
+    assert chance.reason.startswith("this hour of the day")
+    assert predictor.hourly_rate(nine - 3600.0 + 4 * DAY_S, "chat") == (0.0, "")
+
+
+def test_in_use_is_what_was_asked_for_a_moment_ago() -> None:
+    predictor = Predictor(recent_s=60.0)
+    predictor.observe(0.0, "k", "a")
+    predictor.observe(50.0, "j", "b")
+    assert predictor.in_use(70.0) == {"b"}
+
+
+def test_what_was_learned_survives_a_restart(tmp_path: Path) -> None:
+    predictor = Predictor(window_s=60.0)
+    t = rounds(predictor, 10, "a", "b", 5.0)
+    habits = HabitsFile(tmp_path / "habits.json")
+    asyncio.run(habits.save(predictor))
+    again = Predictor(window_s=60.0)
+    habits.read_into(again)
+    assert again.to_dict() == predictor.to_dict()
+    assert again.transition(t, "a", "b", "k") == pytest.approx(1.0)
+
+
+def test_a_damaged_habits_file_is_set_aside(tmp_path: Path) -> None:
+    (tmp_path / "habits.json").write_text("{not json")
+    predictor = Predictor()
+    HabitsFile(tmp_path / "habits.json").read_into(predictor)
+    assert predictor.to_dict()["seen"] == []
+    assert (tmp_path / "habits.damaged").exists()

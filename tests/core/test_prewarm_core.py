@@ -1,0 +1,166 @@
+"""The core's pre-warm decisions as properties, on random worlds (pure, no clock).
+
+- a pre-warm never evicts an engine in use (requests in flight or waiting, starting, waking,
+  draining, or asked for a moment ago), nor a pinned one;
+- it uses only free memory, or memory that sleeping or idle engines hold;
+- nothing is pre-warmed while a real request waits, nor on a GPU where a start is under way;
+- a real request that needs the start slot of a pre-warm has it cancelled, at once.
+
+And end to end in virtual time: an A-then-B habit learned over 20 rounds, the 21st B served
+warm (its start begun when A was asked for).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from modelyard.placement.policy import Engine, EngineState, GpuCapacity, Sleep, Stop, Target
+from modelyard.scheduler.core import (
+    CancelPreWarm,
+    PreWarmAsk,
+    PreWarmNow,
+    SchedulerCore,
+    StartNow,
+    WaitUntil,
+    Wanted,
+)
+from modelyard.scheduler.decide import Ask, Snapshot
+from modelyard.scheduler.predictor import Chance, Predictor
+from modelyard.scheduler.prewarm import Candidate
+from tests.core.virtual_gateway import GIB, Model, VirtualGateway
+
+STATES = [
+    EngineState.READY,
+    EngineState.SLEEPING,
+    EngineState.STARTING,
+    EngineState.WAKING,
+    EngineState.DRAINING,
+]
+
+
+def random_world(rng: random.Random) -> tuple[Snapshot, tuple[Candidate, ...], set[str]]:
+    """Up to 5 engines on 1-2 GPUs of 24 GiB, and 1-3 models the predictor expects."""
+    gpus = tuple(GpuCapacity(i, 24 * GIB) for i in range(rng.choice([1, 2])))
+    engines = []
+    used = [0] * len(gpus)
+    for index in range(rng.randint(0, 5)):
+        gpu = rng.randrange(len(gpus))
+        size = rng.choice([2, 4, 6, 8]) * GIB
+        state = rng.choice(STATES)
+        held = GIB if state is EngineState.SLEEPING else size
+        if used[gpu] + held > gpus[gpu].total_bytes:
+            continue
+        used[gpu] += held
+        engines.append(
+            Engine(
+                name=f"e{index}",
+                state=state,
+                gpus=(gpu,),
+                awake_bytes_per_gpu=size,
+                asleep_bytes_per_gpu=GIB,
+                in_flight=rng.choice([0, 0, 1]),
+                last_used=rng.uniform(0, 1000),
+                start_seconds=40.0,
+                wake_seconds=1.0,
+                sleep_level=rng.choice([0, 1]),
+                sleeping_level=1 if state is EngineState.SLEEPING else 0,
+                pinned=rng.random() < 0.1,
+            )
+        )
+    candidates = tuple(
+        Candidate(
+            Target(f"c{index}", rng.choice([4, 8, 12]) * GIB),
+            Chance(f"c{index}", rng.uniform(0.3, 1.0), 40.0, "after e0, 0.9 within 300 s"),
+            40.0,
+        )
+        for index in range(rng.randint(1, 3))
+    )
+    in_use = {e.name for e in engines if rng.random() < 0.2}
+    return Snapshot(1000.0, gpus, tuple(engines)), candidates, in_use
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_a_prewarm_touches_only_free_or_idle_memory(seed: int) -> None:
+    rng = random.Random(seed)
+    snapshot, candidates, in_use = random_world(rng)
+    commands = SchedulerCore().step(PreWarmAsk(snapshot, candidates, in_use=frozenset(in_use)))
+    if not commands:
+        return
+    [command] = commands
+    assert isinstance(command, PreWarmNow)
+    prewarm = command.prewarm
+    engines = {e.name: e for e in snapshot.engines}
+    for action in prewarm.actions:
+        victim = engines[action.name]
+        assert victim.in_flight == 0
+        assert not victim.pinned
+        assert victim.name not in in_use
+        assert victim.state in (EngineState.READY, EngineState.SLEEPING)
+        assert isinstance(action, Sleep | Stop)
+    # The GPUs it goes on had no start, wake or eviction under way.
+    for engine in snapshot.engines:
+        if engine.state in (EngineState.STARTING, EngineState.WAKING, EngineState.DRAINING):
+            assert not set(engine.gpus) & set(prewarm.gpus)
+    # What it needs fits in the free memory plus what its victims give back.
+    for gpu in prewarm.gpus:
+        held = sum(
+            e.held_bytes_per_gpu
+            for e in snapshot.engines
+            if gpu in e.gpus and e.name not in {a.name for a in prewarm.actions}
+        )
+        assert held + prewarm.bytes_per_gpu <= snapshot.gpus[gpu].total_bytes
+    assert prewarm.saving_s > prewarm.cost_s
+    assert prewarm.reason
+
+
+def test_nothing_is_prewarmed_while_a_request_waits() -> None:
+    snapshot = Snapshot(0.0, (GpuCapacity(0, 24 * GIB),), ())
+    candidate = Candidate(Target("b", 8 * GIB), Chance("b", 0.9, 40.0, "after a"), 40.0)
+    core = SchedulerCore()
+    assert core.step(PreWarmAsk(snapshot, (candidate,), requests_waiting=True)) == []
+    assert core.step(PreWarmAsk(snapshot, (candidate,)))  # and it would, otherwise
+
+
+def test_an_unlikely_model_is_not_prewarmed() -> None:
+    snapshot = Snapshot(0.0, (GpuCapacity(0, 24 * GIB),), ())
+    candidate = Candidate(Target("b", 8 * GIB), Chance("b", 0.2, 40.0, "after a"), 40.0)
+    assert SchedulerCore().step(PreWarmAsk(snapshot, (candidate,))) == []
+
+
+def test_a_real_request_takes_the_start_slot_of_a_prewarm() -> None:
+    gpu = (GpuCapacity(0, 24 * GIB),)
+    core = SchedulerCore()
+    candidate = Candidate(Target("b", 8 * GIB), Chance("b", 0.9, 40.0, "after a"), 40.0)
+    [prewarm] = core.step(PreWarmAsk(Snapshot(0.0, gpu, ()), (candidate,)))
+    assert isinstance(prewarm, PreWarmNow)
+    # Its start is under way when a request for c comes: c must not wait behind it.
+    starting = Engine("b", EngineState.STARTING, (0,), 8 * GIB, in_flight=0)
+    commands = core.step(Wanted(Ask(Target("c", 8 * GIB), 300.0), Snapshot(1.0, gpu, (starting,))))
+    assert isinstance(commands[0], CancelPreWarm)
+    assert commands[0].target == "b"
+    assert any(isinstance(c, WaitUntil | StartNow) for c in commands[1:])
+    assert core.prewarming() == ()
+
+
+def test_a_b_habit_learned_over_20_rounds_serves_the_21st_b_warm() -> None:
+    """Two 20 GiB models on one 24 GiB GPU, sleep off: without pre-warming every B is a cold
+    start after A; with it, B starts as soon as A is served, and B's request comes later."""
+    models = {
+        "a": Model(bytes=12 * GIB, start_s=30.0, stop_s=2.0),
+        "b": Model(bytes=12 * GIB, start_s=40.0, stop_s=2.0),
+        "other": Model(bytes=20 * GIB, start_s=30.0, stop_s=2.0),
+    }
+    world = VirtualGateway(models, [24 * GIB], predictor=Predictor(window_s=120.0))
+    b_requests = []
+    t = 0.0
+    for _ in range(21):
+        world.request(t, "other", duration=5.0, key="someone")  # evicts a and b meanwhile
+        world.request(t + 100.0, "a", duration=5.0, key="alice")
+        b_requests.append(world.request(t + 100.0 + 75.0, "b", duration=5.0, key="alice"))
+        t += 1000.0
+    outcomes = world.run(until=1e9)
+    assert outcomes[b_requests[0]].waited == pytest.approx(40.0)  # nothing learned yet
+    assert outcomes[b_requests[-1]].waited == 0.0  # served warm
+    assert any("after a" in p.reason for p in world.prewarms)

@@ -1,0 +1,59 @@
+"""Learned pre-warming end to end: the real gateway, slow in-process test engines.
+
+An A-then-B habit over 20 rounds (both engines idle-stopped between rounds, so each round
+starts them cold); in the 21st the gateway starts B when A is asked for, and B's request is
+served warm. The pre-warm is an event with its reason, and the metrics count it as used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from tests.harness import Behaviour, Harness, engine_model, in_process_gateway
+
+START_S = 0.3  # each engine's cold start
+READ_S = 0.4  # the user reads A's answer before asking B
+IDLE_S = 0.8  # idle stop: every round begins cold, and a pre-warmed B lives until B is asked
+
+
+async def a_round(h: Harness) -> float:
+    """A, then B once A answered: B's wait (seconds)."""
+    status, _, _ = await h.chat("a")
+    assert status == 200
+    await asyncio.sleep(READ_S)
+    began = time.monotonic()
+    status, _, _ = await h.chat("b")
+    assert status == 200
+    return time.monotonic() - began
+
+
+async def both_stopped(h: Harness) -> None:
+    for name in ("a", "b"):
+        await h.wait_state(name, "stopped", timeout=10.0)
+
+
+async def test_an_a_then_b_habit_learned_over_20_rounds_serves_the_21st_b_warm(
+    tmp_path: Path,
+) -> None:
+    models = {"a": engine_model(), "b": engine_model()}
+    slow = {name: Behaviour(ready_after=START_S) for name in models}
+    defaults = {"defaults": {"prewarm": "auto", "idle_timeout": f"{IDLE_S}s"}}
+    async with in_process_gateway(tmp_path, models, slow, **defaults) as h:
+        # Learn over the 20 rounds first (counts decay a little meanwhile: 19.5, not 20).
+        h.gateway.scheduler.predictor.min_seen = 19.5
+        waits = []
+        for _ in range(20):
+            waits.append(await a_round(h))
+            await both_stopped(h)
+        assert min(waits) >= START_S * 0.9  # B started cold every time: nothing learned yet
+        warm = await a_round(h)
+        assert warm < START_S / 2, f"B waited {warm:.2f} s"
+        stats = h.gateway.scheduler.prewarm_stats
+        assert stats.made >= 1
+        assert stats.used >= 1
+        events = [e for e in h.gateway.events.recent(200) if e.kind == "prewarm"]
+        assert any(e.model == "b" and e.reason.startswith("after a, ") for e in events)
+        exposition = h.gateway.metrics.exposition().decode()
+        assert 'modelyard_prewarms_total{model="b",outcome="used"} 1.0' in exposition
