@@ -430,7 +430,8 @@ class Scheduler:
         if not chances:
             return
         candidates = tuple(
-            Candidate(self._target(self._supervisors[c.model]), c, c.horizon_s) for c in chances
+            Candidate(self._planning.target(self._supervisors[c.model]), c, c.horizon_s)
+            for c in chances
         )
         ask = PreWarmAsk(
             self._snapshot(""),
