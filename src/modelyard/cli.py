@@ -18,6 +18,7 @@ from modelyard.auth.exposure import auth_mode, exposure_problem, open_route_warn
 from modelyard.client import call_gateway
 from modelyard.config import ConfigError, GatewayConfig
 from modelyard.config.checks import config_warnings, load_checked_config
+from modelyard.config.preflight import detected_gpus, preflight
 from modelyard.config.units import format_bytes
 from modelyard.engines import engine_kind
 from modelyard.observability import console as views
@@ -111,15 +112,20 @@ def _client_args(command: argparse.ArgumentParser) -> None:
 
 
 def _load(path: str) -> GatewayConfig | None:
+    """The config, or None after printing every problem (the schema's, then this machine's:
+    GPUs too small, programs missing), so one run shows them all."""
     try:
         config = load_checked_config(path)
     except ConfigError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)
         return None
-    for warning in config_warnings(path, config):
+    found = preflight(config, detected_gpus(config))
+    for warning in [*config_warnings(path, config), *(f"{path}: {w}" for w in found.warnings)]:
         print(f"modelyard: warning: {warning}", file=sys.stderr)
-    return config
+    for problem in found.errors:
+        print(f"{path}: {problem}", file=sys.stderr)
+    return None if found.errors else config
 
 
 def _serve(args: argparse.Namespace) -> int:
