@@ -65,6 +65,14 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("-c", "--config", required=True)
     check.set_defaults(run=_check)
 
+    pull = verbs.add_parser(
+        "pull", help="download a model's weights ahead of its first start (Hugging Face hub)"
+    )
+    pull.add_argument("model", help="a model of the config (with -c), or a hub name org/model")
+    pull.add_argument("-c", "--config", help="YAML config: its model's weights and engine env")
+    pull.add_argument("--revision", help="branch, tag or commit (default: main)")
+    pull.set_defaults(run=_pull)
+
     for verb, helptext in (("status", "models and their states, from a running gateway"),):
         command = verbs.add_parser(verb, help=helptext)
         _client_args(command)
@@ -241,6 +249,25 @@ def _check(args: argparse.Namespace) -> int:
     for line in open_route_warnings(config):
         console.print(line, markup=False)
     console.print("config OK")
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from modelyard.weights.pull import PullError, pull, pull_request_for, pulled_bytes
+
+    config = None
+    if args.config is not None:
+        config = _load(args.config)
+        if config is None:
+            return 1
+    try:
+        request = pull_request_for(args.model, config, args.revision, os.environ)
+        print(f"modelyard: pulling {request.repo_id}", flush=True)
+        path = pull(request)
+    except PullError as error:
+        print(f"modelyard: {error}", file=sys.stderr)
+        return 1
+    print(f"modelyard: {request.repo_id}: {format_bytes(pulled_bytes(path))} in {path}")
     return 0
 
 
