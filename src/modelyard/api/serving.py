@@ -29,6 +29,7 @@ from modelyard.api.bodies import (
 )
 from modelyard.api.errors import ApiError, unavailable, with_log_tail
 from modelyard.api.guards import canonical_of
+from modelyard.api.loading import LoadingStream, wants_loading_content
 from modelyard.auth.principal import Principal
 from modelyard.gateway import Gateway
 from modelyard.lora.manager import AdapterError
@@ -41,7 +42,7 @@ from modelyard.proxy.sse import (
     rewrite_model_in_json,
 )
 from modelyard.scheduler.names import Target, UnknownModel
-from modelyard.scheduler.supervisor import ModelUnavailable
+from modelyard.scheduler.supervisor import ModelState, ModelUnavailable
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)
 
@@ -184,7 +185,16 @@ async def proxy_json(
 
     rewrite = (lambda data: rewrite_model_in_json(data, replacements)) if replacements else None
     return await _forward(
-        request, gateway, target, path, body, route_label, transformer, rewrite, tokens
+        request,
+        gateway,
+        target,
+        path,
+        body,
+        route_label,
+        transformer,
+        rewrite,
+        tokens,
+        streamed=payload.get("stream") is True,
     )
 
 
@@ -206,12 +216,14 @@ async def proxy_raw(
     target, body = _checked_raw_body(request, gateway, target, body)
     tokens = TokenCount(gateway, principal_of(request).name, target.model)
     transformer: Any = lambda: None  # noqa: E731 - the unchanged case
+    streamed = False
     if request.method == "POST" and body and path.split("?", 1)[0].endswith("/completions"):
         try:
             payload = json.loads(body)
         except (ValueError, UnicodeDecodeError, RecursionError):
             payload = None  # the engine's own error is the right answer
         if isinstance(payload, dict) and payload.get("stream") is True:
+            streamed = True
             usage_added = ask_stream_for_usage(path.split("?", 1)[0], payload)
             if usage_added:
                 body = json.dumps(payload).encode()
@@ -225,7 +237,16 @@ async def proxy_raw(
                 )
 
     return await _forward(
-        request, gateway, target, path, body or None, route_label, transformer, None, tokens
+        request,
+        gateway,
+        target,
+        path,
+        body or None,
+        route_label,
+        transformer,
+        None,
+        tokens,
+        streamed=streamed,
     )
 
 
@@ -275,6 +296,12 @@ def _checked_raw_body(
     return chosen, json.dumps(payload).encode()
 
 
+class _Loading:
+    """The loading stream of one request, once one was opened."""
+
+    stream: LoadingStream | None = None
+
+
 async def _forward(
     request: web.Request,
     gateway: Gateway,
@@ -285,6 +312,67 @@ async def _forward(
     transformer: Any,
     rewrite: Any,
     tokens: TokenCount,
+    *,
+    streamed: bool = False,
+) -> web.StreamResponse:
+    loading = _Loading()
+    try:
+        return await _forward_once(
+            request,
+            gateway,
+            target,
+            path,
+            body,
+            route_label,
+            transformer,
+            rewrite,
+            tokens,
+            streamed,
+            loading,
+        )
+    except ApiError as error:
+        if loading.stream is None or loading.stream.response is None:
+            raise
+        # The client already has a 200 and loading comments: the error is the last event.
+        return await loading.stream.fail(error.message, error.code)
+
+
+async def _engine_for(
+    request: web.Request,
+    gateway: Gateway,
+    target: Target,
+    stack: contextlib.AsyncExitStack,
+    streamed: bool,
+    loading: _Loading,
+) -> Any:
+    """The ready engine; a streamed request that must wait for a start or wake waits with
+    its headers sent and loading comments flowing (api/loading.py)."""
+    context = gateway.scheduler.engine_for(target.model)
+    if not streamed or gateway.scheduler.state_of(target.model) is ModelState.READY:
+        return await stack.enter_async_context(context)
+    model = gateway.scheduler.model_config(target.model)
+    loading.stream = LoadingStream(
+        request,
+        target.public_name,
+        lambda: gateway.scheduler.start_progress(target.model),
+        content=wants_loading_content(request, model.loading_content),
+        chat=request.path.endswith("/chat/completions"),
+    )
+    return await loading.stream.hold(asyncio.ensure_future(stack.enter_async_context(context)))
+
+
+async def _forward_once(
+    request: web.Request,
+    gateway: Gateway,
+    target: Target,
+    path: str,
+    body: bytes | None,
+    route_label: str,
+    transformer: Any,
+    rewrite: Any,
+    tokens: TokenCount,
+    streamed_request: bool,
+    loading: _Loading,
 ) -> web.StreamResponse:
     started = time.perf_counter()
     status = 500
@@ -297,7 +385,7 @@ async def _forward(
         if target.adapter is not None:
             gateway.lora_manager().check(target)  # a bad adapter never starts the engine
         async with contextlib.AsyncExitStack() as stack:
-            engine = await stack.enter_async_context(gateway.scheduler.engine_for(target.model))
+            engine = await _engine_for(request, gateway, target, stack, streamed_request, loading)
             if target.adapter is not None:  # the adapter stays loaded while it serves
                 await stack.enter_async_context(gateway.lora_manager().use(target, engine))
             # Built from the canonical form: the engine decodes exactly the path that was
@@ -308,7 +396,14 @@ async def _forward(
                 encoded=True,
             )
             response, outcome = await gateway.upstream.forward(
-                request, url, body, transformer, rewrite, outcome, engine.upstream_headers
+                request,
+                url,
+                body,
+                transformer,
+                rewrite,
+                outcome,
+                engine.upstream_headers,
+                prepared=loading.stream.response if loading.stream else None,
             )
             status, first_byte, streamed = outcome.status, outcome.first_byte_s, outcome.streamed
             if outcome.upstream_broke:

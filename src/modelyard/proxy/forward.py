@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -134,12 +135,15 @@ class UpstreamClient:
         rewrite_body: Callable[[bytes], bytes] | None = None,
         outcome: ProxyOutcome | None = None,
         engine_headers: Mapping[str, str] | None = None,
+        prepared: web.StreamResponse | None = None,
     ) -> tuple[web.StreamResponse, ProxyOutcome]:
         """Send the request to `url`; stream the answer back as it comes.
 
         `outcome` (filled in as it goes) tells a caller whose request was cancelled what
         had been sent already. `engine_headers` (the engine's own key) are added after the
-        client's credentials were stripped, so a client never sees or sets them.
+        client's credentials were stripped, so a client never sees or sets them. `prepared` is
+        an SSE response whose headers already went out (loading comments): the engine's
+        stream continues it, and an answer that is not a stream becomes its last event.
         """
         outcome = outcome if outcome is not None else ProxyOutcome()
         started = time.perf_counter()
@@ -163,8 +167,10 @@ class UpstreamClient:
             content_type = upstream.headers.get("Content-Type", "")
             if content_type.startswith("text/event-stream"):
                 response = await self._stream(
-                    request, upstream, transformer_for(), outcome, started
+                    request, upstream, transformer_for(), outcome, started, prepared
                 )
+            elif prepared is not None:
+                response = await self._answer_as_event(prepared, upstream, outcome, started)
             else:
                 try:
                     data = await upstream.read()
@@ -199,6 +205,33 @@ class UpstreamClient:
             f"engine sent nothing for {self._read_timeout:g}s (limits.upstream_read_timeout)"
         )
 
+    async def _answer_as_event(
+        self,
+        prepared: web.StreamResponse,
+        upstream: aiohttp.ClientResponse,
+        outcome: ProxyOutcome,
+        started: float,
+    ) -> web.StreamResponse:
+        """An engine's JSON answer (an error, mostly) to a stream whose 200 went out already."""
+        try:
+            data = await upstream.read()
+        except (aiohttp.ClientError, TimeoutError) as error:
+            data = json.dumps({"error": {"message": describe(error)}}).encode()
+        outcome.first_byte_s = time.perf_counter() - started
+        outcome.body = data
+        outcome.streamed = True
+        if upstream.status < 400:
+            event = b"data: " + data.replace(b"\n", b"") + b"\n\ndata: [DONE]\n\n"
+        else:
+            message, code = _error_of(data, upstream.status)
+            event = error_event(message, code)
+        try:
+            await prepared.write(event)
+            await prepared.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            outcome.client_gone = True
+        return prepared
+
     async def _stream(
         self,
         request: web.Request,
@@ -206,14 +239,21 @@ class UpstreamClient:
         transformer: StreamTransformer | None,
         outcome: ProxyOutcome,
         started: float,
+        prepared: web.StreamResponse | None = None,
     ) -> web.StreamResponse:
         outcome.streamed = True
-        response = web.StreamResponse(status=upstream.status, headers=response_headers(upstream))
-        response.headers["Cache-Control"] = "no-cache"
-        response.headers["X-Accel-Buffering"] = "no"  # tell nginx in front not to buffer
+        if prepared is not None:
+            response = prepared  # its headers (200, SSE) went out with the loading comments
+        else:
+            response = web.StreamResponse(
+                status=upstream.status, headers=response_headers(upstream)
+            )
+            response.headers["Cache-Control"] = "no-cache"
+            response.headers["X-Accel-Buffering"] = "no"  # tell nginx in front not to buffer
         self._streams.add(upstream)
         try:
-            await response.prepare(request)
+            if prepared is None:
+                await response.prepare(request)
             outcome.status = upstream.status  # sent: a later hang-up does not change it
             async for chunk in upstream.content.iter_any():
                 if outcome.first_byte_s is None:
@@ -260,6 +300,18 @@ class UpstreamClient:
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             outcome.client_gone = True
         return response
+
+
+def _error_of(data: bytes, status: int) -> tuple[str, str]:
+    """The message and code of an engine's error body (OpenAI's shape or anything else)."""
+    try:
+        error = json.loads(data).get("error")
+    except (ValueError, AttributeError, RecursionError):
+        error = None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        code = error.get("code")
+        return error["message"], str(code if code is not None else status)
+    return f"the engine answered {status}: {data[:200].decode(errors='replace')}", str(status)
 
 
 def describe(error: BaseException) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -36,6 +37,8 @@ from modelyard.observability.events import EventBus
 from modelyard.placement.coordinator import POLICY_STATE, PlacementCoordinator
 from modelyard.placement.policy import Engine, Sleep
 from modelyard.placement.policy import Target as PlacementTarget
+from modelyard.runtime.start_progress import ProgressView
+from modelyard.runtime.weights_cache import download_folder
 from modelyard.scheduler.decide import (
     Ask,
     Evict,
@@ -133,6 +136,11 @@ class Scheduler:
             stop_grace=_pick(model.stop_grace, defaults.stop_grace),
             stable_after=defaults.crash_stable_after,
             max_backoff=defaults.crash_backoff_max,
+            start_timeout_max=_pick(model.start_timeout_max, defaults.start_timeout_max),
+            weights_folder=download_folder(
+                model.model if model.engine == "vllm" else None,
+                {**os.environ, **defaults.env, **model.env},
+            ),
         )
 
     def _index_names(self) -> None:
@@ -287,6 +295,11 @@ class Scheduler:
 
     def state_of(self, name: str) -> ModelState:
         return self._supervisors[name].state
+
+    def start_progress(self, name: str) -> ProgressView | None:
+        """The phase of the model's start in progress (downloading, loading weights, ...)."""
+        supervisor = self._supervisors.get(name)
+        return supervisor.start_view() if supervisor is not None else None
 
     def engine_of(self, name: str) -> EngineHandle | None:
         """The model's engine when it is ready (None otherwise)."""
@@ -649,6 +662,8 @@ class Scheduler:
             "in_flight": supervisor.in_flight,
             "queued": supervisor.waiting,
             "waiting_for_room": supervisor.placing,
+            # While starting: phase (downloading, loading weights, compiling), fraction, detail.
+            "progress": None if (view := supervisor.start_view()) is None else view.to_json(),
             "idle_s": supervisor.idle_for(now),
             "last_used_ago_s": None if supervisor.last_used is None else now - supervisor.last_used,
             "idle_timeout_s": supervisor.settings.idle_timeout,

@@ -14,12 +14,15 @@ import enum
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from modelyard.engines.base import LaunchSpec, MemoryBudget
 from modelyard.observability.events import EventBus
 from modelyard.runtime.process import EngineStartError
 from modelyard.runtime.remote import RemoteEndpoint, RemoteUnavailable
+from modelyard.runtime.start_progress import ProgressView, StartProgress
+from modelyard.runtime.weights_cache import folder_bytes
 
 
 class ModelState(enum.StrEnum):
@@ -141,6 +144,16 @@ class SupervisorSettings:
     # After this many seconds of serving, a crash no longer counts as part of a crash loop.
     stable_after: float = 30.0
     max_backoff: float = 60.0
+    # A start that progresses may run past start_timeout, never past this (start_progress.py).
+    start_timeout_max: float = 3600.0
+    # The hub cache folder a first start downloads into: its growth is progress.
+    weights_folder: Path | None = None
+
+
+# How often a starting engine's download folder is measured.
+CACHE_POLL_S = 2.0
+# Waiters of a start that progresses wait this much past its deadline for its own verdict.
+WAITER_MARGIN_S = 1.0
 
 
 Clock = Callable[[], float]
@@ -215,6 +228,7 @@ class ModelSupervisor:
         self._launched_at: float | None = None  # when the start or wake really began
         # True while a start or wake waits for the scheduler's go: it holds nothing yet.
         self.placing = False
+        self.progress: StartProgress | None = None  # of the start in progress, if any
 
     # ----- state, observed by the scheduler -----
 
@@ -349,8 +363,18 @@ class ModelSupervisor:
             ModelState.STARTING,
             ModelState.WAKING,
         ):
+            if self.progress is not None and self.state is ModelState.STARTING:
+                # A start that progresses keeps its waiters (the deadline moves with it); the
+                # margin lets the start's own failure, which says why, reach them first.
+                return max(deadline, self.progress.deadline() + WAITER_MARGIN_S)
             return max(deadline, self._launched_at + self.settings.start_timeout)
         return deadline
+
+    def start_view(self) -> ProgressView | None:
+        """The phase and progress of the start in progress (None when not starting)."""
+        if self.progress is None or self.state is not ModelState.STARTING:
+            return None
+        return self.progress.view(self._clock())
 
     def _start_failed_error(self, error: Exception) -> ModelUnavailable:
         """What every waiter of a failed start gets: a clear error, always with Retry-After."""
@@ -409,6 +433,10 @@ class ModelSupervisor:
     def _timeout_error(self) -> ModelUnavailable:
         retry = max(1.0, round(self.timings.last_start_s or 5.0))
         what = "waiting for room to start" if self.placing else f"state: {self.state}"
+        progress = self.progress
+        if progress is not None and self.state is ModelState.STARTING:
+            # The start is being given up (no progress, or start_timeout_max): say why.
+            what = progress.failure_message(self._clock())
         return ModelUnavailable(
             f"model {self.name!r} was not ready within {self.settings.start_timeout:.0f}s "
             f"({what}); try again shortly",
@@ -550,7 +578,7 @@ class ModelSupervisor:
             self._last_engine = engine
             self._expected_exit = False
             engine.exited.add_done_callback(self._exit_callback(engine))
-            await engine.wait_ready(started + self.settings.start_timeout)
+            await self._wait_ready(engine, started)
             ok = True
         except BaseException as error:
             await self._record_failed_start(engine, error, started)
@@ -564,6 +592,56 @@ class ModelSupervisor:
         self.state = ModelState.READY
         self.ready_since = self._clock()
         self._events.emit("ready", self.name, "started", took, port=engine.port)
+
+    async def _wait_ready(self, engine: EngineHandle, started: float) -> None:
+        """Wait while the start progresses: no progress for start_timeout is a hang, and no
+        start outlives start_timeout_max (runtime/start_progress.py)."""
+        settings = self.settings
+        progress = StartProgress(started, settings.start_timeout, settings.start_timeout_max)
+        self.progress = progress
+        phase = progress.phase
+
+        def on_line(line: str) -> None:
+            nonlocal phase
+            progress.observe_line(line, self._clock())
+            if progress.phase is not phase:
+                phase = progress.phase
+                view = progress.view(self._clock())
+                self._events.emit(
+                    "start_progress",
+                    self.name,
+                    view.describe(),
+                    view.elapsed_s,
+                    phase=view.phase.label,
+                    fraction=view.fraction,
+                )
+
+        unsubscribe = engine.subscribe_log(on_line)
+        watch = _observed(asyncio.create_task(self._watch_download(progress)))
+        try:
+            while True:
+                try:
+                    await engine.wait_ready(progress.deadline())
+                    return
+                except EngineStartError as error:
+                    now = self._clock()
+                    if not error.timed_out or not progress.verdict(now).keep:
+                        if error.timed_out:
+                            error.args = (progress.failure_message(now),)
+                        raise
+                    # It progressed since: the deadline moved on, and so does the wait.
+        finally:
+            unsubscribe()
+            watch.cancel()
+
+    async def _watch_download(self, progress: StartProgress) -> None:
+        folder = self.settings.weights_folder
+        if folder is None:
+            return
+        while True:
+            size = await asyncio.to_thread(folder_bytes, folder)
+            progress.observe_cache_bytes(size, self._clock())
+            await asyncio.sleep(CACHE_POLL_S)
 
     async def _record_failed_start(
         self, engine: EngineHandle | None, error: BaseException, started: float
