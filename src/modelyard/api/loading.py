@@ -85,6 +85,8 @@ class LoadingStream:
             raise
 
     async def _open(self) -> None:
+        if self.response is not None:
+            return  # already open: a fallback's wait continues the stream
         response = web.StreamResponse(
             status=200,
             headers={

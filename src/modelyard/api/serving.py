@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -28,6 +30,7 @@ from modelyard.api.bodies import (
     require_json_content_type,
 )
 from modelyard.api.errors import ApiError, unavailable, with_log_tail
+from modelyard.api.fallbacks import SERVED_BY_HEADER, fallback_for
 from modelyard.api.guards import canonical_of
 from modelyard.api.loading import LoadingStream, wants_loading_content
 from modelyard.auth.principal import Principal
@@ -167,34 +170,39 @@ async def proxy_json(
     _require(request, gateway, target)
     require_engine_path(request, path)
     usage_added = ask_stream_for_usage(path, payload)
-    if payload.get("model") != target.upstream_name or usage_added:
-        payload["model"] = target.upstream_name
-        body = json.dumps(payload).encode()
-    replacements = model_name_replacements(target.upstream_name, target.public_name)
-    tokens = TokenCount(gateway, principal_of(request).name, target.model)
+    key_name = principal_of(request).name
 
-    def transformer() -> StreamTransformer | None:
-        # Usage is always read for the token metrics; the usage-only chunk that we asked
-        # for on the client's behalf is dropped, so the client sees the stream it asked for.
-        return StreamTransformer(
-            replacements,
-            capture_usage=True,
-            drop_usage_only_chunk=usage_added,
-            on_final_usage=tokens.count,
-        )
+    def forwarding(chosen: Target) -> _Forwarding:
+        data = body
+        if payload.get("model") != chosen.upstream_name or usage_added:
+            payload["model"] = chosen.upstream_name
+            data = json.dumps(payload).encode()
+        replacements = model_name_replacements(chosen.upstream_name, chosen.public_name)
+        tokens = TokenCount(gateway, key_name, chosen.model)
 
-    rewrite = (lambda data: rewrite_model_in_json(data, replacements)) if replacements else None
+        def transformer() -> StreamTransformer | None:
+            # Usage is always read for the token metrics; the usage-only chunk that we asked
+            # for on the client's behalf is dropped, so the client sees the stream it asked for.
+            return StreamTransformer(
+                replacements,
+                capture_usage=True,
+                drop_usage_only_chunk=usage_added,
+                on_final_usage=tokens.count,
+            )
+
+        def rewrite(data: bytes) -> bytes:
+            return rewrite_model_in_json(data, replacements)
+
+        return _Forwarding(chosen, data, transformer, rewrite if replacements else None, tokens)
+
     return await _forward(
         request,
         gateway,
-        target,
+        forwarding(target),
         path,
-        body,
         route_label,
-        transformer,
-        rewrite,
-        tokens,
         streamed=payload.get("stream") is True,
+        retarget=forwarding,
     )
 
 
@@ -239,13 +247,9 @@ async def proxy_raw(
     return await _forward(
         request,
         gateway,
-        target,
+        _Forwarding(target, body or None, transformer, None, tokens),
         path,
-        body or None,
         route_label,
-        transformer,
-        None,
-        tokens,
         streamed=streamed,
     )
 
@@ -302,37 +306,61 @@ class _Loading:
     stream: LoadingStream | None = None
 
 
+@dataclass
+class _Forwarding:
+    """What goes to one engine for one request: the body naming its model, and how its
+    answer is read back (stream transformer, body rewrite, token count)."""
+
+    target: Target
+    body: bytes | None
+    transformer: Any
+    rewrite: Any
+    tokens: TokenCount
+
+
 async def _forward(
     request: web.Request,
     gateway: Gateway,
-    target: Target,
+    first: _Forwarding,
     path: str,
-    body: bytes | None,
     route_label: str,
-    transformer: Any,
-    rewrite: Any,
-    tokens: TokenCount,
     *,
     streamed: bool = False,
+    retarget: Callable[[Target], _Forwarding] | None = None,
 ) -> web.StreamResponse:
+    """Forward to the target's engine; when it is refused, to its first fallback that can
+    serve now (api/fallbacks.py)."""
     loading = _Loading()
     try:
-        return await _forward_once(
-            request,
-            gateway,
-            target,
-            path,
-            body,
-            route_label,
-            transformer,
-            rewrite,
-            tokens,
-            streamed,
-            loading,
-        )
+        return await _forward_once(request, gateway, first, path, route_label, streamed, loading)
     except ApiError as error:
+        chosen = None
+        client_here = request.transport is not None and not request.transport.is_closing()
+        if retarget is not None and client_here:
+            chosen = fallback_for(gateway, principal_of(request), first.target, error.code)
+        if chosen is not None and retarget is not None:
+            gateway.events.emit(
+                "fallback",
+                first.target.model,
+                f"refused ({error.code}): served by {chosen.model}",
+                fallback=chosen.model,
+                refusal=error.code,
+            )
+            try:
+                return await _forward_once(
+                    request,
+                    gateway,
+                    retarget(chosen),
+                    path,
+                    route_label,
+                    streamed,
+                    loading,
+                    served_by=chosen.public_name,
+                )
+            except ApiError as fallback_error:
+                error = fallback_error
         if loading.stream is None or loading.stream.response is None:
-            raise
+            raise error from None
         # The client already has a 200 and loading comments: the error is the last event.
         return await loading.stream.fail(error.message, error.code)
 
@@ -351,29 +379,30 @@ async def _engine_for(
     if not streamed or gateway.scheduler.state_of(target.model) is ModelState.READY:
         return await stack.enter_async_context(context)
     model = gateway.scheduler.model_config(target.model)
-    loading.stream = LoadingStream(
+    stream = LoadingStream(
         request,
         target.public_name,
         lambda: gateway.scheduler.start_progress(target.model),
         content=wants_loading_content(request, model.loading_content),
         chat=request.path.endswith("/chat/completions"),
     )
-    return await loading.stream.hold(asyncio.ensure_future(stack.enter_async_context(context)))
+    if loading.stream is not None:
+        stream.response = loading.stream.response  # a fallback's wait: the same stream goes on
+    loading.stream = stream
+    return await stream.hold(asyncio.ensure_future(stack.enter_async_context(context)))
 
 
 async def _forward_once(
     request: web.Request,
     gateway: Gateway,
-    target: Target,
+    forwarding: _Forwarding,
     path: str,
-    body: bytes | None,
     route_label: str,
-    transformer: Any,
-    rewrite: Any,
-    tokens: TokenCount,
     streamed_request: bool,
     loading: _Loading,
+    served_by: str | None = None,
 ) -> web.StreamResponse:
+    target, body, tokens = forwarding.target, forwarding.body, forwarding.tokens
     started = time.perf_counter()
     status = 500
     first_byte: float | None = None
@@ -399,11 +428,12 @@ async def _forward_once(
                 request,
                 url,
                 body,
-                transformer,
-                rewrite,
+                forwarding.transformer,
+                forwarding.rewrite,
                 outcome,
                 engine.upstream_headers,
                 prepared=loading.stream.response if loading.stream else None,
+                answer_headers={SERVED_BY_HEADER: served_by} if served_by else None,
             )
             status, first_byte, streamed = outcome.status, outcome.first_byte_s, outcome.streamed
             if outcome.upstream_broke:

@@ -151,6 +151,12 @@ class GatewayMetrics:
         self.events = Counter(
             "modelyard_events", "Events of every kind.", ["kind"], registry=registry
         )
+        self.fallbacks = Counter(
+            "modelyard_fallbacks",
+            "Requests for a refused model served by one of its fallbacks, by why it was refused.",
+            ["model", "fallback", "reason"],
+            registry=registry,
+        )
         self.start_duration = Histogram(
             "modelyard_start_duration_seconds",
             "Cold start time: from launching the engine until it answered its health check.",
@@ -228,6 +234,10 @@ class GatewayMetrics:
         }.get(event.kind)
         if counter is not None:
             counter.labels(model).inc()
+        if event.kind == "fallback":
+            fallback, reason = event.data.get("fallback"), event.data.get("refusal")
+            if isinstance(fallback, str) and isinstance(reason, str):
+                self.fallbacks.labels(model, fallback, reason).inc()
         if event.duration_s is None:
             return
         if event.kind == "ready":

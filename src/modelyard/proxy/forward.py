@@ -136,6 +136,7 @@ class UpstreamClient:
         outcome: ProxyOutcome | None = None,
         engine_headers: Mapping[str, str] | None = None,
         prepared: web.StreamResponse | None = None,
+        answer_headers: Mapping[str, str] | None = None,
     ) -> tuple[web.StreamResponse, ProxyOutcome]:
         """Send the request to `url`; stream the answer back as it comes.
 
@@ -144,6 +145,7 @@ class UpstreamClient:
         client's credentials were stripped, so a client never sees or sets them. `prepared` is
         an SSE response whose headers already went out (loading comments): the engine's
         stream continues it, and an answer that is not a stream becomes its last event.
+        `answer_headers` are added to the answer (which model served it).
         """
         outcome = outcome if outcome is not None else ProxyOutcome()
         started = time.perf_counter()
@@ -167,7 +169,7 @@ class UpstreamClient:
             content_type = upstream.headers.get("Content-Type", "")
             if content_type.startswith("text/event-stream"):
                 response = await self._stream(
-                    request, upstream, transformer_for(), outcome, started, prepared
+                    request, upstream, transformer_for(), outcome, started, prepared, answer_headers
                 )
             elif prepared is not None:
                 response = await self._answer_as_event(prepared, upstream, outcome, started)
@@ -185,7 +187,9 @@ class UpstreamClient:
                     data = rewrite_body(data)
                 outcome.body = data
                 response = web.Response(
-                    body=data, status=upstream.status, headers=response_headers(upstream)
+                    body=data,
+                    status=upstream.status,
+                    headers={**response_headers(upstream), **(answer_headers or {})},
                 )
             outcome.status = upstream.status
             return response, outcome
@@ -240,13 +244,15 @@ class UpstreamClient:
         outcome: ProxyOutcome,
         started: float,
         prepared: web.StreamResponse | None = None,
+        answer_headers: Mapping[str, str] | None = None,
     ) -> web.StreamResponse:
         outcome.streamed = True
         if prepared is not None:
             response = prepared  # its headers (200, SSE) went out with the loading comments
         else:
             response = web.StreamResponse(
-                status=upstream.status, headers=response_headers(upstream)
+                status=upstream.status,
+                headers={**response_headers(upstream), **(answer_headers or {})},
             )
             response.headers["Cache-Control"] = "no-cache"
             response.headers["X-Accel-Buffering"] = "no"  # tell nginx in front not to buffer

@@ -296,6 +296,29 @@ class Scheduler:
     def state_of(self, name: str) -> ModelState:
         return self._supervisors[name].state
 
+    def in_backoff(self, name: str) -> bool:
+        """The model failed and its next start waits out its crash back-off."""
+        return self._supervisors[name].backoff_remaining() > 0
+
+    def exclusive_peer_running(self, name: str) -> bool:
+        """Another member of the model's exclusive group holds an engine now."""
+        group = self._exclusive_group(name)
+        if group is None:
+            return False
+        members = self.config.groups[group].members
+        return any(
+            member != name
+            and member in self._supervisors
+            and self._supervisors[member].state not in (ModelState.STOPPED, ModelState.FAILED)
+            for member in members
+        )
+
+    def supervisor(self, name: str) -> ModelSupervisor:
+        return self._supervisors[name]
+
+    def now(self) -> float:
+        return self._clock()
+
     def start_progress(self, name: str) -> ProgressView | None:
         """The phase of the model's start in progress (downloading, loading weights, ...)."""
         supervisor = self._supervisors.get(name)
