@@ -318,7 +318,19 @@ def _admin_action(args: argparse.Namespace) -> int:
     path = f"/admin/models/{args.model}/{args.verb}"
     if args.verb == "sleep" and args.level:
         path += f"?level={args.level}"
-    result = _request(args, "POST", path)
+    if args.verb == "load" and not args.json:
+        from modelyard.observability.load_view import follow_load
+
+        def model_status() -> dict[str, Any] | None:
+            status = call_gateway(args.url, args.key, "GET", "/gateway/status")
+            found = [m for m in status.get("models", []) if m.get("name") == args.model]
+            return found[0] if found else None
+
+        result = follow_load(
+            args.model, lambda: _request(args, "POST", path), model_status, Console()
+        )
+    else:
+        result = _request(args, "POST", path)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

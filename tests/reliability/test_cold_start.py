@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -243,3 +245,32 @@ async def test_a_client_that_hangs_up_while_loading_leaves_and_cancels_nothing(
         json.loads(line[6:])["choices"][0]["delta"].get("content") or "" for line in data
     )
     assert text.strip() == "chat says: hi"
+
+
+def test_modelyard_load_shows_the_phases_and_status_the_progress(
+    gateway_factory: Callable[..., RunningGateway],
+) -> None:
+    gateway = gateway_factory({"chat": vllm_like("--vllm-start", "8", "--download")})
+    load = subprocess.Popen(
+        [sys.executable, "-m", "modelyard", "load", "chat", "--url", gateway.url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen_status = ""
+    while load.poll() is None:
+        status = subprocess.run(
+            [sys.executable, "-m", "modelyard", "status", "--url", gateway.url],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        if "loading weights" in status.stdout or "downloading" in status.stdout:
+            seen_status = status.stdout
+        time.sleep(0.5)
+    output = load.communicate(timeout=30)[0]
+    assert load.returncode == 0, output
+    lines = output.splitlines()
+    assert any(line.startswith("chat: starting, downloading") for line in lines), output
+    assert any(line.startswith("chat: starting, loading weights") for line in lines), output
+    assert any("compiling" in line for line in lines), output
+    assert lines[-1] == "chat: ready"
+    assert seen_status, "modelyard status never showed the start's phase"
