@@ -21,7 +21,7 @@ from modelyard.engines.base import LaunchSpec, MemoryBudget
 from modelyard.observability.events import EventBus
 from modelyard.runtime.process import EngineStartError
 from modelyard.runtime.remote import RemoteEndpoint, RemoteUnavailable
-from modelyard.runtime.start_progress import ProgressView, StartProgress
+from modelyard.runtime.start_progress import Phase, ProgressView, StartProgress
 from modelyard.runtime.weights_cache import folder_bytes
 
 
@@ -604,8 +604,8 @@ class ModelSupervisor:
         def on_line(line: str) -> None:
             nonlocal phase
             progress.observe_line(line, self._clock())
-            if progress.phase is not phase:
-                phase = progress.phase
+            if progress.phase is not phase and progress.phase is not Phase.READY:
+                phase = progress.phase  # (ready is its own event, once health answers)
                 view = progress.view(self._clock())
                 self._events.emit(
                     "start_progress",
