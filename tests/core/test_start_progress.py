@@ -4,6 +4,8 @@ growing cache folder keep a start alive; silence for `start_timeout` is a hang; 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from modelyard.runtime.start_progress import Phase, StartProgress
 from tests.vllm_log import download_lines, vllm_start_lines
 
@@ -120,3 +122,33 @@ def test_a_flood_of_endless_lines_costs_no_more_than_a_short_one() -> None:
 
 def test_start_timeout_max_is_never_below_start_timeout() -> None:
     assert StartProgress(0.0, 300, 60).start_timeout_max == 300
+
+
+# A vLLM 0.32 start on a CPU, as the demo's engine logged it (paths shortened).
+VLLM_032_START = (Path(__file__).parent / "vllm_0.32_cpu_start.log").read_text()
+
+
+def test_a_real_vllm_032_start_is_read_step_by_step() -> None:
+    progress = StartProgress(0.0, 300, 3600)
+    moved = [
+        progress.observe_line(line, float(i)) for i, line in enumerate(VLLM_032_START.splitlines())
+    ]
+    assert moved == [
+        False,  # the banner
+        False,
+        True,  # engine init
+        True,  # starting to load
+        True,
+        True,
+        True,  # shards 0 %
+        True,  # shards 100 %
+        False,  # the same 100 % again
+        True,  # loading weights took: compiling
+        True,  # KV cache size
+        True,  # init engine took
+        True,  # supported tasks
+        True,  # server up
+    ]
+    assert progress.phase is Phase.READY
+    # repeating a milestone is not progress
+    assert not progress.observe_line("Initializing a V1 LLM engine (v0.32.0)", 20.0)

@@ -40,7 +40,16 @@ _PHASE_LINES: tuple[tuple[re.Pattern[str], Phase], ...] = (
     (re.compile(r"Time spent downloading weights"), Phase.LOADING_WEIGHTS),
     (re.compile(r"Loading weights took|Model loading took"), Phase.COMPILING),
     (re.compile(r"torch\.compile|Compiling a graph|Capturing CUDA graph"), Phase.COMPILING),
-    (re.compile(r"Starting vLLM API server|Application startup complete"), Phase.READY),
+    (re.compile(r"Starting vLLM (?:API )?server|Application startup complete"), Phase.READY),
+)
+# Steps of a start that name no phase of their own but show it moves on (vLLM 0.10 to 0.32):
+# each counts once, so a start between two phases (engine init, profiling) is seen to live,
+# and no repetition of them keeps a start alive.
+_MILESTONES = re.compile(
+    r"Initializing a V1 LLM engine|Starting to load model|Initializing model took"
+    r"|Filesystem type for checkpoints|Available KV cache memory|KV cache size"
+    r"|init engine \(profile, create kv cache, warmup model\) took|Graph capturing finished"
+    r"|Supported tasks"
 )
 # Hugging Face hub's progress bars while vLLM downloads: "Fetching 4 files:  25%|..." and
 # "model-00001-of-00004.safetensors:  45%|████   | 2.21G/4.92G [00:30<00:36, 74.1MB/s]".
@@ -102,6 +111,7 @@ class StartProgress:
         self.detail = ""
         self._cache_bytes: int | None = None
         self._bars: dict[str, int] = {}
+        self._milestones: set[str] = set()
 
     def observe_line(self, line: str, now: float) -> bool:
         """Read one log line; True when it shows progress."""
@@ -124,6 +134,11 @@ class StartProgress:
         for pattern, phase in _PHASE_LINES:
             if pattern.search(line):
                 return self._advance(phase, None, "", now)
+        milestone = _MILESTONES.search(line)
+        if milestone is not None and milestone.group(0) not in self._milestones:
+            self._milestones.add(milestone.group(0))
+            self.last_progress_at = now
+            return True
         return False
 
     def _download_line(self, item: str, percent: int, line: str, now: float) -> bool:
