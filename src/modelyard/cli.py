@@ -63,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
 
     check = verbs.add_parser("check", help="validate a config and print what would run")
     check.add_argument("-c", "--config", required=True)
+    check.add_argument(
+        "--skip-machine-checks",
+        action="store_true",
+        help="the config is for another machine (an image, a server): do not check this "
+        "machine's GPUs, engine programs and folders",
+    )
     check.set_defaults(run=_check)
 
     pull = verbs.add_parser(
@@ -119,7 +125,7 @@ def _client_args(command: argparse.ArgumentParser) -> None:
     command.add_argument("--json", action="store_true", help="print raw JSON")
 
 
-def _load(path: str) -> GatewayConfig | None:
+def _load(path: str, machine_checks: bool = True) -> GatewayConfig | None:
     """The config, or None after printing every problem (the schema's, then this machine's:
     GPUs too small, programs missing), so one run shows them all."""
     try:
@@ -128,6 +134,10 @@ def _load(path: str) -> GatewayConfig | None:
         for problem in error.problems:
             print(problem, file=sys.stderr)
         return None
+    if not machine_checks:
+        for warning in config_warnings(path, config):
+            print(f"modelyard: warning: {warning}", file=sys.stderr)
+        return config
     found = preflight(config, detected_gpus(config))
     for warning in [*config_warnings(path, config), *(f"{path}: {w}" for w in found.warnings)]:
         print(f"modelyard: warning: {warning}", file=sys.stderr)
@@ -199,7 +209,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load(args.config, machine_checks=not args.skip_machine_checks)
     if config is None:
         return 1
     register_secrets(config.secret_values())

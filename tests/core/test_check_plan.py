@@ -103,6 +103,7 @@ def test_missing_programs_are_named(tmp_path: Path) -> None:
             "vllm": {"executable": ["vllm-is-not-installed", "serve"]},
             "models": {
                 "chat": {"model": "org/chat"},
+                "chat2": {"model": "org/chat2"},
                 "own": {"model": "org/own", "executable": [str(not_executable), "serve"]},
                 "tool": {"engine": "command", "command": ["no-such-server", "--port", "{port}"]},
                 "gone": {"engine": "command", "command": [str(tmp_path / "gone"), "{port}"]},
@@ -111,12 +112,12 @@ def test_missing_programs_are_named(tmp_path: Path) -> None:
     )
     errors = preflight(config, environ={"PATH": str(tmp_path), "HF_HOME": str(tmp_path)}).errors
     assert errors == [
-        "vllm.executable: program 'vllm-is-not-installed' is not on PATH (model 'chat' could "
-        "not start); give its full path",
-        f"models.own.executable: program '{not_executable}' is not executable",
-        "models.tool.command: program 'no-such-server' is not on PATH (model 'tool' could not "
-        "start); give its full path",
-        f"models.gone.command: program '{tmp_path / 'gone'}' does not exist",
+        "vllm.executable: program 'vllm-is-not-installed' is not on PATH; give its full path "
+        "(needed by 'chat', 'chat2')",
+        f"models.own.executable: program '{not_executable}' is not executable (needed by 'own')",
+        "models.tool.command: program 'no-such-server' is not on PATH; give its full path "
+        "(needed by 'tool')",
+        f"models.gone.command: program '{tmp_path / 'gone'}' does not exist (needed by 'gone')",
     ]
 
 
@@ -234,3 +235,19 @@ def test_check_accepts_a_config_whose_only_problems_are_warnings(tmp_path: Path)
     assert status == 0, output
     assert "its fallbacks (small) serve it" in output
     assert "config OK" in output
+
+
+def test_a_config_for_another_machine_skips_this_machines_checks(tmp_path: Path) -> None:
+    config = {
+        "gpus": ONE_24_GIB_GPU,
+        "models": {"tool": command_model(command=["/opt/image/bin/server", "{port}"])},
+    }
+    path = tmp_path / "modelyard.yaml"
+    path.write_text(yaml.safe_dump({"state_dir": str(tmp_path / "state"), **config}))
+    argv = [sys.executable, "-m", "modelyard", "check", "-c", str(path)]
+    assert subprocess.run(argv, capture_output=True, check=False).returncode == 1
+    skipped = subprocess.run(
+        [*argv, "--skip-machine-checks"], capture_output=True, text=True, check=False
+    )
+    assert skipped.returncode == 0, skipped.stderr
+    assert "config OK" in skipped.stdout

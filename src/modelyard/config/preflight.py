@@ -43,8 +43,8 @@ def preflight(
     """Every problem the config would meet on this machine; `gpus` defaults to the declared."""
     environ = os.environ if environ is None else environ
     found = Preflight()
+    _check_programs(config, environ, found)
     for name, model in config.models.items():
-        _check_program(name, model, config, environ, found)
         _check_files(name, model, environ, found)
     if gpus is None and config.gpus is not None:
         gpus = [GpuCapacity(gpu.index, gpu.memory) for gpu in config.gpus]
@@ -66,30 +66,35 @@ def program_of(name: str, model: ModelConfig, config: GatewayConfig) -> tuple[st
     return None
 
 
-def _check_program(
-    name: str,
-    model: ModelConfig,
-    config: GatewayConfig,
-    environ: Mapping[str, str],
-    found: Preflight,
-) -> None:
-    program = program_of(name, model, config)
-    if program is None:
-        return
-    argv0, setting = program
-    # The engine's own PATH, when its env sets one, is the PATH its program is looked up in.
-    path = {**config.defaults.env, **model.env}.get("PATH", environ.get("PATH", os.defpath))
+def _check_programs(config: GatewayConfig, environ: Mapping[str, str], found: Preflight) -> None:
+    # One line a missing program, naming every model it would have started.
+    users: dict[tuple[str, str, str], list[str]] = {}
+    for name, model in config.models.items():
+        program = program_of(name, model, config)
+        if program is None:
+            continue
+        argv0, setting = program
+        # The engine's own PATH, when its env sets one, is the PATH its program is found in.
+        path = {**config.defaults.env, **model.env}.get("PATH", environ.get("PATH", os.defpath))
+        problem = _program_problem(argv0, path)
+        if problem is not None:
+            users.setdefault((setting, argv0, problem), []).append(name)
+    for (setting, argv0, problem), names in users.items():
+        models = ", ".join(repr(name) for name in names)
+        found.errors.append(f"{setting}: program {argv0!r} {problem} (needed by {models})")
+
+
+def _program_problem(argv0: str, path: str) -> str | None:
     if "/" in argv0:
         executable = Path(argv0).expanduser()
         if not executable.is_file():
-            found.errors.append(f"{setting}: program {argv0!r} does not exist")
-        elif not os.access(executable, os.X_OK):
-            found.errors.append(f"{setting}: program {argv0!r} is not executable")
-    elif shutil.which(argv0, path=path) is None:
-        found.errors.append(
-            f"{setting}: program {argv0!r} is not on PATH (model {name!r} could not start); "
-            "give its full path"
-        )
+            return "does not exist"
+        if not os.access(executable, os.X_OK):
+            return "is not executable"
+        return None
+    if shutil.which(argv0, path=path) is None:
+        return "is not on PATH; give its full path"
+    return None
 
 
 def _looks_like_path(value: str) -> bool:
