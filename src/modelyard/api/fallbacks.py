@@ -13,7 +13,7 @@ from modelyard.api.access import may_use
 from modelyard.auth.principal import Principal
 from modelyard.gateway import Gateway
 from modelyard.placement.policy import CannotFit, plan_placement
-from modelyard.scheduler.names import Target
+from modelyard.scheduler.names import Target, UnknownModel
 from modelyard.scheduler.supervisor import ModelState
 
 # The refusals a fallback answers (ModelUnavailable codes, and the remote 503 of serving).
@@ -42,7 +42,7 @@ def fallback_for(
     for name in model.fallbacks:
         try:
             candidate = scheduler.resolve(name)
-        except Exception:  # removed by a reload since: skip it
+        except UnknownModel:  # removed by a reload since: skip it
             continue
         if not may_use(principal, candidate):
             continue  # a fallback is no way around a key's model list

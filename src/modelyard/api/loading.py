@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TypeVar
 
 from aiohttp import web
@@ -136,12 +136,3 @@ class LoadingStream:
         except (ConnectionResetError, RuntimeError):
             pass  # the client is gone: nothing left to tell
         return self.response
-
-
-async def started_task(make: Callable[[], Awaitable[T]]) -> asyncio.Task[T]:
-    """`make()` running in a task of its own, so a loading stream can wait on it."""
-
-    async def run() -> T:
-        return await make()
-
-    return asyncio.ensure_future(run())

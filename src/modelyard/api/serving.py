@@ -300,6 +300,7 @@ def _checked_raw_body(
     return chosen, json.dumps(payload).encode()
 
 
+@dataclass
 class _Loading:
     """The loading stream of one request, once one was opened."""
 
@@ -329,7 +330,8 @@ async def _forward(
     retarget: Callable[[Target], _Forwarding] | None = None,
 ) -> web.StreamResponse:
     """Forward to the target's engine; when it is refused, to its first fallback that can
-    serve now (api/fallbacks.py)."""
+    serve now (api/fallbacks.py). The refused attempt is recorded under its own model, with
+    its status, and the fallback's answer under the fallback."""
     loading = _Loading()
     try:
         return await _forward_once(request, gateway, first, path, route_label, streamed, loading)
