@@ -421,6 +421,16 @@ def _vllm_start(args: argparse.Namespace) -> None:
                 partial.write(b"\0" * 100_000)  # the download folder grows
 
 
+def _grow_quietly(folder: Path, seconds: float) -> None:
+    """A download that logs nothing: only its cache folder shows it goes on."""
+    (folder / "blobs").mkdir(parents=True, exist_ok=True)
+    ends = time.monotonic() + seconds
+    while time.monotonic() < ends:
+        with open(folder / "blobs" / "weights.incomplete", "ab") as partial:
+            partial.write(b"\0" * 1_000_000)
+        time.sleep(0.5)
+
+
 def _lie_forever() -> None:
     """An engine whose log never stops claiming progress and never comes up: a download of
     ever new files, each bar climbing, and a flood of other lines between them."""
@@ -482,6 +492,12 @@ def main() -> None:
         "--download-to", help="with --download: a folder that grows as the download goes"
     )
     parser.add_argument(
+        "--quiet-download",
+        type=float,
+        default=0.0,
+        help="with --download-to: S seconds of a growing folder and no log line at all",
+    )
+    parser.add_argument(
         "--silent-after", type=float, default=None, help="print nothing more after S seconds"
     )
     parser.add_argument(
@@ -535,6 +551,8 @@ def main() -> None:
     time.sleep(args.bind_delay)
     if args.lying_log:
         _lie_forever()
+    if args.quiet_download:
+        _grow_quietly(Path(args.download_to), args.quiet_download)
     if args.vllm_start:
         _vllm_start(args)
     app = web.Application(

@@ -15,13 +15,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from openai import OpenAI, Timeout
 
-from tests.conftest import RunningGateway, fake_model
+from tests.conftest import FAKE_ENGINE, RunningGateway, fake_model
 
 pytestmark = pytest.mark.slow
 
@@ -274,3 +275,33 @@ def test_modelyard_load_shows_the_phases_and_status_the_progress(
     assert any("compiling" in line for line in lines), output
     assert lines[-1] == "chat: ready"
     assert seen_status, "modelyard status never showed the start's phase"
+
+
+async def test_a_download_that_logs_nothing_lives_while_its_cache_folder_grows(
+    gateway_factory: Callable[..., RunningGateway], tmp_path: Path
+) -> None:
+    hf_home = tmp_path / "hf"
+    folder = hf_home / "hub" / "models--org--quiet"
+    model = {
+        "engine": "vllm",
+        "model": "org/quiet",
+        "executable": [sys.executable, FAKE_ENGINE],
+        "args": ["--quiet-download", "8", "--download-to", str(folder), "--vllm-start", "1"],
+        "env": {"HF_HOME": str(hf_home)},
+        "start_timeout": "3s",
+    }
+    gateway = gateway_factory({"chat": model})
+    phases: set[str] = set()
+    async with aiohttp.ClientSession() as session:
+        body = {**CHAT, "stream": False}
+        request = asyncio.ensure_future(
+            session.post(gateway.url + "/v1/chat/completions", json=body)
+        )
+        while not request.done():
+            progress = (await asyncio.to_thread(gateway.status))["models"][0]["progress"]
+            if progress is not None:
+                phases.add(progress["phase"])
+            await asyncio.sleep(0.3)
+        response = await request
+        assert response.status == 200, await response.text()
+    assert "downloading" in phases, phases
