@@ -443,6 +443,12 @@ def _lie_forever() -> None:
         time.sleep(0.05)
 
 
+async def _slow_exit(app: web.Application) -> None:
+    # The port is closed by now; the process (and so its GPU memory) lingers, as a real
+    # engine's does while CUDA tears down.
+    await asyncio.sleep(app["args"].exit_delay)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     # vLLM's own command line (`vllm serve MODEL --host H --port P --served-model-name N ...`)
@@ -519,6 +525,12 @@ def main() -> None:
     )
     parser.add_argument("--ignore-sigterm", action="store_true")
     parser.add_argument(
+        "--exit-delay",
+        type=float,
+        default=0.0,
+        help="seconds between SIGTERM and exit (vLLM on a GPU takes seconds to free its memory)",
+    )
+    parser.add_argument(
         "--api-key",
         default=os.environ.get("VLLM_API_KEY"),
         help="as vLLM: every /v1 route wants 'Authorization: Bearer KEY' (also VLLM_API_KEY)",
@@ -575,6 +587,8 @@ def main() -> None:
     app.router.add_get("/fake/received", received)
     app.router.add_get("/metrics", prometheus_metrics)
     app.router.add_route("*", "/{tail:.*}", echo_any)
+    if args.exit_delay:
+        app.on_cleanup.append(_slow_exit)
     _write_report(args)
     print("INFO:     Application startup complete.", flush=True)
     web.run_app(

@@ -24,6 +24,10 @@ class FakeClock:
 
 
 class FakeEngine:
+    node: str | None = None
+    actor_name: str | None = None
+    remote = False
+
     def __init__(self, number: int, name: str = "m") -> None:
         self.name = name
         self.port = 40_000 + number

@@ -56,6 +56,12 @@ class Behaviour:
     crash_on_start: bool = False
     sleep_mode: bool = False
     unload_delay: float = 0.0  # seconds the engine takes to answer an adapter unload
+    # Seconds from a stop until the process is gone, and from /sleep or /wake_up until it
+    # answers: vLLM on a GPU takes seconds to free its CUDA memory, to move weights to host
+    # RAM and back (issue 22's slow stop, sleep and wake).
+    exit_after: float = 0.0
+    sleep_after: float = 0.0
+    wake_after: float = 0.0
 
 
 @dataclass
@@ -71,6 +77,10 @@ class EngineState:
 
 class InProcessEngine:
     """One engine: implements the scheduler's `EngineHandle`."""
+
+    node: str | None = None
+    actor_name: str | None = None
+    remote = False
 
     def __init__(
         self, name: str, spec: LaunchSpec, behaviour: Behaviour, served: str | None = None
@@ -160,6 +170,7 @@ class InProcessEngine:
 
     async def stop(self, grace: float) -> int | None:
         await self._server.close()
+        await asyncio.sleep(self.behaviour.exit_after)
         self._exit(0)
         return 0
 
@@ -387,6 +398,7 @@ class InProcessEngine:
     async def _sleep(self, request: web.Request) -> web.Response:
         if not self._sleep_mode():
             return web.Response(status=404)
+        await asyncio.sleep(self.behaviour.sleep_after)
         self.state.sleeping = int(request.query.get("level", "1"))
         self._claim_gpu(self.flags.sleep_residual)  # a sleeping engine keeps a little memory
         return web.Response(status=200)
@@ -399,6 +411,7 @@ class InProcessEngine:
     async def _wake(self, request: web.Request) -> web.Response:
         if not self._sleep_mode():
             return web.Response(status=404)
+        await asyncio.sleep(self.behaviour.wake_after)
         try:
             self._claim_gpu()
         except fake_gpu.OutOfMemory as error:

@@ -13,7 +13,17 @@ from typing import Protocol
 
 from bench.placement.world import Decision, Engine, Evict, State, World
 from modelyard.placement import policy
-from modelyard.scheduler.decide import Ask, Go, Refuse, Snapshot, Wait, decide
+from modelyard.scheduler.core import (
+    CarryOut,
+    Dropped,
+    EvictionsDone,
+    RefuseNow,
+    SchedulerCore,
+    StartNow,
+    WaitUntil,
+    Wanted,
+)
+from modelyard.scheduler.decide import Ask, Snapshot
 
 # Before issue 11 a start that had to wait gave up after 32 polls of 0.1 s ("placement did
 # not settle", 503 placement_stuck).
@@ -102,8 +112,8 @@ class LruByFootprint:
 
 
 class Modelyard:
-    """The gateway's own decision function (`modelyard.scheduler.decide.decide`, not a copy),
-    fed what the gateway would have measured."""
+    """The gateway's own scheduler core (`modelyard.scheduler.core.SchedulerCore`, the object
+    the gateway's driver steps, not a copy), fed what the gateway would have measured."""
 
     def __init__(
         self,
@@ -112,6 +122,7 @@ class Modelyard:
         before_issue_11: bool = False,
     ) -> None:
         self.settings = settings
+        self.core = SchedulerCore(settings)
         self.sleep = sleep
         self.gives_up_after_s = OLD_GIVE_UP_S if before_issue_11 else None
         self.name = "modelyard" if sleep else "modelyard, sleep off (ablation)"
@@ -128,17 +139,25 @@ class Modelyard:
             host_ram_for_sleep=world.host_ram_for_sleep - world.host_bytes_held(),
             start_seconds={e.spec.name: e.spec.start_s for e in world.engines.values()},
         )
-        decision = decide(snapshot, Ask(policy.Target(target, spec.bytes), deadline), self.settings)
-        if isinstance(decision, Refuse):
-            return Decision(refuse=decision.code)
-        if isinstance(decision, Wait):
-            return Decision(wait_for=tuple(w.name for w in decision.for_models))
-        if isinstance(decision, Go):
+        ask = Ask(policy.Target(target, spec.bytes), deadline)
+        (command,) = self.core.step(
+            Wanted(ask, snapshot, max_eviction_rounds=len(world.engines) + 1)
+        )
+        if isinstance(command, RefuseNow):
+            return Decision(refuse=command.code)
+        if isinstance(command, WaitUntil):
+            return Decision(wait_for=command.waiting_for)
+        if isinstance(command, StartNow):
             return Decision()
+        assert isinstance(command, CarryOut)
+        # The simulator carries the evictions out and starts the target at once (their
+        # seconds are added to its load), as the driver does when they end: tell the core.
+        self.core.step(EvictionsDone(target, command.number, ok=True))
+        self.core.step(Dropped(target))
         return Decision(
             evict=tuple(
                 Evict(a.name, a.level if isinstance(a, policy.Sleep) else 0)
-                for a in decision.actions
+                for a in command.actions
             )
         )
 

@@ -21,6 +21,7 @@ from modelyard.config.loader import ConfigError
 from modelyard.config.schema import GatewayConfig
 from modelyard.engines import engine_kind
 from modelyard.engines.base import LaunchSpec
+from modelyard.lifecycle import EngineHandle, EngineStarter, ModelState, SleepControl
 from modelyard.lora.manager import LoraManager
 from modelyard.observability.activity_log import log_event, log_request
 from modelyard.observability.event_store import EventStore, open_event_store
@@ -43,7 +44,6 @@ from modelyard.runtime import ProcessRegistry, ProcessRuntime
 from modelyard.runtime.remote import RemoteConnector, remote_answers
 from modelyard.runtime.vllm_sleep import VllmSleepControl
 from modelyard.scheduler.scheduler import Scheduler
-from modelyard.scheduler.supervisor import EngineHandle, EngineStarter, ModelState, SleepControl
 from modelyard.scheduler.watchdog import EngineWatchdog, WatchdogSettings, health_probe
 from modelyard.state import SetAside, StateDirectory
 
@@ -356,7 +356,7 @@ class Gateway:
 
     def _model_nodes(self) -> dict[str, str | None]:
         return {
-            name: getattr(self.scheduler.live_engine(name), "node", None)
+            name: engine.node if (engine := self.scheduler.live_engine(name)) else None
             for name in self.scheduler.models()
         }
 
@@ -370,9 +370,9 @@ class Gateway:
             status.update(self.placement.model_placement(name))
         if self.cluster is not None:
             engine = self.scheduler.live_engine(name)
-            status["node"] = getattr(engine, "node", None)
+            status["node"] = engine.node if engine is not None else None
             status["node_gpus"] = self.cluster.node_gpus(status.get("gpus"))
-            status["ray_actor"] = getattr(engine, "actor_name", None)
+            status["ray_actor"] = engine.actor_name if engine is not None else None
         return status
 
     def observe(self, record: RequestRecord) -> None:

@@ -1,8 +1,9 @@
 """The scheduler's pure decision function, driven synchronously in virtual time.
 
 Every case of issue 11 at a real GPU's timings (starts of 30-60 s, wakes of 0.3-3 s, streams
-of tens of seconds to minutes), through `VirtualGateway`, which carries out `decide()`'s
-answers the way the scheduler does. No processes, no sleeps: each test runs in milliseconds.
+of tens of seconds to minutes), through `VirtualGateway`, which steps the scheduler's core
+(`SchedulerCore`, deciding with `decide()`) and carries its commands out as the driver
+does. No processes, no sleeps: each test runs in milliseconds.
 """
 
 from __future__ import annotations

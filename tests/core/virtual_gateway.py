@@ -1,13 +1,20 @@
-"""A gateway in virtual time around the real decision function, for synchronous tests.
+"""A gateway in virtual time around the scheduler's real core, for synchronous tests.
 
 Like llama-swap's scheduler tests: no processes, no sleeps, no asyncio. Events (arrivals,
-starts and wakes finishing, crashes, requests ending, deadlines) are processed in time order;
-after each one every model with waiting requests asks `decide()` (the scheduler's own pure
-function, not a copy) and the driver carries out the answer the way the scheduler does:
-`Go` starts or wakes, `Evict` sleeps or stops at once and asks again, `Wait` does nothing
-until the next event, `Refuse` answers the waiting requests 503 with Retry-After.
+starts, wakes, sleeps and stops finishing, crashes, requests ending, deadlines) are processed
+in time order; after each one every model with waiting requests feeds `Wanted` to the real
+`SchedulerCore` (scheduler/core.py, the very object the gateway's driver steps) and carries its
+commands out as the driver does: `StartNow` starts or wakes, `CarryOut` sleeps or stops the
+victims one after the other (each taking its model's `sleep_s` / `stop_s`) and then feeds
+`EvictionsDone` back, `WaitUntil` does nothing until the next event, `RefuseNow` answers the
+waiting requests 503 with Retry-After. Other decisions go on while an eviction runs.
 
-Timings default to a real GPU's: starts of 30-60 s, wakes of 0.3-3 s.
+Timings default to a real GPU's: starts of 30-60 s, wakes of 0.3-3 s. Stops and sleeps take
+no time unless a model says so (`stop_s`, `sleep_s`; a real vLLM stop takes 2-15 s).
+
+It records what the properties of issue 22 are checked on: every state change of every engine
+(`transitions`), every decision (`decisions`), and the planned memory per GPU after every event
+(`peak_bytes`, with an assertion that it never exceeds a GPU).
 """
 
 from __future__ import annotations
@@ -16,16 +23,18 @@ import heapq
 from dataclasses import dataclass, field
 
 from modelyard.placement.policy import Engine, EngineState, GpuCapacity, Sleep, Target
-from modelyard.scheduler.decide import (
-    Ask,
-    Evict,
-    Go,
-    Refuse,
-    Snapshot,
-    Wait,
-    decide,
-    unlimited_gpus,
+from modelyard.scheduler.core import (
+    CarryOut,
+    Command,
+    Dropped,
+    EvictionsDone,
+    RefuseNow,
+    SchedulerCore,
+    StartNow,
+    WaitUntil,
+    Wanted,
 )
+from modelyard.scheduler.decide import Ask, Snapshot, unlimited_gpus
 
 GIB = 1024**3
 
@@ -41,6 +50,11 @@ class Model:
     group: str | None = None
     start_timeout: float = 300.0
     crash_after_s: float | None = None  # the next start dies after this long
+    stop_s: float = 0.0  # from the stop command until the process is gone
+    sleep_s: float = 0.0  # from the sleep command until it sleeps
+    wake2_s: float | None = None  # a wake from level 2 (None: as from level 1)
+    sleep2_s: float | None = None  # a sleep at level 2 (None: as at level 1)
+    gpus: tuple[int, ...] = ()  # the GPUs it may use (config `gpus:`); () any
 
 
 @dataclass
@@ -71,6 +85,15 @@ class _Live:
     sleeping_level: int = 0
     generation: int = 0  # a start or wake in progress (its finish event names it)
     measured_start: float | None = None
+    gpus: tuple[int, ...] = ()  # where it runs (or sleeps)
+    stopping_asleep: bool = False  # a sleeper being stopped holds only its asleep size
+
+
+@dataclass(frozen=True)
+class Decided:
+    at: float
+    model: str
+    command: Command
 
 
 class VirtualGateway:
@@ -79,19 +102,26 @@ class VirtualGateway:
         models: dict[str, Model],
         gpus: list[int] | None,
         host_ram_for_sleep: int | None = None,
+        nodes: list[str] | None = None,
     ) -> None:
-        """`gpus`: the GPUs' sizes in bytes; None for a machine without managed GPUs."""
+        """`gpus`: the GPUs' sizes in bytes; None for a machine without managed GPUs.
+        `nodes`: on a cluster, the node each GPU is in."""
         self.models = models
         self.gpus = gpus
+        self.nodes = nodes
         self.host_ram = host_ram_for_sleep
         self.now = 0.0
+        self.core = SchedulerCore()
         self.live = {name: _Live() for name in models}
         self.outcomes: list[Outcome] = []
         self.log: list[tuple[float, str, str]] = []  # (time, model, what)
+        self.transitions: list[tuple[float, str, str, str]] = []  # (time, model, from, to)
+        self.decisions: list[Decided] = []
         self.peak_bytes = [0] * len(gpus or [])
         self._events: list[tuple[float, int, str, object]] = []
         self._seq = 0
         self._durations: dict[int, float] = {}
+        self._wakeups: set[float] = set()
 
     # ----- the test's inputs -----
 
@@ -103,12 +133,19 @@ class VirtualGateway:
         self._push(at + self.models[model].start_timeout, "deadline", index)
         return index
 
-    def set_ready(self, model: str, at: float = 0.0, last_used: float | None = None) -> None:
+    def set_ready(
+        self, model: str, at: float = 0.0, last_used: float | None = None, gpu: int | None = None
+    ) -> None:
         """Start the test with this model already running (and idle)."""
         live = self.live[model]
         live.state = EngineState.READY
         live.last_used = at if last_used is None else last_used
         live.measured_start = self.models[model].start_s
+        allowed = self.models[model].gpus
+        if gpu is not None:
+            live.gpus = (gpu,)
+        else:
+            live.gpus = (allowed[0],) if allowed else self._home(model)
 
     def run(self, until: float = 10_000.0) -> list[Outcome]:
         while self._events and self._events[0][0] <= until:
@@ -116,6 +153,7 @@ class VirtualGateway:
             self.now = at
             self._handle(kind, data)
             self._decide_all()
+            self._check_memory()
         return self.outcomes
 
     # ----- events -----
@@ -123,6 +161,14 @@ class VirtualGateway:
     def _push(self, at: float, kind: str, data: object) -> None:
         self._seq += 1
         heapq.heappush(self._events, (at, self._seq, kind, data))
+
+    def _become(self, name: str, state: EngineState | None) -> None:
+        live = self.live[name]
+        before = "stopped" if live.state is None else live.state.value
+        after = "stopped" if state is None else state.value
+        if before != after:
+            self.transitions.append((self.now, name, before, after))
+        live.state = state
 
     def _handle(self, kind: str, data: object) -> None:
         if kind == "arrive":
@@ -147,7 +193,7 @@ class VirtualGateway:
                 return
             if live.state is EngineState.STARTING:
                 live.measured_start = self.models[name].start_s
-            live.state = EngineState.READY
+            self._become(name, EngineState.READY)
             live.sleeping_level = 0
             self.log.append((self.now, name, "ready"))
             for index in live.waiters:
@@ -158,11 +204,25 @@ class VirtualGateway:
             live = self.live[name]
             if live.generation != generation or live.state is not EngineState.STARTING:
                 return
-            live.state = None
+            self._become(name, None)
             self.log.append((self.now, name, "crashed"))
             for index in live.waiters:
                 self._answer(index, 502, "engine_start_failed", 5.0, "crashed while starting")
             live.waiters = []
+        elif kind == "stopped":
+            assert isinstance(data, str)
+            self._become(data, None)
+            self.live[data].sleeping_level = 0
+            self.live[data].stopping_asleep = False
+        elif kind == "slept":
+            name, level = data  # type: ignore[misc]
+            self._become(name, EngineState.SLEEPING)
+            self.live[name].sleeping_level = level
+        elif kind == "evicted":
+            target, number = data  # type: ignore[misc]
+            self.core.step(EvictionsDone(target, number, ok=True))
+        elif kind == "wake_deciders":
+            self._wakeups.discard(data)  # type: ignore[arg-type]
         elif kind == "deadline":
             assert isinstance(data, int)
             outcome = self.outcomes[data]
@@ -173,6 +233,8 @@ class VirtualGateway:
             ):
                 live.waiters.remove(data)
                 self._answer(data, 503, "start_timeout", 5.0, "not ready within start_timeout")
+                if not live.waiters:
+                    self.core.step(Dropped(outcome.model))  # as the driver's `finally`
 
     def _serve(self, name: str, index: int) -> None:
         outcome = self.outcomes[index]
@@ -187,7 +249,7 @@ class VirtualGateway:
         outcome.refused_at, outcome.status, outcome.code = self.now, status, code
         outcome.retry_after, outcome.message = retry, message
 
-    # ----- deciding, as the scheduler does -----
+    # ----- deciding: the core's commands, carried out as the driver does -----
 
     def _decide_all(self) -> None:
         asking = sorted(
@@ -195,51 +257,72 @@ class VirtualGateway:
             key=lambda name: min(self.live[name].waiters),
         )
         for name in asking:
-            for _ in range(len(self.models) + 2):  # an Evict is carried out, then ask again
-                live = self.live[name]
-                if not live.waiters or not self._at_rest(name):
-                    break
-                deadline = max(self.outcomes[i].arrived for i in live.waiters)
-                deadline += self.models[name].start_timeout
-                decision = decide(self._snapshot(name), Ask(self._target(name), deadline))
-                if isinstance(decision, Go):
-                    self._go(name)
-                    break
-                if isinstance(decision, Refuse):
-                    for index in live.waiters:
-                        self._answer(
-                            index,
-                            decision.status,
-                            decision.code,
-                            decision.retry_after,
-                            decision.message,
-                        )
-                    live.waiters = []
-                    break
-                if isinstance(decision, Wait):
-                    self._push(decision.until, "wake_deciders", None)
-                    break
-                assert isinstance(decision, Evict)
-                for action in decision.actions:
-                    victim = self.live[action.name]
-                    assert victim.in_flight == 0, f"evicted busy {action.name}"
-                    if isinstance(action, Sleep):
-                        victim.state, victim.sleeping_level = EngineState.SLEEPING, action.level
-                        self.log.append((self.now, action.name, f"sleep{action.level}"))
-                    else:
-                        victim.state, victim.sleeping_level = None, 0
-                        self.log.append((self.now, action.name, "stop"))
+            live = self.live[name]
+            if not live.waiters or not self._at_rest(name):
+                continue
+            deadline = max(self.outcomes[i].arrived for i in live.waiters)
+            deadline += self.models[name].start_timeout
+            wanted = Wanted(
+                Ask(self._target(name), deadline),
+                self._snapshot(name),
+                max_eviction_rounds=len(self.models) + 1,
+            )
+            for command in self.core.step(wanted):
+                self.decisions.append(Decided(self.now, name, command))
+                self._carry_out(name, command)
+
+    def _carry_out(self, name: str, command: Command) -> None:
+        live = self.live[name]
+        if isinstance(command, StartNow):
+            self._go(name, command.gpus)
+        elif isinstance(command, RefuseNow):
+            for index in live.waiters:
+                self._answer(
+                    index, command.status, command.code, command.retry_after, command.message
+                )
+            live.waiters = []
+        elif isinstance(command, WaitUntil):
+            if command.until not in self._wakeups:
+                # One wake-up a time: every waiting model decides again at each event.
+                self._wakeups.add(command.until)
+                self._push(command.until, "wake_deciders", command.until)
+        else:
+            assert isinstance(command, CarryOut)
+            at = self.now
+            for action in command.actions:
+                victim = self.live[action.name]
+                assert victim.in_flight == 0, f"evicted busy {action.name}"
+                model = self.models[action.name]
+                if isinstance(action, Sleep):
+                    # Still counted awake until it sleeps (the supervisor's DRAINING).
+                    self._become(action.name, EngineState.DRAINING)
+                    seconds = model.sleep_s
+                    if action.level == 2 and model.sleep2_s is not None:
+                        seconds = model.sleep2_s
+                    at += seconds
+                    self._push(at, "slept", (action.name, action.level))
+                    self.log.append((self.now, action.name, f"sleep{action.level}"))
+                else:
+                    victim.stopping_asleep = victim.state is EngineState.SLEEPING
+                    self._become(action.name, EngineState.STOPPING)
+                    at += model.stop_s
+                    self._push(at, "stopped", action.name)
+                    self.log.append((self.now, action.name, "stop"))
+            self._push(at, "evicted", (name, command.number))
 
     def _at_rest(self, name: str) -> bool:
         return self.live[name].state in (None, EngineState.SLEEPING)
 
-    def _go(self, name: str) -> None:
+    def _go(self, name: str, gpus: tuple[int, ...]) -> None:
         live, model = self.live[name], self.models[name]
         live.generation += 1
         waking = live.state is EngineState.SLEEPING
-        live.state = EngineState.WAKING if waking else EngineState.STARTING
+        self._become(name, EngineState.WAKING if waking else EngineState.STARTING)
+        live.gpus = gpus
         self.log.append((self.now, name, "wake" if waking else "start"))
         took = model.wake_s if waking else model.start_s
+        if waking and live.sleeping_level == 2 and model.wake2_s is not None:
+            took = model.wake2_s
         if not waking and model.crash_after_s is not None:
             self._push(self.now + model.crash_after_s, "crash", (name, live.generation))
             model.crash_after_s = None
@@ -247,27 +330,37 @@ class VirtualGateway:
             self._push(self.now + took, "loaded", (name, live.generation))
         self._check_memory()
 
+    def held_per_gpu(self) -> list[int]:
+        """What the engines hold (or will hold, once started) on each GPU now."""
+        held = [0] * len(self.gpus or [])
+        for name in self.models:
+            for index in self.live[name].gpus if self.live[name].state is not None else ():
+                held[index] += self._held(name)
+        return held
+
     def _check_memory(self) -> None:
         if self.gpus is None:
             return
-        held = sum(self._held(name) for name in self.models)
-        self.peak_bytes[0] = max(self.peak_bytes[0], held)
-        assert held <= self.gpus[0], f"planned {held} bytes on a {self.gpus[0]}-byte GPU"
+        for index, held in enumerate(self.held_per_gpu()):
+            self.peak_bytes[index] = max(self.peak_bytes[index], held)
+            assert held <= self.gpus[index], f"planned {held} bytes on GPU {index}"
 
     def _held(self, name: str) -> int:
         live, model = self.live[name], self.models[name]
         if live.state is None:
             return 0
-        return model.asleep_bytes if live.state is EngineState.SLEEPING else model.bytes
+        asleep = live.state is EngineState.SLEEPING or live.stopping_asleep
+        return model.asleep_bytes if asleep else model.bytes
 
-    def _index(self, name: str) -> int:
-        return list(self.models).index(name)
+    def _home(self, name: str) -> tuple[int, ...]:
+        """Without managed GPUs each model has a boundless GPU of its own; with, GPU 0."""
+        return (list(self.models).index(name),) if self.gpus is None else (0,)
 
     def _target(self, name: str) -> Target:
         model = self.models[name]
         if self.gpus is None:
-            return Target(name, 0, gpus=(self._index(name),), exclusive_group=model.group)
-        return Target(name, model.bytes, exclusive_group=model.group)
+            return Target(name, 0, gpus=self._home(name), exclusive_group=model.group)
+        return Target(name, model.bytes, gpus=model.gpus, exclusive_group=model.group)
 
     def _snapshot(self, target: str) -> Snapshot:
         engines = []
@@ -282,8 +375,12 @@ class VirtualGateway:
                 Engine(
                     name=name,
                     state=live.state,
-                    gpus=(0,) if managed else (self._index(name),),
-                    awake_bytes_per_gpu=model.bytes if managed else 0,
+                    gpus=live.gpus,
+                    awake_bytes_per_gpu=(
+                        model.asleep_bytes if live.stopping_asleep else model.bytes
+                    )
+                    if managed
+                    else 0,
                     asleep_bytes_per_gpu=model.asleep_bytes if managed else 0,
                     in_flight=live.in_flight + len(live.waiters),
                     last_used=live.last_used,
@@ -295,11 +392,13 @@ class VirtualGateway:
                     exclusive_group=model.group,
                 )
             )
-        gpus = (
-            tuple(GpuCapacity(i, size) for i, size in enumerate(self.gpus))
-            if self.gpus is not None
-            else unlimited_gpus(list(self.models))
-        )
+        if self.gpus is None:
+            gpus = unlimited_gpus(list(self.models))
+        else:
+            gpus = tuple(
+                GpuCapacity(i, size, node=self.nodes[i] if self.nodes else None)
+                for i, size in enumerate(self.gpus)
+            )
         host = None
         if self.host_ram is not None:
             held = sum(
@@ -309,4 +408,4 @@ class VirtualGateway:
             )
             host = max(self.host_ram - held, 0)
         starts = {n: live.measured_start for n, live in self.live.items() if live.measured_start}
-        return Snapshot(self.now, gpus, tuple(engines), host, starts)  # type: ignore[arg-type]
+        return Snapshot(self.now, gpus, tuple(engines), host, starts)

@@ -77,12 +77,13 @@ def test_every_request_is_answered_and_none_refused_early_on_the_shipped_traces(
         assert result.refused_early == set()  # issue 11's goal
 
 
-def test_the_simulator_runs_the_schedulers_own_decision_function() -> None:
+def test_the_simulator_runs_the_schedulers_own_core() -> None:
     from bench.placement import policies
 
-    from modelyard.scheduler import decide
+    from modelyard.scheduler import core
 
-    assert policies.decide is decide.decide  # not a copy
+    assert policies.SchedulerCore is core.SchedulerCore  # not a copy (issue 22)
+    assert isinstance(Modelyard().core, core.SchedulerCore)
 
 
 def test_a_request_waits_for_a_long_drain_instead_of_being_refused() -> None:

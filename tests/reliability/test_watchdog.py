@@ -15,6 +15,10 @@ from modelyard.scheduler.watchdog import EngineWatchdog, WatchdogSettings
 
 
 class Engine:
+    node: str | None = None
+    actor_name: str | None = None
+    remote = False
+
     def __init__(self, number: int) -> None:
         self.base_url = f"http://engine-{number}"
         self.pid = 20_000 + number

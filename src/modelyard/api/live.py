@@ -18,9 +18,9 @@ from aiohttp import web
 
 from modelyard.api.errors import ApiError
 from modelyard.gateway import Gateway
+from modelyard.lifecycle import EngineHandle
 from modelyard.observability.events import Event
 from modelyard.scheduler.scheduler import Scheduler
-from modelyard.scheduler.supervisor import EngineHandle
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream",

@@ -613,5 +613,12 @@ class GatewayConfig(StrictModel):
     def port(self) -> int:
         return int(self.listen.rpartition(":")[2])
 
+    def exclusive_group_of(self, model: str) -> str | None:
+        """The exclusive group `model` belongs to (a model is in at most one)."""
+        for group_name, group in self.groups.items():
+            if group.exclusive and model in group.members:
+                return group_name
+        return None
+
 
 _RESERVED_ROUTES = {"/v1", "/admin", "/gateway", "/upstream", "/ui", "/metrics", "/health"}

@@ -23,11 +23,11 @@ from typing import Any
 import aiohttp
 
 from modelyard.config.schema import GatewayConfig, ModelConfig
+from modelyard.lifecycle import EngineHandle
 from modelyard.lora.adapters import Adapter, read_adapter, scan_adapter_dir
 from modelyard.observability.events import EventBus
 from modelyard.scheduler.names import Target
 from modelyard.scheduler.scheduler import Scheduler
-from modelyard.scheduler.supervisor import EngineHandle
 
 log = logging.getLogger("modelyard.lora")
 
@@ -139,11 +139,13 @@ class LoraManager:
                 adapter=name,
             )
         self.adapters = found
-        self.scheduler.adapter_targets = {
-            name: Target(model=a.base, public_name=name, upstream_name=name, adapter=name)
-            for name, a in found.items()
-            if name not in taken
-        }
+        self.scheduler.set_adapter_targets(
+            {
+                name: Target(model=a.base, public_name=name, upstream_name=name, adapter=name)
+                for name, a in found.items()
+                if name not in taken
+            }
+        )
         return added, removed
 
     def start_background(self) -> None:

@@ -19,8 +19,8 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from modelyard import __version__
+from modelyard.lifecycle import ModelState
 from modelyard.observability.events import Event
-from modelyard.scheduler.supervisor import ModelState
 
 if TYPE_CHECKING:
     from modelyard.observability.requests import RequestRecord

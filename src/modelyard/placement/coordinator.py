@@ -11,15 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from modelyard.config.schema import GatewayConfig
 from modelyard.engines.base import MemoryBudget
+from modelyard.lifecycle import EngineOwner, ModelState
 from modelyard.observability.events import EventBus
-from modelyard.placement.estimate import estimate_bytes
-from modelyard.placement.footprints import FootprintStore, engine_fingerprint
+from modelyard.placement.estimate import estimate_bytes, weights_bytes
+from modelyard.placement.footprints import Footprint, FootprintStore, engine_fingerprint
 from modelyard.placement.inventory import GpuInventory, GpuInventoryError
 from modelyard.placement.policy import (
     Engine,
@@ -27,7 +28,6 @@ from modelyard.placement.policy import (
     GpuCapacity,
     Target,
 )
-from modelyard.scheduler.supervisor import ModelState, ModelSupervisor
 
 log = logging.getLogger("modelyard.placement")
 
@@ -58,6 +58,20 @@ class Residency:
     # vLLM fills whatever budget it gets: a start planned as "the whole GPU" (unknown size,
     # or the retry after an OOM) measures the budget, not the model, so it is not learned.
     learnable: bool = True
+    # As it was started: an engine outlives its model's place in the config (a reload).
+    sleep_level: int = 0
+
+
+@dataclass(frozen=True)
+class _Record:
+    """Measurements to store for one model's configuration."""
+
+    model: str
+    fingerprint: str
+    awake_bytes_per_gpu: int | None = None
+    asleep_bytes_per_gpu: int | None = None
+    start_seconds: float | None = None
+    wake_seconds: float | None = None
 
 
 class PlacementCoordinator:
@@ -77,18 +91,30 @@ class PlacementCoordinator:
         # NVML sees each process's memory; a declared inventory does not.
         self.measures_processes = measures_processes
         self._clock = clock
-        self._supervisors: dict[str, ModelSupervisor] = {}
-        self.residency: dict[str, Residency] = {}
+        self._engines: Callable[[], Mapping[str, EngineOwner]] = dict
+        self.residency: dict[str, Residency] = {}  # by engine key
         self._whole_gpu_next: set[str] = set()  # after an OOM: plan the next try generously
         self.last_plan: dict[str, str] = {}
+        # What decisions need from disk, read off the event loop (`read_inputs`) and kept:
+        # a decision is synchronous and must not walk a weights folder or wait on SQLite.
+        self._footprints: dict[tuple[str, str], Footprint | None] = {}
+        self._disk_bytes: dict[str, int | None] = {}
+        self._writes: set[asyncio.Future[None]] = set()
 
-    def attach(self, supervisors: dict[str, ModelSupervisor]) -> None:
-        self._supervisors = supervisors
+    def attach(self, engines: Callable[[], Mapping[str, EngineOwner]]) -> None:
+        """`engines`: every engine's owner by its key, configured or draining after a reload
+        removed its model (issue 22: an engine is seen until its process is gone)."""
+        self._engines = engines
+
+    def rekey(self, old: str, new: str) -> None:
+        """An engine's key changed (its model was removed): its memory goes with it."""
+        if old in self.residency:
+            self.residency[new] = self.residency.pop(old)
 
     # ----- called by the scheduler -----
 
     def place(
-        self, supervisor: ModelSupervisor, gpus: tuple[int, ...], bytes_per_gpu: int, why: str
+        self, supervisor: EngineOwner, gpus: tuple[int, ...], bytes_per_gpu: int, why: str
     ) -> MemoryBudget:
         """The scheduler decided: record where the engine goes and return its budget."""
         name = supervisor.name
@@ -100,54 +126,90 @@ class PlacementCoordinator:
                 residency.gpus, residency.awake_bytes_per_gpu, self._total(residency.gpus)
             )
         unknown = name in self._whole_gpu_next or self.target(supervisor).bytes_per_gpu is None
-        self.residency[name] = Residency(
+        self.residency[supervisor.key] = Residency(
             gpus,
             bytes_per_gpu,
             int(bytes_per_gpu * ASSUMED_SLEEP_RESIDUAL) if model.sleep else 0,
             learnable=not unknown or model.engine != "vllm",
+            sleep_level=model.sleep or 0,
         )
         self._whole_gpu_next.discard(name)
         self.events.emit("placed", name, why, gpus=list(gpus), bytes_per_gpu=bytes_per_gpu)
         return MemoryBudget(gpus, bytes_per_gpu, self._total(gpus))
 
-    async def finished(self, supervisor: ModelSupervisor, ok: bool) -> None:
+    def note_plan(self, name: str, why: str) -> None:
+        """What the scheduler plans for `name` while it waits (shown in status)."""
+        self.last_plan[name] = why
+
+    async def finished(self, supervisor: EngineOwner, ok: bool) -> None:
         """After a start, wake, sleep or stop: measure and learn."""
         name = supervisor.name
+        record = None
+        if supervisor.key != name:  # draining after a reload removed its model: no learning
+            if supervisor.state in (ModelState.STOPPED, ModelState.FAILED):
+                self.residency.pop(supervisor.key, None)
+            return
         try:
             # After a start, `finished` comes before the supervisor marks the model ready: it
             # is still STARTING here, and the engine already holds its full footprint.
             if ok and supervisor.state in (ModelState.READY, ModelState.STARTING):
-                self._learn_awake(supervisor)
+                record = self._learn_awake(supervisor)
             elif supervisor.state is ModelState.SLEEPING:
-                self._learn_asleep(supervisor)
+                record = self._learn_asleep(supervisor)
             elif supervisor.state in (ModelState.STOPPED, ModelState.FAILED):
-                self.residency.pop(name, None)
+                self.residency.pop(supervisor.key, None)
         except GpuInventoryError as error:
             log.warning("could not measure %s: %s", name, error)
+        if record is not None:
+            # Stored in the background: the engine is ready now, whatever SQLite does.
+            task = asyncio.ensure_future(self._write(record))
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
 
-    def note_out_of_memory(self, supervisor: ModelSupervisor) -> None:
+    def note_out_of_memory(self, supervisor: EngineOwner) -> None:
         """The engine ran out of GPU memory while starting: plan its retry generously."""
         self._whole_gpu_next.add(supervisor.name)
 
     # ----- planning inputs -----
 
-    def _fingerprint(self, supervisor: ModelSupervisor) -> str:
+    def _fingerprint(self, supervisor: EngineOwner) -> str:
         spec = supervisor.launch_spec_for(0, None)
         return engine_fingerprint(
             spec.argv, spec.env, self.config.models[supervisor.name].model, port=0
         )
 
-    def target(self, supervisor: ModelSupervisor) -> Target:
+    async def read_inputs(self, supervisor: EngineOwner) -> None:
+        """Read the weights' size on disk that decisions for `supervisor` may need, in a
+        thread (issue 22: the folder walk ran on the event loop). Footprints are read from
+        memory, refreshed by each write; the writes run in a thread too (`_write`)."""
+        model = self.config.models.get(supervisor.name)
+        if model is None or not model.model or model.memory is not None:
+            return
+        if self._footprint(supervisor) is not None or model.model in self._disk_bytes:
+            return
+        self._disk_bytes[model.model] = await asyncio.to_thread(weights_bytes, model.model)
+
+    def _footprint(self, supervisor: EngineOwner) -> Footprint | None:
+        key = (supervisor.name, self._fingerprint(supervisor))
+        if key not in self._footprints:
+            # Read once, then kept: a read does not wait on another process's write lock
+            # (WAL), and every write here refreshes the copy.
+            self._footprints[key] = self.footprints.get(*key)
+        return self._footprints[key]
+
+    def target(self, supervisor: EngineOwner) -> Target:
         name = supervisor.name
         model = self.config.models[name]
         if name in self._whole_gpu_next:
             need = None
         else:
+            read = model.model in self._disk_bytes if model.model else False
             estimate = estimate_bytes(
-                footprint=self.footprints.get(name, self._fingerprint(supervisor)),
+                footprint=self._footprint(supervisor),
                 hint_bytes=model.memory,
-                model=model.model,
+                model=None if read else model.model,
                 tensor_parallel=model.tensor_parallel,
+                disk_bytes=self._disk_bytes.get(model.model) if model.model else None,
             )
             need = estimate.bytes_per_gpu
         return Target(
@@ -155,21 +217,18 @@ class PlacementCoordinator:
             bytes_per_gpu=need,
             gpus=tuple(model.gpus or ()),
             tensor_parallel=model.tensor_parallel,
-            exclusive_group=self._exclusive_group(name),
+            exclusive_group=self.config.exclusive_group_of(name),
         )
-
-    def _exclusive_group(self, name: str) -> str | None:
-        for group_name, group in self.config.groups.items():
-            if group.exclusive and name in group.members:
-                return group_name
-        return None
 
     def _held_per_gpu(self) -> dict[int, int]:
         """Bytes our engines hold on each GPU as planned (a sleeping one, its residual)."""
         held: dict[int, int] = {}
-        for name, residency in self.residency.items():
-            supervisor = self._supervisors.get(name)
-            asleep = supervisor is not None and supervisor.state is ModelState.SLEEPING
+        engines = self._engines()
+        for key, residency in self.residency.items():
+            supervisor = engines.get(key)
+            asleep = supervisor is not None and (
+                supervisor.state is ModelState.SLEEPING or supervisor.stopping_asleep
+            )
             size = residency.asleep_bytes_per_gpu if asleep else residency.awake_bytes_per_gpu
             for index in residency.gpus:
                 held[index] = held.get(index, 0) + size
@@ -189,21 +248,25 @@ class PlacementCoordinator:
 
     def engines(self, target: str) -> list[Engine]:
         engines = []
-        for name, supervisor in self._supervisors.items():
+        for key, supervisor in self._engines().items():
             state = POLICY_STATE.get(supervisor.state)
-            residency = self.residency.get(name)
+            residency = self.residency.get(key)
             if state is None or residency is None:
                 continue
-            if name == target and state not in (EngineState.SLEEPING, EngineState.WAKING):
+            if key == target and state not in (EngineState.SLEEPING, EngineState.WAKING):
                 continue  # a wake is planned on the GPUs it sleeps on; a start is not
-            model = self.config.models[name]
-            footprint = self.footprints.get(name, self._fingerprint(supervisor))
+            # A removed model's engine (draining) is planned on as it was started.
+            model = self.config.models.get(key)
+            footprint = self._footprint(supervisor) if model is not None else None
             engines.append(
                 Engine(
-                    name=name,
+                    name=key,
                     state=state,
                     gpus=residency.gpus,
-                    awake_bytes_per_gpu=residency.awake_bytes_per_gpu,
+                    # A sleeper being stopped never wakes again: it holds its asleep size.
+                    awake_bytes_per_gpu=residency.asleep_bytes_per_gpu
+                    if supervisor.stopping_asleep
+                    else residency.awake_bytes_per_gpu,
                     asleep_bytes_per_gpu=residency.asleep_bytes_per_gpu,
                     in_flight=supervisor.demand,
                     last_used=supervisor.last_used
@@ -213,10 +276,10 @@ class PlacementCoordinator:
                     or (footprint.start_seconds if footprint else None),
                     wake_seconds=supervisor.timings.last_wake_s
                     or (footprint.wake_seconds if footprint else None),
-                    sleep_level=model.sleep if supervisor.can_sleep else 0,
+                    sleep_level=residency.sleep_level if supervisor.can_sleep else 0,
                     sleeping_level=supervisor.sleep_level if state is EngineState.SLEEPING else 0,
-                    pinned=model.pinned,
-                    exclusive_group=self._exclusive_group(name),
+                    pinned=model.pinned if model is not None else False,
+                    exclusive_group=self.config.exclusive_group_of(key),
                 )
             )
         return engines
@@ -227,8 +290,8 @@ class PlacementCoordinator:
             return None
         held = sum(
             r.awake_bytes_per_gpu * len(r.gpus)
-            for name, r in self.residency.items()
-            if (s := self._supervisors.get(name)) is not None
+            for key, r in self.residency.items()
+            if (s := self._engines().get(key)) is not None
             and s.state is ModelState.SLEEPING
             and s.sleep_level == 1
         )
@@ -264,17 +327,17 @@ class PlacementCoordinator:
 
     # ----- learning -----
 
-    def _measure(self, supervisor: ModelSupervisor) -> dict[int, int] | None:
+    def _measure(self, supervisor: EngineOwner) -> dict[int, int] | None:
         if not self.measures_processes or supervisor.engine is None:
             return None
         # The inventory follows the process tree itself (on a cluster, on the engine's node).
         return self.inventory.process_memory([supervisor.engine.pid])
 
-    def _learn_awake(self, supervisor: ModelSupervisor) -> None:
+    def _learn_awake(self, supervisor: EngineOwner) -> _Record | None:
         name = supervisor.name
         residency = self.residency.get(name)
         if residency is None:
-            return
+            return None
         measured = self._measure(supervisor)
         if measured:
             residency.awake_bytes_per_gpu = max(measured.values())
@@ -284,7 +347,7 @@ class PlacementCoordinator:
             and supervisor.timings.wakes > 0
             and (self._clock() - (supervisor.ready_since or 0) < 1.0)
         )
-        self.footprints.record(
+        return _Record(
             name,
             self._fingerprint(supervisor),
             awake_bytes_per_gpu=(
@@ -296,18 +359,45 @@ class PlacementCoordinator:
             wake_seconds=supervisor.timings.last_wake_s if woke else None,
         )
 
-    def _learn_asleep(self, supervisor: ModelSupervisor) -> None:
+    def _learn_asleep(self, supervisor: EngineOwner) -> _Record | None:
         residency = self.residency.get(supervisor.name)
         if residency is None:
-            return
+            return None
         measured = self._measure(supervisor)
-        if measured is not None:
-            residency.asleep_bytes_per_gpu = max(measured.values(), default=0)
-            self.footprints.record(
-                supervisor.name,
-                self._fingerprint(supervisor),
-                asleep_bytes_per_gpu=residency.asleep_bytes_per_gpu,
+        if measured is None:
+            return None
+        residency.asleep_bytes_per_gpu = max(measured.values(), default=0)
+        return _Record(
+            supervisor.name,
+            self._fingerprint(supervisor),
+            asleep_bytes_per_gpu=residency.asleep_bytes_per_gpu,
+        )
+
+    async def written(self) -> None:
+        """Wait until the measurements in flight are stored (for tests and shutdown)."""
+        while self._writes:
+            await asyncio.gather(*list(self._writes), return_exceptions=True)
+
+    async def _write(self, record: _Record) -> None:
+        """Store the measurements in a thread: SQLite may wait seconds for another process's
+        lock (its busy timeout), and the event loop must not wait with it. A failure is
+        reported, never raised: the engine it measured runs on (issue 22)."""
+        try:
+            footprint = await asyncio.to_thread(
+                lambda: self.footprints.record(
+                    record.model,
+                    record.fingerprint,
+                    awake_bytes_per_gpu=record.awake_bytes_per_gpu,
+                    asleep_bytes_per_gpu=record.asleep_bytes_per_gpu,
+                    start_seconds=record.start_seconds,
+                    wake_seconds=record.wake_seconds,
+                )
             )
+        except Exception as error:
+            log.warning("could not store the footprint of %s: %s", record.model, error)
+            self.events.emit("bookkeeping_failed", record.model, str(error))
+            return
+        self._footprints[(record.model, record.fingerprint)] = footprint
 
     # ----- status -----
 
@@ -332,8 +422,8 @@ class PlacementCoordinator:
 
     def model_placement(self, name: str) -> dict[str, Any]:
         residency = self.residency.get(name)
-        supervisor = self._supervisors.get(name)
-        footprint = self.footprints.get(name, self._fingerprint(supervisor)) if supervisor else None
+        supervisor = self._engines().get(name)
+        footprint = self._footprint(supervisor) if supervisor else None
         return {
             "gpus": list(residency.gpus) if residency else [],
             "footprint_bytes": residency.awake_bytes_per_gpu

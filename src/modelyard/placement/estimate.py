@@ -43,16 +43,20 @@ def estimate_bytes(
     safety_factor: float = DEFAULT_SAFETY_FACTOR,
     overhead_bytes: int = DEFAULT_OVERHEAD_BYTES,
     environ: Mapping[str, str] | None = None,
+    disk_bytes: int | None = None,
 ) -> Estimate:
     """Bytes per GPU to plan for: measured > `memory:` hint (per GPU) > disk size > whole GPU.
 
-    `model` is the weights path or a Hugging Face name (looked up in the local hub cache).
+    `model` is the weights path or a Hugging Face name (looked up in the local hub cache);
+    `disk_bytes`, when given, is its size already read (off the event loop) and nothing is walked.
     """
     if footprint is not None and footprint.awake_bytes_per_gpu is not None:
         return Estimate(footprint.awake_bytes_per_gpu, "measured")
     if hint_bytes is not None:
         return Estimate(hint_bytes, "hint")
-    weights = weights_bytes(model, environ) if model else None
+    weights = disk_bytes
+    if weights is None and model:
+        weights = weights_bytes(model, environ)
     if weights:
         per_gpu = weights / max(tensor_parallel, 1) * safety_factor + overhead_bytes
         return Estimate(int(per_gpu), "disk")

@@ -66,6 +66,10 @@ class ExitInfo:
 class EngineProcess:
     """One running engine. Created by `ProcessRuntime.start`; owned by one model's supervisor."""
 
+    node: str | None = None  # on this machine
+    actor_name: str | None = None
+    remote = False
+
     def __init__(
         self,
         name: str,

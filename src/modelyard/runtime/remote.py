@@ -56,6 +56,9 @@ class RemoteEndpoint:
         self.exited: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
     port = 0  # no port of ours either
+    node: str | None = None
+    actor_name: str | None = None
+    remote = True  # not ours: losing it is no crash of ours
 
     @property
     def upstream_headers(self) -> dict[str, str]:

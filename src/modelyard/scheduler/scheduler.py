@@ -35,20 +35,26 @@ from modelyard.engines import engine_kind, served_name
 from modelyard.engines.base import LaunchSpec, MemoryBudget
 from modelyard.observability.events import EventBus
 from modelyard.placement.coordinator import POLICY_STATE, PlacementCoordinator
-from modelyard.placement.policy import Engine, Sleep
+from modelyard.placement.policy import Action, Engine, Sleep
 from modelyard.placement.policy import Target as PlacementTarget
 from modelyard.runtime.start_progress import ProgressView
 from modelyard.runtime.weights_cache import download_folder
-from modelyard.scheduler.decide import (
-    Ask,
-    Evict,
-    Go,
-    Refuse,
-    Snapshot,
-    Wait,
-    decide,
-    unlimited_gpus,
+from modelyard.scheduler.core import (
+    Arrived,
+    CarryOut,
+    Dropped,
+    EvictionsDone,
+    IdleCheck,
+    IdleEngine,
+    PutToSleep,
+    RefuseNow,
+    SchedulerCore,
+    StartNow,
+    StopIdle,
+    WaitUntil,
+    Wanted,
 )
+from modelyard.scheduler.decide import Ask, Snapshot, unlimited_gpus
 from modelyard.scheduler.names import Target, UnknownModel
 from modelyard.scheduler.supervisor import (
     EngineHandle,
@@ -88,12 +94,18 @@ class Scheduler:
         self._routes: dict[str, str] = {}
         self._reaper: asyncio.Task[None] | None = None
         self._closing = False
-        self._deciding = asyncio.Lock()  # one decision at a time: no two plan the same room
+        # The decisions' records (rooms set aside while evictions run): changed only by
+        # its synchronous `step`, so no lock is needed and none is held across slow work.
+        self._core = SchedulerCore()
+        self._evicting: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
         self._start_engine = start_engine
         self._sleep_control = sleep_control
         self._served_names: dict[str, Target] = {}
-        self._retiring: dict[str, ModelSupervisor] = {}  # removed by a reload, draining
+        # Removed by a reload and draining, by engine key (never by model name: a model
+        # removed, re-added and removed again has two engines draining at once).
+        self._retiring: dict[str, ModelSupervisor] = {}
+        self._retired = 0
         self._reconfiguring: set[asyncio.Task[None]] = set()
         self._hook = Placement(
             prepare=self._prepare,
@@ -104,8 +116,12 @@ class Scheduler:
             self._add_model(name, model)
         self._index_names()
         if placement is not None:
-            placement.attach(self._supervisors)
+            placement.attach(self._engines_by_key)
         self.adapter_targets: dict[str, Target] = {}
+
+    def set_adapter_targets(self, targets: dict[str, Target]) -> None:
+        """The LoRA adapters on disk now, by public name (the adapter manager's scan)."""
+        self.adapter_targets = targets
 
     def _add_model(self, name: str, model: ModelConfig) -> None:
         """A supervisor for one configured model (its names: `_index_names`)."""
@@ -185,7 +201,15 @@ class Scheduler:
         self.config = config
         if self._placement is not None:
             self._placement.config = config
-        retired = {name: self._supervisors.pop(name) for name in plan.removed}
+        retired = {}
+        for name in plan.removed:
+            leaving = self._supervisors.pop(name)
+            self._retired += 1
+            leaving.key = f"{name} (removed #{self._retired})"
+            if self._placement is not None:
+                self._placement.rekey(name, leaving.key)
+            retired[leaving.key] = leaving
+            self._core.step(Dropped(name))  # no room is made for a model that is gone
         self._retiring.update(retired)
         for name, model in config.models.items():
             supervisor = self._supervisors.get(name)
@@ -209,19 +233,25 @@ class Scheduler:
         for supervisor in retired.values():
             self._in_background(self._retire(supervisor))
         for name in plan.engine_changed:
+            # A new engine configuration: requests from now on are for it, and the old one's
+            # failures say nothing of it.
+            self._supervisors[name].engine_config_changed()
             self._in_background(self._replace_engine(self._supervisors[name]))
         self._notify()
 
-    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+    def _in_background(
+        self, work: Coroutine[Any, Any, None], into: set[asyncio.Task[None]] | None = None
+    ) -> None:
+        tasks = self._reconfiguring if into is None else into
         task = asyncio.create_task(work)
-        self._reconfiguring.add(task)
-        task.add_done_callback(self._reconfiguring.discard)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     async def _retire(self, supervisor: ModelSupervisor) -> None:
         try:
             await supervisor.stop("removed from the configuration", drain=True)
         finally:
-            self._retiring.pop(supervisor.name, None)
+            self._retiring.pop(supervisor.key, None)
 
     async def _replace_engine(self, supervisor: ModelSupervisor) -> None:
         was_running = supervisor.state in (
@@ -245,6 +275,10 @@ class Scheduler:
     def _all_supervisors(self) -> list[ModelSupervisor]:
         """Configured models' supervisors and those of removed models still draining."""
         return [*self._supervisors.values(), *self._retiring.values()]
+
+    def _engines_by_key(self) -> dict[str, ModelSupervisor]:
+        """Every engine's owner by its key: what every decision sees."""
+        return {supervisor.key: supervisor for supervisor in self._all_supervisors()}
 
     def is_remote(self, name: str) -> bool:
         """Whether the model's engine runs elsewhere (never started or stopped by us)."""
@@ -302,7 +336,7 @@ class Scheduler:
 
     def exclusive_peer_running(self, name: str) -> bool:
         """Another member of the model's exclusive group holds an engine now."""
-        group = self._exclusive_group(name)
+        group = self.config.exclusive_group_of(name)
         if group is None:
             return False
         members = self.config.groups[group].members
@@ -373,8 +407,12 @@ class Scheduler:
         return supervisor
 
     def _supervisor_of(self, name: str) -> ModelSupervisor:
-        """The model's supervisor, also while a reload that removed it drains its engine."""
-        return self._supervisors.get(name) or self._retiring[name]
+        """The model's supervisor, also while a reload that removed it drains its engine
+        (then the latest such engine of that name)."""
+        found = self._supervisors.get(name) or self._retiring.get(name)
+        if found is None:
+            found = [s for s in self._retiring.values() if s.name == name][-1]
+        return found
 
     async def forget_remote(self, name: str, reason: str) -> None:
         """A remote engine stopped answering while serving: forget the connection (the next
@@ -392,19 +430,18 @@ class Scheduler:
         model_limit = self.config.models[supervisor.name].max_queue
         if model_limit is None:
             model_limit = limits.max_queue_per_model
-        if supervisor.waiting >= model_limit:
+        arrived = Arrived(
+            supervisor.name,
+            supervisor.waiting,
+            model_limit,
+            self.total_waiting(),
+            limits.max_queue,
+            self._retry_hint(supervisor),
+        )
+        for refusal in self._core.step(arrived):
+            assert isinstance(refusal, RefuseNow)
             raise ModelUnavailable(
-                f"too many requests are waiting for model {supervisor.name!r} "
-                f"(limit {model_limit}); retry later",
-                retry_after=self._retry_hint(supervisor),
-                code="queue_full",
-            )
-        if self.total_waiting() >= limits.max_queue:
-            raise ModelUnavailable(
-                f"the gateway is busy: {limits.max_queue} requests are already waiting; "
-                "retry later",
-                retry_after=self._retry_hint(supervisor),
-                code="queue_full",
+                refusal.message, retry_after=refusal.retry_after, code=refusal.code
             )
 
     def _retry_hint(self, supervisor: ModelSupervisor) -> float:
@@ -422,74 +459,113 @@ class Scheduler:
         self._changed = asyncio.Event()
 
     async def _prepare(self, supervisor: ModelSupervisor) -> MemoryBudget | None:
-        """Wait (on events) until `supervisor` may start or wake; its memory budget then."""
+        """Wait (on events) until `supervisor` may start or wake; its memory budget then.
+
+        Each turn is one synchronous step of the pure core: no lock is held, and no slow
+        work (a stop, a sleep, the wait for memory to come back) happens here. Evictions run
+        as their own tasks and end as events, so a slow stop on one GPU never holds a
+        decision for another (issue 22: a start on a free GPU waited 11.1 s, not 2 s).
+        """
         name = supervisor.name
-        # Each eviction round changes some engine's state; more rounds than models means the
-        # evictions are failing (a stop that errs): refuse rather than spin.
-        evictions_left = len(self._supervisors) + 1
-        while True:
-            async with self._deciding:
+        try:
+            if self._placement is not None:
+                await self._placement.read_inputs(supervisor)  # a folder walk, in a thread
+            while True:
                 if self._closing:
                     raise Refused("the gateway is shutting down", 5.0, "shutting_down")
+                if self._supervisors.get(name) is not supervisor:
+                    # A reload removed (or replaced) the model while it waited: its waiters
+                    # get a clear 503, not a KeyError from the new config (issue 22).
+                    raise Refused(
+                        f"model {name!r} was removed from the configuration while it waited "
+                        "to start",
+                        5.0,
+                        "model_removed",
+                    )
                 if supervisor.waiting == 0:
                     # Every request that wanted it went away while it waited for room: do
                     # not evict anything or start an engine for nobody.
                     raise Refused(f"nobody waits for {name!r} any more", 1.0, "abandoned")
-                ask = Ask(self._target(supervisor), supervisor.wait_deadline())
-                decision = decide(self._snapshot(name), ask)
-                if isinstance(decision, Refuse):
-                    self.events.emit("placement_refused", name, decision.message)
-                    raise Refused(decision.message, decision.retry_after, decision.code)
-                if isinstance(decision, Go):
-                    return self._go(supervisor, decision)
-                if isinstance(decision, Evict):
-                    if evictions_left == 0:
-                        raise Refused(
-                            f"model {name!r}: evicting {decision.explanation!r} did not make "
-                            "room (see the engines' events)",
-                            5.0,
-                            "eviction_failed",
-                        )
-                    evictions_left -= 1
-                    await self._evict(decision, name)
-                    continue
-                assert isinstance(decision, Wait)
-                if self._placement is not None:
-                    self._placement.last_plan[name] = decision.explanation
-                changed = self._changed  # taken under the lock: no change is missed
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), max(decision.until - self._clock(), 0))
+                wanted = Wanted(
+                    Ask(self._target(supervisor), supervisor.wait_deadline()),
+                    self._snapshot(name),
+                    # Each eviction round changes some engine's state; more rounds than
+                    # models means the evictions are failing: refuse rather than spin.
+                    max_eviction_rounds=len(self._supervisors) + 1,
+                )
+                changed = self._changed  # taken before the step: no change is missed
+                until = self._clock()
+                for command in self._core.step(wanted):
+                    if isinstance(command, StartNow):
+                        return self._go(supervisor, command)
+                    if isinstance(command, RefuseNow):
+                        self.events.emit("placement_refused", name, command.message)
+                        raise Refused(command.message, command.retry_after, command.code)
+                    if isinstance(command, CarryOut):
+                        self._in_background(self._carry_out(command), self._evicting)
+                        until = supervisor.wait_deadline()
+                    else:
+                        assert isinstance(command, WaitUntil)
+                        if self._placement is not None:
+                            self._placement.note_plan(name, command.explanation)
+                        until = command.until
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), max(until - self._clock(), 0))
+        finally:
+            # Started, refused or abandoned: the room the core set aside for it is free. (A
+            # removed model's room was freed by the reload; the name may be another's now.)
+            if self._supervisors.get(name) is supervisor:
+                self._core.step(Dropped(name))
 
-    def _go(self, supervisor: ModelSupervisor, go: Go) -> MemoryBudget | None:
+    def _go(self, supervisor: ModelSupervisor, go: StartNow) -> MemoryBudget | None:
         if self._placement is None:
             return None
         return self._placement.place(supervisor, go.gpus, go.bytes_per_gpu, go.explanation)
 
-    async def _evict(self, evict: Evict, target: str) -> None:
-        for action in evict.actions:
-            victim = self._supervisors[action.name]
-            group = self._exclusive_group(target)
-            if group is not None and self._exclusive_group(action.name) == group:
-                reason = f"exclusive group: {target!r} is starting"
-            else:
-                reason = f"evicted to make room for {target!r}"
-            self.events.emit(
-                "evict",
-                victim.name,
-                reason,
-                for_model=target,
-                action="sleep" if isinstance(action, Sleep) else "stop",
-            )
+    async def _carry_out(self, evict: CarryOut) -> None:
+        """Make room for `evict.target` (the core's command), then tell the core it is done."""
+        ok = True
+        try:
+            for action in evict.actions:
+                ok = await self._evict_one(action, evict.target) and ok
+            if self._placement is not None:
+                await self._placement.wait_memory_back(
+                    evict.gpus, evict.bytes_per_gpu, evict.target
+                )
+        except Exception:  # the target decides again; the core counts the failed round
+            log.exception("making room for %s failed", evict.target)
+            ok = False
+        finally:
+            self._core.step(EvictionsDone(evict.target, evict.number, ok))
+            self._notify()
+
+    async def _evict_one(self, action: Action, target: str) -> bool:
+        """Sleep or stop one victim; whether it is asleep or stopped now."""
+        victim = self._engines_by_key()[action.name]
+        group = self.config.exclusive_group_of(target)
+        if group is not None and self.config.exclusive_group_of(action.name) == group:
+            reason = f"exclusive group: {target!r} is starting"
+        else:
+            reason = f"evicted to make room for {target!r}"
+        self.events.emit(
+            "evict",
+            victim.name,
+            reason,
+            for_model=target,
+            action="sleep" if isinstance(action, Sleep) else "stop",
+        )
+        try:
+            if isinstance(action, Sleep) and await victim.sleep(action.level, reason):
+                return True
+            await victim.stop(reason)
+            return True
+        except Exception as error:  # a failed sleep falls back to a stop
+            log.warning("evicting %s: %s; stopping it instead", victim.name, error)
             try:
-                if isinstance(action, Sleep) and await victim.sleep(action.level, reason):
-                    continue
                 await victim.stop(reason)
-            except Exception as error:  # a failed sleep falls back to a stop
-                log.warning("evicting %s: %s; stopping it instead", victim.name, error)
-                with contextlib.suppress(Exception):
-                    await victim.stop(reason)
-        if self._placement is not None:
-            await self._placement.wait_memory_back(evict.gpus, evict.bytes_per_gpu, target)
+            except Exception:
+                return False
+            return True
 
     def _snapshot(self, target: str) -> Snapshot:
         starts = {
@@ -526,7 +602,7 @@ class Scheduler:
                     sleep_level=self.config.models[name].sleep if s.can_sleep else 0,
                     sleeping_level=s.sleep_level if s.state is ModelState.SLEEPING else 0,
                     pinned=self.config.models[name].pinned,
-                    exclusive_group=self._exclusive_group(name),
+                    exclusive_group=self.config.exclusive_group_of(name),
                 )
             )
         return Snapshot(
@@ -544,14 +620,8 @@ class Scheduler:
             name=supervisor.name,
             bytes_per_gpu=0,
             gpus=(index,),
-            exclusive_group=self._exclusive_group(supervisor.name),
+            exclusive_group=self.config.exclusive_group_of(supervisor.name),
         )
-
-    def _exclusive_group(self, name: str) -> str | None:
-        for group_name, group in self.config.groups.items():
-            if group.exclusive and name in group.members:
-                return group_name
-        return None
 
     # ----- timers and lifecycle -----
 
@@ -573,19 +643,27 @@ class Scheduler:
         stops the others' idle timers: a failed sleep falls back to a stop.
         """
         acted = []
-        for supervisor in list(self._supervisors.values()):
-            idle = supervisor.idle_for(now)
-            timeout = supervisor.settings.idle_timeout
-            if idle is None or timeout <= 0 or idle < timeout:
-                continue
-            model = self.config.models[supervisor.name]
-            if model.pinned:
-                continue
-            reason = f"idle for {idle:.0f}s"
+        check = IdleCheck(
+            tuple(
+                IdleEngine(
+                    s.key,
+                    s.idle_for(now),
+                    s.settings.idle_timeout,
+                    self.config.models[name].pinned,
+                    (self.config.models[name].sleep or 0) if s.can_sleep else 0,
+                )
+                for name, s in self._supervisors.items()
+            )
+        )
+        for verdict in self._core.step(check):
+            assert isinstance(verdict, (PutToSleep, StopIdle))
+            supervisor, reason = self._supervisors[verdict.key], verdict.reason
+            if supervisor.idle_for(self._clock()) is None:
+                continue  # a request came while an earlier verdict was carried out
             try:
-                if supervisor.can_sleep:
+                if isinstance(verdict, PutToSleep):
                     try:
-                        done = await supervisor.sleep(model.sleep, reason)
+                        done = await supervisor.sleep(verdict.level, reason)
                     except Exception as error:
                         self.events.emit(
                             "sleep_failed", supervisor.name, f"{error}; stopping it instead"
@@ -652,9 +730,11 @@ class Scheduler:
             *(s.stop("gateway shutdown", drain=False) for s in self._all_supervisors()),
             return_exceptions=True,
         )
-        for task in list(self._reconfiguring):
+        for task in [*self._reconfiguring, *self._evicting]:
             task.cancel()
-        await asyncio.gather(*self._reconfiguring, return_exceptions=True)
+        await asyncio.gather(*self._reconfiguring, *self._evicting, return_exceptions=True)
+        if self._placement is not None:
+            await self._placement.written()  # the last measurements are stored
 
     def kill_engines_now(self) -> None:
         """Last resort on gateway exit: kill any engine still there without waiting."""

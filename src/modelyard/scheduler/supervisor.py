@@ -10,85 +10,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from modelyard.engines.base import LaunchSpec, MemoryBudget
+from modelyard.lifecycle import (
+    EngineHandle,
+    EngineStarter,
+    ModelState,
+    ModelTimings,
+    SleepControl,
+    check_transition,
+)
 from modelyard.observability.events import EventBus
 from modelyard.runtime.process import EngineStartError
-from modelyard.runtime.remote import RemoteEndpoint, RemoteUnavailable
+from modelyard.runtime.remote import RemoteUnavailable
 from modelyard.runtime.start_progress import Phase, ProgressView, StartProgress
 from modelyard.runtime.weights_cache import folder_bytes
 
+log = logging.getLogger("modelyard.supervisor")
 
-class ModelState(enum.StrEnum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    READY = "ready"
-    DRAINING = "draining"
-    SLEEPING = "sleeping"
-    WAKING = "waking"
-    STOPPING = "stopping"
-    FAILED = "failed"
-
-
-class EngineHandle(Protocol):
-    """A running engine as the supervisor sees it (a process, or a fake in unit tests)."""
-
-    base_url: str
-    pid: int
-    port: int
-
-    @property
-    def health_path(self) -> str: ...
-
-    @property
-    def exited(self) -> asyncio.Future[Any]: ...
-
-    async def wait_ready(self, deadline: float) -> float: ...
-
-    async def stop(self, grace: float) -> int | None: ...
-
-    def log_tail(self, count: int) -> list[str]: ...
-
-    @property
-    def upstream_headers(self) -> dict[str, str]:
-        """Headers every request to the engine carries (its own key, when it wants one)."""
-        ...
-
-    def process_gone(self) -> bool:
-        """The OS says the process has exited (before the exit is reported to us)."""
-        ...
-
-    def kill_now(self) -> None:
-        """Last resort on gateway exit: kill without waiting."""
-        ...
-
-    def exit_code(self) -> int | None:
-        """The process's exit code once it has exited (None while it runs)."""
-        ...
-
-    def subscribe_log(self, on_line: Callable[[str], None]) -> Callable[[], None]:
-        """Follow the engine's output; returns the unsubscribe function."""
-        ...
-
-
-class SleepControl(Protocol):
-    """vLLM's sleep endpoints (`POST /sleep?level=N`, `POST /wake_up`) for one engine."""
-
-    async def sleep(self, base_url: str, level: int) -> None: ...
-
-    async def wake(self, base_url: str) -> None: ...
-
-
-class EngineStarter(Protocol):
-    async def __call__(
-        self, name: str, spec_for_port: Callable[[int], LaunchSpec]
-    ) -> EngineHandle: ...
+__all__ = [  # the lifecycle's types, re-exported for the callers that import them from here
+    "EngineHandle",
+    "EngineStarter",
+    "ModelState",
+    "ModelTimings",
+    "SleepControl",
+]
 
 
 class ModelUnavailable(Exception):
@@ -123,17 +75,6 @@ class Failure:
     exit_code: int | None
     log_tail: list[str]
     at: float
-
-
-@dataclass
-class ModelTimings:
-    """What was measured for this model, for placement's cost model and for status."""
-
-    last_start_s: float | None = None
-    last_wake_s: float | None = None
-    starts: int = 0
-    wakes: int = 0
-    crashes: int = 0
 
 
 @dataclass
@@ -190,6 +131,10 @@ class ModelSupervisor:
         sleep_control: SleepControl | None = None,
     ) -> None:
         self.name = name
+        # The engine's identity for placement and evictions: the model's name while it is
+        # configured, a name of its own once a reload removed the model and it drains, so a
+        # re-added model of that name is a different engine (issue 22).
+        self.key = name
         self.settings = settings
         self._on_change: Callable[[], None] = lambda: None
         self._state = ModelState.STOPPED
@@ -200,7 +145,11 @@ class ModelSupervisor:
         self.last_used: float | None = None
         self.ready_since: float | None = None
         self.failure: Failure | None = None
-        self.consecutive_failures = 0
+        # Back-off counts failures in a row (issue 22): a good start ends a run of failed
+        # starts; a crash counts until the engine has served stably. A config change for the
+        # engine ends both.
+        self.failed_starts = 0
+        self.quick_crashes = 0
         self.timings = ModelTimings()
         self.sleep_level = 0
         self._last_engine: EngineHandle | None = None
@@ -229,6 +178,11 @@ class ModelSupervisor:
         # True while a start or wake waits for the scheduler's go: it holds nothing yet.
         self.placing = False
         self.progress: StartProgress | None = None  # of the start in progress, if any
+        self._state_changed = asyncio.Event()  # replaced at each change of state
+        self.stopping_asleep = False  # STOPPING from SLEEPING: it holds its asleep size
+        # Reloads that changed the engine, and the one the current engine was started under.
+        self._config_version = 0
+        self._engine_version = 0
 
     # ----- state, observed by the scheduler -----
 
@@ -238,7 +192,10 @@ class ModelSupervisor:
 
     @state.setter
     def state(self, value: ModelState) -> None:
+        check_transition(self.name, self._state, value)
         self._state = value
+        self._state_changed.set()
+        self._state_changed = asyncio.Event()
         self._on_change()
 
     @property
@@ -256,6 +213,16 @@ class ModelSupervisor:
         """Until when the requests waiting now may wait (the latest of their deadlines)."""
         return max(self._deadlines, default=self._clock() + self.settings.start_timeout)
 
+    @property
+    def consecutive_failures(self) -> int:
+        """Failures in a row, for the back-off: failed starts since the last good one, and
+        crashes since the engine last served stably."""
+        return self.failed_starts + self.quick_crashes
+
+    def forget_failures(self) -> None:
+        """The engine's configuration changed: its old failures say nothing of the new one."""
+        self.failed_starts = self.quick_crashes = 0
+
     def reconfigure(
         self,
         spec_for: Callable[[int, MemoryBudget | None], LaunchSpec],
@@ -269,10 +236,21 @@ class ModelSupervisor:
         if self.engine is None and self.state in (ModelState.STOPPED, ModelState.FAILED):
             self._take_pending_config()
 
+    def engine_config_changed(self) -> None:
+        """A reload changed this model's engine: requests from now on are for an engine with
+        the new configuration, not for one that was started (or is starting) with the old."""
+        self._config_version += 1
+        self.forget_failures()
+
+    @property
+    def _stale(self) -> bool:
+        return self._engine_version < self._config_version
+
     def _take_pending_config(self) -> None:
         if self._pending_config is not None:
             self._spec_for, self._placement, self._sleep_control = self._pending_config
             self._pending_config = None
+        self._engine_version = self._config_version
 
     # ----- public: serving -----
 
@@ -283,7 +261,7 @@ class ModelSupervisor:
         every request's path, and nothing can look at the counts in between.
         """
         engine = self.engine
-        if self.state is not ModelState.READY or engine is None:
+        if self.state is not ModelState.READY or engine is None or self._stale:
             engine = await self.ensure_ready(deadline)
         # No await between the state check (here or in ensure_ready) and this increment: a
         # stop or sleep decision made later sees the request in flight.
@@ -311,10 +289,22 @@ class ModelSupervisor:
         """
         self.waiting += 1
         self._deadlines.append(deadline)
+        wanted = self._config_version  # the configuration this request was resolved under
         try:
             while True:
                 if self.state is ModelState.READY and self.engine is not None:
-                    return self.engine
+                    if self._engine_version >= wanted:
+                        return self.engine
+                    # Started under a configuration a reload has replaced (issue 22: such
+                    # requests were served by the stale engine, a 404 for the new served
+                    # name): the reload's stop-and-start serves it. Wait for a change.
+                    changed = self._state_changed
+                    remaining = self._effective_deadline(deadline) - self._clock()
+                    if remaining <= 0:
+                        raise self._timeout_error()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(changed.wait(), remaining)
+                    continue
                 if self._operation is None or self._operation.done():
                     self._begin_needed_operation()
                 operation = self._operation
@@ -584,11 +574,11 @@ class ModelSupervisor:
             await self._record_failed_start(engine, error, started)
             raise
         finally:
-            if self._placement.finished is not None:
-                await self._placement.finished(self, ok)
+            await self._bookkeep(ok)
         took = self._clock() - started
         self.timings.last_start_s = took
         self.timings.starts += 1
+        self.failed_starts = 0  # a good start ends a run of failed ones
         self.state = ModelState.READY
         self.ready_since = self._clock()
         self._events.emit("ready", self.name, "started", took, port=engine.port)
@@ -661,7 +651,7 @@ class ModelSupervisor:
         if not isinstance(error, RemoteUnavailable):
             # A remote engine that is down is not a crash loop of ours: no back-off, the
             # next request checks it again.
-            self.consecutive_failures += 1
+            self.failed_starts += 1
         self.state = ModelState.FAILED
         self._events.emit(
             "start_failed",
@@ -705,8 +695,7 @@ class ModelSupervisor:
             self.state = ModelState.FAILED
             raise
         finally:
-            if self._placement.finished is not None:
-                await self._placement.finished(self, ok)
+            await self._bookkeep(ok)
         took = self._clock() - began
         self.timings.last_wake_s = took
         self.timings.wakes += 1
@@ -728,6 +717,8 @@ class ModelSupervisor:
             await self._drained.wait()
             if self.engine is not engine:
                 return False  # it died while draining: the exit is recorded already
+        # A sleeper being stopped holds only what it holds asleep until it is gone.
+        self.stopping_asleep = self.state is ModelState.SLEEPING
         self.state = ModelState.STOPPING
         self._expected_exit = True
         began = self._clock()
@@ -738,16 +729,17 @@ class ModelSupervisor:
                 # It could not be stopped and still runs: say so, rather than stay STOPPING
                 # forever (a state that would hold every plan waiting for its memory).
                 self._expected_exit = False
-                self.state = ModelState.READY
+                self.state = ModelState.SLEEPING if self.stopping_asleep else ModelState.READY
+                self.stopping_asleep = False
                 raise
             code = engine.exit_code()
+        self.stopping_asleep = False
         self.engine = None
         self.budget = None
         self.ready_since = None
         self.state = ModelState.STOPPED
         self._events.emit("stop", self.name, reason, self._clock() - began, exit_code=code)
-        if self._placement.finished is not None:
-            await self._placement.finished(self, False)
+        await self._bookkeep(False)
         return True
 
     async def _sleep(self, level: int, reason: str) -> bool:
@@ -782,9 +774,21 @@ class ModelSupervisor:
         self.sleep_level = level
         self.state = ModelState.SLEEPING
         self._events.emit("sleep", self.name, reason, self._clock() - began, level=level)
-        if self._placement.finished is not None:
-            await self._placement.finished(self, False)
+        await self._bookkeep(False)
         return True
+
+    async def _bookkeep(self, ok: bool) -> None:
+        """Tell placement a residency changed (it measures and learns). Its failure (the
+        footprint store locked by another process, a GPU that cannot be read) never fails
+        the engine's start, stop or sleep: the engine is what it is (issue 22: a start that
+        had succeeded answered 502 and left a live engine behind, counted as starting)."""
+        if self._placement.finished is None:
+            return
+        try:
+            await self._placement.finished(self, ok)
+        except Exception as error:
+            log.warning("bookkeeping for %s failed: %s", self.name, error)
+            self._events.emit("bookkeeping_failed", self.name, str(error))
 
     def _record_engine_lost(
         self, message: str, code: int | None, tail: list[str], crash: bool = True
@@ -795,8 +799,8 @@ class ModelSupervisor:
         if crash:
             serving_for = self._clock() - (self.ready_since or self._clock())
             if serving_for >= self.settings.stable_after:
-                self.consecutive_failures = 0
-            self.consecutive_failures += 1
+                self.quick_crashes = 0
+            self.quick_crashes += 1
             self.timings.crashes += 1
         self.engine = None
         self.budget = None
@@ -826,8 +830,7 @@ class ModelSupervisor:
             log_tail=tail[-10:],
             in_flight=self.in_flight,
         )
-        if self._placement.finished is not None:
-            self._background = asyncio.ensure_future(self._placement.finished(self, False))
+        self._background = asyncio.ensure_future(self._bookkeep(False))
 
     async def declare_hung(self, reason: str) -> bool:
         """Stop a ready engine that no longer answers and mark the model failed, like a crash
@@ -844,7 +847,7 @@ class ModelSupervisor:
             # No drain: requests in flight are stuck on this engine and end with its exit.
             code = await engine.stop(self.settings.stop_grace)
             tail = engine.log_tail(20)
-            if isinstance(engine, RemoteEndpoint):
+            if engine.remote:
                 # Not ours, so not a crash (no back-off): forgotten until it answers again.
                 self._record_engine_lost(
                     f"remote engine for {self.name!r} is not answering: {reason}",
@@ -862,8 +865,7 @@ class ModelSupervisor:
                 self._events.emit(
                     "hung", self.name, reason, exit_code=code, log_tail=tail[-10:], pid=engine.pid
                 )
-            if self._placement.finished is not None:
-                await self._placement.finished(self, False)
+            await self._bookkeep(False)
             stopped = True
 
         await self._run_exclusive(run)
@@ -890,11 +892,11 @@ class ModelSupervisor:
     def mark_serving_healthy(self) -> None:
         """A request succeeded: a later crash starts a new count once the engine was stable."""
         if (
-            self.consecutive_failures
+            self.quick_crashes
             and self.ready_since is not None
             and self._clock() - self.ready_since >= self.settings.stable_after
         ):
-            self.consecutive_failures = 0
+            self.quick_crashes = 0
 
 
 _OOM_MARKERS = (

@@ -19,7 +19,7 @@ from typing import Protocol
 
 import aiohttp
 
-from modelyard.scheduler.supervisor import EngineHandle
+from modelyard.lifecycle import EngineHandle
 
 log = logging.getLogger("modelyard.watchdog")
 

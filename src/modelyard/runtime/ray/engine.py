@@ -56,6 +56,8 @@ def bind_to(argv: list[str], host: str) -> list[str]:
 class RayEngine:
     """One engine running under its actor on some node."""
 
+    remote = False  # ours, on another machine
+
     def __init__(
         self,
         name: str,

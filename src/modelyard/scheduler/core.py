@@ -1,0 +1,369 @@
+"""The scheduler's pure core: `step(event) -> commands`, with the records that must outlive
+one decision.
+
+Pure: no I/O, no awaits, no clock of its own. The driver (scheduler/scheduler.py, the tests'
+virtual gateway, the placement simulator in bench/placement) describes the world as a
+`Snapshot` (engines as their owners report them, the GPUs, the time), feeds events in, and
+carries the commands out. Nothing slow happens inside: a stop, a sleep, a wake, a start and
+the wait for GPU memory to come back are commands the driver runs on its own time, and their
+end comes back as an event.
+
+Why this exists (issue 22): the scheduler once carried out evictions, and waited for the
+memory to come back, while it held its one decision lock. A 10 s stop on GPU 0 then held a
+cold start on the free GPU 1 for 11.1 s instead of 2 s. Here the decision and its record are
+one synchronous step, so there is nothing to lock, and slow work for GPU 0 delays only the
+decisions that need GPU 0.
+
+What the core remembers between steps is the *reservations*: room set aside for a start
+(or wake) whose evictions are being carried out. While one exists, every other decision sees
+it as a start in progress on those GPUs with the reserved bytes (one start or wake per GPU at
+a time; the memory must be back before the next start there), and sees its victims as
+busy (no second plan counts on them). A reservation ends when its target starts, is refused,
+or is abandoned by its requests.
+
+It also answers the queue bounds (`Arrived` -> a `RefuseNow` when a queue is full) and the idle
+timer (`IdleCheck` -> `PutToSleep` / `StopIdle`), which need no memory between steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from modelyard.placement.policy import (
+    DEFAULT_SETTINGS,
+    Action,
+    Engine,
+    EngineState,
+    PolicySettings,
+)
+from modelyard.scheduler.decide import (
+    DEFAULT_RETRY_AFTER_S,
+    Ask,
+    Evict,
+    Go,
+    Refuse,
+    Snapshot,
+    Wait,
+    decide,
+)
+
+# ----- events (what happened) -----
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """A model with waiting requests asks to start or wake, seeing the world as `snapshot`.
+
+    `max_eviction_rounds` bounds how often in a row its evictions may fail to make room
+    before the answer is a refusal rather than another round (a stop that keeps erring).
+    """
+
+    ask: Ask
+    snapshot: Snapshot
+    max_eviction_rounds: int = 8
+
+
+@dataclass(frozen=True)
+class EvictionsDone:
+    """The evictions of reservation `number` are over (and the memory is back, or was waited
+    for as long as the driver waits); `ok` is False when one of them failed."""
+
+    target: str
+    number: int
+    ok: bool
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """Nobody waits for `target` any more, or its start began, or it was refused: the room
+    set aside for it is free again."""
+
+    target: str
+
+
+@dataclass(frozen=True)
+class Arrived:
+    """A request for `model` that must wait (its engine is not ready) asks to join the queue.
+
+    The counts are of the requests waiting now, before this one."""
+
+    model: str
+    waiting_for_model: int
+    model_limit: int
+    waiting_in_all: int
+    limit_in_all: int
+    retry_after: float  # the model's typical start: when a retry is likely to be served
+
+
+@dataclass(frozen=True)
+class IdleEngine:
+    """One engine's idleness as its owner reports it, for `IdleCheck`."""
+
+    key: str
+    idle_s: float | None  # None: busy, or not ready
+    idle_timeout: float  # 0: never idle-stopped
+    pinned: bool
+    sleep_level: int  # 0: cannot sleep, so it stops
+
+
+@dataclass(frozen=True)
+class IdleCheck:
+    """The idle timer fired: which engines have been idle past their timeout?"""
+
+    engines: tuple[IdleEngine, ...]
+
+
+Event = Wanted | EvictionsDone | Dropped | Arrived | IdleCheck
+
+# ----- commands (what the driver must do) -----
+
+
+@dataclass(frozen=True)
+class StartNow:
+    """Start (or wake) `target` now on `gpus` with this budget."""
+
+    target: str
+    gpus: tuple[int, ...]
+    bytes_per_gpu: int
+    wake: bool
+    explanation: str
+
+
+@dataclass(frozen=True)
+class CarryOut:
+    """Sleep or stop `actions` in order, wait for their memory to come back on `gpus`, then
+    feed `EvictionsDone(target, number, ok)` back. Other decisions go on meanwhile."""
+
+    target: str
+    number: int
+    actions: tuple[Action, ...]
+    gpus: tuple[int, ...]
+    bytes_per_gpu: int
+    explanation: str
+
+
+@dataclass(frozen=True)
+class WaitUntil:
+    """Nothing to do for `target` until something changes, or until `until` (its deadline)."""
+
+    target: str
+    until: float
+    explanation: str
+    waiting_for: tuple[str, ...] = ()  # the engines whose change may let it go
+
+
+@dataclass(frozen=True)
+class RefuseNow:
+    """Answer `target`'s waiting requests with this error (503 with Retry-After)."""
+
+    target: str
+    status: int
+    retry_after: float
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class PutToSleep:
+    """Idle past its timeout: put it to sleep at `level` (a failed sleep falls back to a stop)."""
+
+    key: str
+    level: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class StopIdle:
+    """Idle past its timeout: stop it, unless a request came meanwhile."""
+
+    key: str
+    reason: str
+
+
+Command = StartNow | CarryOut | WaitUntil | RefuseNow | PutToSleep | StopIdle
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Room set aside on `gpus` for `target` while its evictions are carried out."""
+
+    target: str
+    number: int
+    gpus: tuple[int, ...]
+    bytes_per_gpu: int
+    victims: tuple[str, ...]
+    exclusive_group: str | None = None
+    evictions_done: bool = False
+
+
+@dataclass
+class SchedulerCore:
+    """The decision records across models, changed only by `step`."""
+
+    settings: PolicySettings = DEFAULT_SETTINGS
+    _reservations: dict[str, Reservation] = field(default_factory=dict)
+    _rounds: dict[str, int] = field(default_factory=dict)  # eviction rounds in a row
+    _numbers: int = 0
+
+    def reservations(self) -> tuple[Reservation, ...]:
+        return tuple(self._reservations.values())
+
+    def step(self, event: Event) -> list[Command]:
+        """Take one event; return what the driver must do now."""
+        if isinstance(event, Dropped):
+            self._reservations.pop(event.target, None)
+            self._rounds.pop(event.target, None)
+            return []
+        if isinstance(event, EvictionsDone):
+            held = self._reservations.get(event.target)
+            if held is not None and held.number == event.number:
+                self._reservations[event.target] = replace(held, evictions_done=True)
+            return []
+        if isinstance(event, Arrived):
+            return _queue_bounds(event)
+        if isinstance(event, IdleCheck):
+            return _idle_verdicts(event)
+        return self._wanted(event)
+
+    def _wanted(self, event: Wanted) -> list[Command]:
+        ask = event.ask
+        name = ask.target.name
+        held = self._reservations.get(name)
+        if held is not None and not held.evictions_done:
+            if event.snapshot.now >= ask.deadline:
+                self.step(Dropped(name))
+                return [
+                    RefuseNow(
+                        name,
+                        503,
+                        DEFAULT_RETRY_AFTER_S,
+                        "waiting_for_gpu",
+                        f"model {name!r}: making room ({', '.join(held.victims)}) took past "
+                        "its start deadline; retry later",
+                    )
+                ]
+            return [
+                WaitUntil(
+                    name,
+                    ask.deadline,
+                    f"waiting for {', '.join(held.victims) or 'room'} to make room for it",
+                    held.victims,
+                )
+            ]
+        # Its evictions are over (or there were none): it decides afresh, its old room free.
+        self._reservations.pop(name, None)
+        decision = decide(self.world(event.snapshot, name), ask, self.settings)
+        if isinstance(decision, Go):
+            self.step(Dropped(name))
+            return [
+                StartNow(
+                    name, decision.gpus, decision.bytes_per_gpu, decision.wake, decision.explanation
+                )
+            ]
+        if isinstance(decision, Refuse):
+            self.step(Dropped(name))
+            return [
+                RefuseNow(
+                    name, decision.status, decision.retry_after, decision.code, decision.message
+                )
+            ]
+        if isinstance(decision, Wait):
+            waits = tuple(w.name for w in decision.for_models)
+            return [WaitUntil(name, decision.until, decision.explanation, waits)]
+        assert isinstance(decision, Evict)
+        rounds = self._rounds.get(name, 0)
+        if rounds >= event.max_eviction_rounds:
+            self.step(Dropped(name))
+            return [
+                RefuseNow(
+                    name,
+                    503,
+                    DEFAULT_RETRY_AFTER_S,
+                    "eviction_failed",
+                    f"model {name!r}: evicting {decision.explanation!r} did not make room "
+                    "(see the engines' events)",
+                )
+            ]
+        self._rounds[name] = rounds + 1
+        self._numbers += 1
+        self._reservations[name] = Reservation(
+            name,
+            self._numbers,
+            decision.gpus,
+            decision.bytes_per_gpu,
+            tuple(action.name for action in decision.actions),
+            ask.target.exclusive_group,
+        )
+        return [
+            CarryOut(
+                name,
+                self._numbers,
+                decision.actions,
+                decision.gpus,
+                decision.bytes_per_gpu,
+                decision.explanation,
+            )
+        ]
+
+    def world(self, snapshot: Snapshot, asking: str) -> Snapshot:
+        """`snapshot` as one decision for `asking` must see it: others' reservations are
+        starts in progress holding their room, and their victims are not to be planned on."""
+        others = [r for r in self._reservations.values() if r.target != asking]
+        if not others:
+            return snapshot
+        reserved = {r.target: r for r in others}
+        victims = {v for r in others if not r.evictions_done for v in r.victims}
+        engines: list[Engine] = []
+        for engine in snapshot.engines:
+            if engine.name in reserved:
+                continue  # replaced by its reservation below
+            if engine.name in victims:
+                # Another plan counts on it (its owner may not have begun the sleep or stop
+                # yet): busy for every other plan, so none counts on the same bytes.
+                engine = replace(engine, in_flight=max(engine.in_flight, 1))
+            engines.append(engine)
+        for r in others:
+            was = next((e for e in snapshot.engines if e.name == r.target), None)
+            engines.append(
+                Engine(
+                    name=r.target,
+                    state=EngineState.WAKING if was is not None else EngineState.STARTING,
+                    gpus=r.gpus,
+                    awake_bytes_per_gpu=r.bytes_per_gpu,
+                    in_flight=1,  # a start in progress is never a victim, only waited for
+                    exclusive_group=r.exclusive_group,
+                )
+            )
+        return replace(snapshot, engines=tuple(engines))
+
+
+def _queue_bounds(event: Arrived) -> list[Command]:
+    """A refusal when the model's queue or the gateway's is full (Ollama's 503 "server busy",
+    with a Retry-After the client's SDK honours)."""
+    if event.waiting_for_model >= event.model_limit:
+        message = (
+            f"too many requests are waiting for model {event.model!r} "
+            f"(limit {event.model_limit}); retry later"
+        )
+    elif event.waiting_in_all >= event.limit_in_all:
+        message = (
+            f"the gateway is busy: {event.limit_in_all} requests are already waiting; retry later"
+        )
+    else:
+        return []
+    return [RefuseNow(event.model, 503, event.retry_after, "queue_full", message)]
+
+
+def _idle_verdicts(event: IdleCheck) -> list[Command]:
+    """Sleep (where it can) or stop every unpinned engine idle past its timeout."""
+    verdicts: list[Command] = []
+    for engine in event.engines:
+        idle, timeout = engine.idle_s, engine.idle_timeout
+        if idle is None or timeout <= 0 or idle < timeout or engine.pinned:
+            continue
+        reason = f"idle for {idle:.0f}s"
+        if engine.sleep_level:
+            verdicts.append(PutToSleep(engine.key, engine.sleep_level, reason))
+        else:
+            verdicts.append(StopIdle(engine.key, reason))
+    return verdicts
