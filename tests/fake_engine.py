@@ -22,6 +22,23 @@ from typing import Any
 
 from aiohttp import web
 
+try:
+    from tests.vllm_shapes import (
+        chunk_usage,
+        reads_true,
+        responses_answer,
+        responses_events,
+        wants_running_usage,
+    )
+except ImportError:  # run as a script: tests/ is the script's own directory
+    from vllm_shapes import (  # type: ignore[no-redef]
+        chunk_usage,
+        reads_true,
+        responses_answer,
+        responses_events,
+        wants_running_usage,
+    )
+
 STATE: dict[str, Any] = {
     "requests": [],
     "disconnects": 0,
@@ -133,7 +150,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
         )
     STATE["in_flight"] += 1
     try:
-        if body.get("stream"):
+        if request.path.endswith("/responses"):
+            return await _responses(request, body, text, delay)
+        if reads_true(body.get("stream")):  # as vLLM's pydantic reads it: "yes" streams
             return await _stream(request, body, text, chat)
         await asyncio.sleep(delay)
         usage = {
@@ -169,6 +188,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
 def _answer(body: dict[str, Any], args: argparse.Namespace) -> str:
     if "messages" in body:
         last = body["messages"][-1].get("content", "") if body["messages"] else ""
+    elif "input" in body:  # /v1/responses: a string or a list of messages
+        given = body["input"]
+        last = given if isinstance(given, str) else given[-1].get("content", "")
     else:
         last = body.get("prompt", "")
     # The model field names the base or one of its LoRA adapters, as in vLLM.
@@ -183,6 +205,7 @@ async def _stream(
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
     words = (text.split() * chunks)[:chunks] or [""]
+    running_usage = wants_running_usage(body)
     try:
         for index, word in enumerate(words):
             if body.get("fake_break_after") == index and request.transport is not None:
@@ -203,9 +226,11 @@ async def _stream(
                 "choices": [choice],
                 "seq": index,
             }
+            if running_usage:
+                event["usage"] = chunk_usage(index + 1)
             await response.write(f"data: {json.dumps(event, separators=(',', ':'))}\n\n".encode())
             await asyncio.sleep(interval)
-        if (body.get("stream_options") or {}).get("include_usage"):
+        if reads_true((body.get("stream_options") or {}).get("include_usage")):
             usage = {
                 "id": "chunk",
                 "object": "chat.completion.chunk",
@@ -224,6 +249,28 @@ async def _stream(
     except (ConnectionResetError, asyncio.CancelledError):
         STATE["disconnects"] += 1
         _write_report(request.app["args"])
+        raise
+    return response
+
+
+async def _responses(
+    request: web.Request, body: dict[str, Any], text: str, delay: float
+) -> web.StreamResponse:
+    """`/v1/responses` in vLLM's shapes (tests/vllm_shapes.py), plain or streamed."""
+    if not reads_true(body.get("stream")):
+        await asyncio.sleep(delay)
+        return web.json_response(responses_answer(body["model"], text))
+    chunks = int(body.get("fake_chunks", 5))
+    interval = float(body.get("fake_chunk_delay", 0.01))
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    try:
+        for event in responses_events(body["model"], (text.split() * chunks)[:chunks]):
+            await response.write(event)
+            await asyncio.sleep(interval)
+        await response.write_eof()
+    except (ConnectionResetError, asyncio.CancelledError):
+        STATE["disconnects"] += 1
         raise
     return response
 
@@ -578,6 +625,7 @@ def main() -> None:
     app.router.add_post("/v1/chat/completions", completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/embeddings", completions)
+    app.router.add_post("/v1/responses", completions)
     app.router.add_post("/sleep", sleep)
     app.router.add_post("/wake_up", wake_up)
     app.router.add_get("/is_sleeping", is_sleeping)

@@ -42,6 +42,13 @@ from modelyard.gateway import Gateway
 from modelyard.runtime.process import EngineStartError
 from modelyard.server import ServedApp, serve_app
 from tests import fake_gpu
+from tests.vllm_shapes import (
+    chunk_usage,
+    reads_true,
+    responses_answer,
+    responses_events,
+    wants_running_usage,
+)
 
 _numbers = itertools.count()
 COMPACT = (",", ":")  # vLLM writes its SSE chunks as pydantic's compact JSON
@@ -202,6 +209,7 @@ class InProcessEngine:
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/embeddings", self._chat)
+        app.router.add_post("/v1/responses", self._chat)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/sleep", self._sleep)
         app.router.add_post("/wake_up", self._wake)
@@ -258,10 +266,14 @@ class InProcessEngine:
         chunks = int(body.get("fake_chunks", 5))  # tests/fake_engine.py's default
         delay = float(body.get("fake_chunk_delay", 0))
         messages = body.get("messages") or [{}]
+        if isinstance(body.get("input"), str):  # /v1/responses
+            messages = [{"content": body["input"]}]
         text = f"{model} says: {messages[-1].get('content', '')}"  # as tests/fake_engine.py
         self.state.in_flight += 1
         try:
-            if body.get("stream"):
+            if request.path.endswith("/responses"):
+                return await self._responses(request, body, model, text, chunks, delay)
+            if reads_true(body.get("stream")):  # as vLLM's pydantic reads it
                 return await self._stream(request, body, model, text, chunks, delay)
             # fake_delay: a slow answer (tests/fake_engine.py's), e.g. an engine that sends
             # nothing within the gateway's upstream read timeout.
@@ -295,22 +307,25 @@ class InProcessEngine:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         words = (text.split() * chunks)[:chunks] or [""]
+        running_usage = wants_running_usage(body)
         try:
             for index, word in enumerate(words):
                 if body.get("fake_break_after") == index and request.transport is not None:
                     # The engine drops the connection mid-stream (a crash, a killed worker).
                     request.transport.abort()
                     return response
-                chunk = {
+                chunk: dict[str, Any] = {
                     "id": "chunk",
                     "object": "chat.completion.chunk",
                     "model": model,
                     "choices": [{"index": 0, "delta": {"content": word + " "}}],
                     "seq": index,  # tests/fake_engine.py's: lets a test check order and loss
                 }
+                if running_usage:
+                    chunk["usage"] = chunk_usage(index + 1)
                 await response.write(f"data: {json.dumps(chunk, separators=COMPACT)}\n\n".encode())
                 await asyncio.sleep(delay)
-            if (body.get("stream_options") or {}).get("include_usage"):
+            if reads_true((body.get("stream_options") or {}).get("include_usage")):
                 usage = {
                     "id": "chunk",
                     "object": "chat.completion.chunk",
@@ -324,6 +339,29 @@ class InProcessEngine:
                 }
                 await response.write(f"data: {json.dumps(usage, separators=COMPACT)}\n\n".encode())
             await response.write(b"data: [DONE]\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.state.disconnects += 1
+            raise
+        return response
+
+    async def _responses(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        model: str,
+        text: str,
+        chunks: int,
+        delay: float,
+    ) -> web.StreamResponse:
+        """`/v1/responses` as tests/fake_engine.py answers it (tests/vllm_shapes.py)."""
+        if not reads_true(body.get("stream")):
+            return web.json_response(responses_answer(model, text))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            for event in responses_events(model, (text.split() * chunks)[:chunks]):
+                await response.write(event)
+                await asyncio.sleep(delay)
         except (ConnectionResetError, asyncio.CancelledError):
             self.state.disconnects += 1
             raise

@@ -171,6 +171,10 @@ def _serve(args: argparse.Namespace) -> int:
     except (StateDirError, TlsError) as error:
         print(f"modelyard: {error}", file=sys.stderr)
         return 1
+    except ConfigError as error:  # what only the state shows (a key name a runtime key has)
+        for problem in error.problems:
+            print(f"modelyard: {problem}", file=sys.stderr)
+        return 1
     except Exception as error:
         # A Ray cluster that cannot be reached (runtime: ray) is a setup problem: say so
         # plainly instead of with a traceback.

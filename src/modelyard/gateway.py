@@ -117,6 +117,9 @@ class Gateway:
         `start_engine` replaces the process runtime (the in-process test harness passes
         engines that run in the test's own event loop); `engine: remote` models are still
         connected to where they run."""
+        # Before anything can log or record: `modelyard serve` registers them too, and
+        # registering twice costs nothing (embedded and test gateways have no `serve`).
+        register_secrets(config.secret_values())
         state_dir = Path(config.state_dir).expanduser()
         state_dir.mkdir(parents=True, exist_ok=True)
         event_store = open_event_store(state_dir)  # the history survives restarts
@@ -153,6 +156,7 @@ class Gateway:
             state.note(record)  # the event history was set aside before the bus existed
         watchdog = _watchdog_for(config, scheduler, health_session)
         auth = Authenticator.create(config.auth, state)
+        auth.require_unique_names(config.auth, "the config")  # a key added while stopped
         auth.open_routes = scheduler.open_routes()
         lora = (
             LoraManager(config, scheduler, health_session, events)
@@ -284,6 +288,9 @@ class Gateway:
                     "(keep an admin key in the config, or revoke the runtime keys first)"
                 ]
             )
+        if self.auth is not None:
+            # Refused whole: nothing changes.
+            self.auth.require_unique_names(new.auth, str(self.config_path))
         register_secrets(new.secret_values())  # a reloaded file may bring new secrets
         plan = plan_reload(self.config, new)
         if file_listen != self.file_listen and file_listen != self.config.listen:

@@ -57,6 +57,29 @@ def redact_value(value: Any) -> Any:
     return value
 
 
+# What names where an engine runs: a URL, or `host:port` / `host 10.0.0.5:8001` as aiohttp's
+# connection errors write it.
+_ADDRESS = re.compile(
+    r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\")]+"
+    # Python's socket addresses in OS errors: ('10.0.0.5', 8001) and ('::1', 8001, 0, 0).
+    r"|\(\s*'[^']*'\s*,\s*\d+[^)]*\)"
+    # host:port, the host a name with a letter or a dot in it, or an [IPv6] literal.
+    r"|(?<![\w.-])(?:\[[0-9a-fA-F:.]+\]|(?=[\w.-]*[a-zA-Z.])[\w-]+(?:\.[\w-]+)*):\d{1,5}"
+    r"(?![\w.])"
+    # Bare IP addresses: v4, and v6 with '::' or at least five groups (not a time of day).
+    r"|(?<![\w.])\d{1,3}(?:\.\d{1,3}){3}(?![\w.])"
+    r"|(?<![\w:])(?=[0-9a-fA-F:]*::)[0-9a-fA-F:]{2,39}(?![\w:])"
+    r"|(?<![\w:])(?:[0-9a-fA-F]{1,4}:){4,7}[0-9a-fA-F]{1,4}(?![\w:])"
+)
+ADDRESS_MASK = "[engine address]"
+
+
+def without_addresses(text: str) -> str:
+    """`text` with every URL and host:port replaced: a key that is not an admin's learns
+    nothing of where engines run (issue 23)."""
+    return _ADDRESS.sub(ADDRESS_MASK, text)
+
+
 def printable(text: str) -> str:
     """Control characters (other than tab and newline) escaped as \\xNN."""
     if not _CONTROL.search(text):

@@ -92,6 +92,9 @@ async def gateway(
                 "served_name": SEED_003_NAME,
                 "aliases": ["far-alias"],
                 "route": "/far",
+                # The test server's own endpoints (a remote is reached on OpenAI's routes
+                # and the paths opened here only).
+                "upstream_paths": ["/fake"],
             }
         },
         auth={

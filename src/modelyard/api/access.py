@@ -9,8 +9,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from modelyard.api.errors import ApiError
-from modelyard.auth.engine_paths import is_engine_control
-from modelyard.auth.principal import ANONYMOUS, Principal
+from modelyard.auth.engine_paths import is_engine_control, remote_path_allowed
+from modelyard.auth.principal import NOBODY, Principal
 from modelyard.scheduler.names import Target
 
 PRINCIPAL_KEY = web.RequestKey("modelyard.principal", Principal)
@@ -18,8 +18,10 @@ FORBIDDEN_KEY = web.RequestKey("modelyard.forbidden", bool)  # access refused: c
 
 
 def principal_of(request: web.Request) -> Principal:
+    """Who the request acts as; a request no key check passed (an open route) may use
+    nothing. The authentication middleware sets the anonymous admin only where keys are off."""
     principal = request.get(PRINCIPAL_KEY)
-    return principal if isinstance(principal, Principal) else ANONYMOUS
+    return principal if isinstance(principal, Principal) else NOBODY
 
 
 def may_use(principal: Principal, target: Target) -> bool:
@@ -65,4 +67,16 @@ def require_engine_path(request: web.Request, path: str) -> None:
             f"this path controls the engine itself; this API key ({principal.name}) is not an "
             "admin key",
             "admin_required",
+        )
+
+
+def require_remote_path(path: str, extra: list[str]) -> None:
+    """A remote engine is reached on OpenAI's routes and its `upstream_paths:` only, whoever
+    asks: the gateway's own key for it must not open the rest of that server."""
+    if not remote_path_allowed(path, extra):
+        raise ApiError(
+            403,
+            "this path is not open on this remote engine (OpenAI routes only; the config's "
+            "'upstream_paths:' opens more)",
+            "path_not_allowed",
         )

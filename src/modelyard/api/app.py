@@ -10,7 +10,13 @@ from aiohttp.typedefs import Middleware
 
 from modelyard.api import adapters, admin, keys, live, observe, openapi, reload, serving, status
 from modelyard.api.errors import ApiError, error_response
-from modelyard.api.guards import add_cors_headers, authentication, browser_guard, canonical_form
+from modelyard.api.guards import (
+    add_cors_headers,
+    authentication,
+    browser_guard,
+    canonical_form,
+    keyless,
+)
 from modelyard.auth.origins import BrowserPolicy
 from modelyard.gateway import Gateway
 from modelyard.observability.log_guard import CLIENT_CAUSED_ATTR
@@ -55,7 +61,7 @@ def build_app(gateway: Gateway, middlewares: list[Middleware] | None = None) -> 
     # With API keys configured, nothing past `authentication` runs for a request without one.
     # Installed even with no keys yet: runtime keys and a reload can turn keys on.
     keyed = gateway.auth is not None and gateway.auth.enabled
-    auth = [authentication(gateway.auth)] if gateway.auth is not None else []
+    auth = [authentication(gateway.auth)] if gateway.auth is not None else [keyless]
     policy = BrowserPolicy(gateway.config, keyless=not keyed)
     # A reload may change the browser rules (cors, allowed_hosts) and whether keys exist.
     gateway.reload_hooks.append(

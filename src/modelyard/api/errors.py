@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from modelyard.redaction import redact
+from modelyard.redaction import redact, without_addresses
 from modelyard.scheduler.supervisor import ModelUnavailable
 
 _TYPES = {
@@ -91,6 +91,7 @@ class ApiError(Exception):
         code: str | None = None,
         param: str | None = None,
         retry_after: float | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -98,14 +99,22 @@ class ApiError(Exception):
         self.code = code
         self.param = param
         self.retry_after = retry_after
+        self.headers = dict(headers or {})  # e.g. a token budget's x-budget-* headers
 
     def answer(self, extra_headers: Mapping[str, str] | None = None) -> ErrorAnswer:
         return error_answer(
-            self.status, self.message, self.code, self.param, self.retry_after, extra_headers
+            self.status,
+            self.message,
+            self.code,
+            self.param,
+            self.retry_after,
+            {**self.headers, **(extra_headers or {})},
         )
 
     def response(self) -> web.Response:
-        return error_response(self.status, self.message, self.code, self.param, self.retry_after)
+        return error_response(
+            self.status, self.message, self.code, self.param, self.retry_after, self.headers
+        )
 
 
 def unavailable(error: ModelUnavailable, show_tail: bool = True) -> ApiError:
@@ -117,6 +126,8 @@ def unavailable(error: ModelUnavailable, show_tail: bool = True) -> ApiError:
     if error.log_tail and show_tail:
         message += "\nlast engine log lines:\n" + "\n".join(error.log_tail[-10:])
     message = redact(message)  # engines' output is masked like every other output
+    if not show_tail:
+        message = without_addresses(message)  # only admins learn where engines run
     retry_after: float | None = 5.0 if error.retry_after is None else error.retry_after
     if error.status < 500:
         retry_after = None
@@ -125,8 +136,11 @@ def unavailable(error: ModelUnavailable, show_tail: bool = True) -> ApiError:
 
 def with_log_tail(message: str, tail: list[str], show_tail: bool = False) -> str:
     """An engine failure's message; only an admin (`show_tail`) sees the engine's log lines,
-    masked: a user learns that the engine failed, not how it was started or what it printed."""
+    masked: a user learns that the engine failed, not how it was started, what it printed or
+    where it runs."""
     message = redact(message)
-    if not tail or not show_tail:
+    if not show_tail:
+        return without_addresses(message)
+    if not tail:
         return message
     return redact(message + "\nlast engine log lines:\n" + "\n".join(tail[-10:]))

@@ -19,6 +19,7 @@ from modelyard.api.admission import identify, is_open, needs_key, refusal_answer
 from modelyard.api.errors import ApiError
 from modelyard.auth.authenticator import Authenticator, Refusal
 from modelyard.auth.origins import BrowserPolicy
+from modelyard.auth.principal import ANONYMOUS
 from modelyard.proxy.canonical import CanonicalTarget, NonCanonical, canonical_target
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -111,11 +112,22 @@ async def canonical_form(request: web.Request, handler: Handler) -> web.StreamRe
     return await handler(request)
 
 
+@web.middleware
+async def keyless(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A gateway built with no authenticator (no keys, loopback only): the anonymous admin,
+    set explicitly, since a request with no principal may use nothing."""
+    request[PRINCIPAL_KEY] = ANONYMOUS
+    return await handler(request)
+
+
 def authentication(authenticator: Authenticator) -> Middleware:
     @web.middleware
     async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
         # Who is asking and whether they may, decided once (`api.admission`).
         if not needs_key(authenticator, request.method, request.path):
+            if not authenticator.enabled:
+                # No keys at all (loopback only): whoever can connect may do everything.
+                request[PRINCIPAL_KEY] = ANONYMOUS
             return await handler(request)
         identity = identify(authenticator, request.method, request.path, request.headers)
         if isinstance(identity, Refusal):

@@ -19,8 +19,15 @@ from modelyard.api.access import (
     not_found,
     principal_of,
     require_engine_path,
+    require_remote_path,
 )
-from modelyard.api.accounting import TokenCount, ask_stream_for_usage, finish, usage_of
+from modelyard.api.accounting import (
+    TokenCount,
+    ask_stream_for_usage,
+    finish,
+    supports_running_usage,
+    usage_of,
+)
 from modelyard.api.admission import model_refusal, usable_names
 from modelyard.api.bodies import (
     looks_like_json_object,
@@ -33,6 +40,7 @@ from modelyard.api.errors import ApiError, unavailable, with_log_tail
 from modelyard.api.fallbacks import SERVED_BY_HEADER, fallback_for
 from modelyard.api.guards import canonical_of
 from modelyard.api.loading import LoadingStream, wants_loading_content
+from modelyard.api.request_options import engine_reads_true, read_options
 from modelyard.auth.principal import Principal
 from modelyard.gateway import Gateway
 from modelyard.lora.manager import AdapterError
@@ -52,6 +60,15 @@ GATEWAY_KEY = web.AppKey("gateway", Gateway)
 
 def gateway_of(request: web.Request) -> Gateway:
     return request.app[GATEWAY_KEY]
+
+
+def _require_path(request: web.Request, gateway: Gateway, target: Target, path: str) -> None:
+    """The engine paths this request may reach: control paths for admins, and on a remote
+    engine only the OpenAI routes and its `upstream_paths:`."""
+    require_engine_path(request, path)
+    if gateway.scheduler.is_remote(target.model):
+        model = gateway.config.models.get(target.model)
+        require_remote_path(path, model.upstream_paths if model is not None else [])
 
 
 def _require(request: web.Request, gateway: Gateway, target: Target) -> None:
@@ -168,17 +185,22 @@ async def proxy_json(
     The engine gets `model` set to the checked target's own name: whatever the client named,
     the engine serves the model that was authorised."""
     _require(request, gateway, target)
-    require_engine_path(request, path)
-    usage_added = ask_stream_for_usage(path, payload)
+    _require_path(request, gateway, target, path)
     key_name = principal_of(request).name
+    # One reading of the body's options, for the decisions and the accounting alike.
+    options = read_options(path, payload, len(body))
+    usage_added = ask_stream_for_usage(path, payload, supports_running_usage(gateway, target.model))
 
     def forwarding(chosen: Target) -> _Forwarding:
+        # A fallback is a request of its own for the key: reserved (or 429) before its engine
+        # is asked; the refused attempt's reservation was settled by its own finish.
+        tokens = TokenCount(gateway, key_name, chosen.model, options)
+        tokens.reserve()  # 429 before any engine is started for it
         data = body
         if payload.get("model") != chosen.upstream_name or usage_added:
             payload["model"] = chosen.upstream_name
             data = json.dumps(payload).encode()
         replacements = model_name_replacements(chosen.upstream_name, chosen.public_name)
-        tokens = TokenCount(gateway, key_name, chosen.model)
 
         def transformer() -> StreamTransformer | None:
             # Usage is always read for the token metrics; the usage-only chunk that we asked
@@ -186,8 +208,10 @@ async def proxy_json(
             return StreamTransformer(
                 replacements,
                 capture_usage=True,
-                drop_usage_only_chunk=usage_added,
+                drop_usage_only_chunk=usage_added.final,
                 on_final_usage=tokens.count,
+                meter=tokens.served,
+                strip_progress_usage=usage_added.running,
             )
 
         def rewrite(data: bytes) -> bytes:
@@ -201,7 +225,7 @@ async def proxy_json(
         forwarding(target),
         path,
         route_label,
-        streamed=payload.get("stream") is True,
+        streamed=engine_reads_true(payload.get("stream")),
         retarget=forwarding,
     )
 
@@ -220,29 +244,41 @@ async def proxy_raw(
     removed), as on `/v1`, so its tokens count for the key's budget and limits:
     `/upstream/{model}/v1/chat/completions` must not be a way around them."""
     _require(request, gateway, target)
-    require_engine_path(request, path)
+    _require_path(request, gateway, target, path)
     target, body = _checked_raw_body(request, gateway, target, body)
-    tokens = TokenCount(gateway, principal_of(request).name, target.model)
-    transformer: Any = lambda: None  # noqa: E731 - the unchanged case
+    bare_path = path.split("?", 1)[0]
+    payload = None
     streamed = False
-    if request.method == "POST" and body and path.split("?", 1)[0].endswith("/completions"):
+    if request.method == "POST" and body and looks_like_json_object(body):
         try:
             payload = json.loads(body)
         except (ValueError, UnicodeDecodeError, RecursionError):
             payload = None  # the engine's own error is the right answer
-        if isinstance(payload, dict) and payload.get("stream") is True:
-            streamed = True
-            usage_added = ask_stream_for_usage(path.split("?", 1)[0], payload)
-            if usage_added:
-                body = json.dumps(payload).encode()
+    tokens = TokenCount(
+        gateway,
+        principal_of(request).name,
+        target.model,
+        read_options(bare_path, payload, len(body)) if isinstance(payload, dict) else None,
+    )
+    tokens.reserve()
+    transformer: Any = lambda: None  # noqa: E731 - the unchanged case
+    if isinstance(payload, dict) and engine_reads_true(payload.get("stream")):
+        streamed = True
+        usage_added = ask_stream_for_usage(
+            bare_path, payload, supports_running_usage(gateway, target.model)
+        )
+        if usage_added:
+            body = json.dumps(payload).encode()
 
-            def transformer() -> StreamTransformer | None:
-                return StreamTransformer(
-                    [],
-                    capture_usage=True,
-                    drop_usage_only_chunk=usage_added,
-                    on_final_usage=tokens.count,
-                )
+        def transformer() -> StreamTransformer | None:
+            return StreamTransformer(
+                [],
+                capture_usage=True,
+                drop_usage_only_chunk=usage_added.final,
+                on_final_usage=tokens.count,
+                meter=tokens.served,
+                strip_progress_usage=usage_added.running,
+            )
 
     return await _forward(
         request,
@@ -472,8 +508,12 @@ async def _forward_once(
             )
             raise ApiError(
                 503,
-                f"model {target.model!r}: the remote engine is not answering ({error}); "
-                "retry later",
+                with_log_tail(
+                    f"model {target.model!r}: the remote engine is not answering ({error}); "
+                    "retry later",
+                    [],
+                    principal_of(request).admin,
+                ),
                 "remote_unavailable",
                 retry_after=5.0,
             ) from None

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modelyard.auth.budgets import MIGRATIONS as BUDGET_MIGRATIONS
-from modelyard.auth.budgets import TokenLedger
+from modelyard.auth.budgets import Reservation, TokenLedger
 from modelyard.auth.credentials import presented_key
 from modelyard.auth.keys import ApiKey, KeyRing
 from modelyard.auth.principal import Principal
@@ -22,6 +22,7 @@ from modelyard.auth.ratelimit import RateLimiter
 from modelyard.auth.runtime_keys import MIGRATIONS as RUNTIME_MIGRATIONS
 from modelyard.auth.runtime_keys import RuntimeKeyStore
 from modelyard.auth.usage import MIGRATIONS, UsageCounters
+from modelyard.config.loader import ConfigError
 from modelyard.config.schema import AuthConfig
 from modelyard.redaction import one_line
 from modelyard.state import StateDirectory
@@ -82,6 +83,20 @@ class Authenticator:
             TokenLedger(tokens),
         )
 
+    def require_unique_names(self, config: AuthConfig, source: str) -> None:
+        """Key names are unique across config and run time: a config key named like a
+        runtime key would leave that runtime key impossible to change or revoke (409) while
+        it still works (issue 23). Raises `ConfigError` naming them."""
+        taken = sorted(key.name for key in config.keys if self.runtime_keys.get(key.name))
+        if taken:
+            raise ConfigError(
+                [
+                    f"{source}: auth.keys: {', '.join(map(repr, taken))}: a runtime key "
+                    "already has this name (runtime keys stay on record, revoked ones too: "
+                    "give the config key another name)"
+                ]
+            )
+
     def replace_config_keys(self, config: AuthConfig) -> None:
         """A reloaded config's keys; usage and runtime keys are kept (by name)."""
         self.keyring = KeyRing(config.keys)
@@ -136,6 +151,20 @@ class Authenticator:
             )
         self.usage.count_request(api_key.name)
         return Principal(api_key.name, api_key.admin, api_key.models, metrics=api_key.metrics)
+
+    def reserve(self, name: str, tokens: int) -> Reservation | Refusal:
+        """Hold `tokens` for a request of key `name` that is about to reach an engine (its
+        budget and tokens per minute; see `auth.budgets`), or the 429 that refuses it."""
+        key = self.keyring.named(name) or self.runtime_keys.get(name)
+        if key is None:
+            return Reservation(name, 0)  # the anonymous admin, an open route: no limits
+        held = self.ledger.reserve(key, tokens)
+        if isinstance(held, Reservation):
+            return held
+        self.usage.count_rate_limited(name)
+        return Refusal(
+            429, held.message, held.code, retry_after=held.retry_after, headers=held.headers
+        )
 
     def note_refusal(self, method: str, path: str, remote: str | None, code: str) -> None:
         """Log a refused request, throttled: a scanner must not fill the disk with lines."""

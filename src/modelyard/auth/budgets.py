@@ -1,10 +1,16 @@
 """Tokens per API key: usage per key and model, tokens-per-minute limits, token budgets.
 
-Tokens are counted from the engines' own `usage` (streams too: the gateway asks for it), when
-a request's answer is complete. So the checks are made before a request, on what was already
-spent: a request that starts within the limit finishes, and the next one is refused (LiteLLM
-works the same way). Totals live in memory on the request path and are written to
-`<state_dir>/key_tokens.sqlite3` every few seconds and at shutdown, one transaction per flush.
+A request with a budget or `tpm` to respect *reserves* tokens at admission (its prompt's
+estimate and its `max_tokens`, see `api.request_options`) and *settles* them at its finish to
+what it was served (`api.accounting`). Admission refuses when what is spent plus what requests
+in flight hold plus this reservation would pass the limit; a key with nothing in flight may
+always send one request while any budget is left. So 50 concurrent requests cannot overshoot
+by more than one reservation (issue 23: before, all 50 were admitted at 144x the budget).
+
+Totals live in memory on the request path and are written to `<state_dir>/key_tokens.sqlite3`
+every `FLUSH_INTERVAL_S` seconds and at shutdown, one transaction per flush: a gateway killed
+with SIGKILL loses at most the tokens settled in that window (reservations are not saved:
+they end with the requests that held them).
 """
 
 from __future__ import annotations
@@ -59,6 +65,21 @@ class ModelUsage:
         return asdict(self)
 
 
+@dataclass
+class Reservation:
+    """Tokens held for one request in flight, given back at its settle (exactly once)."""
+
+    name: str
+    tokens: int
+    held: bool = False  # counted in the ledger's reservations (a key with limits)
+    open: bool = True
+
+
+# Reserved tokens are held, not spent: a refusal because of them lasts as long as the
+# requests that hold them, which is not known; one second is a polite retry.
+RESERVED_RETRY_S = 1.0
+
+
 @dataclass(frozen=True)
 class Refusal:
     """Why a key may not send a request now: a 429 with this message."""
@@ -108,6 +129,8 @@ class TokenLedger(PeriodicallyFlushed):
         self._period_cache: dict[str, tuple[int, str, float | None]] = {}
         self._dirty_usage: set[tuple[str, str]] = set()
         self._dirty_periods: set[tuple[str, str]] = set()
+        self._reserved: dict[str, int] = {}  # key name -> tokens held by requests in flight
+        self._holders: dict[str, int] = {}  # key name -> requests in flight holding them
         if database is not None:
             for row in database.query("SELECT * FROM key_model_usage"):
                 self._usage.setdefault(row["name"], {})[row["model"]] = ModelUsage(
@@ -158,10 +181,57 @@ class TokenLedger(PeriodicallyFlushed):
             self._periods_now = tuple(period_of(kind, now)[0] for kind in ("day", "month", "total"))
         return self._periods_now
 
-    def refusal(self, key: ApiKey) -> Refusal | None:
-        """Why `key` may not send a request now (budget spent, tokens per minute), or None."""
+    def reserve(self, key: ApiKey, tokens: int) -> Reservation | Refusal:
+        """Hold `tokens` for a request of `key` that is about to start, or say why not."""
+        if key.token_budget is None and key.tpm is None:
+            return Reservation(key.name, 0)  # nothing to respect: nothing held
+        refusal = self.refusal(key, tokens)
+        if refusal is not None:
+            return refusal
+        self._reserved[key.name] = self._reserved.get(key.name, 0) + tokens
+        self._holders[key.name] = self._holders.get(key.name, 0) + 1
+        return Reservation(key.name, tokens, held=True)
+
+    def settle(
+        self, reservation: Reservation, model: str, prompt_tokens: int, completion_tokens: int
+    ) -> None:
+        """The request is over (or its usage is known): what it holds is given back and what
+        it was served is recorded. Only the first call counts."""
+        if not reservation.open:
+            return
+        reservation.open = False
+        self.release(reservation)
+        self.record(reservation.name, model, prompt_tokens, completion_tokens)
+
+    def release(self, reservation: Reservation) -> None:
+        if not reservation.held:
+            return
+        reservation.held = False
+        name = reservation.name
+        left = self._holders.get(name, 0) - 1
+        if left <= 0:
+            self._holders.pop(name, None)
+            self._reserved.pop(name, None)
+        else:
+            self._holders[name] = left
+            self._reserved[name] = max(self._reserved.get(name, 0) - reservation.tokens, 0)
+        reservation.tokens = 0
+
+    def reserved(self, name: str) -> int:
+        """Tokens held now by `name`'s requests in flight."""
+        return self._reserved.get(name, 0)
+
+    def refusal(self, key: ApiKey, tokens: int = 0) -> Refusal | None:
+        """Why `key` may not send a request now (budget spent, tokens per minute, or not
+        room for `tokens` more beside what its requests in flight hold), or None."""
+        # Alone, a request may start while anything is left; beside others, only if all
+        # their reservations and its own fit.
+        held = self._reserved.get(key.name, 0)
+        pending = held + tokens if self._holders.get(key.name) else 0
         if key.token_budget is not None:
             spent, ends = self.spent(key.name, key.budget_period)
+            if spent < key.token_budget and spent + pending > key.token_budget:
+                return self._held_refusal(key, "token budget", key.token_budget, spent, held)
             if spent >= key.token_budget:
                 when = (
                     " until the budget period ends (UTC)"
@@ -181,6 +251,8 @@ class TokenLedger(PeriodicallyFlushed):
                 )
         if key.tpm is not None:
             used, wait = self._last_minute(key.name)
+            if used < key.tpm and used + pending > key.tpm:
+                return self._held_refusal(key, "tokens per minute", key.tpm, used, held)
             if used >= key.tpm:
                 return Refusal(
                     f"rate limit reached for API key {key.name!r}: {key.tpm} tokens per minute "
@@ -194,6 +266,17 @@ class TokenLedger(PeriodicallyFlushed):
                     },
                 )
         return None
+
+    def _held_refusal(self, key: ApiKey, limit: str, of: int, used: int, held: int) -> Refusal:
+        code = "budget_exceeded" if limit == "token budget" else "rate_limit_exceeded"
+        return Refusal(
+            f"{limit} of API key {key.name!r}: {used} of {of} tokens used and {held} reserved "
+            "by its requests in flight; this request's reservation (its prompt and "
+            "max_tokens) does not fit beside them; retry when they finish",
+            code,
+            RESERVED_RETRY_S,
+            {"x-budget-reserved-tokens": str(held)},
+        )
 
     def _last_minute(self, name: str) -> tuple[int, float]:
         """Tokens in the last 60 s, and seconds until enough of them leave the window."""

@@ -48,3 +48,27 @@ def is_engine_control(path: str) -> bool:
     resolve; normalising again here is a second line, not the first."""
     clean = normalized(path.split("?", 1)[0]).lower()
     return any(clean == control or clean.startswith(control + "/") for control in _CONTROL_PATHS)
+
+
+# What `/upstream/` and seed routes may reach on a remote engine by default: OpenAI's routes.
+# A remote may be another gateway or a service whose other paths are its admin API, reached
+# with the key the config gives for it (issue 23); `upstream_paths:` opens more.
+OPENAI_PATHS = (
+    "v1/chat/completions",
+    "v1/completions",
+    "v1/embeddings",
+    "v1/responses",
+    "v1/models",
+    "v1/audio",
+    "v1/images",
+    "v1/moderations",
+)
+
+
+def remote_path_allowed(path: str, extra: tuple[str, ...] | list[str] = ()) -> bool:
+    """Whether `path` is one of OpenAI's routes or of `extra` (`/v1/rerank`), or below one."""
+    clean = normalized(path.split("?", 1)[0])
+    for allowed in (*OPENAI_PATHS, *(normalized(more) for more in extra)):
+        if clean == allowed or clean.startswith(allowed + "/"):
+            return True
+    return False

@@ -71,6 +71,10 @@ class KeyRing:
             )
             for key in keys
         )
+        self._by_name = {key.name: key for key in self.keys}
+
+    def named(self, name: str) -> ApiKey | None:
+        return self._by_name.get(name)
 
     def __bool__(self) -> bool:
         return bool(self.keys)

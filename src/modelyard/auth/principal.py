@@ -29,3 +29,7 @@ class Principal:
 
 # With no keys configured (loopback only), whoever can connect is trusted with everything.
 ANONYMOUS = Principal("anonymous", admin=True)
+
+# A request that passed no key check: an open route while keys exist, or a path that forgot to
+# set one. It may use nothing: the default is to deny (issue 23), never the anonymous admin.
+NOBODY = Principal("unauthenticated", admin=False, model_patterns=())

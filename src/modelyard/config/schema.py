@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from typing import Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
@@ -34,6 +35,21 @@ def check_model_name(name: str) -> str:
             "starting with a letter or digit, no '..')"
         )
     return name
+
+
+def url_credentials(url: str | None) -> set[str]:
+    """The secrets a URL carries (`http://svc:PASSWORD@host`): its password as written and
+    decoded, and its whole user-info, so none is shown wherever the URL would be."""
+    if not url:
+        return set()
+    userinfo = urlsplit(url).netloc.rpartition("@")[0]
+    if not userinfo:
+        return set()
+    password = userinfo.partition(":")[2]
+    found = {userinfo, unquote(userinfo)}
+    if password:
+        found |= {password, unquote(password)}
+    return found
 
 
 class StrictModel(BaseModel):
@@ -148,6 +164,16 @@ class ModelConfig(StrictModel):
     # Back-pressure.
     max_queue: int | None = Field(default=None, ge=0, description="requests waiting for a start")
     lora: LoraConfig | None = Field(default=None, description="LoRA adapters on this base model")
+    # Keys with a token budget or tpm (docs/keys-and-budgets.md).
+    reserve_tokens: int = Field(
+        default=512,
+        ge=1,
+        description="answer tokens held at admission for a request with no max_tokens",
+    )
+    upstream_paths: list[str] = Field(
+        default_factory=list,
+        description="engine: remote: paths /upstream/ may reach besides the OpenAI routes",
+    )
 
     @field_validator("aliases")
     @classmethod
@@ -512,6 +538,7 @@ class GatewayConfig(StrictModel):
             values.update(model.env.values())
             # The keys engines want are secrets even when written in the file itself.
             values.update(key for key in (model.engine_api_key, model.api_key) if key)
+            values.update(url_credentials(model.url))
         return values
 
     @field_validator("listen")

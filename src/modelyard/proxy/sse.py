@@ -8,8 +8,23 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Protocol
 
+from modelyard.proxy.usage_reader import normalized_usage
 from modelyard.redaction import redact
+
+# A Responses stream's last event carries the whole answer's usage.
+_FINAL_RESPONSE_EVENTS = ("response.completed", "response.incomplete", "response.failed")
+
+
+class StreamMeter(Protocol):
+    """Told what a stream carries as it passes (`api.accounting.ServedTokens`)."""
+
+    def relayed_events(self, count: int) -> None: ...
+
+    def saw_usage(self, usage: dict[str, int], final: bool) -> None: ...
+
+    def saw_running_usage(self, raw: bytes) -> None: ...
 
 
 def error_event(message: str, code: str) -> bytes:
@@ -42,6 +57,8 @@ class StreamTransformer:
         capture_usage: bool = False,
         drop_usage_only_chunk: bool = False,
         on_final_usage: Callable[[dict[str, int]], None] | None = None,
+        meter: StreamMeter | None = None,
+        strip_progress_usage: bool = False,
     ) -> None:
         self._replacements = replacements
         # Told the stream's final usage as soon as it passes, before the client gets the
@@ -51,6 +68,10 @@ class StreamTransformer:
         self._drop_usage_only_chunk = drop_usage_only_chunk
         self._pending = b""
         self.usage: dict[str, int] = {}
+        # Counts the data events relayed (a stream cut before its usage chunk is charged for
+        # them) and hears every usage seen, the engine's running totals included.
+        self._meter = meter
+        self._strip_progress_usage = strip_progress_usage
 
     def feed(self, chunk: bytes) -> bytes:
         data = self._pending + chunk
@@ -68,6 +89,14 @@ class StreamTransformer:
     def _edit(self, block: bytes) -> bytes:
         for old, new in self._replacements:
             block = block.replace(old, new)
+        if self._meter is not None:
+            # One event a token, as vLLM streams by default; the role and finish events make
+            # this an overcount by a few, never an undercount. Counted here, before a usage
+            # line is dropped, and then corrected by that usage when it comes.
+            events = block.count(b"\ndata:") + block.startswith(b"data:")
+            events -= block.count(b"data: [DONE]") + block.count(b"data:[DONE]")
+            if events > 0:
+                self._meter.relayed_events(events)
         if not self._capture_usage:
             return block
         # Only the lines that mention usage are looked at (one in a whole stream, usually):
@@ -78,7 +107,21 @@ class StreamTransformer:
             line_end = block.find(b"\n", at)
             if line_end < 0:
                 line_end = len(block)
-            if self._take_usage(block[line_start:line_end]):
+            line = block[line_start:line_end]
+            close = _running_usage_end(block, at, line)
+            if close > 0:
+                # A chunk with choices and the running totals (`continuous_usage_stats`),
+                # as vLLM writes it (compact, usage last): kept as bytes, parsed only if the
+                # stream is cut before its final usage (a JSON parse a chunk cost 20 us).
+                if self._meter is not None:
+                    self._meter.saw_running_usage(block[at + 8 : close])
+                if self._strip_progress_usage:  # ours, not the client's: taken out
+                    block = block[: at - 1] + block[close:]
+                    start = at
+                else:
+                    start = close
+                continue
+            if self._take_usage(line):
                 if line_end < len(block):
                     block = block[:line_start] + block[line_end + 1 :]  # the line and its \n
                 else:
@@ -98,11 +141,32 @@ class StreamTransformer:
             event = json.loads(line[5:])
         except (ValueError, RecursionError):
             return False
-        usage = event.get("usage") if isinstance(event, dict) else None
+        if not isinstance(event, dict):
+            return False
+        usage = event.get("usage")
+        final = event.get("choices") == []
+        if not isinstance(usage, dict):
+            # A Responses stream: the usage of the whole answer is in its last event.
+            response = event.get("response")
+            usage = response.get("usage") if isinstance(response, dict) else None
+            final = event.get("type") in _FINAL_RESPONSE_EVENTS
         if isinstance(usage, dict):
-            self.usage = {k: v for k, v in usage.items() if isinstance(v, int)}
-            if event.get("choices") == [] and self._on_final_usage is not None:
+            self.usage = normalized_usage(usage)
+            if self._meter is not None:
+                self._meter.saw_usage(self.usage, final)
+            if final and self._on_final_usage is not None:
                 self._on_final_usage(self.usage)
                 self._on_final_usage = None
         # The chunk vLLM sends only because we asked for usage: the client did not ask for it.
         return self._drop_usage_only_chunk and event.get("choices") == []
+
+
+def _running_usage_end(block: bytes, at: int, line: bytes) -> int:
+    """Where the flat `,"usage":{...}` at `at` ends (after its `}`) in a chunk that has
+    choices, or 0 when it is not that (a final usage chunk, another shape)."""
+    if block[at - 1 : at] != b"," or block[at + 7 : at + 9] != b":{":
+        return 0
+    if b'"choices":[{' not in line:
+        return 0
+    close = block.find(b"}", at)
+    return close + 1 if close > 0 and block.find(b"{", at + 9, close) < 0 else 0
