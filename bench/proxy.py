@@ -88,12 +88,12 @@ def start_gateway(
     workdir: Path,
     keyed: bool = False,
     env: dict[str, str] | None = None,
-    name: str | None = None,
+    label: str | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """A gateway on the benchmark's engines; `env`: variables added to this process's."""
     port = free_port()
     upstream = str(ROOT / "bench" / "upstream_nginx.sh")
-    name = name or ("keyed" if keyed else "bench")
+    name = label or ("keyed" if keyed else "bench")
     config: dict[str, Any] = {
         "listen": f"127.0.0.1:{port}",
         "state_dir": str(workdir / f"state-{name}"),
@@ -438,7 +438,7 @@ def main() -> None:
                     upstream_trees,
                     {},
                     env={"PYTHONPATH": source},
-                    name="baseline",
+                    label="baseline",
                 )
             )
         routers = {

@@ -1,8 +1,8 @@
 """An in-process gateway for integration tests: the real app on aiohttp's test server, with
 engines that are small aiohttp servers in the test's own event loop instead of processes.
 
-The gateway is served as `modelyard serve` serves it (GatewayServer: the fast lane in front of
-aiohttp's protocol with OpenAI-shaped protocol errors, on a real loopback port), so raw
+The gateway is served as `modelyard serve` serves it (GatewayServer: aiohttp's server with the
+connection limits and OpenAI-shaped protocol errors, on a real loopback port), so raw
 sockets, aiohttp and the `openai` SDK reach it the same way.
 
 Most integration tests need the gateway's HTTP behaviour (routes, errors, streaming, the

@@ -221,7 +221,7 @@ def _streams_rewrite_aliases_and_count_usage(gateway) -> None:
 
 @pytest.mark.slow
 async def test_a_slow_reader_pauses_the_engine_not_the_read_timeout(tmp_path):
-    """A client that stops reading makes the fast lane stop reading from the engine (its
+    """A client that stops reading makes the gateway stop reading from the engine (its
     socket buffers fill), and that wait is not the engine's silence: with a 1 s read timeout,
     a client that reads nothing for 2.5 s still gets every event, in order."""
     async with in_process_gateway(
@@ -418,3 +418,49 @@ def _oversized_and_too_many_headers(gateway) -> None:
         assert error["code"] == "bad_request"
         assert reason in error["message"], error
         assert "sssss" not in answer.decode()
+
+
+async def test_the_body_limit_holds_while_reading_chunked_and_compressed_bodies(tmp_path):
+    """limits.max_body_bytes without a Content-Length to go by: a chunked body that goes on
+    and on is refused with a 413 once it passes the limit, not read to its end; a small gzip
+    body that inflates past the limit is refused the same way (the limit counts decoded
+    bytes)."""
+    limits = {"max_body_bytes": "64KiB"}
+    models = {"chat": engine_model(served_name="chat")}
+    async with in_process_gateway(tmp_path, models, limits=limits) as harness:
+        await asyncio.to_thread(_the_body_limit_holds_while_reading, harness)
+
+
+def _the_body_limit_holds_while_reading(gateway) -> None:
+    import gzip
+
+    head = request("/v1/chat/completions", b"", "Transfer-Encoding: chunked")
+    piece = b"x" * 16384
+    sent = 0
+    with connect(gateway.url) as sock:
+        sock.sendall(head)
+        sock.settimeout(0.05)
+        answer = b""
+        while sent < 8 * 1024 * 1024 and not answer:
+            try:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(piece)
+            try:
+                answer = sock.recv(65536)
+            except TimeoutError:
+                continue
+        sock.settimeout(10)
+        answer += b"" if answer else sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b'"body_too_large"' in answer
+    assert sent < 1024 * 1024, f"{sent} bytes were taken before the refusal"
+
+    bomb = gzip.compress(b'{"model": "chat", "pad": "' + b"y" * (1024 * 1024) + b'"}')
+    assert len(bomb) < 8192
+    with connect(gateway.url) as sock:
+        sock.sendall(request("/v1/chat/completions", bomb, "Content-Encoding: gzip"))
+        [(status, body)] = read_answers(sock, 1)
+    assert status == 413, body[:200]
+    assert json.loads(body)["error"]["code"] == "body_too_large"

@@ -1,7 +1,7 @@
 """The audit's minor findings (issue 12), each reproduced.
 
 The gateway's answers run in-process (tests/harness.py serves the app as `modelyard serve`
-does: fast lane, aiohttp's protocol with OpenAI-shaped errors, a real loopback port). What
+does: aiohttp's server with OpenAI-shaped protocol errors, a real loopback port). What
 the gateway writes to its log and the CLI's refusal stay on a real process."""
 
 from __future__ import annotations

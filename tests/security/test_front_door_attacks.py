@@ -205,11 +205,18 @@ def test_a_body_that_stops_coming_is_refused_in_time(gateway):
     assert b'"body_timeout"' in answer
 
 
-def test_a_slow_head_is_closed_after_the_head_timeout(gateway):
+@pytest.mark.parametrize("door", DOORS)
+def test_a_slow_head_is_closed_after_the_head_timeout(gateway_factory, tmp_path, door):
     """One header line every 0.3 s, never the blank line that ends the head: the connection is
     closed once `limits.head_timeout` (1 s here) has passed since it opened, though bytes
-    keep coming. (Neither path had a limit: one line every 20 s held a connection for good.)"""
-    with open_socket(gateway.url, False) as sock:
+    keep coming; over TLS too (the same server). (Neither path had a limit: one line every
+    20 s held a connection for good.)"""
+    gateway = gateway_factory(
+        {"chat": fake_model("chat")},
+        limits={"head_timeout": "1s"},
+        **door_settings(door, tmp_path / door),
+    )
+    with open_socket(gateway.url, door == "tls") as sock:
         began = time.monotonic()
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         closed = False

@@ -1,7 +1,7 @@
 """What a proxied request leaves behind: its tokens for the key (budgets, tokens per minute,
 usage per model) and its record (metrics, request log, watchdog).
 
-The one request path (`api.serving`), in this order (issue 23):
+The one request path (`api.serving`), in this order:
 1. `read_options` (api.request_options): one reading of the body, for decisions and charges;
 2. `TokenCount(...).reserve()`: the key's reservation, or its 429 before any engine is asked;
 3. `ask_stream_for_usage`: usage asked of a stream (running totals too, where the engine
@@ -92,8 +92,7 @@ def charged_tokens(usage: dict[str, int]) -> tuple[int, int]:
 
 class ServedTokens:
     """What a request's answer has carried so far, told by the stream as it passes
-    (`proxy.sse.StreamMeter`): events relayed, the last usage seen. Pure, so a proxy worker
-    keeps one and sends `served()` to the gateway's process at the end."""
+    (`proxy.sse.StreamMeter`): events relayed, the last usage seen. Pure: no I/O, no clock."""
 
     __slots__ = ("final", "prompt_estimate", "relayed", "running", "usage")
 

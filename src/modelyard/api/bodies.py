@@ -27,19 +27,23 @@ async def read_body(request: web.Request, limits: LimitsConfig) -> bytes:
     limit, timeout = limits.max_body_bytes, limits.body_timeout
     if request.content_length is not None and request.content_length > limit:
         raise body_too_large(request.content_length, limit)
-    pieces: list[bytes] = []
-    size = 0
+    content = request.content
     try:
+        if content.is_eof():
+            # The whole body came with the head (the usual case): nothing to wait for.
+            body = content.read_nowait()
+            if len(body) > limit:
+                raise _larger_than(limit)
+            return body
+        pieces: list[bytes] = []
+        size = 0
         async with asyncio.timeout(timeout):
-            while piece := await request.content.readany():
+            while piece := await content.readany():
                 size += len(piece)
                 if size > limit:
-                    raise ApiError(
-                        413,
-                        f"request body is larger than the limit of {limit} bytes",
-                        "body_too_large",
-                    )
+                    raise _larger_than(limit)
                 pieces.append(piece)
+        return b"".join(pieces)
     except TimeoutError:
         raise ApiError(
             408,
@@ -51,7 +55,12 @@ async def read_body(request: web.Request, limits: LimitsConfig) -> bytes:
         raise ApiError(
             400, f"request body could not be read: {type(error).__name__}", "invalid_body"
         ) from None
-    return b"".join(pieces)
+
+
+def _larger_than(limit: int) -> ApiError:
+    return ApiError(
+        413, f"request body is larger than the limit of {limit} bytes", "body_too_large"
+    )
 
 
 def require_json_content_type(request: web.Request) -> None:

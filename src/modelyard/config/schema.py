@@ -346,15 +346,16 @@ class LimitsConfig(StrictModel):
     max_body_bytes: ByteSize = Field(
         default=4 * 1024 * 1024, description="request body limit (413 beyond)"
     )
-    # aiohttp's keep-alive timer does this job: bytes that trickle in do not push it back.
+    # aiohttp's keep-alive timer does this (api/http_layer.py): bytes that trickle in do not
+    # push it back, so a head sent a line at a time is cut off too.
     head_timeout: Duration = Field(
         default=15.0,
         gt=0,
-        description="a connection's time to send a whole request head, from its opening or the "
-        "end of its previous answer; an idle keep-alive connection is closed after it too",
+        description="a connection's time to send a whole request head, from its opening or "
+        "from the end of its previous answer; an idle keep-alive connection is closed after it",
     )
     body_timeout: Duration = Field(
-        default=60.0, gt=0, description="a request's time to send its whole body (408 beyond)"
+        default=60.0, gt=0, description="a request's time to send its whole body: a 408 after it"
     )
     max_queue: int = Field(default=512, ge=0, description="requests waiting across all models")
     max_queue_per_model: int = Field(
