@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -534,6 +535,45 @@ def _claim_gpu(args: argparse.Namespace, fraction: float = 1.0) -> None:
     fake_gpu.claim(directory, os.getpid(), per_gpu)
 
 
+def _vllm_start(args: argparse.Namespace) -> None:
+    """Print vLLM's start as it would, at its pace; go silent (and hang) if asked to."""
+    import vllm_log
+
+    began = time.monotonic()
+    for at, line in vllm_log.vllm_start_lines(args.vllm_start, download=args.download):
+        if args.silent_after is not None and at >= args.silent_after:
+            time.sleep(3600)  # alive, silent, never ready: a hung start
+        time.sleep(max(0.0, began + at - time.monotonic()))
+        print(line, flush=True)
+        if args.download_to and "%|" in line and ".safetensors" in line:
+            folder = Path(args.download_to) / "blobs"
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(folder / "shard.incomplete", "ab") as partial:
+                partial.write(b"\0" * 100_000)  # the download folder grows
+
+
+def _grow_quietly(folder: Path, seconds: float) -> None:
+    """A download that logs nothing: only its cache folder shows it goes on."""
+    (folder / "blobs").mkdir(parents=True, exist_ok=True)
+    ends = time.monotonic() + seconds
+    while time.monotonic() < ends:
+        with open(folder / "blobs" / "weights.incomplete", "ab") as partial:
+            partial.write(b"\0" * 1_000_000)
+        time.sleep(0.5)
+
+
+def _lie_forever() -> None:
+    """An engine whose log never stops claiming progress and never comes up: a download of
+    ever new files, each bar climbing, and a flood of other lines between them."""
+    step = 0
+    while True:
+        for _ in range(20):
+            print("INFO 12-07 03:00:00 [core.py:1] still working " + "x" * 500, flush=True)
+        print(f"shard-{step}.safetensors:  {step % 100}%|█| 1G/9G [00:01<00:09]", flush=True)
+        step += 1
+        time.sleep(0.05)
+
+
 async def _slow_exit(app: web.Application) -> None:
     # The port is closed by now; the process (and so its GPU memory) lingers, as a real
     # engine's does while CUDA tears down.
@@ -577,6 +617,32 @@ def main() -> None:
         type=float,
         default=0.0,
         help="seconds before the port opens (vLLM opens it only when ready)",
+    )
+    parser.add_argument(
+        "--vllm-start",
+        type=float,
+        default=0.0,
+        help="seconds of vLLM's own start log lines (tests/vllm_log.py) before the port opens",
+    )
+    parser.add_argument(
+        "--download", action="store_true", help="with --vllm-start: the weights download first"
+    )
+    parser.add_argument(
+        "--download-to", help="with --download: a folder that grows as the download goes"
+    )
+    parser.add_argument(
+        "--quiet-download",
+        type=float,
+        default=0.0,
+        help="with --download-to: S seconds of a growing folder and no log line at all",
+    )
+    parser.add_argument(
+        "--silent-after", type=float, default=None, help="print nothing more after S seconds"
+    )
+    parser.add_argument(
+        "--lying-log",
+        action="store_true",
+        help="never come up; print climbing download bars and other lines forever",
     )
     parser.add_argument("--crash-on-start", type=int, default=0, help="exit with this code")
     parser.add_argument("--hang-health", action="store_true")
@@ -628,6 +694,12 @@ def main() -> None:
         # The child carries the engine's --root in its argv, so a test finds it by its marker.
         subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)", args.root])
     time.sleep(args.bind_delay)
+    if args.lying_log:
+        _lie_forever()
+    if args.quiet_download:
+        _grow_quietly(Path(args.download_to), args.quiet_download)
+    if args.vllm_start:
+        _vllm_start(args)
     app = web.Application(
         middlewares=[wiretap, *([_require_api_key] if args.api_key else [])],
         client_max_size=64 * 1024 * 1024,  # vLLM takes long prompts; aiohttp's default is 1 MiB

@@ -18,6 +18,7 @@ from modelyard.auth.exposure import auth_mode, exposure_problem, open_route_warn
 from modelyard.client import call_gateway
 from modelyard.config import ConfigError, GatewayConfig
 from modelyard.config.checks import config_warnings, load_checked_config
+from modelyard.config.preflight import detected_gpus, preflight
 from modelyard.config.units import format_bytes
 from modelyard.engines import engine_kind
 from modelyard.observability import console as views
@@ -62,7 +63,21 @@ def _parser() -> argparse.ArgumentParser:
 
     check = verbs.add_parser("check", help="validate a config and print what would run")
     check.add_argument("-c", "--config", required=True)
+    check.add_argument(
+        "--skip-machine-checks",
+        action="store_true",
+        help="the config is for another machine (an image, a server): do not check this "
+        "machine's GPUs, engine programs and folders",
+    )
     check.set_defaults(run=_check)
+
+    pull = verbs.add_parser(
+        "pull", help="download a model's weights ahead of its first start (Hugging Face hub)"
+    )
+    pull.add_argument("model", help="a model of the config (with -c), or a hub name org/model")
+    pull.add_argument("-c", "--config", help="YAML config: its model's weights and engine env")
+    pull.add_argument("--revision", help="branch, tag or commit (default: main)")
+    pull.set_defaults(run=_pull)
 
     for verb, helptext in (("status", "models and their states, from a running gateway"),):
         command = verbs.add_parser(verb, help=helptext)
@@ -110,16 +125,25 @@ def _client_args(command: argparse.ArgumentParser) -> None:
     command.add_argument("--json", action="store_true", help="print raw JSON")
 
 
-def _load(path: str) -> GatewayConfig | None:
+def _load(path: str, machine_checks: bool = True) -> GatewayConfig | None:
+    """The config, or None after printing every problem (the schema's, then this machine's:
+    GPUs too small, programs missing), so one run shows them all."""
     try:
         config = load_checked_config(path)
     except ConfigError as error:
         for problem in error.problems:
             print(problem, file=sys.stderr)
         return None
-    for warning in config_warnings(path, config):
+    if not machine_checks:
+        for warning in config_warnings(path, config):
+            print(f"modelyard: warning: {warning}", file=sys.stderr)
+        return config
+    found = preflight(config, detected_gpus(config))
+    for warning in [*config_warnings(path, config), *(f"{path}: {w}" for w in found.warnings)]:
         print(f"modelyard: warning: {warning}", file=sys.stderr)
-    return config
+    for problem in found.errors:
+        print(f"{path}: {problem}", file=sys.stderr)
+    return None if found.errors else config
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -189,7 +213,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load(args.config, machine_checks=not args.skip_machine_checks)
     if config is None:
         return 1
     register_secrets(config.secret_values())
@@ -242,6 +266,25 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pull(args: argparse.Namespace) -> int:
+    from modelyard.weights.pull import PullError, pull, pull_request_for, pulled_bytes
+
+    config = None
+    if args.config is not None:
+        config = _load(args.config)
+        if config is None:
+            return 1
+    try:
+        request = pull_request_for(args.model, config, args.revision, os.environ)
+        print(f"modelyard: pulling {request.repo_id}", flush=True)
+        path = pull(request)
+    except PullError as error:
+        print(f"modelyard: {error}", file=sys.stderr)
+        return 1
+    print(f"modelyard: {request.repo_id}: {format_bytes(pulled_bytes(path))} in {path}")
+    return 0
+
+
 def _request(args: argparse.Namespace, method: str, path: str) -> Any:
     return call_gateway(args.url, args.key, method, path)
 
@@ -289,7 +332,19 @@ def _admin_action(args: argparse.Namespace) -> int:
     path = f"/admin/models/{args.model}/{args.verb}"
     if args.verb == "sleep" and args.level:
         path += f"?level={args.level}"
-    result = _request(args, "POST", path)
+    if args.verb == "load" and not args.json:
+        from modelyard.observability.load_view import follow_load
+
+        def model_status() -> dict[str, Any] | None:
+            status = call_gateway(args.url, args.key, "GET", "/gateway/status")
+            found = [m for m in status.get("models", []) if m.get("name") == args.model]
+            return found[0] if found else None
+
+        result = follow_load(
+            args.model, lambda: _request(args, "POST", path), model_status, Console()
+        )
+    else:
+        result = _request(args, "POST", path)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -102,6 +102,7 @@ def test_bad_configs_name_file_key_and_problem(document, expected):
 def test_check_command_prints_plan_and_rejects_bad_files(tmp_path: Path, capsys):
     good = tmp_path / "good.yaml"
     good.write_text(
+        "vllm:\n  executable: [/bin/true, serve]\n"
         "models:\n"
         "  coder:\n"
         "    engine: vllm\n"

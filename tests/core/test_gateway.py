@@ -63,7 +63,9 @@ async def test_engine_killed_mid_stream_then_restarted(gateway_factory):
         body = chat_body("chat", stream=True, fake_chunks=200, fake_chunk_delay=0.02)
         async with session.post(gateway.url + "/v1/chat/completions", json=body) as response:
             assert response.status == 200
-            await response.content.readline()
+            # Loading comments while the engine starts, then its first chunk.
+            while not (await response.content.readline()).startswith(b"data:"):
+                pass
             pid = gateway.status()["models"][0]["pid"]
             os.killpg(pid, signal.SIGKILL)
             rest = (await response.read()).decode()
@@ -84,7 +86,9 @@ async def test_client_disconnect_closes_upstream_request(tmp_path: Path) -> None
         async with aiohttp.ClientSession() as session:
             body = chat_body("chat", stream=True, fake_chunks=500, fake_chunk_delay=0.02)
             response = await session.post(gateway.url + "/v1/chat/completions", json=body)
-            await response.content.readline()
+            # Loading comments while the engine starts (if it is slow), then its first chunk.
+            while not (await response.content.readline()).startswith(b"data:"):
+                pass
             response.close()  # the client goes away mid-stream
         # The engine's own count of requests whose client went away (tests/fake_engine.py's
         # --report file, kept in memory by the in-process engine).

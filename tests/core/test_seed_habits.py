@@ -73,12 +73,13 @@ def test_check_warns_about_api_key_in_args_without_engine_api_key(tmp_path: Path
     config.write_text(
         yaml.safe_dump(
             {
+                "vllm": {"executable": ["/bin/true", "serve"]},  # `check` wants it there
                 "models": {
                     "coder": {
                         "model": "/srv/llm/coder",
                         "args": ["--api-key", "${env:VLLM_API_KEY:-x}"],
                     }
-                }
+                },
             }
         )
     )

@@ -52,6 +52,11 @@ NOT_RUN = {
     ("docs/deployment.md", "git pull"): (
         "a git pull of a release; its compose lines are resolved by tests/deploy/test_static.py"
     ),
+    ("docs/cold-starts.md", "modelyard pull coder -c modelyard.yaml"): (
+        "downloads from the Hugging Face hub, which tests cannot reach; tests/core/test_pull.py "
+        "runs `modelyard pull` for a config's model and for a hub name against a local server "
+        "that speaks the hub's download API"
+    ),
     ("docs/ray.md", "pip install 'modelyard[ray]'"): (
         "installs on the nodes of a cluster; make setup installs the same extra for tests/ray"
     ),

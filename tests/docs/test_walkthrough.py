@@ -89,6 +89,10 @@ def test_getting_started_and_the_cli_examples_as_written(tmp_path: Path) -> None
             "set -euo pipefail",
             "ip link set lo up",
             HELPERS,
+            # The reader has vLLM installed (the page's first line): `check` and `serve`
+            # refuse a config whose engine program is missing. No model starts here.
+            "mkdir -p engine-bin && printf '#!/bin/sh\\nexit 1\\n' > engine-bin/vllm",
+            'chmod +x engine-bin/vllm && export PATH="$PWD/engine-bin:$PATH"',
             "echo '== check and serve'",
             serving(block(GETTING_STARTED, "modelyard check").text),
             "echo '== config key'",

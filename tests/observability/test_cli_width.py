@@ -124,6 +124,7 @@ def test_events_fit_and_reasons_wrap_in_a_few_lines(width: int) -> None:
 def test_check_plan_fits_and_folds_long_names(tmp_path, width: int) -> None:
     config = {
         "state_dir": str(tmp_path / "state"),
+        "vllm": {"executable": ["/bin/true", "serve"]},  # `check` refuses a missing program
         "models": {
             LONG_NAME: {"model": "/srv/llm/weights/qwen2.5-coder-7b-instruct-gptq-int4",
                         "aliases": ["coder", "qwen-coder-7b"], "route": "/coding"},

@@ -130,7 +130,8 @@ async def test_busy_engine_is_never_evicted_and_its_stream_is_not_cut(
                 "fake_chunk_delay": 0.03,
             }
             async with session.post(gateway.url + "/v1/chat/completions", json=body) as stream:
-                await stream.content.readline()
+                while not (await stream.content.readline()).startswith(b"data:"):
+                    pass  # past any loading comments: the engine is streaming
                 status, _ = await ask(session, gateway.url, "c")
                 assert status == 200
                 text = (await stream.read()).decode()

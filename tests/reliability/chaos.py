@@ -81,6 +81,15 @@ async def classify(response: aiohttp.ClientResponse) -> tuple[str, str]:
                 return "ok", "stream"
             if '"code": "upstream_stream_broken"' in text:
                 return "clear_error", "upstream_stream_broken"
+            # A stream whose 200 went out with loading comments, then the start failed: its
+            # last event is the error, in OpenAI's shape.
+            last = text.rstrip().rsplit("\n", 1)[-1]
+            try:
+                event = json.loads(last.removeprefix("data: "))["error"]
+                if set(event) == ERROR_FIELDS:
+                    return "clear_error", str(event["code"])
+            except (ValueError, KeyError, TypeError):
+                pass
             return "lost", f"stream cut without an error event: {text[-200:]!r}"
         try:
             return ("ok", "json") if json.loads(text).get("choices") else ("lost", text[:200])

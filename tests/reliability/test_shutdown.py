@@ -32,7 +32,9 @@ async def test_shutdown_ends_a_long_stream_after_one_grace_with_a_final_error_ev
         session.post(gateway.url + "/v1/chat/completions", json=body) as response,
     ):
         assert response.status == 200
-        await response.content.readline()
+        # Loading comments while the engine starts, then its first chunk.
+        while not (await response.content.readline()).startswith(b"data:"):
+            pass
         began = time.monotonic()
         gateway.process.send_signal(15)
         async for raw in response.content:

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import json
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
@@ -37,7 +38,9 @@ from modelyard.api.bodies import (
 )
 from modelyard.api.engine_cards import engine_context_length
 from modelyard.api.errors import ApiError, unavailable, with_log_tail
+from modelyard.api.fallbacks import SERVED_BY_HEADER, fallback_for
 from modelyard.api.guards import canonical_of
+from modelyard.api.loading import LoadingStream, wants_loading_content
 from modelyard.api.model_routes import (
     MULTIPART_ROUTES,
     check_route,
@@ -60,7 +63,8 @@ from modelyard.proxy.sse import (
     rewrite_model_in_json,
 )
 from modelyard.scheduler.names import Target, UnknownModel
-from modelyard.scheduler.supervisor import ModelUnavailable
+from modelyard.scheduler.scheduler import EngineFor
+from modelyard.scheduler.supervisor import ModelState, ModelUnavailable
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)
 
@@ -130,14 +134,9 @@ async def proxy_multipart(
     return await _forward(
         request,
         gateway,
-        target,
+        _Forwarding(target, body, lambda: None, None, tokens, headers),
         path,
-        body,
         route_label(path),
-        lambda: None,
-        None,
-        tokens,
-        headers,
     )
 
 
@@ -247,35 +246,50 @@ async def proxy_json(
     the engine serves the model that was authorised."""
     _require(request, gateway, target)
     _require_path(request, gateway, target, path)
+    key_name = principal_of(request).name
     # The model's policy first: the reservation reads the max_tokens the engine will get.
     shaped = shape_body(gateway, principal_of(request), target, path, payload)
     # One reading of the body's options, for the decisions and the accounting alike.
-    tokens = TokenCount(
-        gateway, principal_of(request).name, target.model, read_options(path, payload, len(body))
-    )
-    tokens.reserve()  # 429 before any engine is started for it
+    options = read_options(path, payload, len(body))
     usage_added = ask_stream_for_usage(path, payload, supports_running_usage(gateway, target.model))
-    if payload.get("model") != target.upstream_name or usage_added or shaped.changed:
-        payload["model"] = target.upstream_name
-        body = json.dumps(payload).encode()
-    replacements = model_name_replacements(target.upstream_name, target.public_name)
 
-    def transformer() -> StreamTransformer | None:
-        # Usage is always read for the token metrics; the usage-only chunk that we asked
-        # for on the client's behalf is dropped, so the client sees the stream it asked for.
-        return StreamTransformer(
-            replacements,
-            capture_usage=True,
-            drop_usage_only_chunk=usage_added.final,
-            on_final_usage=tokens.count,
-            meter=tokens.served,
-            strip_progress_usage=usage_added.running,
-        )
+    def forwarding(chosen: Target) -> _Forwarding:
+        # A fallback is a request of its own for the key: reserved (or 429) before its engine
+        # is asked; the refused attempt's reservation was settled by its own finish.
+        tokens = TokenCount(gateway, key_name, chosen.model, options)
+        tokens.reserve()  # 429 before any engine is started for it
+        data = body
+        if payload.get("model") != chosen.upstream_name or usage_added or shaped.changed:
+            payload["model"] = chosen.upstream_name
+            data = json.dumps(payload).encode()
+        replacements = model_name_replacements(chosen.upstream_name, chosen.public_name)
 
-    rewrite = (lambda data: rewrite_model_in_json(data, replacements)) if replacements else None
+        def transformer() -> StreamTransformer | None:
+            # Usage is always read for the token metrics; the usage-only chunk that we asked
+            # for on the client's behalf is dropped, so the client sees the stream it asked for.
+            return StreamTransformer(
+                replacements,
+                capture_usage=True,
+                drop_usage_only_chunk=usage_added.final,
+                on_final_usage=tokens.count,
+                meter=tokens.served,
+                strip_progress_usage=usage_added.running,
+            )
+
+        def rewrite(data: bytes) -> bytes:
+            return rewrite_model_in_json(data, replacements)
+
+        return _Forwarding(chosen, data, transformer, rewrite if replacements else None, tokens)
+
     try:
         return await _forward(
-            request, gateway, target, path, body, route_label, transformer, rewrite, tokens
+            request,
+            gateway,
+            forwarding(target),
+            path,
+            route_label,
+            streamed=engine_reads_true(payload.get("stream")),
+            retarget=forwarding,
         )
     finally:
         after_request(gateway, target.model, shaped.keep_alive)
@@ -299,6 +313,7 @@ async def proxy_raw(
     target, body = _checked_raw_body(request, gateway, target, body)
     bare_path = path.split("?", 1)[0]
     payload = None
+    streamed = False
     if request.method == "POST" and body and looks_like_json_object(body):
         try:
             payload = json.loads(body)
@@ -313,6 +328,7 @@ async def proxy_raw(
     tokens.reserve()
     transformer: Any = lambda: None  # noqa: E731 - the unchanged case
     if isinstance(payload, dict) and engine_reads_true(payload.get("stream")):
+        streamed = True
         usage_added = ask_stream_for_usage(
             bare_path, payload, supports_running_usage(gateway, target.model)
         )
@@ -330,7 +346,12 @@ async def proxy_raw(
             )
 
     return await _forward(
-        request, gateway, target, path, body or None, route_label, transformer, None, tokens
+        request,
+        gateway,
+        _Forwarding(target, body or None, transformer, None, tokens),
+        path,
+        route_label,
+        streamed=streamed,
     )
 
 
@@ -380,18 +401,118 @@ def _checked_raw_body(
     return chosen, json.dumps(payload).encode()
 
 
+@dataclass
+class _Loading:
+    """The loading stream of one request, once one was opened."""
+
+    stream: LoadingStream | None = None
+
+
+@dataclass
+class _Forwarding:
+    """What goes to one engine for one request: the body naming its model, and how its
+    answer is read back (stream transformer, body rewrite, token count)."""
+
+    target: Target
+    body: bytes | None
+    transformer: Any
+    rewrite: Any
+    tokens: TokenCount
+    extra_headers: dict[str, str] | None = None  # e.g. a rewritten upload's Content-Type
+
+
 async def _forward(
     request: web.Request,
     gateway: Gateway,
-    target: Target,
+    first: _Forwarding,
     path: str,
-    body: bytes | None,
     route_label: str,
-    transformer: Any,
-    rewrite: Any,
-    tokens: TokenCount,
-    extra_headers: dict[str, str] | None = None,
+    *,
+    streamed: bool = False,
+    retarget: Callable[[Target], _Forwarding] | None = None,
 ) -> web.StreamResponse:
+    """Forward to the target's engine; when it is refused, to its first fallback that can
+    serve now (api/fallbacks.py). The refused attempt is recorded under its own model, with
+    its status, and the fallback's answer under the fallback."""
+    loading = _Loading()
+    try:
+        return await _forward_once(request, gateway, first, path, route_label, streamed, loading)
+    except ApiError as error:
+        chosen = None
+        client_here = request.transport is not None and not request.transport.is_closing()
+        if retarget is not None and client_here:
+            chosen = fallback_for(gateway, principal_of(request), first.target, error.code)
+        if chosen is not None and retarget is not None:
+            gateway.events.emit(
+                "fallback",
+                first.target.model,
+                f"refused ({error.code}): served by {chosen.model}",
+                fallback=chosen.model,
+                refusal=error.code,
+            )
+            try:
+                return await _forward_once(
+                    request,
+                    gateway,
+                    retarget(chosen),
+                    path,
+                    route_label,
+                    streamed,
+                    loading,
+                    served_by=chosen.public_name,
+                )
+            except ApiError as fallback_error:
+                error = fallback_error
+        if loading.stream is None or loading.stream.response is None:
+            raise error from None
+        # The client already has a 200 and loading comments: the error is the last event.
+        return await loading.stream.fail(error.message, error.code)
+
+
+async def _engine_for(
+    request: web.Request,
+    gateway: Gateway,
+    target: Target,
+    stack: contextlib.AsyncExitStack,
+    streamed: bool,
+    loading: _Loading,
+) -> tuple[EngineHandle, EngineFor]:
+    """The ready engine, and its hold (whose `lost` signal ends the request if the engine is
+    lost). A fair turn comes first (a model at its max_in_flight): a request waiting its turn
+    does not hold the engine, nor start one. A streamed request that must wait for a start or
+    wake waits with its headers sent and loading comments flowing (api/loading.py)."""
+    principal = principal_of(request)
+    turn = await take_turn(gateway, principal, target.model)
+    stack.callback(end_turn, gateway, turn)
+    context = gateway.scheduler.engine_for(target.model, principal.name)
+    if not streamed or gateway.scheduler.state_of(target.model) is ModelState.READY:
+        return await stack.enter_async_context(context), context
+    model = gateway.scheduler.model_config(target.model)
+    stream = LoadingStream(
+        request,
+        target.public_name,
+        lambda: gateway.scheduler.start_progress(target.model),
+        content=wants_loading_content(request, model.loading_content),
+        chat=request.path.endswith("/chat/completions"),
+    )
+    if loading.stream is not None:
+        stream.response = loading.stream.response  # a fallback's wait: the same stream goes on
+    loading.stream = stream
+    engine = await stream.hold(asyncio.ensure_future(stack.enter_async_context(context)))
+    return engine, context
+
+
+async def _forward_once(
+    request: web.Request,
+    gateway: Gateway,
+    forwarding: _Forwarding,
+    path: str,
+    route_label: str,
+    streamed_request: bool,
+    loading: _Loading,
+    served_by: str | None = None,
+) -> web.StreamResponse:
+    target, body, tokens = forwarding.target, forwarding.body, forwarding.tokens
     started = time.perf_counter()
     status = 500
     first_byte: float | None = None
@@ -404,13 +525,9 @@ async def _forward(
         if target.adapter is not None:
             gateway.lora_manager().check(target)  # a bad adapter never starts the engine
         async with contextlib.AsyncExitStack() as stack:
-            # A fair turn first (a model at its max_in_flight), then the engine: a request
-            # waiting its turn does not hold the engine, nor start one.
-            principal = principal_of(request)
-            turn = await take_turn(gateway, principal, target.model)
-            stack.callback(end_turn, gateway, turn)
-            held = gateway.scheduler.engine_for(target.model, principal.name)
-            engine = await stack.enter_async_context(held)
+            engine, held = await _engine_for(
+                request, gateway, target, stack, streamed_request, loading
+            )
             if target.adapter is not None:  # the adapter stays loaded while it serves
                 await stack.enter_async_context(gateway.lora_manager().use(target, engine))
             # Built from the canonical form: the engine decodes exactly the path that was
@@ -420,16 +537,19 @@ async def _forward(
                 engine.base_url + engine_path(path) + (f"?{query}" if query else ""),
                 encoded=True,
             )
-            headers = {**extra_headers, **engine.upstream_headers} if extra_headers else None
+            extra = forwarding.extra_headers
+            headers = {**extra, **engine.upstream_headers} if extra else engine.upstream_headers
             response, outcome = await gateway.upstream.forward(
                 request,
                 url,
                 body,
-                transformer,
-                rewrite,
+                forwarding.transformer,
+                forwarding.rewrite,
                 outcome,
-                headers or engine.upstream_headers,
+                headers,
                 lost=held.lost,  # a lost engine ends its requests at once
+                prepared=loading.stream.response if loading.stream else None,
+                answer_headers={SERVED_BY_HEADER: served_by} if served_by else None,
             )
             status, first_byte, streamed = outcome.status, outcome.first_byte_s, outcome.streamed
             if outcome.upstream_broke or outcome.engine_lost:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from modelyard.config.schema import GatewayConfig
 
@@ -69,6 +72,43 @@ def _location(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in loc if not str(part).startswith("function-"))
 
 
+def _section_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The settings class that holds the key at `loc` (None when the path leaves the schema)."""
+    section: type[BaseModel] = GatewayConfig
+    for part in loc[:-1]:
+        if str(part).startswith("function-"):
+            continue
+        field = section.model_fields.get(str(part))
+        if field is None:
+            # A name under `models:`, `groups:`: the mapping's key, not a setting.
+            continue
+        found = _model_class(field.annotation)
+        if found is None:
+            return None
+        section = found
+    return section
+
+
+def _model_class(annotation: object) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, dict, list):
+        for argument in reversed(typing.get_args(annotation)):  # dict[str, X]: X
+            found = _model_class(argument)
+            if found is not None:
+                return found
+    return None
+
+
+def _did_you_mean(loc: tuple[int | str, ...]) -> str:
+    section = _section_at(loc)
+    if section is None or not loc:
+        return ""
+    close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def parse_config(
     document: Any, source: str = "<config>", environ: Mapping[str, str] | None = None
 ) -> GatewayConfig:
@@ -93,7 +133,7 @@ def parse_config(
             where = _location(item["loc"]) or "(top level)"
             message = item["msg"].removeprefix("Value error, ")
             if item["type"] == "extra_forbidden":
-                message = "unknown setting"
+                message = "unknown setting" + _did_you_mean(item["loc"])
             messages.append(f"{source}: {where}: {message}")
         raise ConfigError(messages) from None
 

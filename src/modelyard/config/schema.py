@@ -153,7 +153,28 @@ class ModelConfig(StrictModel):
         default=None, description="stop (or sleep) after this long unused; 0 = never"
     )
     start_timeout: Duration | None = Field(
-        default=None, description="give up on a start after this long (503 to the waiters)"
+        default=None,
+        description="a start that shows no progress (log lines, weights downloaded) for this "
+        "long is killed as hung (503 to the waiters)",
+    )
+    start_timeout_max: Duration | None = Field(
+        default=None,
+        description="a start is killed after this long even while it shows progress",
+    )
+    fallbacks: list[str] = Field(
+        default_factory=list,
+        description="models that answer instead, first one able to serve now, when this one "
+        "is refused (cannot fit, start timeout, crash loop, remote down)",
+    )
+    fallback_may_evict: bool = Field(
+        default=False,
+        description="a fallback may evict other models to start; by default only a fallback "
+        "that is ready, or fits in free memory, serves",
+    )
+    loading_content: bool = Field(
+        default=False,
+        description="during a start, streamed chat answers also carry the loading progress as "
+        "text a person sees (SSE comments are always sent)",
     )
     stop_grace: Duration | None = Field(
         default=None, description="SIGTERM, then SIGKILL after this long"
@@ -466,7 +487,14 @@ class DefaultsConfig(StrictModel):
     idle_timeout: Duration = Field(
         default=600.0, description="stop (or sleep) an engine after this long unused; 0 = never"
     )
-    start_timeout: Duration = Field(default=300.0, description="give up on a start after this")
+    start_timeout: Duration = Field(
+        default=300.0, description="kill a start that shows no progress for this long"
+    )
+    start_timeout_max: Duration = Field(
+        default=3600.0,
+        description="kill a start after this long even while it shows progress (a download "
+        "that never ends, a log that lies)",
+    )
     prewarm: Literal["auto", "off"] = Field(
         default="off",
         description="auto: start a model before it is asked for when learned habits say so",
@@ -679,6 +707,14 @@ class GatewayConfig(StrictModel):
             for index in model.gpus or []:
                 if self.gpus is not None and index not in declared:
                     raise ValueError(f"model {name!r} asks for gpu {index}, which is not declared")
+        for name, model in self.models.items():
+            for fallback in model.fallbacks:
+                if fallback == name:
+                    raise ValueError(f"model {name!r} names itself as a fallback")
+                if fallback not in self.models:
+                    raise ValueError(
+                        f"model {name!r} names unknown model {fallback!r} as a fallback"
+                    )
         grouped: dict[str, str] = {}
         for group_name, group in self.groups.items():
             for member in group.members:

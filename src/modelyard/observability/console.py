@@ -22,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from modelyard.config.units import format_bytes
+from modelyard.observability.load_view import progress_line
 
 _KIND_STYLES = {
     "start": "cyan",
@@ -294,6 +295,10 @@ def print_status(console: Console, status: dict[str, Any], title: str) -> None:
         if with_gpus:
             row.append(",".join(str(g) for g in model.get("gpus") or []) or "-")
         note = str(failure.get("message") or "")
+        progress = model.get("progress")
+        if not note and isinstance(progress, dict):
+            # A start in progress: its phase and how far along (downloading 40 %, ...).
+            note = progress_line(model["name"], model).split(": ", 1)[1]
         if notes_in_table:
             row.append(note)
         elif note:

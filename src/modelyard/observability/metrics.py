@@ -166,6 +166,12 @@ class GatewayMetrics:
             per_model,
             registry=registry,
         )
+        self.fallbacks = Counter(
+            "modelyard_fallbacks",
+            "Requests for a refused model served by one of its fallbacks, by why it was refused.",
+            ["model", "fallback", "reason"],
+            registry=registry,
+        )
         self.start_duration = Histogram(
             "modelyard_start_duration_seconds",
             "Cold start time: from launching the engine until it answered its health check.",
@@ -248,6 +254,10 @@ class GatewayMetrics:
             self.prewarms.labels(model, outcome).inc()
             if outcome == "used" and event.duration_s:
                 self.prewarm_spared.labels(model).inc(event.duration_s)
+        if event.kind == "fallback":
+            fallback, reason = event.data.get("fallback"), event.data.get("refusal")
+            if isinstance(fallback, str) and isinstance(reason, str):
+                self.fallbacks.labels(model, fallback, reason).inc()
         if event.duration_s is None:
             return
         if event.kind == "ready":

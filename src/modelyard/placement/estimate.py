@@ -67,7 +67,7 @@ def weights_bytes(model: str, environ: Mapping[str, str] | None = None) -> int |
     """Size of a model's weights on disk: a file, a folder, or a name in the hub cache."""
     path = Path(model).expanduser()
     if not path.exists():
-        found = _hub_snapshot(model, os.environ if environ is None else environ)
+        found = hub_snapshot(model, os.environ if environ is None else environ)
         if found is None:
             return None
         path = found
@@ -97,7 +97,7 @@ def weights_bytes(model: str, environ: Mapping[str, str] | None = None) -> int |
     return total or None
 
 
-def _hub_snapshot(model: str, environ: Mapping[str, str]) -> Path | None:
+def hub_snapshot(model: str, environ: Mapping[str, str]) -> Path | None:
     """The local snapshot of a Hugging Face repo `org/name`, as the hub cache lays it out."""
     if model.count("/") != 1:
         return None

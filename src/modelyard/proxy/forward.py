@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -144,12 +145,17 @@ class UpstreamClient:
         outcome: ProxyOutcome | None = None,
         engine_headers: Mapping[str, str] | None = None,
         lost: asyncio.Future[str] | None = None,
+        prepared: web.StreamResponse | None = None,
+        answer_headers: Mapping[str, str] | None = None,
     ) -> tuple[web.StreamResponse, ProxyOutcome]:
         """Send the request to `url`; stream the answer back as it comes.
 
         `outcome` (filled in as it goes) tells a caller whose request was cancelled what
         had been sent already. `engine_headers` (the engine's own key) are added after the
-        client's credentials were stripped, so a client never sees or sets them.
+        client's credentials were stripped, so a client never sees or sets them. `prepared` is
+        an SSE response whose headers already went out (loading comments): the engine's
+        stream continues it, and an answer that is not a stream becomes its last event.
+        `answer_headers` are added to the answer (which model served it).
 
         `lost` (the held engine's loss signal, its result the reason) ends the exchange as
         soon as it completes: the engine is gone or declared gone, and its socket may never
@@ -160,7 +166,15 @@ class UpstreamClient:
         outcome = outcome if outcome is not None else ProxyOutcome()
         if lost is None:
             return await self._exchange(
-                request, url, body, transformer_for, rewrite_body, outcome, engine_headers
+                request,
+                url,
+                body,
+                transformer_for,
+                rewrite_body,
+                outcome,
+                engine_headers,
+                prepared=prepared,
+                answer_headers=answer_headers,
             )
         if lost.done():
             outcome.engine_lost = True
@@ -169,7 +183,16 @@ class UpstreamClient:
         lost.add_done_callback(watch.fire)
         try:
             return await self._exchange(
-                request, url, body, transformer_for, rewrite_body, outcome, engine_headers, watch
+                request,
+                url,
+                body,
+                transformer_for,
+                rewrite_body,
+                outcome,
+                engine_headers,
+                watch,
+                prepared,
+                answer_headers,
             )
         except asyncio.CancelledError:
             if watch.fired and watch.take_cancel():
@@ -189,6 +212,8 @@ class UpstreamClient:
         outcome: ProxyOutcome,
         engine_headers: Mapping[str, str] | None,
         watch: _LossWatch | None = None,
+        prepared: web.StreamResponse | None = None,
+        answer_headers: Mapping[str, str] | None = None,
     ) -> tuple[web.StreamResponse, ProxyOutcome]:
         started = time.perf_counter()
         headers = forward_headers(request.headers)
@@ -211,8 +236,17 @@ class UpstreamClient:
             content_type = upstream.headers.get("Content-Type", "")
             if content_type.startswith("text/event-stream"):
                 response = await self._stream(
-                    request, upstream, transformer_for(), outcome, started, watch
+                    request,
+                    upstream,
+                    transformer_for(),
+                    outcome,
+                    started,
+                    watch,
+                    prepared,
+                    answer_headers,
                 )
+            elif prepared is not None:
+                response = await self._answer_as_event(prepared, upstream, outcome, started)
             else:
                 try:
                     data = await upstream.read()
@@ -227,7 +261,9 @@ class UpstreamClient:
                     data = rewrite_body(data)
                 outcome.body = data
                 response = web.Response(
-                    body=data, status=upstream.status, headers=response_headers(upstream)
+                    body=data,
+                    status=upstream.status,
+                    headers={**response_headers(upstream), **(answer_headers or {})},
                 )
             outcome.status = upstream.status
             return response, outcome
@@ -252,6 +288,33 @@ class UpstreamClient:
             f"engine sent nothing for {self._read_timeout:g}s (limits.upstream_read_timeout)"
         )
 
+    async def _answer_as_event(
+        self,
+        prepared: web.StreamResponse,
+        upstream: aiohttp.ClientResponse,
+        outcome: ProxyOutcome,
+        started: float,
+    ) -> web.StreamResponse:
+        """An engine's JSON answer (an error, mostly) to a stream whose 200 went out already."""
+        try:
+            data = await upstream.read()
+        except (aiohttp.ClientError, TimeoutError) as error:
+            data = json.dumps({"error": {"message": describe(error)}}).encode()
+        outcome.first_byte_s = time.perf_counter() - started
+        outcome.body = data
+        outcome.streamed = True
+        if upstream.status < 400:
+            event = b"data: " + data.replace(b"\n", b"") + b"\n\ndata: [DONE]\n\n"
+        else:
+            message, code = _error_of(data, upstream.status)
+            event = error_event(message, code)
+        try:
+            await prepared.write(event)
+            await prepared.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            outcome.client_gone = True
+        return prepared
+
     async def _stream(
         self,
         request: web.Request,
@@ -260,14 +323,23 @@ class UpstreamClient:
         outcome: ProxyOutcome,
         started: float,
         watch: _LossWatch | None = None,
+        prepared: web.StreamResponse | None = None,
+        answer_headers: Mapping[str, str] | None = None,
     ) -> web.StreamResponse:
         outcome.streamed = True
-        response = web.StreamResponse(status=upstream.status, headers=response_headers(upstream))
-        response.headers["Cache-Control"] = "no-cache"
-        response.headers["X-Accel-Buffering"] = "no"  # tell nginx in front not to buffer
+        if prepared is not None:
+            response = prepared  # its headers (200, SSE) went out with the loading comments
+        else:
+            response = web.StreamResponse(
+                status=upstream.status,
+                headers={**response_headers(upstream), **(answer_headers or {})},
+            )
+            response.headers["Cache-Control"] = "no-cache"
+            response.headers["X-Accel-Buffering"] = "no"  # tell nginx in front not to buffer
         self._streams.add(upstream)
         try:
-            await response.prepare(request)
+            if prepared is None:
+                await response.prepare(request)
             outcome.status = upstream.status  # sent: a later hang-up does not change it
             async for chunk in upstream.content.iter_any():
                 if outcome.first_byte_s is None:
@@ -363,6 +435,18 @@ class _LossWatch:
         if self._alone is None:
             self._alone = self._task is None or self._task.uncancel() == 0
         return self._alone
+
+
+def _error_of(data: bytes, status: int) -> tuple[str, str]:
+    """The message and code of an engine's error body (OpenAI's shape or anything else)."""
+    try:
+        error = json.loads(data).get("error")
+    except (ValueError, AttributeError, RecursionError):
+        error = None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        code = error.get("code")
+        return error["message"], str(code if code is not None else status)
+    return f"the engine answered {status}: {data[:200].decode(errors='replace')}", str(status)
 
 
 def describe(error: BaseException) -> str:

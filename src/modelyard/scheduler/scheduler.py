@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -38,6 +39,8 @@ from modelyard.placement.coordinator import PlacementCoordinator
 from modelyard.placement.planning import Planning, UnmanagedGpus
 from modelyard.placement.policy import Action, Sleep
 from modelyard.runtime.remote import RETRY_AFTER_S as RETRY_REMOTE_S
+from modelyard.runtime.start_progress import ProgressView
+from modelyard.runtime.weights_cache import download_folder
 from modelyard.scheduler.core import (
     Arrived,
     CancelPreWarm,
@@ -175,6 +178,11 @@ class Scheduler:
             stop_grace=_pick(model.stop_grace, defaults.stop_grace),
             stable_after=defaults.crash_stable_after,
             max_backoff=defaults.crash_backoff_max,
+            start_timeout_max=_pick(model.start_timeout_max, defaults.start_timeout_max),
+            weights_folder=download_folder(
+                model.model if model.engine == "vllm" else None,
+                {**os.environ, **defaults.env, **model.env},
+            ),
         )
 
     def _index_names(self) -> None:
@@ -346,6 +354,34 @@ class Scheduler:
 
     def state_of(self, name: str) -> ModelState:
         return self._supervisors[name].state
+
+    def in_backoff(self, name: str) -> bool:
+        """The model failed and its next start waits out its crash back-off."""
+        return self._supervisors[name].backoff_remaining() > 0
+
+    def exclusive_peer_running(self, name: str) -> bool:
+        """Another member of the model's exclusive group holds an engine now."""
+        group = self.config.exclusive_group_of(name)
+        if group is None:
+            return False
+        members = self.config.groups[group].members
+        return any(
+            member != name
+            and member in self._supervisors
+            and self._supervisors[member].state not in (ModelState.STOPPED, ModelState.FAILED)
+            for member in members
+        )
+
+    def supervisor(self, name: str) -> ModelSupervisor:
+        return self._supervisors[name]
+
+    def now(self) -> float:
+        return self._clock()
+
+    def start_progress(self, name: str) -> ProgressView | None:
+        """The phase of the model's start in progress (downloading, loading weights, ...)."""
+        supervisor = self._supervisors.get(name)
+        return supervisor.start_view() if supervisor is not None else None
 
     def engine_of(self, name: str) -> EngineHandle | None:
         """The model's engine when it is ready (None otherwise)."""
@@ -862,6 +898,8 @@ class Scheduler:
             "in_flight": supervisor.in_flight,
             "queued": supervisor.waiting,
             "waiting_for_room": supervisor.placing,
+            # While starting: phase (downloading, loading weights, compiling), fraction, detail.
+            "progress": None if (view := supervisor.start_view()) is None else view.to_json(),
             "idle_s": supervisor.idle_for(now),
             "last_used_ago_s": None if supervisor.last_used is None else now - supervisor.last_used,
             "idle_timeout_s": supervisor.settings.idle_timeout,

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from modelyard.engines.base import LaunchSpec, MemoryBudget
@@ -28,6 +29,8 @@ from modelyard.lifecycle import (
 from modelyard.observability.events import EventBus
 from modelyard.runtime.process import EngineStartError
 from modelyard.runtime.remote import RemoteUnavailable
+from modelyard.runtime.start_progress import Phase, ProgressView, StartProgress
+from modelyard.runtime.weights_cache import folder_bytes
 
 log = logging.getLogger("modelyard.supervisor")
 
@@ -82,6 +85,16 @@ class SupervisorSettings:
     # After this many seconds of serving, a crash no longer counts as part of a crash loop.
     stable_after: float = 30.0
     max_backoff: float = 60.0
+    # A start that progresses may run past start_timeout, never past this (start_progress.py).
+    start_timeout_max: float = 3600.0
+    # The hub cache folder a first start downloads into: its growth is progress.
+    weights_folder: Path | None = None
+
+
+# How often a starting engine's download folder is measured.
+CACHE_POLL_S = 2.0
+# Waiters of a start that progresses wait this much past its deadline for its own verdict.
+WAITER_MARGIN_S = 1.0
 
 
 Clock = Callable[[], float]
@@ -168,6 +181,7 @@ class ModelSupervisor:
         self._launched_at: float | None = None  # when the start or wake really began
         # True while a start or wake waits for the scheduler's go: it holds nothing yet.
         self.placing = False
+        self.progress: StartProgress | None = None  # of the start in progress, if any
         self._state_changed = asyncio.Event()  # replaced at each change of state
         self.stopping_asleep = False  # STOPPING from SLEEPING: it holds its asleep size
         # Reloads that changed the engine, and the one the current engine was started under.
@@ -343,8 +357,18 @@ class ModelSupervisor:
             ModelState.STARTING,
             ModelState.WAKING,
         ):
+            if self.progress is not None and self.state is ModelState.STARTING:
+                # A start that progresses keeps its waiters (the deadline moves with it); the
+                # margin lets the start's own failure, which says why, reach them first.
+                return max(deadline, self.progress.deadline() + WAITER_MARGIN_S)
             return max(deadline, self._launched_at + self.settings.start_timeout)
         return deadline
+
+    def start_view(self) -> ProgressView | None:
+        """The phase and progress of the start in progress (None when not starting)."""
+        if self.progress is None or self.state is not ModelState.STARTING:
+            return None
+        return self.progress.view(self._clock())
 
     def _start_failed_error(self, error: Exception) -> ModelUnavailable:
         """What every waiter of a failed start gets: a clear error, always with Retry-After."""
@@ -403,6 +427,10 @@ class ModelSupervisor:
     def _timeout_error(self) -> ModelUnavailable:
         retry = max(1.0, round(self.timings.last_start_s or 5.0))
         what = "waiting for room to start" if self.placing else f"state: {self.state}"
+        progress = self.progress
+        if progress is not None and self.state is ModelState.STARTING:
+            # The start is being given up (no progress, or start_timeout_max): say why.
+            what = progress.failure_message(self._clock())
         return ModelUnavailable(
             f"model {self.name!r} was not ready within {self.settings.start_timeout:.0f}s "
             f"({what}); try again shortly",
@@ -545,7 +573,7 @@ class ModelSupervisor:
             self._expected_exit = False
             self.lost_signal = _loss_signal(engine)
             engine.exited.add_done_callback(self._exit_callback(engine))
-            await engine.wait_ready(started + self.settings.start_timeout)
+            await self._wait_ready(engine, started)
             ok = True
         except BaseException as error:
             await self._record_failed_start(engine, error, started)
@@ -559,6 +587,56 @@ class ModelSupervisor:
         self.state = ModelState.READY
         self.ready_since = self._clock()
         self._events.emit("ready", self.name, "started", took, port=engine.port)
+
+    async def _wait_ready(self, engine: EngineHandle, started: float) -> None:
+        """Wait while the start progresses: no progress for start_timeout is a hang, and no
+        start outlives start_timeout_max (runtime/start_progress.py)."""
+        settings = self.settings
+        progress = StartProgress(started, settings.start_timeout, settings.start_timeout_max)
+        self.progress = progress
+        phase = progress.phase
+
+        def on_line(line: str) -> None:
+            nonlocal phase
+            progress.observe_line(line, self._clock())
+            if progress.phase is not phase and progress.phase is not Phase.READY:
+                phase = progress.phase  # (ready is its own event, once health answers)
+                view = progress.view(self._clock())
+                self._events.emit(
+                    "start_progress",
+                    self.name,
+                    view.describe(),
+                    view.elapsed_s,
+                    phase=view.phase.label,
+                    fraction=view.fraction,
+                )
+
+        unsubscribe = engine.subscribe_log(on_line)
+        watch = _observed(asyncio.create_task(self._watch_download(progress)))
+        try:
+            while True:
+                try:
+                    await engine.wait_ready(progress.deadline())
+                    return
+                except EngineStartError as error:
+                    now = self._clock()
+                    if not error.timed_out or not progress.verdict(now).keep:
+                        if error.timed_out:
+                            error.args = (progress.failure_message(now),)
+                        raise
+                    # It progressed since: the deadline moved on, and so does the wait.
+        finally:
+            unsubscribe()
+            watch.cancel()
+
+    async def _watch_download(self, progress: StartProgress) -> None:
+        folder = self.settings.weights_folder
+        if folder is None:
+            return
+        while True:
+            size = await asyncio.to_thread(folder_bytes, folder)
+            progress.observe_cache_bytes(size, self._clock())
+            await asyncio.sleep(CACHE_POLL_S)
 
     async def _record_failed_start(
         self, engine: EngineHandle | None, error: BaseException, started: float

@@ -251,6 +251,19 @@ function renderModels(models) {
     if (model.failure && model.failure.message) {
       cells.state.append(el("span", "failure", model.failure.message));
     }
+    if (model.progress) {
+      // A start in progress: its phase, and a bar where the engine says how far along it is.
+      const progress = model.progress;
+      const phase = el("span", "start-phase", progress.phase + (progress.detail ? ` · ${progress.detail}` : ""));
+      cells.state.append(phase);
+      if (progress.fraction !== null && progress.fraction !== undefined) {
+        const bar = el("progress", "start-bar");
+        bar.max = 1;
+        bar.value = progress.fraction;
+        bar.title = `${Math.round(progress.fraction * 100)} %`;
+        cells.state.append(bar);
+      }
+    }
     row.dataset.state = model.state;
 
     const footprint = model.footprint_bytes;

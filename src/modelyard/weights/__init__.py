@@ -1,0 +1,1 @@
+"""Model weights on this machine: fetching them ahead of a start (`modelyard pull`)."""
