@@ -41,6 +41,7 @@ pytestmark = pytest.mark.container
 
 OVERRIDE = Path(__file__).with_name("compose.test.yaml")
 FAKE_ENGINE = Path(__file__).resolve().parents[1] / "fake_engine.py"
+VLLM_SHAPES = FAKE_ENGINE.with_name("vllm_shapes.py")  # imported by the test engine
 SERVICE = "gateway-cpu"
 ADMIN_KEY = generate_key()
 USER_KEY = generate_key()  # may use `chat` only
@@ -149,6 +150,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             env.write(f"BASE_IMAGE=local/python:bookworm\nMODELYARD_TEST_PORT={port}\n")
             env.write(f"MODELYARD_TEST_CONFIG={_write_config(folder, port, marker)}\n")
             env.write(f"MODELYARD_TEST_ENGINE={FAKE_ENGINE}\n")
+            env.write(f"MODELYARD_TEST_SHAPES={VLLM_SHAPES}\n")
             if cert is not None:
                 env.write(f"PIP_CERT_FILE={cert}\n")
         files = ["-p", f"myt{uuid.uuid4().hex[:6]}", "--env-file", str(env_file)]
