@@ -164,23 +164,13 @@ class UpstreamClient:
         event. The cost is one callback on the future, no task and no timer.
         """
         outcome = outcome if outcome is not None else ProxyOutcome()
-        if lost is None:
-            return await self._exchange(
-                request,
-                url,
-                body,
-                transformer_for,
-                rewrite_body,
-                outcome,
-                engine_headers,
-                prepared=prepared,
-                answer_headers=answer_headers,
-            )
-        if lost.done():
-            outcome.engine_lost = True
-            raise EngineLost(lost.result())
-        watch = _LossWatch(outcome)
-        lost.add_done_callback(watch.fire)
+        watch: _LossWatch | None = None
+        if lost is not None:
+            if lost.done():
+                outcome.engine_lost = True
+                raise EngineLost(lost.result())
+            watch = _LossWatch(outcome)
+            lost.add_done_callback(watch.fire)
         try:
             return await self._exchange(
                 request,
@@ -195,12 +185,13 @@ class UpstreamClient:
                 answer_headers,
             )
         except asyncio.CancelledError:
-            if watch.fired and watch.take_cancel():
+            if lost is not None and watch is not None and watch.fired and watch.take_cancel():
                 raise EngineLost(lost.result()) from None
             raise
         finally:
-            watch.live = False  # a callback already scheduled must not cancel what follows
-            lost.remove_done_callback(watch.fire)
+            if lost is not None and watch is not None:
+                watch.live = False  # a callback already scheduled must not cancel what follows
+                lost.remove_done_callback(watch.fire)
 
     async def _exchange(
         self,
