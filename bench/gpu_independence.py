@@ -19,9 +19,7 @@ import argparse
 import asyncio
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
@@ -29,27 +27,7 @@ if __package__ in (None, ""):
     _ROOT = Path(__file__).resolve().parents[1]
     sys.path[:0] = [str(_ROOT), str(_ROOT / "src")]
 
-from tests.harness import Behaviour, in_process_gateway
-
-CHAT = {"messages": [{"role": "user", "content": "hi"}]}
-
-
-def vllm(memory: str, gpu: int, **extra: Any) -> dict[str, Any]:
-    return {
-        "engine": "vllm",
-        "model": "/models/m",
-        "executable": ["vllm"],
-        "memory": memory,
-        "gpus": [gpu],
-        **extra,
-    }
-
-
-async def timed(session: aiohttp.ClientSession, url: str, model: str) -> tuple[int, float]:
-    began = time.monotonic()
-    async with session.post(url + "/v1/chat/completions", json={"model": model, **CHAT}) as reply:
-        await reply.read()
-        return reply.status, time.monotonic() - began
+from tests.harness import Behaviour, in_process_gateway, timed_chat, vllm_on_gpu
 
 
 async def measure(slow: str, seconds: float, start: float, after: float) -> dict[str, float]:
@@ -62,19 +40,19 @@ async def measure(slow: str, seconds: float, start: float, after: float) -> dict
             in_process_gateway(
                 Path(folder),
                 {
-                    "a": vllm("20GiB", 0, **({"sleep": 1} if slow == "sleep" else {})),
-                    "b": vllm("20GiB", 0),
-                    "c": vllm("10GiB", 1),
+                    "a": vllm_on_gpu("20GiB", 0, **({"sleep": 1} if slow == "sleep" else {})),
+                    "b": vllm_on_gpu("20GiB", 0),
+                    "c": vllm_on_gpu("10GiB", 1),
                 },
                 {"a": a, "c": Behaviour(ready_after=start)},
                 gpus=[{"index": 0, "memory": "24GiB"}, {"index": 1, "memory": "24GiB"}],
             ) as gateway,
             aiohttp.ClientSession() as session,
         ):
-            await timed(session, gateway.url, "a")
-            for_b = asyncio.ensure_future(timed(session, gateway.url, "b"))
+            await timed_chat(session, gateway.url, "a")
+            for_b = asyncio.ensure_future(timed_chat(session, gateway.url, "b"))
             await asyncio.sleep(after)
-            c_status, c_took = await timed(session, gateway.url, "c")
+            c_status, c_took = await timed_chat(session, gateway.url, "c")
             b_status, b_took = await for_b
     assert c_status == b_status == 200, (c_status, b_status)
     return {"c": c_took, "b": b_took}

@@ -683,6 +683,28 @@ def engine_model(**settings: Any) -> dict[str, Any]:
     return {"engine": "command", "command": ["in-process", "{port}"], **settings}
 
 
+def vllm_on_gpu(memory: str, gpu: int, **extra: Any) -> dict[str, Any]:
+    """A vLLM model entry pinned to one declared GPU, with its memory as given (the harness's
+    runtime starts its stand-in; no vLLM runs)."""
+    return {
+        "engine": "vllm",
+        "model": "/models/m",
+        "executable": ["vllm"],
+        "memory": memory,
+        "gpus": [gpu],
+        **extra,
+    }
+
+
+async def timed_chat(session: aiohttp.ClientSession, url: str, model: str) -> tuple[int, float]:
+    """One chat completion for `model`: its status and how long it took, in seconds."""
+    began = time.monotonic()
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+    async with session.post(url + "/v1/chat/completions", json=body) as response:
+        await response.read()
+        return response.status, time.monotonic() - began
+
+
 class GatewayServer(TestServer):
     """The app served as `modelyard serve` serves it (src/modelyard/server.py's `serve_app`,
     minus signals and TLS): aiohttp's server with the connection limits and OpenAI-shaped

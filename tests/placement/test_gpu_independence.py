@@ -29,34 +29,13 @@ from modelyard.placement.footprints import FootprintStore
 from modelyard.placement.inventory import DeclaredGpu, DeclaredInventory
 from modelyard.scheduler.scheduler import Scheduler
 from tests.fakes import FakeRuntime, FakeSleep
-from tests.harness import Behaviour, in_process_gateway
+from tests.harness import Behaviour, in_process_gateway, timed_chat, vllm_on_gpu
 
 pytestmark = pytest.mark.slow
 
 GIB = 1024**3
 SLOW = 4.0  # the eviction's slow part
-CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 TWO_GPUS = {"gpus": [{"index": 0, "memory": "24GiB"}, {"index": 1, "memory": "24GiB"}]}
-
-
-def vllm(memory: str, gpu: int, **extra: Any) -> dict[str, Any]:
-    return {
-        "engine": "vllm",
-        "model": "/models/m",
-        "executable": ["vllm"],
-        "memory": memory,
-        "gpus": [gpu],
-        **extra,
-    }
-
-
-async def timed(session: aiohttp.ClientSession, url: str, model: str) -> tuple[int, float]:
-    began = time.monotonic()
-    async with session.post(
-        url + "/v1/chat/completions", json={"model": model, **CHAT}
-    ) as response:
-        await response.read()
-        return response.status, time.monotonic() - began
 
 
 async def slow_eviction_then_other_gpu(
@@ -67,19 +46,19 @@ async def slow_eviction_then_other_gpu(
         in_process_gateway(
             tmp_path,
             {
-                "a": vllm("20GiB", 0, **a_settings),
-                "b": vllm("20GiB", 0),
-                "c": vllm("10GiB", 1),
+                "a": vllm_on_gpu("20GiB", 0, **a_settings),
+                "b": vllm_on_gpu("20GiB", 0),
+                "c": vllm_on_gpu("10GiB", 1),
             },
             {"a": a, "c": Behaviour(ready_after=0.5)},
             **TWO_GPUS,
         ) as gateway,
         aiohttp.ClientSession() as session,
     ):
-        assert (await timed(session, gateway.url, "a"))[0] == 200
-        for_b = asyncio.ensure_future(timed(session, gateway.url, "b"))
+        assert (await timed_chat(session, gateway.url, "a"))[0] == 200
+        for_b = asyncio.ensure_future(timed_chat(session, gateway.url, "b"))
         await asyncio.sleep(0.5)
-        c = await timed(session, gateway.url, "c")
+        c = await timed_chat(session, gateway.url, "c")
         b = await for_b
     return b, c
 
@@ -181,17 +160,17 @@ async def test_a_slow_wake_on_gpu_0_does_not_hold_a_start_on_gpu_1(tmp_path: Pat
     async with (
         in_process_gateway(
             tmp_path,
-            {"a": vllm("20GiB", 0, sleep=1), "c": vllm("10GiB", 1)},
+            {"a": vllm_on_gpu("20GiB", 0, sleep=1), "c": vllm_on_gpu("10GiB", 1)},
             {"a": Behaviour(wake_after=SLOW, sleep_mode=True), "c": Behaviour(ready_after=0.5)},
             **TWO_GPUS,
         ) as gateway,
         aiohttp.ClientSession() as session,
     ):
-        assert (await timed(session, gateway.url, "a"))[0] == 200
+        assert (await timed_chat(session, gateway.url, "a"))[0] == 200
         await gateway.gateway.scheduler.sleep("a", 1, "test")
-        for_a = asyncio.ensure_future(timed(session, gateway.url, "a"))
+        for_a = asyncio.ensure_future(timed_chat(session, gateway.url, "a"))
         await asyncio.sleep(0.5)
-        c = await timed(session, gateway.url, "c")
+        c = await timed_chat(session, gateway.url, "c")
         a = await for_a
     assert c[0] == 200, c
     assert c[1] < 2.0, c
