@@ -152,3 +152,26 @@ async def test_the_bound_across_all_models_holds_too() -> None:
     for slot in held:
         queues.release(slot)
     queues.release(await waiter)
+
+
+async def test_a_slot_freed_in_the_turn_a_waiter_hangs_up_goes_to_the_next_one() -> None:
+    """A client disconnects (its task is cancelled) and, before the cancelled waiter runs
+    again, another request ends: the slot must skip the leaver, not fail to grant it (this
+    raised InvalidStateError in the request that ended, at realistic timings in CI)."""
+    queues = FairQueues(FakeClock())
+    served = Served(queues)
+    served.send("chat", 1, "a")
+    served.send("chat", 1, "leaver")
+    served.send("chat", 1, "b")
+    await _settle()
+    assert served.order == ["a"]
+    served.tasks[1].cancel()
+    served.finish_oldest()  # same turn: the leaver's clean-up has not run yet
+    await _settle()
+    assert served.order == ["a", "b"]
+    assert served.tasks[1].cancelled()
+    assert queues.in_flight("chat") == 1
+    assert queues.waiting("chat") == 0
+    assert queues.counts()["chat"]["leaver"].waiting == 0
+    served.finish_oldest()
+    assert queues.in_flight("chat") == 0

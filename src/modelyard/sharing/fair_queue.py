@@ -249,6 +249,13 @@ class FairQueues:
             waiters.popleft()
             if not waiters:
                 del queue.waiters[chosen.key]
+            if chosen.granted.done():
+                # Its client left (the task was cancelled) and the waiter has not yet run
+                # its own clean-up: drop it here, so its slot goes to the next one.
+                queue.counts[chosen.key].waiting -= 1
+                if chosen.key not in queue.waiters:
+                    queue.finish_tags.pop(chosen.key, None)
+                continue
             queue.virtual_time = max(queue.virtual_time, chosen.start_tag)
             counts = queue.counts[chosen.key]
             counts.waiting -= 1
