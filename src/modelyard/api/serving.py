@@ -8,7 +8,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NoReturn
 
 from aiohttp import web
 from yarl import URL
@@ -40,6 +40,7 @@ from modelyard.api.engine_cards import engine_context_length
 from modelyard.api.errors import ApiError, unavailable, with_log_tail
 from modelyard.api.fallbacks import SERVED_BY_HEADER, fallback_for
 from modelyard.api.guards import canonical_of
+from modelyard.api.liveness import first_byte_guard, lost_after_refusal
 from modelyard.api.loading import LoadingStream, wants_loading_content
 from modelyard.api.model_routes import (
     MULTIPART_ROUTES,
@@ -56,7 +57,14 @@ from modelyard.lifecycle import EngineHandle
 from modelyard.lora.manager import AdapterError
 from modelyard.observability.requests import CLIENT_CLOSED_REQUEST
 from modelyard.proxy.canonical import engine_path
-from modelyard.proxy.forward import EngineLost, ProxyOutcome, UpstreamError, UpstreamTimeout
+from modelyard.proxy.forward import (
+    EngineLost,
+    EngineUnreachable,
+    FirstByteTimeout,
+    ProxyOutcome,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from modelyard.proxy.sse import (
     StreamTransformer,
     model_name_replacements,
@@ -436,7 +444,17 @@ async def _forward(
     its status, and the fallback's answer under the fallback."""
     loading = _Loading()
     try:
-        return await _forward_once(request, gateway, first, path, route_label, streamed, loading)
+        try:
+            return await _forward_once(
+                request, gateway, first, path, route_label, streamed, loading
+            )
+        except _SendAgain as again:
+            # Its engine was lost before it saw the request: once more, on the engine the
+            # model has now (a fresh start, or another replica).
+            gateway.events.emit("resent", first.target.model, again.reason)
+            return await _forward_once(
+                request, gateway, first, path, route_label, streamed, loading, resent=True
+            )
     except ApiError as error:
         chosen = None
         client_here = request.transport is not None and not request.transport.is_closing()
@@ -511,6 +529,7 @@ async def _forward_once(
     streamed_request: bool,
     loading: _Loading,
     served_by: str | None = None,
+    resent: bool = False,
 ) -> web.StreamResponse:
     target, body, tokens = forwarding.target, forwarding.body, forwarding.tokens
     started = time.perf_counter()
@@ -550,9 +569,12 @@ async def _forward_once(
                 lost=held.lost,  # a lost engine ends its requests at once
                 prepared=loading.stream.response if loading.stream else None,
                 answer_headers={SERVED_BY_HEADER: served_by} if served_by else None,
+                first_byte=first_byte_guard(gateway, target.model, engine),
             )
             status, first_byte, streamed = outcome.status, outcome.first_byte_s, outcome.streamed
-            if outcome.upstream_broke or outcome.engine_lost:
+            if outcome.first_byte_timed_out:
+                status = 504  # a 200 header, then an error event: counted as a timeout
+            elif outcome.upstream_broke or outcome.engine_lost:
                 status = 502  # the client got a 200 header, then an error event
             elif outcome.client_gone:
                 client_gone = True
@@ -578,29 +600,31 @@ async def _forward_once(
     except EngineLost as lost:
         status = 503
         raise _engine_lost(request, gateway, target.model, str(lost)) from None
+    except EngineUnreachable as error:
+        status = 503
+        if gateway.scheduler.is_remote(target.model):
+            await _forget_remote(request, gateway, target.model, error)
+        assert engine is not None
+        if await lost_after_refusal(gateway, target.model, engine):
+            if not resent:
+                raise _SendAgain(f"its engine was lost before it saw a request ({error})") from None
+            raise _engine_lost(request, gateway, target.model, str(error)) from None
+        # Alive, as far as one check tells: the client comes back in a moment, never a bare
+        # 502 for a request that no engine saw.
+        raise ApiError(
+            503,
+            f"model {target.model!r}: its engine refused the connection ({error}); retry",
+            "engine_unreachable",
+            retry_after=1.0,
+        ) from None
     except UpstreamError as error:
         # 504 for an engine that sent nothing in time (the watchdog counts these as signs of
         # a hung engine), 502 for one that could not be reached or broke off.
         timed_out = isinstance(error, UpstreamTimeout)
         status = 504 if timed_out else 502
         if not timed_out and gateway.scheduler.is_remote(target.model):
-            # Not ours to restart: forget the connection (the next request, or the
-            # gateway's own check, connects again) and tell the client to come back.
             status = 503
-            await gateway.scheduler.forget_remote(
-                target.model, f"unreachable while serving: {error}"
-            )
-            raise ApiError(
-                503,
-                with_log_tail(
-                    f"model {target.model!r}: the remote engine is not answering ({error}); "
-                    "retry later",
-                    [],
-                    principal_of(request).admin,
-                ),
-                "remote_unavailable",
-                retry_after=5.0,
-            ) from None
+            await _forget_remote(request, gateway, target.model, error)
         await gateway.scheduler.notice_exit(target.model, timeout=1.0)
         if not timed_out and engine is not None and engine.exited.done():
             # Its socket broke before its exit was reported: the same loss, the same answer.
@@ -608,10 +632,13 @@ async def _forward_once(
             raise _engine_lost(request, gateway, target.model, "its engine exited") from None
         failure = gateway.scheduler.failure_of(target.model)
         tail = failure.log_tail if failure else []
+        code = "upstream_timeout" if timed_out else "upstream_error"
+        if isinstance(error, FirstByteTimeout):
+            code = "upstream_first_byte_timeout"
         raise ApiError(
             status,
             with_log_tail(f"model {target.model!r}: {error}", tail, principal_of(request).admin),
-            "upstream_timeout" if timed_out else "upstream_error",
+            code,
         ) from None
     finally:
         finish(
@@ -627,6 +654,32 @@ async def _forward_once(
             usage=usage,
             client_gone=client_gone,
         )
+
+
+class _SendAgain(Exception):
+    """The request's engine was lost before it saw the request: it may be sent once more."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def _forget_remote(
+    request: web.Request, gateway: Gateway, model: str, error: UpstreamError
+) -> NoReturn:
+    """A remote engine unreachable while serving. Not ours to restart: forget the connection
+    (the next request, or the gateway's own check, connects again); the client comes back."""
+    await gateway.scheduler.forget_remote(model, f"unreachable while serving: {error}")
+    raise ApiError(
+        503,
+        with_log_tail(
+            f"model {model!r}: the remote engine is not answering ({error}); retry later",
+            [],
+            principal_of(request).admin,
+        ),
+        "remote_unavailable",
+        retry_after=5.0,
+    ) from None
 
 
 def _engine_lost(request: web.Request, gateway: Gateway, model: str, why: str) -> ApiError:

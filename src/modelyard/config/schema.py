@@ -465,6 +465,17 @@ class LimitsConfig(StrictModel):
     upstream_read_timeout: Duration = Field(
         default=600.0, description="longest silence from an engine within one answer"
     )
+    # Above a long prefill (a 100k-token prompt takes tens of seconds) plus vLLM's own queue:
+    # passing it costs a health check, and only an engine that fails that check loses the
+    # request, so a slow but live engine (an answer that is not streamed) is never cut.
+    upstream_first_byte_timeout: Duration = Field(
+        default=60.0,
+        gt=0,
+        description="wait for an engine's first byte (the answer's headers, a stream's first "
+        "chunk); past it the engine's health is checked, and a request on an engine that does "
+        "not answer the check ends with 504 (a frozen engine or node); a live engine keeps "
+        "it, up to upstream_read_timeout",
+    )
     shutdown_grace: Duration = Field(
         default=30.0, description="on SIGTERM, how long requests in flight may finish"
     )

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -51,10 +53,35 @@ class UpstreamTimeout(UpstreamError):
     """The engine sent nothing within the read timeout; a 504, and a sign it may be hung."""
 
 
+class FirstByteTimeout(UpstreamTimeout):
+    """The engine sent no byte of its answer within the first-byte timeout, and did not pass
+    the liveness check that followed: a frozen engine (a stopped process, a node gone
+    silent) ends the request now, not at the read timeout."""
+
+
+class EngineUnreachable(UpstreamError):
+    """The engine refused the connection, or dropped it before any byte of an answer: the
+    request never started there (or died with it), so it may be sent again."""
+
+
 class EngineLost(UpstreamError):
     """The engine was declared lost (it crashed, was stopped as hung, a remote engine was
     declared down, its node was lost) before anything of its answer reached the client: the
     caller may still refuse the request cleanly (503 with Retry-After)."""
+
+
+@dataclass(frozen=True)
+class FirstByteGuard:
+    """A request's bound on the wait for its engine's first byte (the answer's headers, and
+    a stream's first chunk). When it passes, `check` asks whether the engine is alive (its
+    liveness check, shared by the requests that wait on it); a live engine keeps the request
+    (a long prefill, a long answer that is not streamed), one that does not answer ends it."""
+
+    timeout: float
+    check: Callable[[], Awaitable[bool]]
+
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -71,6 +98,9 @@ class ProxyOutcome:
     # The engine was declared lost while this request was on it (see `EngineLost`); a
     # stream already begun got a final error event.
     engine_lost: bool = False
+    # A begun stream (loading comments) whose engine sent nothing within the first-byte
+    # timeout and failed its liveness check: it got a final error event.
+    first_byte_timed_out: bool = False
     body: bytes | None = None  # the non-streamed response body, for usage accounting
     usage: dict[str, int] = field(default_factory=dict)
 
@@ -147,6 +177,7 @@ class UpstreamClient:
         lost: asyncio.Future[str] | None = None,
         prepared: web.StreamResponse | None = None,
         answer_headers: Mapping[str, str] | None = None,
+        first_byte: FirstByteGuard | None = None,
     ) -> tuple[web.StreamResponse, ProxyOutcome]:
         """Send the request to `url`; stream the answer back as it comes.
 
@@ -162,6 +193,9 @@ class UpstreamClient:
         say so (a remote host gone silent, a lost node, a hung engine). Before anything
         reached the client that is `EngineLost`; a stream already begun gets a final error
         event. The cost is one callback on the future, no task and no timer.
+
+        `first_byte` bounds the wait for the engine's first byte (see `FirstByteGuard`):
+        `FirstByteTimeout` before anything reached the client, an error event after.
         """
         outcome = outcome if outcome is not None else ProxyOutcome()
         watch: _LossWatch | None = None
@@ -183,6 +217,7 @@ class UpstreamClient:
                 watch,
                 prepared,
                 answer_headers,
+                first_byte,
             )
         except asyncio.CancelledError:
             if lost is not None and watch is not None and watch.fired and watch.take_cancel():
@@ -205,22 +240,32 @@ class UpstreamClient:
         watch: _LossWatch | None = None,
         prepared: web.StreamResponse | None = None,
         answer_headers: Mapping[str, str] | None = None,
+        first_byte: FirstByteGuard | None = None,
     ) -> tuple[web.StreamResponse, ProxyOutcome]:
         started = time.perf_counter()
         headers = forward_headers(request.headers)
         if engine_headers:
             headers.update(engine_headers)
         try:
-            upstream = await self.session.request(
-                request.method,
-                url,
-                data=body,
-                headers=headers,
-                allow_redirects=False,
-                timeout=self._client_timeout,
+            upstream = await _within_first_byte(
+                self.session.request(
+                    request.method,
+                    url,
+                    data=body,
+                    headers=headers,
+                    allow_redirects=False,
+                    timeout=self._client_timeout,
+                ),
+                first_byte,
+                started,
             )
+        except FirstByteTimeout:
+            raise
         except TimeoutError as error:
             raise self._timeout(error) from error
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as error:
+            # Refused, or closed before a byte of the answer: nothing was served.
+            raise EngineUnreachable(f"engine unreachable: {describe(error)}") from error
         except aiohttp.ClientError as error:
             raise UpstreamError(f"engine unreachable: {describe(error)}") from error
         try:
@@ -235,6 +280,7 @@ class UpstreamClient:
                     watch,
                     prepared,
                     answer_headers,
+                    first_byte,
                 )
             elif prepared is not None:
                 response = await self._answer_as_event(prepared, upstream, outcome, started)
@@ -264,6 +310,7 @@ class UpstreamClient:
                 or outcome.upstream_broke
                 or outcome.cut_by_gateway
                 or outcome.engine_lost
+                or outcome.first_byte_timed_out
             ):
                 upstream.close()  # drop the connection so the engine stops generating
             else:
@@ -316,6 +363,7 @@ class UpstreamClient:
         watch: _LossWatch | None = None,
         prepared: web.StreamResponse | None = None,
         answer_headers: Mapping[str, str] | None = None,
+        first_byte: FirstByteGuard | None = None,
     ) -> web.StreamResponse:
         outcome.streamed = True
         if prepared is not None:
@@ -332,7 +380,7 @@ class UpstreamClient:
             if prepared is None:
                 await response.prepare(request)
             outcome.status = upstream.status  # sent: a later hang-up does not change it
-            async for chunk in upstream.content.iter_any():
+            async for chunk in _chunks(upstream, first_byte, started):
                 if outcome.first_byte_s is None:
                     outcome.first_byte_s = time.perf_counter() - started
                 if transformer is not None:
@@ -367,6 +415,14 @@ class UpstreamClient:
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             outcome.client_gone = True
             raise
+        except FirstByteTimeout as error:
+            # The 200 went out with the engine's headers: the stream ends with an error event.
+            outcome.first_byte_timed_out = True
+            try:
+                await response.write(error_event(str(error), "upstream_first_byte_timeout"))
+            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                outcome.client_gone = True
+                return response
         except (aiohttp.ClientError, TimeoutError) as error:
             # The engine died or hung mid-stream: end the stream with an error event so the
             # client sees a clear failure instead of a silent truncation.
@@ -395,6 +451,45 @@ class UpstreamClient:
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             outcome.client_gone = True
         return response
+
+
+async def _within_first_byte(
+    work: Awaitable[_T], guard: FirstByteGuard | None, started: float
+) -> _T:
+    """`work` (the wait for the answer's headers, or a stream's first chunk), bounded by the
+    guard: past its timeout the engine's liveness check runs while the work goes on; an
+    engine that fails it ends the work (its connection closed: a frozen engine that thaws
+    later answers no one) with `FirstByteTimeout`."""
+    if guard is None:
+        return await work
+    task = asyncio.ensure_future(work)
+    try:
+        remaining = guard.timeout - (time.perf_counter() - started)
+        done, _ = await asyncio.wait({task}, timeout=max(remaining, 0.0))
+        if not done and not await guard.check() and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            raise FirstByteTimeout(
+                f"the engine sent nothing within {guard.timeout:g}s "
+                "(limits.upstream_first_byte_timeout) and did not answer its liveness check"
+            )
+        return await task
+    except asyncio.CancelledError:
+        task.cancel()  # the client left, or the engine was declared lost
+        raise
+
+
+async def _chunks(
+    upstream: aiohttp.ClientResponse, guard: FirstByteGuard | None, started: float
+) -> AsyncIterator[bytes]:
+    """The stream's chunks as they come, the first one within the first-byte guard."""
+    first = await _within_first_byte(upstream.content.readany(), guard, started)
+    if not first:
+        return
+    yield first
+    async for chunk in upstream.content.iter_any():
+        yield chunk
 
 
 class _LossWatch:

@@ -27,7 +27,7 @@ from modelyard.lifecycle import (
     check_transition,
 )
 from modelyard.observability.events import EventBus
-from modelyard.runtime.process import EngineStartError
+from modelyard.runtime.process import EngineStartError, ExitInfo
 from modelyard.runtime.remote import RemoteUnavailable
 from modelyard.runtime.start_progress import Phase, ProgressView, StartProgress
 from modelyard.runtime.weights_cache import folder_bytes
@@ -528,7 +528,17 @@ class ModelSupervisor:
     async def _start(self) -> None:
         try:
             await self._start_once()
-        except Exception:
+        except Exception as error:
+            if isinstance(error, EngineStartError) and error.node_lost:
+                # The start went to a node that was lost meanwhile (planned on before its
+                # loss was known): the node is out of the plan now, so once more, elsewhere.
+                self._events.emit(
+                    "node_lost_retry",
+                    self.name,
+                    f"its node was lost during the start; starting it once more elsewhere: {error}",
+                )
+                await self._start_once()
+                return
             tail = self.failure.log_tail if self.failure else []
             if self._placement.out_of_memory is None or not _looks_out_of_memory(tail):
                 raise
@@ -653,9 +663,10 @@ class ModelSupervisor:
         tail = error.log_tail if isinstance(error, EngineStartError) else []
         tail = list(tail or (engine.log_tail(20) if engine else []))
         self.failure = Failure(str(error), exit_code, tail, self._clock())
-        if not isinstance(error, RemoteUnavailable):
+        node_lost = isinstance(error, EngineStartError) and error.node_lost
+        if not isinstance(error, RemoteUnavailable) and not node_lost:
             # A remote engine that is down is not a crash loop of ours: no back-off, the
-            # next request checks it again.
+            # next request checks it again. Nor is a start whose node was lost under it.
             self.failed_starts += 1
         self.state = ModelState.FAILED
         self._events.emit(
@@ -823,8 +834,16 @@ class ModelSupervisor:
             return  # wait_ready sees the exit and reports it with the start error
         code = engine.exit_code()
         tail = engine.log_tail(20)
+        exit_info = engine.exited.result()
+        with_node = isinstance(exit_info, ExitInfo) and exit_info.node_lost
         self._record_engine_lost(
-            f"engine for {self.name!r} exited unexpectedly (exit code {code})", code, tail
+            f"engine for {self.name!r} was lost with its node"
+            if with_node
+            else f"engine for {self.name!r} exited unexpectedly (exit code {code})",
+            code,
+            tail,
+            # A lost node is not a crash of the engine: no crash-loop count, no back-off.
+            crash=not with_node,
         )
         assert self.failure is not None
         self._events.emit(

@@ -1,0 +1,35 @@
+"""What a request does when its engine seems gone: a frozen engine (no first byte in time)
+or one that refuses the connection gets a liveness check now, not at the next interval."""
+
+from __future__ import annotations
+
+from modelyard.gateway import Gateway
+from modelyard.lifecycle import EngineHandle
+from modelyard.proxy.forward import FirstByteGuard
+
+# How long a request waits for a dying engine's exit to be reported after its connection
+# was refused (the kernel closes a killed process's sockets before it is reaped).
+EXIT_NOTICE_S = 1.0
+
+
+def first_byte_guard(gateway: Gateway, model: str, engine: EngineHandle) -> FirstByteGuard:
+    """The bound on the wait for `engine`'s first byte, with its liveness check; without a
+    watchdog, an engine silent that long counts as not answering."""
+    watchdog = gateway.watchdog
+
+    async def check() -> bool:
+        return watchdog is not None and await watchdog.check_now(model, engine)
+
+    return FirstByteGuard(gateway.config.limits.upstream_first_byte_timeout, check)
+
+
+async def lost_after_refusal(gateway: Gateway, model: str, engine: EngineHandle) -> bool:
+    """The engine refused a connection (or dropped it before answering): whether it is gone
+    for sure, its exit reported or its loss declared. It is checked now either way, and a
+    check that fails counts toward declaring it hung."""
+    await gateway.scheduler.notice_exit(model, timeout=EXIT_NOTICE_S)
+    if engine.exited.done():
+        return True
+    if gateway.watchdog is not None:
+        await gateway.watchdog.check_now(model, engine)
+    return engine.exited.done() or gateway.scheduler.engine_of(model) is not engine
