@@ -606,11 +606,11 @@ async def _forward_once(
             await _forget_remote(request, gateway, target.model, error)
         assert engine is not None
         if await lost_after_refusal(gateway, target.model, engine):
-            if not resent:
+            if error.refused and not resent:
                 raise _SendAgain(f"its engine was lost before it saw a request ({error})") from None
             raise _engine_lost(request, gateway, target.model, str(error)) from None
         # Alive, as far as one check tells: the client comes back in a moment, never a bare
-        # 502 for a request that no engine saw.
+        # 502 for a request that no engine answered.
         raise ApiError(
             503,
             f"model {target.model!r}: its engine refused the connection ({error}); retry",

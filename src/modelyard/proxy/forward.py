@@ -60,8 +60,12 @@ class FirstByteTimeout(UpstreamTimeout):
 
 
 class EngineUnreachable(UpstreamError):
-    """The engine refused the connection, or dropped it before any byte of an answer: the
-    request never started there (or died with it), so it may be sent again."""
+    """The engine refused the connection (`refused`: it never saw the request, which may be
+    sent again), or dropped it before any byte of an answer (it may have begun it)."""
+
+    def __init__(self, message: str, refused: bool) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class EngineLost(UpstreamError):
@@ -264,8 +268,11 @@ class UpstreamClient:
         except TimeoutError as error:
             raise self._timeout(error) from error
         except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as error:
-            # Refused, or closed before a byte of the answer: nothing was served.
-            raise EngineUnreachable(f"engine unreachable: {describe(error)}") from error
+            # Refused, or closed before a byte of the answer: nothing reached the client.
+            raise EngineUnreachable(
+                f"engine unreachable: {describe(error)}",
+                refused=isinstance(error, aiohttp.ClientConnectorError),
+            ) from error
         except aiohttp.ClientError as error:
             raise UpstreamError(f"engine unreachable: {describe(error)}") from error
         try:
