@@ -125,8 +125,8 @@ class EngineWatchdog:
     async def check_now(self, name: str, engine: EngineHandle) -> bool:
         """Check `engine` now, on a request's behalf; True if it answered its health check.
 
-        The check counts like a periodic one (enough failures in a row declare it hung,
-        without holding up the request that asked). An engine that is no longer the model's
+        The check counts like a periodic one: when its failure makes enough in a row, the
+        engine is declared hung before this returns (its stop goes on in the background). An engine that is no longer the model's
         ready engine counts as not answering: it was lost or stopped meanwhile.
         """
         if self._scheduler.engine_of(name) is not engine:
@@ -143,10 +143,14 @@ class EngineWatchdog:
         if self._scheduler.engine_of(name) is not engine:
             return False
         if self._count_check(name, engine, healthy):
+            # The verdict's stop takes the engine's stop grace: the request does not wait
+            # for it, only for the engine to be declared (no longer the model's engine).
             task = asyncio.ensure_future(self._declare_hung(name, engine.pid, self._why()))
             self._verdicts.add(task)
             task.add_done_callback(self._verdicts.discard)
             task.add_done_callback(_log_failure)
+            while self._scheduler.engine_of(name) is engine and not task.done():
+                await asyncio.sleep(0.01)
         return healthy
 
     def _count_check(self, name: str, engine: EngineHandle, healthy: bool) -> bool:
