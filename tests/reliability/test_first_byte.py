@@ -13,6 +13,7 @@ requests at a time (`--max-num-seqs 4`) at a fixed token rate (one chunk per 50 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -22,6 +23,7 @@ import aiohttp
 
 from tests.conftest import fake_model
 from tests.reliability.test_engine_faults import events, post_with_headers
+from tests.reliability.test_engine_lost import stream_until_first_chunk
 
 FIRST_BYTE_S = 3.0
 # The periodic check is far away (60 s): any verdict within a test came from a request's own
@@ -69,6 +71,11 @@ async def test_requests_on_a_frozen_engine_end_at_the_first_byte_timeout(gateway
     async with aiohttp.ClientSession() as session:
         assert (await post_with_headers(session, url, chat("chat")))[0] == 200
         pid = gateway.status()["models"][0]["pid"]
+        # A stream under way (a chunk each 50 ms, 20 s in all) when the engine freezes.
+        begun, first_chunk = await stream_until_first_chunk(
+            session, url, chat("chat", stream=True, fake_chunks=400, fake_chunk_delay=0.05), {}
+        )
+        await asyncio.wait_for(first_chunk.wait(), 10)
         os.kill(pid, signal.SIGSTOP)  # the engine freezes: connections open, nothing answers
         frozen = time.monotonic()
         try:
@@ -81,9 +88,10 @@ async def test_requests_on_a_frozen_engine_end_at_the_first_byte_timeout(gateway
             )
             results = await asyncio.wait_for(asyncio.gather(*plain), FIRST_BYTE_S + 10)
             (stream_status, stream_text), stream_end = await asyncio.wait_for(streamed, 10)
+            begun_status, begun_text, begun_end = await asyncio.wait_for(begun, 10)
         finally:
             os.kill(pid, signal.SIGCONT)  # a no-op once the verdict's SIGKILL took it
-        ends = [end - frozen for _, end in results] + [stream_end - frozen]
+        ends = [end - frozen for _, end in results] + [stream_end - frozen, begun_end - frozen]
         print("frozen engine: requests ended after " + ", ".join(f"{t:.2f}s" for t in ends))
         for (status, body, _, headers), _end in results:
             # Its own failed check ends it with 504; the verdict that follows (one failure is
@@ -94,6 +102,10 @@ async def test_requests_on_a_frozen_engine_end_at_the_first_byte_timeout(gateway
             if status == 503:
                 assert int(headers["Retry-After"]) >= 1
         assert stream_status in (503, 504), stream_text
+        # The stream already begun ends with an error event in OpenAI's shape.
+        assert begun_status == 200
+        error = json.loads(begun_text.strip().split("\n\n")[-1].removeprefix("data: "))["error"]
+        assert error["code"] in ("upstream_timeout", "engine_lost"), error
         assert max(ends) < FIRST_BYTE_S + 2, ends  # the bound
         # The request's check found it dead: stopped as hung (its stop takes the 2 s grace:
         # a stopped process ignores SIGTERM), long before the periodic check at 60 s.
@@ -142,7 +154,8 @@ async def test_a_refused_connection_is_checked_and_resent_to_a_fresh_engine(gate
         assert gateway.status()["models"][0]["pid"] != first["pid"]
         assert [e["model"] for e in await events(session, gateway, "hung")] == ["chat"]
         resent = await events(session, gateway, "resent")
-        assert len(resent) == 1 and "ClientConnectorError" in resent[0]["reason"]
+        assert len(resent) == 1
+        assert "ClientConnectorError" in resent[0]["reason"]
 
 
 async def test_a_refused_connection_before_a_verdict_is_a_503_to_retry(gateway_factory):

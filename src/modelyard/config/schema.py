@@ -472,8 +472,9 @@ class LimitsConfig(StrictModel):
         default=60.0,
         gt=0,
         description="wait for an engine's first byte (the answer's headers, a stream's first "
-        "chunk); past it the engine's health is checked, and a request on an engine that does "
-        "not answer the check ends with 504 (a frozen engine or node); a live engine keeps "
+        "chunk, and any later silence of a stream as long); past it the engine's health is "
+        "checked, and a request on an engine that does not answer the check ends (504, or an "
+        "error event in a stream already begun): a frozen engine or node; a live engine keeps "
         "it, up to upstream_read_timeout",
     )
     shutdown_grace: Duration = Field(

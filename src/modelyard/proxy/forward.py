@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -383,11 +383,16 @@ class UpstreamClient:
             response.headers["Cache-Control"] = "no-cache"
             response.headers["X-Accel-Buffering"] = "no"  # tell nginx in front not to buffer
         self._streams.add(upstream)
+        stall: _StallWatch | None = None
         try:
             if prepared is None:
                 await response.prepare(request)
             outcome.status = upstream.status  # sent: a later hang-up does not change it
-            async for chunk in _chunks(upstream, first_byte, started):
+            if first_byte is not None:
+                stall = _StallWatch(first_byte, outcome, started)
+            async for chunk in upstream.content.iter_any():
+                if stall is not None:
+                    stall.heard()
                 if outcome.first_byte_s is None:
                     outcome.first_byte_s = time.perf_counter() - started
                 if transformer is not None:
@@ -402,6 +407,14 @@ class UpstreamClient:
                 if tail:
                     await response.write(tail)
         except asyncio.CancelledError:
+            if stall is not None and stall.fired and stall.take_cancel():
+                # Silent past the bound, and its engine failed its liveness check.
+                outcome.first_byte_timed_out = True
+                try:
+                    await response.write(error_event(stall.message(), "upstream_timeout"))
+                except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                    outcome.client_gone = True
+                return response
             if watch is None or not watch.fired or not watch.take_cancel():
                 outcome.client_gone = True
                 raise
@@ -422,14 +435,6 @@ class UpstreamClient:
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             outcome.client_gone = True
             raise
-        except FirstByteTimeout as error:
-            # The 200 went out with the engine's headers: the stream ends with an error event.
-            outcome.first_byte_timed_out = True
-            try:
-                await response.write(error_event(str(error), "upstream_first_byte_timeout"))
-            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-                outcome.client_gone = True
-                return response
         except (aiohttp.ClientError, TimeoutError) as error:
             # The engine died or hung mid-stream: end the stream with an error event so the
             # client sees a clear failure instead of a silent truncation.
@@ -449,6 +454,8 @@ class UpstreamClient:
                 outcome.client_gone = True
                 return response
         finally:
+            if stall is not None:
+                stall.close()
             self._streams.discard(upstream)
             self._cut.discard(upstream)
         if transformer is not None:
@@ -487,16 +494,77 @@ async def _within_first_byte(
         raise
 
 
-async def _chunks(
-    upstream: aiohttp.ClientResponse, guard: FirstByteGuard | None, started: float
-) -> AsyncIterator[bytes]:
-    """The stream's chunks as they come, the first one within the first-byte guard."""
-    first = await _within_first_byte(upstream.content.readany(), guard, started)
-    if not first:
-        return
-    yield first
-    async for chunk in upstream.content.iter_any():
-        yield chunk
+class _StallWatch:
+    """The first-byte bound on a stream once its headers came: its first chunk, and any
+    later silence as long (a node frozen mid-stream), get the engine's liveness check; a
+    failed check cancels the request's task, told apart by `fired` as `_LossWatch` does.
+
+    One timer per bound's length, not per chunk: each chunk only notes the time."""
+
+    __slots__ = (
+        "_check",
+        "_guard",
+        "_handle",
+        "_loop",
+        "_task",
+        "alone",
+        "fired",
+        "last",
+        "live",
+    )
+
+    def __init__(self, guard: FirstByteGuard, outcome: ProxyOutcome, started: float) -> None:
+        self._guard = guard
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        # From the request's start (perf_counter) to the loop's clock.
+        self.last = self._loop.time() - (time.perf_counter() - started)
+        self.fired = False
+        self.live = True
+        self.alone: bool | None = None
+        self._check: asyncio.Future[None] | None = None
+        self._handle = self._loop.call_at(self.last + guard.timeout, self._due)
+
+    def heard(self) -> None:
+        self.last = self._loop.time()
+
+    def _due(self) -> None:
+        if not self.live:
+            return
+        quiet_until = self.last + self._guard.timeout
+        if self._loop.time() < quiet_until:
+            self._handle = self._loop.call_at(quiet_until, self._due)
+            return
+        self._check = asyncio.ensure_future(self._ask())
+
+    async def _ask(self) -> None:
+        alive = await self._guard.check()
+        if not self.live:
+            return
+        if alive or self._loop.time() - self.last < self._guard.timeout:
+            self._handle = self._loop.call_later(self._guard.timeout, self._due)
+            return
+        if self._task is not None:
+            self.fired = True
+            self._task.cancel()
+
+    def message(self) -> str:
+        return (
+            f"the engine sent nothing for {self._guard.timeout:g}s "
+            "(limits.upstream_first_byte_timeout) and did not answer its liveness check"
+        )
+
+    def take_cancel(self) -> bool:
+        """Undo our cancellation; False when the task was also cancelled for another reason."""
+        if self.alone is None:
+            self.alone = self._task is None or self._task.uncancel() == 0
+        return self.alone
+
+    def close(self) -> None:
+        self.live = False
+        self._handle.cancel()
+        if self._check is not None and not self._check.done():
+            self._check.cancel()
 
 
 class _LossWatch:
