@@ -216,12 +216,26 @@ class RayEngine:
         self._stopping = True
         self._mirror.cancel()  # its long poll would hold the last catch-up for a second
         if self.alive:
+            call = asyncio.ensure_future(
+                asyncio.wait_for(self._actor.stop.remote(grace), grace + 15.0)
+            )
+            # A node declared lost meanwhile (a frozen node never answers the call) ends the
+            # stop: the engine is gone with it, or is ended with its actor if the node thaws.
+            watched: set[asyncio.Future[Any]] = {call, self.exited}
             try:
-                code = await asyncio.wait_for(self._actor.stop.remote(grace), grace + 15.0)
-                await self._catch_up_log()
-            except Exception as error:  # the actor or node is gone: so is the engine
-                self.log.append(f"[modelyard] stop: actor unreachable ({type(error).__name__})")
-                code = None
+                await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+            code = None
+            if call.done():
+                try:
+                    code = call.result()
+                    await self._catch_up_log()
+                except Exception as error:  # the actor or node is gone: so is the engine
+                    self.log.append(f"[modelyard] stop: actor unreachable ({type(error).__name__})")
+            else:
+                call.cancel()
             self._gone(code)
         end_actor(self._actor)
         self._waiter.cancel()
