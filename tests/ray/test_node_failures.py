@@ -217,5 +217,6 @@ def test_a_killed_node_costs_only_its_requests_in_flight(cluster, gateways, tmp_
     print(f"killed node: served elsewhere {took:.2f}s after the kill ({statuses})")
     kinds = [e["kind"] for e in events(gateway) if e["model"] in ("a", None)]
     assert "node_lost" in kinds
-    assert "start_failed" not in kinds  # a start sent to the dead node was tried elsewhere
+    # A start sent to the dead node before its loss was known is tried again elsewhere.
+    assert kinds.count("start_failed") == kinds.count("node_lost_retry")
     print(f"killed node: in flight {sorted(status for status, *_ in results)}, events {kinds}")

@@ -126,8 +126,9 @@ class EngineWatchdog:
         """Check `engine` now, on a request's behalf; True if it answered its health check.
 
         The check counts like a periodic one: when its failure makes enough in a row, the
-        engine is declared hung before this returns (its stop goes on in the background). An engine that is no longer the model's
-        ready engine counts as not answering: it was lost or stopped meanwhile.
+        engine is declared hung before this returns (its stop goes on in the background).
+        An engine that is no longer the model's ready engine counts as not answering: it was
+        lost or stopped meanwhile.
         """
         if self._scheduler.engine_of(name) is not engine:
             return False
