@@ -63,10 +63,16 @@ async def until_events(
 
 
 async def test_requests_on_a_frozen_engine_end_at_the_first_byte_timeout(gateway_factory):
-    limits = {**SLOW_PERIODIC_CHECKS, "health_check_failures": 1}
-    gateway = gateway_factory(
-        {"chat": fake_model("chat", "--max-num-seqs", "4", stop_grace="2s")}, limits=limits
+    # The model's own bound wins over the gateway's (60 s here).
+    limits = {
+        **SLOW_PERIODIC_CHECKS,
+        "health_check_failures": 1,
+        "upstream_first_byte_timeout": "60s",
+    }
+    model = fake_model(
+        "chat", "--max-num-seqs", "4", stop_grace="2s", first_byte_timeout=f"{FIRST_BYTE_S:g}s"
     )
+    gateway = gateway_factory({"chat": model}, limits=limits)
     url = gateway.url + "/v1/chat/completions"
     async with aiohttp.ClientSession() as session:
         assert (await post_with_headers(session, url, chat("chat")))[0] == 200

@@ -20,7 +20,9 @@ def first_byte_guard(gateway: Gateway, model: str, engine: EngineHandle) -> Firs
     async def check() -> bool:
         return watchdog is not None and await watchdog.check_now(model, engine)
 
-    return FirstByteGuard(gateway.config.limits.upstream_first_byte_timeout, check)
+    config = gateway.config.models.get(model)  # gone if a reload removed it meanwhile
+    own = config.first_byte_timeout if config is not None else None
+    return FirstByteGuard(own or gateway.config.limits.upstream_first_byte_timeout, check)
 
 
 async def lost_after_refusal(gateway: Gateway, model: str, engine: EngineHandle) -> bool:

@@ -179,6 +179,12 @@ class ModelConfig(StrictModel):
     stop_grace: Duration | None = Field(
         default=None, description="SIGTERM, then SIGKILL after this long"
     )
+    first_byte_timeout: Duration | None = Field(
+        default=None,
+        gt=0,
+        description="this model's limits.upstream_first_byte_timeout (a model with long "
+        "prompts on a slow GPU prefills longer than most)",
+    )
     max_model_len: int | None = Field(
         default=None, ge=1, description="vLLM's --max-model-len (wins over defaults)"
     )

@@ -834,8 +834,7 @@ class ModelSupervisor:
             return  # wait_ready sees the exit and reports it with the start error
         code = engine.exit_code()
         tail = engine.log_tail(20)
-        exit_info = engine.exited.result()
-        with_node = isinstance(exit_info, ExitInfo) and exit_info.node_lost
+        with_node = _lost_with_node(engine)
         self._record_engine_lost(
             f"engine for {self.name!r} was lost with its node"
             if with_node
@@ -887,6 +886,8 @@ class ModelSupervisor:
                     f"engine for {self.name!r} was hung and has been stopped: {reason}",
                     code,
                     tail,
+                    # Its node was declared lost meanwhile: that, not the engine, was at fault.
+                    crash=not _lost_with_node(engine),
                 )
                 self._events.emit(
                     "hung", self.name, reason, exit_code=code, log_tail=tail[-10:], pid=engine.pid
@@ -937,6 +938,14 @@ _OOM_MARKERS = (
 def _looks_out_of_memory(log_tail: list[str]) -> bool:
     text = "\n".join(log_tail).lower()
     return any(marker in text for marker in _OOM_MARKERS)
+
+
+def _lost_with_node(engine: EngineHandle) -> bool:
+    """Whether the engine is gone with its node (a Ray node lost): no crash of its own."""
+    if not engine.exited.done():
+        return False
+    info = engine.exited.result()
+    return isinstance(info, ExitInfo) and info.node_lost
 
 
 def _loss_signal(engine: EngineHandle) -> asyncio.Future[str]:
