@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -83,9 +81,6 @@ class FirstByteGuard:
 
     timeout: float
     check: Callable[[], Awaitable[bool]]
-
-
-_T = TypeVar("_T")
 
 
 @dataclass
@@ -250,20 +245,55 @@ class UpstreamClient:
         headers = forward_headers(request.headers)
         if engine_headers:
             headers.update(engine_headers)
+        silence = _SilenceWatch(first_byte) if first_byte is not None else None
         try:
-            upstream = await _within_first_byte(
-                self.session.request(
-                    request.method,
-                    url,
-                    data=body,
-                    headers=headers,
-                    allow_redirects=False,
-                    timeout=self._client_timeout,
-                ),
-                first_byte,
+            return await self._exchange_watched(
+                request,
+                url,
+                body,
+                headers,
+                transformer_for,
+                rewrite_body,
+                outcome,
                 started,
+                watch,
+                prepared,
+                answer_headers,
+                silence,
             )
-        except FirstByteTimeout:
+        finally:
+            if silence is not None:
+                silence.close()
+
+    async def _exchange_watched(
+        self,
+        request: web.Request,
+        url: str | URL,
+        body: bytes | None,
+        headers: dict[str, str],
+        transformer_for: Callable[[], StreamTransformer | None],
+        rewrite_body: Callable[[bytes], bytes] | None,
+        outcome: ProxyOutcome,
+        started: float,
+        watch: _LossWatch | None,
+        prepared: web.StreamResponse | None,
+        answer_headers: Mapping[str, str] | None,
+        silence: _SilenceWatch | None,
+    ) -> tuple[web.StreamResponse, ProxyOutcome]:
+        try:
+            upstream = await self.session.request(
+                request.method,
+                url,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+                timeout=self._client_timeout,
+            )
+        except asyncio.CancelledError:
+            if silence is not None and silence.fired and silence.take_cancel():
+                # Cancelling the request closed its connection: a frozen engine that thaws
+                # later answers no one.
+                raise FirstByteTimeout(silence.message()) from None
             raise
         except TimeoutError as error:
             raise self._timeout(error) from error
@@ -277,7 +307,15 @@ class UpstreamClient:
             raise UpstreamError(f"engine unreachable: {describe(error)}") from error
         try:
             content_type = upstream.headers.get("Content-Type", "")
-            if content_type.startswith("text/event-stream"):
+            streamed = content_type.startswith("text/event-stream")
+            if silence is not None:
+                # The headers came: a stream's chunks stay watched; the body of any other
+                # answer follows its headers and has the read timeout.
+                if streamed:
+                    silence.heard()
+                else:
+                    silence.close()
+            if streamed:
                 response = await self._stream(
                     request,
                     upstream,
@@ -287,7 +325,7 @@ class UpstreamClient:
                     watch,
                     prepared,
                     answer_headers,
-                    first_byte,
+                    silence,
                 )
             elif prepared is not None:
                 response = await self._answer_as_event(prepared, upstream, outcome, started)
@@ -370,7 +408,7 @@ class UpstreamClient:
         watch: _LossWatch | None = None,
         prepared: web.StreamResponse | None = None,
         answer_headers: Mapping[str, str] | None = None,
-        first_byte: FirstByteGuard | None = None,
+        stall: _SilenceWatch | None = None,
     ) -> web.StreamResponse:
         outcome.streamed = True
         if prepared is not None:
@@ -383,13 +421,10 @@ class UpstreamClient:
             response.headers["Cache-Control"] = "no-cache"
             response.headers["X-Accel-Buffering"] = "no"  # tell nginx in front not to buffer
         self._streams.add(upstream)
-        stall: _StallWatch | None = None
         try:
             if prepared is None:
                 await response.prepare(request)
             outcome.status = upstream.status  # sent: a later hang-up does not change it
-            if first_byte is not None:
-                stall = _StallWatch(first_byte, outcome, started)
             async for chunk in upstream.content.iter_any():
                 if stall is not None:
                     stall.heard()
@@ -455,7 +490,7 @@ class UpstreamClient:
                 return response
         finally:
             if stall is not None:
-                stall.close()
+                stall.close()  # what follows (the end of the stream) is not watched
             self._streams.discard(upstream)
             self._cut.discard(upstream)
         if transformer is not None:
@@ -467,39 +502,14 @@ class UpstreamClient:
         return response
 
 
-async def _within_first_byte(
-    work: Awaitable[_T], guard: FirstByteGuard | None, started: float
-) -> _T:
-    """`work` (the wait for the answer's headers, or a stream's first chunk), bounded by the
-    guard: past its timeout the engine's liveness check runs while the work goes on; an
-    engine that fails it ends the work (its connection closed: a frozen engine that thaws
-    later answers no one) with `FirstByteTimeout`."""
-    if guard is None:
-        return await work
-    task = asyncio.ensure_future(work)
-    try:
-        remaining = guard.timeout - (time.perf_counter() - started)
-        done, _ = await asyncio.wait({task}, timeout=max(remaining, 0.0))
-        if not done and not await guard.check() and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-            raise FirstByteTimeout(
-                f"the engine sent nothing within {guard.timeout:g}s "
-                "(limits.upstream_first_byte_timeout) and did not answer its liveness check"
-            )
-        return await task
-    except asyncio.CancelledError:
-        task.cancel()  # the client left, or the engine was declared lost
-        raise
+class _SilenceWatch:
+    """The first-byte bound of one exchange: the wait for the answer's headers, a stream's
+    first chunk, and any later silence of the stream as long (a node frozen mid-stream) get
+    the engine's liveness check; a failed check cancels the request's task, told apart by
+    `fired` as `_LossWatch` does (its connection is closed with it).
 
-
-class _StallWatch:
-    """The first-byte bound on a stream once its headers came: its first chunk, and any
-    later silence as long (a node frozen mid-stream), get the engine's liveness check; a
-    failed check cancels the request's task, told apart by `fired` as `_LossWatch` does.
-
-    One timer per bound's length, not per chunk: each chunk only notes the time."""
+    One timer per bound's length, not per chunk, and no task unless the bound passes: each
+    chunk only notes the time."""
 
     __slots__ = (
         "_check",
@@ -513,12 +523,11 @@ class _StallWatch:
         "live",
     )
 
-    def __init__(self, guard: FirstByteGuard, outcome: ProxyOutcome, started: float) -> None:
+    def __init__(self, guard: FirstByteGuard) -> None:
         self._guard = guard
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
-        # From the request's start (perf_counter) to the loop's clock.
-        self.last = self._loop.time() - (time.perf_counter() - started)
+        self.last = self._loop.time()
         self.fired = False
         self.live = True
         self.alone: bool | None = None
