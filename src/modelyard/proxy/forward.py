@@ -74,10 +74,11 @@ class EngineLost(UpstreamError):
 
 @dataclass(frozen=True)
 class FirstByteGuard:
-    """A request's bound on the wait for its engine's first byte (the answer's headers, and
-    a stream's first chunk). When it passes, `check` asks whether the engine is alive (its
-    liveness check, shared by the requests that wait on it); a live engine keeps the request
-    (a long prefill, a long answer that is not streamed), one that does not answer ends it."""
+    """A request's bound on the wait for its engine's first byte (the answer's headers, a
+    stream's first chunk, and any later silence of a stream as long). When it passes,
+    `check` asks whether the engine is alive (its liveness check, shared by the requests
+    that wait on it); a live engine keeps the request (a long prefill, a long answer that is
+    not streamed), one that does not answer ends it."""
 
     timeout: float
     check: Callable[[], Awaitable[bool]]
@@ -97,8 +98,8 @@ class ProxyOutcome:
     # The engine was declared lost while this request was on it (see `EngineLost`); a
     # stream already begun got a final error event.
     engine_lost: bool = False
-    # A begun stream (loading comments) whose engine sent nothing within the first-byte
-    # timeout and failed its liveness check: it got a final error event.
+    # A stream whose engine went silent for the first-byte timeout and then failed its
+    # liveness check: the client had its 200, and got a final error event.
     first_byte_timed_out: bool = False
     body: bytes | None = None  # the non-streamed response body, for usage accounting
     usage: dict[str, int] = field(default_factory=dict)
@@ -193,8 +194,8 @@ class UpstreamClient:
         reached the client that is `EngineLost`; a stream already begun gets a final error
         event. The cost is one callback on the future, no task and no timer.
 
-        `first_byte` bounds the wait for the engine's first byte (see `FirstByteGuard`):
-        `FirstByteTimeout` before anything reached the client, an error event after.
+        `first_byte` bounds the engine's silences (see `FirstByteGuard`): `FirstByteTimeout`
+        before anything reached the client, a final error event in a stream.
         """
         outcome = outcome if outcome is not None else ProxyOutcome()
         watch: _LossWatch | None = None
