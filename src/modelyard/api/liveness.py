@@ -13,12 +13,12 @@ EXIT_NOTICE_S = 1.0
 
 
 def first_byte_guard(gateway: Gateway, model: str, engine: EngineHandle) -> FirstByteGuard:
-    """The bound on the wait for `engine`'s first byte, with its liveness check; without a
-    watchdog, an engine silent that long counts as not answering."""
+    """The bound on the wait for `engine`'s first byte, with its liveness check (without a
+    watchdog, which every served gateway has, nothing is checked and nothing cut)."""
     watchdog = gateway.watchdog
 
     async def check() -> bool:
-        return watchdog is not None and await watchdog.check_now(model, engine)
+        return watchdog is None or await watchdog.check_now(model, engine)
 
     config = gateway.config.models.get(model)  # gone if a reload removed it meanwhile
     own = config.first_byte_timeout if config is not None else None
