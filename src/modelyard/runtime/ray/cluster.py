@@ -324,18 +324,18 @@ class RayCluster:
                 lost.set_result(f"node {node.ip if node else node_id} is lost")
         return lost
 
-    async def check_after_actor_death(self, node_id: str) -> bool:
-        """An engine's actor on the node died: ask the node's agent now. An agent that does
-        not answer either (a timeout, not only an error) means the node is lost: two signs
-        at once, so it is not given the second report in a row a merely slow node gets.
-        Returns whether the node is alive."""
+    async def check_after_actor_failure(self, node_id: str) -> bool:
+        """An engine's actor on the node died, or could not be started there: ask the node's
+        agent now. An agent that does not answer either (a timeout, not only an error) means
+        the node is lost: two signs at once, so it is not given the second report in a row a
+        merely slow node gets. Returns whether the node is alive."""
         node = self.nodes.get(node_id)
         if node is None or not node.alive:
             return False
         missed = node.missed
         await self._fetch(node_id)
         if node.alive and node.missed > missed:
-            self.mark_lost(node_id, "an engine's actor there died and its agent did not answer")
+            self.mark_lost(node_id, "an engine's actor there failed and its agent did not answer")
         return node.alive
 
     def node_alive(self, node_id: str) -> bool:

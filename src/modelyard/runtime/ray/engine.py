@@ -117,7 +117,7 @@ class RayEngine:
             self._gone(None)
             if self._stopping:
                 return  # our own stop ended it
-            node_ok = await self._cluster.check_after_actor_death(self.node_id)
+            node_ok = await self._cluster.check_after_actor_failure(self.node_id)
             cause = "its actor died" if node_ok else f"node {self.node} is lost"
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             self.log.append(f"[modelyard] engine lost: {cause} ({type(error).__name__}: {first})")
@@ -317,14 +317,16 @@ class RayRuntime:
                 node_lost=error.node_lost,
             ) from error
         except Exception as error:
+            # Ray's own error when the node died under the start is not the engine's fault:
+            # its agent is asked before the failure is counted.
+            node_lost = bool(node_id) and not await self.cluster.check_after_actor_failure(node_id)
             log_file.append(f"[modelyard] could not start: {error}")
             log_file.close()
             raise EngineStartError(
                 f"engine for {name!r} could not be started on the Ray cluster: {error}",
                 None,
                 log_file.tail(5),
-                # Ray's own error when the node died under the start: not the engine's fault.
-                node_lost=bool(node_id) and not self.cluster.node_alive(node_id),
+                node_lost=node_lost,
             ) from error
         engine = RayEngine(
             name,
