@@ -613,7 +613,8 @@ async def _forward_once(
         # 502 for a request that no engine answered.
         raise ApiError(
             503,
-            f"model {target.model!r}: its engine refused the connection ({error}); retry",
+            f"model {target.model!r}: its engine "
+            f"{'refused' if error.refused else 'dropped'} the connection ({error}); retry",
             "engine_unreachable",
             retry_after=1.0,
         ) from None
