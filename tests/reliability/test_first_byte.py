@@ -24,6 +24,7 @@ import aiohttp
 from tests.conftest import fake_model
 from tests.reliability.test_engine_faults import events, post_with_headers
 from tests.reliability.test_engine_lost import stream_until_first_chunk
+from tests.security.keys import ADMIN_KEY, USER_KEY, bearer, key_config
 
 FIRST_BYTE_S = 3.0
 # The periodic check is far away (60 s): any verdict within a test came from a request's own
@@ -145,9 +146,13 @@ async def test_a_slow_live_engine_is_not_cut_at_the_first_byte_timeout(gateway_f
 
 async def test_a_refused_connection_is_checked_and_resent_to_a_fresh_engine(gateway_factory):
     limits = {**SLOW_PERIODIC_CHECKS, "health_check_failures": 1}
-    gateway = gateway_factory({"chat": fake_model("chat", "--max-num-seqs", "4")}, limits=limits)
+    keys = {"keys": [key_config("ops", ADMIN_KEY, admin=True), key_config("alice", USER_KEY)]}
+    gateway = gateway_factory(
+        {"chat": fake_model("chat", "--max-num-seqs", "4")}, limits=limits, auth=keys
+    )
+    gateway.admin_key = ADMIN_KEY
     url = gateway.url + "/v1/chat/completions"
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=bearer(USER_KEY)) as session:
         # Its answer comes back; from then on its port refuses connections.
         status, body, _, _ = await post_with_headers(session, url, chat("chat", fake_close_port=1))
         assert status == 200, body
@@ -157,11 +162,19 @@ async def test_a_refused_connection_is_checked_and_resent_to_a_fresh_engine(gate
         # Checked at once (refused again: one failure is enough here), stopped as hung, and
         # the request, which no engine saw, went to the fresh engine.
         assert status == 200, body
+    async with aiohttp.ClientSession(headers=bearer(ADMIN_KEY)) as session:
         assert gateway.status()["models"][0]["pid"] != first["pid"]
         assert [e["model"] for e in await events(session, gateway, "hung")] == ["chat"]
         resent = await events(session, gateway, "resent")
         assert len(resent) == 1
         assert "ClientConnectorError" in resent[0]["reason"]
+        async with session.get(gateway.url + "/admin/keys") as answer:
+            alice = next(k for k in (await answer.json())["keys"] if k["name"] == "alice")
+    # The resent try is charged as a request of its own (its answer's 5 + 3 tokens); the
+    # refused try served nothing.
+    usage = alice["usage"]["models"]["chat"]
+    assert usage["completion_tokens"] == 3 + 3, usage
+    assert usage["prompt_tokens"] >= 5 + 5, usage
 
 
 async def test_a_refused_connection_before_a_verdict_is_a_503_to_retry(gateway_factory):

@@ -449,11 +449,21 @@ async def _forward(
                 request, gateway, first, path, route_label, streamed, loading
             )
         except _SendAgain as again:
+            if retarget is None:  # no fresh accounting for a second try: the client retries
+                raise _engine_lost(request, gateway, first.target.model, again.reason) from None
             # Its engine was lost before it saw the request: once more, on the engine the
-            # model has now (a fresh start, or another replica).
+            # model has now (a fresh start, or another replica), as a request of its own for
+            # the key (the first try's reservation was settled by its own finish).
             gateway.events.emit("resent", first.target.model, again.reason)
             return await _forward_once(
-                request, gateway, first, path, route_label, streamed, loading, resent=True
+                request,
+                gateway,
+                retarget(first.target),
+                path,
+                route_label,
+                streamed,
+                loading,
+                resent=True,
             )
     except ApiError as error:
         chosen = None
