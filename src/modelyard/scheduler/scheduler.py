@@ -600,12 +600,14 @@ class Scheduler:
         return engine
 
     def _bring_up(self, supervisor: ModelSupervisor) -> None:
+        # Chosen now, as the supervisor handed the request back: an asleep engine wakes.
         if supervisor.state is ModelState.SLEEPING:
             supervisor.begin(self._wake(supervisor))
         else:
             supervisor.begin(self._start(supervisor))
 
     async def _start(self, supervisor: ModelSupervisor) -> None:
+        """Decide where the engine goes, then have the supervisor start it there."""
         try:
             await self._start_once(supervisor)
         except Exception:
@@ -635,9 +637,8 @@ class Scheduler:
 
     def _remote(self, supervisor: ModelSupervisor) -> bool:
         """Its engine runs elsewhere and holds none of our GPUs: no room to make for it."""
-        return self._supervisors.get(supervisor.name) is supervisor and self.is_remote(
-            supervisor.name
-        )
+        name = supervisor.name
+        return self._supervisors.get(name) is supervisor and self.is_remote(name)
 
     # ----- deciding where an engine starts or wakes -----
 
