@@ -8,8 +8,12 @@ directly, for health checks and for every request: Ray is never in the data path
 
 The engine's exit reaches the gateway through one long call (`wait_exit`) held open on the
 actor. When the actor dies (killed, its worker SIGKILLed, its node gone, the gateway that owns
-it gone) that call fails, and the engine counts as exited, so the scheduler marks the model
-failed with a crash event like any other engine crash, and the next request starts it again.
+it gone) that call fails, and the engine counts as exited at once, so the scheduler marks the
+model failed with a crash event like any other engine crash, and the next request starts it
+again. An engine whose node is declared lost exits with `ExitInfo.node_lost`, and a start
+whose node is lost under it fails with `EngineStartError.node_lost` (at the declaration, not
+when Ray gives up on the actor): neither is the engine's failure, so neither counts toward
+the crash-loop back-off, and such a start is tried once more elsewhere.
 """
 
 from __future__ import annotations
