@@ -196,3 +196,24 @@ async def test_a_refused_connection_before_a_verdict_is_a_503_to_retry(gateway_f
         # resent to a fresh engine.
         assert statuses == [503, 503, 200], statuses
         assert len(await events(session, gateway, "hung")) == 1
+
+
+async def test_a_stream_begun_with_loading_comments_ends_with_an_error_event(gateway_factory):
+    # The stream's 200 and loading comments went out while the engine started (2 s); then the
+    # engine takes the request and freezes before its first byte (`fake_hang`: /health too).
+    model = fake_model("chat", "--max-num-seqs", "4", "--bind-delay", "2")
+    gateway = gateway_factory({"chat": model}, limits=SLOW_PERIODIC_CHECKS)
+    url = gateway.url + "/v1/chat/completions"
+    async with aiohttp.ClientSession() as session:
+        began = time.monotonic()
+        (status, text), end = await asyncio.wait_for(
+            stream(session, url, chat("chat", stream=True, fake_hang=1)), 30
+        )
+    assert status == 200
+    assert text.startswith(": loading chat"), text[:200]
+    error = json.loads(text.strip().split("\n\n")[-1].removeprefix("data: "))["error"]
+    assert error["code"] == "upstream_first_byte_timeout", error
+    assert error["type"] == "server_error"
+    # A start of about 2 s, then the bound and its check (3 s + 1 s), not the read timeout.
+    print(f"loading stream on a frozen engine ended after {end - began:.2f}s")
+    assert end - began < 20
