@@ -446,11 +446,17 @@ async def _forward(
     try:
         try:
             return await _forward_once(
-                request, gateway, first, path, route_label, streamed, loading
+                request,
+                gateway,
+                first,
+                path,
+                route_label,
+                streamed,
+                loading,
+                may_resend=retarget is not None,  # a second try needs its own accounting
             )
         except _SendAgain as again:
-            if retarget is None:  # no fresh accounting for a second try: the client retries
-                raise _engine_lost(request, gateway, first.target.model, again.reason) from None
+            assert retarget is not None
             # Its engine was lost before it saw the request: once more, on the engine the
             # model has now (a fresh start, or another replica), as a request of its own for
             # the key (the first try's reservation was settled by its own finish).
@@ -463,7 +469,6 @@ async def _forward(
                 route_label,
                 streamed,
                 loading,
-                resent=True,
             )
     except ApiError as error:
         chosen = None
@@ -539,8 +544,11 @@ async def _forward_once(
     streamed_request: bool,
     loading: _Loading,
     served_by: str | None = None,
-    resent: bool = False,
+    may_resend: bool = False,
 ) -> web.StreamResponse:
+    """One try. With `may_resend`, a request its engine refused before seeing it, the engine
+    then confirmed gone, raises `_SendAgain` (the caller tries once more); otherwise it is
+    refused with `Retry-After`."""
     target, body, tokens = forwarding.target, forwarding.body, forwarding.tokens
     started = time.perf_counter()
     status = 500
@@ -616,7 +624,7 @@ async def _forward_once(
             await _forget_remote(request, gateway, target.model, error)
         assert engine is not None
         if await lost_after_refusal(gateway, target.model, engine):
-            if error.refused and not resent:
+            if error.refused and may_resend:
                 raise _SendAgain(f"its engine was lost before it saw a request ({error})") from None
             raise _engine_lost(request, gateway, target.model, str(error)) from None
         # Alive, as far as one check tells: the client comes back in a moment, never a bare
