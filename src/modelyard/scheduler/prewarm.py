@@ -46,6 +46,22 @@ CANCEL_STOP_S = 2.0
 # it keeps wasted pre-warms few (at most 30 % is the goal). On the simulator's traces 0.7
 # spared more load-wait than 0.5 (more pre-warms, more wasted) and than 0.8 (fewer used).
 MIN_PROBABILITY = 0.7
+# A pre-warm is made for a request expected within its start time and a half (a start made
+# when the request is due within exactly its start time would be ready just after it), or
+# within this long for a model that starts or wakes faster: a wake of 1-3 s is worth making
+# before the 1-3 s that precede the request (when nobody can tell it is coming), and this
+# long is still soon enough for the woken engine not to sit idle.
+START_MARGIN = 1.5
+LOOKAHEAD_S = 30.0
+# How often a driver asks again while a habit may be due: a chance grows as the usual time of
+# the next request nears, and nothing else happens meanwhile to ask on.
+CHECK_EVERY_S = 2.0
+
+
+def horizon(wait_s: float) -> float:
+    """The time within which a request must be expected for a pre-warm that spares `wait_s`
+    (its start or wake): the predictor's chances are asked for this horizon."""
+    return max(START_MARGIN * wait_s, LOOKAHEAD_S)
 
 
 @dataclass(frozen=True)
