@@ -360,7 +360,10 @@ class VirtualGateway:
             if live.state in (EngineState.READY, EngineState.SLEEPING)
         }
         expected = {c.model: c.probability for c in self.predictor.chances(self.now, loaded)}
-        candidates = tuple(Candidate(self._target(c.model), c, waits[c.model]) for c in chances)
+        candidates = tuple(
+            Candidate(self._target(c.model), c, waits[c.model], self.models[c.model].start_s)
+            for c in chances
+        )
         for command in self.core.step(
             PreWarmAsk(
                 self._snapshot(""),
