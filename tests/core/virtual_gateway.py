@@ -273,7 +273,8 @@ class VirtualGateway:
             self.core.step(EvictionsDone(target, number, ok=True))
         elif kind == "prewarm_tick":
             self._ticking = False
-            if self.predictor is not None and self.predictor.in_use(self.now, self.predictor.window_s):
+            predictor = self.predictor
+            if predictor is not None and predictor.in_use(self.now, predictor.window_s):
                 self._tick()
         elif kind == "wake_deciders":
             self._wakeups.discard(data)  # type: ignore[arg-type]
@@ -360,10 +361,7 @@ class VirtualGateway:
             if live.state in (EngineState.READY, EngineState.SLEEPING)
         }
         expected = {c.model: c.probability for c in self.predictor.chances(self.now, loaded)}
-        candidates = tuple(
-            Candidate(self._target(c.model), c, waits[c.model], self.models[c.model].start_s)
-            for c in chances
-        )
+        candidates = tuple(Candidate(self._target(c.model), c, waits[c.model]) for c in chances)
         for command in self.core.step(
             PreWarmAsk(
                 self._snapshot(""),
@@ -418,7 +416,9 @@ class VirtualGateway:
             live = self.live[command.target]
             self._waste(command.target)
             self.log.append((self.now, command.target, f"prewarm cancelled: {command.reason}"))
-            if live.state in (EngineState.STARTING, EngineState.WAKING):
+            # As the driver does: a cold start stops at once (the start slot is free; its
+            # memory comes back once stopped); a wake is left to finish (1-3 s).
+            if live.state is EngineState.STARTING:
                 live.generation += 1  # its "loaded" event no longer counts
                 live.stopping_asleep = False
                 self._become(command.target, EngineState.STOPPING)

@@ -9,9 +9,10 @@ cost model as a real start decide where it goes and what it would evict:
 - cost: the plan's eviction cost (expected seconds of reloading, weighted by each victim's
   recency, as every eviction is), plus each victim's own chance of being asked for x its
   reload, plus the start slot it takes: a real request for a model that is not ready, coming
-  while it starts, has it cancelled, and the cancelled start's stop is a wait (a cancelled
-  wake also loses the sleeper: its next request is a cold start). The chance of that is
-  `1 - exp(-switch_rate x wait)`, from how often the users switch models now.
+  while it starts, has it cancelled, and the cancelled start's stop is a wait (a wake is left
+  to finish, 1-3 s: cancelled, it would lose the sleeper). The chance of that is
+  `1 - exp(-switch_rate x wait)`, from how often the users switch models now. And a wasted
+  pre-warm (`1 - probability`) is undone later: a stop, or a sleep about as long as its wake.
 
 The rules that keep a pre-warm harmless hold by construction:
 - nothing with traffic is touched: engines with requests in flight or waiting, engines
@@ -87,9 +88,6 @@ class Candidate:
     target: Target
     chance: Chance
     wait_s: float  # what a request would wait for it now: its start, or its wake
-    # Its cold start, when it sleeps: a cancelled wake stops it, so a later request starts it
-    # cold instead of waking it (None: it is stopped, or the start is not known).
-    start_s: float | None = None
 
 
 def choose_prewarm(
@@ -146,10 +144,14 @@ def choose_prewarm(
             expected.get(a.name, 0.0) * (victims[a.name].start_seconds or candidate.wait_s)
             for a in plan.actions
         )
-        # A start cancelled early holds little yet: its stop is bounded by its start too. A
-        # cancelled wake loses the sleeper too: its next request starts it cold.
-        lost = max((candidate.start_s or 0.0) - candidate.wait_s, 0.0) if plan.wake else 0.0
-        cost = plan.cost + risk + cancelled * (min(CANCEL_STOP_S, candidate.wait_s) + lost)
+        # A cancelled start's stop is a wait (bounded by the start: one cancelled early holds
+        # little yet). A wake is not cancelled but left to finish (a cancelled wake would lose
+        # the sleeper): the real request waits for the rest of it.
+        yielding = candidate.wait_s if plan.wake else min(CANCEL_STOP_S, candidate.wait_s)
+        # A wasted pre-warm is undone later: a stop, or a sleep (its copy takes about as
+        # long as the wake).
+        undo = candidate.wait_s if plan.wake else CANCEL_STOP_S
+        cost = plan.cost + risk + cancelled * yielding + (1.0 - chance.probability) * undo
         if saving <= cost:
             continue
         if best is None or saving - cost > best.saving_s - best.cost_s:
