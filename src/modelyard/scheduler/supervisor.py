@@ -510,10 +510,11 @@ class ModelSupervisor:
 
     def cancel_prewarm(self) -> bool:
         """Abandon a cold start nobody waits for (a pre-warm a real request must go before:
-        the core never cancels one a request came for); whether it was cancelled. Its engine is STOPPING at once, no longer a start: the GPU's
-        start slot is free for the real request while the stop runs (the memory comes back
-        when the process is gone). A wake is left to finish: it takes 1-3 s, less than the
-        stop, and a cancelled wake would lose the sleeping engine."""
+        the core never cancels one a request came for); whether it was cancelled. Its engine
+        is STOPPING at once, no longer a start: the GPU's start slot is free for the real
+        request while the stop runs (the memory comes back when the process is gone). A wake
+        is left to finish: it takes 1-3 s, less than the stop, and a cancelled wake would
+        lose the sleeping engine."""
         if self.state is not ModelState.STARTING:
             return False
         self._gave_way = True
