@@ -1,20 +1,22 @@
 """Which model will be asked for next, learned by counting the gateway's own request history.
 
 Pure: no I/O and no clock of its own; the driver feeds `observe(now, key, model)` for every
-request (replayed from the event store at start-up, so it survives restarts) and asks
-`chances(now, horizons)` for the models that are not ready.
+request and asks `chances(now, horizons)` for the models that are not ready. What it counted
+is saved in the state dir (`prewarm_habits.py`) and read at start-up, so it survives
+restarts.
 
 Two counts, each decayed with a half-life so old habits fade:
 
-- transitions, per key (an API key or session): after a request for X, which model did the
-  same key ask for next, and how long after X's last request (the gap, counted in a few
-  buckets of 5 s to `window_s`)? From the key's own counts once it has enough, else from all
-  keys' (a new key borrows the others' habits). The chance that Y comes within a start time
-  `h` when X's last request was `e` seconds ago is the share of X's past turns whose next
-  model was Y, `e` to `e + h` seconds after X, among the turns where nothing had come by `e`:
-  calibrated to the start time (not "some time within the window"), so a model is pre-warmed
-  just before it is usually asked for, not as soon as X is. One unseen turn is added to the
-  turns counted (Laplace), so thin evidence gives a lower chance, never a certainty.
+- transitions, per key (an API key or session): after each request for X, what did the same
+  key ask for next (X again: the burst went on; or Y), and how long after (the gap, counted
+  in buckets of 5-30 s up to `window_s`)? From the key's own counts once it has seen X
+  `min_seen` times, else from all keys' (a new key borrows the others' habits). The chance
+  that Y comes within a horizon `h` (about a start time) when X was asked for `e` seconds ago
+  and nothing came since is the share of X's requests followed by Y `e` to `e + h` seconds
+  after, among those after which nothing had come by `e`: calibrated to the start time (not
+  "some time within the window"), so a model is pre-warmed just before it is usually asked
+  for, not as soon as X is. One unseen request is added to the count (Laplace), so thin
+  evidence gives a lower chance, never a certainty.
 - the hour of the week (day of the week and time of day): how often Y was asked for in this
   hour, per week the history covers; in the first week, the hour of the day, per day. Requests
   arriving as a Poisson stream at that rate give `1 - exp(-rate * horizon)`.
@@ -192,7 +194,7 @@ class Predictor:
         return min(bisect.bisect_right(self.edges(), gap), len(self.edges()) - 1)
 
     def _mass(self, now: float, who: str, after: str, then: str, low: float, high: float) -> float:
-        """The decayed count of X's turns followed by `then` ("" any) after a gap in
+        """The decayed count of X's requests followed by `then` ("" any) after a gap in
         [low, high), spreading each bucket's count evenly over the bucket."""
         edges = self.edges()
         total = 0.0
