@@ -72,7 +72,7 @@ async def test_a_cancelled_prewarm_start_gives_its_start_slot_back_at_once(
     async with in_process_gateway(tmp_path, models, {"b": Behaviour(ready_after=5.0)}) as h:
         supervisor = h.gateway.scheduler._supervisors["b"]
         began = time.monotonic()
-        load = asyncio.create_task(supervisor.load(time.monotonic() + 60.0, "pre-warm: test"))
+        load = asyncio.create_task(h.gateway.scheduler.load("b", "pre-warm: test"))
         await h.wait_state("b", "starting", timeout=5.0)
         assert supervisor.cancel_prewarm()
         await asyncio.sleep(0)
@@ -88,6 +88,6 @@ async def test_only_a_cold_start_is_cancelled_as_a_prewarm(tmp_path: Path) -> No
     async with in_process_gateway(tmp_path, {"b": engine_model()}) as h:
         supervisor = h.gateway.scheduler._supervisors["b"]
         assert not supervisor.cancel_prewarm()  # stopped: nothing to cancel
-        await supervisor.load(time.monotonic() + 30.0, "pre-warm: test")
+        await h.gateway.scheduler.load("b", "pre-warm: test")
         assert not supervisor.cancel_prewarm()  # ready: a stop is an eviction's business
         assert supervisor.state.value == "ready"
