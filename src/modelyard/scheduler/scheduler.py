@@ -601,9 +601,18 @@ class Scheduler:
     async def _hold(self, supervisor: ModelSupervisor, deadline: float) -> EngineHandle:
         """Hold the model's ready engine for one request; when nothing under way would make
         it ready, begin its start or wake (shared by every request that waits for it)."""
-        while (engine := await supervisor.hold(deadline)) is None:
+        while True:
+            try:
+                engine = await supervisor.hold(deadline)
+            except ModelUnavailable as error:
+                if error.code != "prewarm_cancelled":
+                    raise
+                # It joined a pre-warm that gave way to another model's request as it came:
+                # this request is real, so it waits for a start of its own like any other.
+                continue
+            if engine is not None:
+                return engine
             self._bring_up(supervisor)
-        return engine
 
     def _bring_up(self, supervisor: ModelSupervisor) -> None:
         # Chosen now, as the supervisor handed the request back: an asleep engine wakes.
