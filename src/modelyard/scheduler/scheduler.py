@@ -38,9 +38,11 @@ from modelyard.observability.events import EventBus
 from modelyard.placement.coordinator import PlacementCoordinator
 from modelyard.placement.planning import Planning, UnmanagedGpus
 from modelyard.placement.policy import Action, Sleep
+from modelyard.placement.policy import Target as PlacementTarget
 from modelyard.runtime.remote import RETRY_AFTER_S as RETRY_REMOTE_S
 from modelyard.runtime.start_progress import ProgressView
 from modelyard.runtime.weights_cache import download_folder
+from modelyard.scheduler.balance import Affinity, ReplicaLoad, choose_replica
 from modelyard.scheduler.core import (
     Arrived,
     CancelPreWarm,
@@ -54,6 +56,8 @@ from modelyard.scheduler.core import (
     PreWarmOver,
     PutToSleep,
     RefuseNow,
+    ScaleCheck,
+    ScaleUp,
     SchedulerCore,
     StartNow,
     StopIdle,
@@ -66,6 +70,7 @@ from modelyard.scheduler.predictor import Predictor
 from modelyard.scheduler.prewarm import Candidate
 from modelyard.scheduler.prewarm_habits import HABITS_NAME, HabitsFile
 from modelyard.scheduler.prewarm_stats import PreWarmStats
+from modelyard.scheduler.scaling import ModelLoad, replica_key, spread
 from modelyard.scheduler.supervisor import (
     EngineHandle,
     EngineStarter,
@@ -82,7 +87,10 @@ from modelyard.scheduler.supervisor import (
 log = logging.getLogger("modelyard.scheduler")
 
 # How often idle timers are checked: idle stops happen within this much of their timeout.
+# Replicas are checked on the same beat (scheduler/scaling.py).
 IDLE_CHECK_INTERVAL_S = 0.25
+# An engine that serves or is about to: counts toward its model's replicas.
+_RUNNING = (ModelState.READY, ModelState.STARTING, ModelState.WAKING)
 
 
 class Scheduler:
@@ -100,6 +108,15 @@ class Scheduler:
         self._clock = clock
         self._placement = placement
         self._supervisors: dict[str, ModelSupervisor] = {}
+        # A model's other engines (replicas 2..max), by model; stopped until load asks.
+        self._replicas: dict[str, list[ModelSupervisor]] = {}
+        self._affinity = Affinity()
+        self._scaling: set[str] = set()  # engines starting for load: they never wait for room
+        # Requests whose conversation had gone to an engine before: [kept it, moved], by model.
+        self.affinity_counts: dict[str, list[int]] = {}
+        # Whether the engine (by pid) of a base model has a LoRA adapter loaded: set by the
+        # adapter manager, for the request path's LoRA affinity.
+        self.adapter_loaded: Callable[[str, str, int], bool] = lambda _base, _name, _pid: False
         self._names: dict[str, Target] = {}
         self._routes: dict[str, str] = {}
         self._reaper: asyncio.Task[None] | None = None
@@ -150,7 +167,13 @@ class Scheduler:
         self.adapter_targets = targets
 
     def _add_model(self, name: str, model: ModelConfig) -> None:
-        """A supervisor for one configured model (its names: `_index_names`)."""
+        """A supervisor for one configured model (its names: `_index_names`), and one for
+        each of its other replicas."""
+        self._supervisors[name] = self._new_supervisor(name, 1, model)
+        self._replicas[name] = []
+        self._resize_replicas(name, model)
+
+    def _new_supervisor(self, name: str, number: int, model: ModelConfig) -> ModelSupervisor:
         supervisor = ModelSupervisor(
             name=name,
             spec_for=self._spec_factory(name, model),
@@ -159,10 +182,46 @@ class Scheduler:
             events=self.events,
             clock=self._clock,
             placement=self._hook_for(model),
-            sleep_control=self._sleep_control if model.sleep else None,
+            # A replica stops when idle rather than sleeping: the model's own engine is the
+            # one to keep asleep for a quick wake.
+            sleep_control=self._sleep_control if model.sleep and number == 1 else None,
         )
+        supervisor.key = replica_key(name, number)
         supervisor.on_change(self._notify)
-        self._supervisors[name] = supervisor
+        return supervisor
+
+    def _resize_replicas(self, name: str, model: ModelConfig) -> None:
+        """Slots 2..max for `name`; those beyond a lowered max drain and stop."""
+        slots = self._replicas[name]
+        while len(slots) + 1 < model.replicas.max:
+            slots.append(self._new_supervisor(name, len(slots) + 2, model))
+        while len(slots) + 1 > model.replicas.max:
+            self._retire_slot(slots.pop(), "replicas.max lowered")
+
+    def _retire_slot(self, supervisor: ModelSupervisor, reason: str) -> None:
+        """Drain and stop one engine under a key of its own (its slot may be made again)."""
+        self._retired += 1
+        old = supervisor.key
+        supervisor.key = f"{old} (removed #{self._retired})"
+        if self._placement is not None:
+            self._placement.rekey(old, supervisor.key)
+        self._core.step(Dropped(old))
+        self._retiring[supervisor.key] = supervisor
+        self._in_background(self._retire(supervisor, reason))
+
+    def _slots(self, name: str) -> list[ModelSupervisor]:
+        """Every engine slot of a configured model: its own first, then its replicas."""
+        return [self._supervisors[name], *self._replicas.get(name, ())]
+
+    def _slot(self, key: str) -> ModelSupervisor | None:
+        """The configured engine slot with this key (None: a reload removed it)."""
+        for supervisor in self._slots_of_all():
+            if supervisor.key == key:
+                return supervisor
+        return None
+
+    def _slots_of_all(self) -> list[ModelSupervisor]:
+        return [s for name in self._supervisors for s in self._slots(name)]
 
     def _hook_for(self, model: ModelConfig) -> Placement:
         # A remote engine holds none of our GPUs: placement and groups leave it alone.
@@ -228,6 +287,8 @@ class Scheduler:
         self._planning.config = config  # placement's too, when it plans
         retired = {}
         for name in plan.removed:
+            for replica in self._replicas.pop(name, []):
+                self._retire_slot(replica, "removed from the configuration")
             leaving = self._supervisors.pop(name)
             self._retired += 1
             leaving.key = f"{name} (removed #{self._retired})"
@@ -248,6 +309,12 @@ class Scheduler:
                 placement=self._hook_for(model),
                 sleep_control=self._sleep_control if model.sleep else None,
             )
+            self._resize_replicas(name, model)
+            for replica in self._replicas[name]:
+                replica.settings = self._settings_for(model)
+                replica.reconfigure(
+                    self._spec_factory(name, model), placement=self._hook_for(model), sleep_control=None
+                )
         self._index_names()
         # Adapters of a removed base model go with it (their requests would find no engine).
         self.adapter_targets = {
@@ -262,6 +329,12 @@ class Scheduler:
             # failures say nothing of it.
             self._supervisors[name].engine_config_changed()
             self._in_background(self._replace_engine(self._supervisors[name]))
+            for replica in self._replicas[name]:
+                # Its replicas stop (drained); load starts new ones with the new configuration.
+                replica.engine_config_changed()
+                self._in_background(
+                    replica.stop("engine configuration changed", drain=True)
+                )
         self._notify()
 
     def _in_background(
@@ -272,9 +345,11 @@ class Scheduler:
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    async def _retire(self, supervisor: ModelSupervisor) -> None:
+    async def _retire(
+        self, supervisor: ModelSupervisor, reason: str = "removed from the configuration"
+    ) -> None:
         try:
-            await supervisor.stop("removed from the configuration", drain=True)
+            await supervisor.stop(reason, drain=True)
         finally:
             self._retiring.pop(supervisor.key, None)
 
@@ -299,7 +374,7 @@ class Scheduler:
 
     def _all_supervisors(self) -> list[ModelSupervisor]:
         """Configured models' supervisors and those of removed models still draining."""
-        return [*self._supervisors.values(), *self._retiring.values()]
+        return [*self._slots_of_all(), *self._retiring.values()]
 
     def _engines_by_key(self) -> dict[str, ModelSupervisor]:
         """Every engine's owner by its key: what every decision sees."""
@@ -396,9 +471,17 @@ class Scheduler:
         }
 
     def load_counts(self, name: str) -> tuple[int, int]:
-        """Requests (in flight, queued) for a model."""
-        supervisor = self._supervisors[name]
-        return supervisor.in_flight, supervisor.waiting
+        """Requests (in flight, queued) for a model, over all its engines."""
+        slots = self._slots(name)
+        return sum(s.in_flight for s in slots), sum(s.waiting for s in slots)
+
+    def replica_loads(self, name: str) -> list[tuple[str, ModelState, int]]:
+        """Each engine slot of a model that holds an engine: (key, state, in flight)."""
+        return [
+            (s.key, s.state, s.in_flight)
+            for s in self._slots(name)
+            if s.state not in (ModelState.STOPPED, ModelState.FAILED)
+        ]
 
     def wakes_of(self, name: str) -> int:
         return self._supervisors[name].timings.wakes
@@ -415,11 +498,15 @@ class Scheduler:
 
     # ----- serving -----
 
-    def engine_for(self, model: str, key: str = "") -> EngineFor:
+    def engine_for(
+        self, model: str, key: str = "", affinity: str | None = None, adapter: str | None = None
+    ) -> EngineFor:
         """A ready engine for one request, within the model's start timeout and queue bounds:
         `async with scheduler.engine_for(model) as engine`. `key`: who asks (an API key's
-        name), for the habits pre-warming learns."""
-        return EngineFor(self, model, key)
+        name), for the habits pre-warming learns. With replicas, `affinity` (a digest of the
+        conversation or session) and `adapter` (a LoRA adapter's name) pick the engine
+        (scheduler/balance.py)."""
+        return EngineFor(self, model, key, affinity, adapter)
 
     # ----- learned pre-warming -----
 
@@ -528,16 +615,55 @@ class Scheduler:
         finally:
             self._notify()
 
-    def _supervisor_to_wait_on(self, model: str) -> ModelSupervisor:
-        """The model's supervisor, for a request that may wait for it (or ModelUnavailable)."""
+    def _supervisor_to_wait_on(
+        self, model: str, affinity: str | None = None, adapter: str | None = None
+    ) -> ModelSupervisor:
+        """The engine's supervisor for a request that may wait for it (or ModelUnavailable)."""
         if self._closing:
             raise ModelUnavailable(
                 "the gateway is shutting down", retry_after=5.0, code="shutting_down"
             )
-        supervisor = self._supervisors[model]
+        supervisor = self._choose_slot(model, affinity, adapter)
         if supervisor.state is not ModelState.READY:
             self._check_queue_bounds(supervisor)
         return supervisor
+
+    def _choose_slot(
+        self, model: str, affinity: str | None, adapter: str | None
+    ) -> ModelSupervisor:
+        """One of the model's ready engines (scheduler/balance.py); with none ready, one
+        whose start or wake is under way, else the model's own engine (which starts)."""
+        primary = self._supervisors[model]
+        replicas = self._replicas.get(model)
+        if not replicas:
+            return primary  # one engine: the request path stays as it was, no lookups
+        slots = [primary, *replicas]
+        ready = [s for s in slots if s.state is ModelState.READY and s.engine is not None]
+        if not ready:
+            if primary.state in (ModelState.STOPPED, ModelState.FAILED):
+                coming = [s for s in replicas if s.state in (ModelState.STARTING, ModelState.WAKING)]
+                if coming:
+                    return coming[0]
+            return primary
+        loads = [
+            ReplicaLoad(
+                s.key,
+                s.in_flight,
+                adapter is not None
+                and s.engine is not None
+                and self.adapter_loaded(model, adapter, s.engine.pid),
+            )
+            for s in ready
+        ]
+        remembered = f"{model}\0{affinity}" if affinity else None
+        last = self._affinity.get(remembered) if remembered else None
+        chosen = choose_replica(loads, self.config.models[model].replicas.target_in_flight, last)
+        if remembered is not None:
+            self._affinity.remember(remembered, chosen)
+            if last is not None:
+                kept = self.affinity_counts.setdefault(model, [0, 0])
+                kept[0 if last == chosen else 1] += 1
+        return next(s for s in ready if s.key == chosen)
 
     def _supervisor_of(self, name: str) -> ModelSupervisor:
         """The model's supervisor, also while a reload that removed it drains its engine
@@ -614,14 +740,14 @@ class Scheduler:
         as their own tasks and end as events, so a slow stop on one GPU never holds a
         decision for another (issue 22: a start on a free GPU waited 11.1 s, not 2 s).
         """
-        name = supervisor.name
+        name = supervisor.key  # the model's name, or its replica's key
         try:
             if self._placement is not None:
                 await self._placement.read_inputs(supervisor)  # a folder walk, in a thread
             while True:
                 if self._closing:
                     raise Refused("the gateway is shutting down", 5.0, "shutting_down")
-                if self._supervisors.get(name) is not supervisor:
+                if self._slot(name) is not supervisor:
                     # A reload removed (or replaced) the model while it waited: its waiters
                     # get a clear 503, not a KeyError from the new config (issue 22).
                     raise Refused(
@@ -635,11 +761,12 @@ class Scheduler:
                     # not evict anything or start an engine for nobody.
                     raise Refused(f"nobody waits for {name!r} any more", 1.0, "abandoned")
                 wanted = Wanted(
-                    Ask(self._planning.target(supervisor), supervisor.wait_deadline()),
+                    Ask(self._target_for(supervisor), supervisor.wait_deadline()),
                     self._snapshot(name),
                     # Each eviction round changes some engine's state; more rounds than
                     # models means the evictions are failing: refuse rather than spin.
                     max_eviction_rounds=len(self._supervisors) + 1,
+                    no_wait=supervisor.key in self._scaling,
                 )
                 changed = self._changed  # taken before the step: no change is missed
                 until = self._clock()
@@ -665,8 +792,26 @@ class Scheduler:
         finally:
             # Started, refused or abandoned: the room the core set aside for it is free. (A
             # removed model's room was freed by the reload; the name may be another's now.)
-            if self._supervisors.get(name) is supervisor:
+            if self._slot(name) is supervisor:
                 self._core.step(Dropped(name))
+
+    def _target_for(self, supervisor: ModelSupervisor) -> PlacementTarget:
+        """What the engine needs, on GPUs that hold none of its model's other engines where
+        the model may use such a GPU (a replica refuses otherwise; the model's own engine
+        then goes wherever it fits, as without replicas)."""
+        target = self._planning.target(supervisor)
+        siblings = [s.key for s in self._slots(supervisor.name) if s is not supervisor]
+        if len(siblings) == 0:
+            return target
+        gpus = [gpu.index for gpu in self._planning.gpu_capacities()]
+        spread_out = spread(target, siblings, self._planning.engines(supervisor.key), gpus)
+        if spread_out is not None:
+            return spread_out
+        if supervisor.key != supervisor.name:
+            raise Refused(
+                f"no GPU left for another engine of {supervisor.name!r}", 5.0, "no_room_for_replica"
+            )
+        return target
 
     def _go(self, supervisor: ModelSupervisor, go: StartNow) -> MemoryBudget | None:
         if self._placement is None:
@@ -746,6 +891,7 @@ class Scheduler:
                 if self._prewarm_anywhere():
                     await self._habits.save_every(self.predictor, self._clock())
                 await self.reap_idle(self._clock())
+                self.check_scale()
             except Exception:  # the reaper must outlive any one bug (issue 11, defect 2)
                 log.exception("idle check failed; checking again")
 
@@ -762,15 +908,22 @@ class Scheduler:
                     s.key,
                     s.idle_for(now),
                     self._kept_alive.get(name, s.settings.idle_timeout),
-                    self.config.models[name].pinned,
+                    self.config.models[name].pinned and s.key == name,
                     (self.config.models[name].sleep or 0) if s.can_sleep else 0,
+                    model=name,
+                    running=s.state in _RUNNING,
+                    min_replicas=self.config.models[name].replicas.min,
                 )
-                for name, s in self._supervisors.items()
+                for name in self._supervisors
+                for s in self._slots(name)
             )
         )
         for verdict in self._core.step(check):
             assert isinstance(verdict, (PutToSleep, StopIdle))
-            supervisor, reason = self._supervisors[verdict.key], verdict.reason
+            found, reason = self._slot(verdict.key), verdict.reason
+            if found is None:
+                continue  # removed by a reload meanwhile
+            supervisor = found
             if supervisor.idle_for(self._clock()) is None:
                 continue  # a request came while an earlier verdict was carried out
             try:
@@ -790,8 +943,70 @@ class Scheduler:
                 continue
             if done:
                 self._prewarm_gone(supervisor.name, "idle")
-                acted.append(supervisor.name)
+                acted.append(supervisor.key)
+                if isinstance(verdict, StopIdle) and verdict.scale_down:
+                    self.events.emit("scale_down", supervisor.name, reason, replica=supervisor.key)
         return acted
+
+    def check_scale(self) -> list[str]:
+        """Add a replica to each model above its target for a moment (the core decides);
+        returns the keys of the engines it starts."""
+        if self._closing:
+            return []
+        loads = [self._load_of(name) for name, m in self.config.models.items() if m.replicas.max > 1]
+        if not loads:
+            return []
+        started = []
+        for command in self._core.step(ScaleCheck(self._snapshot(""), tuple(loads))):
+            assert isinstance(command, ScaleUp)
+            replica = self._slot(command.key)
+            if replica is None:
+                continue
+            self.events.emit("scale_up", command.model, command.reason, replica=command.key)
+            self._in_background(self._scale_up(replica, command.reason), self._evicting)
+            started.append(command.key)
+        return started
+
+    def _load_of(self, name: str) -> ModelLoad:
+        slots = self._slots(name)
+        running = [s for s in slots if s.state in _RUNNING]
+        # A free slot: a sleeping engine first (a wake beats a start), then a stopped one
+        # that is not waiting out a crash-loop back-off.
+        free = [s for s in slots if s.state is ModelState.SLEEPING and not s.placing] or [
+            s
+            for s in slots
+            if s.state in (ModelState.STOPPED, ModelState.FAILED)
+            and s.backoff_remaining() == 0
+            and s.waiting == 0
+        ]
+        chosen = free[0] if free else None
+        replicas = self.config.models[name].replicas
+        return ModelLoad(
+            model=name,
+            outstanding=sum(s.in_flight + s.waiting for s in slots),
+            running=len(running),
+            starting=sum(1 for s in running if s.state is not ModelState.READY),
+            target_in_flight=replicas.target_in_flight,
+            max_replicas=replicas.max,
+            free_slot=chosen.key if chosen is not None else None,
+            target=self._planning.target(chosen) if chosen is not None else None,
+            siblings=tuple(s.key for s in slots if s is not chosen),
+        )
+
+    async def _scale_up(self, replica: ModelSupervisor, reason: str) -> None:
+        """Start (or wake) one more engine of its model; a refusal (the room went to another
+        start meanwhile) or a failed start is an event, and the next check decides again."""
+        self._scaling.add(replica.key)
+        try:
+            await replica.load(
+                self._clock() + replica.settings.start_timeout, f"scale up: {reason}"
+            )
+            replica.last_used = self._clock()  # its idle timer runs from its start
+        except Exception as error:
+            self.events.emit("scale_up_failed", replica.name, str(error), replica=replica.key)
+        finally:
+            self._scaling.discard(replica.key)
+            self._notify()
 
     async def load(self, model: str, reason: str = "admin load") -> None:
         supervisor = self._supervisors[model]
@@ -877,6 +1092,27 @@ class Scheduler:
 
     # ----- status -----
 
+    def _replicas_status(self, name: str) -> dict[str, Any]:
+        """The model's engines (those that hold one), its replica settings, why the last
+        scale-up it needed was not made, and how often conversations kept their engine."""
+        replicas = self.config.models[name].replicas
+        slots = self._slots(name)
+        kept, moved = self.affinity_counts.get(name, (0, 0))
+        return {
+            "min": replicas.min,
+            "max": replicas.max,
+            "target_in_flight": replicas.target_in_flight,
+            "running": sum(1 for s in slots if s.state in _RUNNING),
+            "engines": [
+                _engine_status(s)
+                for s in slots
+                if s.state not in (ModelState.STOPPED, ModelState.FAILED)
+            ],
+            "scale_blocked": self._core.scale_blocked.get(name),
+            "affinity_kept": kept,
+            "affinity_moved": moved,
+        }
+
     def model_status(self, name: str) -> dict[str, Any]:
         supervisor = self._supervisors[name]
         model = self.config.models[name]
@@ -895,8 +1131,9 @@ class Scheduler:
             "url": model.url,
             "pid": None if supervisor.engine is None or remote else supervisor.engine.pid,
             "port": None if supervisor.engine is None or remote else supervisor.engine.port,
-            "in_flight": supervisor.in_flight,
-            "queued": supervisor.waiting,
+            "in_flight": sum(s.in_flight for s in self._slots(name)),
+            "queued": sum(s.waiting for s in self._slots(name)),
+            "replicas": self._replicas_status(name),
             "waiting_for_room": supervisor.placing,
             # While starting: phase (downloading, loading weights, compiling), fraction, detail.
             "progress": None if (view := supervisor.start_view()) is None else view.to_json(),
@@ -919,6 +1156,20 @@ class Scheduler:
         }
 
 
+def _engine_status(supervisor: ModelSupervisor) -> dict[str, Any]:
+    engine = supervisor.engine
+    return {
+        "key": supervisor.key,
+        "state": supervisor.state.value,
+        "in_flight": supervisor.in_flight,
+        "queued": supervisor.waiting,
+        "pid": engine.pid if engine is not None else None,
+        "port": engine.port if engine is not None else None,
+        "node": engine.node if engine is not None else None,
+        "gpus": list(supervisor.budget.gpu_indexes) if supervisor.budget else [],
+    }
+
+
 def _pick(value: float | None, default: float) -> float:
     return default if value is None else value
 
@@ -930,12 +1181,21 @@ class EngineFor:
     and for a ready engine its entry takes no await and creates no generator.
     """
 
-    __slots__ = ("_key", "_model", "_scheduler", "_supervisor", "lost")
+    __slots__ = ("_adapter", "_affinity", "_key", "_model", "_scheduler", "_supervisor", "lost")
 
-    def __init__(self, scheduler: Scheduler, model: str, key: str = "") -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        model: str,
+        key: str = "",
+        affinity: str | None = None,
+        adapter: str | None = None,
+    ) -> None:
         self._scheduler = scheduler
         self._model = model
         self._key = key
+        self._affinity = affinity
+        self._adapter = adapter
         self._supervisor: ModelSupervisor | None = None
         # Once entered: completes, with the reason, if the held engine is lost (it crashed,
         # was declared hung, a remote was declared down, its node was lost).
@@ -944,7 +1204,7 @@ class EngineFor:
     async def __aenter__(self) -> EngineHandle:
         scheduler = self._scheduler
         scheduler.note_request(self._model, self._key)
-        supervisor = scheduler._supervisor_to_wait_on(self._model)
+        supervisor = scheduler._supervisor_to_wait_on(self._model, self._affinity, self._adapter)
         deadline = scheduler._clock() + supervisor.settings.start_timeout
         engine = await supervisor.hold(deadline)
         self._supervisor = supervisor
