@@ -370,7 +370,8 @@ class SchedulerCore:
             since = self._overloaded_since.setdefault(load.model, now)
             if now - since < SCALE_UP_AFTER_S or not may_add(load):
                 continue
-            assert load.free_slot is not None and load.target is not None
+            assert load.free_slot is not None
+            assert load.target is not None
             world = self.world(event.snapshot, load.free_slot)
             gpus = [gpu.index for gpu in world.gpus]
             target = spread(load.target, load.siblings, world.engines, gpus)

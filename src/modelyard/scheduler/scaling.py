@@ -62,7 +62,9 @@ def may_add(load: ModelLoad) -> bool:
     )
 
 
-def spread(target: Target, siblings: Iterable[str], engines: Sequence[Engine], all_gpus: Sequence[int]) -> Target | None:
+def spread(
+    target: Target, siblings: Iterable[str], engines: Sequence[Engine], all_gpus: Sequence[int]
+) -> Target | None:
     """`target` limited to GPUs that hold none of its siblings: two engines of one model on
     one GPU share its compute, so the second adds memory use and little throughput. None
     when no allowed GPU is left."""

@@ -313,7 +313,9 @@ class Scheduler:
             for replica in self._replicas[name]:
                 replica.settings = self._settings_for(model)
                 replica.reconfigure(
-                    self._spec_factory(name, model), placement=self._hook_for(model), sleep_control=None
+                    self._spec_factory(name, model),
+                    placement=self._hook_for(model),
+                    sleep_control=None,
                 )
         self._index_names()
         # Adapters of a removed base model go with it (their requests would find no engine).
@@ -332,9 +334,7 @@ class Scheduler:
             for replica in self._replicas[name]:
                 # Its replicas stop (drained); load starts new ones with the new configuration.
                 replica.engine_config_changed()
-                self._in_background(
-                    replica.stop("engine configuration changed", drain=True)
-                )
+                self._in_background(self._stop_drained(replica, "engine configuration changed"))
         self._notify()
 
     def _in_background(
@@ -352,6 +352,9 @@ class Scheduler:
             await supervisor.stop(reason, drain=True)
         finally:
             self._retiring.pop(supervisor.key, None)
+
+    async def _stop_drained(self, supervisor: ModelSupervisor, reason: str) -> None:
+        await supervisor.stop(reason, drain=True)
 
     async def _replace_engine(self, supervisor: ModelSupervisor) -> None:
         was_running = supervisor.state in (
@@ -491,6 +494,18 @@ class Scheduler:
 
     def log_tail(self, name: str) -> list[str]:
         return self._supervisors[name].last_log_tail
+
+    def live_engines(self, name: str) -> list[EngineHandle]:
+        """Every engine of the model whatever its state, its own first, then its replicas'."""
+        return [s.engine for s in self._slots(name) if s.engine is not None]
+
+    def ready_engines_of(self, name: str) -> list[EngineHandle]:
+        """The model's ready engines, its own first."""
+        return [
+            s.engine
+            for s in self._slots(name)
+            if s.state is ModelState.READY and s.engine is not None
+        ]
 
     def live_engine(self, name: str) -> EngineHandle | None:
         """The model's engine process whatever its state (for following its log)."""
@@ -641,7 +656,9 @@ class Scheduler:
         ready = [s for s in slots if s.state is ModelState.READY and s.engine is not None]
         if not ready:
             if primary.state in (ModelState.STOPPED, ModelState.FAILED):
-                coming = [s for s in replicas if s.state in (ModelState.STARTING, ModelState.WAKING)]
+                coming = [
+                    s for s in replicas if s.state in (ModelState.STARTING, ModelState.WAKING)
+                ]
                 if coming:
                     return coming[0]
             return primary
@@ -953,7 +970,9 @@ class Scheduler:
         returns the keys of the engines it starts."""
         if self._closing:
             return []
-        loads = [self._load_of(name) for name, m in self.config.models.items() if m.replicas.max > 1]
+        loads = [
+            self._load_of(name) for name, m in self.config.models.items() if m.replicas.max > 1
+        ]
         if not loads:
             return []
         started = []
