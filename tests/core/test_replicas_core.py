@@ -111,7 +111,9 @@ def test_a_replica_never_evicts_a_model_with_traffic_but_takes_an_idle_ones_room
     # The same model idle for an hour: its room may be had, at the cost model's price.
     idle = replace(busy, in_flight=0, last_used=-3600.0)
     core = SchedulerCore()
-    ups = [u for tick in range(8) for u in check(core, tick * 0.25, load(12), coder_on(0, 12), idle)]
+    ups = [
+        u for tick in range(8) for u in check(core, tick * 0.25, load(12), coder_on(0, 12), idle)
+    ]
     assert [u.key for u in ups] == ["coder#2"]
 
 
@@ -155,7 +157,9 @@ def test_a_replica_that_would_have_to_wait_for_a_busy_engine_is_refused_not_queu
     assert refused.code == "no_room_for_replica"
 
 
-def idle(key: str, idle_s: float | None, *, running: bool = True, min_replicas: int = 0) -> IdleEngine:
+def idle(
+    key: str, idle_s: float | None, *, running: bool = True, min_replicas: int = 0
+) -> IdleEngine:
     return IdleEngine(
         key,
         idle_s,

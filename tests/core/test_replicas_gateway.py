@@ -75,9 +75,7 @@ async def test_overload_adds_a_replica_and_conversations_keep_theirs(tmp_path: P
         async def converse(number: int) -> None:
             messages = opening(number)
             for turn in range(5):
-                status, data, _ = await harness.chat(
-                    "coder", messages=messages, fake_delay=0.05
-                )
+                status, data, _ = await harness.chat("coder", messages=messages, fake_delay=0.05)
                 assert status == 200, data
                 messages = [
                     *messages,
@@ -138,7 +136,12 @@ async def test_lora_requests_go_to_the_engine_that_has_the_adapter(tmp_path: Pat
         "executable": ["vllm"],
         "args": BATCH_OF_4,
         "replicas": {"max": 2, "target_in_flight": 4},
-        "lora": {"max_loras": 1, "max_cpu_loras": 1, "max_rank": 8, "adapter_dirs": [str(adapters)]},
+        "lora": {
+            "max_loras": 1,
+            "max_cpu_loras": 1,
+            "max_rank": 8,
+            "adapter_dirs": [str(adapters)],
+        },
     }
     async with in_process_gateway(tmp_path, {"base": base}) as harness:
         await saturate_until_two(harness, "base")
@@ -152,25 +155,27 @@ async def test_lora_requests_go_to_the_engine_that_has_the_adapter(tmp_path: Pat
 
 
 async def test_hostile_session_headers_are_served(tmp_path: Path) -> None:
-    async with in_process_gateway(tmp_path, {"coder": coder()}) as harness:
-        # One engine is enough: the key is read for every request of a model with replicas.
-        async with aiohttp.ClientSession() as session:
-            for value in ["x" * 7000, "séance-😀-" * 50, "\t spaced \t", "null"]:
-                async with session.post(
-                    harness.url + "/v1/chat/completions",
-                    json={"model": "coder", "messages": [{"role": "user", "content": "hi"}]},
-                    headers={"X-Session-Id": value},
-                ) as response:
-                    assert response.status == 200, await response.text()
-            # Raw bytes that are not UTF-8 in the header: still a plain answer.
-            reader, writer = await asyncio.open_connection("127.0.0.1", harness.client.server.port)
-            body = b'{"model":"coder","messages":[{"role":"user","content":"hi"}]}'
-            writer.write(
-                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                b"Content-Type: application/json\r\nX-Session-Id: \xff\xfe\xc3\x28\r\n"
-                b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
-            )
-            await writer.drain()
-            answer = await asyncio.wait_for(reader.read(), 10)
-            writer.close()
-            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    # One engine is enough: the key is read for every request of a model with replicas.
+    async with (
+        in_process_gateway(tmp_path, {"coder": coder()}) as harness,
+        aiohttp.ClientSession() as session,
+    ):
+        for value in ["x" * 7000, "séance-😀-" * 50, "\t spaced \t", "null"]:
+            async with session.post(
+                harness.url + "/v1/chat/completions",
+                json={"model": "coder", "messages": [{"role": "user", "content": "hi"}]},
+                headers={"X-Session-Id": value},
+            ) as response:
+                assert response.status == 200, await response.text()
+        # Raw bytes that are not UTF-8 in the header: still a plain answer.
+        reader, writer = await asyncio.open_connection("127.0.0.1", harness.client.server.port)
+        body = b'{"model":"coder","messages":[{"role":"user","content":"hi"}]}'
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nX-Session-Id: \xff\xfe\xc3\x28\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
+        )
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
