@@ -206,3 +206,12 @@ def test_min_replicas_stay_running(keep: int) -> None:
 def test_replica_keys() -> None:
     assert replica_key("coder", 1) == "coder"
     assert replica_key("coder", 3) == "coder#3"
+
+
+def test_the_models_own_engine_stops_only_as_the_last() -> None:
+    # coder idle past its timeout, coder#2 busy: coder keeps running (its state is the
+    # model's), and stops once it is the last one.
+    busy_replica = (idle("coder", 900.0), idle("coder#2", None))
+    assert SchedulerCore().step(IdleCheck(busy_replica)) == []
+    alone = (idle("coder", 900.0), idle("coder#2", None, running=False))
+    assert SchedulerCore().step(IdleCheck(alone)) == [PutToSleep("coder", 1, "idle for 900s")]

@@ -98,9 +98,10 @@ def idle_stops(slots: Sequence[IdleSlot]) -> list[tuple[IdleSlot, bool]]:
     (another engine of its model runs on, so it stops rather than sleeps: a sleeping second
     copy would hold memory for nothing).
 
-    A model keeps `min_replicas` engines running; replicas go before the model's own slot
-    (its measured footprint and its sleep level are the ones that matter for a wake), the
-    longest idle first.
+    A model keeps `min_replicas` engines running; replicas go before the model's own slot,
+    the longest idle first, and the model's own engine only as the last one (its state is
+    the model's in status, and its measured footprint and sleep level are the ones a wake
+    reuses).
     """
     by_model: dict[str, list[IdleSlot]] = {}
     for slot in slots:
@@ -120,6 +121,8 @@ def idle_stops(slots: Sequence[IdleSlot]) -> list[tuple[IdleSlot, bool]]:
         for slot in eligible:
             if running <= slot.min_replicas:
                 break
+            if slot.key == model and running > 1:
+                continue  # the model's own engine goes last: its state is the model's
             chosen.append((slot, running > 1))
             running -= 1
     return chosen

@@ -740,7 +740,7 @@ class Scheduler:
         return max(1.0, round(supervisor.timings.last_start_s or 5.0))
 
     def total_waiting(self) -> int:
-        return sum(s.waiting for s in self._supervisors.values())
+        return sum(s.waiting for s in self._slots_of_all())
 
     # ----- deciding (called by a supervisor before its engine starts or wakes) -----
 
