@@ -179,3 +179,28 @@ async def test_hostile_session_headers_are_served(tmp_path: Path) -> None:
         answer = await asyncio.wait_for(reader.read(), 10)
         writer.close()
         assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+
+
+async def test_a_reload_lowering_max_drains_the_extra_engine(tmp_path: Path) -> None:
+    from modelyard.config import parse_config
+
+    async with in_process_gateway(tmp_path, {"coder": coder()}) as harness:
+        await saturate_until_two(harness)
+        # One slow request on each engine (least outstanding: the second goes to coder#2).
+        first = asyncio.ensure_future(harness.chat("coder", fake_delay=1.0, messages=[]))
+        await asyncio.sleep(0.1)
+        second = asyncio.ensure_future(harness.chat("coder", fake_delay=1.0, messages=[]))
+        await asyncio.sleep(0.2)
+        assert sorted(e["in_flight"] for e in replicas(harness)["engines"]) == [1, 1]
+        lowered = coder()
+        lowered["replicas"] = {"max": 1}
+        config = parse_config(
+            {"state_dir": str(tmp_path / "state"), "models": {"coder": lowered}}, "conf.yaml", {}
+        )
+        harness.gateway._apply(config)
+        answers = await asyncio.gather(first, second)
+        assert [status for status, _, _ in answers] == [200, 200]  # the drain cut nothing
+        await harness.gateway.scheduler.reconfigured()
+        assert [e["key"] for e in replicas(harness)["engines"]] == ["coder"]
+        stopped = [e for e in harness.runtime.of("coder") if e.process_gone()]
+        assert len(stopped) == 1
