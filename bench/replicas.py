@@ -225,7 +225,7 @@ def main() -> None:
             stop(gateway)
         peak = max(fake_gpu.peak(gpu_dir).values())
     print(json.dumps(result, indent=2))
-    print(f"peak planned on one GPU: {peak / GIB:.1f} GiB of 24")
+    print(f"peak claimed on one simulated GPU: {peak / GIB:.1f} GiB of 24")
     text = table(result, args)
     print(text)
     if args.write:
