@@ -462,14 +462,25 @@ class Scheduler:
         return supervisor.start_view() if supervisor is not None else None
 
     def engine_of(self, name: str) -> EngineHandle | None:
-        """The model's engine when it is ready (None otherwise)."""
-        supervisor = self._supervisors[name]
+        """The model's engine when it is ready (None otherwise); `name` may be a replica's
+        key (`coder#2`)."""
+        supervisor = self._supervisors.get(name) or self._slot(name)
+        if supervisor is None:
+            raise KeyError(name)
         return supervisor.engine if supervisor.state is ModelState.READY else None
 
     def ready_engines(self) -> dict[str, EngineHandle]:
         return {
             name: s.engine
             for name, s in self._supervisors.items()
+            if s.state is ModelState.READY and s.engine is not None
+        }
+
+    def ready_engines_by_key(self) -> dict[str, EngineHandle]:
+        """Every ready engine, replicas included, by its key (the watchdog checks each)."""
+        return {
+            s.key: s.engine
+            for s in self._slots_of_all()
             if s.state is ModelState.READY and s.engine is not None
         }
 
@@ -1055,8 +1066,8 @@ class Scheduler:
 
     async def declare_hung(self, model: str, pid: int, reason: str) -> bool:
         """The watchdog's verdict on the engine with `pid` (ignored if it changed meanwhile)."""
-        supervisor = self._supervisors[model]
-        if supervisor.engine is None or supervisor.engine.pid != pid:
+        supervisor = self._supervisors.get(model) or self._slot(model)  # or a replica's key
+        if supervisor is None or supervisor.engine is None or supervisor.engine.pid != pid:
             return False
         return await supervisor.declare_hung(reason)
 
