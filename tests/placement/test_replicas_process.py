@@ -72,7 +72,7 @@ async def saturate(
     return counted, statuses
 
 
-async def test_two_replicas_serve_more_and_scaling_down_cuts_nothing(
+async def test_two_replicas_serve_more_keep_conversations_and_scale_down_cutting_nothing(
     tmp_path: Path, gateway_factory: Any
 ) -> None:
     gpu_dir = tmp_path / "fake-gpu"
@@ -97,6 +97,27 @@ async def test_two_replicas_serve_more_and_scaling_down_cuts_nothing(
         two = await status_of(session, url, "two")
         assert two["replicas"]["running"] == 2
         assert sorted(e["gpus"][0] for e in two["replicas"]["engines"]) == [0, 1]
+
+        # Conversations below the target keep their engine (vLLM's prefix cache stays warm).
+        async def converse(number: int) -> None:
+            messages = [
+                {"role": "system", "content": "You review code. " * 30},
+                {"role": "user", "content": f"review change {number}"},
+            ]
+            for turn in range(4):
+                body = {"model": "two", "messages": messages, "fake_delay": 0.05}
+                async with session.post(url + "/v1/chat/completions", json=body) as response:
+                    assert response.status == 200
+                messages = [*messages, {"role": "assistant", "content": f"ok {turn}"},
+                            {"role": "user", "content": f"next {turn}"}]  # fmt: skip
+
+        before = (await status_of(session, url, "two"))["replicas"]
+        await asyncio.gather(*(converse(n) for n in range(6)))
+        after = (await status_of(session, url, "two"))["replicas"]
+        kept = after["affinity_kept"] - before["affinity_kept"]
+        moved = after["affinity_moved"] - before["affinity_moved"]
+        assert kept + moved == 6 * 3  # every later turn had a first one before it
+        assert kept >= 0.9 * (kept + moved), (kept, moved)
 
         # A long stream on one engine; the other idles past its timeout and stops.
         stream_body = {
