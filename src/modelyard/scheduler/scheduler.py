@@ -42,7 +42,6 @@ from modelyard.placement.policy import Target as PlacementTarget
 from modelyard.runtime.remote import RETRY_AFTER_S as RETRY_REMOTE_S
 from modelyard.runtime.start_progress import ProgressView
 from modelyard.runtime.weights_cache import download_folder
-from modelyard.scheduler.balance import Affinity, ReplicaLoad, choose_replica
 from modelyard.scheduler.core import (
     Arrived,
     CancelPreWarm,
@@ -70,7 +69,8 @@ from modelyard.scheduler.predictor import Predictor
 from modelyard.scheduler.prewarm import Candidate
 from modelyard.scheduler.prewarm_habits import HABITS_NAME, HabitsFile
 from modelyard.scheduler.prewarm_stats import PreWarmStats
-from modelyard.scheduler.scaling import ModelLoad, replica_key, spread
+from modelyard.scheduler.replica_set import RUNNING, ReplicaRouting, model_load, replicas_status
+from modelyard.scheduler.scaling import replica_key, spread
 from modelyard.scheduler.supervisor import (
     EngineHandle,
     EngineStarter,
@@ -89,8 +89,6 @@ log = logging.getLogger("modelyard.scheduler")
 # How often idle timers are checked: idle stops happen within this much of their timeout.
 # Replicas are checked on the same beat (scheduler/scaling.py).
 IDLE_CHECK_INTERVAL_S = 0.25
-# An engine that serves or is about to: counts toward its model's replicas.
-_RUNNING = (ModelState.READY, ModelState.STARTING, ModelState.WAKING)
 
 
 class Scheduler:
@@ -110,10 +108,8 @@ class Scheduler:
         self._supervisors: dict[str, ModelSupervisor] = {}
         # A model's other engines (replicas 2..max), by model; stopped until load asks.
         self._replicas: dict[str, list[ModelSupervisor]] = {}
-        self._affinity = Affinity()
+        self._routing = ReplicaRouting()  # which engine serves each request
         self._scaling: set[str] = set()  # engines starting for load: they never wait for room
-        # Requests whose conversation had gone to an engine before: [kept it, moved], by model.
-        self.affinity_counts: dict[str, list[int]] = {}
         # Whether the engine (by pid) of a base model has a LoRA adapter loaded: set by the
         # adapter manager, for the request path's LoRA affinity.
         self.adapter_loaded: Callable[[str, str, int], bool] = lambda _base, _name, _pid: False
@@ -657,41 +653,22 @@ class Scheduler:
     def _choose_slot(
         self, model: str, affinity: str | None, adapter: str | None
     ) -> ModelSupervisor:
-        """One of the model's ready engines (scheduler/balance.py); with none ready, one
-        whose start or wake is under way, else the model's own engine (which starts)."""
+        """The engine for one request (scheduler/replica_set.py)."""
         primary = self._supervisors[model]
         replicas = self._replicas.get(model)
         if not replicas:
             return primary  # one engine: the request path stays as it was, no lookups
-        slots = [primary, *replicas]
-        ready = [s for s in slots if s.state is ModelState.READY and s.engine is not None]
-        if not ready:
-            if primary.state in (ModelState.STOPPED, ModelState.FAILED):
-                coming = [
-                    s for s in replicas if s.state in (ModelState.STARTING, ModelState.WAKING)
-                ]
-                if coming:
-                    return coming[0]
-            return primary
-        loads = [
-            ReplicaLoad(
-                s.key,
-                s.in_flight,
+
+        def has_adapter(slot: ModelSupervisor) -> bool:
+            engine = slot.engine
+            return (
                 adapter is not None
-                and s.engine is not None
-                and self.adapter_loaded(model, adapter, s.engine.pid),
+                and engine is not None
+                and (self.adapter_loaded(model, adapter, engine.pid))
             )
-            for s in ready
-        ]
-        remembered = f"{model}\0{affinity}" if affinity else None
-        last = self._affinity.get(remembered) if remembered else None
-        chosen = choose_replica(loads, self.config.models[model].replicas.target_in_flight, last)
-        if remembered is not None:
-            self._affinity.remember(remembered, chosen)
-            if last is not None:
-                kept = self.affinity_counts.setdefault(model, [0, 0])
-                kept[0 if last == chosen else 1] += 1
-        return next(s for s in ready if s.key == chosen)
+
+        target = self.config.models[model].replicas.target_in_flight
+        return self._routing.choose(model, [primary, *replicas], target, affinity, has_adapter)
 
     def _supervisor_of(self, name: str) -> ModelSupervisor:
         """The model's supervisor, also while a reload that removed it drains its engine
@@ -939,7 +916,7 @@ class Scheduler:
                     self.config.models[name].pinned and s.key == name,
                     (self.config.models[name].sleep or 0) if s.can_sleep else 0,
                     model=name,
-                    running=s.state in _RUNNING,
+                    running=s.state in RUNNING,
                     min_replicas=self.config.models[name].replicas.min,
                 )
                 for name in self._supervisors
@@ -982,7 +959,9 @@ class Scheduler:
         if self._closing:
             return []
         loads = [
-            self._load_of(name) for name, m in self.config.models.items() if m.replicas.max > 1
+            model_load(name, self._slots(name), m.replicas, self._planning.target)
+            for name, m in self.config.models.items()
+            if m.replicas.max > 1
         ]
         if not loads:
             return []
@@ -996,32 +975,6 @@ class Scheduler:
             self._in_background(self._scale_up(replica, command.reason), self._evicting)
             started.append(command.key)
         return started
-
-    def _load_of(self, name: str) -> ModelLoad:
-        slots = self._slots(name)
-        running = [s for s in slots if s.state in _RUNNING]
-        # A free slot: a sleeping engine first (a wake beats a start), then a stopped one
-        # that is not waiting out a crash-loop back-off.
-        free = [s for s in slots if s.state is ModelState.SLEEPING and not s.placing] or [
-            s
-            for s in slots
-            if s.state in (ModelState.STOPPED, ModelState.FAILED)
-            and s.backoff_remaining() == 0
-            and s.waiting == 0
-        ]
-        chosen = free[0] if free else None
-        replicas = self.config.models[name].replicas
-        return ModelLoad(
-            model=name,
-            outstanding=sum(s.in_flight + s.waiting for s in slots),
-            running=len(running),
-            starting=sum(1 for s in running if s.state is not ModelState.READY),
-            target_in_flight=replicas.target_in_flight,
-            max_replicas=replicas.max,
-            free_slot=chosen.key if chosen is not None else None,
-            target=self._planning.target(chosen) if chosen is not None else None,
-            siblings=tuple(s.key for s in slots if s is not chosen),
-        )
 
     async def _scale_up(self, replica: ModelSupervisor, reason: str) -> None:
         """Start (or wake) one more engine of its model; a refusal (the room went to another
@@ -1122,27 +1075,6 @@ class Scheduler:
 
     # ----- status -----
 
-    def _replicas_status(self, name: str) -> dict[str, Any]:
-        """The model's engines (those that hold one), its replica settings, why the last
-        scale-up it needed was not made, and how often conversations kept their engine."""
-        replicas = self.config.models[name].replicas
-        slots = self._slots(name)
-        kept, moved = self.affinity_counts.get(name, (0, 0))
-        return {
-            "min": replicas.min,
-            "max": replicas.max,
-            "target_in_flight": replicas.target_in_flight,
-            "running": sum(1 for s in slots if s.state in _RUNNING),
-            "engines": [
-                _engine_status(s)
-                for s in slots
-                if s.state not in (ModelState.STOPPED, ModelState.FAILED)
-            ],
-            "scale_blocked": self._core.scale_blocked.get(name),
-            "affinity_kept": kept,
-            "affinity_moved": moved,
-        }
-
     def model_status(self, name: str) -> dict[str, Any]:
         supervisor = self._supervisors[name]
         model = self.config.models[name]
@@ -1163,7 +1095,12 @@ class Scheduler:
             "port": None if supervisor.engine is None or remote else supervisor.engine.port,
             "in_flight": sum(s.in_flight for s in self._slots(name)),
             "queued": sum(s.waiting for s in self._slots(name)),
-            "replicas": self._replicas_status(name),
+            "replicas": replicas_status(
+                self._slots(name),
+                model.replicas,
+                self._core.scale_blocked.get(name),
+                self._routing.counts.get(name, (0, 0)),
+            ),
             "waiting_for_room": supervisor.placing,
             # While starting: phase (downloading, loading weights, compiling), fraction, detail.
             "progress": None if (view := supervisor.start_view()) is None else view.to_json(),
@@ -1184,20 +1121,6 @@ class Scheduler:
                 "retry_in_s": supervisor.backoff_remaining(),
             },
         }
-
-
-def _engine_status(supervisor: ModelSupervisor) -> dict[str, Any]:
-    engine = supervisor.engine
-    return {
-        "key": supervisor.key,
-        "state": supervisor.state.value,
-        "in_flight": supervisor.in_flight,
-        "queued": supervisor.waiting,
-        "pid": engine.pid if engine is not None else None,
-        "port": engine.port if engine is not None else None,
-        "node": engine.node if engine is not None else None,
-        "gpus": list(supervisor.budget.gpu_indexes) if supervisor.budget else [],
-    }
 
 
 def _pick(value: float | None, default: float) -> float:
