@@ -29,6 +29,7 @@ from modelyard.api.accounting import (
     usage_of,
 )
 from modelyard.api.admission import model_refusal, usable_names
+from modelyard.api.affinity import affinity_key
 from modelyard.api.bodies import (
     looks_like_json_object,
     model_field,
@@ -509,6 +510,7 @@ async def _engine_for(
     stack: contextlib.AsyncExitStack,
     streamed: bool,
     loading: _Loading,
+    body: bytes | None = None,
 ) -> tuple[EngineHandle, EngineFor]:
     """The ready engine, and its hold (whose `lost` signal ends the request if the engine is
     lost). A fair turn comes first (a model at its max_in_flight): a request waiting its turn
@@ -517,7 +519,12 @@ async def _engine_for(
     principal = principal_of(request)
     turn = await take_turn(gateway, principal, target.model)
     stack.callback(end_turn, gateway, turn)
-    context = gateway.scheduler.engine_for(target.model, principal.name)
+    affinity = None
+    if gateway.scheduler.model_config(target.model).replicas.max > 1:
+        affinity = affinity_key(request.headers, body)  # which engine has its prefix cached
+    context = gateway.scheduler.engine_for(
+        target.model, principal.name, affinity=affinity, adapter=target.adapter
+    )
     if not streamed or gateway.scheduler.state_of(target.model) is ModelState.READY:
         return await stack.enter_async_context(context), context
     model = gateway.scheduler.model_config(target.model)
@@ -558,13 +565,15 @@ async def _forward_once(
     usage: dict[str, int] = {}
     outcome = ProxyOutcome()
     engine: EngineHandle | None = None
+    engine_key = target.model  # the held engine's: the model's, or a replica's
     try:
         if target.adapter is not None:
             gateway.lora_manager().check(target)  # a bad adapter never starts the engine
         async with contextlib.AsyncExitStack() as stack:
             engine, held = await _engine_for(
-                request, gateway, target, stack, streamed_request, loading
+                request, gateway, target, stack, streamed_request, loading, body
             )
+            engine_key = held.engine_key
             if target.adapter is not None:  # the adapter stays loaded while it serves
                 await stack.enter_async_context(gateway.lora_manager().use(target, engine))
             # Built from the canonical form: the engine decodes exactly the path that was
@@ -587,7 +596,7 @@ async def _forward_once(
                 lost=held.lost,  # a lost engine ends its requests at once
                 prepared=loading.stream.response if loading.stream else None,
                 answer_headers={SERVED_BY_HEADER: served_by} if served_by else None,
-                first_byte=first_byte_guard(gateway, target.model, engine),
+                first_byte=first_byte_guard(gateway, target.model, engine_key, engine),
             )
             status, first_byte, streamed = outcome.status, outcome.first_byte_s, outcome.streamed
             if outcome.first_byte_timed_out:
@@ -623,7 +632,7 @@ async def _forward_once(
         if gateway.scheduler.is_remote(target.model):
             await _forget_remote(request, gateway, target.model, error)
         assert engine is not None
-        if await lost_after_refusal(gateway, target.model, engine):
+        if await lost_after_refusal(gateway, engine_key, engine):
             if error.refused and may_resend:
                 raise _SendAgain(f"its engine was lost before it saw a request ({error})") from None
             raise _engine_lost(request, gateway, target.model, str(error)) from None

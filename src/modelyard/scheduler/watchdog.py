@@ -32,9 +32,9 @@ Probe = Callable[[EngineHandle, float], Awaitable[bool]]
 class Watched(Protocol):
     """What the watchdog needs of the scheduler."""
 
-    def ready_engines(self) -> dict[str, EngineHandle]: ...
+    def ready_engines_by_key(self) -> dict[str, EngineHandle]: ...
 
-    def engine_of(self, name: str) -> EngineHandle | None: ...
+    def engine_of(self, name: str) -> EngineHandle | None: ...  # a model's, or a replica key's
 
     async def declare_hung(self, model: str, pid: int, reason: str) -> bool: ...
 
@@ -118,19 +118,20 @@ class EngineWatchdog:
 
     async def check_all(self) -> list[str]:
         """Check every ready engine once; returns the models declared hung."""
-        ready = self._scheduler.ready_engines()
+        ready = self._scheduler.ready_engines_by_key()  # each replica of a model too
         results = await asyncio.gather(*(self._check(n, e) for n, e in ready.items()))
         return [name for name, hung in zip(ready, results, strict=True) if hung]
 
     async def check_now(self, name: str, engine: EngineHandle) -> bool:
         """Check `engine` now, on a request's behalf; True if it answered its health check.
+        `name` is the engine's key (the model's, or a replica's).
 
         The check counts like a periodic one: when its failure makes enough in a row, the
         engine is declared hung before this returns (its stop goes on in the background).
         An engine that is no longer the model's ready engine counts as not answering: it was
         lost or stopped meanwhile.
         """
-        if self._scheduler.engine_of(name) is not engine:
+        if not self._is_ready(name, engine):
             return False
         pending = self._checking.get(id(engine))
         if pending is None:
@@ -141,7 +142,7 @@ class EngineWatchdog:
 
     async def _check_for_request(self, name: str, engine: EngineHandle) -> bool:
         healthy = await self._probe(engine, self.settings.timeout)
-        if self._scheduler.engine_of(name) is not engine:
+        if not self._is_ready(name, engine):
             return False
         if self._count_check(name, engine, healthy):
             # The verdict's stop takes the engine's stop grace: the request does not wait
@@ -150,9 +151,17 @@ class EngineWatchdog:
             self._verdicts.add(task)
             task.add_done_callback(self._verdicts.discard)
             task.add_done_callback(_log_failure)
-            while self._scheduler.engine_of(name) is engine and not task.done():
+            while self._is_ready(name, engine) and not task.done():
                 await asyncio.sleep(0.01)
         return healthy
+
+    def _is_ready(self, name: str, engine: EngineHandle) -> bool:
+        """Whether `engine` is still the ready engine of `name` (a slot a reload or a
+        scale-down removed has none)."""
+        try:
+            return self._scheduler.engine_of(name) is engine
+        except KeyError:
+            return False
 
     def _count_check(self, name: str, engine: EngineHandle, healthy: bool) -> bool:
         """Count one check's answer; True when the failures in a row make it hung."""
