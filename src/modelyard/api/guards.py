@@ -21,6 +21,7 @@ from modelyard.auth.authenticator import Authenticator, Refusal
 from modelyard.auth.origins import BrowserPolicy
 from modelyard.auth.principal import ANONYMOUS
 from modelyard.proxy.canonical import CanonicalTarget, NonCanonical, canonical_target
+from modelyard.workers.desk import raw_target
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -42,7 +43,7 @@ CORS_EXPOSED_HEADERS = (
 def canonical_of(request: web.Request) -> CanonicalTarget:
     """The canonical target (set by `canonical_form`; computed here for apps without it)."""
     found = request.get(CANONICAL_KEY)
-    return found if found is not None else canonical_target(request.raw_path)
+    return found if found is not None else canonical_target(raw_target(request))
 
 
 def browser_guard(policy: BrowserPolicy) -> Middleware:
@@ -101,7 +102,7 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
 @web.middleware
 async def canonical_form(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
-        target = canonical_target(request.raw_path)
+        target = canonical_target(raw_target(request))
     except NonCanonical as error:
         raise ApiError(400, f"invalid request path: {error}", "invalid_path") from None
     # The router matched the server's own decoding; a disagreement with ours is refused
