@@ -52,7 +52,9 @@ class WorkerPool:
         )
         self.processes[name] = process
         exited = asyncio.ensure_future(process.wait())
-        done, _ = await asyncio.wait({ready, exited}, timeout=START_TIMEOUT_S)
+        done, _ = await asyncio.wait(
+            {ready, exited}, timeout=START_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+        )
         if ready not in done:
             exited.cancel()
             if process.returncode is None:

@@ -293,7 +293,7 @@ class Worker:
 
     async def _finish(self, finish: Finish) -> None:
         try:
-            async with self.control.post(FINISH_PATH, data=encode(finish)) as answer:
+            async with self.control.post("http://owner" + FINISH_PATH, data=encode(finish)) as answer:
                 if answer.status >= 400:
                     log.error("the gateway refused a finish: %s", await answer.text())
         except (aiohttp.ClientError, TimeoutError) as error:
@@ -383,7 +383,7 @@ async def run(settings: WorkerSettings) -> None:
     orphan_watch = asyncio.ensure_future(_stop_when_orphaned(stop))
     try:
         async with worker.control.post(
-            f"/ready/{settings.name}", params={"version": str(VERSION), "pid": str(os.getpid())}
+            f"http://owner/ready/{settings.name}", params={"version": str(VERSION), "pid": str(os.getpid())}
         ) as answer:
             if answer.status != 204:
                 log.error("the gateway refused this worker: %s", await answer.text())
