@@ -179,34 +179,37 @@ class AdmissionDesk:
             # is a worker: the same headers from a client over TCP mean nothing.
             if not _from_unix_socket(request):
                 return await handler(request)
-            admission, problem = _read_admission(request)
-            if admission is None:
-                log.error("refused a worker's request: %s", problem)
-                return error_response(400, problem, "worker_protocol")
-            peer = request.headers.get(PEER_HEADER)
-            request = request.clone(remote=peer) if peer else request
-            admission.request = request
-            request[ADMISSION_KEY] = admission
-            self._open[admission.id] = admission
-            try:
-                response = await handler(request)
-                if admission.response is None:
-                    return response  # answered in full: the worker passes it on
-                if response is not admission.response:
-                    # An error once the channel was open (a refused start, a fallback
-                    # that failed): its last message.
-                    await admission.send(_refused(response))
-                await admission.send(Done())
-                await admission.response.write_eof()
-            except (ConnectionError, RuntimeError) as error:
-                if admission.response is None:
-                    raise
-                log.debug("worker channel closed: %s", error)
-            finally:
-                self._open.pop(admission.id, None)
-            return admission.response
+            return await self._admit(request, handler)
 
         return admit
+
+    async def _admit(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        admission, problem = _read_admission(request)
+        if admission is None:
+            log.error("refused a worker's request: %s", problem)
+            return error_response(400, problem, "worker_protocol")
+        peer = request.headers.get(PEER_HEADER)
+        request = request.clone(remote=peer) if peer else request
+        admission.request = request
+        request[ADMISSION_KEY] = admission
+        self._open[admission.id] = admission
+        try:
+            response = await handler(request)
+            if admission.response is None:
+                return response  # answered in full: the worker passes it on
+            if response is not admission.response:
+                # An error once the channel was open (a refused start, a fallback that
+                # failed): its last message.
+                await admission.send(_refused(response))
+            await admission.send(Done())
+            await admission.response.write_eof()
+        except (ConnectionError, RuntimeError) as error:
+            if admission.response is None:
+                raise
+            log.debug("worker channel closed: %s", error)
+        finally:
+            self._open.pop(admission.id, None)
+        return admission.response
 
     def control_app(self) -> web.Application:
         app = web.Application()

@@ -260,7 +260,7 @@ class Worker:
         try:
             response, outcome = await self.upstream.forward(
                 request,
-                relay.url,
+                URL(relay.url, encoded=True),  # as the owner built it: no re-encoding
                 relay.body_bytes(),
                 lambda: reading.transformer(served),
                 (lambda data: rewrite_model_in_json(data, replacements)) if replacements else None,
@@ -357,8 +357,13 @@ async def run(settings: WorkerSettings) -> None:
         else None
     )
     worker = Worker(settings)
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", worker.handle)
+    # Every request, whatever its target (one no route would match too), goes to the owner:
+    # a middleware, not a route, so aiohttp's router answers nothing here.
+    @web.middleware
+    async def to_owner(request: web.Request, handler: object) -> web.StreamResponse:
+        return await worker.handle(request)
+
+    app = web.Application(middlewares=[to_owner])
     app.on_response_prepare.append(add_cors_headers)
     runner = web.AppRunner(
         app, handler_cancellation=True, access_log=None, shutdown_timeout=settings.shutdown_grace
