@@ -201,7 +201,7 @@ async def start_workers(
     served.worker_listener = await asyncio.get_running_loop().create_unix_server(
         protocol_factory(served.runner, lambda: WORKER_LINK_LIMITS), str(admission)
     )
-    admission.chmod(0o600)
+    os.chmod(admission, 0o600)  # in a folder of mode 0700 already
     control = await serve_control(desk, folder / "control.sock")
     config = gateway.config
     settings = WorkerSettings(

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from modelyard.api.errors import error_response
 from modelyard.proxy.forward import EngineLost, ProxyOutcome, UpstreamError, UpstreamTimeout
@@ -57,6 +58,7 @@ class Admission:
         self.response: web.StreamResponse | None = None
         self.client_left = False
         self._finish: asyncio.Future[Finish] | None = None
+        self._telling: set[asyncio.Future[None]] = set()
 
     @property
     def worker_lost(self) -> bool:
@@ -102,9 +104,10 @@ class Admission:
                 raise EngineLost(lost.result())
 
             def watch(future: asyncio.Future[str]) -> None:
-                with contextlib.suppress(Exception):
-                    # The worker's exchange ends at once (its task is told, not this one).
-                    asyncio.ensure_future(self._tell_lost(future.result()))
+                # The worker's exchange ends at once (its task is told, not this one).
+                telling = asyncio.ensure_future(self._tell_lost(future.result()))
+                self._telling.add(telling)
+                telling.add_done_callback(self._telling.discard)
 
             lost.add_done_callback(watch)
         try:
@@ -172,7 +175,7 @@ class AdmissionDesk:
         self._open: dict[str, Admission] = {}
         self.ready: dict[str, asyncio.Future[int]] = {}
 
-    def middleware(self) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    def middleware(self) -> Middleware:
         @web.middleware
         async def admit(request: web.Request, handler: Handler) -> web.StreamResponse:
             # Only a connection on the owner's own socket (mode 0600, in a private folder)
@@ -270,6 +273,4 @@ def _refused(response: web.StreamResponse) -> Refused:
         for name, value in response.headers.items()
         if name.lower() not in ("content-length", "content-type")
     }
-    return Refused(
-        status=response.status, message=message, code=code, headers=headers, body=text
-    )
+    return Refused(status=response.status, message=message, code=code, headers=headers, body=text)

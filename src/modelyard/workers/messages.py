@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from modelyard.proxy.sse import StreamMeter, StreamTransformer
 
-VERSION = 1
+VERSION: Literal[1] = 1
 # Header on the worker's request to the owner: `<VERSION> <worker index> <request id>`.
 ADMISSION_HEADER = "Modelyard-Admission"
 CHANNEL_TYPE = "application/x-modelyard-channel"

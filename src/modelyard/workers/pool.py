@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import tempfile
@@ -114,5 +115,5 @@ async def serve_control(desk: AdmissionDesk, path: Path) -> web.AppRunner:
     await runner.setup()
     site = web.UnixSite(runner, str(path))
     await site.start()
-    path.chmod(0o600)
+    os.chmod(path, 0o600)  # in a folder of mode 0700 already
     return runner

@@ -11,12 +11,18 @@ working directory (and PYTHON* variables) off `sys.path`.
 
 from __future__ import annotations
 
+import signal
+
+# First, before the imports that take a while: a SIGHUP to the process group (a closed
+# terminal, a reload) while this worker starts must not kill it. `run` handles it later.
+if __name__ == "__main__":
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
 import asyncio
 import contextlib
 import itertools
 import logging
 import os
-import signal
 import sys
 from dataclasses import dataclass, field
 
@@ -293,7 +299,9 @@ class Worker:
 
     async def _finish(self, finish: Finish) -> None:
         try:
-            async with self.control.post("http://owner" + FINISH_PATH, data=encode(finish)) as answer:
+            async with self.control.post(
+                "http://owner" + FINISH_PATH, data=encode(finish)
+            ) as answer:
                 if answer.status >= 400:
                     log.error("the gateway refused a finish: %s", await answer.text())
         except (aiohttp.ClientError, TimeoutError) as error:
@@ -357,6 +365,7 @@ async def run(settings: WorkerSettings) -> None:
         else None
     )
     worker = Worker(settings)
+
     # Every request, whatever its target (one no route would match too), goes to the owner:
     # a middleware, not a route, so aiohttp's router answers nothing here.
     @web.middleware
@@ -388,7 +397,8 @@ async def run(settings: WorkerSettings) -> None:
     orphan_watch = asyncio.ensure_future(_stop_when_orphaned(stop))
     try:
         async with worker.control.post(
-            f"http://owner/ready/{settings.name}", params={"version": str(VERSION), "pid": str(os.getpid())}
+            f"http://owner/ready/{settings.name}",
+            params={"version": str(VERSION), "pid": str(os.getpid())},
         ) as answer:
             if answer.status != 204:
                 log.error("the gateway refused this worker: %s", await answer.text())
