@@ -25,6 +25,7 @@ from modelyard.workers.messages import (
     encode,
 )
 from tests.conftest import RunningGateway, fake_model
+from tests.security.raw_http import dechunk
 
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -218,3 +219,32 @@ def test_unreadable_messages_are_refused_clearly(line):
 def test_a_finish_survives_the_trip():
     finish = Finish(request="w0-1", status=200, usage={"prompt_tokens": 3}, streamed=True)
     assert decode_finish(encode(finish)) == finish
+
+
+def test_clients_of_workers_are_kept_informed_through_a_cold_start(gateway_factory):
+    """Streams that wait for an engine's start, on every process's connections: each gets its
+    headers and loading comments while the engine starts, then the whole answer."""
+    gateway = gateway_factory(
+        {"chat": fake_model("chat", "--vllm-start", "4", "--download")}, proxy_workers=2
+    )
+    port = int(gateway.url.rsplit(":", 1)[1])
+    socks = []
+    for index in range(6):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        extra = ("X-Modelyard-Loading: content",) if index == 0 else ()
+        sock.sendall(_request(port, {**CHAT, "stream": True, "fake_chunks": 3}, *extra))
+        socks.append(sock)
+    time.sleep(0.5)  # every connection accepted by now (the start takes 4 s)
+    workers = list(worker_settings(gateway))
+    assert any(holder_of(sock, workers) for sock in socks), "no stream went through a worker"
+    for index, sock in enumerate(socks):
+        answer = _answer(sock)
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+        answer = dechunk(answer.split(b"\r\n\r\n", 1)[1])
+        assert answer.startswith(b": loading chat: "), answer[:500]
+        assert answer.rstrip().endswith(b"data: [DONE]"), answer[-300:]
+        assert b'"error"' not in answer
+        if index == 0:
+            assert b"reasoning_content" in answer and b"loading chat" in answer
+    assert gateway.log_text().count("status=200") == 6
