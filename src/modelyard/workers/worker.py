@@ -156,6 +156,7 @@ class Worker:
             settings.upstream_connect_timeout, settings.upstream_read_timeout
         )
         self._ids = itertools.count()
+        self.in_flight = 0  # requests being handled, for the drain at shutdown
 
     async def close(self) -> None:
         await self.upstream.close()
@@ -163,6 +164,13 @@ class Worker:
         await self.control.close()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.in_flight += 1
+        try:
+            return await self._handle(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         request_id = f"{self.settings.name}-{next(self._ids)}"
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _HOP]
         if request.headers.get("Content-Encoding"):
@@ -255,7 +263,7 @@ class Worker:
         channel: _Channel,
         relay: Relay,
         prepared: web.StreamResponse | None,
-    ) -> web.StreamResponse:
+    ) -> web.StreamResponse | None:
         loop = asyncio.get_running_loop()
         channel.lost = loop.create_future()
         reading = relay.reading
@@ -280,17 +288,17 @@ class Worker:
             await self._finish(
                 finish.model_copy(update={"failure": "lost", "failure_detail": str(lost)})
             )
-            return prepared or web.StreamResponse()
+            return None  # the gateway's process answers it next (an error, a fallback)
         except UpstreamTimeout as error:
             await self._finish(
                 finish.model_copy(update={"failure": "timeout", "failure_detail": str(error)})
             )
-            return prepared or web.StreamResponse()
+            return None  # the gateway's process answers it next (an error, a fallback)
         except UpstreamError as error:
             await self._finish(
                 finish.model_copy(update={"failure": "unreachable", "failure_detail": str(error)})
             )
-            return prepared or web.StreamResponse()
+            return None  # the gateway's process answers it next (an error, a fallback)
         except asyncio.CancelledError:
             await asyncio.shield(self._finish(_finished(finish, outcome, served, client_gone=True)))
             raise
@@ -406,26 +414,28 @@ async def run(settings: WorkerSettings) -> None:
         await stop.wait()
     finally:
         orphan_watch.cancel()
-        listener.close()  # connections in flight carry on for the grace period
-        await runner.shutdown()
-        await _drain(runner, worker, settings.shutdown_grace)
+        listener.close()  # requests in flight carry on for the grace period
+        await _drain(worker, settings.shutdown_grace)
         await runner.cleanup()
         await worker.close()
 
 
-async def _drain(runner: web.AppRunner, worker: Worker, grace: float) -> None:
-    server = runner.server
-    deadline = loop_time() + grace
-    while server is not None and server.connections and loop_time() < deadline:
+async def _drain(worker: Worker, grace: float) -> None:
+    """As the gateway's process does: one grace period for requests in flight, then streams
+    still going end with an error event that says why, not silently."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    while worker.in_flight and loop.time() < deadline:
         await asyncio.sleep(0.1)
+    if not worker.in_flight:
+        return
     worker.upstream.cut_streams(
         f"the gateway is shutting down; this stream was ended after {grace:g}s "
         "(limits.shutdown_grace)"
     )
-
-
-def loop_time() -> float:
-    return asyncio.get_running_loop().time()
+    deadline = loop.time() + 5.0
+    while worker.in_flight and loop.time() < deadline:
+        await asyncio.sleep(0.1)
 
 
 def _reload(certificate: ServerCertificate | None) -> None:
