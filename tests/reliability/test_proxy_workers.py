@@ -127,6 +127,9 @@ def test_a_worker_killed_mid_stream_is_logged_502_and_lets_go_of_the_engine(gate
         lambda: "status=502" in gateway.log_text(), "the lost request was not logged as 502"
     )
     assert "proxy worker" in gateway.log_text() and "logged as 502" in gateway.log_text()
+    # Gone for good (reaped): a connection still waiting in a dead process's accept queue is
+    # reset by the kernel, and that is not what this test is about.
+    wait_for(lambda: "exited with -9" in gateway.log_text(), "the worker's exit was not seen")
     # Its turn (max_in_flight: 1) and its hold were let go: the next request is served.
     for _ in range(4):
         status, answer = _chat(gateway)
@@ -248,3 +251,47 @@ def test_clients_of_workers_are_kept_informed_through_a_cold_start(gateway_facto
         if index == 0:
             assert b"reasoning_content" in answer and b"loading chat" in answer
     assert gateway.log_text().count("status=200") == 6
+
+
+def test_keys_are_charged_exactly_whichever_process_serves(gateway_factory):
+    """A key's budget, usage and metrics add up to what its requests used, with requests on
+    fresh connections spread over the gateway's process and two workers; `/metrics`
+    answers the same totals from every process."""
+    import urllib.request
+
+    import openai
+
+    from tests.security.keys import ADMIN_KEY, auth_settings
+
+    gateway = gateway_factory({"chat": fake_model("chat")}, proxy_workers=2, **auth_settings())
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"}
+
+    def call(method: str, path: str, body: Any = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        sent = urllib.request.Request(gateway.url + path, data=data, method=method, headers=admin)
+        with urllib.request.urlopen(sent, timeout=30) as answer:
+            text = answer.read().decode()
+        return text if path == "/metrics" else json.loads(text)
+
+    key = call("POST", "/admin/keys", {"name": "spread", "models": ["chat"], "token_budget": 100_000})
+    messages: Any = CHAT["messages"]
+    for _ in range(6):
+        with openai.OpenAI(base_url=gateway.url + "/v1", api_key=key["key"], max_retries=0) as sdk:
+            answer = sdk.chat.completions.create(model="chat", messages=messages)
+            assert answer.choices[0].message.content == "chat says: hi"
+        with openai.OpenAI(base_url=gateway.url + "/v1", api_key=key["key"], max_retries=0) as sdk:
+            stream = sdk.chat.completions.create(
+                model="chat", messages=messages, stream=True, extra_body={"fake_chunks": 4}
+            )
+            chunks = list(stream)
+            assert chunks and all(chunk.usage is None for chunk in chunks)
+    entry = next(k for k in call("GET", "/admin/keys")["keys"] if k["name"] == "spread")
+    assert entry["usage"]["models"]["chat"] == {
+        "requests": 12,
+        "prompt_tokens": 6 * 5 + 6 * 5,
+        "completion_tokens": 6 * 3 + 6 * 4,
+    }
+    assert entry["budget"]["spent"] == 6 * 8 + 6 * 9
+    line = 'modelyard_requests_total{key="spread",model="chat",route="/v1/chat",status="200"} 12.0'
+    for _ in range(6):  # fresh connections: each process answers with the owner's totals
+        assert line in call("GET", "/metrics")

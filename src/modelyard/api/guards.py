@@ -16,6 +16,7 @@ from aiohttp.typedefs import Middleware
 
 from modelyard.api.access import FORBIDDEN_KEY, PRINCIPAL_KEY
 from modelyard.api.admission import identify, is_open, needs_key, refusal_answer
+from modelyard.api.cors import CORS_ORIGIN_KEY, add_cors_headers
 from modelyard.api.errors import ApiError
 from modelyard.auth.authenticator import Authenticator, Refusal
 from modelyard.auth.origins import BrowserPolicy
@@ -23,20 +24,16 @@ from modelyard.auth.principal import ANONYMOUS
 from modelyard.proxy.canonical import CanonicalTarget, NonCanonical, canonical_target
 from modelyard.workers.desk import raw_target
 
+__all__ = ["CORS_ORIGIN_KEY", "add_cors_headers"]  # kept here for their importers too
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 CANONICAL_KEY = web.RequestKey("modelyard.canonical", CanonicalTarget)
-CORS_ORIGIN_KEY = web.RequestKey("modelyard.cors_origin", str)
 CORS_ALLOWED_HEADERS = (
     "Authorization, Content-Type, X-Api-Key, Api-Key, OpenAI-Organization, OpenAI-Project, "
     "X-Stainless-Arch, X-Stainless-Lang, X-Stainless-OS, X-Stainless-Package-Version, "
     "X-Stainless-Retry-Count, X-Stainless-Runtime, X-Stainless-Runtime-Version, "
     "X-Stainless-Timeout, X-Stainless-Async, Last-Event-ID, Cache-Control"
-)
-CORS_EXPOSED_HEADERS = (
-    "Retry-After, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, "
-    "x-ratelimit-reset-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, "
-    "x-ratelimit-reset-tokens, x-budget-limit-tokens, x-budget-spent-tokens"
 )
 
 
@@ -88,15 +85,6 @@ def _preflight(policy: BrowserPolicy, origin: str, headers: object) -> web.Strea
             "Vary": "Origin",
         },
     )
-
-
-async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: answers to a listed origin say so (streams too)."""
-    origin = request.get(CORS_ORIGIN_KEY)
-    if origin is not None:
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED_HEADERS
-        response.headers["Vary"] = "Origin"
 
 
 @web.middleware

@@ -45,6 +45,8 @@ T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # How often a waiting worker is told the start's progress (it comments every 3 s).
 PROGRESS_INTERVAL_S = 1.0
+# Requests whose client left before they reached the desk, remembered for a while.
+LEFT_EARLY_KEPT = 10_000
 
 
 class Admission:
@@ -173,6 +175,7 @@ class AdmissionDesk:
 
     def __init__(self) -> None:
         self._open: dict[str, Admission] = {}
+        self._left_early: dict[str, None] = {}  # request ids, oldest first
         self.ready: dict[str, asyncio.Future[int]] = {}
 
     def middleware(self) -> Middleware:
@@ -194,6 +197,9 @@ class AdmissionDesk:
         peer = request.headers.get(PEER_HEADER)
         request = request.clone(remote=peer) if peer else request
         admission.request = request
+        if admission.id in self._left_early:
+            del self._left_early[admission.id]
+            admission.client_left = True
         request[ADMISSION_KEY] = admission
         self._open[admission.id] = admission
         try:
@@ -228,7 +234,13 @@ class AdmissionDesk:
             return error_response(400, str(error), "worker_protocol")
         admission = self._open.get(finish.request)
         if admission is None:
-            return web.Response(status=204)  # its channel had closed already
+            if finish.client_gone:
+                # Its client left before the request reached this desk: it must not be
+                # taken for one lost with its worker when it does.
+                self._left_early[finish.request] = None
+                while len(self._left_early) > LEFT_EARLY_KEPT:
+                    self._left_early.pop(next(iter(self._left_early)))
+            return web.Response(status=204)
         admission.told(finish)
         return web.Response(status=204)
 

@@ -32,9 +32,8 @@ from multidict import CIMultiDict
 from pydantic import BaseModel, ConfigDict
 from yarl import URL
 
-from modelyard.api.accounting import ServedTokens
+from modelyard.api.cors import CORS_ORIGIN_KEY, add_cors_headers
 from modelyard.api.errors import error_response
-from modelyard.api.guards import CORS_ORIGIN_KEY, add_cors_headers
 from modelyard.api.http_layer import ConnectionLimits, listen
 from modelyard.api.loading import LoadingStream
 from modelyard.observability.log_format import configure_logging
@@ -45,6 +44,7 @@ from modelyard.proxy.forward import (
     UpstreamError,
     UpstreamTimeout,
 )
+from modelyard.proxy.served import ServedTokens
 from modelyard.proxy.sse import error_event, rewrite_model_in_json
 from modelyard.proxy.usage_reader import usage_of
 from modelyard.tls import ServerCertificate
@@ -185,29 +185,56 @@ class Worker:
         # Sent as the client sent it; the fragment a client may add goes in TARGET_HEADER.
         url = URL("http://owner" + request.raw_path.split("#", 1)[0], encoded=True)
         body = request.content if request.body_exists else None
-        told_owner = False
-        try:
-            async with self.owner.request(
+        left = Finish(request=request_id, client_gone=True)
+        # Shielded: a client that leaves while the owner decides (a fair turn, a start) is
+        # told to the owner before this connection to it closes, or it would read as lost.
+        sending = asyncio.ensure_future(
+            self.owner.request(
                 request.method,
                 url,
                 headers=_multi(headers),
                 data=body,
                 allow_redirects=False,
                 skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
-            ) as answer:
-                told_owner = True
-                if not answer.headers.get("Content-Type", "").startswith(CHANNEL_TYPE):
-                    return await _pass_on(request, answer)
-                return await self._converse(request, request_id, answer)
+            )
+        )
+        try:
+            answer = await asyncio.shield(sending)
         except asyncio.CancelledError:
-            if told_owner:  # the client left: say so, or the owner would log a 502
-                await asyncio.shield(self._finish(Finish(request=request_id, client_gone=True)))
+            await self._deliver(left)
+            sending.cancel()
+            if sending.done() and not sending.cancelled() and sending.exception() is None:
+                sending.result().close()  # the answer came meanwhile: let its connection go
             raise
         except aiohttp.ClientError as error:
             log.error("the gateway's process could not be reached: %s", error)
             return error_response(
                 502, "the gateway's process could not be reached; retry", "gateway_unreachable"
             )
+        try:
+            if not answer.headers.get("Content-Type", "").startswith(CHANNEL_TYPE):
+                return await _pass_on(request, answer)
+            try:
+                return await self._converse(request, request_id, answer)
+            except asyncio.CancelledError:
+                await self._deliver(left)  # before the channel closes (below)
+                raise
+        finally:
+            answer.close()
+
+    async def _deliver(self, finish: Finish) -> None:
+        """Post `finish`, and wait for it even if this task is cancelled meanwhile (its client
+        left): the owner must have it before the channel closes, or it would take the request
+        for one lost with its worker (502). A local socket: this takes a moment."""
+        posting = asyncio.ensure_future(self._finish(finish))
+        cancelled = False
+        while not posting.done():
+            try:
+                await asyncio.shield(posting)
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
 
     async def _converse(
         self, request: web.Request, request_id: str, answer: aiohttp.ClientResponse
@@ -285,24 +312,24 @@ class Worker:
                 answer_headers=relay.answer_headers or None,
             )
         except EngineLost as lost:
-            await self._finish(
+            await self._deliver(
                 finish.model_copy(update={"failure": "lost", "failure_detail": str(lost)})
             )
             return None  # the gateway's process answers it next (an error, a fallback)
         except UpstreamTimeout as error:
-            await self._finish(
+            await self._deliver(
                 finish.model_copy(update={"failure": "timeout", "failure_detail": str(error)})
             )
             return None  # the gateway's process answers it next (an error, a fallback)
         except UpstreamError as error:
-            await self._finish(
+            await self._deliver(
                 finish.model_copy(update={"failure": "unreachable", "failure_detail": str(error)})
             )
             return None  # the gateway's process answers it next (an error, a fallback)
         except asyncio.CancelledError:
-            await asyncio.shield(self._finish(_finished(finish, outcome, served, client_gone=True)))
+            await self._deliver(_finished(finish, outcome, served, client_gone=True))
             raise
-        await self._finish(_finished(finish, outcome, served))
+        await self._deliver(_finished(finish, outcome, served))
         return response
 
     async def _finish(self, finish: Finish) -> None:
