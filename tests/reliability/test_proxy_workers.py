@@ -11,9 +11,11 @@ import os
 import signal
 import socket
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 
 from modelyard.workers.messages import (
@@ -123,10 +125,9 @@ def test_a_worker_killed_mid_stream_is_logged_502_and_lets_go_of_the_engine(gate
     rest = _answer(sock)  # the stream is cut: the worker is gone
     sock.close()
     assert b"data: [DONE]" not in rest
-    wait_for(
-        lambda: "status=502" in gateway.log_text(), "the lost request was not logged as 502"
-    )
-    assert "proxy worker" in gateway.log_text() and "logged as 502" in gateway.log_text()
+    wait_for(lambda: "status=502" in gateway.log_text(), "the lost request was not logged as 502")
+    assert "proxy worker" in gateway.log_text()
+    assert "logged as 502" in gateway.log_text()
     # Gone for good (reaped): a connection still waiting in a dead process's accept queue is
     # reset by the kernel, and that is not what this test is about.
     wait_for(lambda: "exited with -9" in gateway.log_text(), "the worker's exit was not seen")
@@ -181,7 +182,8 @@ def test_a_worker_message_of_another_version_is_refused(gateway_factory):
         sock.sendall(head.encode())
         answer = _answer(sock)
     assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
-    assert b"version" in answer and b"worker_protocol" in answer
+    assert b"version" in answer
+    assert b"worker_protocol" in answer
     finish = json.dumps({"version": VERSION + 1, "kind": "finish", "request": "r1"}).encode()
     with socket.socket(socket.AF_UNIX) as sock:
         sock.connect(settings["control_socket"])
@@ -249,7 +251,8 @@ def test_clients_of_workers_are_kept_informed_through_a_cold_start(gateway_facto
         assert answer.rstrip().endswith(b"data: [DONE]"), answer[-300:]
         assert b'"error"' not in answer
         if index == 0:
-            assert b"reasoning_content" in answer and b"loading chat" in answer
+            assert b"reasoning_content" in answer
+            assert b"loading chat" in answer
     assert gateway.log_text().count("status=200") == 6
 
 
@@ -257,10 +260,6 @@ def test_keys_are_charged_exactly_whichever_process_serves(gateway_factory):
     """A key's budget, usage and metrics add up to what its requests used, with requests on
     fresh connections spread over the gateway's process and two workers; `/metrics`
     answers the same totals from every process."""
-    import urllib.request
-
-    import openai
-
     from tests.security.keys import ADMIN_KEY, auth_settings
 
     gateway = gateway_factory({"chat": fake_model("chat")}, proxy_workers=2, **auth_settings())
@@ -273,7 +272,9 @@ def test_keys_are_charged_exactly_whichever_process_serves(gateway_factory):
             text = answer.read().decode()
         return text if path == "/metrics" else json.loads(text)
 
-    key = call("POST", "/admin/keys", {"name": "spread", "models": ["chat"], "token_budget": 100_000})
+    key = call(
+        "POST", "/admin/keys", {"name": "spread", "models": ["chat"], "token_budget": 100_000}
+    )
     messages: Any = CHAT["messages"]
     for _ in range(6):
         with openai.OpenAI(base_url=gateway.url + "/v1", api_key=key["key"], max_retries=0) as sdk:
@@ -284,7 +285,8 @@ def test_keys_are_charged_exactly_whichever_process_serves(gateway_factory):
                 model="chat", messages=messages, stream=True, extra_body={"fake_chunks": 4}
             )
             chunks = list(stream)
-            assert chunks and all(chunk.usage is None for chunk in chunks)
+            assert chunks
+            assert all(chunk.usage is None for chunk in chunks)
     entry = next(k for k in call("GET", "/admin/keys")["keys"] if k["name"] == "spread")
     assert entry["usage"]["models"]["chat"] == {
         "requests": 12,
