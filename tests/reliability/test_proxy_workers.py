@@ -27,6 +27,7 @@ from modelyard.workers.messages import (
     encode,
 )
 from tests.conftest import RunningGateway, fake_model
+from tests.security.keys import ADMIN_KEY, auth_settings
 from tests.security.raw_http import dechunk
 
 CHAT = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
@@ -260,7 +261,6 @@ def test_keys_are_charged_exactly_whichever_process_serves(gateway_factory):
     """A key's budget, usage and metrics add up to what its requests used, with requests on
     fresh connections spread over the gateway's process and two workers; `/metrics`
     answers the same totals from every process."""
-    from tests.security.keys import ADMIN_KEY, auth_settings
 
     gateway = gateway_factory({"chat": fake_model("chat")}, proxy_workers=2, **auth_settings())
     admin = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"}
