@@ -1,9 +1,10 @@
 """An engine's lifecycle as every part sees it: its states and the transitions allowed between
 them, the handle of a running engine, and the start and sleep interfaces.
 
-A small module at the bottom (issue 22): the scheduler, placement, observability, the API and
-the runtimes import it, and it imports none of them, so no part reads another's fields with
-`getattr` or asks which runtime an engine came from with `isinstance`.
+A small module at the bottom: the scheduler, placement, observability, the API and the runtimes
+import it, and it imports none of them, so no part reads another's fields with `getattr` or asks
+which runtime an engine came from with `isinstance`, and a supervisor reports what happened to
+its engine without knowing who listens.
 """
 
 from __future__ import annotations
@@ -167,3 +168,11 @@ class EngineOwner(Protocol):
     def can_sleep(self) -> bool: ...
 
     def launch_spec_for(self, port: int, budget: MemoryBudget | None) -> LaunchSpec: ...
+
+
+class ResidencyBook(Protocol):
+    """Where an engine's owner reports that what the engine holds changed (it started, woke,
+    slept, stopped or was lost), so it is measured and learned (placement). The owner only
+    reports: it asks nothing, and waits for no decision here."""
+
+    async def finished(self, owner: EngineOwner, ok: bool) -> None: ...

@@ -12,9 +12,16 @@ from typing import Any
 import pytest
 
 from modelyard.config import parse_config
+from modelyard.engines.base import LaunchSpec, MemoryBudget
 from modelyard.observability.events import EventBus
 from modelyard.scheduler.scheduler import Scheduler
-from modelyard.scheduler.supervisor import ModelState, ModelUnavailable
+from modelyard.scheduler.supervisor import (
+    ModelState,
+    ModelSupervisor,
+    ModelUnavailable,
+    Refused,
+    SupervisorSettings,
+)
 from tests.fakes import FakeClock, FakeRuntime, settle
 
 
@@ -232,3 +239,61 @@ async def test_shutdown_cancels_start_and_stops_engines():
     assert refused.value.code == "shutting_down"
     assert all(engine.stopped for engine in runtime.engines)
     assert {s.state for s in yard._supervisors.values()} == {ModelState.STOPPED}
+
+
+async def test_the_supervisor_hands_back_and_starts_within_the_budget_it_is_told():
+    """A supervisor decides nothing across models: with nothing under way it hands the
+    request back, and its engine is launched with the budget its caller decided."""
+    runtime, events, clock = FakeRuntime(), EventBus(), FakeClock()
+    budgets: list[MemoryBudget | None] = []
+
+    def spec_for(port: int, budget: MemoryBudget | None) -> LaunchSpec:
+        budgets.append(budget)
+        return LaunchSpec(argv=["x", str(port)])
+
+    settings = SupervisorSettings(idle_timeout=60, start_timeout=60, stop_grace=1)
+    supervisor = ModelSupervisor("m", spec_for, runtime, settings, events, clock=clock)
+    assert await supervisor.hold(deadline=clock() + 60) is None
+    assert supervisor.state is ModelState.STOPPED
+    assert runtime.engines == []
+
+    decided = MemoryBudget(gpu_indexes=(1,), bytes_per_gpu=2**30, gpu_total_bytes=2**34)
+
+    async def start() -> None:
+        with supervisor.placing_start():
+            assert supervisor.placing
+            assert supervisor.state is ModelState.STARTING
+        await supervisor.start(decided)
+
+    supervisor.begin(start())
+    engine = await supervisor.hold(deadline=clock() + 60)
+    assert engine is runtime.engines[0]
+    assert budgets == [decided]
+    assert supervisor.budget == decided
+    assert supervisor.in_flight == 1
+
+
+async def test_a_refusal_while_placing_leaves_the_model_as_it_was():
+    runtime, events, clock = FakeRuntime(), EventBus(), FakeClock()
+    settings = SupervisorSettings(idle_timeout=60, start_timeout=60, stop_grace=1)
+    supervisor = ModelSupervisor(
+        "m",
+        lambda port, _budget: LaunchSpec(argv=["x", str(port)]),
+        runtime,
+        settings,
+        events,
+        clock=clock,
+    )
+
+    async def refused_start() -> None:
+        with supervisor.placing_start():
+            raise Refused("no room", 5.0, "no_room")
+
+    assert await supervisor.ensure_ready(deadline=clock() + 60) is None
+    supervisor.begin(refused_start())
+    with pytest.raises(ModelUnavailable) as refused:
+        await supervisor.ensure_ready(deadline=clock() + 60)
+    assert refused.value.code == "no_room"
+    assert supervisor.state is ModelState.STOPPED
+    assert not supervisor.placing
+    assert runtime.engines == []

@@ -73,7 +73,6 @@ from modelyard.scheduler.supervisor import (
     ModelState,
     ModelSupervisor,
     ModelUnavailable,
-    Placement,
     Refused,
     SleepControl,
     SupervisorSettings,
@@ -119,11 +118,6 @@ class Scheduler:
         self._retiring: dict[str, ModelSupervisor] = {}
         self._retired = 0
         self._reconfiguring: set[asyncio.Task[None]] = set()
-        self._hook = Placement(
-            prepare=self._prepare,
-            finished=placement.finished if placement is not None else None,
-            out_of_memory=placement.note_out_of_memory if placement is not None else None,
-        )
         for name, model in config.models.items():
             self._add_model(name, model)
         self._index_names()
@@ -158,15 +152,15 @@ class Scheduler:
             settings=self._settings_for(model),
             events=self.events,
             clock=self._clock,
-            placement=self._hook_for(model),
+            book=self._book_for(model),
             sleep_control=self._sleep_control if model.sleep else None,
         )
         supervisor.on_change(self._notify)
         self._supervisors[name] = supervisor
 
-    def _hook_for(self, model: ModelConfig) -> Placement:
+    def _book_for(self, model: ModelConfig) -> PlacementCoordinator | None:
         # A remote engine holds none of our GPUs: placement and groups leave it alone.
-        return Placement() if model.engine == "remote" else self._hook
+        return None if model.engine == "remote" else self._placement
 
     def _settings_for(self, model: ModelConfig) -> SupervisorSettings:
         defaults = self.config.defaults
@@ -245,7 +239,7 @@ class Scheduler:
             supervisor.settings = self._settings_for(model)
             supervisor.reconfigure(
                 self._spec_factory(name, model),
-                placement=self._hook_for(model),
+                book=self._book_for(model),
                 sleep_control=self._sleep_control if model.sleep else None,
             )
         self._index_names()
@@ -495,10 +489,7 @@ class Scheduler:
             if prewarm.actions:
                 self._core.step(EvictionsDone(prewarm.target, command.number, ok))
             if supervisor is not None and prewarm.target in self._core.prewarming():
-                await supervisor.load(
-                    self._clock() + supervisor.settings.start_timeout,
-                    f"pre-warm: {prewarm.reason}",
-                )
+                await self._load(supervisor, f"pre-warm: {prewarm.reason}")
                 # Its idle timer runs from now (not from its last use, maybe hours ago): a
                 # request has until its idle timeout to use it.
                 supervisor.last_used = self._clock()
@@ -599,21 +590,73 @@ class Scheduler:
     def total_waiting(self) -> int:
         return sum(s.waiting for s in self._supervisors.values())
 
-    # ----- deciding (called by a supervisor before its engine starts or wakes) -----
+    # ----- bringing an engine up: the decision here, then the supervisor's start or wake -----
+
+    async def _hold(self, supervisor: ModelSupervisor, deadline: float) -> EngineHandle:
+        """Hold the model's ready engine for one request; when nothing under way would make
+        it ready, begin its start or wake (shared by every request that waits for it)."""
+        while (engine := await supervisor.hold(deadline)) is None:
+            self._bring_up(supervisor)
+        return engine
+
+    def _bring_up(self, supervisor: ModelSupervisor) -> None:
+        # Chosen now, as the supervisor handed the request back: an asleep engine wakes.
+        if supervisor.state is ModelState.SLEEPING:
+            supervisor.begin(self._wake(supervisor))
+        else:
+            supervisor.begin(self._start(supervisor))
+
+    async def _start(self, supervisor: ModelSupervisor) -> None:
+        """Decide where the engine goes, then have the supervisor start it there."""
+        try:
+            await self._start_once(supervisor)
+        except Exception:
+            if self._placement is None or self._remote(supervisor):
+                raise
+            if not supervisor.ran_out_of_memory:
+                raise
+            # vLLM sized itself on memory that was not really free (an estimate was low, or
+            # another program grew): make more room and try once more.
+            self._placement.note_out_of_memory(supervisor)
+            self.events.emit(
+                "oom_retry",
+                supervisor.name,
+                "engine ran out of GPU memory while starting; evicting more and retrying once",
+            )
+            await self._start_once(supervisor)
+
+    async def _start_once(self, supervisor: ModelSupervisor) -> None:
+        with supervisor.placing_start():
+            budget = await self._room_for(supervisor)
+        await supervisor.start(budget)
+
+    async def _wake(self, supervisor: ModelSupervisor) -> None:
+        with supervisor.placing_wake():
+            budget = await self._room_for(supervisor)
+        await supervisor.wake(budget)
+
+    def _remote(self, supervisor: ModelSupervisor) -> bool:
+        """Its engine runs elsewhere and holds none of our GPUs: no room to make for it."""
+        name = supervisor.name
+        return self._supervisors.get(name) is supervisor and self.is_remote(name)
+
+    # ----- deciding where an engine starts or wakes -----
 
     def _notify(self) -> None:
         """Something changed: every waiting start decides again."""
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def _prepare(self, supervisor: ModelSupervisor) -> MemoryBudget | None:
+    async def _room_for(self, supervisor: ModelSupervisor) -> MemoryBudget | None:
         """Wait (on events) until `supervisor` may start or wake; its memory budget then.
 
         Each turn is one synchronous step of the pure core: no lock is held, and no slow
         work (a stop, a sleep, the wait for memory to come back) happens here. Evictions run
         as their own tasks and end as events, so a slow stop on one GPU never holds a
-        decision for another (issue 22: a start on a free GPU waited 11.1 s, not 2 s).
+        decision for another: a start on a free GPU never waits for a stop elsewhere.
         """
+        if self._remote(supervisor):
+            return None
         name = supervisor.name
         try:
             if self._placement is not None:
@@ -623,7 +666,7 @@ class Scheduler:
                     raise Refused("the gateway is shutting down", 5.0, "shutting_down")
                 if self._supervisors.get(name) is not supervisor:
                     # A reload removed (or replaced) the model while it waited: its waiters
-                    # get a clear 503, not a KeyError from the new config (issue 22).
+                    # get a clear 503, not a KeyError from the new config.
                     raise Refused(
                         f"model {name!r} was removed from the configuration while it waited "
                         "to start",
@@ -794,8 +837,13 @@ class Scheduler:
         return acted
 
     async def load(self, model: str, reason: str = "admin load") -> None:
-        supervisor = self._supervisors[model]
-        await supervisor.load(self._clock() + supervisor.settings.start_timeout, reason)
+        await self._load(self._supervisors[model], reason)
+
+    async def _load(self, supervisor: ModelSupervisor, reason: str) -> None:
+        """Make the engine ready without a request (the admin API, a pre-warm, a reload)."""
+        deadline = self._clock() + supervisor.settings.start_timeout
+        while await supervisor.load(deadline, reason) is None:
+            self._bring_up(supervisor)
 
     def keep_alive(self, model: str, seconds: float | None) -> None:
         """The idle timeout a request's keep_alive set for `model`, until the next request
@@ -946,7 +994,7 @@ class EngineFor:
         scheduler.note_request(self._model, self._key)
         supervisor = scheduler._supervisor_to_wait_on(self._model)
         deadline = scheduler._clock() + supervisor.settings.start_timeout
-        engine = await supervisor.hold(deadline)
+        engine = await scheduler._hold(supervisor, deadline)
         self._supervisor = supervisor
         self.lost = supervisor.lost_signal  # read with no await since the hold: this engine's
         scheduler.maybe_prewarm()

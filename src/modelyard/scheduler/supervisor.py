@@ -4,6 +4,11 @@ Every state change of a model happens here, in one coroutine at a time (`_operat
 callers never branch on a snapshot of the state: they ask `use()` for a ready engine and
 get one, or a clear error (the lesson of llama-swap's `EnsureReady`). Concurrent first
 requests share one start (single-flight).
+
+It decides nothing across models: when nothing is under way to make its engine ready, it says
+so, and the scheduler decides where the engine goes and begins its start or wake (`begin`,
+`placing_start` or `placing_wake`, then `start(budget)` or `wake(budget)`). What happened to
+the engine it reports to a `ResidencyBook` (lifecycle.py).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +28,7 @@ from modelyard.lifecycle import (
     EngineStarter,
     ModelState,
     ModelTimings,
+    ResidencyBook,
     SleepControl,
     check_transition,
 )
@@ -101,18 +107,6 @@ Clock = Callable[[], float]
 
 
 @dataclass
-class Placement:
-    """The hook through which placement (GPU memory) takes part in a start or wake."""
-
-    # Waits (on events, up to the waiters' deadline) until the model may start or wake;
-    # raises `Refused` when it may not.
-    prepare: Callable[[ModelSupervisor], Awaitable[MemoryBudget | None]] | None = None
-    finished: Callable[[ModelSupervisor, bool], Awaitable[None]] | None = None
-    # Told when a start failed for lack of GPU memory, before the one retry.
-    out_of_memory: Callable[[ModelSupervisor], None] | None = None
-
-
-@dataclass
 class _Lease:
     supervisor: ModelSupervisor
     released: bool = field(default=False)
@@ -127,13 +121,14 @@ class ModelSupervisor:
         settings: SupervisorSettings,
         events: EventBus,
         clock: Clock = time.monotonic,
-        placement: Placement | None = None,
+        book: ResidencyBook | None = None,
         sleep_control: SleepControl | None = None,
     ) -> None:
         self.name = name
         # The engine's identity for placement and evictions: the model's name while it is
         # configured, a name of its own once a reload removed the model and it drains, so a
-        # re-added model of that name is a different engine (issue 22).
+        # re-added model of that name is a different engine, and the old one's stop never
+        # touches the new one's records.
         self.key = name
         self.settings = settings
         self._on_change: Callable[[], None] = lambda: None
@@ -145,9 +140,9 @@ class ModelSupervisor:
         self.last_used: float | None = None
         self.ready_since: float | None = None
         self.failure: Failure | None = None
-        # Back-off counts failures in a row (issue 22): a good start ends a run of failed
-        # starts; a crash counts until the engine has served stably. A config change for the
-        # engine ends both.
+        # Back-off counts failures in a row, so an engine that fails now and then is never
+        # refused as crash-looping: a good start ends a run of failed starts; a crash counts
+        # until the engine has served stably. A config change for the engine ends both.
         self.failed_starts = 0
         self.quick_crashes = 0
         self.timings = ModelTimings()
@@ -162,7 +157,7 @@ class ModelSupervisor:
         self._start_engine = start_engine
         self._events = events
         self._clock = clock
-        self._placement = placement or Placement()
+        self._book = book
         self._sleep_control = sleep_control
         self._start_reason = "request"
         self._operation: asyncio.Task[None] | None = None
@@ -172,7 +167,7 @@ class ModelSupervisor:
         self._pending_config: (
             tuple[
                 Callable[[int, MemoryBudget | None], LaunchSpec],
-                Placement,
+                ResidencyBook | None,
                 SleepControl | None,
             ]
             | None
@@ -230,13 +225,13 @@ class ModelSupervisor:
     def reconfigure(
         self,
         spec_for: Callable[[int, MemoryBudget | None], LaunchSpec],
-        placement: Placement | None,
+        book: ResidencyBook | None,
         sleep_control: SleepControl | None,
     ) -> None:
         """A reloaded configuration for this model, taken up by its next start: the running
-        engine (if any) keeps the placement hook and sleep control it was started with, so its
+        engine (if any) keeps the residency book and sleep control it was started with, so its
         stop, sleep and wake still go where they must."""
-        self._pending_config = (spec_for, placement or Placement(), sleep_control)
+        self._pending_config = (spec_for, book, sleep_control)
         if self.engine is None and self.state in (ModelState.STOPPED, ModelState.FAILED):
             self._take_pending_config()
 
@@ -252,14 +247,15 @@ class ModelSupervisor:
 
     def _take_pending_config(self) -> None:
         if self._pending_config is not None:
-            self._spec_for, self._placement, self._sleep_control = self._pending_config
+            self._spec_for, self._book, self._sleep_control = self._pending_config
             self._pending_config = None
         self._engine_version = self._config_version
 
     # ----- public: serving -----
 
-    async def hold(self, deadline: float) -> EngineHandle:
+    async def hold(self, deadline: float) -> EngineHandle | None:
         """Hold a ready engine for one request, until `let_go`; it is not stopped while held.
+        None, holding nothing: as `ensure_ready`, the caller must begin a start or wake first.
 
         A ready engine is taken with no await and without passing through the waiters: on
         every request's path, and nothing can look at the counts in between.
@@ -267,6 +263,8 @@ class ModelSupervisor:
         engine = self.engine
         if self.state is not ModelState.READY or engine is None or self._stale:
             engine = await self.ensure_ready(deadline)
+            if engine is None:
+                return None
         # No await between the state check (here or in ensure_ready) and this increment: a
         # stop or sleep decision made later sees the request in flight.
         self.in_flight += 1
@@ -284,8 +282,11 @@ class ModelSupervisor:
             # whether an engine is busy, so other request ends change no decision.)
             self._on_change()
 
-    async def ensure_ready(self, deadline: float) -> EngineHandle:
-        """Return the ready engine, starting or waking it if needed (one start for all).
+    async def ensure_ready(self, deadline: float) -> EngineHandle | None:
+        """Return the ready engine once the start or wake under way made it ready (one start
+        for all). None when nothing under way would make it ready (it is stopped, failed or
+        asleep): where it goes is not the supervisor's to decide, so the caller decides, begins
+        the start or wake (`begin`), and calls again.
 
         `deadline` bounds the wait for room (the request's start timeout from when it
         arrived); once its engine really starts, the request waits up to a full start timeout
@@ -294,14 +295,15 @@ class ModelSupervisor:
         self.waiting += 1
         self._deadlines.append(deadline)
         wanted = self._config_version  # the configuration this request was resolved under
+        handed_back = False
         try:
             while True:
                 if self.state is ModelState.READY and self.engine is not None:
                     if self._engine_version >= wanted:
                         return self.engine
-                    # Started under a configuration a reload has replaced (issue 22: such
-                    # requests were served by the stale engine, a 404 for the new served
-                    # name): the reload's stop-and-start serves it. Wait for a change.
+                    # Started under a configuration a reload has replaced: served by it, such
+                    # a request would get a 404 for the new served name. The reload's
+                    # stop-and-start serves it. Wait for a change.
                     changed = self._state_changed
                     remaining = self._effective_deadline(deadline) - self._clock()
                     if remaining <= 0:
@@ -310,7 +312,9 @@ class ModelSupervisor:
                         await asyncio.wait_for(changed.wait(), remaining)
                     continue
                 if self._operation is None or self._operation.done():
-                    self._begin_needed_operation()
+                    self._check_may_start()
+                    handed_back = True
+                    return None
                 operation = self._operation
                 assert operation is not None
                 remaining = self._effective_deadline(deadline) - self._clock()
@@ -349,7 +353,8 @@ class ModelSupervisor:
         finally:
             self.waiting -= 1
             self._deadlines.remove(deadline)
-            if self.demand == 0:
+            # Handed back, the waiter comes again as soon as its start or wake is begun.
+            if self.demand == 0 and not handed_back:
                 self._on_change()  # its last waiter left: it may be evicted now
 
     def _effective_deadline(self, deadline: float) -> float:
@@ -393,10 +398,12 @@ class ModelSupervisor:
             code="engine_start_failed",
         )
 
-    def _begin_needed_operation(self) -> None:
+    def _check_may_start(self) -> None:
+        """Nothing is under way: raise when no start may be begun now (a crash loop's
+        back-off)."""
         if self.state is ModelState.SLEEPING:
-            self._operation = _observed(asyncio.create_task(self._wake()))
-        elif self.state in (ModelState.STOPPED, ModelState.FAILED):
+            return  # a wake
+        if self.state in (ModelState.STOPPED, ModelState.FAILED):
             wait = self.backoff_remaining()
             if wait > 0:
                 assert self.failure is not None
@@ -408,14 +415,19 @@ class ModelSupervisor:
                     log_tail=self.failure.log_tail,
                     code="engine_crash_loop",
                 )
-            self._operation = _observed(asyncio.create_task(self._start()))
         else:
             # Only reachable if the state and the engine disagree (READY without an engine):
-            # the engine is gone, so record it as lost rather than fail every request.
+            # the engine is gone, so record it as lost (and start afresh) rather than fail
+            # every request.
             self._record_engine_lost(
                 f"engine for {self.name!r} is gone (state was {self.state})", None, []
             )
-            self._operation = _observed(asyncio.create_task(self._start()))
+
+    def begin(self, operation: Coroutine[Any, Any, None]) -> None:
+        """Run the start or wake that `ensure_ready` asked its caller for, as this model's one
+        operation: its waiters share it, and stops and sleeps wait for it to end."""
+        assert self._operation is None or self._operation.done(), "an operation is under way"
+        self._operation = _observed(asyncio.create_task(operation))
 
     def backoff_remaining(self) -> float:
         """Seconds until a crash-looping model may start again (0 when it may start now)."""
@@ -451,11 +463,12 @@ class ModelSupervisor:
     async def drained(self) -> None:
         await self._drained.wait()
 
-    async def load(self, deadline: float, reason: str) -> None:
-        """Start (or wake) the engine without a request, e.g. from the admin API."""
+    async def load(self, deadline: float, reason: str) -> EngineHandle | None:
+        """Wait for the engine without a request, e.g. from the admin API, with `reason` for
+        its start or wake; None as from `ensure_ready`."""
         self._start_reason = reason
         try:
-            await self.ensure_ready(deadline)
+            return await self.ensure_ready(deadline)
         finally:
             self._start_reason = "request"
 
@@ -525,39 +538,34 @@ class ModelSupervisor:
     def launch_spec_for(self, port: int, budget: MemoryBudget | None) -> LaunchSpec:
         return self._spec_for(port, budget)
 
-    async def _start(self) -> None:
-        try:
-            await self._start_once()
-        except Exception:
-            tail = self.failure.log_tail if self.failure else []
-            if self._placement.out_of_memory is None or not _looks_out_of_memory(tail):
-                raise
-            # vLLM sized itself on memory that was not really free (an estimate was low, or
-            # another program grew): make more room and try once more.
-            self._placement.out_of_memory(self)
-            self._events.emit(
-                "oom_retry",
-                self.name,
-                "engine ran out of GPU memory while starting; evicting more and retrying once",
-            )
-            await self._start_once()
+    @property
+    def ran_out_of_memory(self) -> bool:
+        """The last failure's log says the engine ran out of GPU memory."""
+        return _looks_out_of_memory(self.failure.log_tail if self.failure else [])
 
-    async def _start_once(self) -> None:
+    @contextlib.contextmanager
+    def placing_start(self) -> Iterator[None]:
+        """Starting, while the caller decides where (and may refuse): it holds nothing yet.
+        A refusal, or a shutdown, launched nothing: the model is as it was, and a failed
+        model keeps its failure."""
         self._take_pending_config()  # no engine now: a reloaded configuration applies
         before = self.state
         self._launched_at = None
         self.placing = True
         self.state = ModelState.STARTING
         try:
-            if self._placement.prepare is not None:
-                self.budget = await self._placement.prepare(self)
+            yield
         except BaseException:
-            # A refusal (or shutdown) before anything was launched: not a failure of the
-            # engine, so the model is as it was (a failed model keeps its failure).
             self.placing = False
             self.state = before if before is ModelState.FAILED else ModelState.STOPPED
             raise
         self.placing = False
+
+    async def start(self, budget: MemoryBudget | None) -> None:
+        """Launch the engine within `budget` (after `placing_start`) and wait until it is
+        ready."""
+        assert self.state is ModelState.STARTING, self.state
+        self.budget = budget
         self.failure = None
         started = self._clock()
         self._launched_at = started
@@ -667,20 +675,26 @@ class ModelSupervisor:
             log_tail=tail[-10:],
         )
 
-    async def _wake(self) -> None:
-        engine = self.engine
-        assert engine is not None
+    @contextlib.contextmanager
+    def placing_wake(self) -> Iterator[None]:
+        """Asleep, while the caller decides where it wakes (and may refuse). It stays
+        SLEEPING, counted at its asleep size, until room is made; a refusal leaves it asleep,
+        so the next try is a wake, not a cold start."""
+        assert self.engine is not None
         assert self._sleep_control is not None
-        # It stays SLEEPING (and counted at its asleep size) until the scheduler has made
-        # room; a refusal leaves it asleep, so the next try is a wake, not a cold start.
         self.placing = True
         try:
-            if self._placement.prepare is not None:
-                self.budget = await self._placement.prepare(self)
+            yield
         finally:
             self.placing = False
-        if self.engine is not engine or self.state is not ModelState.SLEEPING:
+
+    async def wake(self, budget: MemoryBudget | None) -> None:
+        """Wake the engine within `budget` (after `placing_wake`)."""
+        self.budget = budget
+        engine = self.engine
+        if engine is None or self.state is not ModelState.SLEEPING:
             return  # it died while waiting: the next try starts it afresh
+        assert self._sleep_control is not None
         began = self._clock()
         self._launched_at = began
         self.state = ModelState.WAKING
@@ -783,14 +797,14 @@ class ModelSupervisor:
         return True
 
     async def _bookkeep(self, ok: bool) -> None:
-        """Tell placement a residency changed (it measures and learns). Its failure (the
-        footprint store locked by another process, a GPU that cannot be read) never fails
-        the engine's start, stop or sleep: the engine is what it is (issue 22: a start that
-        had succeeded answered 502 and left a live engine behind, counted as starting)."""
-        if self._placement.finished is None:
+        """Tell the residency book what the engine holds changed (it measures and learns).
+        Its failure (the footprint store locked by another process, a GPU that cannot be
+        read) never fails the engine's start, stop or sleep: the engine is what it is, and a
+        good start failed here would answer 502 and leave a live engine counted as starting."""
+        if self._book is None:
             return
         try:
-            await self._placement.finished(self, ok)
+            await self._book.finished(self, ok)
         except Exception as error:
             log.warning("bookkeeping for %s failed: %s", self.name, error)
             self._events.emit("bookkeeping_failed", self.name, str(error))
