@@ -271,10 +271,11 @@ class Worker:
                 elif isinstance(message, Refused):
                     if loading is not None and loading.response is not None:
                         return await loading.fail(message.message, message.code)
-                    return web.Response(
+                    return web.Response(  # as `api.errors.error_response` writes it
                         status=message.status,
-                        body=message.body.encode(),
-                        headers={**message.headers, "Content-Type": "application/json"},
+                        text=message.body,
+                        content_type="application/json",
+                        headers=message.headers,
                     )
                 elif isinstance(message, Done) and response is not None:
                     return response
