@@ -25,7 +25,7 @@ from modelyard.redaction import register_secrets
 from modelyard.tls import ServerCertificate
 from modelyard.workers.desk import AdmissionDesk
 from modelyard.workers.pool import WorkerPool, serve_control, socket_folder
-from modelyard.workers.worker import WorkerSettings
+from modelyard.workers.settings import WorkerSettings
 
 log = logging.getLogger("modelyard")
 # The owner's Unix socket for its workers: their pooled connections idle up to a minute.

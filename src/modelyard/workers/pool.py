@@ -18,7 +18,7 @@ from pathlib import Path
 from aiohttp import web
 
 from modelyard.workers.desk import AdmissionDesk
-from modelyard.workers.worker import WorkerSettings
+from modelyard.workers.settings import WorkerSettings
 
 log = logging.getLogger("modelyard.workers")
 
