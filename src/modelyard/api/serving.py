@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn
 
 from aiohttp import web
@@ -40,7 +41,7 @@ from modelyard.api.bodies import (
 from modelyard.api.engine_cards import engine_context_length
 from modelyard.api.errors import ApiError, unavailable, with_log_tail
 from modelyard.api.fallbacks import SERVED_BY_HEADER, fallback_for
-from modelyard.api.guards import canonical_of
+from modelyard.api.guards import CORS_ORIGIN_KEY, canonical_of
 from modelyard.api.liveness import first_byte_guard, lost_after_refusal
 from modelyard.api.loading import LoadingStream, wants_loading_content
 from modelyard.api.model_routes import (
@@ -74,8 +75,11 @@ from modelyard.proxy.sse import (
 from modelyard.scheduler.names import Target, UnknownModel
 from modelyard.scheduler.scheduler import EngineFor
 from modelyard.scheduler.supervisor import ModelState, ModelUnavailable
+from modelyard.workers.desk import admission_of
+from modelyard.workers.messages import Reading, Relay, Waiting, body_text
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)
+log = logging.getLogger("modelyard.api")
 
 
 def gateway_of(request: web.Request) -> Gateway:
@@ -272,23 +276,25 @@ async def proxy_json(
             payload["model"] = chosen.upstream_name
             data = json.dumps(payload).encode()
         replacements = model_name_replacements(chosen.upstream_name, chosen.public_name)
+        # Usage is always read for the token metrics; the usage-only chunk that we asked
+        # for on the client's behalf is dropped, so the client sees the stream it asked for.
+        reading = Reading(
+            transform=True,
+            replacements=[(old.decode(), new.decode()) for old, new in replacements],
+            drop_usage_only_chunk=usage_added.final,
+            strip_progress_usage=usage_added.running,
+            prompt_estimate=options.prompt_estimate,
+        )
 
         def transformer() -> StreamTransformer | None:
-            # Usage is always read for the token metrics; the usage-only chunk that we asked
-            # for on the client's behalf is dropped, so the client sees the stream it asked for.
-            return StreamTransformer(
-                replacements,
-                capture_usage=True,
-                drop_usage_only_chunk=usage_added.final,
-                on_final_usage=tokens.count,
-                meter=tokens.served,
-                strip_progress_usage=usage_added.running,
-            )
+            return reading.transformer(tokens.served, tokens.count)
 
         def rewrite(data: bytes) -> bytes:
             return rewrite_model_in_json(data, replacements)
 
-        return _Forwarding(chosen, data, transformer, rewrite if replacements else None, tokens)
+        return _Forwarding(
+            chosen, data, transformer, rewrite if replacements else None, tokens, reading=reading
+        )
 
     try:
         return await _forward(
@@ -335,7 +341,7 @@ async def proxy_raw(
         read_options(bare_path, payload, len(body)) if isinstance(payload, dict) else None,
     )
     tokens.reserve()
-    transformer: Any = lambda: None  # noqa: E731 - the unchanged case
+    reading = Reading()  # the unchanged case
     if isinstance(payload, dict) and engine_reads_true(payload.get("stream")):
         streamed = True
         usage_added = ask_stream_for_usage(
@@ -343,21 +349,20 @@ async def proxy_raw(
         )
         if usage_added:
             body = json.dumps(payload).encode()
+        reading = Reading(
+            transform=True,
+            drop_usage_only_chunk=usage_added.final,
+            strip_progress_usage=usage_added.running,
+            prompt_estimate=tokens.served.prompt_estimate,
+        )
 
-        def transformer() -> StreamTransformer | None:
-            return StreamTransformer(
-                [],
-                capture_usage=True,
-                drop_usage_only_chunk=usage_added.final,
-                on_final_usage=tokens.count,
-                meter=tokens.served,
-                strip_progress_usage=usage_added.running,
-            )
+    def transformer() -> StreamTransformer | None:
+        return reading.transformer(tokens.served, tokens.count)
 
     return await _forward(
         request,
         gateway,
-        _Forwarding(target, body or None, transformer, None, tokens),
+        _Forwarding(target, body or None, transformer, None, tokens, reading=reading),
         path,
         route_label,
         streamed=streamed,
@@ -428,6 +433,8 @@ class _Forwarding:
     rewrite: Any
     tokens: TokenCount
     extra_headers: dict[str, str] | None = None  # e.g. a rewritten upload's Content-Type
+    # The same reading as data, for a proxy worker that relays the answer (workers.messages).
+    reading: Reading = field(default_factory=Reading)
 
 
 async def _forward(
@@ -528,12 +535,30 @@ async def _engine_for(
     if not streamed or gateway.scheduler.state_of(target.model) is ModelState.READY:
         return await stack.enter_async_context(context), context
     model = gateway.scheduler.model_config(target.model)
+    content = wants_loading_content(request, model.loading_content)
+    chat = request.path.endswith("/chat/completions")
+    admission = admission_of(request)
+    if admission is not None:  # a proxy worker's client: the worker keeps it informed
+
+        def progress() -> str | None:
+            view = gateway.scheduler.start_progress(target.model)
+            return view.describe() if view is not None else None
+
+        waiting = Waiting(
+            model=target.public_name,
+            content=content,
+            chat=chat,
+            progress=progress(),
+            cors_origin=request.get(CORS_ORIGIN_KEY),
+        )
+        entering = asyncio.ensure_future(stack.enter_async_context(context))
+        return await admission.wait_for_engine(waiting, progress, entering), context
     stream = LoadingStream(
         request,
         target.public_name,
         lambda: gateway.scheduler.start_progress(target.model),
-        content=wants_loading_content(request, model.loading_content),
-        chat=request.path.endswith("/chat/completions"),
+        content=content,
+        chat=chat,
     )
     if loading.stream is not None:
         stream.response = loading.stream.response  # a fallback's wait: the same stream goes on
@@ -566,6 +591,7 @@ async def _forward_once(
     outcome = ProxyOutcome()
     engine: EngineHandle | None = None
     engine_key = target.model  # the held engine's: the model's, or a replica's
+    served_unknown = False
     try:
         if target.adapter is not None:
             gateway.lora_manager().check(target)  # a bad adapter never starts the engine
@@ -585,19 +611,33 @@ async def _forward_once(
             )
             extra = forwarding.extra_headers
             headers = {**extra, **engine.upstream_headers} if extra else engine.upstream_headers
-            response, outcome = await gateway.upstream.forward(
-                request,
-                url,
-                body,
-                forwarding.transformer,
-                forwarding.rewrite,
-                outcome,
-                headers,
-                lost=held.lost,  # a lost engine ends its requests at once
-                prepared=loading.stream.response if loading.stream else None,
-                answer_headers={SERVED_BY_HEADER: served_by} if served_by else None,
-                first_byte=first_byte_guard(gateway, target.model, engine_key, engine),
-            )
+            admission = admission_of(request)
+            if admission is not None:  # a proxy worker relays it: same hold, same finish
+                relay = Relay(
+                    url=str(url),
+                    headers=headers,
+                    body=body_text(body),
+                    reading=forwarding.reading,
+                    answer_headers={SERVED_BY_HEADER: served_by} if served_by else {},
+                    cors_origin=request.get(CORS_ORIGIN_KEY),
+                )
+                outcome = await admission.relay(relay, held.lost)
+                assert admission.response is not None
+                response = admission.response
+            else:
+                response, outcome = await gateway.upstream.forward(
+                    request,
+                    url,
+                    body,
+                    forwarding.transformer,
+                    forwarding.rewrite,
+                    outcome,
+                    headers,
+                    lost=held.lost,  # a lost engine ends its requests at once
+                    prepared=loading.stream.response if loading.stream else None,
+                    answer_headers={SERVED_BY_HEADER: served_by} if served_by else None,
+                    first_byte=first_byte_guard(gateway, target.model, engine_key, engine),
+                )
             status, first_byte, streamed = outcome.status, outcome.first_byte_s, outcome.streamed
             if outcome.first_byte_timed_out:
                 status = 504  # a 200 header, then an error event: counted as a timeout
@@ -623,6 +663,16 @@ async def _forward_once(
         client_gone = True
         status = outcome.status or CLIENT_CLOSED_REQUEST
         first_byte, streamed = outcome.first_byte_s, outcome.streamed
+        admission = admission_of(request)
+        if admission is not None and admission.worker_lost:
+            # The proxy worker that relayed it died: lost by the gateway, not the client;
+            # what it served is not known, so its whole reservation is charged.
+            client_gone, served_unknown, status = False, True, 502
+            log.error(
+                "proxy worker %s was lost with a request for %s in flight: logged as 502",
+                admission.worker,
+                target.model,
+            )
         raise
     except EngineLost as lost:
         status = 503
@@ -681,6 +731,7 @@ async def _forward_once(
             streamed=streamed,
             usage=usage,
             client_gone=client_gone,
+            served_unknown=served_unknown,
         )
 
 

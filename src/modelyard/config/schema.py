@@ -680,8 +680,9 @@ class GatewayConfig(StrictModel):
         ge=0,
         le=64,
         description="extra processes serving requests on the same port (0: the gateway's "
-        "process alone). Not in effect in this version: one process serves every request "
-        "(docs/front-door.md says why and what it measured)",
+        "process alone). The gateway's process still decides every request (keys, budgets, "
+        "queues, engines) and keeps the metrics and logs; the workers relay to the engines "
+        "(docs/front-door.md says how, and what it measured)",
     )
     cors: CorsConfig = Field(default_factory=CorsConfig)
     allowed_hosts: list[str] = Field(
