@@ -167,5 +167,10 @@ def _connect(path: Path, migrations: Sequence[str]) -> sqlite3.Connection:
         raise
 
 
+def in_use(error: BaseException) -> bool:
+    """Whether `error` means another connection holds the file (wait and try again)."""
+    return isinstance(error, sqlite3.Error) and _error_name(error) in _IN_USE
+
+
 def _error_name(error: sqlite3.Error) -> str:
     return str(getattr(error, "sqlite_errorname", "") or "")
