@@ -131,9 +131,7 @@ class QueuedWriter:
             except Exception as error:
                 if not in_use(error):
                     # Disk full, a read-only directory, a bug: trying again would not help.
-                    log.exception(
-                        "%s: %d queued writes lost", self._database.path, len(operations)
-                    )
+                    log.exception("%s: %d queued writes lost", self._database.path, len(operations))
                     return False
                 if not warned:
                     log.warning(
