@@ -3,17 +3,21 @@
     python -m bench.placement.prewarm [TRACE.json ...]
 
 Each trace (default: the traces with structure in `structured/`, then the random ones in
-`traces/`) is replayed by `tests/core/virtual_gateway.py` twice: as today (no pre-warming)
-and with a `Predictor` learning from the requests as they come, the core deciding each
-pre-warm. Printed side by side with footprint-LRU (a typical launcher's policy, from the
-simulator): total load-wait, the ratio to today's, pre-warms made, used and wasted, the wait
-they spared, and how many requests waited longer with pre-warming than without, compared
-request by request on the same trace.
+`traces/`) is replayed by `tests/core/virtual_gateway.py` three times: as today (no
+pre-warming), with a `Predictor` learning from the requests as they come, the core deciding
+each pre-warm, and with perfect foresight (`Foresight`: the chance is 1 for every model whose
+next request comes within the horizon, 0 for the others), under the same rules. The last is
+a ceiling: what no predictor can beat while a pre-warm may use only free or idle memory and
+a free start slot. Printed side by side with footprint-LRU (a typical launcher's policy,
+from the simulator): total load-wait, the ratio to today's, pre-warms made, used and wasted,
+the wait they spared, and how many requests waited longer with pre-warming than without,
+compared request by request on the same trace.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import math
 import sys
 from dataclasses import dataclass
@@ -28,7 +32,7 @@ from tests.core.virtual_gateway import Outcome, PreWarmRecord, VirtualGateway
 from bench.placement.policies import LruByFootprint
 from bench.placement.replay_core import models_of
 from bench.placement.simulate import TRACES, Simulation, Trace
-from modelyard.scheduler.predictor import Predictor
+from modelyard.scheduler.predictor import Chance, Predictor
 
 STRUCTURED = Path(__file__).parent / "structured"
 # A request "waits longer because of a pre-warm" past this much (float noise, not seconds).
@@ -45,12 +49,33 @@ class Run:
         return sum(outcome.waited for outcome in self.outcomes)
 
 
-def replay(trace: Trace, prewarm: bool) -> Run:
+class Foresight(Predictor):
+    """Knows the trace: a model's chance is 1 when its next request comes within the horizon
+    (the rest of the predictor, "in use" and the switch rate, learns as usual)."""
+
+    def __init__(self, trace: Trace) -> None:
+        super().__init__()
+        self.arrivals: dict[str, list[float]] = {}
+        for request in trace.requests:
+            self.arrivals.setdefault(request.model, []).append(request.at)
+
+    def chances(self, now: float, horizons: dict[str, float]) -> list[Chance]:
+        out = []
+        for model, horizon in horizons.items():
+            times = self.arrivals.get(model, [])
+            index = bisect.bisect_right(times, now)
+            if index < len(times) and times[index] - now <= horizon:
+                out.append(Chance(model, 1.0, horizon, "foresight"))
+        return out
+
+
+def replay(trace: Trace, prewarm: bool, foresight: bool = False) -> Run:
+    predictor = Foresight(trace) if foresight else Predictor() if prewarm else None
     world = VirtualGateway(
         models_of(trace),
         [trace.gpu_bytes],
         host_ram_for_sleep=trace.host_ram_for_sleep,
-        predictor=Predictor() if prewarm else None,
+        predictor=predictor,
     )
     for request in trace.requests:
         world.request(request.at, request.model, duration=request.service_s, key=request.key)
@@ -69,6 +94,7 @@ class Row:
     wasted: int
     spared: float
     longer: int  # requests that waited longer with pre-warming
+    foresight: float  # load-wait with perfect foresight, under the same rules
 
     @property
     def ratio(self) -> float:
@@ -82,14 +108,16 @@ class Row:
         return (
             f"| {self.trace} | {self.requests:,} | {self.lru:,.0f} | {self.today:,.0f} "
             f"| **{self.learned:,.0f}** | {self.ratio:.2f}x | {self.made} | {self.used} "
-            f"| {self.wasted} ({self.waste:.0%}) | {self.spared:,.0f} | {self.longer} |"
+            f"| {self.wasted} ({self.waste:.0%}) | {self.spared:,.0f} | {self.longer} "
+            f"| {self.foresight:,.0f} ({self.foresight / self.today if self.today else 1:.2f}x) |"
         )
 
 
 HEADER = (
     "| trace | requests | footprint-LRU (s) | modelyard today (s) | with pre-warming (s) "
-    "| vs today | pre-warms | used | wasted | wait spared (s) | requests waiting longer |\n"
-    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    "| vs today | pre-warms | used | wasted | wait spared (s) | requests waiting longer "
+    "| perfect foresight (s) |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
@@ -114,6 +142,7 @@ def compare(trace: Trace) -> Row:
         sum(p.wasted for p in learned.prewarms),
         spared,
         longer,
+        replay(trace, prewarm=True, foresight=True).total_wait,
     )
 
 

@@ -34,8 +34,9 @@ _S = ModelState
 # Every change of state a supervisor may make; anything else is a bug (`ForbiddenTransition`).
 ALLOWED: Mapping[ModelState, frozenset[ModelState]] = {
     _S.STOPPED: frozenset({_S.STARTING}),
-    # A refusal or a cancelled start gives the model back as it was (stopped or failed).
-    _S.STARTING: frozenset({_S.READY, _S.STOPPED, _S.FAILED}),
+    # A refusal or a cancelled start gives the model back as it was (stopped or failed); a
+    # cancelled start whose engine runs stops it (no longer a start: the GPU's slot is free).
+    _S.STARTING: frozenset({_S.READY, _S.STOPPED, _S.FAILED, _S.STOPPING}),
     # Draining before a stop or sleep; stopping at once (idle, or hung); lost (a crash).
     _S.READY: frozenset({_S.DRAINING, _S.STOPPING, _S.FAILED}),
     # A failed sleep leaves it serving; a crash while draining leaves it failed.

@@ -31,8 +31,45 @@ def test_a_then_b_is_learned_with_its_reason() -> None:
     t = rounds(predictor, 20, "coder", "reasoner", 10.0)
     predictor.observe(t, "k", "coder")
     [chance] = predictor.chances(t + 1.0, {"reasoner": 40.0})
-    assert chance.probability == pytest.approx(1.0)
-    assert chance.reason == "after coder, 1.00 within 60 s"
+    # 20 of 20 coders went on to the reasoner, plus one unseen (Laplace): 20 / 21.
+    assert chance.probability == pytest.approx(20 / 21, rel=0.01)  # (a week's half-life)
+    assert chance.reason == "after coder, 0.95 within 40 s"
+
+
+def test_the_chance_is_for_the_start_time_so_a_late_successor_is_prewarmed_late() -> None:
+    # The reasoner comes 100 s after the coder: a 30 s start made at once would sit idle for
+    # 70 s (and be the first thing evicted); made when the reasoner is due, it is used.
+    predictor = Predictor(window_s=300.0, half_life_s=math.inf)
+    t = rounds(predictor, 20, "coder", "reasoner", 100.0)
+    predictor.observe(t, "k", "coder")
+    assert predictor.chances(t + 1.0, {"reasoner": 30.0}) == []
+    [early] = predictor.chances(t + 75.0, {"reasoner": 30.0})  # half of the 100-110 s bucket
+    [due] = predictor.chances(t + 90.0, {"reasoner": 30.0})
+    assert early.probability < 0.5 < 0.9 < due.probability
+
+
+def test_thin_evidence_is_never_a_certainty() -> None:
+    predictor = Predictor(window_s=60.0, min_seen=3.0, half_life_s=math.inf)
+    t = rounds(predictor, 3, "a", "b", 5.0)
+    predictor.observe(t, "k", "a")
+    [chance] = predictor.chances(t, {"b": 30.0})
+    assert chance.probability == pytest.approx(3 / 4)
+
+
+def test_a_burst_still_going_on_makes_the_successor_less_likely_yet() -> None:
+    # Each round: three requests for a, 5 s apart, then b 5 s after the last. Right after an
+    # a, the next request is another a two times in three: b within 8 s (3 s of the 5-10 s
+    # bucket) is 3/5 of 20 in 60 requests for a (and one unseen).
+    predictor = Predictor(window_s=60.0, half_life_s=math.inf)
+    t = 0.0
+    for _ in range(20):
+        for step in range(3):
+            predictor.observe(t + 5.0 * step, "k", "a")
+        predictor.observe(t + 15.0, "k", "b")
+        t += 1000.0
+    predictor.observe(t, "k", "a")
+    [chance] = predictor.chances(t, {"b": 8.0})
+    assert chance.probability == pytest.approx(0.6 * 20 / 61)
 
 
 def test_a_successor_outside_the_window_is_not_a_transition() -> None:
@@ -93,11 +130,12 @@ def test_habits_are_per_key_and_a_new_key_borrows_everyones() -> None:
     assert predictor.transition(t, "a", "b", "carol") == pytest.approx(0.5)
 
 
-def test_the_chance_fades_once_the_window_has_passed() -> None:
+def test_the_chance_fades_once_its_usual_time_has_passed() -> None:
     predictor = Predictor(window_s=60.0)
     t = rounds(predictor, 10, "a", "b", 5.0)
     predictor.observe(t, "k", "a")
-    assert predictor.chances(t + 30.0, {"b": 30.0})
+    assert predictor.chances(t + 1.0, {"b": 30.0})
+    assert predictor.chances(t + 30.0, {"b": 30.0}) == []  # b always came within 10 s
     assert predictor.chances(t + 61.0, {"b": 30.0}) == []
 
 

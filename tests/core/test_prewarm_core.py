@@ -164,3 +164,33 @@ def test_a_b_habit_learned_over_20_rounds_serves_the_21st_b_warm() -> None:
     assert outcomes[b_requests[0]].waited == pytest.approx(40.0)  # nothing learned yet
     assert outcomes[b_requests[-1]].waited == 0.0  # served warm
     assert any("after a" in p.reason for p in world.prewarms)
+
+
+class _Always(Predictor):
+    """Says `model` comes within any horizon, for certain (the decision, not the learning)."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__()
+        self.model = model
+
+    def chances(self, now: float, horizons: dict[str, float]) -> list[Chance]:
+        return [Chance(m, 1.0, h, "test") for m, h in horizons.items() if m == self.model]
+
+
+def test_a_cancelled_prewarm_start_frees_the_start_slot_at_once() -> None:
+    # b's 40 s pre-warm starts when a is asked for; c is asked for 5 s later and fits beside
+    # it: c starts at once (the pre-warm gives way), not after b's start.
+    models = {
+        "a": Model(bytes=4 * GIB, start_s=30.0, stop_s=2.0),
+        "b": Model(bytes=8 * GIB, start_s=40.0, stop_s=2.0),
+        "c": Model(bytes=8 * GIB, start_s=30.0, stop_s=2.0),
+    }
+    world = VirtualGateway(models, [24 * GIB], predictor=_Always("b"))
+    world.set_ready("a")
+    world.request(0.0, "a", key="k")
+    c = world.request(5.0, "c", key="j")
+    outcomes = world.run(until=1e9)
+    assert outcomes[c].waited == pytest.approx(30.0)
+    [prewarm] = [p for p in world.prewarms if p.model == "b"][:1]
+    assert prewarm.wasted
+    assert (5.0, "b", "starting", "stopping") in world.transitions

@@ -11,6 +11,9 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
+
+from modelyard.scheduler.supervisor import ModelUnavailable
 from tests.harness import Behaviour, Harness, engine_model, in_process_gateway
 
 START_S = 0.3  # each engine's cold start
@@ -57,3 +60,34 @@ async def test_an_a_then_b_habit_learned_over_20_rounds_serves_the_21st_b_warm(
         assert any(e.model == "b" and e.reason.startswith("after a, ") for e in events)
         exposition = h.gateway.metrics.exposition().decode()
         assert 'modelyard_prewarms_total{model="b",outcome="used"} 1.0' in exposition
+
+
+async def test_a_cancelled_prewarm_start_gives_its_start_slot_back_at_once(
+    tmp_path: Path,
+) -> None:
+    # A pre-warm's cold start of 5 s is cancelled for a real request: the engine is no longer
+    # a start at once (the planner sees the GPU's start slot free) and is gone after its stop,
+    # long before its start would have ended; the pre-warm ends without a retry.
+    models = {"b": engine_model()}
+    async with in_process_gateway(tmp_path, models, {"b": Behaviour(ready_after=5.0)}) as h:
+        supervisor = h.gateway.scheduler._supervisors["b"]
+        began = time.monotonic()
+        load = asyncio.create_task(h.gateway.scheduler.load("b", "pre-warm: test"))
+        await h.wait_state("b", "starting", timeout=5.0)
+        assert supervisor.cancel_prewarm()
+        await asyncio.sleep(0)
+        assert supervisor.state.value in ("stopping", "stopped")
+        with pytest.raises(ModelUnavailable) as refused:
+            await load
+        assert refused.value.code == "prewarm_cancelled"
+        await h.wait_state("b", "stopped", timeout=5.0)
+        assert time.monotonic() - began < 4.0
+
+
+async def test_only_a_cold_start_is_cancelled_as_a_prewarm(tmp_path: Path) -> None:
+    async with in_process_gateway(tmp_path, {"b": engine_model()}) as h:
+        supervisor = h.gateway.scheduler._supervisors["b"]
+        assert not supervisor.cancel_prewarm()  # stopped: nothing to cancel
+        await h.gateway.scheduler.load("b", "pre-warm: test")
+        assert not supervisor.cancel_prewarm()  # ready: a stop is an eviction's business
+        assert supervisor.state.value == "ready"

@@ -40,7 +40,7 @@ from modelyard.scheduler.core import (
 )
 from modelyard.scheduler.decide import Ask, Snapshot, unlimited_gpus
 from modelyard.scheduler.predictor import Predictor
-from modelyard.scheduler.prewarm import Candidate
+from modelyard.scheduler.prewarm import CHECK_EVERY_S, Candidate, horizon
 
 GIB = 1024**3
 
@@ -147,6 +147,7 @@ class VirtualGateway:
         self.predictor = predictor
         self.prewarms: list[PreWarmRecord] = []
         self._open_prewarm: dict[str, PreWarmRecord] = {}  # not yet used, nor wasted
+        self._ticking = False
 
     # ----- the test's inputs -----
 
@@ -207,6 +208,7 @@ class VirtualGateway:
             live = self.live[outcome.model]
             if self.predictor is not None:
                 self.predictor.observe(self.now, self._keys[data], outcome.model)
+                self._tick()
             record = self._open_prewarm.pop(outcome.model, None)
             if record is not None:
                 record.used_at = self.now
@@ -269,6 +271,11 @@ class VirtualGateway:
         elif kind == "evicted":
             target, number = data  # type: ignore[misc]
             self.core.step(EvictionsDone(target, number, ok=True))
+        elif kind == "prewarm_tick":
+            self._ticking = False
+            predictor = self.predictor
+            if predictor is not None and predictor.in_use(self.now, predictor.window_s):
+                self._tick()
         elif kind == "wake_deciders":
             self._wakeups.discard(data)  # type: ignore[arg-type]
         elif kind == "deadline":
@@ -325,18 +332,26 @@ class VirtualGateway:
         if record is not None:
             record.wasted = True
 
+    def _tick(self) -> None:
+        """Ask about pre-warms again in `CHECK_EVERY_S`, as the driver's timer does, while a
+        habit may be due (some key asked for something within the predictor's window)."""
+        if not self._ticking:
+            self._ticking = True
+            self._push(self.now + CHECK_EVERY_S, "prewarm_tick", None)
+
     def _maybe_prewarm(self) -> None:
         """With nobody waiting, offer the core the predictor's chances (as the driver does)."""
         if self.predictor is None or any(live.waiters for live in self.live.values()):
             return
-        horizons = {}
+        waits = {}
         for name, live in self.live.items():
             if live.state is None:
-                horizons[name] = self.models[name].start_s
+                waits[name] = self.models[name].start_s
             elif live.state is EngineState.SLEEPING:
                 model = self.models[name]
                 wake = model.wake2_s if live.sleeping_level == 2 else None
-                horizons[name] = wake if wake is not None else model.wake_s
+                waits[name] = wake if wake is not None else model.wake_s
+        horizons = {name: horizon(wait) for name, wait in waits.items()}
         chances = self.predictor.chances(self.now, horizons)
         if not chances:
             return
@@ -346,7 +361,7 @@ class VirtualGateway:
             if live.state in (EngineState.READY, EngineState.SLEEPING)
         }
         expected = {c.model: c.probability for c in self.predictor.chances(self.now, loaded)}
-        candidates = tuple(Candidate(self._target(c.model), c, horizons[c.model]) for c in chances)
+        candidates = tuple(Candidate(self._target(c.model), c, waits[c.model]) for c in chances)
         for command in self.core.step(
             PreWarmAsk(
                 self._snapshot(""),
@@ -401,7 +416,9 @@ class VirtualGateway:
             live = self.live[command.target]
             self._waste(command.target)
             self.log.append((self.now, command.target, f"prewarm cancelled: {command.reason}"))
-            if live.state in (EngineState.STARTING, EngineState.WAKING):
+            # As the driver does: a cold start stops at once (the start slot is free; its
+            # memory comes back once stopped); a wake is left to finish (1-3 s).
+            if live.state is EngineState.STARTING:
                 live.generation += 1  # its "loaded" event no longer counts
                 live.stopping_asleep = False
                 self._become(command.target, EngineState.STOPPING)

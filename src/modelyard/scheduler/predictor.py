@@ -1,15 +1,22 @@
 """Which model will be asked for next, learned by counting the gateway's own request history.
 
 Pure: no I/O and no clock of its own; the driver feeds `observe(now, key, model)` for every
-request (replayed from the event store at start-up, so it survives restarts) and asks
-`chances(now, horizons)` for the models that are not ready.
+request and asks `chances(now, horizons)` for the models that are not ready. What it counted
+is saved in the state dir (`prewarm_habits.py`) and read at start-up, so it survives
+restarts.
 
 Two counts, each decayed with a half-life so old habits fade:
 
-- transitions, per key (an API key or session): after a request for X, was Y asked for by the
-  same key within `window_s`? `P(Y | X) = followed(X -> Y) / seen(X)`, from the key's own
-  counts once it has enough, else from all keys' (a new key borrows the others' habits). It
-  is read only while the key's last request (X) is recent enough for the next one to come.
+- transitions, per key (an API key or session): after each request for X, what did the same
+  key ask for next (X again: the burst went on; or Y), and how long after (the gap, counted
+  in buckets of 5-30 s up to `window_s`)? From the key's own counts once it has seen X
+  `min_seen` times, else from all keys' (a new key borrows the others' habits). The chance
+  that Y comes within a horizon `h` (about a start time) when X was asked for `e` seconds ago
+  and nothing came since is the share of X's requests followed by Y `e` to `e + h` seconds
+  after, among those after which nothing had come by `e`: calibrated to the start time (not
+  "some time within the window"), so a model is pre-warmed just before it is usually asked
+  for, not as soon as X is. One unseen request is added to the count (Laplace), so thin
+  evidence gives a lower chance, never a certainty.
 - the hour of the week (day of the week and time of day): how often Y was asked for in this
   hour, per week the history covers; in the first week, the hour of the day, per day. Requests
   arriving as a Poisson stream at that rate give `1 - exp(-rate * horizon)`.
@@ -20,6 +27,7 @@ carries its reason in words ("after coder, 0.72 within 60 s"), so a pre-warm can
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -29,6 +37,15 @@ DAY_S = 24 * 3600.0
 HOUR_S = 3600.0
 
 _K = TypeVar("_K")
+
+# The gap buckets' upper edges (s) below the window; the window closes the last one. 5 s
+# apart for the first minute, 10 s to five minutes, then 30 s: a pre-warm is timed to within
+# a bucket, and a 30-60 s start needs its next request placed closer than that.
+GAP_EDGES_S = (
+    *(5.0 * n for n in range(1, 12)),
+    *(10.0 * n for n in range(6, 30)),
+    *(30.0 * n for n in range(10, 21)),
+)
 
 
 @dataclass(frozen=True)
@@ -77,16 +94,30 @@ class Predictor:
     # Keyed by (key, X) and (key, X, Y); the key "" holds every key's counts together.
     _seen: dict[tuple[str, str], _Decayed] = field(default_factory=dict)
     _followed: dict[tuple[str, str, str], _Decayed] = field(default_factory=dict)
+    # Per request: (key, X) the requests for X whose successor is known; (key, X, Y, bucket)
+    # those followed by Y (X itself: the burst went on) after a gap in that bucket, Y "" any.
+    _asked: dict[tuple[str, str], _Decayed] = field(default_factory=dict)
+    _gaps: dict[tuple[str, str, str, int], _Decayed] = field(default_factory=dict)
     _last: dict[str, _Pending] = field(default_factory=dict)  # per key
     _hourly: dict[tuple[str, int], _Decayed] = field(default_factory=dict)  # hour of week
     _daily: dict[tuple[str, int], _Decayed] = field(default_factory=dict)  # hour of day
     _first: float | None = None
+    _edges: list[float] | None = None
 
     def observe(self, now: float, key: str, model: str) -> None:
         """A request for `model` from `key` arrived at `now`."""
         if self._first is None:
             self._first = now
         pending = self._last.get(key)
+        if pending is not None:
+            # The key's previous request is answered: what came next, and how long after.
+            gap = now - pending.at
+            for who in {key, ""}:
+                self._count(self._asked, (who, pending.model), now)
+                if gap <= self.window_s:
+                    bucket = self._bucket(gap)
+                    self._count(self._gaps, (who, pending.model, model, bucket), now)
+                    self._count(self._gaps, (who, pending.model, "", bucket), now)
         if pending is not None and pending.model == model and now - pending.at <= self.window_s:
             pending.at = now  # a burst for the same model: its successor's window moves on
             return
@@ -110,10 +141,12 @@ class Predictor:
             return [[*key, count.value, count.at] for key, count in table.items()]
 
         return {
-            "version": 1,
+            "version": 2,
             "first": self._first,
             "seen": rows(self._seen),
             "followed": rows(self._followed),
+            "asked": rows(self._asked),
+            "gaps": rows(self._gaps),
             "hourly": rows(self._hourly),
             "daily": rows(self._daily),
             "last": [[key, p.model, p.at] for key, p in self._last.items()],
@@ -122,11 +155,13 @@ class Predictor:
 
     def load(self, raw: dict[str, Any]) -> None:
         """Take the counts `to_dict` wrote (this predictor's own settings stay)."""
-        if raw.get("version") != 1:
+        if raw.get("version") != 2:
             raise ValueError(f"unknown pre-warm habits version {raw.get('version')!r}")
         self._first = raw["first"]
         self._seen = {(r[0], r[1]): _Decayed(r[2], r[3]) for r in raw["seen"]}
         self._followed = {(r[0], r[1], r[2]): _Decayed(r[3], r[4]) for r in raw["followed"]}
+        self._asked = {(r[0], r[1]): _Decayed(r[2], r[3]) for r in raw["asked"]}
+        self._gaps = {(r[0], r[1], r[2], int(r[3])): _Decayed(r[4], r[5]) for r in raw["gaps"]}
         self._hourly = {(r[0], int(r[1])): _Decayed(r[2], r[3]) for r in raw["hourly"]}
         self._daily = {(r[0], int(r[1])): _Decayed(r[2], r[3]) for r in raw["daily"]}
         self._last = {r[0]: _Pending(r[1], r[2]) for r in raw["last"]}
@@ -148,6 +183,47 @@ class Predictor:
             return min(followed.read(now, self.half_life_s) / seen.read(now, self.half_life_s), 1.0)
         return 0.0
 
+    def edges(self) -> list[float]:
+        """The gap buckets' upper edges: `GAP_EDGES_S` below the window, then the window."""
+        if self._edges is None:
+            self._edges = [edge for edge in GAP_EDGES_S if edge < self.window_s]
+            self._edges.append(self.window_s)
+        return self._edges
+
+    def _bucket(self, gap: float) -> int:
+        return min(bisect.bisect_right(self.edges(), gap), len(self.edges()) - 1)
+
+    def _mass(self, now: float, who: str, after: str, then: str, low: float, high: float) -> float:
+        """The decayed count of X's requests followed by `then` ("" any) after a gap in
+        [low, high), spreading each bucket's count evenly over the bucket."""
+        edges = self.edges()
+        total = 0.0
+        for index in range(self._bucket(low), len(edges)):
+            lower = edges[index - 1] if index else 0.0
+            if lower >= high:
+                break
+            overlap = min(high, edges[index]) - max(low, lower)
+            count = self._gaps.get((who, after, then, index))
+            if overlap > 0.0 and count is not None:
+                total += count.read(now, self.half_life_s) * overlap / (edges[index] - lower)
+        return total
+
+    def arrival(
+        self, now: float, after: str, then: str, key: str, elapsed: float, horizon: float
+    ) -> float:
+        """P(`then` is asked for by `key` within `horizon` from now | its last request, for
+        `after`, was `elapsed` ago and nothing came since): see the module docstring."""
+        for who in (key, ""):
+            seen = self._seen.get((who, after))
+            if seen is None or seen.read(now, self.half_life_s) < self.min_seen:
+                continue
+            asked = self._asked[(who, after)].read(now, self.half_life_s)
+            ended = self._mass(now, who, after, "", 0.0, elapsed)
+            hits = self._mass(now, who, after, then, elapsed, elapsed + horizon)
+            # One more request than counted (Laplace): thin evidence is never a certainty.
+            return min(hits / (max(asked - ended, 0.0) + 1.0), 1.0)
+        return 0.0
+
     def switch_rate(self, now: float) -> float:
         """First requests for a model (not the rest of a burst) per second, all keys, lately:
         how often a real request may come for a model that is not ready."""
@@ -158,9 +234,11 @@ class Predictor:
             / (self.switch_half_life_s)
         )
 
-    def in_use(self, now: float) -> set[str]:
-        """The models some key asked for within `recent_s`: likely asked for again soon."""
-        return {p.model for p in self._last.values() if now - p.at <= self.recent_s}
+    def in_use(self, now: float, within: float | None = None) -> set[str]:
+        """The models some key asked for within `recent_s` (or `within`): likely asked for
+        again soon."""
+        recent = self.recent_s if within is None else within
+        return {p.model for p in self._last.values() if now - p.at <= recent}
 
     def hourly_rate(self, now: float, model: str) -> tuple[float, str]:
         """Requests (first of a burst) per second for `model` at this time, and which pattern
@@ -197,10 +275,10 @@ class Predictor:
                     continue
                 if pending.model == model:
                     continue
-                p = self.transition(now, pending.model, model, key)
+                p = self.arrival(now, pending.model, model, key, now - pending.at, horizon)
                 if p > best:
                     best = p
-                    reason = f"after {pending.model}, {p:.2f} within {self.window_s:.0f} s"
+                    reason = f"after {pending.model}, {p:.2f} within {horizon:.0f} s"
             rate, what = self.hourly_rate(now, model)
             daily = 1.0 - math.exp(-rate * horizon)
             if daily > 0.0 and best < 1.0:

@@ -9,8 +9,10 @@ cost model as a real start decide where it goes and what it would evict:
 - cost: the plan's eviction cost (expected seconds of reloading, weighted by each victim's
   recency, as every eviction is), plus each victim's own chance of being asked for x its
   reload, plus the start slot it takes: a real request for a model that is not ready, coming
-  while it starts, has it cancelled, and the cancelled start's stop is a wait. The chance of
-  that is `1 - exp(-switch_rate x wait)`, from how often the users switch models now.
+  while it starts, has it cancelled, and the cancelled start's stop is a wait (a wake is left
+  to finish, 1-3 s: cancelled, it would lose the sleeper). The chance of that is
+  `1 - exp(-switch_rate x wait)`, from how often the users switch models now. And a wasted
+  pre-warm (`1 - probability`) is undone later: a stop, or a sleep about as long as its wake.
 
 The rules that keep a pre-warm harmless hold by construction:
 - nothing with traffic is touched: engines with requests in flight or waiting, engines
@@ -46,6 +48,22 @@ CANCEL_STOP_S = 2.0
 # it keeps wasted pre-warms few (at most 30 % is the goal). On the simulator's traces 0.7
 # spared more load-wait than 0.5 (more pre-warms, more wasted) and than 0.8 (fewer used).
 MIN_PROBABILITY = 0.7
+# A pre-warm is made for a request expected within its start time and a half (a start made
+# when the request is due within exactly its start time would be ready just after it), or
+# within this long for a model that starts or wakes faster: a wake of 1-3 s is worth making
+# before the 1-3 s that precede the request (when nobody can tell it is coming), and this
+# long is still soon enough for the woken engine not to sit idle.
+START_MARGIN = 1.5
+LOOKAHEAD_S = 30.0
+# How often a driver asks again while a habit may be due: a chance grows as the usual time of
+# the next request nears, and nothing else happens meanwhile to ask on.
+CHECK_EVERY_S = 2.0
+
+
+def horizon(wait_s: float) -> float:
+    """The time within which a request must be expected for a pre-warm that spares `wait_s`
+    (its start or wake): the predictor's chances are asked for this horizon."""
+    return max(START_MARGIN * wait_s, LOOKAHEAD_S)
 
 
 @dataclass(frozen=True)
@@ -126,8 +144,14 @@ def choose_prewarm(
             expected.get(a.name, 0.0) * (victims[a.name].start_seconds or candidate.wait_s)
             for a in plan.actions
         )
-        # A start cancelled early holds little yet: its stop is bounded by its start too.
-        cost = plan.cost + risk + cancelled * min(CANCEL_STOP_S, candidate.wait_s)
+        # A cancelled start's stop is a wait (bounded by the start: one cancelled early holds
+        # little yet). A wake is not cancelled but left to finish (a cancelled wake would lose
+        # the sleeper): the real request waits for the rest of it.
+        yielding = candidate.wait_s if plan.wake else min(CANCEL_STOP_S, candidate.wait_s)
+        # A wasted pre-warm is undone later: a stop, or a sleep (its copy takes about as
+        # long as the wake).
+        undo = candidate.wait_s if plan.wake else CANCEL_STOP_S
+        cost = plan.cost + risk + cancelled * yielding + (1.0 - chance.probability) * undo
         if saving <= cost:
             continue
         if best is None or saving - cost > best.saving_s - best.cost_s:

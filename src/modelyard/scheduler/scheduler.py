@@ -63,7 +63,7 @@ from modelyard.scheduler.core import (
 from modelyard.scheduler.decide import Ask, Snapshot
 from modelyard.scheduler.names import Target, UnknownModel
 from modelyard.scheduler.predictor import Predictor
-from modelyard.scheduler.prewarm import Candidate
+from modelyard.scheduler.prewarm import CHECK_EVERY_S, Candidate, horizon
 from modelyard.scheduler.prewarm_habits import HABITS_NAME, HabitsFile
 from modelyard.scheduler.prewarm_stats import PreWarmStats
 from modelyard.scheduler.supervisor import (
@@ -82,6 +82,8 @@ log = logging.getLogger("modelyard.scheduler")
 
 # How often idle timers are checked: idle stops happen within this much of their timeout.
 IDLE_CHECK_INTERVAL_S = 0.25
+# A sleeper's wake before one was measured (vLLM documents 0.3-3 s).
+WAKE_GUESS_S = 2.0
 
 
 class Scheduler:
@@ -136,6 +138,7 @@ class Scheduler:
         self._wall: Callable[[], float] = time.time
         self._prewarm_for: GatewayConfig | None = None
         self._prewarm_any = False
+        self._prewarm_checked = 0.0  # the timer's last pre-warm check (clock)
         self._habits = HabitsFile(Path(config.state_dir).expanduser() / HABITS_NAME)
         self._habits.read_into(self.predictor)
 
@@ -447,20 +450,22 @@ class Scheduler:
         now = self._wall()
         horizons: dict[str, float] = {}
         loaded: dict[str, float] = {}
+        waits: dict[str, float] = {}
         for name, supervisor in self._supervisors.items():
             start = supervisor.timings.last_start_s or supervisor.settings.start_timeout / 5
             if supervisor.state is ModelState.READY:
                 loaded[name] = start
-            elif self._prewarm_on(name) and supervisor.state in (
-                ModelState.STOPPED,
-                ModelState.SLEEPING,
-            ):
-                horizons[name] = start
+            elif self._prewarm_on(name) and supervisor.state is ModelState.STOPPED:
+                waits[name] = start
+            elif self._prewarm_on(name) and supervisor.state is ModelState.SLEEPING:
+                waits[name] = min(supervisor.timings.last_wake_s or WAKE_GUESS_S, start)
+            if name in waits:
+                horizons[name] = horizon(waits[name])
         chances = self.predictor.chances(now, horizons)
         if not chances:
             return
         candidates = tuple(
-            Candidate(self._planning.target(self._supervisors[c.model]), c, c.horizon_s)
+            Candidate(self._planning.target(self._supervisors[c.model]), c, waits[c.model])
             for c in chances
         )
         ask = PreWarmAsk(
@@ -505,7 +510,8 @@ class Scheduler:
         self.events.emit("prewarm_cancelled", cancel.target, cancel.reason)
         self._prewarm_gone(cancel.target, "cancelled")
         supervisor = self._supervisors.get(cancel.target)
-        if supervisor is not None:
+        if supervisor is not None and not supervisor.cancel_prewarm():
+            # Not a cold start under way: it has not begun, or it is a wake left to finish.
             reason = f"pre-warm cancelled: {cancel.reason}"
             self._in_background(self._stop_quietly(supervisor, reason), self._evicting)
 
@@ -788,6 +794,10 @@ class Scheduler:
             try:
                 if self._prewarm_anywhere():
                     await self._habits.save_every(self.predictor, self._clock())
+                    if self._clock() - self._prewarm_checked >= CHECK_EVERY_S:
+                        # A habit grows due with time alone: nothing else would ask.
+                        self._prewarm_checked = self._clock()
+                        self.maybe_prewarm()
                 await self.reap_idle(self._clock())
             except Exception:  # the reaper must outlive any one bug (issue 11, defect 2)
                 log.exception("idle check failed; checking again")

@@ -179,6 +179,7 @@ class ModelSupervisor:
         self.progress: StartProgress | None = None  # of the start in progress, if any
         self._state_changed = asyncio.Event()  # replaced at each change of state
         self.stopping_asleep = False  # STOPPING from SLEEPING: it holds its asleep size
+        self._gave_way = False  # its start was cancelled for another model's request
         # Reloads that changed the engine, and the one the current engine was started under.
         self._config_version = 0
         self._engine_version = 0
@@ -330,6 +331,15 @@ class ModelSupervisor:
                 except asyncio.CancelledError:
                     current = asyncio.current_task()
                     if operation.cancelled() and current is not None and not current.cancelling():
+                        if self._gave_way:
+                            # A request that came while a cancelled pre-warm stops: a retry
+                            # in a moment starts it afresh.
+                            raise ModelUnavailable(
+                                f"the pre-warm of model {self.name!r} gave way to another "
+                                "model's request as this one came; retry",
+                                retry_after=1.0,
+                                code="prewarm_cancelled",
+                            ) from None
                         raise ModelUnavailable(
                             f"the start of model {self.name!r} was cancelled "
                             "(the gateway is shutting down)",
@@ -511,6 +521,19 @@ class ModelSupervisor:
         ):
             self._operation.cancel()
 
+    def cancel_prewarm(self) -> bool:
+        """Abandon a cold start nobody waits for (a pre-warm a real request must go before:
+        the core never cancels one a request came for); whether it was cancelled. Its engine
+        is STOPPING at once, no longer a start: the GPU's start slot is free for the real
+        request while the stop runs (the memory comes back when the process is gone). A wake
+        is left to finish: it takes 1-3 s, less than the stop, and a cancelled wake would
+        lose the sleeping engine."""
+        if self.state is not ModelState.STARTING:
+            return False
+        self._gave_way = True
+        self.cancel_start()
+        return True
+
     async def _run_exclusive(self, make: Callable[[], Awaitable[None]]) -> None:
         while self._operation is not None and not self._operation.done():
             operation = self._operation
@@ -549,6 +572,7 @@ class ModelSupervisor:
         A refusal, or a shutdown, launched nothing: the model is as it was, and a failed
         model keeps its failure."""
         self._take_pending_config()  # no engine now: a reloaded configuration applies
+        self._gave_way = False
         before = self.state
         self._launched_at = None
         self.placing = True
@@ -652,6 +676,9 @@ class ModelSupervisor:
         self.engine = None
         if engine is not None:
             self._expected_exit = True
+            if isinstance(error, asyncio.CancelledError):
+                # No longer starting (the start slot is free), but it holds memory until gone.
+                self.state = ModelState.STOPPING
             with contextlib.suppress(Exception):
                 await engine.stop(self.settings.stop_grace)
         if isinstance(error, asyncio.CancelledError):
