@@ -107,8 +107,13 @@ class QueuedWriter:
 
     def _finish(self, batch: list[tuple[Operation, Finished | None]], committed: bool) -> None:
         for _, finished in batch:
-            if finished is not None:
+            if finished is None:
+                continue
+            try:
                 finished(committed)
+            except Exception:
+                # The thread must live on: every later write depends on it.
+                log.exception("%s: a write's completion hook failed", self._database.path)
         with self._changed:
             self._finished += len(batch)
             if not committed:
