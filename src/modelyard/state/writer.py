@@ -31,6 +31,9 @@ RETRY_FIRST_S = 0.05
 RETRY_MOST_S = 1.0
 # How long `close()` keeps trying a locked file before it gives the queued writes up.
 CLOSE_GRACE_S = 10.0
+# SQLite's own wait for a lock, kept short: the writer tries again by itself, and reads on the
+# same connection (the events API, in a worker thread) wait behind a write no longer than this.
+WRITER_BUSY_TIMEOUT_MS = 100
 
 
 class QueuedWriter:
@@ -43,6 +46,7 @@ class QueuedWriter:
         batch: int = DEFAULT_BATCH,
     ) -> None:
         self._database = database
+        database.set_busy_timeout(WRITER_BUSY_TIMEOUT_MS)
         self._capacity = max(1, capacity)
         self._batch = max(1, batch)
         self._queue: collections.deque[tuple[Operation, Finished | None]] = collections.deque()
