@@ -56,13 +56,19 @@ docs: setup
 docs-reference: setup
 	$(PY) -m modelyard.config.reference --write docs/configuration.md
 
+# Most tests spend their time waiting (slow test engines, realistic timeouts), so they run in
+# two processes, a file per process. Real vLLM engines need the CPUs, a Ray cluster takes fixed
+# loopback addresses and the container tests one Docker daemon: those run one at a time after.
+PARALLEL_TESTS = not vllm and not ray and not container
+
 # Everything CI runs: lint, types, unit and integration tests, real vLLM engines on CPU
 # (the first run builds the engine venv and the demo models under ~/.cache/modelyard).
 test: setup system-deps test-deps
 	$(MAKE) lint
 	$(MAKE) docs
 	$(VENV)/bin/modelyard demo --setup-only
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -m "$(PARALLEL_TESTS)" -n 2 --dist loadfile
+	$(PY) -m pytest tests -m "not ($(PARALLEL_TESTS))"
 
 unit: setup
 	$(PY) -m pytest tests -m "not vllm and not chromium and not diffusion and not container and not ray"

@@ -91,3 +91,25 @@ async def test_only_a_cold_start_is_cancelled_as_a_prewarm(tmp_path: Path) -> No
         await h.gateway.scheduler.load("b", "pre-warm: test")
         assert not supervisor.cancel_prewarm()  # ready: a stop is an eviction's business
         assert supervisor.state.value == "ready"
+
+
+async def test_a_request_that_joined_a_cancelled_prewarm_is_served_by_a_start_of_its_own(
+    tmp_path: Path,
+) -> None:
+    # A real request for B comes while B's pre-warm start runs, and in that same moment the
+    # pre-warm gives way to another model (as the core may decide just before the request
+    # is counted). The pre-warm ends; the request is real, so it is served by a new start,
+    # not refused.
+    models = {"b": engine_model()}
+    async with in_process_gateway(tmp_path, models, {"b": Behaviour(ready_after=1.0)}) as h:
+        supervisor = h.gateway.scheduler._supervisors["b"]
+        load = asyncio.create_task(h.gateway.scheduler.load("b", "pre-warm: test"))
+        await h.wait_state("b", "starting", timeout=5.0)
+        request = asyncio.create_task(h.chat("b"))
+        await asyncio.sleep(0.2)  # the request now waits on the pre-warm's start
+        assert supervisor.cancel_prewarm()
+        with pytest.raises(ModelUnavailable):
+            await load
+        status, _, _ = await asyncio.wait_for(request, timeout=15.0)
+        assert status == 200
+        assert supervisor.state.value == "ready"

@@ -132,3 +132,42 @@ async def test_only_ready_engines_are_checked():
     assert await watchdog.check_all() == []  # stopped: nothing to check
     watchdog.observe_request("m", 504, timed_out=True)  # and nothing to count against
     assert yard._supervisors["m"].state is ModelState.STOPPED
+
+
+async def test_a_hung_replica_is_declared_hung_and_its_sibling_serves_on():
+    config = parse_config(
+        {
+            "models": {
+                "m": {
+                    "engine": "command",
+                    "command": ["x", "{port}"],
+                    "replicas": {"max": 2, "target_in_flight": 1},
+                }
+            }
+        }
+    )
+    now = [100.0]
+    runtime, events = Runtime(), EventBus()
+    yard = Scheduler(config, runtime, events, clock=lambda: now[0])
+    healthy = {"http://engine-0": True, "http://engine-1": True}
+
+    async def probe(engine: Any, timeout: float) -> bool:
+        return healthy[engine.base_url]
+
+    watchdog = EngineWatchdog(yard, probe, WatchdogSettings(1.0, 1.0, 1))
+    held = [yard.engine_for("m") for _ in range(3)]  # 3 in flight for one engine aiming at 1
+    for hold in held:
+        await hold.__aenter__()
+    assert yard.check_scale() == []  # overloaded since now: not yet
+    now[0] += 1.25
+    assert yard.check_scale() == ["m#2"]
+    for _ in range(30):
+        await asyncio.sleep(0)
+    assert sorted(yard.ready_engines_by_key()) == ["m", "m#2"]
+    healthy["http://engine-1"] = False
+    assert await watchdog.check_all() == ["m#2"]
+    assert yard._replicas["m"][0].state is ModelState.FAILED
+    assert yard.state_of("m") is ModelState.READY  # the model's own engine serves on
+    assert [e.data["replica"] for e in events.recent() if e.kind == "scale_up"] == ["m#2"]
+    for hold in held:
+        await hold.__aexit__(None, None, None)

@@ -8,6 +8,7 @@ go to test-artifacts/.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import urllib.request
@@ -264,6 +265,49 @@ def test_dashboard_shows_each_keys_turn_at_a_busy_model(browser, gateway_factory
     expect(row).to_contain_text("1 / 1")  # in flight / max_in_flight
     expect(row).to_contain_text("keys: anonymous 1+2")
     expect(page.locator("#gateway-meta")).to_contain_text("2 waiting for a turn")
+    for sender in senders:
+        sender.join()
+    assert page_errors == []
+    page.close()
+
+
+def test_dashboard_shows_a_models_replicas(browser, gateway_factory, tmp_path, page_errors):
+    """Under load a model gets a second engine: its row shows x2, with each engine on hover,
+    and the GPUs of both."""
+    import threading
+
+    from playwright.sync_api import expect
+
+    gpu = tmp_path / "fake-gpu"
+    fake_gpu.create(gpu, {0: 24 * GIB, 1: 24 * GIB})
+    replicas = {"max": 2, "target_in_flight": 2}
+    gateway = gateway_factory(
+        {"coder": vllm_like("coder", gpu, "10GiB", "--max-num-seqs", "2", replicas=replicas)},
+        gpus=[{"index": 0, "memory": "24GiB"}, {"index": 1, "memory": "24GiB"}],
+    )
+    chat_request(gateway.url, "coder")
+    page = open_page(browser, page_errors)
+    page.goto(gateway.url + "/ui")
+    row = page.locator('tr[data-model="coder"]')
+    expect(row).to_have_attribute("data-state", "ready")
+    expect(row.locator(".replicas")).to_have_count(0)  # one engine: nothing more to say
+
+    def slow_request() -> None:
+        body = {"model": "coder", "messages": [{"role": "user", "content": "x"}], "fake_delay": 3}
+        request = urllib.request.Request(
+            gateway.url + "/v1/chat/completions",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            response.read()
+
+    senders = [threading.Thread(target=slow_request) for _ in range(6)]
+    for sender in senders:
+        sender.start()
+    expect(row.locator(".replicas")).to_have_text("\u00d72")  # x2, with the multiplication sign
+    expect(row.locator(".replicas")).to_have_attribute("title", re.compile(r"coder#2: \w+"))
+    expect(row).to_contain_text("0, 1")
     for sender in senders:
         sender.join()
     assert page_errors == []

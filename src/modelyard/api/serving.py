@@ -29,6 +29,7 @@ from modelyard.api.accounting import (
     usage_of,
 )
 from modelyard.api.admission import model_refusal, usable_names
+from modelyard.api.affinity import affinity_key
 from modelyard.api.bodies import (
     looks_like_json_object,
     model_field,
@@ -476,6 +477,7 @@ async def _engine_for(
     stack: contextlib.AsyncExitStack,
     streamed: bool,
     loading: _Loading,
+    body: bytes | None = None,
 ) -> tuple[EngineHandle, EngineFor]:
     """The ready engine, and its hold (whose `lost` signal ends the request if the engine is
     lost). A fair turn comes first (a model at its max_in_flight): a request waiting its turn
@@ -484,7 +486,12 @@ async def _engine_for(
     principal = principal_of(request)
     turn = await take_turn(gateway, principal, target.model)
     stack.callback(end_turn, gateway, turn)
-    context = gateway.scheduler.engine_for(target.model, principal.name)
+    affinity = None
+    if gateway.scheduler.model_config(target.model).replicas.max > 1:
+        affinity = affinity_key(request.headers, body)  # which engine has its prefix cached
+    context = gateway.scheduler.engine_for(
+        target.model, principal.name, affinity=affinity, adapter=target.adapter
+    )
     if not streamed or gateway.scheduler.state_of(target.model) is ModelState.READY:
         return await stack.enter_async_context(context), context
     model = gateway.scheduler.model_config(target.model)
@@ -526,7 +533,7 @@ async def _forward_once(
             gateway.lora_manager().check(target)  # a bad adapter never starts the engine
         async with contextlib.AsyncExitStack() as stack:
             engine, held = await _engine_for(
-                request, gateway, target, stack, streamed_request, loading
+                request, gateway, target, stack, streamed_request, loading, body
             )
             if target.adapter is not None:  # the adapter stays loaded while it serves
                 await stack.enter_async_context(gateway.lora_manager().use(target, engine))

@@ -33,6 +33,7 @@ LIVE_MODEL_FIELDS = frozenset(
         "max_queue",
         "pinned",
         "preload",
+        "replicas",  # slots added or drained by the scheduler; running engines go on
     }
 )
 # Top-level settings applied live (keys, limits, groups, timeouts' defaults, log format).

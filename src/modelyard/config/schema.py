@@ -113,6 +113,42 @@ class ParamsConfig(StrictModel):
         return self
 
 
+# A bound on `replicas.max` that no real deployment nears (one engine per GPU of a large
+# cluster): it turns a typo such as 1000000 into a config error instead of a planning loop
+# over a million engine slots.
+MAX_REPLICAS = 64
+
+
+class ReplicasConfig(StrictModel):
+    """How many engines of one model may run at once, and when another is added."""
+
+    min: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_REPLICAS,
+        description="engines the idle timer never stops once started; 0 scales to zero",
+    )
+    max: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_REPLICAS,
+        description="most engines of this model at once; 1 is one engine, as without replicas",
+    )
+    target_in_flight: int = Field(
+        default=8,
+        ge=1,
+        le=100_000,
+        description="requests in flight (and waiting) per engine the scheduler aims for: "
+        "above it for a second, another engine is added",
+    )
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> ReplicasConfig:
+        if self.min > self.max:
+            raise ValueError(f"replicas: min ({self.min}) is larger than max ({self.max})")
+        return self
+
+
 class ModelConfig(StrictModel):
     """One model the gateway can start on demand."""
 
@@ -189,6 +225,10 @@ class ModelConfig(StrictModel):
     )
     memory: ByteSize | None = Field(default=None, description="footprint hint before measuring")
     pinned: bool = Field(default=False, description="never evicted to make room for another model")
+    replicas: ReplicasConfig = Field(
+        default_factory=ReplicasConfig,
+        description="engines of this model at once, added under load (docs/replicas.md)",
+    )
     sleep: Literal[0, 1, 2] = Field(default=0, description="vLLM sleep level when idle; 0 = never")
     prewarm: Literal["auto", "off"] | None = Field(
         default=None,
@@ -309,6 +349,10 @@ class ModelConfig(StrictModel):
             raise ValueError("'lora' is only supported for engine 'vllm'")
         if self.sleep and self.engine != "vllm":
             raise ValueError("'sleep' is only supported for engine 'vllm'")
+        if self.replicas.max > 1 and self.engine == "remote":
+            raise ValueError(
+                "replicas: engine 'remote' is one server we only connect to; max must be 1"
+            )
         if self.gpus is not None and len(self.gpus) < self.tensor_parallel:
             raise ValueError(
                 f"tensor_parallel is {self.tensor_parallel} but only "
@@ -727,6 +771,13 @@ class GatewayConfig(StrictModel):
                     )
                 if group.exclusive:
                     grouped[member] = group_name
+                if group.exclusive and self.models[member].replicas.max > 1:
+                    # One member at a time is the group's point; several engines of one
+                    # member would need a second meaning of "running".
+                    raise ValueError(
+                        f"model {member!r} is in exclusive group {group_name!r}: "
+                        "replicas.max must be 1"
+                    )
         return self
 
     def _check_ray_placement(self) -> None:

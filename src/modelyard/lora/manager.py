@@ -67,7 +67,8 @@ class LoraManager:
             name: model for name, model in config.models.items() if model.lora is not None
         }
         self.adapters: dict[str, Adapter] = {}
-        self._engines: dict[str, EngineAdapters] = {}
+        # By (base, engine pid): with replicas a base has several engines, each its own set.
+        self._engines: dict[tuple[str, int], EngineAdapters] = {}
         self._loading: dict[tuple[int, str], asyncio.Future[None]] = {}
         # Unloads asked of an engine and not answered yet: the adapter is still on the
         # record (the engine may still hold it) but no request may take it.
@@ -78,6 +79,7 @@ class LoraManager:
         self._wanted: collections.Counter[str] = collections.Counter()
         self._changed: dict[str, asyncio.Event] = {}
         self._scanner: asyncio.Task[None] | None = None
+        scheduler.adapter_loaded = self.holds  # LoRA affinity in the request path
         self.refresh()
 
     def keep_bases(self, models: Collection[str]) -> None:
@@ -186,8 +188,8 @@ class LoraManager:
         the old one, still loaded. One in use is retried at the next scan.
         """
         dropped = []
-        for base, record in list(self._engines.items()):
-            engine = self.scheduler.engine_of(base)
+        for (base, pid), record in list(self._engines.items()):
+            engine = next((e for e in self.scheduler.ready_engines_of(base) if e.pid == pid), None)
             if engine is None or record.engine_id[0] != engine.pid:
                 continue
             for name in [n for n in record.loaded if n not in self.adapters]:
@@ -301,7 +303,7 @@ class LoraManager:
     def _record_for(self, base: str, engine: EngineHandle) -> EngineAdapters:
         level_two = self.bases[base].sleep == 2
         engine_id = (engine.pid, self.scheduler.wakes_of(base) if level_two else 0)
-        record = self._engines.get(base)
+        record = self._engines.get((base, engine.pid))
         if record is None or record.engine_id != engine_id:
             # A new engine (or one that dropped its weights asleep): it holds only the
             # adapters given on its command line. Those it held before come back on demand.
@@ -309,8 +311,16 @@ class LoraManager:
             for adapter in self.adapters.values():
                 if adapter.base == base and adapter.static and adapter.problem is None:
                     record.loaded[adapter.name] = 0.0
-            self._engines[base] = record
+            live = {e.pid for e in self.scheduler.live_engines(base)} | {engine.pid}
+            for gone in [k for k in self._engines if k[0] == base and k[1] not in live]:
+                del self._engines[gone]  # engines that are gone hold nothing
+            self._engines[(base, engine.pid)] = record
         return record
+
+    def holds(self, base: str, name: str, pid: int) -> bool:
+        """Whether the engine `pid` of `base` has adapter `name` loaded (as far as we know)."""
+        record = self._engines.get((base, pid))
+        return record is not None and name in record.loaded
 
     async def _load(self, adapter: Adapter, engine: EngineHandle, record: EngineAdapters) -> None:
         began = self._clock()
@@ -387,11 +397,13 @@ class LoraManager:
     # ----- status -----
 
     def loaded_in(self, base: str) -> list[str]:
-        record = self._engines.get(base)
-        engine = self.scheduler.live_engine(base)
-        if record is None or engine is None or record.engine_id[0] != engine.pid:
-            return []
-        return list(record.loaded)
+        """The adapters loaded in any of the base's engines (its own engine's first)."""
+        names: dict[str, None] = {}
+        for engine in self.scheduler.live_engines(base):
+            record = self._engines.get((base, engine.pid))
+            if record is not None:
+                names.update(dict.fromkeys(record.loaded))
+        return list(names)
 
     def status(self) -> list[dict[str, Any]]:
         result = []

@@ -291,9 +291,11 @@ class LiveStateCollector(Collector):
             running, waiting = scheduler.load_counts(name)
             in_flight.add_metric([name], running)
             queued.add_metric([name], waiting)
-            size = self._gateway.model_status(name).get("footprint_bytes")
+            status = self._gateway.model_status(name)
+            size = status.get("footprint_bytes")
             if isinstance(size, int | float):
                 footprint.add_metric([name], size)
+            self._replicas(name, status.get("replicas"), families[9], families[10])
         total, used, planned = families[4:7]
         for gpu in self._gateway.gpu_status():
             labels = [str(gpu.get("index", "")), str(gpu.get("name") or "")]
@@ -305,10 +307,21 @@ class LiveStateCollector(Collector):
                 value = gpu.get(key)
                 if isinstance(value, int | float):
                     family.add_metric(labels, value)
-        info, started = families[7:]
+        info, started = families[7:9]
         info.add_metric([__version__], 1.0)
         started.add_metric([], self._gateway.started_at)
         return families
+
+    @staticmethod
+    def _replicas(
+        name: str, replicas: object, count: GaugeMetricFamily, per_engine: GaugeMetricFamily
+    ) -> None:
+        """The model's running engines, and each engine's requests in flight."""
+        if not isinstance(replicas, dict):
+            return
+        count.add_metric([name], float(replicas.get("running", 0)))
+        for engine in replicas.get("engines", []):
+            per_engine.add_metric([name, str(engine["key"])], float(engine["in_flight"]))
 
     @staticmethod
     def _families() -> list[GaugeMetricFamily]:
@@ -352,5 +365,15 @@ class LiveStateCollector(Collector):
             ),
             GaugeMetricFamily(
                 "modelyard_start_time_seconds", "When the gateway started (Unix time)."
+            ),
+            GaugeMetricFamily(
+                "modelyard_model_replicas",
+                "Engines of each model ready, starting or waking (replicas).",
+                labels=["model"],
+            ),
+            GaugeMetricFamily(
+                "modelyard_replica_in_flight_requests",
+                "Requests being served by each engine of a model (replica: the engine's key).",
+                labels=["model", "replica"],
             ),
         ]

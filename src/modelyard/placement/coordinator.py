@@ -107,8 +107,8 @@ class PlacementCoordinator:
         """The scheduler decided: record where the engine goes and return its budget."""
         name = supervisor.name
         model = self.config.models[name]
-        self.last_plan[name] = why
-        residency = self.residency.get(name)
+        self.last_plan[supervisor.key] = why
+        residency = self.residency.get(supervisor.key)  # a replica's is its own
         if supervisor.state is ModelState.SLEEPING and residency is not None:
             return MemoryBudget(
                 residency.gpus, residency.awake_bytes_per_gpu, self._total(residency.gpus)
@@ -119,10 +119,12 @@ class PlacementCoordinator:
             bytes_per_gpu,
             int(bytes_per_gpu * ASSUMED_SLEEP_RESIDUAL) if model.sleep else 0,
             learnable=not unknown or model.engine != "vllm",
-            sleep_level=model.sleep or 0,
+            sleep_level=(model.sleep or 0) if supervisor.can_sleep else 0,
         )
         self._whole_gpu_next.discard(name)
-        self.events.emit("placed", name, why, gpus=list(gpus), bytes_per_gpu=bytes_per_gpu)
+        self.events.emit(
+            "placed", name, why, gpus=list(gpus), bytes_per_gpu=bytes_per_gpu, engine=supervisor.key
+        )
         return MemoryBudget(gpus, bytes_per_gpu, self._total(gpus))
 
     def note_plan(self, name: str, why: str) -> None:
@@ -207,7 +209,7 @@ class PlacementCoordinator:
             )
             need = estimate.bytes_per_gpu
         return Target(
-            name=name,
+            name=supervisor.key,  # a replica is planned as an engine of its own
             bytes_per_gpu=need,
             gpus=tuple(model.gpus or ()),
             tensor_parallel=model.tensor_parallel,

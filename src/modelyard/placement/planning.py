@@ -131,7 +131,7 @@ class UnmanagedGpus:
 
     def target(self, owner: EngineOwner) -> Target:
         return Target(
-            name=owner.name,
+            name=owner.key,  # a replica is planned as an engine of its own
             bytes_per_gpu=0,
             gpus=(self._index()[owner.key],),
             exclusive_group=self.config.exclusive_group_of(owner.name),

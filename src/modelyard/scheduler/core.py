@@ -22,7 +22,9 @@ busy (no second plan counts on them). A reservation ends when its target starts,
 or is abandoned by its requests.
 
 It also answers the queue bounds (`Arrived` -> a `RefuseNow` when a queue is full) and the idle
-timer (`IdleCheck` -> `PutToSleep` / `StopIdle`), which need no memory between steps.
+timer (`IdleCheck` -> `PutToSleep` / `StopIdle`), which need no memory between steps, and
+decides replicas (`ScaleCheck` -> `ScaleUp`, scheduler/scaling.py), remembering since when
+each model has been overloaded.
 """
 
 from __future__ import annotations
@@ -47,6 +49,15 @@ from modelyard.scheduler.decide import (
     decide,
 )
 from modelyard.scheduler.prewarm import Candidate, PreWarm, choose_prewarm
+from modelyard.scheduler.scaling import (
+    SCALE_UP_AFTER_S,
+    IdleSlot,
+    ModelLoad,
+    idle_stops,
+    may_add,
+    overloaded,
+    spread,
+)
 
 # ----- events (what happened) -----
 
@@ -62,6 +73,9 @@ class Wanted:
     ask: Ask
     snapshot: Snapshot
     max_eviction_rounds: int = 8
+    # A replica added for load: it takes free room or idle engines' room, or none. Waiting
+    # for a busy engine to drain would make it the evictor of a model with traffic.
+    no_wait: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,6 +119,9 @@ class IdleEngine:
     idle_timeout: float  # 0: never idle-stopped
     pinned: bool
     sleep_level: int  # 0: cannot sleep, so it stops
+    model: str = ""  # the model it serves ("": its key); engines of one model scale together
+    running: bool = True  # ready, starting or waking
+    min_replicas: int = 0  # engines of its model the idle timer keeps running
 
 
 @dataclass(frozen=True)
@@ -134,7 +151,17 @@ class PreWarmOver:
     target: str
 
 
-Event = Wanted | EvictionsDone | Dropped | Arrived | IdleCheck | PreWarmAsk | PreWarmOver
+@dataclass(frozen=True)
+class ScaleCheck:
+    """The scale timer fired: does a model with replicas need another engine?"""
+
+    snapshot: Snapshot
+    models: tuple[ModelLoad, ...]
+
+
+Event = (
+    Wanted | EvictionsDone | Dropped | Arrived | IdleCheck | PreWarmAsk | PreWarmOver | ScaleCheck
+)
 
 # ----- commands (what the driver must do) -----
 
@@ -199,6 +226,17 @@ class StopIdle:
 
     key: str
     reason: str
+    scale_down: bool = False  # another engine of its model runs on
+
+
+@dataclass(frozen=True)
+class ScaleUp:
+    """Start replica `key` of `model` now (it asks for its room as any start does, without
+    waiting for a busy engine: `Wanted.no_wait`)."""
+
+    model: str
+    key: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -220,7 +258,15 @@ class CancelPreWarm:
 
 
 Command = (
-    StartNow | CarryOut | WaitUntil | RefuseNow | PutToSleep | StopIdle | PreWarmNow | CancelPreWarm
+    StartNow
+    | CarryOut
+    | WaitUntil
+    | RefuseNow
+    | PutToSleep
+    | StopIdle
+    | PreWarmNow
+    | CancelPreWarm
+    | ScaleUp
 )
 
 
@@ -249,6 +295,10 @@ class SchedulerCore:
     # real request needs what they hold. The reservation of one in its eviction phase is in
     # `_reservations`, as any other.
     _prewarms: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # Since when each model has been above its replicas' target, without a break.
+    _overloaded_since: dict[str, float] = field(default_factory=dict)
+    # Why the last scale-up a model needed was not made (for status), by model.
+    scale_blocked: dict[str, str] = field(default_factory=dict)
 
     def prewarming(self) -> tuple[str, ...]:
         return tuple(self._prewarms)
@@ -276,6 +326,8 @@ class SchedulerCore:
         if isinstance(event, PreWarmOver):
             self._prewarms.pop(event.target, None)
             return []
+        if isinstance(event, ScaleCheck):
+            return self._scale(event)
         return self._yield_to_real(event, self._wanted(event))
 
     def _prewarm(self, event: PreWarmAsk) -> list[Command]:
@@ -304,6 +356,44 @@ class SchedulerCore:
                 tuple(action.name for action in chosen.actions),
             )
         return [PreWarmNow(chosen, self._numbers)]
+
+    def _scale(self, event: ScaleCheck) -> list[Command]:
+        """A replica for each model above its target for `SCALE_UP_AFTER_S`, where one fits
+        in free room or idle engines' room (the same plan and cost model as any start)."""
+        now = event.snapshot.now
+        commands: list[Command] = []
+        for load in event.models:
+            if not overloaded(load):
+                self._overloaded_since.pop(load.model, None)
+                self.scale_blocked.pop(load.model, None)
+                continue
+            since = self._overloaded_since.setdefault(load.model, now)
+            if now - since < SCALE_UP_AFTER_S or not may_add(load):
+                continue
+            assert load.free_slot is not None
+            assert load.target is not None
+            world = self.world(event.snapshot, load.free_slot)
+            gpus = [gpu.index for gpu in world.gpus]
+            target = spread(load.target, load.siblings, world.engines, gpus)
+            if target is None:
+                self.scale_blocked[load.model] = "every GPU it may use holds one of its engines"
+                continue
+            decision = decide(world, Ask(target, now), self.settings)
+            if not isinstance(decision, (Go, Evict)):
+                why = decision.explanation if isinstance(decision, Wait) else decision.message
+                self.scale_blocked[load.model] = f"no room for another engine: {why}"
+                continue
+            self._overloaded_since.pop(load.model, None)
+            self.scale_blocked.pop(load.model, None)
+            commands.append(
+                ScaleUp(
+                    load.model,
+                    load.free_slot,
+                    f"{load.outstanding} requests for {load.running} engine(s) above "
+                    f"{load.target_in_flight} each for {now - since:.1f}s",
+                )
+            )
+        return commands
 
     def _yield_to_real(self, event: Wanted, commands: list[Command]) -> list[Command]:
         """A real request goes first: when it must wait for a pre-warm (its start slot, or
@@ -369,6 +459,18 @@ class SchedulerCore:
             return [
                 RefuseNow(
                     name, decision.status, decision.retry_after, decision.code, decision.message
+                )
+            ]
+        if isinstance(decision, Wait) and event.no_wait:
+            self.step(Dropped(name))
+            return [
+                RefuseNow(
+                    name,
+                    503,
+                    DEFAULT_RETRY_AFTER_S,
+                    "no_room_for_replica",
+                    f"no room for {name!r} without waiting for a busy engine: "
+                    f"{decision.explanation}",
                 )
             ]
         if isinstance(decision, Wait):
@@ -459,15 +561,29 @@ def _queue_bounds(event: Arrived) -> list[Command]:
 
 
 def _idle_verdicts(event: IdleCheck) -> list[Command]:
-    """Sleep (where it can) or stop every unpinned engine idle past its timeout."""
+    """Sleep (where it can) or stop every unpinned engine idle past its timeout, keeping each
+    model's `min_replicas` running; a replica with another engine of its model running
+    stops (a scale-down)."""
+    slots = [
+        IdleSlot(
+            e.key,
+            e.model or e.key,
+            e.idle_s,
+            e.idle_timeout,
+            e.pinned,
+            e.sleep_level,
+            e.running,
+            e.min_replicas,
+        )
+        for e in event.engines
+    ]
     verdicts: list[Command] = []
-    for engine in event.engines:
-        idle, timeout = engine.idle_s, engine.idle_timeout
-        if idle is None or timeout <= 0 or idle < timeout or engine.pinned:
-            continue
-        reason = f"idle for {idle:.0f}s"
-        if engine.sleep_level:
-            verdicts.append(PutToSleep(engine.key, engine.sleep_level, reason))
+    for slot, scale_down in idle_stops(slots):
+        reason = f"idle for {slot.idle_s or 0.0:.0f}s"
+        if scale_down:
+            verdicts.append(StopIdle(slot.key, f"scale down: {reason}", scale_down=True))
+        elif slot.sleep_level:
+            verdicts.append(PutToSleep(slot.key, slot.sleep_level, reason))
         else:
-            verdicts.append(StopIdle(engine.key, reason))
+            verdicts.append(StopIdle(slot.key, reason))
     return verdicts

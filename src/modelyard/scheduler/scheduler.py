@@ -38,6 +38,7 @@ from modelyard.observability.events import EventBus
 from modelyard.placement.coordinator import PlacementCoordinator
 from modelyard.placement.planning import Planning, UnmanagedGpus
 from modelyard.placement.policy import Action, Sleep
+from modelyard.placement.policy import Target as PlacementTarget
 from modelyard.runtime.remote import RETRY_AFTER_S as RETRY_REMOTE_S
 from modelyard.runtime.start_progress import ProgressView
 from modelyard.runtime.weights_cache import download_folder
@@ -54,6 +55,8 @@ from modelyard.scheduler.core import (
     PreWarmOver,
     PutToSleep,
     RefuseNow,
+    ScaleCheck,
+    ScaleUp,
     SchedulerCore,
     StartNow,
     StopIdle,
@@ -66,6 +69,8 @@ from modelyard.scheduler.predictor import Predictor
 from modelyard.scheduler.prewarm import CHECK_EVERY_S, Candidate, horizon
 from modelyard.scheduler.prewarm_habits import HABITS_NAME, HabitsFile
 from modelyard.scheduler.prewarm_stats import PreWarmStats
+from modelyard.scheduler.replica_set import RUNNING, ReplicaRouting, model_load, replicas_status
+from modelyard.scheduler.scaling import replica_key, spread
 from modelyard.scheduler.supervisor import (
     EngineHandle,
     EngineStarter,
@@ -81,6 +86,7 @@ from modelyard.scheduler.supervisor import (
 log = logging.getLogger("modelyard.scheduler")
 
 # How often idle timers are checked: idle stops happen within this much of their timeout.
+# Replicas are checked on the same beat (scheduler/scaling.py).
 IDLE_CHECK_INTERVAL_S = 0.25
 # A sleeper's wake before one was measured (vLLM documents 0.3-3 s).
 WAKE_GUESS_S = 2.0
@@ -101,6 +107,13 @@ class Scheduler:
         self._clock = clock
         self._placement = placement
         self._supervisors: dict[str, ModelSupervisor] = {}
+        # A model's other engines (replicas 2..max), by model; stopped until load asks.
+        self._replicas: dict[str, list[ModelSupervisor]] = {}
+        self._routing = ReplicaRouting()  # which engine serves each request
+        self._scaling: set[str] = set()  # engines starting for load: they never wait for room
+        # Whether the engine (by pid) of a base model has a LoRA adapter loaded: set by the
+        # adapter manager, for the request path's LoRA affinity.
+        self.adapter_loaded: Callable[[str, str, int], bool] = lambda _base, _name, _pid: False
         self._names: dict[str, Target] = {}
         self._routes: dict[str, str] = {}
         self._reaper: asyncio.Task[None] | None = None
@@ -147,7 +160,13 @@ class Scheduler:
         self.adapter_targets = targets
 
     def _add_model(self, name: str, model: ModelConfig) -> None:
-        """A supervisor for one configured model (its names: `_index_names`)."""
+        """A supervisor for one configured model (its names: `_index_names`), and one for
+        each of its other replicas."""
+        self._supervisors[name] = self._new_supervisor(name, 1, model)
+        self._replicas[name] = []
+        self._resize_replicas(name, model)
+
+    def _new_supervisor(self, name: str, number: int, model: ModelConfig) -> ModelSupervisor:
         supervisor = ModelSupervisor(
             name=name,
             spec_for=self._spec_factory(name, model),
@@ -156,10 +175,46 @@ class Scheduler:
             events=self.events,
             clock=self._clock,
             book=self._book_for(model),
-            sleep_control=self._sleep_control if model.sleep else None,
+            # A replica stops when idle rather than sleeping: the model's own engine is the
+            # one to keep asleep for a quick wake.
+            sleep_control=self._sleep_control if model.sleep and number == 1 else None,
         )
+        supervisor.key = replica_key(name, number)
         supervisor.on_change(self._notify)
-        self._supervisors[name] = supervisor
+        return supervisor
+
+    def _resize_replicas(self, name: str, model: ModelConfig) -> None:
+        """Slots 2..max for `name`; those beyond a lowered max drain and stop."""
+        slots = self._replicas[name]
+        while len(slots) + 1 < model.replicas.max:
+            slots.append(self._new_supervisor(name, len(slots) + 2, model))
+        while len(slots) + 1 > model.replicas.max:
+            self._retire_slot(slots.pop(), "replicas.max lowered")
+
+    def _retire_slot(self, supervisor: ModelSupervisor, reason: str) -> None:
+        """Drain and stop one engine under a key of its own (its slot may be made again)."""
+        self._retired += 1
+        old = supervisor.key
+        supervisor.key = f"{old} (removed #{self._retired})"
+        if self._placement is not None:
+            self._placement.rekey(old, supervisor.key)
+        self._core.step(Dropped(old))
+        self._retiring[supervisor.key] = supervisor
+        self._in_background(self._retire(supervisor, reason))
+
+    def _slots(self, name: str) -> list[ModelSupervisor]:
+        """Every engine slot of a configured model: its own first, then its replicas."""
+        return [self._supervisors[name], *self._replicas.get(name, ())]
+
+    def _slot(self, key: str) -> ModelSupervisor | None:
+        """The configured engine slot with this key (None: a reload removed it)."""
+        for supervisor in self._slots_of_all():
+            if supervisor.key == key:
+                return supervisor
+        return None
+
+    def _slots_of_all(self) -> list[ModelSupervisor]:
+        return [s for name in self._supervisors for s in self._slots(name)]
 
     def _book_for(self, model: ModelConfig) -> PlacementCoordinator | None:
         # A remote engine holds none of our GPUs: placement and groups leave it alone.
@@ -225,6 +280,8 @@ class Scheduler:
         self._planning.config = config  # placement's too, when it plans
         retired = {}
         for name in plan.removed:
+            for replica in self._replicas.pop(name, []):
+                self._retire_slot(replica, "removed from the configuration")
             leaving = self._supervisors.pop(name)
             self._retired += 1
             leaving.key = f"{name} (removed #{self._retired})"
@@ -245,6 +302,14 @@ class Scheduler:
                 book=self._book_for(model),
                 sleep_control=self._sleep_control if model.sleep else None,
             )
+            self._resize_replicas(name, model)
+            for replica in self._replicas[name]:
+                replica.settings = self._settings_for(model)
+                replica.reconfigure(
+                    self._spec_factory(name, model),
+                    book=self._book_for(model),
+                    sleep_control=None,
+                )
         self._index_names()
         # Adapters of a removed base model go with it (their requests would find no engine).
         self.adapter_targets = {
@@ -259,6 +324,10 @@ class Scheduler:
             # failures say nothing of it.
             self._supervisors[name].engine_config_changed()
             self._in_background(self._replace_engine(self._supervisors[name]))
+            for replica in self._replicas[name]:
+                # Its replicas stop (drained); load starts new ones with the new configuration.
+                replica.engine_config_changed()
+                self._in_background(self._stop_drained(replica, "engine configuration changed"))
         self._notify()
 
     def _in_background(
@@ -269,11 +338,16 @@ class Scheduler:
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    async def _retire(self, supervisor: ModelSupervisor) -> None:
+    async def _retire(
+        self, supervisor: ModelSupervisor, reason: str = "removed from the configuration"
+    ) -> None:
         try:
-            await supervisor.stop("removed from the configuration", drain=True)
+            await supervisor.stop(reason, drain=True)
         finally:
             self._retiring.pop(supervisor.key, None)
+
+    async def _stop_drained(self, supervisor: ModelSupervisor, reason: str) -> None:
+        await supervisor.stop(reason, drain=True)
 
     async def _replace_engine(self, supervisor: ModelSupervisor) -> None:
         was_running = supervisor.state in (
@@ -296,7 +370,7 @@ class Scheduler:
 
     def _all_supervisors(self) -> list[ModelSupervisor]:
         """Configured models' supervisors and those of removed models still draining."""
-        return [*self._supervisors.values(), *self._retiring.values()]
+        return [*self._slots_of_all(), *self._retiring.values()]
 
     def _engines_by_key(self) -> dict[str, ModelSupervisor]:
         """Every engine's owner by its key: what every decision sees."""
@@ -381,8 +455,11 @@ class Scheduler:
         return supervisor.start_view() if supervisor is not None else None
 
     def engine_of(self, name: str) -> EngineHandle | None:
-        """The model's engine when it is ready (None otherwise)."""
-        supervisor = self._supervisors[name]
+        """The model's engine when it is ready (None otherwise); `name` may be a replica's
+        key (`coder#2`)."""
+        supervisor = self._supervisors.get(name) or self._slot(name)
+        if supervisor is None:
+            raise KeyError(name)
         return supervisor.engine if supervisor.state is ModelState.READY else None
 
     def ready_engines(self) -> dict[str, EngineHandle]:
@@ -392,10 +469,26 @@ class Scheduler:
             if s.state is ModelState.READY and s.engine is not None
         }
 
+    def ready_engines_by_key(self) -> dict[str, EngineHandle]:
+        """Every ready engine, replicas included, by its key (the watchdog checks each)."""
+        return {
+            s.key: s.engine
+            for s in self._slots_of_all()
+            if s.state is ModelState.READY and s.engine is not None
+        }
+
     def load_counts(self, name: str) -> tuple[int, int]:
-        """Requests (in flight, queued) for a model."""
-        supervisor = self._supervisors[name]
-        return supervisor.in_flight, supervisor.waiting
+        """Requests (in flight, queued) for a model, over all its engines."""
+        slots = self._slots(name)
+        return sum(s.in_flight for s in slots), sum(s.waiting for s in slots)
+
+    def replica_loads(self, name: str) -> list[tuple[str, ModelState, int]]:
+        """Each engine slot of a model that holds an engine: (key, state, in flight)."""
+        return [
+            (s.key, s.state, s.in_flight)
+            for s in self._slots(name)
+            if s.state not in (ModelState.STOPPED, ModelState.FAILED)
+        ]
 
     def wakes_of(self, name: str) -> int:
         return self._supervisors[name].timings.wakes
@@ -406,17 +499,33 @@ class Scheduler:
     def log_tail(self, name: str) -> list[str]:
         return self._supervisors[name].last_log_tail
 
+    def live_engines(self, name: str) -> list[EngineHandle]:
+        """Every engine of the model whatever its state, its own first, then its replicas'."""
+        return [s.engine for s in self._slots(name) if s.engine is not None]
+
+    def ready_engines_of(self, name: str) -> list[EngineHandle]:
+        """The model's ready engines, its own first."""
+        return [
+            s.engine
+            for s in self._slots(name)
+            if s.state is ModelState.READY and s.engine is not None
+        ]
+
     def live_engine(self, name: str) -> EngineHandle | None:
         """The model's engine process whatever its state (for following its log)."""
         return self._supervisors[name].engine
 
     # ----- serving -----
 
-    def engine_for(self, model: str, key: str = "") -> EngineFor:
+    def engine_for(
+        self, model: str, key: str = "", affinity: str | None = None, adapter: str | None = None
+    ) -> EngineFor:
         """A ready engine for one request, within the model's start timeout and queue bounds:
         `async with scheduler.engine_for(model) as engine`. `key`: who asks (an API key's
-        name), for the habits pre-warming learns."""
-        return EngineFor(self, model, key)
+        name), for the habits pre-warming learns. With replicas, `affinity` (a digest of the
+        conversation or session) and `adapter` (a LoRA adapter's name) pick the engine
+        (scheduler/balance.py)."""
+        return EngineFor(self, model, key, affinity, adapter)
 
     # ----- learned pre-warming -----
 
@@ -525,16 +634,38 @@ class Scheduler:
         finally:
             self._notify()
 
-    def _supervisor_to_wait_on(self, model: str) -> ModelSupervisor:
-        """The model's supervisor, for a request that may wait for it (or ModelUnavailable)."""
+    def _supervisor_to_wait_on(
+        self, model: str, affinity: str | None = None, adapter: str | None = None
+    ) -> ModelSupervisor:
+        """The engine's supervisor for a request that may wait for it (or ModelUnavailable)."""
         if self._closing:
             raise ModelUnavailable(
                 "the gateway is shutting down", retry_after=5.0, code="shutting_down"
             )
-        supervisor = self._supervisors[model]
+        supervisor = self._choose_slot(model, affinity, adapter)
         if supervisor.state is not ModelState.READY:
             self._check_queue_bounds(supervisor)
         return supervisor
+
+    def _choose_slot(
+        self, model: str, affinity: str | None, adapter: str | None
+    ) -> ModelSupervisor:
+        """The engine for one request (scheduler/replica_set.py)."""
+        primary = self._supervisors[model]
+        replicas = self._replicas.get(model)
+        if not replicas:
+            return primary  # one engine: the request path stays as it was, no lookups
+
+        def has_adapter(slot: ModelSupervisor) -> bool:
+            engine = slot.engine
+            return (
+                adapter is not None
+                and engine is not None
+                and (self.adapter_loaded(model, adapter, engine.pid))
+            )
+
+        target = self.config.models[model].replicas.target_in_flight
+        return self._routing.choose(model, [primary, *replicas], target, affinity, has_adapter)
 
     def _supervisor_of(self, name: str) -> ModelSupervisor:
         """The model's supervisor, also while a reload that removed it drains its engine
@@ -594,16 +725,25 @@ class Scheduler:
         return max(1.0, round(supervisor.timings.last_start_s or 5.0))
 
     def total_waiting(self) -> int:
-        return sum(s.waiting for s in self._supervisors.values())
+        return sum(s.waiting for s in self._slots_of_all())
 
     # ----- bringing an engine up: the decision here, then the supervisor's start or wake -----
 
     async def _hold(self, supervisor: ModelSupervisor, deadline: float) -> EngineHandle:
         """Hold the model's ready engine for one request; when nothing under way would make
         it ready, begin its start or wake (shared by every request that waits for it)."""
-        while (engine := await supervisor.hold(deadline)) is None:
+        while True:
+            try:
+                engine = await supervisor.hold(deadline)
+            except ModelUnavailable as error:
+                if error.code != "prewarm_cancelled":
+                    raise
+                # It joined a pre-warm that gave way to another model's request as it came:
+                # this request is real, so it waits for a start of its own like any other.
+                continue
+            if engine is not None:
+                return engine
             self._bring_up(supervisor)
-        return engine
 
     def _bring_up(self, supervisor: ModelSupervisor) -> None:
         # Chosen now, as the supervisor handed the request back: an asleep engine wakes.
@@ -663,14 +803,14 @@ class Scheduler:
         """
         if self._remote(supervisor):
             return None
-        name = supervisor.name
+        name = supervisor.key  # the model's name, or its replica's key
         try:
             if self._placement is not None:
                 await self._placement.read_inputs(supervisor)  # a folder walk, in a thread
             while True:
                 if self._closing:
                     raise Refused("the gateway is shutting down", 5.0, "shutting_down")
-                if self._supervisors.get(name) is not supervisor:
+                if self._slot(name) is not supervisor:
                     # A reload removed (or replaced) the model while it waited: its waiters
                     # get a clear 503, not a KeyError from the new config.
                     raise Refused(
@@ -684,11 +824,12 @@ class Scheduler:
                     # not evict anything or start an engine for nobody.
                     raise Refused(f"nobody waits for {name!r} any more", 1.0, "abandoned")
                 wanted = Wanted(
-                    Ask(self._planning.target(supervisor), supervisor.wait_deadline()),
+                    Ask(self._target_for(supervisor), supervisor.wait_deadline()),
                     self._snapshot(name),
                     # Each eviction round changes some engine's state; more rounds than
                     # models means the evictions are failing: refuse rather than spin.
                     max_eviction_rounds=len(self._supervisors) + 1,
+                    no_wait=supervisor.key in self._scaling,
                 )
                 changed = self._changed  # taken before the step: no change is missed
                 until = self._clock()
@@ -714,8 +855,26 @@ class Scheduler:
         finally:
             # Started, refused or abandoned: the room the core set aside for it is free. (A
             # removed model's room was freed by the reload; the name may be another's now.)
-            if self._supervisors.get(name) is supervisor:
+            if self._slot(name) is supervisor:
                 self._core.step(Dropped(name))
+
+    def _target_for(self, supervisor: ModelSupervisor) -> PlacementTarget:
+        """What the engine needs, on GPUs that hold none of its model's other engines where
+        the model may use such a GPU (a replica refuses otherwise; the model's own engine
+        then goes wherever it fits, as without replicas)."""
+        target = self._planning.target(supervisor)
+        siblings = [s.key for s in self._slots(supervisor.name) if s is not supervisor]
+        if len(siblings) == 0:
+            return target
+        gpus = [gpu.index for gpu in self._planning.gpu_capacities()]
+        spread_out = spread(target, siblings, self._planning.engines(supervisor.key), gpus)
+        if spread_out is not None:
+            return spread_out
+        if supervisor.key != supervisor.name:
+            raise Refused(
+                f"no GPU left for another engine of {supervisor.name!r}", 5.0, "no_room_for_replica"
+            )
+        return target
 
     def _go(self, supervisor: ModelSupervisor, go: StartNow) -> MemoryBudget | None:
         if self._placement is None:
@@ -799,6 +958,7 @@ class Scheduler:
                         self._prewarm_checked = self._clock()
                         self.maybe_prewarm()
                 await self.reap_idle(self._clock())
+                self.check_scale()
             except Exception:  # the reaper must outlive any one bug (issue 11, defect 2)
                 log.exception("idle check failed; checking again")
 
@@ -815,15 +975,22 @@ class Scheduler:
                     s.key,
                     s.idle_for(now),
                     self._kept_alive.get(name, s.settings.idle_timeout),
-                    self.config.models[name].pinned,
+                    self.config.models[name].pinned and s.key == name,
                     (self.config.models[name].sleep or 0) if s.can_sleep else 0,
+                    model=name,
+                    running=s.state in RUNNING,
+                    min_replicas=self.config.models[name].replicas.min,
                 )
-                for name, s in self._supervisors.items()
+                for name in self._supervisors
+                for s in self._slots(name)
             )
         )
         for verdict in self._core.step(check):
             assert isinstance(verdict, (PutToSleep, StopIdle))
-            supervisor, reason = self._supervisors[verdict.key], verdict.reason
+            found, reason = self._slot(verdict.key), verdict.reason
+            if found is None:
+                continue  # removed by a reload meanwhile
+            supervisor = found
             if supervisor.idle_for(self._clock()) is None:
                 continue  # a request came while an earlier verdict was carried out
             try:
@@ -843,8 +1010,46 @@ class Scheduler:
                 continue
             if done:
                 self._prewarm_gone(supervisor.name, "idle")
-                acted.append(supervisor.name)
+                acted.append(supervisor.key)
+                if isinstance(verdict, StopIdle) and verdict.scale_down:
+                    self.events.emit("scale_down", supervisor.name, reason, replica=supervisor.key)
         return acted
+
+    def check_scale(self) -> list[str]:
+        """Add a replica to each model above its target for a moment (the core decides);
+        returns the keys of the engines it starts."""
+        if self._closing:
+            return []
+        loads = [
+            model_load(name, self._slots(name), m.replicas, self._planning.target)
+            for name, m in self.config.models.items()
+            if m.replicas.max > 1
+        ]
+        if not loads:
+            return []
+        started = []
+        for command in self._core.step(ScaleCheck(self._snapshot(""), tuple(loads))):
+            assert isinstance(command, ScaleUp)
+            replica = self._slot(command.key)
+            if replica is None:
+                continue
+            self.events.emit("scale_up", command.model, command.reason, replica=command.key)
+            self._in_background(self._scale_up(replica, command.reason), self._evicting)
+            started.append(command.key)
+        return started
+
+    async def _scale_up(self, replica: ModelSupervisor, reason: str) -> None:
+        """Start (or wake) one more engine of its model; a refusal (the room went to another
+        start meanwhile) or a failed start is an event, and the next check decides again."""
+        self._scaling.add(replica.key)
+        try:
+            await self._load(replica, f"scale up: {reason}")
+            replica.last_used = self._clock()  # its idle timer runs from its start
+        except Exception as error:
+            self.events.emit("scale_up_failed", replica.name, str(error), replica=replica.key)
+        finally:
+            self._scaling.discard(replica.key)
+            self._notify()
 
     async def load(self, model: str, reason: str = "admin load") -> None:
         await self._load(self._supervisors[model], reason)
@@ -879,8 +1084,8 @@ class Scheduler:
 
     async def declare_hung(self, model: str, pid: int, reason: str) -> bool:
         """The watchdog's verdict on the engine with `pid` (ignored if it changed meanwhile)."""
-        supervisor = self._supervisors[model]
-        if supervisor.engine is None or supervisor.engine.pid != pid:
+        supervisor = self._supervisors.get(model) or self._slot(model)  # or a replica's key
+        if supervisor is None or supervisor.engine is None or supervisor.engine.pid != pid:
             return False
         return await supervisor.declare_hung(reason)
 
@@ -953,8 +1158,14 @@ class Scheduler:
             "url": model.url,
             "pid": None if supervisor.engine is None or remote else supervisor.engine.pid,
             "port": None if supervisor.engine is None or remote else supervisor.engine.port,
-            "in_flight": supervisor.in_flight,
-            "queued": supervisor.waiting,
+            "in_flight": sum(s.in_flight for s in self._slots(name)),
+            "queued": sum(s.waiting for s in self._slots(name)),
+            "replicas": replicas_status(
+                self._slots(name),
+                model.replicas,
+                self._core.scale_blocked.get(name),
+                self._routing.counts.get(name, (0, 0)),
+            ),
             "waiting_for_room": supervisor.placing,
             # While starting: phase (downloading, loading weights, compiling), fraction, detail.
             "progress": None if (view := supervisor.start_view()) is None else view.to_json(),
@@ -988,12 +1199,21 @@ class EngineFor:
     and for a ready engine its entry takes no await and creates no generator.
     """
 
-    __slots__ = ("_key", "_model", "_scheduler", "_supervisor", "lost")
+    __slots__ = ("_adapter", "_affinity", "_key", "_model", "_scheduler", "_supervisor", "lost")
 
-    def __init__(self, scheduler: Scheduler, model: str, key: str = "") -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        model: str,
+        key: str = "",
+        affinity: str | None = None,
+        adapter: str | None = None,
+    ) -> None:
         self._scheduler = scheduler
         self._model = model
         self._key = key
+        self._affinity = affinity
+        self._adapter = adapter
         self._supervisor: ModelSupervisor | None = None
         # Once entered: completes, with the reason, if the held engine is lost (it crashed,
         # was declared hung, a remote was declared down, its node was lost).
@@ -1002,7 +1222,7 @@ class EngineFor:
     async def __aenter__(self) -> EngineHandle:
         scheduler = self._scheduler
         scheduler.note_request(self._model, self._key)
-        supervisor = scheduler._supervisor_to_wait_on(self._model)
+        supervisor = scheduler._supervisor_to_wait_on(self._model, self._affinity, self._adapter)
         deadline = scheduler._clock() + supervisor.settings.start_timeout
         engine = await scheduler._hold(supervisor, deadline)
         self._supervisor = supervisor

@@ -29,9 +29,9 @@ Probe = Callable[[EngineHandle, float], Awaitable[bool]]
 class Watched(Protocol):
     """What the watchdog needs of the scheduler."""
 
-    def ready_engines(self) -> dict[str, EngineHandle]: ...
+    def ready_engines_by_key(self) -> dict[str, EngineHandle]: ...
 
-    def engine_of(self, name: str) -> EngineHandle | None: ...
+    def engine_of(self, name: str) -> EngineHandle | None: ...  # a model's, or a replica key's
 
     async def declare_hung(self, model: str, pid: int, reason: str) -> bool: ...
 
@@ -112,7 +112,7 @@ class EngineWatchdog:
 
     async def check_all(self) -> list[str]:
         """Check every ready engine once; returns the models declared hung."""
-        ready = self._scheduler.ready_engines()
+        ready = self._scheduler.ready_engines_by_key()  # each replica of a model too
         results = await asyncio.gather(*(self._check(n, e) for n, e in ready.items()))
         return [name for name, hung in zip(ready, results, strict=True) if hung]
 

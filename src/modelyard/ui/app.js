@@ -248,6 +248,15 @@ function renderModels(models) {
     const badge = el("span", "state", model.state);
     badge.dataset.state = model.state;
     cells.state.replaceChildren(badge);
+    const replicas = model.replicas;
+    if (replicas && replicas.max > 1 && replicas.running > 1) {
+      // Several engines of this model: how many, and each one's state and load on hover.
+      const count = el("span", "replicas", `×${replicas.running}`);
+      count.title = replicas.engines
+        .map((engine) => `${engine.key}: ${engine.state}, ${engine.in_flight} in flight`)
+        .join("\n");
+      cells.state.append(count);
+    }
     if (model.failure && model.failure.message) {
       cells.state.append(el("span", "failure", model.failure.message));
     }
@@ -270,7 +279,10 @@ function renderModels(models) {
     cells.footprint.textContent =
       footprint === null || footprint === undefined ? "–" : `${model.footprint_measured === false ? "~" : ""}${formatBytes(footprint)}`;
     cells.footprint.title = model.footprint_measured === false ? "estimated (not measured yet)" : "";
-    const gpuList = (model.node ? model.node_gpus || [] : model.gpus || []).join(", ");
+    // With replicas, the GPUs of all its engines.
+    const replicaGpus = (replicas?.engines || []).flatMap((engine) => engine.gpus || []);
+    const ownGpus = model.node ? model.node_gpus || [] : model.gpus || [];
+    const gpuList = [...new Set(replicaGpus.length > 1 ? replicaGpus : ownGpus)].join(", ");
     cells.gpus.textContent = model.node ? `${model.node}${gpuList ? ` · GPU ${gpuList}` : ""}` : gpuList || "–";
     cells.inFlight.textContent = model.in_flight ?? "–";
     if (model.max_in_flight) cells.inFlight.textContent += ` / ${model.max_in_flight}`;
