@@ -2,12 +2,14 @@
 through vllm-router (Rust, PyPI `vllm-router`) and through LiteLLM's proxy (PyPI `litellm`).
 
     python -m bench.proxy [--duration 4] [--repeat 1] [--no-litellm] [--keyed] [--json FILE]
+                          [--proxy-workers N ...]
 
 `--keyed` adds a second modelyard, "modelyard+key", that has API keys configured: every
 request carries a key (one with a token budget and a tokens-per-minute limit, both too large
 to be reached, so each request is checked against them and charged to them) and goes through
 the gateway's admission and usage accounting. vllm-router and LiteLLM stay keyless.
-`--no-slow` and `--no-scaling` leave out the slow streams and the core-scaling cells.
+`--proxy-workers N` adds the same gateway with N proxy workers on its port (keyed with
+`--keyed`). `--no-slow` and `--no-scaling` leave out the slow streams and the core-scaling cells.
 
 Needs `wrk` and `nginx` (`make bench-deps`). The gateway starts the upstreams itself, as
 `command` engines, exactly as it would start a real engine; the other proxies are pointed at
@@ -89,6 +91,7 @@ def start_gateway(
     keyed: bool = False,
     env: dict[str, str] | None = None,
     label: str | None = None,
+    proxy_workers: int = 0,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """A gateway on the benchmark's engines; `env`: variables added to this process's."""
     port = free_port()
@@ -96,6 +99,7 @@ def start_gateway(
     name = label or ("keyed" if keyed else "bench")
     config: dict[str, Any] = {
         "listen": f"127.0.0.1:{port}",
+        "proxy_workers": proxy_workers,
         "state_dir": str(workdir / f"state-{name}"),
         "limits": {"max_queue": 10_000, "max_queue_per_model": 10_000},
         "models": {
@@ -395,6 +399,14 @@ def main() -> None:
         help="also a keyless modelyard run from this source folder (`modelyard before`), e.g. "
         "the src/ of `git archive <commit> src`",
     )
+    parser.add_argument(
+        "--proxy-workers",
+        type=int,
+        action="append",
+        default=[],
+        metavar="N",
+        help="also a modelyard with `proxy_workers: N` (repeatable; keyed with --keyed)",
+    )
     parser.add_argument("--no-slow", action="store_true", help="skip the slow streams")
     parser.add_argument("--no-scaling", action="store_true", help="skip core scaling")
     parser.add_argument("--json", help="also write the results to this file")
@@ -424,6 +436,24 @@ def main() -> None:
                     {"Authorization": f"Bearer {ADMIN_KEY}"},
                     client_headers={"Authorization": f"Bearer {CLIENT_KEY}"},
                     keyed=True,
+                )
+            )
+        for workers in args.proxy_workers:
+            # The same gateway with proxy workers on its port (keyed when --keyed, so it is
+            # compared with modelyard+key): what more processes buy on this machine.
+            proxies.append(
+                second_gateway(
+                    f"modelyard{'+key' if args.keyed else ''} +{workers}w",
+                    workdir,
+                    started,
+                    upstream_trees,
+                    {"Authorization": f"Bearer {ADMIN_KEY}"} if args.keyed else {},
+                    client_headers={"Authorization": f"Bearer {CLIENT_KEY}"}
+                    if args.keyed
+                    else None,
+                    keyed=args.keyed,
+                    label=f"workers{workers}",
+                    proxy_workers=workers,
                 )
             )
         if args.baseline_src:

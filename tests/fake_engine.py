@@ -133,6 +133,13 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if body.get("fake_stall"):  # requests get no answer while /health stays 200 (vLLM's case)
         STATE["stalled"] = True
         await asyncio.sleep(3600)
+    if body.get("fake_close_port"):
+        # The process lives on but its port closes (an API server whose listener died):
+        # connections are refused from now on, /health included, and idle kept-alive ones
+        # close. This answer still goes out.
+        _close_listeners()
+        for handler in list(request.protocol._manager.connections):  # type: ignore[union-attr]
+            handler.close()  # each ends once its current answer (if any) is out
     if body.get("fake_status"):
         return _error(int(body["fake_status"]), "fake error requested")
     delay = float(body.get("fake_delay", 0))
@@ -152,7 +159,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
             }
         )
     async with request.app["seqs"]:  # vLLM's --max-num-seqs: the rest wait in its queue
-        return await _serve(request, body, text, chat, delay)
+        response = await _serve(request, body, text, chat, delay)
+    if body.get("fake_close_port"):
+        response.force_close()  # and this connection is not kept for another request
+    return response
 
 
 async def _serve(
@@ -194,6 +204,17 @@ async def _serve(
         )
     finally:
         STATE["in_flight"] -= 1
+
+
+def _close_listeners() -> None:
+    """Stop listening; connections already open go on. `web.run_app` keeps its sites to
+    itself, so they are found among live objects (a test engine's shortcut)."""
+    import gc
+
+    for site in [o for o in gc.get_objects() if isinstance(o, web.TCPSite)]:
+        server = site._server  # the asyncio.Server, listening
+        if server is not None:
+            server.close()
 
 
 def _answer(body: dict[str, Any], args: argparse.Namespace) -> str:

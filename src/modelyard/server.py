@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import tempfile
 from collections.abc import Callable, Sequence
@@ -14,7 +15,7 @@ from pathlib import Path
 from aiohttp import web
 
 from modelyard.api.app import build_app
-from modelyard.api.http_layer import ConnectionLimits, listen
+from modelyard.api.http_layer import ConnectionLimits, listen, protocol_factory
 from modelyard.config.loader import ConfigError
 from modelyard.config.schema import GatewayConfig
 from modelyard.gateway import Gateway
@@ -22,8 +23,13 @@ from modelyard.observability.log_format import configure_logging
 from modelyard.process_heap import keep_startup_heap
 from modelyard.redaction import register_secrets
 from modelyard.tls import ServerCertificate
+from modelyard.workers.desk import AdmissionDesk
+from modelyard.workers.pool import WorkerPool, serve_control, socket_folder
+from modelyard.workers.settings import WorkerSettings
 
 log = logging.getLogger("modelyard")
+# The owner's Unix socket for its workers: their pooled connections idle up to a minute.
+WORKER_LINK_LIMITS = ConnectionLimits(head_timeout=75.0)
 
 ReloadAction = Callable[[], object]
 
@@ -108,18 +114,20 @@ async def run_gateway(
     if certificate is not None:
         reload_actions.append(certificate.reload)
     loop.add_signal_handler(signal.SIGHUP, run_reload_actions, reload_actions)
-    if config.proxy_workers:
-        log.warning(
-            "proxy_workers: %d is not in effect in this version: the gateway's process serves "
-            "every request (docs/front-door.md)",
-            config.proxy_workers,
-        )
     served: ServedApp | None = None
+    workers: Workers | None = None
     try:
         await gateway.start()
-        app = build_app(gateway)
+        desk = AdmissionDesk() if config.proxy_workers else None
+        app = build_app(gateway, desk=desk)
         gateway.reload_hooks.append(_live_settings(log_level))
-        served = await serve_app(gateway, app, config.host, config.port, certificate)
+        served = await serve_app(
+            gateway, app, config.host, config.port, certificate, reuse_port=desk is not None
+        )
+        if desk is not None:
+            workers = await start_workers(
+                gateway, served, desk, certificate, log_level, config.proxy_workers
+            )
         keep_startup_heap()
         if ready_message:
             scheme = "https" if certificate is not None else "http"
@@ -132,6 +140,9 @@ async def run_gateway(
     finally:
         if served is not None:
             served.stop_accepting()  # connections in flight carry on
+        if workers is not None:
+            # Workers drain their own requests (their finishes come back here) and stop.
+            await workers.stop(config.limits.shutdown_grace + 10.0)
         await _finish_requests(gateway, config.limits.shutdown_grace)
         if served is not None:
             await served.close()
@@ -148,6 +159,8 @@ class ServedApp:
     runner: web.AppRunner
     listener: asyncio.Server
     port: int  # the port bound (the one asked for, or the one given for port 0)
+    # With proxy workers: the same app on the owner's Unix socket, for their requests.
+    worker_listener: asyncio.Server | None = None
 
     def stop_accepting(self) -> None:
         self.listener.close()  # connections in flight carry on
@@ -155,7 +168,65 @@ class ServedApp:
     async def close(self) -> None:
         """After requests are done or cut: stop listening, end aiohttp's connections."""
         self.listener.close()
+        if self.worker_listener is not None:
+            self.worker_listener.close()
         await self.runner.cleanup()
+
+
+@dataclass
+class Workers:
+    pool: WorkerPool
+    control: web.AppRunner
+    folder: Path
+
+    async def stop(self, timeout: float) -> None:
+        await self.pool.wait_stopped(timeout)
+        await self.control.cleanup()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+async def start_workers(
+    gateway: Gateway,
+    served: ServedApp,
+    desk: AdmissionDesk,
+    certificate: ServerCertificate | None,
+    log_level: str,
+    count: int,
+) -> Workers:
+    """`proxy_workers` more processes on the same port (workers.pool); their requests reach
+    this app on a Unix socket in a private folder, their finishes a control socket there."""
+    folder = socket_folder()
+    admission = folder / "admission.sock"
+    # Worker connections stay open between requests: not a client's head timeout.
+    served.worker_listener = await asyncio.get_running_loop().create_unix_server(
+        protocol_factory(served.runner, lambda: WORKER_LINK_LIMITS), str(admission)
+    )
+    os.chmod(admission, 0o600)  # in a folder of mode 0700 already
+    control = await serve_control(desk, folder / "control.sock")
+    config = gateway.config
+    settings = WorkerSettings(
+        name="w",
+        host=config.host,
+        port=served.port,
+        head_timeout=config.limits.head_timeout,
+        admission_socket=str(admission),
+        control_socket=str(folder / "control.sock"),
+        upstream_connect_timeout=config.limits.upstream_connect_timeout,
+        upstream_read_timeout=config.limits.upstream_read_timeout,
+        shutdown_grace=config.limits.shutdown_grace,
+        tls_cert=str(certificate.cert) if certificate is not None else None,
+        tls_key=str(certificate.key) if certificate is not None else None,
+        log_level=log_level,
+        log_format=config.log_format,
+    )
+    pool = WorkerPool(count, desk, settings)
+    workers = Workers(pool, control, folder)
+    try:
+        await pool.start()
+    except BaseException:
+        await workers.stop(5.0)
+        raise
+    return workers
 
 
 async def serve_app(
@@ -164,6 +235,7 @@ async def serve_app(
     host: str,
     port: int,
     certificate: ServerCertificate | None = None,
+    reuse_port: bool = False,
 ) -> ServedApp:
     """Listen on host:port as `modelyard serve` does: aiohttp's server with the connection
     limits of `limits:` and OpenAI-shaped protocol errors, with or without TLS
@@ -183,6 +255,7 @@ async def serve_app(
             host,
             port,
             ssl_context=context,
+            reuse_port=reuse_port,  # proxy workers listen on the same port
         )
         bound = int(listener.sockets[0].getsockname()[1]) if listener.sockets else port
         return ServedApp(runner, listener, bound)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import pytest
 
 pytest.importorskip("ray", reason="needs the ray extra: pip install 'modelyard[ray]'")
 
+from tests.conftest import RunningGateway
 from tests.ray.cluster import GIB, LocalCluster, free_base_port
 
 
@@ -34,3 +38,18 @@ def cluster() -> Iterator[LocalCluster]:
         left = [pid for node in [*local.nodes, *local.failed] for pid in node.alive_pids()]
         shutil.rmtree(root, ignore_errors=True)
         assert not left, f"ray processes left running: {left}"
+
+
+@pytest.fixture
+def gateways() -> Iterator[list[RunningGateway]]:
+    """The gateways a test starts: stopped after it, and none may leave an engine behind."""
+    started: list[RunningGateway] = []
+    yield started
+    for gateway in started:
+        if gateway.process.poll() is None:
+            gateway.stop(timeout=60)
+    time.sleep(0.5)
+    leaked = [pid for gateway in started for pid in gateway.engine_pids()]
+    for pid in leaked:
+        os.kill(pid, signal.SIGKILL)
+    assert not leaked, f"engine processes leaked: {leaked}"

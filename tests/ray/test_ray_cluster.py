@@ -55,20 +55,6 @@ def ray_settings(cluster: LocalCluster, namespace: str) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-def gateways(tmp_path: Path):
-    started: list[RunningGateway] = []
-    yield started
-    for gateway in started:
-        if gateway.process.poll() is None:
-            gateway.stop(timeout=60)
-    time.sleep(0.5)
-    leaked = [pid for gateway in started for pid in gateway.engine_pids()]
-    for pid in leaked:
-        os.kill(pid, signal.SIGKILL)
-    assert not leaked, f"engine processes leaked: {leaked}"
-
-
 def start(
     gateways: list[RunningGateway],
     tmp_path: Path,

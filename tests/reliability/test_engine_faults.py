@@ -101,7 +101,9 @@ async def test_a_crash_looping_engine_is_restarted_only_as_the_backoff_allows(ga
     requests = sum(statuses.values())
     # Starts at 0 s and right after (one crash is not a loop), then after 1, 2 and 4 s of
     # back-off: at most 5 in 6 s, whatever the request rate.
-    assert requests > 40
+    # Many more requests than starts (about 100 on an idle machine, fewer on a loaded one):
+    # the starts are bounded by the back-off, not by how often the client asked.
+    assert requests > 20
     assert 3 <= len(starts) <= 5, (len(starts), statuses)
     assert statuses.get(503, 0) >= requests - 5
     gaps = [b["time"] - a["time"] for a, b in itertools.pairwise(starts[1:])]

@@ -134,6 +134,39 @@ async def test_only_ready_engines_are_checked():
     assert yard._supervisors["m"].state is ModelState.STOPPED
 
 
+async def test_checks_asked_together_by_requests_share_one_probe_and_count_once():
+    # Requests that time out together on one frozen engine ask at once: one probe answers
+    # them all, and it is one failure of the three in a row, not three.
+    yard, runtime, _events, healthy, watchdog = setup(failures=3)
+    await ready(yard)
+    engine = runtime.engines[0]
+    probes = 0
+    gate = asyncio.Event()
+
+    async def slow_probe(checked: Any, timeout: float) -> bool:
+        nonlocal probes
+        probes += 1
+        await gate.wait()
+        return healthy[checked.base_url]
+
+    watchdog._probe = slow_probe
+    healthy["http://engine-0"] = False
+    asked = [asyncio.ensure_future(watchdog.check_now("m", engine)) for _ in range(5)]
+    await asyncio.sleep(0)
+    gate.set()
+    assert await asyncio.gather(*asked) == [False] * 5
+    assert probes == 1
+    assert yard._supervisors["m"].state is ModelState.READY  # one failure of three
+    # Two more, one after the other, make the verdict; it is made before the last returns.
+    assert await watchdog.check_now("m", engine) is False
+    assert await watchdog.check_now("m", engine) is False
+    assert yard._supervisors["m"].state in (ModelState.STOPPING, ModelState.FAILED)
+    # An engine that is no longer the model's counts as not answering, unprobed.
+    assert await watchdog.check_now("m", engine) is False
+    assert probes == 3
+    await watchdog.close()
+
+
 async def test_a_hung_replica_is_declared_hung_and_its_sibling_serves_on():
     config = parse_config(
         {

@@ -1,6 +1,6 @@
-"""Reaching a gateway's front door over plain TCP or TLS, for the tests that run the same
-requests both ways (differential, fuzz, the attacks): one server serves both, so every answer
-must be the same."""
+"""Reaching a gateway's front door over plain TCP, over TLS, or with proxy workers sharing the
+port, for the tests that run the same requests every way (differential, fuzz, the attacks):
+one server and one pipeline of rules serve them all, so every answer must be the same."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from typing import Any
 
 from tests.deploy.certs import TestCA
 
-DOORS = ["plain", "tls"]
+# "workers": two proxy workers beside the gateway's process, each taking a share of the
+# connections (SO_REUSEPORT), their requests decided by the gateway's process.
+DOORS = ["plain", "tls", "workers"]
 
 
 def tls_settings(folder: Path) -> dict[str, Any]:
@@ -23,6 +25,8 @@ def tls_settings(folder: Path) -> dict[str, Any]:
 
 
 def door_settings(door: str, folder: Path) -> dict[str, Any]:
+    if door == "workers":
+        return {"proxy_workers": 2}
     return tls_settings(folder) if door == "tls" else {}
 
 

@@ -433,8 +433,9 @@ HOSTILE: list[bytes] = [
 ]
 
 
-def test_plain_and_tls_give_every_hostile_request_the_same_status(gateway_factory, tmp_path):
-    """One server behind both doors: the same bytes get the same status over TCP and TLS."""
+def test_every_door_gives_every_hostile_request_the_same_status(gateway_factory, tmp_path):
+    """One server behind every door: the same bytes get the same status over TCP, over TLS
+    and through proxy workers."""
     statuses: dict[str, list[int]] = {}
     for door in DOORS:
         running = gateway_factory(
@@ -446,6 +447,6 @@ def test_plain_and_tls_give_every_hostile_request_the_same_status(gateway_factor
                 sock.sendall(raw)
                 answers.append(read_status(sock, 10)[0])
         statuses[door] = answers
-    assert statuses["plain"] == statuses["tls"], statuses
+    assert statuses["plain"] == statuses["tls"] == statuses["workers"], statuses
     assert -1 not in statuses["plain"], statuses  # every request answered or closed
     assert statuses["plain"][0] == 200

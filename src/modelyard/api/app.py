@@ -20,6 +20,7 @@ from modelyard.api.guards import (
 from modelyard.auth.origins import BrowserPolicy
 from modelyard.gateway import Gateway
 from modelyard.observability.log_guard import CLIENT_CAUSED_ATTR
+from modelyard.workers.desk import AdmissionDesk
 
 log = logging.getLogger("modelyard.api")
 
@@ -57,7 +58,11 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
         return error_response(500, "internal gateway error; see the gateway log", "internal_error")
 
 
-def build_app(gateway: Gateway, middlewares: list[Middleware] | None = None) -> web.Application:
+def build_app(
+    gateway: Gateway,
+    middlewares: list[Middleware] | None = None,
+    desk: AdmissionDesk | None = None,
+) -> web.Application:
     # With API keys configured, nothing past `authentication` runs for a request without one.
     # Installed even with no keys yet: runtime keys and a reload can turn keys on.
     keyed = gateway.auth is not None and gateway.auth.enabled
@@ -69,7 +74,10 @@ def build_app(gateway: Gateway, middlewares: list[Middleware] | None = None) -> 
             config, keyless=gateway.auth is None or not gateway.auth.enabled
         )
     )
+    # With proxy workers, their requests (on the owner's Unix socket) go through the same
+    # stack; `desk` puts what must go back to a worker on its channel (workers.desk).
     stack: list[Middleware] = [
+        *([desk.middleware()] if desk is not None else []),
         openai_errors,
         browser_guard(policy),
         canonical_form,

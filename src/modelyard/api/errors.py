@@ -6,11 +6,14 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from modelyard.redaction import redact, without_addresses
-from modelyard.scheduler.supervisor import ModelUnavailable
+
+if TYPE_CHECKING:  # kept out of light importers (proxy workers)
+    from modelyard.scheduler.supervisor import ModelUnavailable
 
 _TYPES = {
     400: "invalid_request_error",

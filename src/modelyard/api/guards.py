@@ -16,33 +16,31 @@ from aiohttp.typedefs import Middleware
 
 from modelyard.api.access import FORBIDDEN_KEY, PRINCIPAL_KEY
 from modelyard.api.admission import identify, is_open, needs_key, refusal_answer
+from modelyard.api.cors import CORS_ORIGIN_KEY, add_cors_headers
 from modelyard.api.errors import ApiError
 from modelyard.auth.authenticator import Authenticator, Refusal
 from modelyard.auth.origins import BrowserPolicy
 from modelyard.auth.principal import ANONYMOUS
 from modelyard.proxy.canonical import CanonicalTarget, NonCanonical, canonical_target
+from modelyard.workers.desk import raw_target
+
+__all__ = ["CORS_ORIGIN_KEY", "add_cors_headers"]  # kept here for their importers too
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 CANONICAL_KEY = web.RequestKey("modelyard.canonical", CanonicalTarget)
-CORS_ORIGIN_KEY = web.RequestKey("modelyard.cors_origin", str)
 CORS_ALLOWED_HEADERS = (
     "Authorization, Content-Type, X-Api-Key, Api-Key, OpenAI-Organization, OpenAI-Project, "
     "X-Stainless-Arch, X-Stainless-Lang, X-Stainless-OS, X-Stainless-Package-Version, "
     "X-Stainless-Retry-Count, X-Stainless-Runtime, X-Stainless-Runtime-Version, "
     "X-Stainless-Timeout, X-Stainless-Async, Last-Event-ID, Cache-Control"
 )
-CORS_EXPOSED_HEADERS = (
-    "Retry-After, x-ratelimit-limit-requests, x-ratelimit-remaining-requests, "
-    "x-ratelimit-reset-requests, x-ratelimit-limit-tokens, x-ratelimit-remaining-tokens, "
-    "x-ratelimit-reset-tokens, x-budget-limit-tokens, x-budget-spent-tokens"
-)
 
 
 def canonical_of(request: web.Request) -> CanonicalTarget:
     """The canonical target (set by `canonical_form`; computed here for apps without it)."""
     found = request.get(CANONICAL_KEY)
-    return found if found is not None else canonical_target(request.raw_path)
+    return found if found is not None else canonical_target(raw_target(request))
 
 
 def browser_guard(policy: BrowserPolicy) -> Middleware:
@@ -89,19 +87,10 @@ def _preflight(policy: BrowserPolicy, origin: str, headers: object) -> web.Strea
     )
 
 
-async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: answers to a listed origin say so (streams too)."""
-    origin = request.get(CORS_ORIGIN_KEY)
-    if origin is not None:
-        response.headers["Access-Control-Allow-Origin"] = origin
-        response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSED_HEADERS
-        response.headers["Vary"] = "Origin"
-
-
 @web.middleware
 async def canonical_form(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
-        target = canonical_target(request.raw_path)
+        target = canonical_target(raw_target(request))
     except NonCanonical as error:
         raise ApiError(400, f"invalid request path: {error}", "invalid_path") from None
     # The router matched the server's own decoding; a disagreement with ours is refused

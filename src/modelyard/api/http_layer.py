@@ -28,12 +28,14 @@ import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from modelyard.api.errors import error_response
-from modelyard.config.schema import LimitsConfig
+
+if TYPE_CHECKING:  # kept out of light importers (proxy workers)
+    from modelyard.config.schema import LimitsConfig
 
 # The request line and each header (aiohttp's default): a key, a cookie, a long query fit.
 MAX_LINE_BYTES = 8190

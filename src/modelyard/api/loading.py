@@ -17,14 +17,21 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from aiohttp import web
 
 from modelyard.proxy.sse import error_event
-from modelyard.runtime.start_progress import ProgressView
 
 T = TypeVar("T")
+
+
+class Describes(Protocol):
+    """A start's progress as text (`runtime.start_progress.ProgressView`; in a proxy worker,
+    what the gateway's process last said)."""
+
+    def describe(self) -> str: ...
+
 
 # The issue's bound is 5 s between two lines; 3 s leaves room for a slow event loop.
 COMMENT_INTERVAL_S = 3.0
@@ -51,7 +58,7 @@ class LoadingStream:
         self,
         request: web.Request,
         model: str,
-        progress: Callable[[], ProgressView | None],
+        progress: Callable[[], Describes | None],
         *,
         content: bool,
         chat: bool,

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, NoReturn
 
 from aiohttp import web
 from yarl import URL
@@ -40,7 +41,8 @@ from modelyard.api.bodies import (
 from modelyard.api.engine_cards import engine_context_length
 from modelyard.api.errors import ApiError, unavailable, with_log_tail
 from modelyard.api.fallbacks import SERVED_BY_HEADER, fallback_for
-from modelyard.api.guards import canonical_of
+from modelyard.api.guards import CORS_ORIGIN_KEY, canonical_of
+from modelyard.api.liveness import first_byte_guard, lost_after_refusal
 from modelyard.api.loading import LoadingStream, wants_loading_content
 from modelyard.api.model_routes import (
     MULTIPART_ROUTES,
@@ -57,7 +59,14 @@ from modelyard.lifecycle import EngineHandle
 from modelyard.lora.manager import AdapterError
 from modelyard.observability.requests import CLIENT_CLOSED_REQUEST
 from modelyard.proxy.canonical import engine_path
-from modelyard.proxy.forward import EngineLost, ProxyOutcome, UpstreamError, UpstreamTimeout
+from modelyard.proxy.forward import (
+    EngineLost,
+    EngineUnreachable,
+    FirstByteTimeout,
+    ProxyOutcome,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from modelyard.proxy.sse import (
     StreamTransformer,
     model_name_replacements,
@@ -66,8 +75,11 @@ from modelyard.proxy.sse import (
 from modelyard.scheduler.names import Target, UnknownModel
 from modelyard.scheduler.scheduler import EngineFor
 from modelyard.scheduler.supervisor import ModelState, ModelUnavailable
+from modelyard.workers.desk import admission_of
+from modelyard.workers.messages import Reading, Relay, Waiting, body_text
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)
+log = logging.getLogger("modelyard.api")
 
 
 def gateway_of(request: web.Request) -> Gateway:
@@ -264,23 +276,25 @@ async def proxy_json(
             payload["model"] = chosen.upstream_name
             data = json.dumps(payload).encode()
         replacements = model_name_replacements(chosen.upstream_name, chosen.public_name)
+        # Usage is always read for the token metrics; the usage-only chunk that we asked
+        # for on the client's behalf is dropped, so the client sees the stream it asked for.
+        reading = Reading(
+            transform=True,
+            replacements=[(old.decode(), new.decode()) for old, new in replacements],
+            drop_usage_only_chunk=usage_added.final,
+            strip_progress_usage=usage_added.running,
+            prompt_estimate=options.prompt_estimate,
+        )
 
         def transformer() -> StreamTransformer | None:
-            # Usage is always read for the token metrics; the usage-only chunk that we asked
-            # for on the client's behalf is dropped, so the client sees the stream it asked for.
-            return StreamTransformer(
-                replacements,
-                capture_usage=True,
-                drop_usage_only_chunk=usage_added.final,
-                on_final_usage=tokens.count,
-                meter=tokens.served,
-                strip_progress_usage=usage_added.running,
-            )
+            return reading.transformer(tokens.served, tokens.count)
 
         def rewrite(data: bytes) -> bytes:
             return rewrite_model_in_json(data, replacements)
 
-        return _Forwarding(chosen, data, transformer, rewrite if replacements else None, tokens)
+        return _Forwarding(
+            chosen, data, transformer, rewrite if replacements else None, tokens, reading=reading
+        )
 
     try:
         return await _forward(
@@ -327,7 +341,7 @@ async def proxy_raw(
         read_options(bare_path, payload, len(body)) if isinstance(payload, dict) else None,
     )
     tokens.reserve()
-    transformer: Any = lambda: None  # noqa: E731 - the unchanged case
+    reading = Reading()  # the unchanged case
     if isinstance(payload, dict) and engine_reads_true(payload.get("stream")):
         streamed = True
         usage_added = ask_stream_for_usage(
@@ -335,21 +349,20 @@ async def proxy_raw(
         )
         if usage_added:
             body = json.dumps(payload).encode()
+        reading = Reading(
+            transform=True,
+            drop_usage_only_chunk=usage_added.final,
+            strip_progress_usage=usage_added.running,
+            prompt_estimate=tokens.served.prompt_estimate,
+        )
 
-        def transformer() -> StreamTransformer | None:
-            return StreamTransformer(
-                [],
-                capture_usage=True,
-                drop_usage_only_chunk=usage_added.final,
-                on_final_usage=tokens.count,
-                meter=tokens.served,
-                strip_progress_usage=usage_added.running,
-            )
+    def transformer() -> StreamTransformer | None:
+        return reading.transformer(tokens.served, tokens.count)
 
     return await _forward(
         request,
         gateway,
-        _Forwarding(target, body or None, transformer, None, tokens),
+        _Forwarding(target, body or None, transformer, None, tokens, reading=reading),
         path,
         route_label,
         streamed=streamed,
@@ -420,6 +433,8 @@ class _Forwarding:
     rewrite: Any
     tokens: TokenCount
     extra_headers: dict[str, str] | None = None  # e.g. a rewritten upload's Content-Type
+    # The same reading as data, for a proxy worker that relays the answer (workers.messages).
+    reading: Reading = field(default_factory=Reading)
 
 
 async def _forward(
@@ -437,7 +452,32 @@ async def _forward(
     its status, and the fallback's answer under the fallback."""
     loading = _Loading()
     try:
-        return await _forward_once(request, gateway, first, path, route_label, streamed, loading)
+        try:
+            return await _forward_once(
+                request,
+                gateway,
+                first,
+                path,
+                route_label,
+                streamed,
+                loading,
+                may_resend=retarget is not None,  # a second try needs its own accounting
+            )
+        except _SendAgain as again:
+            assert retarget is not None
+            # Its engine was lost before it saw the request: once more, on the engine the
+            # model has now (a fresh start, or another replica), as a request of its own for
+            # the key (the first try's reservation was settled by its own finish).
+            gateway.events.emit("resent", first.target.model, again.reason)
+            return await _forward_once(
+                request,
+                gateway,
+                retarget(first.target),
+                path,
+                route_label,
+                streamed,
+                loading,
+            )
     except ApiError as error:
         chosen = None
         client_here = request.transport is not None and not request.transport.is_closing()
@@ -495,12 +535,30 @@ async def _engine_for(
     if not streamed or gateway.scheduler.state_of(target.model) is ModelState.READY:
         return await stack.enter_async_context(context), context
     model = gateway.scheduler.model_config(target.model)
+    content = wants_loading_content(request, model.loading_content)
+    chat = request.path.endswith("/chat/completions")
+    admission = admission_of(request)
+    if admission is not None:  # a proxy worker's client: the worker keeps it informed
+
+        def progress() -> str | None:
+            view = gateway.scheduler.start_progress(target.model)
+            return view.describe() if view is not None else None
+
+        waiting = Waiting(
+            model=target.public_name,
+            content=content,
+            chat=chat,
+            progress=progress(),
+            cors_origin=request.get(CORS_ORIGIN_KEY),
+        )
+        entering = asyncio.ensure_future(stack.enter_async_context(context))
+        return await admission.wait_for_engine(waiting, progress, entering), context
     stream = LoadingStream(
         request,
         target.public_name,
         lambda: gateway.scheduler.start_progress(target.model),
-        content=wants_loading_content(request, model.loading_content),
-        chat=request.path.endswith("/chat/completions"),
+        content=content,
+        chat=chat,
     )
     if loading.stream is not None:
         stream.response = loading.stream.response  # a fallback's wait: the same stream goes on
@@ -518,7 +576,11 @@ async def _forward_once(
     streamed_request: bool,
     loading: _Loading,
     served_by: str | None = None,
+    may_resend: bool = False,
 ) -> web.StreamResponse:
+    """One try. With `may_resend`, a request its engine refused before seeing it, the engine
+    then confirmed gone, raises `_SendAgain` (the caller tries once more); otherwise it is
+    refused with `Retry-After`."""
     target, body, tokens = forwarding.target, forwarding.body, forwarding.tokens
     started = time.perf_counter()
     status = 500
@@ -528,6 +590,8 @@ async def _forward_once(
     usage: dict[str, int] = {}
     outcome = ProxyOutcome()
     engine: EngineHandle | None = None
+    engine_key = target.model  # the held engine's: the model's, or a replica's
+    served_unknown = False
     try:
         if target.adapter is not None:
             gateway.lora_manager().check(target)  # a bad adapter never starts the engine
@@ -535,6 +599,7 @@ async def _forward_once(
             engine, held = await _engine_for(
                 request, gateway, target, stack, streamed_request, loading, body
             )
+            engine_key = held.engine_key
             if target.adapter is not None:  # the adapter stays loaded while it serves
                 await stack.enter_async_context(gateway.lora_manager().use(target, engine))
             # Built from the canonical form: the engine decodes exactly the path that was
@@ -546,20 +611,37 @@ async def _forward_once(
             )
             extra = forwarding.extra_headers
             headers = {**extra, **engine.upstream_headers} if extra else engine.upstream_headers
-            response, outcome = await gateway.upstream.forward(
-                request,
-                url,
-                body,
-                forwarding.transformer,
-                forwarding.rewrite,
-                outcome,
-                headers,
-                lost=held.lost,  # a lost engine ends its requests at once
-                prepared=loading.stream.response if loading.stream else None,
-                answer_headers={SERVED_BY_HEADER: served_by} if served_by else None,
-            )
+            admission = admission_of(request)
+            if admission is not None:  # a proxy worker relays it: same hold, same finish
+                relay = Relay(
+                    url=str(url),
+                    headers=headers,
+                    body=body_text(body),
+                    reading=forwarding.reading,
+                    answer_headers={SERVED_BY_HEADER: served_by} if served_by else {},
+                    cors_origin=request.get(CORS_ORIGIN_KEY),
+                )
+                outcome = await admission.relay(relay, held.lost)
+                assert admission.response is not None
+                response = admission.response
+            else:
+                response, outcome = await gateway.upstream.forward(
+                    request,
+                    url,
+                    body,
+                    forwarding.transformer,
+                    forwarding.rewrite,
+                    outcome,
+                    headers,
+                    lost=held.lost,  # a lost engine ends its requests at once
+                    prepared=loading.stream.response if loading.stream else None,
+                    answer_headers={SERVED_BY_HEADER: served_by} if served_by else None,
+                    first_byte=first_byte_guard(gateway, target.model, engine_key, engine),
+                )
             status, first_byte, streamed = outcome.status, outcome.first_byte_s, outcome.streamed
-            if outcome.upstream_broke or outcome.engine_lost:
+            if outcome.first_byte_timed_out:
+                status = 504  # a 200 header, then an error event: counted as a timeout
+            elif outcome.upstream_broke or outcome.engine_lost:
                 status = 502  # the client got a 200 header, then an error event
             elif outcome.client_gone:
                 client_gone = True
@@ -581,33 +663,46 @@ async def _forward_once(
         client_gone = True
         status = outcome.status or CLIENT_CLOSED_REQUEST
         first_byte, streamed = outcome.first_byte_s, outcome.streamed
+        admission = admission_of(request)
+        if admission is not None and admission.worker_lost:
+            # The proxy worker that relayed it died: lost by the gateway, not the client;
+            # what it served is not known, so its whole reservation is charged.
+            client_gone, served_unknown, status = False, True, 502
+            log.error(
+                "proxy worker %s was lost with a request for %s in flight: logged as 502",
+                admission.worker,
+                target.model,
+            )
         raise
     except EngineLost as lost:
         status = 503
         raise _engine_lost(request, gateway, target.model, str(lost)) from None
+    except EngineUnreachable as error:
+        status = 503
+        if gateway.scheduler.is_remote(target.model):
+            await _forget_remote(request, gateway, target.model, error)
+        assert engine is not None
+        if await lost_after_refusal(gateway, engine_key, engine):
+            if error.refused and may_resend:
+                raise _SendAgain(f"its engine was lost before it saw a request ({error})") from None
+            raise _engine_lost(request, gateway, target.model, str(error)) from None
+        # Alive, as far as one check tells: the client comes back in a moment, never a bare
+        # 502 for a request that no engine answered.
+        raise ApiError(
+            503,
+            f"model {target.model!r}: its engine "
+            f"{'refused' if error.refused else 'dropped'} the connection ({error}); retry",
+            "engine_unreachable",
+            retry_after=1.0,
+        ) from None
     except UpstreamError as error:
         # 504 for an engine that sent nothing in time (the watchdog counts these as signs of
         # a hung engine), 502 for one that could not be reached or broke off.
         timed_out = isinstance(error, UpstreamTimeout)
         status = 504 if timed_out else 502
         if not timed_out and gateway.scheduler.is_remote(target.model):
-            # Not ours to restart: forget the connection (the next request, or the
-            # gateway's own check, connects again) and tell the client to come back.
             status = 503
-            await gateway.scheduler.forget_remote(
-                target.model, f"unreachable while serving: {error}"
-            )
-            raise ApiError(
-                503,
-                with_log_tail(
-                    f"model {target.model!r}: the remote engine is not answering ({error}); "
-                    "retry later",
-                    [],
-                    principal_of(request).admin,
-                ),
-                "remote_unavailable",
-                retry_after=5.0,
-            ) from None
+            await _forget_remote(request, gateway, target.model, error)
         await gateway.scheduler.notice_exit(target.model, timeout=1.0)
         if not timed_out and engine is not None and engine.exited.done():
             # Its socket broke before its exit was reported: the same loss, the same answer.
@@ -615,10 +710,13 @@ async def _forward_once(
             raise _engine_lost(request, gateway, target.model, "its engine exited") from None
         failure = gateway.scheduler.failure_of(target.model)
         tail = failure.log_tail if failure else []
+        code = "upstream_timeout" if timed_out else "upstream_error"
+        if isinstance(error, FirstByteTimeout):
+            code = "upstream_first_byte_timeout"
         raise ApiError(
             status,
             with_log_tail(f"model {target.model!r}: {error}", tail, principal_of(request).admin),
-            "upstream_timeout" if timed_out else "upstream_error",
+            code,
         ) from None
     finally:
         finish(
@@ -633,7 +731,34 @@ async def _forward_once(
             streamed=streamed,
             usage=usage,
             client_gone=client_gone,
+            served_unknown=served_unknown,
         )
+
+
+class _SendAgain(Exception):
+    """The request's engine was lost before it saw the request: it may be sent once more."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def _forget_remote(
+    request: web.Request, gateway: Gateway, model: str, error: UpstreamError
+) -> NoReturn:
+    """A remote engine unreachable while serving. Not ours to restart: forget the connection
+    (the next request, or the gateway's own check, connects again); the client comes back."""
+    await gateway.scheduler.forget_remote(model, f"unreachable while serving: {error}")
+    raise ApiError(
+        503,
+        with_log_tail(
+            f"model {model!r}: the remote engine is not answering ({error}); retry later",
+            [],
+            principal_of(request).admin,
+        ),
+        "remote_unavailable",
+        retry_after=5.0,
+    ) from None
 
 
 def _engine_lost(request: web.Request, gateway: Gateway, model: str, why: str) -> ApiError:

@@ -30,6 +30,7 @@ LIVE_MODEL_FIELDS = frozenset(
         "fallback_may_evict",
         "loading_content",
         "stop_grace",
+        "first_byte_timeout",  # read per request from the live config
         "max_queue",
         "pinned",
         "preload",

@@ -215,6 +215,12 @@ class ModelConfig(StrictModel):
     stop_grace: Duration | None = Field(
         default=None, description="SIGTERM, then SIGKILL after this long"
     )
+    first_byte_timeout: Duration | None = Field(
+        default=None,
+        gt=0,
+        description="this model's limits.upstream_first_byte_timeout (a model with long "
+        "prompts on a slow GPU prefills longer than most)",
+    )
     max_model_len: int | None = Field(
         default=None, ge=1, description="vLLM's --max-model-len (wins over defaults)"
     )
@@ -509,6 +515,18 @@ class LimitsConfig(StrictModel):
     upstream_read_timeout: Duration = Field(
         default=600.0, description="longest silence from an engine within one answer"
     )
+    # Above a long prefill (a 100k-token prompt takes tens of seconds) plus vLLM's own queue:
+    # passing it costs a health check, and only an engine that fails that check loses the
+    # request, so a slow but live engine (an answer that is not streamed) is never cut.
+    upstream_first_byte_timeout: Duration = Field(
+        default=60.0,
+        gt=0,
+        description="wait for an engine's first byte (the answer's headers, a stream's first "
+        "chunk, and any later silence of a stream as long); past it the engine's health is "
+        "checked, and a request on an engine that does not answer the check ends (504, or an "
+        "error event in a stream already begun): a frozen engine or node; a live engine keeps "
+        "it, up to upstream_read_timeout",
+    )
     shutdown_grace: Duration = Field(
         default=30.0, description="on SIGTERM, how long requests in flight may finish"
     )
@@ -662,8 +680,9 @@ class GatewayConfig(StrictModel):
         ge=0,
         le=64,
         description="extra processes serving requests on the same port (0: the gateway's "
-        "process alone). Not in effect in this version: one process serves every request "
-        "(docs/front-door.md says why and what it measured)",
+        "process alone). The gateway's process still decides every request (keys, budgets, "
+        "queues, engines) and keeps the metrics and logs; the workers relay to the engines "
+        "(docs/front-door.md says how, and what it measured)",
     )
     cors: CorsConfig = Field(default_factory=CorsConfig)
     allowed_hosts: list[str] = Field(

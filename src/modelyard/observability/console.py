@@ -34,6 +34,8 @@ _KIND_STYLES = {
     "crash": "bold red",
     "hung": "bold red",
     "oom_retry": "yellow",
+    "node_lost_retry": "yellow",
+    "resent": "yellow",
 }
 
 

@@ -296,6 +296,8 @@ class PlacementCoordinator:
             free = {gpu.index: gpu.free_bytes for gpu in self.inventory.gpus()}
             if all(free.get(index, 0) >= need for index in gpus):
                 return
+            if any(index not in free for index in gpus):
+                return  # its node was lost: nothing comes back there; the start plans again
             if self._clock() > deadline:
                 self.events.emit(
                     "memory_not_returned",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -51,10 +51,37 @@ class UpstreamTimeout(UpstreamError):
     """The engine sent nothing within the read timeout; a 504, and a sign it may be hung."""
 
 
+class FirstByteTimeout(UpstreamTimeout):
+    """The engine sent no byte of its answer within the first-byte timeout, and did not pass
+    the liveness check that followed: a frozen engine (a stopped process, a node gone
+    silent) ends the request now, not at the read timeout."""
+
+
+class EngineUnreachable(UpstreamError):
+    """The engine refused the connection (`refused`: it never saw the request, which may be
+    sent again), or dropped it before any byte of an answer (it may have begun it)."""
+
+    def __init__(self, message: str, refused: bool) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
 class EngineLost(UpstreamError):
     """The engine was declared lost (it crashed, was stopped as hung, a remote engine was
     declared down, its node was lost) before anything of its answer reached the client: the
     caller may still refuse the request cleanly (503 with Retry-After)."""
+
+
+@dataclass(frozen=True)
+class FirstByteGuard:
+    """A request's bound on the wait for its engine's first byte (the answer's headers, a
+    stream's first chunk, and any later silence of a stream as long). When it passes,
+    `check` asks whether the engine is alive (its liveness check, shared by the requests
+    that wait on it); a live engine keeps the request (a long prefill, a long answer that is
+    not streamed), one that does not answer ends it."""
+
+    timeout: float
+    check: Callable[[], Awaitable[bool]]
 
 
 @dataclass
@@ -71,6 +98,9 @@ class ProxyOutcome:
     # The engine was declared lost while this request was on it (see `EngineLost`); a
     # stream already begun got a final error event.
     engine_lost: bool = False
+    # A stream whose engine went silent for the first-byte timeout and then failed its
+    # liveness check: the client had its 200, and got a final error event.
+    first_byte_timed_out: bool = False
     body: bytes | None = None  # the non-streamed response body, for usage accounting
     usage: dict[str, int] = field(default_factory=dict)
 
@@ -147,6 +177,7 @@ class UpstreamClient:
         lost: asyncio.Future[str] | None = None,
         prepared: web.StreamResponse | None = None,
         answer_headers: Mapping[str, str] | None = None,
+        first_byte: FirstByteGuard | None = None,
     ) -> tuple[web.StreamResponse, ProxyOutcome]:
         """Send the request to `url`; stream the answer back as it comes.
 
@@ -162,6 +193,9 @@ class UpstreamClient:
         say so (a remote host gone silent, a lost node, a hung engine). Before anything
         reached the client that is `EngineLost`; a stream already begun gets a final error
         event. The cost is one callback on the future, no task and no timer.
+
+        `first_byte` bounds the engine's silences (see `FirstByteGuard`): `FirstByteTimeout`
+        before anything reached the client, a final error event in a stream.
         """
         outcome = outcome if outcome is not None else ProxyOutcome()
         watch: _LossWatch | None = None
@@ -183,6 +217,7 @@ class UpstreamClient:
                 watch,
                 prepared,
                 answer_headers,
+                first_byte,
             )
         except asyncio.CancelledError:
             if lost is not None and watch is not None and watch.fired and watch.take_cancel():
@@ -205,11 +240,47 @@ class UpstreamClient:
         watch: _LossWatch | None = None,
         prepared: web.StreamResponse | None = None,
         answer_headers: Mapping[str, str] | None = None,
+        first_byte: FirstByteGuard | None = None,
     ) -> tuple[web.StreamResponse, ProxyOutcome]:
         started = time.perf_counter()
         headers = forward_headers(request.headers)
         if engine_headers:
             headers.update(engine_headers)
+        silence = _SilenceWatch(first_byte) if first_byte is not None else None
+        try:
+            return await self._exchange_watched(
+                request,
+                url,
+                body,
+                headers,
+                transformer_for,
+                rewrite_body,
+                outcome,
+                started,
+                watch,
+                prepared,
+                answer_headers,
+                silence,
+            )
+        finally:
+            if silence is not None:
+                silence.close()
+
+    async def _exchange_watched(
+        self,
+        request: web.Request,
+        url: str | URL,
+        body: bytes | None,
+        headers: dict[str, str],
+        transformer_for: Callable[[], StreamTransformer | None],
+        rewrite_body: Callable[[bytes], bytes] | None,
+        outcome: ProxyOutcome,
+        started: float,
+        watch: _LossWatch | None,
+        prepared: web.StreamResponse | None,
+        answer_headers: Mapping[str, str] | None,
+        silence: _SilenceWatch | None,
+    ) -> tuple[web.StreamResponse, ProxyOutcome]:
         try:
             upstream = await self.session.request(
                 request.method,
@@ -219,13 +290,33 @@ class UpstreamClient:
                 allow_redirects=False,
                 timeout=self._client_timeout,
             )
+        except asyncio.CancelledError:
+            if silence is not None and silence.fired and silence.take_cancel():
+                # Cancelling the request closed its connection: a frozen engine that thaws
+                # later answers no one.
+                raise FirstByteTimeout(silence.message()) from None
+            raise
         except TimeoutError as error:
             raise self._timeout(error) from error
+        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as error:
+            # Refused, or closed before a byte of the answer: nothing reached the client.
+            raise EngineUnreachable(
+                f"engine unreachable: {describe(error)}",
+                refused=isinstance(error, aiohttp.ClientConnectorError),
+            ) from error
         except aiohttp.ClientError as error:
             raise UpstreamError(f"engine unreachable: {describe(error)}") from error
         try:
             content_type = upstream.headers.get("Content-Type", "")
-            if content_type.startswith("text/event-stream"):
+            streamed = content_type.startswith("text/event-stream")
+            if silence is not None:
+                # The headers came: a stream's chunks stay watched; the body of any other
+                # answer follows its headers and has the read timeout.
+                if streamed:
+                    silence.heard()
+                else:
+                    silence.close()
+            if streamed:
                 response = await self._stream(
                     request,
                     upstream,
@@ -235,6 +326,7 @@ class UpstreamClient:
                     watch,
                     prepared,
                     answer_headers,
+                    silence,
                 )
             elif prepared is not None:
                 response = await self._answer_as_event(prepared, upstream, outcome, started)
@@ -264,6 +356,7 @@ class UpstreamClient:
                 or outcome.upstream_broke
                 or outcome.cut_by_gateway
                 or outcome.engine_lost
+                or outcome.first_byte_timed_out
             ):
                 upstream.close()  # drop the connection so the engine stops generating
             else:
@@ -316,6 +409,7 @@ class UpstreamClient:
         watch: _LossWatch | None = None,
         prepared: web.StreamResponse | None = None,
         answer_headers: Mapping[str, str] | None = None,
+        stall: _SilenceWatch | None = None,
     ) -> web.StreamResponse:
         outcome.streamed = True
         if prepared is not None:
@@ -333,6 +427,8 @@ class UpstreamClient:
                 await response.prepare(request)
             outcome.status = upstream.status  # sent: a later hang-up does not change it
             async for chunk in upstream.content.iter_any():
+                if stall is not None:
+                    stall.heard()
                 if outcome.first_byte_s is None:
                     outcome.first_byte_s = time.perf_counter() - started
                 if transformer is not None:
@@ -347,6 +443,14 @@ class UpstreamClient:
                 if tail:
                     await response.write(tail)
         except asyncio.CancelledError:
+            if stall is not None and stall.fired and stall.take_cancel():
+                # Silent past the bound, and its engine failed its liveness check.
+                outcome.first_byte_timed_out = True
+                try:
+                    await response.write(error_event(stall.message(), "upstream_timeout"))
+                except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                    outcome.client_gone = True
+                return response
             if watch is None or not watch.fired or not watch.take_cancel():
                 outcome.client_gone = True
                 raise
@@ -386,6 +490,8 @@ class UpstreamClient:
                 outcome.client_gone = True
                 return response
         finally:
+            if stall is not None:
+                stall.close()  # what follows (the end of the stream) is not watched
             self._streams.discard(upstream)
             self._cut.discard(upstream)
         if transformer is not None:
@@ -395,6 +501,80 @@ class UpstreamClient:
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             outcome.client_gone = True
         return response
+
+
+class _SilenceWatch:
+    """The first-byte bound of one exchange: the wait for the answer's headers, a stream's
+    first chunk, and any later silence of the stream as long (a node frozen mid-stream) get
+    the engine's liveness check; a failed check cancels the request's task, told apart by
+    `fired` as `_LossWatch` does (its connection is closed with it).
+
+    One timer per bound's length, not per chunk, and no task unless the bound passes: each
+    chunk only notes the time."""
+
+    __slots__ = (
+        "_check",
+        "_guard",
+        "_handle",
+        "_loop",
+        "_task",
+        "alone",
+        "fired",
+        "last",
+        "live",
+    )
+
+    def __init__(self, guard: FirstByteGuard) -> None:
+        self._guard = guard
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self.last = self._loop.time()
+        self.fired = False
+        self.live = True
+        self.alone: bool | None = None
+        self._check: asyncio.Future[None] | None = None
+        self._handle = self._loop.call_at(self.last + guard.timeout, self._due)
+
+    def heard(self) -> None:
+        self.last = self._loop.time()
+
+    def _due(self) -> None:
+        if not self.live:
+            return
+        quiet_until = self.last + self._guard.timeout
+        if self._loop.time() < quiet_until:
+            self._handle = self._loop.call_at(quiet_until, self._due)
+            return
+        self._check = asyncio.ensure_future(self._ask())
+
+    async def _ask(self) -> None:
+        alive = await self._guard.check()
+        if not self.live:
+            return
+        if alive or self._loop.time() - self.last < self._guard.timeout:
+            self._handle = self._loop.call_later(self._guard.timeout, self._due)
+            return
+        if self._task is not None:
+            self.fired = True
+            self._task.cancel()
+
+    def message(self) -> str:
+        return (
+            f"the engine sent nothing for {self._guard.timeout:g}s "
+            "(limits.upstream_first_byte_timeout) and did not answer its liveness check"
+        )
+
+    def take_cancel(self) -> bool:
+        """Undo our cancellation; False when the task was also cancelled for another reason."""
+        if self.alone is None:
+            self.alone = self._task is None or self._task.uncancel() == 0
+        return self.alone
+
+    def close(self) -> None:
+        self.live = False
+        self._handle.cancel()
+        if self._check is not None and not self._check.done():
+            self._check.cancel()
 
 
 class _LossWatch:

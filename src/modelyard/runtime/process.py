@@ -42,12 +42,20 @@ class EngineStartError(Exception):
     """The engine did not become ready: it exited, or the deadline passed."""
 
     def __init__(
-        self, message: str, exit_code: int | None, log_tail: list[str], timed_out: bool = False
+        self,
+        message: str,
+        exit_code: int | None,
+        log_tail: list[str],
+        timed_out: bool = False,
+        node_lost: bool = False,
     ) -> None:
         super().__init__(message)
         self.exit_code = exit_code
         self.log_tail = log_tail
         self.timed_out = timed_out  # alive but not ready in time (not a crash)
+        # The engine's node was lost under it: not the engine's failure, so it counts toward
+        # no back-off, and the start is tried once more elsewhere.
+        self.node_lost = node_lost
 
 
 def pick_free_port(host: str = "127.0.0.1") -> int:
@@ -61,6 +69,8 @@ def pick_free_port(host: str = "127.0.0.1") -> int:
 class ExitInfo:
     code: int | None
     at: float
+    # Gone with its node (a Ray node lost): not a crash of the engine, so no back-off.
+    node_lost: bool = False
 
 
 class EngineProcess:

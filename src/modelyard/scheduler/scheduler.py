@@ -39,6 +39,7 @@ from modelyard.placement.coordinator import PlacementCoordinator
 from modelyard.placement.planning import Planning, UnmanagedGpus
 from modelyard.placement.policy import Action, Sleep
 from modelyard.placement.policy import Target as PlacementTarget
+from modelyard.runtime.process import EngineStartError
 from modelyard.runtime.remote import RETRY_AFTER_S as RETRY_REMOTE_S
 from modelyard.runtime.start_progress import ProgressView
 from modelyard.runtime.weights_cache import download_folder
@@ -756,7 +757,17 @@ class Scheduler:
         """Decide where the engine goes, then have the supervisor start it there."""
         try:
             await self._start_once(supervisor)
-        except Exception:
+        except Exception as error:
+            if isinstance(error, EngineStartError) and error.node_lost:
+                # It went to a node that was lost meanwhile (planned on before its loss was
+                # known): the node is out of the plan now, so once more, elsewhere.
+                self.events.emit(
+                    "node_lost_retry",
+                    supervisor.name,
+                    f"its node was lost during the start; starting it once more elsewhere: {error}",
+                )
+                await self._start_once(supervisor)
+                return
             if self._placement is None or self._remote(supervisor):
                 raise
             if not supervisor.ran_out_of_memory:
@@ -1229,6 +1240,12 @@ class EngineFor:
         self.lost = supervisor.lost_signal  # read with no await since the hold: this engine's
         scheduler.maybe_prewarm()
         return engine
+
+    @property
+    def engine_key(self) -> str:
+        """Once entered, the held engine's key (the model's, or a replica's: `coder#2`), by
+        which the watchdog checks it."""
+        return self._supervisor.key if self._supervisor is not None else self._model
 
     async def __aexit__(self, *exc_info: object) -> None:
         if self._supervisor is not None:

@@ -33,7 +33,7 @@ from modelyard.lifecycle import (
     check_transition,
 )
 from modelyard.observability.events import EventBus
-from modelyard.runtime.process import EngineStartError
+from modelyard.runtime.process import EngineStartError, ExitInfo
 from modelyard.runtime.remote import RemoteUnavailable
 from modelyard.runtime.start_progress import Phase, ProgressView, StartProgress
 from modelyard.runtime.weights_cache import folder_bytes
@@ -688,9 +688,10 @@ class ModelSupervisor:
         tail = error.log_tail if isinstance(error, EngineStartError) else []
         tail = list(tail or (engine.log_tail(20) if engine else []))
         self.failure = Failure(str(error), exit_code, tail, self._clock())
-        if not isinstance(error, RemoteUnavailable):
+        node_lost = isinstance(error, EngineStartError) and error.node_lost
+        if not isinstance(error, RemoteUnavailable) and not node_lost:
             # A remote engine that is down is not a crash loop of ours: no back-off, the
-            # next request checks it again.
+            # next request checks it again. Nor is a start whose node was lost under it.
             self.failed_starts += 1
         self.state = ModelState.FAILED
         self._events.emit(
@@ -864,8 +865,15 @@ class ModelSupervisor:
             return  # wait_ready sees the exit and reports it with the start error
         code = engine.exit_code()
         tail = engine.log_tail(20)
+        with_node = _lost_with_node(engine)
         self._record_engine_lost(
-            f"engine for {self.name!r} exited unexpectedly (exit code {code})", code, tail
+            f"engine for {self.name!r} was lost with its node"
+            if with_node
+            else f"engine for {self.name!r} exited unexpectedly (exit code {code})",
+            code,
+            tail,
+            # A lost node is not a crash of the engine: no crash-loop count, no back-off.
+            crash=not with_node,
         )
         assert self.failure is not None
         self._events.emit(
@@ -909,6 +917,8 @@ class ModelSupervisor:
                     f"engine for {self.name!r} was hung and has been stopped: {reason}",
                     code,
                     tail,
+                    # Its node was declared lost meanwhile: that, not the engine, was at fault.
+                    crash=not _lost_with_node(engine),
                 )
                 self._events.emit(
                     "hung", self.name, reason, exit_code=code, log_tail=tail[-10:], pid=engine.pid
@@ -959,6 +969,14 @@ _OOM_MARKERS = (
 def _looks_out_of_memory(log_tail: list[str]) -> bool:
     text = "\n".join(log_tail).lower()
     return any(marker in text for marker in _OOM_MARKERS)
+
+
+def _lost_with_node(engine: EngineHandle) -> bool:
+    """Whether the engine is gone with its node (a Ray node lost): no crash of its own."""
+    if not engine.exited.done():
+        return False
+    info = engine.exited.result()
+    return isinstance(info, ExitInfo) and info.node_lost
 
 
 def _loss_signal(engine: EngineHandle) -> asyncio.Future[str]:

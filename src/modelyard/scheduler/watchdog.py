@@ -6,6 +6,9 @@ engine is hung. vLLM's `/health` stays 200 while its engine core is stuck (the A
 separate process), so upstream read timeouts on real requests count as well: `failures` of them
 in a row, with no answered request in between, mean the same. A hung engine is stopped and its
 model marked failed (`ModelSupervisor.declare_hung`); the next request starts it again.
+
+Requests ask for a check of their own (`check_now`) when their engine sent no first byte in
+time or refused their connection: the engine is checked then, not at the next interval.
 """
 
 from __future__ import annotations
@@ -80,6 +83,9 @@ class EngineWatchdog:
         self._strikes: dict[str, _Strikes] = {}
         self._task: asyncio.Task[None] | None = None
         self._verdicts: set[asyncio.Task[bool]] = set()
+        # One check at a time per engine: requests that ask together share its answer (and
+        # it counts once toward the failures in a row).
+        self._checking: dict[int, asyncio.Future[bool]] = {}
 
     def start(self) -> None:
         if self.settings.interval > 0:
@@ -95,7 +101,7 @@ class EngineWatchdog:
             self.start()
 
     async def close(self) -> None:
-        tasks = [t for t in (self._task, *self._verdicts) if t is not None]
+        tasks = [t for t in (self._task, *self._verdicts, *self._checking.values()) if t]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -116,19 +122,69 @@ class EngineWatchdog:
         results = await asyncio.gather(*(self._check(n, e) for n, e in ready.items()))
         return [name for name, hung in zip(ready, results, strict=True) if hung]
 
+    async def check_now(self, name: str, engine: EngineHandle) -> bool:
+        """Check `engine` now, on a request's behalf; True if it answered its health check.
+        `name` is the engine's key (the model's, or a replica's).
+
+        The check counts like a periodic one: when its failure makes enough in a row, the
+        engine is declared hung before this returns (its stop goes on in the background).
+        An engine that is no longer the model's ready engine counts as not answering: it was
+        lost or stopped meanwhile.
+        """
+        if not self._is_ready(name, engine):
+            return False
+        pending = self._checking.get(id(engine))
+        if pending is None:
+            pending = asyncio.ensure_future(self._check_for_request(name, engine))
+            self._checking[id(engine)] = pending
+            pending.add_done_callback(lambda _done: self._checking.pop(id(engine), None))
+        return await asyncio.shield(pending)
+
+    async def _check_for_request(self, name: str, engine: EngineHandle) -> bool:
+        healthy = await self._probe(engine, self.settings.timeout)
+        if not self._is_ready(name, engine):
+            return False
+        if self._count_check(name, engine, healthy):
+            # The verdict's stop takes the engine's stop grace: the request does not wait
+            # for it, only for the engine to be declared (no longer the model's engine).
+            task = asyncio.ensure_future(self._declare_hung(name, engine.pid, self._why()))
+            self._verdicts.add(task)
+            task.add_done_callback(self._verdicts.discard)
+            task.add_done_callback(_log_failure)
+            while self._is_ready(name, engine) and not task.done():
+                await asyncio.sleep(0.01)
+        return healthy
+
+    def _is_ready(self, name: str, engine: EngineHandle) -> bool:
+        """Whether `engine` is still the ready engine of `name` (a slot a reload or a
+        scale-down removed has none)."""
+        try:
+            return self._scheduler.engine_of(name) is engine
+        except KeyError:
+            return False
+
+    def _count_check(self, name: str, engine: EngineHandle, healthy: bool) -> bool:
+        """Count one check's answer; True when the failures in a row make it hung."""
+        strikes = self._strikes_of(name, engine.pid)
+        strikes.failed_checks = 0 if healthy else strikes.failed_checks + 1
+        return strikes.failed_checks >= self.settings.failures
+
+    def _why(self) -> str:
+        return (
+            f"{self.settings.failures} health checks in a row failed or took longer than "
+            f"{self.settings.timeout:g}s"
+        )
+
     async def _check(self, name: str, engine: EngineHandle) -> bool:
         healthy = await self._probe(engine, self.settings.timeout)
         if self._scheduler.engine_of(name) is not engine:
             return False  # stopped, slept or restarted while we asked: the answer is stale
-        strikes = self._strikes_of(name, engine.pid)
-        strikes.failed_checks = 0 if healthy else strikes.failed_checks + 1
-        if strikes.failed_checks < self.settings.failures:
+        if not self._count_check(name, engine, healthy):
             return False
         return await self._declare_hung(
             name,
             engine.pid,
-            f"{strikes.failed_checks} health checks in a row failed or took longer than "
-            f"{self.settings.timeout:g}s",
+            self._why(),
         )
 
     def observe_request(self, model: str, status: int, timed_out: bool) -> None:

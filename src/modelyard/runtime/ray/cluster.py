@@ -86,6 +86,9 @@ class RayCluster:
         self._started_listeners: list[Callable[[], None]] = []
         self._close_listeners: list[Callable[[], None]] = []
         self._monitor: asyncio.Task[None] | None = None
+        # Per node, completed (with the reason) when it is declared lost: a start under way
+        # there gives up at once instead of waiting for Ray to fail its actor.
+        self._lost_signals: dict[str, asyncio.Future[str]] = {}
 
     # ----- connecting -----
 
@@ -200,6 +203,7 @@ class RayCluster:
         node_id, ip = str(entry["NodeID"]), str(entry["NodeManagerAddress"])
         node = NodeView(node_id, ip, agent)
         self.nodes[node_id] = node
+        self._lost_signals.pop(node_id, None)  # back after a loss: a new life, a new signal
         self._take_report(node, report)
         gpus = ", ".join(f"{g['name']} ({g['total'] / 1024**3:.0f} GiB)" for g in node.gpus)
         self.events.emit(
@@ -288,8 +292,11 @@ class RayCluster:
         node = self.nodes.get(node_id)
         if node is None or not node.alive:
             return
-        node.alive = False
+        node.alive = False  # out of `gpus()` and `live_nodes()`: out of every plan, now
         node.lost_reason = reason
+        lost = self._lost_signals.get(node_id)
+        if lost is not None and not lost.done():
+            lost.set_result(f"node {node.ip} is lost: {reason}")
         self.events.emit(
             "node_lost", None, f"node {node.ip} is lost: {reason}", node=node.ip, node_id=node_id
         )
@@ -305,6 +312,31 @@ class RayCluster:
 
     def on_close(self, listener: Callable[[], None]) -> None:
         self._close_listeners.append(listener)
+
+    def lost_signal(self, node_id: str) -> asyncio.Future[str]:
+        """Completes (with the reason) when the node is declared lost; done already if it
+        is lost or unknown."""
+        lost = self._lost_signals.get(node_id)
+        if lost is None:
+            lost = self._lost_signals[node_id] = asyncio.get_running_loop().create_future()
+            node = self.nodes.get(node_id)
+            if node is None or not node.alive:
+                lost.set_result(f"node {node.ip if node else node_id} is lost")
+        return lost
+
+    async def check_after_actor_failure(self, node_id: str) -> bool:
+        """An engine's actor on the node died, or could not be started there: ask the node's
+        agent now. An agent that does not answer either (a timeout, not only an error) means
+        the node is lost: two signs at once, so it is not given the second report in a row a
+        merely slow node gets. Returns whether the node is alive."""
+        node = self.nodes.get(node_id)
+        if node is None or not node.alive:
+            return False
+        missed = node.missed
+        await self._fetch(node_id)
+        if node.alive and node.missed > missed:
+            self.mark_lost(node_id, "an engine's actor there failed and its agent did not answer")
+        return node.alive
 
     def node_alive(self, node_id: str) -> bool:
         node = self.nodes.get(node_id)

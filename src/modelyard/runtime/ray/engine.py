@@ -8,18 +8,24 @@ directly, for health checks and for every request: Ray is never in the data path
 
 The engine's exit reaches the gateway through one long call (`wait_exit`) held open on the
 actor. When the actor dies (killed, its worker SIGKILLed, its node gone, the gateway that owns
-it gone) that call fails, and the engine counts as exited, so the scheduler marks the model
-failed with a crash event like any other engine crash, and the next request starts it again.
+it gone) that call fails, and the engine counts as exited at once, so the scheduler marks the
+model failed with a crash event like any other engine crash, and the next request starts it
+again. An engine whose node is declared lost exits with `ExitInfo.node_lost`, and a start
+whose node is lost under it fails with `EngineStartError.node_lost` (at the declaration, not
+when Ray gives up on the actor): neither is the engine's failure, so neither counts toward
+the crash-loop back-off, and such a start is tried once more elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,24 +115,29 @@ class RayEngine:
         except asyncio.CancelledError:
             raise
         except Exception as error:
-            # The actor is gone: killed, its worker or node died, or Ray lost it. Say which
-            # when the node's agent does not answer either.
-            node_ok = await self._cluster.refresh(self.node_id)
+            # The actor is gone: killed, its worker or node died, or Ray lost it. The engine
+            # is lost now (its requests end, the model fails); asking the node's agent which
+            # it was takes up to a report timeout, so that only words the cause, afterwards.
+            self._gone(None)
+            if self._stopping:
+                return  # our own stop ended it
+            node_ok = await self._cluster.check_after_actor_failure(self.node_id)
             cause = "its actor died" if node_ok else f"node {self.node} is lost"
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             self.log.append(f"[modelyard] engine lost: {cause} ({type(error).__name__}: {first})")
+            return
         self._gone(code)
 
-    def _gone(self, code: int | None) -> None:
+    def _gone(self, code: int | None, node_lost: bool = False) -> None:
         self._cluster.engine_gone(self.node_id, self.pid)
         if not self.exited.done():
-            self.exited.set_result(ExitInfo(code, time.monotonic()))
+            self.exited.set_result(ExitInfo(code, time.monotonic(), node_lost=node_lost))
 
     def node_lost(self, reason: str) -> None:
         """The cluster lost this engine's node: the engine is gone with it."""
         if not self.exited.done():
             self.log.append(f"[modelyard] engine lost: {reason}")
-            self._gone(None)
+            self._gone(None, node_lost=True)
         # If the node was only unreachable for a while, its engine must not serve on unseen:
         # ending the actor ends the engine's process group (a no-op on a dead node).
         end_actor(self._actor)
@@ -188,12 +199,15 @@ class RayEngine:
             what = "exited while starting" if outcome == "exited" else "was not ready in time"
             code = self.exit_code()
             detail = f" (exit code {code})" if code is not None else ""
-            # Alive but not ready in time is not a crash (the scheduler tells them apart).
+            with_node = self.exited.done() and self.exited.result().node_lost
+            # Alive but not ready in time is not a crash (the scheduler tells them apart),
+            # nor is an engine whose node was lost under it.
             raise EngineStartError(
                 f"engine for {self.name!r} on node {self.node} {what}{detail}",
                 code,
                 self.log.tail(20),
                 timed_out=outcome == "timeout",
+                node_lost=with_node,
             )
         # Measure what the engine holds now: placement learns its footprint from this.
         await self._cluster.refresh(self.node_id)
@@ -206,12 +220,26 @@ class RayEngine:
         self._stopping = True
         self._mirror.cancel()  # its long poll would hold the last catch-up for a second
         if self.alive:
+            call = asyncio.ensure_future(
+                asyncio.wait_for(self._actor.stop.remote(grace), grace + 15.0)
+            )
+            # A node declared lost meanwhile (a frozen node never answers the call) ends the
+            # stop: the engine is gone with it, or is ended with its actor if the node thaws.
+            watched: set[asyncio.Future[Any]] = {call, self.exited}
             try:
-                code = await asyncio.wait_for(self._actor.stop.remote(grace), grace + 15.0)
-                await self._catch_up_log()
-            except Exception as error:  # the actor or node is gone: so is the engine
-                self.log.append(f"[modelyard] stop: actor unreachable ({type(error).__name__})")
-                code = None
+                await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+            code = None
+            if call.done():
+                try:
+                    code = call.result()
+                    await self._catch_up_log()
+                except Exception as error:  # the actor or node is gone: so is the engine
+                    self.log.append(f"[modelyard] stop: actor unreachable ({type(error).__name__})")
+            else:
+                call.cancel()
             self._gone(code)
         end_actor(self._actor)
         self._waiter.cancel()
@@ -272,51 +300,85 @@ class RayRuntime:
 
     async def start(self, name: str, spec_for_port: Callable[[int], LaunchSpec]) -> RayEngine:
         log_file = EngineLog(self.state_dir / "logs" / f"{_file_safe(name)}.log")
+        node_id = ""
         try:
             node_id, visible = self._choose_node(spec_for_port(0))
             if not self.cluster.node_alive(node_id):
-                raise EngineStartError(f"the node planned for {name!r} is lost", None, [])
-            began = time.monotonic()
-            actor, actor_name, where = await self._take_actor(node_id)
-            try:
-                spec = spec_for_port(int(where["port"]))
-                env = dict(spec.env)
-                if visible is not None:
-                    env["CUDA_VISIBLE_DEVICES"] = visible  # the GPUs' numbers on that node
-                argv = bind_to(spec.argv, str(where["ip"]))
-                log_file.append(
-                    f"[modelyard] placed on node {where['ip']} ({node_id[:12]}), actor "
-                    f"{actor_name} ready in {(time.monotonic() - began) * 1000:.0f} ms"
+                raise EngineStartError(
+                    f"the node planned for {name!r} is lost", None, [], node_lost=True
                 )
-                pid = await asyncio.wait_for(
-                    actor.start.remote(name, argv, env, " ".join(redacted(argv))),
-                    ACTOR_START_TIMEOUT_S,
-                )
-            except BaseException:
-                end_actor(actor)
-                raise
+            launched = await _unless_lost(
+                self._launch(name, spec_for_port, node_id, visible, log_file),
+                self.cluster.lost_signal(node_id),
+            )
         except EngineStartError as error:
             log_file.append(f"[modelyard] could not start: {error}")
             log_file.close()
             raise EngineStartError(
-                f"engine for {name!r} could not be started: {error}", None, log_file.tail(5)
+                f"engine for {name!r} could not be started: {error}",
+                None,
+                log_file.tail(5),
+                node_lost=error.node_lost,
             ) from error
         except Exception as error:
+            # Ray's own error when the node died under the start is not the engine's fault:
+            # its agent is asked before the failure is counted.
+            node_lost = bool(node_id) and not await self.cluster.check_after_actor_failure(node_id)
             log_file.append(f"[modelyard] could not start: {error}")
             log_file.close()
             raise EngineStartError(
                 f"engine for {name!r} could not be started on the Ray cluster: {error}",
                 None,
                 log_file.tail(5),
+                node_lost=node_lost,
             ) from error
         engine = RayEngine(
-            name, spec, actor, where, int(pid), log_file, self.cluster, self._health_session
+            name,
+            launched.spec,
+            launched.actor,
+            launched.where,
+            launched.pid,
+            log_file,
+            self.cluster,
+            self._health_session,
         )
-        engine.actor_name = actor_name
+        engine.actor_name = launched.actor_name
         engine.on_ready = self._warm
         self._engines.add(engine)
         engine.exited.add_done_callback(lambda _f: self._engines.discard(engine))
+        if not self.cluster.node_alive(node_id):  # lost in the moment since the launch
+            engine.node_lost(f"node {engine.node} was lost as its engine started")
         return engine
+
+    async def _launch(
+        self,
+        name: str,
+        spec_for_port: Callable[[int], LaunchSpec],
+        node_id: str,
+        visible: str | None,
+        log_file: EngineLog,
+    ) -> _Launched:
+        """An actor on the node, and the engine started under it."""
+        began = time.monotonic()
+        actor, actor_name, where = await self._take_actor(node_id)
+        try:
+            spec = spec_for_port(int(where["port"]))
+            env = dict(spec.env)
+            if visible is not None:
+                env["CUDA_VISIBLE_DEVICES"] = visible  # the GPUs' numbers on that node
+            argv = bind_to(spec.argv, str(where["ip"]))
+            log_file.append(
+                f"[modelyard] placed on node {where['ip']} ({node_id[:12]}), actor "
+                f"{actor_name} ready in {(time.monotonic() - began) * 1000:.0f} ms"
+            )
+            pid = await asyncio.wait_for(
+                actor.start.remote(name, argv, env, " ".join(redacted(argv))),
+                ACTOR_START_TIMEOUT_S,
+            )
+        except BaseException:
+            end_actor(actor)
+            raise
+        return _Launched(actor, actor_name, where, int(pid), spec)
 
     # ----- actors -----
 
@@ -390,6 +452,36 @@ class RayRuntime:
         self._spares.clear()
         for engine in list(self._engines):
             engine.kill_now()
+
+
+@dataclass(frozen=True)
+class _Launched:
+    actor: Any
+    actor_name: str
+    where: dict[str, Any]
+    pid: int
+    spec: LaunchSpec
+
+
+async def _unless_lost(
+    launch: Coroutine[Any, Any, _Launched], lost: asyncio.Future[str]
+) -> _Launched:
+    """The launch's result, or `EngineStartError(node_lost=True)` as soon as its node is
+    declared lost: Ray fails an actor call to a dead node only when it notices the node is
+    dead itself (seconds later; a frozen node, much later)."""
+    task = asyncio.ensure_future(launch)
+    try:
+        watched: set[asyncio.Future[Any]] = {task, lost}
+        await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()  # its own cleanup ends the actor
+        raise
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    raise EngineStartError(lost.result(), None, [], node_lost=True)
 
 
 def _file_safe(name: str) -> str:

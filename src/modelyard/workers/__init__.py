@@ -1,0 +1,1 @@
+"""Proxy workers: more processes serving the same port, the gateway's process deciding."""
