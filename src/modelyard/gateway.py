@@ -349,7 +349,9 @@ class Gateway:
         if self.cluster is not None:
             await self.cluster.close()
         if self.event_store is not None:
-            self.event_store.close()  # last: the engines' stop events are written first
+            # Last: the engines' stop events are written first. In a thread, as it waits for
+            # the queued events to be written (and for a locked file, up to a grace).
+            await asyncio.to_thread(self.event_store.close)
 
     def lora_manager(self) -> LoraManager:
         """The adapter manager (only asked for when a target is an adapter, so one exists)."""
