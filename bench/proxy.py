@@ -396,8 +396,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--baseline-src",
-        help="also a keyless modelyard run from this source folder (`modelyard before`), e.g. "
-        "the src/ of `git archive <commit> src`",
+        help="also a keyless modelyard run from this source folder (`modelyard before`), and "
+        "with --keyed a keyed one (`modelyard+key before`), e.g. the src/ of "
+        "`git archive <commit> src`",
     )
     parser.add_argument(
         "--proxy-workers",
@@ -471,6 +472,21 @@ def main() -> None:
                     label="baseline",
                 )
             )
+            if args.keyed:
+                # And keyed, beside modelyard+key: the gateway's own rules, before and after.
+                proxies.append(
+                    second_gateway(
+                        "modelyard+key before",
+                        workdir,
+                        started,
+                        upstream_trees,
+                        {"Authorization": f"Bearer {ADMIN_KEY}"},
+                        client_headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+                        keyed=True,
+                        env={"PYTHONPATH": source},
+                        label="baseline-keyed",
+                    )
+                )
         routers = {
             model: contenders.start_vllm_router(direct[model], free_port(), free_port(), workdir)
             for model in direct

@@ -7,6 +7,7 @@ of step, abort other users' requests, or load an adapter from any path on the se
 
 from __future__ import annotations
 
+import functools
 import posixpath
 import re
 
@@ -41,13 +42,17 @@ def normalized(path: str) -> str:
     return posixpath.normpath(collapsed).lstrip("/")
 
 
+_CONTROL_PREFIXES = tuple(control + "/" for control in _CONTROL_PATHS)
+
+
+@functools.lru_cache(maxsize=1024)  # asked on every proxied request: paths repeat, so once
 def is_engine_control(path: str) -> bool:
     """Whether `path` (relative to the engine's root) is one of the engine's control endpoints.
 
     The gateway checks the canonical path (`proxy.canonical`), which has nothing left to
     resolve; normalising again here is a second line, not the first."""
     clean = normalized(path.split("?", 1)[0]).lower()
-    return any(clean == control or clean.startswith(control + "/") for control in _CONTROL_PATHS)
+    return clean in _CONTROL_PATHS or clean.startswith(_CONTROL_PREFIXES)
 
 
 # What `/upstream/` and seed routes may reach on a remote engine by default: OpenAI's routes.

@@ -202,7 +202,7 @@ class GatewayMetrics:
                 counter.labels(name)
             self.start_duration.labels(name)
             self.wake_duration.labels(name)
-        self._request_children: dict[tuple[str, str, str, int], tuple[Any, Any, Any]] = {}
+        self._request_children: dict[tuple[str, str, str, int], tuple[Any, ...]] = {}
         registry.register(LiveStateCollector(gateway))
         ProcessCollector(registry=registry)
 
@@ -219,6 +219,8 @@ class GatewayMetrics:
                 self.requests.labels(record.model, route, record.key_name, str(record.status)),
                 self.request_duration.labels(record.model, route),
                 self.first_token.labels(record.model, route),
+                self.prompt_tokens.labels(record.model),
+                self.completion_tokens.labels(record.model),
             )
             if len(self._request_children) < 10_000:
                 self._request_children[key] = children
@@ -227,9 +229,9 @@ class GatewayMetrics:
         if record.streamed and record.first_byte_s is not None:
             children[2].observe(record.first_byte_s)
         if record.prompt_tokens:
-            self.prompt_tokens.labels(record.model).inc(record.prompt_tokens)
+            children[3].inc(record.prompt_tokens)
         if record.completion_tokens:
-            self.completion_tokens.labels(record.model).inc(record.completion_tokens)
+            children[4].inc(record.completion_tokens)
 
     def observe_event(self, event: Event) -> None:
         self.events.labels(event.kind).inc()

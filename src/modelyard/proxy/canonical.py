@@ -18,6 +18,7 @@ encodes it again in one fixed way, so the engine decodes exactly the checked str
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
@@ -41,6 +42,10 @@ class CanonicalTarget:
     query: str  # still encoded, as sent (the engine decodes it; no check reads it)
 
 
+# Every request's target is read here; the same few targets come again and again. Only a
+# target that passed is kept (a refusal raises, which the cache does not keep), as the frozen,
+# shared answer; a bounded LRU, so odd targets cannot grow it.
+@functools.lru_cache(maxsize=1024)
 def canonical_target(raw_target: str) -> CanonicalTarget:
     """The one reading of a raw request target (`/path?query` as sent), or NonCanonical."""
     raw_path, _, query = raw_target.partition("?")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -113,10 +114,13 @@ def forward_headers(headers: Mapping[str, str]) -> dict[str, str]:
     return {
         name: value
         for name, value in headers.items()
-        if name.lower() not in _HOP_HEADERS
-        and not is_credential_header(name)
-        and (key is None or key not in value)
+        if not _dropped_header(name) and (key is None or key not in value)
     }
+
+
+@functools.lru_cache(maxsize=1024)  # on every forwarded header: names repeat, so look once
+def _dropped_header(name: str) -> bool:
+    return name.lower() in _HOP_HEADERS or is_credential_header(name)
 
 
 def response_headers(upstream: aiohttp.ClientResponse) -> dict[str, str]:

@@ -126,12 +126,14 @@ class FairQueues:
         counts = queue.counts.setdefault(key, KeyCounts())
         now = self._clock()
         room = self._has_room(queue, key)
-        waiting = queue.waiting()
-        if not room and (
-            waiting >= max_waiting
-            or (max_waiting_total is not None and self.total_waiting() >= max_waiting_total)
-        ):
-            raise QueueFull(model, waiting, self._retry_after(queue, waiting))
+        if not room:
+            # Counted only for a request that must wait: the usual one, served at once,
+            # skips a sum over every key's waiters.
+            waiting = queue.waiting()
+            if waiting >= max_waiting or (
+                max_waiting_total is not None and self.total_waiting() >= max_waiting_total
+            ):
+                raise QueueFull(model, waiting, self._retry_after(queue, waiting))
         # Requests sent at once are tagged too: a key's share counts all it sent, so a
         # backlog's first requests (sent before anything waited) are not free.
         start = max(queue.virtual_time, queue.finish_tags.get(key, 0.0))
