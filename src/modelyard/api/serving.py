@@ -8,7 +8,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, NoReturn
 
 from aiohttp import web
@@ -276,21 +276,24 @@ async def proxy_json(
             payload["model"] = chosen.upstream_name
             data = json.dumps(payload).encode()
         replacements = model_name_replacements(chosen.upstream_name, chosen.public_name)
+
         # Usage is always read for the token metrics; the usage-only chunk that we asked
         # for on the client's behalf is dropped, so the client sees the stream it asked for.
-        # Built from values this function computed and typed, never from client input:
-        # pydantic's validation (about 10 µs) is skipped on the hot path. The message is
-        # still validated where it crosses to a proxy worker (proxy.worker_messages).
-        reading = Reading.model_construct(
-            transform=True,
-            replacements=[(old.decode(), new.decode()) for old, new in replacements],
-            drop_usage_only_chunk=usage_added.final,
-            strip_progress_usage=usage_added.running,
-            prompt_estimate=options.prompt_estimate,
-        )
+        def reading() -> Reading:
+            # Built only when asked for (a stream, a proxy worker's relay): a JSON answer
+            # relayed here needs none. From values this function computed and typed, never
+            # from client input, so pydantic's validation is skipped; the message is still
+            # validated where it crosses to a proxy worker (proxy.worker_messages).
+            return Reading.model_construct(
+                transform=True,
+                replacements=[(old.decode(), new.decode()) for old, new in replacements],
+                drop_usage_only_chunk=usage_added.final,
+                strip_progress_usage=usage_added.running,
+                prompt_estimate=options.prompt_estimate,
+            )
 
         def transformer() -> StreamTransformer | None:
-            return reading.transformer(tokens.served, tokens.count)
+            return reading().transformer(tokens.served, tokens.count)
 
         def rewrite(data: bytes) -> bytes:
             return rewrite_model_in_json(data, replacements)
@@ -344,7 +347,7 @@ async def proxy_raw(
         read_options(bare_path, payload, len(body)) if isinstance(payload, dict) else None,
     )
     tokens.reserve()
-    reading = Reading()  # the unchanged case
+    reading = _UNCHANGED
     if isinstance(payload, dict) and engine_reads_true(payload.get("stream")):
         streamed = True
         usage_added = ask_stream_for_usage(
@@ -368,7 +371,7 @@ async def proxy_raw(
     return await _forward(
         request,
         gateway,
-        _Forwarding(target, body or None, transformer, None, tokens, reading=reading),
+        _Forwarding(target, body or None, transformer, None, tokens, reading=lambda: reading),
         path,
         route_label,
         streamed=streamed,
@@ -428,6 +431,10 @@ class _Loading:
     stream: LoadingStream | None = None
 
 
+# A request forwarded as it came: read back unchanged. Frozen, so one serves them all.
+_UNCHANGED = Reading()
+
+
 @dataclass
 class _Forwarding:
     """What goes to one engine for one request: the body naming its model, and how its
@@ -439,8 +446,9 @@ class _Forwarding:
     rewrite: Any
     tokens: TokenCount
     extra_headers: dict[str, str] | None = None  # e.g. a rewritten upload's Content-Type
-    # The same reading as data, for a proxy worker that relays the answer (proxy.worker_messages).
-    reading: Reading = field(default_factory=Reading)
+    # The same reading as data, for a proxy worker that relays the answer (proxy.worker_messages):
+    # made when asked for, since an answer relayed here needs none.
+    reading: Callable[[], Reading] = Reading
 
 
 async def _forward(
@@ -623,7 +631,7 @@ async def _forward_once(
                     url=str(url),
                     headers=headers,
                     body=body_text(body),
-                    reading=forwarding.reading,
+                    reading=forwarding.reading(),
                     answer_headers={SERVED_BY_HEADER: served_by} if served_by else {},
                     cors_origin=request.get(CORS_ORIGIN_KEY),
                 )
