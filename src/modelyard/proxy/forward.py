@@ -209,49 +209,16 @@ class UpstreamClient:
                 raise EngineLost(lost.result())
             watch = _LossWatch(outcome)
             lost.add_done_callback(watch.fire)
+        # One coroutine from here to the engine's answer (no wrapper in between): every
+        # suspension of a request passes through each frame of its chain, twice.
+        silence: _SilenceWatch | None = None
         try:
-            return await self._exchange(
-                request,
-                url,
-                body,
-                transformer_for,
-                rewrite_body,
-                outcome,
-                engine_headers,
-                watch,
-                prepared,
-                answer_headers,
-                first_byte,
-            )
-        except asyncio.CancelledError:
-            if lost is not None and watch is not None and watch.fired and watch.take_cancel():
-                raise EngineLost(lost.result()) from None
-            raise
-        finally:
-            if lost is not None and watch is not None:
-                watch.live = False  # a callback already scheduled must not cancel what follows
-                lost.remove_done_callback(watch.fire)
-
-    async def _exchange(
-        self,
-        request: web.Request,
-        url: str | URL,
-        body: bytes | None,
-        transformer_for: Callable[[], StreamTransformer | None],
-        rewrite_body: Callable[[bytes], bytes] | None,
-        outcome: ProxyOutcome,
-        engine_headers: Mapping[str, str] | None,
-        watch: _LossWatch | None = None,
-        prepared: web.StreamResponse | None = None,
-        answer_headers: Mapping[str, str] | None = None,
-        first_byte: FirstByteGuard | None = None,
-    ) -> tuple[web.StreamResponse, ProxyOutcome]:
-        started = time.perf_counter()
-        headers = forward_headers(request.headers)
-        if engine_headers:
-            headers.update(engine_headers)
-        silence = _SilenceWatch(first_byte) if first_byte is not None else None
-        try:
+            started = time.perf_counter()
+            headers = forward_headers(request.headers)
+            if engine_headers:
+                headers.update(engine_headers)
+            if first_byte is not None:
+                silence = _SilenceWatch(first_byte)
             return await self._exchange_watched(
                 request,
                 url,
@@ -266,9 +233,16 @@ class UpstreamClient:
                 answer_headers,
                 silence,
             )
+        except asyncio.CancelledError:
+            if lost is not None and watch is not None and watch.fired and watch.take_cancel():
+                raise EngineLost(lost.result()) from None
+            raise
         finally:
             if silence is not None:
                 silence.close()
+            if lost is not None and watch is not None:
+                watch.live = False  # a callback already scheduled must not cancel what follows
+                lost.remove_done_callback(watch.fire)
 
     async def _exchange_watched(
         self,
