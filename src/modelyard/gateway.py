@@ -362,6 +362,10 @@ class Gateway:
         adapter = self.lora.adapters.get(name) if self.lora is not None else None
         return adapter is not None and adapter.problem is None
 
+    def events_dropped(self) -> int:
+        """Events the history could not keep (a write queue full behind a locked database)."""
+        return self.event_store.dropped if self.event_store is not None else 0
+
     def gpu_status(self) -> list[dict[str, object]]:
         """GPUs with total, used and planned memory (empty without managed GPUs)."""
         if self.placement is None:
