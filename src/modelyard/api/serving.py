@@ -611,6 +611,7 @@ async def _forward_once(
             )
             extra = forwarding.extra_headers
             headers = {**extra, **engine.upstream_headers} if extra else engine.upstream_headers
+            guard = first_byte_guard(gateway, target.model, engine_key, engine)
             admission = admission_of(request)
             if admission is not None:  # a proxy worker relays it: same hold, same finish
                 relay = Relay(
@@ -620,8 +621,10 @@ async def _forward_once(
                     reading=forwarding.reading,
                     answer_headers={SERVED_BY_HEADER: served_by} if served_by else {},
                     cors_origin=request.get(CORS_ORIGIN_KEY),
+                    first_byte_timeout=guard.timeout,
                 )
-                outcome = await admission.relay(relay, held.lost)
+                # The worker bounds the engine's silences; the verdict is this process's.
+                outcome = await admission.relay(relay, held.lost, guard.check)
                 assert admission.response is not None
                 response = admission.response
             else:
@@ -636,7 +639,7 @@ async def _forward_once(
                     lost=held.lost,  # a lost engine ends its requests at once
                     prepared=loading.stream.response if loading.stream else None,
                     answer_headers={SERVED_BY_HEADER: served_by} if served_by else None,
-                    first_byte=first_byte_guard(gateway, target.model, engine_key, engine),
+                    first_byte=guard,
                 )
             status, first_byte, streamed = outcome.status, outcome.first_byte_s, outcome.streamed
             if outcome.first_byte_timed_out:
