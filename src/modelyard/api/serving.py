@@ -685,10 +685,20 @@ async def _forward_once(
         if gateway.scheduler.is_remote(target.model):
             await _forget_remote(request, gateway, target.model, error)
         assert engine is not None
+        # With replicas, requests go to the model's other ready engines while this one's
+        # checks reach their verdict (a dead node refuses before its loss is declared).
+        limits = gateway.config.limits
+        elsewhere = gateway.scheduler.avoid_replica(
+            target.model, engine_key, limits.health_check_interval * limits.health_check_failures
+        )
         if await lost_after_refusal(gateway, engine_key, engine):
             if error.refused and may_resend:
                 raise _SendAgain(f"its engine was lost before it saw a request ({error})") from None
             raise _engine_lost(request, gateway, target.model, str(error)) from None
+        if elsewhere and error.refused and may_resend:
+            raise _SendAgain(
+                f"its engine refused the connection; another of its engines serves ({error})"
+            ) from None
         # Alive, as far as one check tells: the client comes back in a moment, never a bare
         # 502 for a request that no engine answered.
         raise ApiError(

@@ -111,6 +111,9 @@ class Scheduler:
         # A model's other engines (replicas 2..max), by model; stopped until load asks.
         self._replicas: dict[str, list[ModelSupervisor]] = {}
         self._routing = ReplicaRouting()  # which engine serves each request
+        # Engines (by key) that refused a connection without being confirmed gone yet, and
+        # until when (clock) requests go to the model's other ready engines instead.
+        self._avoided: dict[str, float] = {}
         self._scaling: set[str] = set()  # engines starting for load: they never wait for room
         # Whether the engine (by pid) of a base model has a LoRA adapter loaded: set by the
         # adapter manager, for the request path's LoRA affinity.
@@ -666,7 +669,33 @@ class Scheduler:
             )
 
         target = self.config.models[model].replicas.target_in_flight
-        return self._routing.choose(model, [primary, *replicas], target, affinity, has_adapter)
+        avoided: set[str] = set()
+        if self._avoided:
+            now = self._clock()
+            for key, until in list(self._avoided.items()):
+                if until > now:
+                    avoided.add(key)
+                else:
+                    del self._avoided[key]
+        return self._routing.choose(
+            model, [primary, *replicas], target, affinity, has_adapter, avoided
+        )
+
+    def avoid_replica(self, model: str, key: str, seconds: float) -> bool:
+        """The engine `key` of `model` refused a connection and was not confirmed gone: for
+        `seconds` (the time its checks take to reach a verdict), requests go to the model's
+        other ready engines. Whether there is one (a request it never saw may go there)."""
+        if model not in self._supervisors:
+            return False  # a reload removed it meanwhile
+        others = [
+            s
+            for s in self._slots(model)
+            if s.key != key and s.state is ModelState.READY and s.engine is not None
+        ]
+        if not others:
+            return False
+        self._avoided[key] = self._clock() + seconds
+        return True
 
     def _supervisor_of(self, name: str) -> ModelSupervisor:
         """The model's supervisor, also while a reload that removed it drains its engine
