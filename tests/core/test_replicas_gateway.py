@@ -124,6 +124,15 @@ async def test_status_metrics_and_least_outstanding(tmp_path: Path) -> None:
             text = await response.text()
         assert 'modelyard_model_replicas{model="coder"} 2.0' in text
         assert 'modelyard_replica_in_flight_requests{model="coder",replica="coder#2"} 4.0' in text
+        # The engines' own metrics: every replica's, each labelled by its key.
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(harness.url + "/metrics/engines") as response,
+        ):
+            engines = await response.text()
+        for key in ("coder", "coder#2"):
+            assert f'modelyard_engine_metrics_up{{model="coder",replica="{key}"}} 1.0' in engines
+            assert f'model="coder",' in engines and f'replica="{key}"' in engines
         await asyncio.gather(*slow)
 
 

@@ -481,6 +481,15 @@ class Scheduler:
             if s.state is ModelState.READY and s.engine is not None
         }
 
+    def ready_replicas(self) -> dict[str, tuple[str, EngineHandle]]:
+        """Every ready engine, replicas included, by its key: (its model, the engine)."""
+        return {
+            s.key: (name, s.engine)
+            for name in self._supervisors
+            for s in self._slots(name)
+            if s.state is ModelState.READY and s.engine is not None
+        }
+
     def load_counts(self, name: str) -> tuple[int, int]:
         """Requests (in flight, queued) for a model, over all its engines."""
         slots = self._slots(name)
