@@ -132,7 +132,14 @@ async def test_status_metrics_and_least_outstanding(tmp_path: Path) -> None:
             engines = await response.text()
         for key in ("coder", "coder#2"):
             assert f'modelyard_engine_metrics_up{{model="coder",replica="{key}"}} 1.0' in engines
-            assert f'model="coder",' in engines and f'replica="{key}"' in engines
+            own = [
+                line
+                for line in engines.splitlines()
+                if line.startswith("vllm:")
+                and 'model="coder"' in line
+                and f'replica="{key}"' in line
+            ]
+            assert own, engines  # the engine's own samples, labelled by its key
         await asyncio.gather(*slow)
 
 

@@ -157,8 +157,15 @@ async def engine_log_response(
         # A stopped engine's last lines are kept (a failed start's too) until the next start.
         tail = scheduler.log_tail(name)[-lines:] if lines else []
     if not _follow(request, default=False):
+        model = scheduler.model_of_engine(name)
         return web.json_response(
-            {"model": name, "state": scheduler.state_of(name).value, "lines": tail}
+            {
+                "model": model,
+                "replica": name,  # which engine's log: the model's own, or `coder#2`
+                "replicas": scheduler.engine_keys(model),  # each engine's log is asked by key
+                "state": scheduler.engine_state(name).value,
+                "lines": tail,
+            }
         )
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)

@@ -184,6 +184,7 @@ class Scheduler:
             sleep_control=self._sleep_control if model.sleep and number == 1 else None,
         )
         supervisor.key = replica_key(name, number)
+        supervisor.log_name = supervisor.key
         supervisor.on_change(self._notify)
         return supervisor
 
@@ -510,7 +511,36 @@ class Scheduler:
         return self._supervisor_of(name).failure
 
     def log_tail(self, name: str) -> list[str]:
-        return self._supervisors[name].last_log_tail
+        """The last lines of the stopped engine of a model, or of a replica (by its key)."""
+        return self._engine_slot(name).last_log_tail
+
+    def _engine_slot(self, key: str) -> ModelSupervisor:
+        """A model's own engine slot by the model's name, a replica's by its key."""
+        found = self._supervisors.get(key) or self._slot(key)
+        if found is None:
+            raise KeyError(key)
+        return found
+
+    def has_engine_key(self, key: str) -> bool:
+        """Whether `key` names a configured model or one of its replicas (`coder#2`)."""
+        return key in self._supervisors or self._slot(key) is not None
+
+    def model_of_engine(self, key: str) -> str:
+        """The model a replica's key (or the model's own name) belongs to."""
+        return self._engine_slot(key).name
+
+    def engine_state(self, key: str) -> ModelState:
+        """The state of a model's own engine, or of a replica's (by its key)."""
+        return self._engine_slot(key).state
+
+    def engine_keys(self, name: str) -> list[str]:
+        """The keys of the model's engines: its own, then each replica that holds or held
+        an engine (a running one, or one whose last lines are kept)."""
+        return [
+            s.key
+            for s in self._slots(name)
+            if s is self._supervisors[name] or s.engine is not None or s.last_log_tail
+        ]
 
     def live_engines(self, name: str) -> list[EngineHandle]:
         """Every engine of the model whatever its state, its own first, then its replicas'."""
@@ -525,8 +555,9 @@ class Scheduler:
         ]
 
     def live_engine(self, name: str) -> EngineHandle | None:
-        """The model's engine process whatever its state (for following its log)."""
-        return self._supervisors[name].engine
+        """The model's engine process whatever its state (for following its log); a
+        replica's by its key (`coder#2`)."""
+        return self._engine_slot(name).engine
 
     # ----- serving -----
 
