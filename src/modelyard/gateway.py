@@ -349,7 +349,9 @@ class Gateway:
         if self.cluster is not None:
             await self.cluster.close()
         if self.event_store is not None:
-            self.event_store.close()  # last: the engines' stop events are written first
+            # Last: the engines' stop events are written first. In a thread, as it waits for
+            # the queued events to be written (and for a locked file, up to a grace).
+            await asyncio.to_thread(self.event_store.close)
 
     def lora_manager(self) -> LoraManager:
         """The adapter manager (only asked for when a target is an adapter, so one exists)."""
@@ -359,6 +361,10 @@ class Gateway:
     def adapter_servable(self, name: str) -> bool:
         adapter = self.lora.adapters.get(name) if self.lora is not None else None
         return adapter is not None and adapter.problem is None
+
+    def events_dropped(self) -> int:
+        """Events the history could not keep (a write queue full behind a locked database)."""
+        return self.event_store.dropped if self.event_store is not None else 0
 
     def gpu_status(self) -> list[dict[str, object]]:
         """GPUs with total, used and planned memory (empty without managed GPUs)."""

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from modelyard.api.app import build_app
 from modelyard.api.http_layer import ConnectionLimits, listen, protocol_factory
+from modelyard.api.worker_desk import AdmissionDesk
 from modelyard.config.loader import ConfigError
 from modelyard.config.schema import GatewayConfig
 from modelyard.gateway import Gateway
@@ -23,7 +24,6 @@ from modelyard.observability.log_format import configure_logging
 from modelyard.process_heap import keep_startup_heap
 from modelyard.redaction import register_secrets
 from modelyard.tls import ServerCertificate
-from modelyard.workers.desk import AdmissionDesk
 from modelyard.workers.pool import WorkerPool, serve_control, socket_folder
 from modelyard.workers.settings import WorkerSettings
 

@@ -41,6 +41,10 @@ class StubGateway:
     started_at: float = 1_700_000_000.0
     gpus: list[dict[str, object]] = field(default_factory=list)
     footprints: dict[str, int] = field(default_factory=dict)
+    dropped_events: int = 0
+
+    def events_dropped(self) -> int:
+        return self.dropped_events
 
     def gpu_status(self) -> list[dict[str, object]]:
         return self.gpus
@@ -103,6 +107,9 @@ def test_state_queue_gpu_and_footprint_are_read_at_scrape_time() -> None:
     assert value(metrics, "modelyard_model_footprint_bytes", model="chat") == 4096.0
     assert value(metrics, "modelyard_model_footprint_bytes", model="coder") is None
     assert value(metrics, "modelyard_start_time_seconds") == 1_700_000_000.0
+    assert value(metrics, "modelyard_events_dropped_total") == 0.0
+    stub.dropped_events = 7  # the history's write queue overflowed behind a locked database
+    assert value(metrics, "modelyard_events_dropped_total") == 7.0
 
 
 def test_requests_durations_and_tokens() -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import openai
 import pytest
 
-from modelyard.workers.messages import (
+from modelyard.proxy.worker_messages import (
     VERSION,
     Finish,
     MessageError,

@@ -17,10 +17,10 @@ from modelyard.api.guards import (
     canonical_form,
     keyless,
 )
+from modelyard.api.worker_desk import AdmissionDesk
 from modelyard.auth.origins import BrowserPolicy
 from modelyard.gateway import Gateway
 from modelyard.observability.log_guard import CLIENT_CAUSED_ATTR
-from modelyard.workers.desk import AdmissionDesk
 
 log = logging.getLogger("modelyard.api")
 
@@ -75,7 +75,7 @@ def build_app(
         )
     )
     # With proxy workers, their requests (on the owner's Unix socket) go through the same
-    # stack; `desk` puts what must go back to a worker on its channel (workers.desk).
+    # stack; `desk` puts what must go back to a worker on its channel (api.worker_desk).
     stack: list[Middleware] = [
         *([desk.middleware()] if desk is not None else []),
         openai_errors,

@@ -18,11 +18,11 @@ from modelyard.api.access import FORBIDDEN_KEY, PRINCIPAL_KEY
 from modelyard.api.admission import identify, is_open, needs_key, refusal_answer
 from modelyard.api.cors import CORS_ORIGIN_KEY, add_cors_headers
 from modelyard.api.errors import ApiError
+from modelyard.api.worker_desk import raw_target
 from modelyard.auth.authenticator import Authenticator, Refusal
 from modelyard.auth.origins import BrowserPolicy
 from modelyard.auth.principal import ANONYMOUS
 from modelyard.proxy.canonical import CanonicalTarget, NonCanonical, canonical_target
-from modelyard.workers.desk import raw_target
 
 __all__ = ["CORS_ORIGIN_KEY", "add_cors_headers"]  # kept here for their importers too
 

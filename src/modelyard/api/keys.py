@@ -60,7 +60,7 @@ async def create_key(request: web.Request) -> web.Response:
             "admin_key_required",
         )
     try:
-        secret, key = auth.runtime_keys.create(fields, (k.name for k in auth.keyring.keys))
+        secret, key = await auth.runtime_keys.create(fields, (k.name for k in auth.keyring.keys))
     except KeyConflict as error:
         raise ApiError(409, str(error), "key_exists", "name") from None
     _audit(request, gateway, "key_created", key.name)
@@ -74,7 +74,7 @@ async def change_key(request: web.Request) -> web.Response:
     fields = await _fields(request, gateway, KeyFields)
     assert isinstance(fields, KeyFields)
     try:
-        key = auth.runtime_keys.change(name, fields)
+        key = await auth.runtime_keys.change(name, fields)
     except UnknownKey as error:
         raise ApiError(404, str(error), "key_not_found") from None
     except KeyConflict as error:
@@ -88,7 +88,7 @@ async def revoke_key(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     _runtime_only(auth, name)
     try:
-        key = auth.runtime_keys.revoke(name)
+        key = await auth.runtime_keys.revoke(name)
     except UnknownKey as error:
         raise ApiError(404, str(error), "key_not_found") from None
     _audit(request, gateway, "key_revoked", name)

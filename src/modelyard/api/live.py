@@ -102,7 +102,7 @@ async def event_stream_response(request: web.Request, gateway: Gateway) -> web.S
         except ValueError:
             raise ApiError(400, "after must be an event id", "invalid_after", "after") from None
     if not _follow(request, default=True):
-        past = _replay(gateway, after, recent, model)
+        past = await _replay(gateway, after, recent, model)
         return web.json_response({"events": [e.to_json() for e in past], "last_id": bus.last_id()})
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
@@ -110,7 +110,7 @@ async def event_stream_response(request: web.Request, gateway: Gateway) -> web.S
     try:
         with _live(request):
             sent = after or 0
-            for event in _replay(gateway, after, recent, model):
+            for event in await _replay(gateway, after, recent, model):
                 await response.write(sse_frame(json.dumps(event.to_json()), event.id))
                 sent = event.id
             while True:
@@ -128,13 +128,15 @@ async def event_stream_response(request: web.Request, gateway: Gateway) -> web.S
     return response
 
 
-def _replay(gateway: Gateway, after: int | None, recent: int, model: str | None) -> list[Event]:
+async def _replay(
+    gateway: Gateway, after: int | None, recent: int, model: str | None
+) -> list[Event]:
     bus = gateway.events
     if after is None or after > bus.last_id():
         # No resume point, or one from a history this gateway does not have (its state dir
         # was wiped): the recent events are the best answer.
-        return bus.recent(recent, model)
-    return bus.after(after, MAX_REPLAY, model)
+        return await bus.recent_off_loop(recent, model)
+    return await bus.after_off_loop(after, MAX_REPLAY, model)
 
 
 # ----- engine logs -----

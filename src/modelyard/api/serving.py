@@ -53,6 +53,7 @@ from modelyard.api.model_routes import (
 )
 from modelyard.api.request_options import engine_reads_true, read_options
 from modelyard.api.turns import after_request, end_turn, shape_body, take_turn
+from modelyard.api.worker_desk import admission_of
 from modelyard.auth.principal import Principal
 from modelyard.gateway import Gateway
 from modelyard.lifecycle import EngineHandle
@@ -72,11 +73,10 @@ from modelyard.proxy.sse import (
     model_name_replacements,
     rewrite_model_in_json,
 )
+from modelyard.proxy.worker_messages import Reading, Relay, Waiting, body_text
 from modelyard.scheduler.names import Target, UnknownModel
 from modelyard.scheduler.scheduler import EngineFor
 from modelyard.scheduler.supervisor import ModelState, ModelUnavailable
-from modelyard.workers.desk import admission_of
-from modelyard.workers.messages import Reading, Relay, Waiting, body_text
 
 GATEWAY_KEY = web.AppKey("gateway", Gateway)
 log = logging.getLogger("modelyard.api")
@@ -433,7 +433,7 @@ class _Forwarding:
     rewrite: Any
     tokens: TokenCount
     extra_headers: dict[str, str] | None = None  # e.g. a rewritten upload's Content-Type
-    # The same reading as data, for a proxy worker that relays the answer (workers.messages).
+    # The same reading as data, for a proxy worker that relays the answer (proxy.worker_messages).
     reading: Reading = field(default_factory=Reading)
 
 

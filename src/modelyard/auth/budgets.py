@@ -25,7 +25,7 @@ from typing import Any
 
 from modelyard.auth.keys import ApiKey
 from modelyard.state import StateDatabase
-from modelyard.state.flushing import PeriodicallyFlushed
+from modelyard.state.flushing import Changes, PeriodicallyFlushed
 
 log = logging.getLogger("modelyard.auth")
 
@@ -108,6 +108,8 @@ def period_of(kind: str, now: float) -> tuple[str, float | None]:
 class TokenLedger(PeriodicallyFlushed):
     """Usage per key and model, tokens per period, and the sliding tokens-per-minute window
     (at one-second resolution)."""
+
+    what = "token usage"
 
     def __init__(
         self,
@@ -324,11 +326,9 @@ class TokenLedger(PeriodicallyFlushed):
 
     # ----- persistence -----
 
-    def flush(self) -> None:
-        if self._database is None or not (
-            self._dirty_usage or self._dirty_periods or self._window_dirty
-        ):
-            return
+    def take_changes(self) -> Changes | None:
+        if not (self._dirty_usage or self._dirty_periods or self._window_dirty):
+            return None
         self._window_dirty = False
         cutoff = self._clock() - WINDOW_S
         recent_rows = [  # at most 60 per key (one entry per second)
@@ -364,13 +364,12 @@ class TokenLedger(PeriodicallyFlushed):
                 "INSERT INTO key_recent_tokens (name, at, tokens) VALUES (?, ?, ?)", recent_rows
             )
 
-        try:
-            self._database.write(write)
-        except Exception:
-            self._dirty_usage |= usage_keys  # try again at the next flush
+        def restore() -> None:
+            self._dirty_usage |= usage_keys
             self._dirty_periods |= period_keys
             self._window_dirty = True
-            log.exception("could not save token usage")
+
+        return Changes(write, restore)
 
 
 def _usage_row(usage: ModelUsage) -> tuple[int, int, int]:

@@ -8,6 +8,7 @@ the middleware reads, so there is nothing to propagate.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -112,6 +113,8 @@ class RuntimeKeyStore:
         self._by_name: dict[str, ApiKey] = {}
         self._by_digest: dict[bytes, ApiKey] = {}
         self.created_at: dict[str, float] = {}
+        # One change at a time: two edits of one key must be saved in the order they are kept.
+        self._changing = asyncio.Lock()
         if database is not None:
             for row in database.query("SELECT * FROM runtime_keys ORDER BY created_at"):
                 self._remember(_from_row(row), row["created_at"])
@@ -139,9 +142,35 @@ class RuntimeKeyStore:
     def expired(self, key: ApiKey) -> bool:
         return key.expires_at is not None and self._clock() >= key.expires_at
 
-    def create(self, request: NewKey, taken: Iterable[str]) -> tuple[str, ApiKey]:
+    async def create(self, request: NewKey, taken: Iterable[str]) -> tuple[str, ApiKey]:
         """Make a key; returns the key itself (shown once) and its record."""
-        if request.name in self._by_name or request.name in set(taken):
+        async with self._changing:
+            return await self._create(request, set(taken))
+
+    async def change(self, name: str, fields: KeyFields) -> ApiKey:
+        async with self._changing:
+            key = self._existing(name)
+            if key.revoked:
+                raise KeyConflict(f"API key {name!r} was revoked; create a new one")
+            changed = self._changed(key, fields)
+            await self._save(changed, self.created_at[name])
+            self._remember(changed, self.created_at[name])
+            return changed
+
+    async def revoke(self, name: str) -> ApiKey:
+        async with self._changing:
+            key = self._existing(name)
+            revoked = replace(key, revoked=True)
+            await self._save(revoked, self.created_at[name], revoked_at=self._clock())
+            self._remember(revoked, self.created_at[name])
+            return revoked
+
+    def close(self) -> None:
+        if self._database is not None:
+            self._database.close()
+
+    async def _create(self, request: NewKey, taken: set[str]) -> tuple[str, ApiKey]:
+        if request.name in self._by_name or request.name in taken:
             raise KeyConflict(f"an API key named {request.name!r} already exists")
         secret = generate_key()
         base = ApiKey(
@@ -154,29 +183,9 @@ class RuntimeKeyStore:
         )
         key = self._changed(base, request)
         now = self._clock()
-        self._save(key, now)
+        await self._save(key, now)
         self._remember(key, now)
         return secret, key
-
-    def change(self, name: str, fields: KeyFields) -> ApiKey:
-        key = self._existing(name)
-        if key.revoked:
-            raise KeyConflict(f"API key {name!r} was revoked; create a new one")
-        changed = self._changed(key, fields)
-        self._save(changed, self.created_at[name])
-        self._remember(changed, self.created_at[name])
-        return changed
-
-    def revoke(self, name: str) -> ApiKey:
-        key = self._existing(name)
-        revoked = replace(key, revoked=True)
-        self._save(revoked, self.created_at[name], revoked_at=self._clock())
-        self._remember(revoked, self.created_at[name])
-        return revoked
-
-    def close(self) -> None:
-        if self._database is not None:
-            self._database.close()
 
     def _existing(self, name: str) -> ApiKey:
         key = self._by_name.get(name)
@@ -219,7 +228,10 @@ class RuntimeKeyStore:
         self._by_digest[key.digest] = key
         self.created_at[key.name] = created_at
 
-    def _save(self, key: ApiKey, created_at: float, revoked_at: float | None = None) -> None:
+    async def _save(self, key: ApiKey, created_at: float, revoked_at: float | None = None) -> None:
+        """Write `key` through, in a worker thread: SQLite may wait seconds for a lock another
+        process holds. The caller remembers the key only once it is saved, so the admin API
+        never answers for a change that a restart would undo."""
         if self._database is None:
             return
         row = (
@@ -236,7 +248,9 @@ class RuntimeKeyStore:
             revoked_at,
             json.dumps(asdict(key.share)),
         )
-        self._database.write(
+        database = self._database
+        await asyncio.to_thread(
+            database.write,
             lambda connection: connection.execute(
                 "INSERT INTO runtime_keys (name, sha256, models, rpm, tpm, token_budget, "
                 "budget_period, expires_at, admin, created_at, revoked_at, sharing) "
@@ -247,7 +261,7 @@ class RuntimeKeyStore:
                 "sharing = excluded.sharing, "
                 "revoked_at = COALESCE(excluded.revoked_at, runtime_keys.revoked_at)",
                 row,
-            )
+            ),
         )
 
 

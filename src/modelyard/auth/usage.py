@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from modelyard.state import StateDatabase
-from modelyard.state.flushing import PeriodicallyFlushed
+from modelyard.state.flushing import Changes, PeriodicallyFlushed
 
 log = logging.getLogger("modelyard.auth")
 
@@ -40,6 +40,8 @@ class UsageCounters(PeriodicallyFlushed):
     """Counts in memory on the request path; written to SQLite every few seconds and at close,
     one transaction per flush (a write per request would cost more than the request)."""
 
+    what = "key usage counters"
+
     def __init__(self, database: StateDatabase | None) -> None:
         self._database = database
         self._usage: dict[str, KeyUsage] = {}
@@ -68,24 +70,25 @@ class UsageCounters(PeriodicallyFlushed):
     def get(self, name: str) -> KeyUsage:
         return self._usage.get(name, KeyUsage())
 
-    def flush(self) -> None:
-        if self._database is None or not self._dirty:
-            return
+    def take_changes(self) -> Changes | None:
+        if not self._dirty:
+            return None
         names, self._dirty = self._dirty, set()
         rows = [(name, *_row(self._usage[name])) for name in sorted(names)]
-        try:
-            self._database.write(
-                lambda connection: connection.executemany(
-                    "INSERT INTO key_usage (name, requests, rate_limited, forbidden, last_used) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
-                    "requests = excluded.requests, rate_limited = excluded.rate_limited, "
-                    "forbidden = excluded.forbidden, last_used = excluded.last_used",
-                    rows,
-                )
+
+        def write(connection: Any) -> None:
+            connection.executemany(
+                "INSERT INTO key_usage (name, requests, rate_limited, forbidden, last_used) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                "requests = excluded.requests, rate_limited = excluded.rate_limited, "
+                "forbidden = excluded.forbidden, last_used = excluded.last_used",
+                rows,
             )
-        except Exception:
-            self._dirty |= names  # try again at the next flush
-            log.exception("could not save key usage counters")
+
+        def restore() -> None:
+            self._dirty |= names
+
+        return Changes(write, restore)
 
 
 def _row(usage: KeyUsage) -> tuple[int, int, int, float | None]:

@@ -41,6 +41,10 @@ class Event:
 class EventArchive(Protocol):
     """Where past events are kept and looked up (memory, or SQLite under the state dir)."""
 
+    # Whether the lookups below may wait on I/O (then the request path runs them in a thread).
+    # `append` never may: it is called on the event loop, inside the scheduler's state changes.
+    reads_block: bool
+
     def append(self, event: Event) -> None: ...
 
     def recent(self, limit: int, model: str | None = None) -> list[Event]:
@@ -55,6 +59,8 @@ class EventArchive(Protocol):
 
 class MemoryArchive:
     """The last `capacity` events in a ring: for unit tests and when SQLite is unusable."""
+
+    reads_block = False
 
     def __init__(self, capacity: int = 2000) -> None:
         self._events: collections.deque[Event] = collections.deque(maxlen=capacity)
@@ -131,6 +137,21 @@ class EventBus:
     def after(self, event_id: int, limit: int = 1000, model: str | None = None) -> list[Event]:
         """Events newer than `event_id` (to resume a stream after `Last-Event-ID`)."""
         return self.archive.after(event_id, limit, model)
+
+    async def recent_off_loop(self, limit: int = 100, model: str | None = None) -> list[Event]:
+        """`recent` for the request path: a lookup that may wait on a locked database runs in a
+        worker thread, never on the event loop."""
+        if not self.archive.reads_block:
+            return self.recent(limit, model)
+        return await asyncio.to_thread(self.archive.recent, limit, model)
+
+    async def after_off_loop(
+        self, event_id: int, limit: int = 1000, model: str | None = None
+    ) -> list[Event]:
+        """`after` for the request path (see `recent_off_loop`)."""
+        if not self.archive.reads_block:
+            return self.after(event_id, limit, model)
+        return await asyncio.to_thread(self.archive.after, event_id, limit, model)
 
     def last_id(self) -> int:
         return self.archive.last_id()

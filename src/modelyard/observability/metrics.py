@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
@@ -63,6 +63,8 @@ class GatewayView(Protocol):
     def gpu_status(self) -> list[dict[str, object]]: ...
 
     def model_status(self, name: str) -> dict[str, object]: ...
+
+    def events_dropped(self) -> int: ...
 
 
 class _BoundedLabel:
@@ -310,7 +312,13 @@ class LiveStateCollector(Collector):
         info, started = families[7:9]
         info.add_metric([__version__], 1.0)
         started.add_metric([], self._gateway.started_at)
-        return families
+        dropped = CounterMetricFamily(
+            "modelyard_events_dropped",
+            "Events not kept in the history: its write queue was full (the database stayed "
+            "locked or failing for long), or the write was given up at shutdown.",
+        )
+        dropped.add_metric([], float(self._gateway.events_dropped()))
+        return [*families, dropped]
 
     @staticmethod
     def _replicas(

@@ -62,6 +62,7 @@ class StateDatabase:
         self._migrations = list(migrations)
         self._report = report
         self._lock = threading.Lock()
+        self._busy_timeout_ms = BUSY_TIMEOUT_MS
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._connection = _connect(path, self._migrations)
@@ -94,6 +95,13 @@ class StateDatabase:
     def query(self, sql: str, parameters: Sequence[Any] = ()) -> list[sqlite3.Row]:
         return self.read(lambda connection: list(connection.execute(sql, parameters)))
 
+    def set_busy_timeout(self, milliseconds: int) -> None:
+        """How long SQLite waits for another connection's lock before SQLITE_BUSY (for a caller
+        that retries by itself; the default is `BUSY_TIMEOUT_MS`)."""
+        with self._lock:
+            self._busy_timeout_ms = int(milliseconds)
+            self._connection.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+
     def close(self) -> None:
         with self._lock:
             self._connection.close()
@@ -120,9 +128,11 @@ class StateDatabase:
             ) from None
         self.set_aside.append(record)
         try:
-            return _connect(self.path, self._migrations)
+            connection = _connect(self.path, self._migrations)
         except _Unusable as again:
             raise StateError(f"cannot create state file {self.path}: {again.reason}") from None
+        connection.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+        return connection
 
 
 def _connect(path: Path, migrations: Sequence[str]) -> sqlite3.Connection:
@@ -165,6 +175,11 @@ def _connect(path: Path, migrations: Sequence[str]) -> sqlite3.Connection:
         if connection is not None:
             connection.close()
         raise
+
+
+def in_use(error: BaseException) -> bool:
+    """Whether `error` means another connection holds the file (wait and try again)."""
+    return isinstance(error, sqlite3.Error) and _error_name(error) in _IN_USE
 
 
 def _error_name(error: sqlite3.Error) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from modelyard.workers.desk import AdmissionDesk
+from modelyard.api.worker_desk import AdmissionDesk
 from modelyard.workers.settings import WorkerSettings
 
 log = logging.getLogger("modelyard.workers")

@@ -1,5 +1,5 @@
 """A proxy worker's part in a request: send it to the gateway's process (the owner), then
-pass the owner's answer on, or follow its channel of messages (`workers.messages`): keep the
+pass the owner's answer on, or follow its channel of messages (`proxy.worker_messages`): keep the
 client informed while an engine starts (`api.loading.LoadingStream`), relay the request to
 the engine (`proxy.forward`, the same code as the owner's) and tell the owner how it ended.
 """
@@ -32,7 +32,7 @@ from modelyard.proxy.forward import (
 from modelyard.proxy.served import ServedTokens
 from modelyard.proxy.sse import error_event, rewrite_model_in_json
 from modelyard.proxy.usage_reader import usage_of
-from modelyard.workers.messages import (
+from modelyard.proxy.worker_messages import (
     ADMISSION_HEADER,
     CHANNEL_TYPE,
     FINISH_PATH,

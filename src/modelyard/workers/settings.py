@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from modelyard.observability.log_format import LogFormat
-from modelyard.workers.messages import VERSION
+from modelyard.proxy.worker_messages import VERSION
 
 
 class WorkerSettings(BaseModel):

@@ -1,7 +1,7 @@
 """A proxy worker: another process serving the gateway's port (SO_REUSEPORT) with the same
 aiohttp server and connection limits. It decides nothing: each request goes to the gateway's
 process (the owner) over its Unix socket, through the one pipeline of rules there, and comes
-back as a full answer to pass on or as a channel of typed messages (`workers.messages`): then
+back as a full answer to pass on or as a channel of typed messages (`proxy.worker_messages`): then
 the worker keeps its client informed while an engine starts (`api.loading.LoadingStream`) and
 relays the request to the engine itself (`proxy.forward`, the same code as the owner's).
 
@@ -28,8 +28,8 @@ from aiohttp import web
 from modelyard.api.cors import add_cors_headers
 from modelyard.api.http_layer import ConnectionLimits, listen
 from modelyard.observability.log_format import configure_logging
+from modelyard.proxy.worker_messages import VERSION
 from modelyard.tls import ServerCertificate
-from modelyard.workers.messages import VERSION
 from modelyard.workers.relay import Worker
 from modelyard.workers.settings import WorkerSettings
 

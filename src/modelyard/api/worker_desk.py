@@ -1,6 +1,6 @@
 """The gateway's process (the owner) serving its proxy workers: each worker request is run
 through the same application and pipeline of rules as a request from a client, and what it
-sends to an engine is relayed by the worker (`workers.messages` says how they talk).
+sends to an engine is relayed by the worker (`proxy.worker_messages` says how they talk).
 
 The owner keeps every decision: keys, budgets, fair turns, engine holds, metrics, the request
 log. A worker that dies leaves its requests' channels closed without a `Finish` saying their
@@ -27,7 +27,7 @@ from modelyard.proxy.forward import (
     UpstreamError,
     UpstreamTimeout,
 )
-from modelyard.workers.messages import (
+from modelyard.proxy.worker_messages import (
     ADMISSION_HEADER,
     CHANNEL_TYPE,
     FINISH_PATH,
