@@ -99,7 +99,9 @@ def _parser() -> argparse.ArgumentParser:
         _client_args(command)
         command.set_defaults(run=_admin_action, verb=verb)
 
-    logs = verbs.add_parser("logs", help="a model's engine output, from a running gateway")
+    logs = verbs.add_parser(
+        "logs", help="a model's engine output (a replica's: coder#2), from a running gateway"
+    )
     logs.add_argument("model")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     logs.add_argument("-n", "--lines", type=int, default=200, help="past lines to show")
@@ -353,12 +355,22 @@ def _admin_action(args: argparse.Namespace) -> int:
 
 
 def _logs(args: argparse.Namespace) -> int:
-    path = f"/admin/logs/{urllib.parse.quote(args.model, safe='')}?lines={max(args.lines, 0)}"
+    model, _, replica = args.model.partition("#")  # `coder#2`: the model's second engine
+    path = f"/admin/logs/{urllib.parse.quote(model, safe='')}?lines={max(args.lines, 0)}"
+    if replica:
+        path += f"&replica={urllib.parse.quote(replica, safe='')}"
     if not args.follow:
         result = _request(args, "GET", path)
         if args.json:
             print(json.dumps(result, indent=2))
         else:
+            engines = result.get("replicas") or []
+            if len(engines) > 1:  # which engine this is, on stderr: stdout is the log alone
+                print(
+                    f"modelyard: the log of engine {result.get('replica')!r}; the model's "
+                    f"engines: {', '.join(engines)} (modelyard logs '{model}#2' for a replica's)",
+                    file=sys.stderr,
+                )
             for line in result["lines"]:
                 print(line)
         return 0

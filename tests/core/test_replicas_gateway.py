@@ -124,6 +124,22 @@ async def test_status_metrics_and_least_outstanding(tmp_path: Path) -> None:
             text = await response.text()
         assert 'modelyard_model_replicas{model="coder"} 2.0' in text
         assert 'modelyard_replica_in_flight_requests{model="coder",replica="coder#2"} 4.0' in text
+        # The engines' own metrics: every replica's, each labelled by its key.
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(harness.url + "/metrics/engines") as response,
+        ):
+            engines = await response.text()
+        for key in ("coder", "coder#2"):
+            assert f'modelyard_engine_metrics_up{{model="coder",replica="{key}"}} 1.0' in engines
+            own = [
+                line
+                for line in engines.splitlines()
+                if line.startswith("vllm:")
+                and 'model="coder"' in line
+                and f'replica="{key}"' in line
+            ]
+            assert own, engines  # the engine's own samples, labelled by its key
         await asyncio.gather(*slow)
 
 
@@ -204,3 +220,26 @@ async def test_a_reload_lowering_max_drains_the_extra_engine(tmp_path: Path) -> 
         assert [e["key"] for e in replicas(harness)["engines"]] == ["coder"]
         stopped = [e for e in harness.runtime.of("coder") if e.process_gone()]
         assert len(stopped) == 1
+
+
+async def test_a_replica_that_refuses_connections_is_avoided_and_its_requests_resent(
+    tmp_path: Path,
+) -> None:
+    """A replica whose connections are refused while its loss is not declared yet (a node
+    that just died): the requests it refused go to the other engine, and the next ones too."""
+    limits = {"health_check_interval": "60s", "health_check_failures": 3}
+    async with in_process_gateway(tmp_path, {"coder": coder()}, limits=limits) as harness:
+        await saturate_until_two(harness)
+        second = next(e for e in replicas(harness)["engines"] if e["key"] == "coder#2")
+        (dead,) = [e for e in harness.runtime.of("coder") if e.port == second["port"]]
+        await dead._server.close()  # its port refuses connections; no exit is reported
+        results = await asyncio.gather(
+            *(harness.chat("coder", messages=[], fake_delay=0.05) for _ in range(8))
+        )
+        assert [status for status, _, _ in results] == [200] * 8, results
+        later = [await harness.chat("coder", messages=[]) for _ in range(4)]
+        assert [status for status, _, _ in later] == [200] * 4, later
+        resent = [e for e in harness.gateway.events.recent(200) if e.kind == "resent"]
+        # Only requests sent to it before it was avoided were refused, and each was resent.
+        assert 1 <= len(resent) <= 8, resent
+        assert "another of its engines serves" in resent[0].reason

@@ -54,7 +54,29 @@ def test_an_engine_label_named_model_is_kept_as_exported_model() -> None:
     merged = merge_expositions({"outer": text}).decode()
     (sample,) = [s for f in text_string_to_metric_families(merged) if f.name == "x"
                  for s in f.samples]  # fmt: skip
-    assert sample.labels == {"model": "outer", "exported_model": "inner"}
+    assert sample.labels == {"model": "outer", "replica": "outer", "exported_model": "inner"}
+
+
+def test_each_replica_is_labelled_by_its_model_and_its_key() -> None:
+    merged = merge_expositions(
+        {
+            "coder": VLLM.format(name="qwen", running=4, tokens=10),
+            "coder#2": VLLM.format(name="qwen", running=3, tokens=7),
+            "chat": None,
+        },
+        {"coder": "coder", "coder#2": "coder", "chat": "chat"},
+    ).decode()
+    families = {f.name: f for f in text_string_to_metric_families(merged)}
+    running = {
+        (s.labels["model"], s.labels["replica"]): s.value
+        for s in families["vllm:num_requests_running"].samples
+    }
+    assert running == {("coder", "coder"): 4.0, ("coder", "coder#2"): 3.0}
+    up = {
+        (s.labels["model"], s.labels["replica"]): s.value
+        for s in families["modelyard_engine_metrics_up"].samples
+    }
+    assert up == {("coder", "coder"): 1.0, ("coder", "coder#2"): 1.0, ("chat", "chat"): 0.0}
 
 
 def test_no_engines_running_is_a_valid_exposition() -> None:

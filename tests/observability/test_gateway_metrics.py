@@ -154,9 +154,9 @@ async def _engine_metrics_target(gateway: Harness) -> None:
     used_before = gateway.status()["models"][0]["last_used_ago_s"]
     await asyncio.sleep(0.3)
     samples, families = await scrape(gateway.url + "/metrics/engines")
-    assert get(samples, "vllm:num_requests_running", model="chat", model_name="chat",
-               engine="0") == 0  # fmt: skip
-    assert get(samples, "modelyard_engine_metrics_up", model="chat") == 1
+    assert get(samples, "vllm:num_requests_running", model="chat", replica="chat",
+               model_name="chat", engine="0") == 0  # fmt: skip
+    assert get(samples, "modelyard_engine_metrics_up", model="chat", replica="chat") == 1
     assert {s.labels["model"] for f in families for s in f.samples} == {"chat"}
     assert gateway.model_state("idle") == "stopped"
     # A scrape is not a use: it must not keep an idle engine alive.

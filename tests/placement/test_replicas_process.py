@@ -97,6 +97,24 @@ async def test_two_replicas_serve_more_keep_conversations_and_scale_down_cutting
         two = await status_of(session, url, "two")
         assert two["replicas"]["running"] == 2
         assert sorted(e["gpus"][0] for e in two["replicas"]["engines"]) == [0, 1]
+        # Each engine has a log of its own; the model's name is its own engine's, as before.
+        logs = {}
+        for key in ("two", "two#2"):
+            number = key.partition("#")[2] or "1"
+            async with session.get(url + f"/admin/logs/two?lines=50&replica={number}") as response:
+                assert response.status == 200, await response.text()
+                logs[key] = await response.json()
+            assert logs[key]["model"] == "two"
+            assert logs[key]["replica"] == key
+            assert logs[key]["replicas"] == ["two", "two#2"]
+            assert logs[key]["state"] == "ready"
+        # Each file has its own engine's start (its argv names its port), not the other's.
+        ports = {e["key"]: e["port"] for e in two["replicas"]["engines"]}
+        for key, port in ports.items():
+            text = (gateway.state_dir / "logs" / f"{key}.log").read_text()
+            other = ports["two#2" if key == "two" else "two"]
+            assert f"--port {port}" in text, (key, text[-500:])
+            assert f"--port {other}" not in text, (key, text[-500:])
 
         # Conversations below the target keep their engine (vLLM's prefix cache stays warm).
         async def converse(number: int) -> None:

@@ -16,7 +16,9 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiohttp
@@ -24,7 +26,16 @@ import aiohttp
 from tests.conftest import fake_model
 from tests.reliability.test_engine_faults import events, post_with_headers
 from tests.reliability.test_engine_lost import stream_until_first_chunk
+from tests.reliability.test_proxy_workers import (
+    CHAT,
+    _answer,
+    _chat,
+    _request,
+    holder_of,
+    worker_settings,
+)
 from tests.security.keys import ADMIN_KEY, USER_KEY, bearer, key_config
+from tests.security.raw_http import dechunk
 
 FIRST_BYTE_S = 3.0
 # The periodic check is far away (60 s): any verdict within a test came from a request's own
@@ -217,3 +228,85 @@ async def test_a_stream_begun_with_loading_comments_ends_with_an_error_event(gat
     # A start of about 2 s, then the bound and its check (3 s + 1 s), not the read timeout.
     print(f"loading stream on a frozen engine ended after {end - began:.2f}s")
     assert end - began < 20
+
+
+def test_requests_relayed_by_a_proxy_worker_end_at_the_first_byte_timeout(gateway_factory):
+    """The worker bounds the frozen engine's silence as the gateway's process does; the
+    liveness verdict comes from the gateway's process (the worker asks it)."""
+    limits = {**SLOW_PERIODIC_CHECKS, "health_check_failures": 1}
+    gateway = gateway_factory(
+        {"chat": fake_model("chat", "--max-num-seqs", "4", stop_grace="2s")},
+        limits=limits,
+        proxy_workers=1,
+    )
+    assert _chat(gateway)[0] == 200
+    (worker,) = worker_settings(gateway)
+    pid = gateway.status()["models"][0]["pid"]
+    port = int(gateway.url.rsplit(":", 1)[1])
+
+    def open_on_worker(body: dict[str, Any]) -> tuple[socket.socket, bytes]:
+        """A request on a connection the worker holds (the kernel spreads connections over
+        the processes), and what came back once it began."""
+        for _ in range(60):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=FIRST_BYTE_S + 30)
+            sock.sendall(_request(port, body))
+            first = sock.recv(65536)
+            if holder_of(sock, [worker]) == worker:
+                return sock, first
+            sock.close()
+        raise AssertionError("no connection landed on the worker")
+
+    # A stream under way on the worker (a chunk each 50 ms, 20 s in all) when it freezes.
+    begun, first = open_on_worker({**CHAT, "stream": True, "fake_chunks": 400})
+    assert b" 200 " in first.split(b"\r\n", 1)[0], first[:200]
+    os.kill(pid, signal.SIGSTOP)  # connections open, nothing answers
+    frozen = time.monotonic()
+    plain: list[socket.socket] = []
+    try:
+        # Plain requests sent after the freeze, until three are held by the worker.
+        for _ in range(60):
+            if len(plain) == 3:
+                break
+            sock = socket.create_connection(("127.0.0.1", port), timeout=FIRST_BYTE_S + 30)
+            sock.sendall(_request(port, CHAT))
+            deadline = time.monotonic() + 1
+            while (holder := holder_of(sock, [worker])) is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if holder == worker:
+                plain.append(sock)
+            else:
+                sock.close()  # the gateway's own process holds it (tested above)
+        assert len(plain) == 3, "no plain request landed on the worker"
+        with ThreadPoolExecutor(4) as pool:
+            ends = list(pool.map(lambda s: (_answer(s), time.monotonic()), [*plain, begun]))
+    finally:
+        os.kill(pid, signal.SIGCONT)  # a no-op once the verdict's SIGKILL took it
+        for sock in [*plain, begun]:
+            sock.close()
+    took = [end - frozen for _, end in ends]
+    print("frozen engine, worker's requests ended after " + ", ".join(f"{t:.2f}s" for t in took))
+    assert max(took) < FIRST_BYTE_S + 2, took  # not the read timeout (600 s)
+    for answer, _ in ends[:3]:
+        status = int(answer.split(b" ", 2)[1])
+        body = json.loads(_body(answer))
+        assert (status, body["error"]["code"]) in (
+            (504, "upstream_first_byte_timeout"),
+            (503, "engine_lost"),
+        ), answer[-300:]
+    # The stream already begun ends with an error event in OpenAI's shape.
+    stream_text = _body(first + ends[3][0]).decode()
+    error = json.loads(stream_text.strip().split("\n\n")[-1].removeprefix("data: "))["error"]
+    assert error["code"] in ("upstream_timeout", "engine_lost"), error
+    # The verdict was the gateway's process's: the engine was stopped as hung, and the next
+    # request is served by a fresh one.
+    assert "hung" in gateway.log_text() or gateway.status()["models"][0]["pid"] != pid
+    deadline = time.monotonic() + 30
+    while (status := _chat(gateway)[0]) != 200:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.2)
+    assert gateway.status()["models"][0]["pid"] != pid
+
+
+def _body(answer: bytes) -> bytes:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return dechunk(body) if b"transfer-encoding: chunked" in head.lower() else body

@@ -17,16 +17,16 @@ def _store(path: Path) -> RuntimeKeyStore:
     return RuntimeKeyStore(StateDirectory(path).database("runtime_keys", MIGRATIONS))
 
 
-def test_a_runtime_keys_share_is_kept_across_restarts(tmp_path: Path) -> None:
+async def test_a_runtime_keys_share_is_kept_across_restarts(tmp_path: Path) -> None:
     store = _store(tmp_path)
-    store.create(NewKey(name="batch", weight=0.5, priority=10), taken=[])
-    store.change("batch", KeyFields(max_in_flight=3, keep_alive=False))
+    await store.create(NewKey(name="batch", weight=0.5, priority=10), taken=[])
+    await store.change("batch", KeyFields(max_in_flight=3, keep_alive=False))
     store.close()
     again = _store(tmp_path)
     key = again.get("batch")
     assert key is not None
     assert key.share == ShareTerms(weight=0.5, priority=10, max_in_flight=3, keep_alive=False)
-    again.change("batch", KeyFields(max_in_flight=0, weight=None))  # 0 or null: none again
+    await again.change("batch", KeyFields(max_in_flight=0, weight=None))  # 0 or null: none again
     assert again.get("batch").share == ShareTerms(priority=10, keep_alive=False)  # type: ignore[union-attr]
     again.close()
 

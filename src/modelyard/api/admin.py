@@ -10,6 +10,7 @@ from modelyard.api.errors import ApiError, unavailable
 from modelyard.api.serving import gateway_of
 from modelyard.gateway import Gateway
 from modelyard.redaction import redact_value
+from modelyard.scheduler.scaling import replica_key
 from modelyard.scheduler.supervisor import ModelUnavailable
 
 
@@ -82,9 +83,19 @@ async def sleep_model(request: web.Request) -> web.Response:
 
 
 async def engine_logs(request: web.Request) -> web.StreamResponse:
-    """The engine's recent output; `?follow=1` streams new lines as SSE."""
+    """The engine's recent output; `?follow=1` streams new lines as SSE. `?replica=N` picks
+    the model's engine N (`coder#2`; 1, the default, is the model's own engine)."""
     gateway, name = _admin_model(request)
-    return await live.engine_log_response(request, gateway.scheduler, name)
+    number = request.query.get("replica", "1")
+    key = replica_key(name, int(number)) if number.isdigit() and int(number) >= 1 else None
+    if key is None or not gateway.scheduler.has_engine_key(key):
+        keys = gateway.scheduler.engine_keys(name)
+        raise ApiError(
+            404,
+            f"model {name!r} has no engine {number!r}; its engines: " + ", ".join(keys),
+            "replica_not_found",
+        )
+    return await live.engine_log_response(request, gateway.scheduler, key)
 
 
 async def event_stream(request: web.Request) -> web.StreamResponse:

@@ -159,9 +159,16 @@ async def engine_log_response(
         # A stopped engine's last lines are kept (a failed start's too) until the next start.
         tail = scheduler.log_tail(name)[-lines:] if lines else []
     if not _follow(request, default=False):
-        return web.json_response(
-            {"model": name, "state": scheduler.state_of(name).value, "lines": tail}
-        )
+        model = scheduler.model_of_engine(name)
+        answer: dict[str, object] = {
+            "model": model,
+            "state": scheduler.engine_state(name).value,
+            "lines": tail,
+        }
+        if scheduler.model_config(model).replicas.max > 1:
+            answer["replica"] = name  # which engine's log: the model's own, or `coder#2`
+            answer["replicas"] = scheduler.engine_keys(model)  # each one's, by `replica=N`
+        return web.json_response(answer)
     response = web.StreamResponse(headers=SSE_HEADERS)
     await response.prepare(request)
     queue: asyncio.Queue[str] = asyncio.Queue(maxsize=5000)

@@ -51,14 +51,18 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def engine_metrics(request: web.Request) -> web.Response:
-    """Every *ready* engine's own `/metrics`, labelled by model; never starts an engine."""
+    """Every *ready* engine's own `/metrics` (replicas included), labelled by model and
+    replica; never starts an engine."""
     require_metrics(request)
     gateway = gateway_of(request)
-    ready = {name: engine.base_url for name, engine in gateway.scheduler.ready_engines().items()}
+    engines = gateway.scheduler.ready_replicas()
+    ready = {key: engine.base_url for key, (_, engine) in engines.items()}
     texts = await scrape_engines(gateway.health_session, ready)
     # Engines describe their configuration in info metrics: masked like everything else.
-    masked = {name: None if text is None else redact(text) for name, text in texts.items()}
-    return web.Response(body=merge_expositions(masked), headers={"Content-Type": CONTENT_TYPE})
+    masked = {key: None if text is None else redact(text) for key, text in texts.items()}
+    models = {key: model for key, (model, _) in engines.items()}
+    body = merge_expositions(masked, models)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def ui_redirect(request: web.Request) -> web.Response:

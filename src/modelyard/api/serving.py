@@ -625,6 +625,7 @@ async def _forward_once(
             )
             extra = forwarding.extra_headers
             headers = {**extra, **engine.upstream_headers} if extra else engine.upstream_headers
+            guard = first_byte_guard(gateway, target.model, engine_key, engine)
             admission = admission_of(request)
             if admission is not None:  # a proxy worker relays it: same hold, same finish
                 relay = Relay(
@@ -634,8 +635,10 @@ async def _forward_once(
                     reading=forwarding.reading(),
                     answer_headers={SERVED_BY_HEADER: served_by} if served_by else {},
                     cors_origin=request.get(CORS_ORIGIN_KEY),
+                    first_byte_timeout=guard.timeout,
                 )
-                outcome = await admission.relay(relay, held.lost)
+                # The worker bounds the engine's silences; the verdict is this process's.
+                outcome = await admission.relay(relay, held.lost, guard.check)
                 assert admission.response is not None
                 response = admission.response
             else:
@@ -650,7 +653,7 @@ async def _forward_once(
                     lost=held.lost,  # a lost engine ends its requests at once
                     prepared=loading.stream.response if loading.stream else None,
                     answer_headers={SERVED_BY_HEADER: served_by} if served_by else None,
-                    first_byte=first_byte_guard(gateway, target.model, engine_key, engine),
+                    first_byte=guard,
                 )
             status, first_byte, streamed = outcome.status, outcome.first_byte_s, outcome.streamed
             if outcome.first_byte_timed_out:
@@ -696,10 +699,20 @@ async def _forward_once(
         if gateway.scheduler.is_remote(target.model):
             await _forget_remote(request, gateway, target.model, error)
         assert engine is not None
+        # With replicas, requests go to the model's other ready engines while this one's
+        # checks reach their verdict (a dead node refuses before its loss is declared).
+        limits = gateway.config.limits
+        elsewhere = gateway.scheduler.avoid_replica(
+            target.model, engine_key, limits.health_check_interval * limits.health_check_failures
+        )
         if await lost_after_refusal(gateway, engine_key, engine):
             if error.refused and may_resend:
                 raise _SendAgain(f"its engine was lost before it saw a request ({error})") from None
             raise _engine_lost(request, gateway, target.model, str(error)) from None
+        if elsewhere and error.refused and may_resend:
+            raise _SendAgain(
+                f"its engine refused the connection; another of its engines serves ({error})"
+            ) from None
         # Alive, as far as one check tells: the client comes back in a moment, never a bare
         # 502 for a request that no engine answered.
         raise ApiError(

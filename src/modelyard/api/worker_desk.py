@@ -20,11 +20,19 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from modelyard.api.errors import error_response
-from modelyard.proxy.forward import EngineLost, ProxyOutcome, UpstreamError, UpstreamTimeout
+from modelyard.proxy.forward import (
+    EngineLost,
+    FirstByteTimeout,
+    ProxyOutcome,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from modelyard.proxy.worker_messages import (
     ADMISSION_HEADER,
     CHANNEL_TYPE,
+    FINISH_PATH,
     PEER_HEADER,
+    SILENT_PATH,
     TARGET_HEADER,
     VERSION,
     Done,
@@ -34,8 +42,10 @@ from modelyard.proxy.worker_messages import (
     Progress,
     Refused,
     Relay,
+    Verdict,
     Waiting,
     decode_finish,
+    decode_silent,
     encode,
 )
 
@@ -60,6 +70,8 @@ class Admission:
         self.response: web.StreamResponse | None = None
         self.client_left = False
         self._finish: asyncio.Future[Finish] | None = None
+        # The held engine's liveness check, while the worker relays to it (`Silent`).
+        self._check: Callable[[], Awaitable[bool]] | None = None
         self._telling: set[asyncio.Future[None]] = set()
 
     @property
@@ -93,11 +105,18 @@ class Admission:
             task.cancel()
             raise
 
-    async def relay(self, relay: Relay, lost: asyncio.Future[str] | None) -> ProxyOutcome:
+    async def relay(
+        self,
+        relay: Relay,
+        lost: asyncio.Future[str] | None,
+        check: Callable[[], Awaitable[bool]] | None = None,
+    ) -> ProxyOutcome:
         """The worker sends the request to the held engine; its `Finish` is the outcome.
         Failures before anything reached the client raise as `UpstreamClient.forward` does,
-        so the pipeline answers them (or falls back) the same way."""
+        so the pipeline answers them (or falls back) the same way. `check` is the engine's
+        liveness check, run here when the worker reports the engine silent (`Silent`)."""
         self._finish = asyncio.get_running_loop().create_future()
+        self._check = check
         outcome = ProxyOutcome()
         watch: Callable[[asyncio.Future[str]], None] | None = None
         if lost is not None:
@@ -117,6 +136,7 @@ class Admission:
             finish = await self._finish
         finally:
             self._finish = None
+            self._check = None
             if lost is not None and watch is not None:
                 lost.remove_done_callback(watch)
         outcome.status = finish.status
@@ -127,9 +147,12 @@ class Admission:
         outcome.upstream_broke = finish.upstream_broke
         outcome.engine_lost = finish.engine_lost
         outcome.cut_by_gateway = finish.cut_by_gateway
+        outcome.first_byte_timed_out = finish.first_byte_timed_out
         if finish.failure == "lost":
             outcome.engine_lost = True
             raise EngineLost(finish.failure_detail)
+        if finish.failure == "first_byte_timeout":
+            raise FirstByteTimeout(finish.failure_detail)
         if finish.failure == "timeout":
             raise UpstreamTimeout(finish.failure_detail)
         if finish.failure == "unreachable":
@@ -142,6 +165,12 @@ class Admission:
         with contextlib.suppress(ConnectionError, RuntimeError):
             assert self.response is not None
             await self.response.write(encode(Lost(reason=reason)))
+
+    async def alive(self) -> bool:
+        """The verdict on the held engine, which its worker found silent: its liveness check
+        (kept when there is none, or no exchange is in progress)."""
+        check = self._check
+        return check is None or await check()
 
     def told(self, finish: Finish) -> None:
         if finish.client_gone:
@@ -222,7 +251,8 @@ class AdmissionDesk:
 
     def control_app(self) -> web.Application:
         app = web.Application()
-        app.router.add_post("/finish", self._finish)
+        app.router.add_post(FINISH_PATH, self._finish)
+        app.router.add_post(SILENT_PATH, self._silent)
         app.router.add_post("/ready/{worker}", self._ready)
         return app
 
@@ -243,6 +273,16 @@ class AdmissionDesk:
             return web.Response(status=204)
         admission.told(finish)
         return web.Response(status=204)
+
+    async def _silent(self, request: web.Request) -> web.Response:
+        try:
+            silent = decode_silent(await request.read())
+        except MessageError as error:
+            log.error("refused a worker's silent report: %s", error)
+            return error_response(400, str(error), "worker_protocol")
+        admission = self._open.get(silent.request)
+        alive = True if admission is None else await admission.alive()
+        return web.Response(body=encode(Verdict(alive=alive)), content_type="application/json")
 
     async def _ready(self, request: web.Request) -> web.Response:
         version = request.query.get("version")

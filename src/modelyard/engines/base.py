@@ -38,6 +38,9 @@ class LaunchSpec:
     upstream_headers: dict[str, str] = field(default_factory=dict)
     # Set for an engine that runs elsewhere (`engine: remote`): nothing is started.
     remote_url: str | None = None
+    # The name of the engine's log file (`<name>.log` under the state folder's logs): a
+    # replica's key (`coder#2`); None: the model's name.
+    log_name: str | None = None
 
 
 class EngineKind(Protocol):

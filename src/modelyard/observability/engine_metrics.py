@@ -3,7 +3,9 @@
 Prometheus could scrape `/upstream/{model}/metrics`, but that route starts a stopped engine
 and counts as use, so a 15 s scrape would keep every model loaded forever. This reads only
 engines that are ready *now*, straight from their port, adds a `model` label (the name in
-the gateway's config) and merges the families, so one target covers engines that come and go.
+the gateway's config) and a `replica` label (the engine's key: the model's name for its own
+engine, `coder#2` for a replica) and merges the families, so one target covers engines that
+come and go.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
 MODEL_LABEL = "model"
+REPLICA_LABEL = "replica"
 
 
 async def scrape_engines(
@@ -39,17 +42,21 @@ async def scrape_engines(
     return dict(zip(names, texts, strict=True))
 
 
-def merge_expositions(texts: Mapping[str, str | None]) -> bytes:
-    """One exposition with every engine's samples labelled by model, plus an up gauge."""
+def merge_expositions(
+    texts: Mapping[str, str | None], models: Mapping[str, str] | None = None
+) -> bytes:
+    """One exposition with every engine's samples labelled by model and replica, plus an up
+    gauge. `texts` are by engine key; `models` gives each key's model (default: the key)."""
     families: dict[str, Metric] = {}
     up = GaugeMetricFamily(
         "modelyard_engine_metrics_up",
         "1 if the engine's own /metrics answered this scrape, 0 if not.",
-        labels=[MODEL_LABEL],
+        labels=[MODEL_LABEL, REPLICA_LABEL],
     )
-    for model, text in texts.items():
+    for key, text in texts.items():
+        model = models.get(key, key) if models is not None else key
         parsed = _parse(text) if text is not None else None
-        up.add_metric([model], 0.0 if parsed is None else 1.0)
+        up.add_metric([model, key], 0.0 if parsed is None else 1.0)
         for family in parsed or []:
             merged = families.get(family.name)
             if merged is None:
@@ -59,9 +66,11 @@ def merge_expositions(texts: Mapping[str, str | None]) -> bytes:
                 continue  # two engine versions disagree; keep the first one's samples
             for sample in family.samples:
                 labels = dict(sample.labels)
-                if MODEL_LABEL in labels:
-                    labels["exported_" + MODEL_LABEL] = labels[MODEL_LABEL]
+                for name in (MODEL_LABEL, REPLICA_LABEL):
+                    if name in labels:
+                        labels["exported_" + name] = labels[name]
                 labels[MODEL_LABEL] = model
+                labels[REPLICA_LABEL] = key
                 merged.add_sample(sample.name, labels, sample.value, sample.timestamp)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Fixed([*families.values(), up]))

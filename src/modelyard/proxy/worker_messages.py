@@ -14,6 +14,12 @@ back as a stream of these messages (`Content-Type: CHANNEL_TYPE`):
 - `Lost`: the held engine was lost: the worker ends the exchange at once;
 - `Done`: nothing more to do.
 
+A `Relay` carries the request's bound on its engine's silences (`first_byte_timeout`, as
+`api.liveness.first_byte_guard` sets it). When it passes, the worker posts a `Silent` to
+`SILENT_PATH`; the owner runs the engine's liveness check and answers a `Verdict`: a live
+engine keeps the request, one that does not answer ends it (the worker reports it in its
+`Finish`, and the owner answers 504, or the stream ends with an error event).
+
 After each `Relay` the worker posts a `Finish` (what happened: status, usage, timings) to
 `FINISH_PATH`; the owner answers it there, and the channel goes on: `Done`, `Refused`, or a
 `Relay` to a fallback. A worker whose client hangs up before any `Relay` posts a `Finish`
@@ -40,6 +46,7 @@ VERSION: Literal[1] = 1
 ADMISSION_HEADER = "Modelyard-Admission"
 CHANNEL_TYPE = "application/x-modelyard-channel"
 FINISH_PATH = "/finish"
+SILENT_PATH = "/silent"
 # The request target exactly as the client sent it (an HTTP client may not send everything
 # a server accepts, such as a `#`): the owner checks this one (`api.guards.canonical_form`).
 TARGET_HEADER = "Modelyard-Target"
@@ -117,6 +124,9 @@ class Relay(_Message):
     body: str | None  # base64; None: no body
     reading: Reading = Field(default_factory=Reading)
     answer_headers: dict[str, str] = Field(default_factory=dict)
+    # Seconds the engine may stay silent (before its first byte, or mid-stream) before its
+    # liveness is checked; None: no bound (the read timeout only).
+    first_byte_timeout: float | None = None
 
     def body_bytes(self) -> bytes | None:
         return None if self.body is None else base64.b64decode(self.body)
@@ -160,10 +170,30 @@ class Finish(_Message):
     upstream_broke: bool = False
     engine_lost: bool = False
     cut_by_gateway: bool = False
-    # Before anything reached the client: the engine could not be reached, timed out, or was
-    # lost (the owner answers it: a 502/503/504, or a fallback).
-    failure: Literal["unreachable", "timeout", "lost"] | None = None
+    # A stream whose engine went silent past the first-byte bound and failed its check: the
+    # client had its 200, and got a final error event.
+    first_byte_timed_out: bool = False
+    # Before anything reached the client: the engine could not be reached, timed out (the
+    # read timeout, or silent past the first-byte bound and found dead), or was lost (the
+    # owner answers it: a 502/503/504, or a fallback).
+    failure: Literal["unreachable", "timeout", "first_byte_timeout", "lost"] | None = None
     failure_detail: str = ""
+
+
+class Silent(_Message):
+    """The engine of a relayed request stayed silent past its first-byte bound: the worker
+    asks the owner, which keeps every liveness verdict, whether to end the request."""
+
+    kind: Literal["silent"] = "silent"
+    request: str  # the request id of ADMISSION_HEADER
+
+
+class Verdict(_Message):
+    """The owner's answer to a `Silent`: whether the engine passed its liveness check (an
+    engine that did keeps the request; a request the owner no longer knows is kept too)."""
+
+    kind: Literal["verdict"] = "verdict"
+    alive: bool
 
 
 def _check_version(data: bytes) -> None:
@@ -200,6 +230,22 @@ def decode_finish(data: bytes) -> Finish:
         return Finish.model_validate_json(data)
     except ValidationError as error:
         raise MessageError(f"not a finish message: {error}") from None
+
+
+def decode_silent(data: bytes) -> Silent:
+    _check_version(data)
+    try:
+        return Silent.model_validate_json(data)
+    except ValidationError as error:
+        raise MessageError(f"not a silent message: {error}") from None
+
+
+def decode_verdict(data: bytes) -> Verdict:
+    _check_version(data)
+    try:
+        return Verdict.model_validate_json(data)
+    except ValidationError as error:
+        raise MessageError(f"not a verdict message: {error}") from None
 
 
 def body_text(body: bytes | None) -> str | None:

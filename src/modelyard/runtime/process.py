@@ -248,7 +248,7 @@ class ProcessRuntime:
     async def start(self, name: str, spec_for_port: Callable[[int], LaunchSpec]) -> EngineProcess:
         port = pick_free_port()
         spec = spec_for_port(port)
-        log = EngineLog(self.state_dir / "logs" / f"{_file_safe(name)}.log")
+        log = EngineLog(self.state_dir / "logs" / f"{_file_safe(spec.log_name or name)}.log")
         log.append(f"[modelyard] starting: {' '.join(redacted(spec.argv))}")
         env = {**os.environ, **spec.env, "PYTHONUNBUFFERED": "1"}
         try:
@@ -293,4 +293,4 @@ def redacted(argv: list[str]) -> list[str]:
 
 
 def _file_safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)
+    return "".join(ch if ch.isalnum() or ch in "._-#" else "_" for ch in name)

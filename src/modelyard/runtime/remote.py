@@ -148,10 +148,10 @@ class RemoteConnector:
 
     async def start(self, name: str, spec_for_port: Callable[[int], LaunchSpec]) -> RemoteEndpoint:
         spec = spec_for_port(0)
-        log = EngineLog(self._state_dir / "logs" / f"{_file_safe(name)}.log")
+        log = EngineLog(self._state_dir / "logs" / f"{_file_safe(spec.log_name or name)}.log")
         log.append(f"[modelyard] connecting to remote engine at {spec.remote_url}")
         return RemoteEndpoint(name, spec, log, self._session)
 
 
 def _file_safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)
+    return "".join(ch if ch.isalnum() or ch in "._-#" else "_" for ch in name)

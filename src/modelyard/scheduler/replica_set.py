@@ -8,7 +8,7 @@ reads them, so the decisions stay in scheduler/balance.py and the core.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from modelyard.config.schema import ReplicasConfig
@@ -36,12 +36,16 @@ class ReplicaRouting:
         target_in_flight: int,
         affinity: str | None,
         has_adapter: Callable[[ModelSupervisor], bool],
+        avoided: Collection[str] = (),
     ) -> ModelSupervisor:
         """One of the ready engines (scheduler/balance.py); with none ready, one whose start
         or wake is under way when the model's own engine is down, else the model's own
-        engine (which starts). `slots[0]` is the model's own."""
+        engine (which starts). `slots[0]` is the model's own. Engines whose key is in
+        `avoided` (one that just refused a connection) serve only when no other is ready."""
         primary = slots[0]
         ready = [s for s in slots if s.state is ModelState.READY and s.engine is not None]
+        if avoided:
+            ready = [s for s in ready if s.key not in avoided] or ready
         if not ready:
             if primary.state in (ModelState.STOPPED, ModelState.FAILED):
                 coming = [

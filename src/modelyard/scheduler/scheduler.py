@@ -111,6 +111,9 @@ class Scheduler:
         # A model's other engines (replicas 2..max), by model; stopped until load asks.
         self._replicas: dict[str, list[ModelSupervisor]] = {}
         self._routing = ReplicaRouting()  # which engine serves each request
+        # Engines (by key) that refused a connection without being confirmed gone yet, and
+        # until when (clock) requests go to the model's other ready engines instead.
+        self._avoided: dict[str, float] = {}
         self._scaling: set[str] = set()  # engines starting for load: they never wait for room
         # Whether the engine (by pid) of a base model has a LoRA adapter loaded: set by the
         # adapter manager, for the request path's LoRA affinity.
@@ -181,6 +184,7 @@ class Scheduler:
             sleep_control=self._sleep_control if model.sleep and number == 1 else None,
         )
         supervisor.key = replica_key(name, number)
+        supervisor.log_name = supervisor.key
         supervisor.on_change(self._notify)
         return supervisor
 
@@ -478,6 +482,15 @@ class Scheduler:
             if s.state is ModelState.READY and s.engine is not None
         }
 
+    def ready_replicas(self) -> dict[str, tuple[str, EngineHandle]]:
+        """Every ready engine, replicas included, by its key: (its model, the engine)."""
+        return {
+            s.key: (name, s.engine)
+            for name in self._supervisors
+            for s in self._slots(name)
+            if s.state is ModelState.READY and s.engine is not None
+        }
+
     def load_counts(self, name: str) -> tuple[int, int]:
         """Requests (in flight, queued) for a model, over all its engines."""
         slots = self._slots(name)
@@ -498,7 +511,36 @@ class Scheduler:
         return self._supervisor_of(name).failure
 
     def log_tail(self, name: str) -> list[str]:
-        return self._supervisors[name].last_log_tail
+        """The last lines of the stopped engine of a model, or of a replica (by its key)."""
+        return self._engine_slot(name).last_log_tail
+
+    def _engine_slot(self, key: str) -> ModelSupervisor:
+        """A model's own engine slot by the model's name, a replica's by its key."""
+        found = self._supervisors.get(key) or self._slot(key)
+        if found is None:
+            raise KeyError(key)
+        return found
+
+    def has_engine_key(self, key: str) -> bool:
+        """Whether `key` names a configured model or one of its replicas (`coder#2`)."""
+        return key in self._supervisors or self._slot(key) is not None
+
+    def model_of_engine(self, key: str) -> str:
+        """The model a replica's key (or the model's own name) belongs to."""
+        return self._engine_slot(key).name
+
+    def engine_state(self, key: str) -> ModelState:
+        """The state of a model's own engine, or of a replica's (by its key)."""
+        return self._engine_slot(key).state
+
+    def engine_keys(self, name: str) -> list[str]:
+        """The keys of the model's engines: its own, then each replica that holds or held
+        an engine (a running one, or one whose last lines are kept)."""
+        return [
+            s.key
+            for s in self._slots(name)
+            if s is self._supervisors[name] or s.engine is not None or s.last_log_tail
+        ]
 
     def live_engines(self, name: str) -> list[EngineHandle]:
         """Every engine of the model whatever its state, its own first, then its replicas'."""
@@ -513,8 +555,9 @@ class Scheduler:
         ]
 
     def live_engine(self, name: str) -> EngineHandle | None:
-        """The model's engine process whatever its state (for following its log)."""
-        return self._supervisors[name].engine
+        """The model's engine process whatever its state (for following its log); a
+        replica's by its key (`coder#2`)."""
+        return self._engine_slot(name).engine
 
     # ----- serving -----
 
@@ -666,7 +709,33 @@ class Scheduler:
             )
 
         target = self.config.models[model].replicas.target_in_flight
-        return self._routing.choose(model, [primary, *replicas], target, affinity, has_adapter)
+        avoided: set[str] = set()
+        if self._avoided:
+            now = self._clock()
+            for key, until in list(self._avoided.items()):
+                if until > now:
+                    avoided.add(key)
+                else:
+                    del self._avoided[key]
+        return self._routing.choose(
+            model, [primary, *replicas], target, affinity, has_adapter, avoided
+        )
+
+    def avoid_replica(self, model: str, key: str, seconds: float) -> bool:
+        """The engine `key` of `model` refused a connection and was not confirmed gone: for
+        `seconds` (the time its checks take to reach a verdict), requests go to the model's
+        other ready engines. Whether there is one (a request it never saw may go there)."""
+        if model not in self._supervisors:
+            return False  # a reload removed it meanwhile
+        others = [
+            s
+            for s in self._slots(model)
+            if s.key != key and s.state is ModelState.READY and s.engine is not None
+        ]
+        if not others:
+            return False
+        self._avoided[key] = self._clock() + seconds
+        return True
 
     def _supervisor_of(self, name: str) -> ModelSupervisor:
         """The model's supervisor, also while a reload that removed it drains its engine

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
@@ -130,6 +131,9 @@ class ModelSupervisor:
         # re-added model of that name is a different engine, and the old one's stop never
         # touches the new one's records.
         self.key = name
+        # The engine's log file's name: the model's for its own engine, a replica's key for
+        # a replica (kept when a reload renames a draining engine's key).
+        self.log_name = name
         self.settings = settings
         self._on_change: Callable[[], None] = lambda: None
         self._state = ModelState.STOPPED
@@ -598,7 +602,10 @@ class ModelSupervisor:
         ok = False
         try:
             engine = await self._start_engine(
-                self.name, lambda port: self._spec_for(port, self.budget)
+                self.name,
+                lambda port: dataclasses.replace(
+                    self._spec_for(port, self.budget), log_name=self.log_name
+                ),
             )
             self.engine = engine
             self._last_engine = engine

@@ -22,6 +22,8 @@ from modelyard.api.errors import error_response
 from modelyard.api.loading import LoadingStream
 from modelyard.proxy.forward import (
     EngineLost,
+    FirstByteGuard,
+    FirstByteTimeout,
     ProxyOutcome,
     UpstreamClient,
     UpstreamError,
@@ -35,6 +37,7 @@ from modelyard.proxy.worker_messages import (
     CHANNEL_TYPE,
     FINISH_PATH,
     PEER_HEADER,
+    SILENT_PATH,
     TARGET_HEADER,
     VERSION,
     Done,
@@ -44,8 +47,10 @@ from modelyard.proxy.worker_messages import (
     Progress,
     Refused,
     Relay,
+    Silent,
     Waiting,
     decode_channel,
+    decode_verdict,
     encode,
 )
 from modelyard.workers.settings import WorkerSettings
@@ -273,6 +278,7 @@ class Worker:
                 lost=channel.lost,
                 prepared=prepared,
                 answer_headers=relay.answer_headers or None,
+                first_byte=self._first_byte_guard(request_id, relay),
             )
         except EngineLost as lost:
             await self._deliver(
@@ -280,8 +286,9 @@ class Worker:
             )
             return None  # the gateway's process answers it next (an error, a fallback)
         except UpstreamTimeout as error:
+            failure = "first_byte_timeout" if isinstance(error, FirstByteTimeout) else "timeout"
             await self._deliver(
-                finish.model_copy(update={"failure": "timeout", "failure_detail": str(error)})
+                finish.model_copy(update={"failure": failure, "failure_detail": str(error)})
             )
             return None  # the gateway's process answers it next (an error, a fallback)
         except UpstreamError as error:
@@ -294,6 +301,32 @@ class Worker:
             raise
         await self._deliver(_finished(finish, outcome, served))
         return response
+
+    def _first_byte_guard(self, request_id: str, relay: Relay) -> FirstByteGuard | None:
+        """The request's bound on its engine's silences, as the owner sent it; the liveness
+        verdict when it passes is the owner's (`Silent`, answered by a `Verdict`)."""
+        if relay.first_byte_timeout is None:
+            return None
+
+        async def check() -> bool:
+            return await self._ask_alive(request_id)
+
+        return FirstByteGuard(relay.first_byte_timeout, check)
+
+    async def _ask_alive(self, request_id: str) -> bool:
+        """Whether the owner finds this request's engine alive. An owner that cannot be asked
+        keeps the request: it ends its requests itself (`Lost`) when it declares one lost."""
+        try:
+            async with self.control.post(
+                "http://owner" + SILENT_PATH, data=encode(Silent(request=request_id))
+            ) as answer:
+                if answer.status >= 400:
+                    log.error("the gateway refused a silent report: %s", await answer.text())
+                    return True
+                return decode_verdict(await answer.read()).alive
+        except (aiohttp.ClientError, TimeoutError, MessageError) as error:
+            log.error("could not ask the gateway whether an engine is alive: %s", error)
+            return True
 
     async def _finish(self, finish: Finish) -> None:
         try:
@@ -320,6 +353,7 @@ def _finished(
             "upstream_broke": outcome.upstream_broke,
             "engine_lost": outcome.engine_lost,
             "cut_by_gateway": outcome.cut_by_gateway,
+            "first_byte_timed_out": outcome.first_byte_timed_out,
         }
     )
 

@@ -299,7 +299,8 @@ class RayRuntime:
         return min(load, key=lambda node_id: load[node_id]), None
 
     async def start(self, name: str, spec_for_port: Callable[[int], LaunchSpec]) -> RayEngine:
-        log_file = EngineLog(self.state_dir / "logs" / f"{_file_safe(name)}.log")
+        log_name = spec_for_port(0).log_name or name
+        log_file = EngineLog(self.state_dir / "logs" / f"{_file_safe(log_name)}.log")
         node_id = ""
         try:
             node_id, visible = self._choose_node(spec_for_port(0))
@@ -485,4 +486,4 @@ async def _unless_lost(
 
 
 def _file_safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in name)
+    return "".join(ch if ch.isalnum() or ch in "._-#" else "_" for ch in name)
