@@ -175,6 +175,13 @@ def test_unknown_routes_stay_refused(gateway) -> None:
 
 
 def test_routes_are_counted_by_their_own_label(gateway) -> None:
+    # Its own requests (not the earlier tests'): an upload, a tokenize and a message.
+    body, content_type = _form(("file", WAV), ("model", b"stt"))
+    assert _post(gateway, "/v1/audio/transcriptions", body, content_type)[0] == 200
+    tokenize = json.dumps({"model": "chat", "prompt": "a b c"}).encode()
+    assert _post(gateway, "/tokenize", tokenize, "application/json")[0] == 200
+    client = anthropic.Anthropic(base_url=gateway.url, api_key=ADMIN_KEY, max_retries=0)
+    client.messages.create(model="chat", max_tokens=8, messages=[{"role": "user", "content": "x"}])
     labels = {record.route for record in gateway.records}
     assert {"/v1/audio", "/tokenize", "/v1/messages"} <= labels
 
