@@ -13,6 +13,7 @@ requests at a time (`--max-num-seqs 4`) at a fixed token rate (one chunk per 50 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -108,7 +109,8 @@ async def test_requests_on_a_frozen_engine_end_at_the_first_byte_timeout(gateway
             (stream_status, stream_text), stream_end = await asyncio.wait_for(streamed, 10)
             begun_status, begun_text, begun_end = await asyncio.wait_for(begun, 10)
         finally:
-            os.kill(pid, signal.SIGCONT)  # a no-op once the verdict's SIGKILL took it
+            with contextlib.suppress(ProcessLookupError):  # gone: the verdict's SIGKILL
+                os.kill(pid, signal.SIGCONT)
         ends = [end - frozen for _, end in results] + [stream_end - frozen, begun_end - frozen]
         print("frozen engine: requests ended after " + ", ".join(f"{t:.2f}s" for t in ends))
         for (status, body, _, headers), _end in results:
@@ -280,7 +282,8 @@ def test_requests_relayed_by_a_proxy_worker_end_at_the_first_byte_timeout(gatewa
         with ThreadPoolExecutor(4) as pool:
             ends = list(pool.map(lambda s: (_answer(s), time.monotonic()), [*plain, begun]))
     finally:
-        os.kill(pid, signal.SIGCONT)  # a no-op once the verdict's SIGKILL took it
+        with contextlib.suppress(ProcessLookupError):  # gone: the verdict's SIGKILL
+            os.kill(pid, signal.SIGCONT)
         for sock in [*plain, begun]:
             sock.close()
     took = [end - frozen for _, end in ends]
