@@ -35,7 +35,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Callable
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -154,6 +154,7 @@ ChannelMessage = Annotated[
     Waiting | Progress | Relay | Refused | Lost | Done, Field(discriminator="kind")
 ]
 _CHANNEL = TypeAdapter(ChannelMessage)
+_T = TypeVar("_T")
 
 
 class Finish(_Message):
@@ -216,36 +217,29 @@ def encode(message: _Message) -> bytes:
     return message.model_dump_json().encode() + b"\n"
 
 
-def decode_channel(line: bytes) -> Waiting | Progress | Relay | Refused | Lost | Done:
-    _check_version(line)
+def _decode(parse: Callable[[bytes], _T], data: bytes, what: str) -> _T:
+    """One message of this version, parsed by `parse`; a MessageError for anything else."""
+    _check_version(data)
     try:
-        return _CHANNEL.validate_json(line)
+        return parse(data)
     except ValidationError as error:
-        raise MessageError(f"not a channel message: {error}") from None
+        raise MessageError(f"not a {what} message: {error}") from None
+
+
+def decode_channel(line: bytes) -> Waiting | Progress | Relay | Refused | Lost | Done:
+    return _decode(_CHANNEL.validate_json, line, "channel")
 
 
 def decode_finish(data: bytes) -> Finish:
-    _check_version(data)
-    try:
-        return Finish.model_validate_json(data)
-    except ValidationError as error:
-        raise MessageError(f"not a finish message: {error}") from None
+    return _decode(Finish.model_validate_json, data, "finish")
 
 
 def decode_silent(data: bytes) -> Silent:
-    _check_version(data)
-    try:
-        return Silent.model_validate_json(data)
-    except ValidationError as error:
-        raise MessageError(f"not a silent message: {error}") from None
+    return _decode(Silent.model_validate_json, data, "silent")
 
 
 def decode_verdict(data: bytes) -> Verdict:
-    _check_version(data)
-    try:
-        return Verdict.model_validate_json(data)
-    except ValidationError as error:
-        raise MessageError(f"not a verdict message: {error}") from None
+    return _decode(Verdict.model_validate_json, data, "verdict")
 
 
 def body_text(body: bytes | None) -> str | None:
