@@ -58,8 +58,9 @@ docs-reference: setup
 
 # Most tests spend their time waiting (slow test engines, realistic timeouts), so they run in
 # two processes, a file per process. Real vLLM engines need the CPUs, a Ray cluster takes fixed
-# loopback addresses and the container tests one Docker daemon: those run one at a time after.
-PARALLEL_TESTS = not vllm and not ray and not container
+# loopback addresses and the container tests one Docker daemon, and a few tests hold processes
+# to a bound of seconds (marked `alone`): those run one at a time after.
+PARALLEL_TESTS = not vllm and not ray and not container and not alone
 
 # Everything CI runs: lint, types, unit and integration tests, real vLLM engines on CPU
 # (the first run builds the engine venv and the demo models under ~/.cache/modelyard).

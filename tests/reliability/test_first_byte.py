@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.conftest import fake_model
 from tests.reliability.test_engine_faults import events, post_with_headers
@@ -232,6 +233,7 @@ async def test_a_stream_begun_with_loading_comments_ends_with_an_error_event(gat
     assert end - began < 20
 
 
+@pytest.mark.alone  # the issue's bound of 2 s, over three processes
 def test_requests_relayed_by_a_proxy_worker_end_at_the_first_byte_timeout(gateway_factory):
     """The worker bounds the frozen engine's silence as the gateway's process does; the
     liveness verdict comes from the gateway's process (the worker asks it)."""
