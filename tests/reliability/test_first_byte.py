@@ -260,27 +260,30 @@ def test_requests_relayed_by_a_proxy_worker_end_at_the_first_byte_timeout(gatewa
             sock.close()
         raise AssertionError("no connection landed on the worker")
 
+    def idle_on_worker() -> socket.socket:
+        """A connection the worker holds, nothing sent on it yet: held before the freeze, so
+        that its request goes out the moment the engine freezes (the kernel gives about half
+        the connections to the gateway's own process, which is tested above)."""
+        for _ in range(60):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=FIRST_BYTE_S + 30)
+            holders = [worker, gateway.process.pid]
+            deadline = time.monotonic() + 5
+            while (holder := holder_of(sock, holders)) is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if holder == worker:
+                return sock
+            sock.close()
+        raise AssertionError("no connection landed on the worker")
+
+    plain = [idle_on_worker() for _ in range(3)]
     # A stream under way on the worker (a chunk each 50 ms, 20 s in all) when it freezes.
     begun, first = open_on_worker({**CHAT, "stream": True, "fake_chunks": 400})
     assert b" 200 " in first.split(b"\r\n", 1)[0], first[:200]
     os.kill(pid, signal.SIGSTOP)  # connections open, nothing answers
     frozen = time.monotonic()
-    plain: list[socket.socket] = []
     try:
-        # Plain requests sent after the freeze, until three are held by the worker.
-        for _ in range(60):
-            if len(plain) == 3:
-                break
-            sock = socket.create_connection(("127.0.0.1", port), timeout=FIRST_BYTE_S + 30)
+        for sock in plain:  # plain requests sent at the freeze
             sock.sendall(_request(port, CHAT))
-            deadline = time.monotonic() + 1
-            while (holder := holder_of(sock, [worker])) is None and time.monotonic() < deadline:
-                time.sleep(0.02)
-            if holder == worker:
-                plain.append(sock)
-            else:
-                sock.close()  # the gateway's own process holds it (tested above)
-        assert len(plain) == 3, "no plain request landed on the worker"
         with ThreadPoolExecutor(4) as pool:
             ends = list(pool.map(lambda s: (_answer(s), time.monotonic()), [*plain, begun]))
     finally:
