@@ -11,7 +11,11 @@ a ceiling: what no predictor can beat while a pre-warm may use only free or idle
 a free start slot. Printed side by side with footprint-LRU (a typical launcher's policy,
 from the simulator): total load-wait, the ratio to today's, pre-warms made, used and wasted,
 the wait they spared, and how many requests waited longer with pre-warming than without,
-compared request by request on the same trace.
+compared request by request on the same trace. Of those, the column says in brackets how
+many had a pre-warm in their way (it evicted their idle or sleeping engine, or they waited
+for one to be cancelled or evicted); the rest waited longer because one decision changed
+every later one (another engine resident, another victim chosen), not because of a pre-warm
+at their moment.
 """
 
 from __future__ import annotations
@@ -94,6 +98,7 @@ class Row:
     wasted: int
     spared: float
     longer: int  # requests that waited longer with pre-warming
+    longer_in_the_way: int  # of those, requests that had a pre-warm in their way
     foresight: float  # load-wait with perfect foresight, under the same rules
 
     @property
@@ -108,14 +113,16 @@ class Row:
         return (
             f"| {self.trace} | {self.requests:,} | {self.lru:,.0f} | {self.today:,.0f} "
             f"| **{self.learned:,.0f}** | {self.ratio:.2f}x | {self.made} | {self.used} "
-            f"| {self.wasted} ({self.waste:.0%}) | {self.spared:,.0f} | {self.longer} "
+            f"| {self.wasted} ({self.waste:.0%}) | {self.spared:,.0f} "
+            f"| {self.longer} ({self.longer_in_the_way}) "
             f"| {self.foresight:,.0f} ({self.foresight / self.today if self.today else 1:.2f}x) |"
         )
 
 
 HEADER = (
     "| trace | requests | footprint-LRU (s) | modelyard today (s) | with pre-warming (s) "
-    "| vs today | pre-warms | used | wasted | wait spared (s) | requests waiting longer "
+    "| vs today | pre-warms | used | wasted | wait spared (s) "
+    "| requests waiting longer (a pre-warm in the way) "
     "| perfect foresight (s) |\n"
     "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
@@ -124,11 +131,11 @@ HEADER = (
 def compare(trace: Trace) -> Row:
     today = replay(trace, prewarm=False)
     learned = replay(trace, prewarm=True)
-    longer = sum(
-        1
+    longer = [
+        after
         for before, after in zip(today.outcomes, learned.outcomes, strict=True)
         if after.waited > before.waited + LONGER_S
-    )
+    ]
     used = [p for p in learned.prewarms if p.used_at is not None]
     spared = sum(min((p.used_at or p.at) - p.at, p.spared_s) for p in used)
     return Row(
@@ -141,7 +148,8 @@ def compare(trace: Trace) -> Row:
         len(used),
         sum(p.wasted for p in learned.prewarms),
         spared,
-        longer,
+        len(longer),
+        sum(1 for outcome in longer if outcome.prewarm_in_the_way is not None),
         replay(trace, prewarm=True, foresight=True).total_wait,
     )
 

@@ -74,6 +74,10 @@ class Outcome:
     code: str | None = None
     retry_after: float | None = None
     message: str = ""
+    # How a pre-warm stood in this request's way, if one did: it evicted the request's idle
+    # or sleeping engine, or it was cancelled (or evicted) to make room or free the start
+    # slot for it while it waited. None: no pre-warm touched it.
+    prewarm_in_the_way: str | None = None
 
     @property
     def waited(self) -> float:
@@ -147,6 +151,8 @@ class VirtualGateway:
         self.predictor = predictor
         self.prewarms: list[PreWarmRecord] = []
         self._open_prewarm: dict[str, PreWarmRecord] = {}  # not yet used, nor wasted
+        # Engines a pre-warm evicted, until they are loaded again: what it was for.
+        self._evicted_for_prewarm: dict[str, str] = {}
         self._ticking = False
 
     # ----- the test's inputs -----
@@ -217,6 +223,9 @@ class VirtualGateway:
                 self._serve(outcome.model, data)
             else:
                 live.waiters.append(data)
+                displaced_by = self._evicted_for_prewarm.get(outcome.model)
+                if displaced_by is not None:
+                    outcome.prewarm_in_the_way = f"evicted for the pre-warm of {displaced_by}"
         elif kind == "done":
             assert isinstance(data, str)
             self.live[data].in_flight -= 1
@@ -234,6 +243,7 @@ class VirtualGateway:
             if name in self.core.prewarming():
                 self.core.step(PreWarmOver(name))
             self._become(name, EngineState.READY)
+            self._evicted_for_prewarm.pop(name, None)
             live.sleeping_level = 0
             self.log.append((self.now, name, "ready"))
             for index in live.waiters:
@@ -411,8 +421,11 @@ class VirtualGateway:
             self.prewarms.append(record)
             self._open_prewarm[name] = record
             self.log.append((self.now, name, f"prewarm: {prewarm.reason}"))
+            for action in prewarm.actions:
+                self._evicted_for_prewarm[action.name] = name
             self._push(self._evict(prewarm.actions), "prewarm_go", name)
         elif isinstance(command, CancelPreWarm):
+            self._in_the_way(name, f"waited for the cancelled pre-warm of {command.target}")
             live = self.live[command.target]
             self._waste(command.target)
             self.log.append((self.now, command.target, f"prewarm cancelled: {command.reason}"))
@@ -439,8 +452,17 @@ class VirtualGateway:
                 self._push(command.until, "wake_deciders", command.until)
         else:
             assert isinstance(command, CarryOut)
+            for action in command.actions:
+                if action.name in self._open_prewarm:
+                    self._in_the_way(name, f"evicted the unused pre-warm of {action.name}")
             at = self._evict(command.actions)
             self._push(at, "evicted", (name, command.number))
+
+    def _in_the_way(self, name: str, how: str) -> None:
+        """A pre-warm stood in the way of `name`'s waiting requests."""
+        for index in self.live[name].waiters:
+            outcome = self.outcomes[index]
+            outcome.prewarm_in_the_way = outcome.prewarm_in_the_way or how
 
     def _at_rest(self, name: str) -> bool:
         return self.live[name].state in (None, EngineState.SLEEPING)

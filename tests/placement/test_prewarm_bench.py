@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.placement.prewarm import compare, goals_missed
+from bench.placement.prewarm import compare, goals_missed, replay
 from bench.placement.simulate import Request, Trace
 from bench.placement.world import ModelSpec
 
@@ -31,3 +31,29 @@ def test_an_a_then_b_habit_pre_warms_b_and_the_row_adds_up() -> None:
     assert row.learned < row.today
     assert row.spared > 0
     assert goals_missed(row, structured=False) == []
+
+
+def test_a_request_whose_idle_engine_a_pre_warm_evicted_is_named_in_the_way() -> None:
+    # Two 12 GiB models fill 24 GiB, idle, sleep off; perfect foresight pre-warms "b" (due at
+    # 200 s) by stopping the least recent, "a"; "a" is asked for at 190 s and must start
+    # again (without the pre-warm it was still there). The request-by-request comparison
+    # counts it as waiting longer, with the pre-warm in its way.
+    models = tuple(
+        ModelSpec(name, 12 * GIB, 36.0, 1.0, 5.0, GIB // 2, 0) for name in ("a", "b", "c")
+    )
+    requests = (
+        Request(0.0, "a", 5.0, "alice"),
+        Request(10.0, "c", 5.0, "carol"),
+        Request(190.0, "a", 5.0, "alice"),
+        Request(200.0, "b", 5.0, "bob"),
+    )
+    trace = Trace("evicted", 24 * GIB, 0, models, requests)
+    today = replay(trace, prewarm=False)
+    ahead = replay(trace, prewarm=True, foresight=True)
+    # b first; a, due at 190 s, is pre-warmed back too late (a start takes 36 s).
+    assert [p.model for p in ahead.prewarms] == ["b", "a"]
+    assert ahead.outcomes[3].waited < today.outcomes[3].waited  # b was ready
+    assert ahead.outcomes[2].prewarm_in_the_way == "evicted for the pre-warm of b"
+    assert ahead.outcomes[2].waited > today.outcomes[2].waited == 0  # it starts again
+    assert [o.prewarm_in_the_way for o in today.outcomes] == [None] * 4
+    assert [o.prewarm_in_the_way for o in ahead.outcomes if o.request != 2] == [None] * 3
