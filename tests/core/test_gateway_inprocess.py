@@ -177,7 +177,7 @@ async def test_models_listing_is_immediate_and_complete(tmp_path: Path) -> None:
         began = loop.time()
         async with h.client.get("/v1/models") as response:
             listing = await response.json()
-        assert loop.time() - began < 1.0
+        assert loop.time() - began < 5.0  # not held by the 30 s start
         states = {m["id"]: m["state"] for m in listing["data"]}
         assert states == {"slow": "starting", "slow-alias": "starting"}
         assert all(m["object"] == "model" and "created" in m for m in listing["data"])

@@ -151,7 +151,8 @@ async def test_a_slow_memory_return_on_gpu_0_does_not_hold_a_start_on_gpu_1(
     c_took = await served("c")
     b_took = await for_b
     await scheduler.shutdown(1.0)
-    assert c_took < 1.0, c_took  # a fake start is instant: nothing but the decision
+    # A fake start is instant: nothing but the decision (held behind the eviction: ~3.5 s).
+    assert c_took < SLOW / 2, c_took
     assert b_took >= SLOW - 0.2, b_took  # b waited for the memory to come back
 
 
