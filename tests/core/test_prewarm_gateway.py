@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from modelyard.scheduler.core import CancelPreWarm
 from modelyard.scheduler.supervisor import ModelUnavailable
-from tests.harness import Behaviour, Harness, engine_model, in_process_gateway
+from tests.harness import Behaviour, Harness, engine_model, in_process_gateway, vllm_on_gpu
 
 START_S = 0.3  # each engine's cold start
 READ_S = 0.4  # the user reads A's answer before asking B
@@ -113,3 +114,42 @@ async def test_a_request_that_joined_a_cancelled_prewarm_is_served_by_a_start_of
         status, _, _ = await asyncio.wait_for(request, timeout=15.0)
         assert status == 200
         assert supervisor.state.value == "ready"
+
+
+SLEEPER = {"a": vllm_on_gpu("10GiB", 0, sleep=1)}
+ONE_GPU = {"gpus": [{"index": 0, "memory": "24GiB"}]}
+
+
+async def test_a_cancelled_prewarm_of_a_sleeping_engine_keeps_the_sleeper(tmp_path: Path) -> None:
+    # The core cancels a pre-warm while its evictions still run (its wake has not begun): the
+    # sleeping engine stays asleep. Stopping it would turn its next request's wake (vLLM: 1-3
+    # s) into a cold start (30-60 s on a GPU), for a pre-warm nobody asked for.
+    behaviour = {"a": Behaviour(sleep_mode=True, wake_after=1.0)}
+    async with in_process_gateway(tmp_path, SLEEPER, behaviour, **ONE_GPU) as h:
+        scheduler = h.gateway.scheduler
+        assert (await h.chat("a"))[0] == 200
+        await scheduler.sleep("a", 1, "test")
+        assert h.model_state("a") == "sleeping"
+        scheduler._cancel_prewarm(CancelPreWarm("a", "b was asked for and needs its slot"))
+        await asyncio.sleep(0.5)
+        assert h.model_state("a") == "sleeping"
+        assert [e.model for e in h.gateway.events.recent(50) if e.kind == "prewarm_cancelled"] == [
+            "a"
+        ]
+
+
+async def test_a_cancelled_prewarm_wake_is_left_to_finish_and_kept(tmp_path: Path) -> None:
+    # A wake is not cut (vLLM would be left half awake): it finishes, and the engine stays
+    # up, for the planner to put back to sleep if the real request needs its room, as any
+    # idle engine. Stopping it after its wake would lose the sleeper and cost a 2-15 s stop.
+    behaviour = {"a": Behaviour(sleep_mode=True, wake_after=1.0)}
+    async with in_process_gateway(tmp_path, SLEEPER, behaviour, **ONE_GPU) as h:
+        scheduler = h.gateway.scheduler
+        assert (await h.chat("a"))[0] == 200
+        await scheduler.sleep("a", 1, "test")
+        load = asyncio.create_task(scheduler.load("a", "pre-warm: test"))
+        await h.wait_state("a", "waking", timeout=5.0)
+        scheduler._cancel_prewarm(CancelPreWarm("a", "b was asked for and needs its slot"))
+        await load
+        await asyncio.sleep(0.5)
+        assert h.model_state("a") == "ready"

@@ -659,24 +659,21 @@ class Scheduler:
             self.maybe_prewarm()  # one at a time: the next may go now
 
     def _cancel_prewarm(self, cancel: CancelPreWarm) -> None:
-        """A real request needs what this pre-warm holds: stop it (in the background)."""
+        """A real request needs what this pre-warm holds. A cold start under way stops at
+        once (its start slot is free). Nothing else is stopped: a pre-warm that has not
+        begun never will (`_prewarm` loads only what the core still pre-warms), and a wake is
+        left to finish (vLLM would be left half awake); the woken engine is then idle like
+        any other, for the planner to evict (put back to sleep) if the request needs its
+        room. Stopping a sleeper would turn its next wake into a cold start."""
         self.events.emit("prewarm_cancelled", cancel.target, cancel.reason)
         self._prewarm_gone(cancel.target, "cancelled")
         supervisor = self._supervisors.get(cancel.target)
-        if supervisor is not None and not supervisor.cancel_prewarm():
-            # Not a cold start under way: it has not begun, or it is a wake left to finish.
-            reason = f"pre-warm cancelled: {cancel.reason}"
-            self._in_background(self._stop_quietly(supervisor, reason), self._evicting)
+        if supervisor is not None:
+            supervisor.cancel_prewarm()
 
     def _prewarm_gone(self, model: str, why: str) -> None:
         if self.prewarm_stats.gone(model):
             self.events.emit("prewarm_wasted", model, f"{why} before any request came")
-
-    async def _stop_quietly(self, supervisor: ModelSupervisor, reason: str) -> None:
-        try:
-            await supervisor.stop(reason, drain=False)
-        finally:
-            self._notify()
 
     def _supervisor_to_wait_on(
         self, model: str, affinity: str | None = None, adapter: str | None = None
