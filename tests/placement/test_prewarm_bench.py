@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from bench.placement.prewarm import compare, goals_missed, replay
 from bench.placement.simulate import Request, Trace
+from bench.placement.wait_anatomy import EVICTED_MID_BURST, anatomy
 from bench.placement.world import ModelSpec
 
 GIB = 1024**3
@@ -57,3 +58,32 @@ def test_a_request_whose_idle_engine_a_pre_warm_evicted_is_named_in_the_way() ->
     assert ahead.outcomes[2].waited > today.outcomes[2].waited == 0  # it starts again
     assert [o.prewarm_in_the_way for o in today.outcomes] == [None] * 4
     assert [o.prewarm_in_the_way for o in ahead.outcomes if o.request != 2] == [None] * 3
+
+
+def test_the_wait_anatomy_charges_a_load_to_what_its_user_did_before() -> None:
+    # "x" and "y" (16 GiB each) do not fit together on 24 GiB. Alice asks x at 0 s and again
+    # at 60.5 s; Bob's y at 45 s evicts x in between: Alice's second load is a mid-burst
+    # eviction no pre-warm can spare (the room went to Bob's model with traffic), and so is
+    # the wait of her request at 62 s, for the same load. Bob switches to z (4 GiB) 255 s on.
+    models = tuple(
+        ModelSpec(name, gib * GIB, 30.0, 1.0, 5.0, GIB // 2, 0)
+        for name, gib in (("x", 16), ("y", 16), ("z", 4))
+    )
+    requests = (
+        Request(0.0, "x", 5.0, "alice"),
+        Request(45.0, "y", 5.0, "bob"),
+        Request(59.5, "x", 5.0, "alice"),
+        Request(62.0, "x", 5.0, "alice"),
+        Request(300.0, "z", 5.0, "bob"),
+    )
+    trace = Trace("anatomy", 24 * GIB, 0, models, requests)
+    waits = anatomy(trace)
+    today = replay(trace, prewarm=False).outcomes
+    assert {kind for kind, seconds in waits.items() if seconds > 0} == {
+        "the key's first request",
+        EVICTED_MID_BURST,
+        "another model, 1-5 minutes before",
+    }
+    assert waits["the key's first request"] == today[0].waited + today[1].waited
+    assert waits[EVICTED_MID_BURST] == today[2].waited + today[3].waited > 0
+    assert waits["another model, 1-5 minutes before"] == today[4].waited == 30.0
