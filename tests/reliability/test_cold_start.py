@@ -251,7 +251,10 @@ async def test_a_client_that_hangs_up_while_loading_leaves_and_cancels_nothing(
 def test_modelyard_load_shows_the_phases_and_status_the_progress(
     gateway_factory: Callable[..., RunningGateway],
 ) -> None:
-    gateway = gateway_factory({"chat": vllm_like("--vllm-start", "8", "--download")})
+    # A start of 12 s: its weights load for 2.4 s and it compiles for 3.6 s, several of the
+    # command's polls (0.5 s) each even on a loaded machine (CI ran 8 s once with phases of
+    # 1.6 s, and the command saw neither between two polls).
+    gateway = gateway_factory({"chat": vllm_like("--vllm-start", "12", "--download")})
     load = subprocess.Popen(
         [sys.executable, "-m", "modelyard", "load", "chat", "--url", gateway.url],
         stdout=subprocess.PIPE,
