@@ -36,9 +36,13 @@ from tests.core.virtual_gateway import Outcome, PreWarmRecord, VirtualGateway
 from bench.placement.policies import LruByFootprint
 from bench.placement.replay_core import models_of
 from bench.placement.simulate import TRACES, Simulation, Trace
+from modelyard.config.schema import DefaultsConfig
 from modelyard.scheduler.predictor import Chance, Predictor
 
 STRUCTURED = Path(__file__).parent / "structured"
+# The gateway's idle timer at its default: an engine idle this long sleeps (a model with a
+# sleep level) or stops, today and with pre-warming alike.
+IDLE_TIMEOUT_S = DefaultsConfig().idle_timeout
 # A request "waits longer because of a pre-warm" past this much (float noise, not seconds).
 LONGER_S = 1e-6
 
@@ -73,13 +77,16 @@ class Foresight(Predictor):
         return out
 
 
-def replay(trace: Trace, prewarm: bool, foresight: bool = False) -> Run:
+def replay(
+    trace: Trace, prewarm: bool, foresight: bool = False, idle_timeout: float = IDLE_TIMEOUT_S
+) -> Run:
     predictor = Foresight(trace) if foresight else Predictor() if prewarm else None
     world = VirtualGateway(
         models_of(trace),
         [trace.gpu_bytes],
         host_ram_for_sleep=trace.host_ram_for_sleep,
         predictor=predictor,
+        idle_timeout=idle_timeout,
     )
     for request in trace.requests:
         world.request(request.at, request.model, duration=request.service_s, key=request.key)

@@ -36,7 +36,7 @@ if __package__ in (None, ""):
 
 from tests.core.virtual_gateway import VirtualGateway
 
-from bench.placement.prewarm import STRUCTURED
+from bench.placement.prewarm import IDLE_TIMEOUT_S, STRUCTURED
 from bench.placement.replay_core import models_of
 from bench.placement.simulate import Trace
 
@@ -61,7 +61,10 @@ def _kind(previous: tuple[float, str] | None, at: float, model: str) -> str:
 def anatomy(trace: Trace) -> Counter[str]:
     """Today's load-wait on `trace` (seconds), by the class of the load each wait was for."""
     world = VirtualGateway(
-        models_of(trace), [trace.gpu_bytes], host_ram_for_sleep=trace.host_ram_for_sleep
+        models_of(trace),
+        [trace.gpu_bytes],
+        host_ram_for_sleep=trace.host_ram_for_sleep,
+        idle_timeout=IDLE_TIMEOUT_S,
     )
     for request in trace.requests:
         world.request(request.at, request.model, duration=request.service_s, key=request.key)

@@ -12,6 +12,10 @@ waiting requests 503 with Retry-After. Other decisions go on while an eviction r
 Timings default to a real GPU's: starts of 30-60 s, wakes of 0.3-3 s. Stops and sleeps take
 no time unless a model says so (`stop_s`, `sleep_s`; a real vLLM stop takes 2-15 s).
 
+With an `idle_timeout`, the idle timer runs as the driver's does: an engine idle that long is
+put to sleep (a model with a sleep level) or stopped, as the core's `IdleCheck` decides.
+Without one (the default), engines stay until an eviction.
+
 It records what the properties of issue 22 are checked on: every state change of every engine
 (`transitions`), every decision (`decisions`), and the planned memory per GPU after every event
 (`peak_bytes`, with an assertion that it never exceeds a GPU).
@@ -22,25 +26,38 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
-from modelyard.placement.policy import Action, Engine, EngineState, GpuCapacity, Sleep, Target
+from modelyard.placement.policy import (
+    Action,
+    Engine,
+    EngineState,
+    GpuCapacity,
+    Sleep,
+    Stop,
+    Target,
+)
 from modelyard.scheduler.core import (
     CancelPreWarm,
     CarryOut,
     Command,
     Dropped,
     EvictionsDone,
+    IdleCheck,
+    IdleEngine,
     PreWarmAsk,
     PreWarmNow,
     PreWarmOver,
+    PutToSleep,
     RefuseNow,
     SchedulerCore,
     StartNow,
+    StopIdle,
     WaitUntil,
     Wanted,
 )
 from modelyard.scheduler.decide import Ask, Snapshot, unlimited_gpus
 from modelyard.scheduler.predictor import Predictor
 from modelyard.scheduler.prewarm import CHECK_EVERY_S, Candidate, horizon
+from modelyard.scheduler.scheduler import IDLE_CHECK_INTERVAL_S
 
 GIB = 1024**3
 
@@ -127,10 +144,12 @@ class VirtualGateway:
         host_ram_for_sleep: int | None = None,
         nodes: list[str] | None = None,
         predictor: Predictor | None = None,
+        idle_timeout: float = 0.0,
     ) -> None:
         """`gpus`: the GPUs' sizes in bytes; None for a machine without managed GPUs.
         `nodes`: on a cluster, the node each GPU is in. `predictor`: learn from the requests
-        and pre-warm (None: never pre-warm, today's policy)."""
+        and pre-warm (None: never pre-warm, today's policy). `idle_timeout`: every model's
+        (0: engines are never idle-stopped)."""
         self.models = models
         self.gpus = gpus
         self.nodes = nodes
@@ -154,6 +173,7 @@ class VirtualGateway:
         # Engines a pre-warm evicted, until they are loaded again: what it was for.
         self._evicted_for_prewarm: dict[str, str] = {}
         self._ticking = False
+        self.idle_timeout = idle_timeout
 
     # ----- the test's inputs -----
 
@@ -179,6 +199,7 @@ class VirtualGateway:
             live.gpus = (gpu,)
         else:
             live.gpus = (allowed[0],) if allowed else self._home(model)
+        self._idle_timer(model)
 
     def run(self, until: float = 10_000.0) -> list[Outcome]:
         while self._events and self._events[0][0] <= until:
@@ -230,6 +251,7 @@ class VirtualGateway:
             assert isinstance(data, str)
             self.live[data].in_flight -= 1
             self.live[data].last_used = self.now
+            self._idle_timer(data)
         elif kind == "loaded":
             name, generation = data  # type: ignore[misc]
             live = self.live[name]
@@ -249,6 +271,7 @@ class VirtualGateway:
             for index in live.waiters:
                 self._serve(name, index)
             live.waiters = []
+            self._idle_timer(name)  # a pre-warm nobody has asked for yet
         elif kind == "crash":
             name, generation = data  # type: ignore[misc]
             live = self.live[name]
@@ -286,6 +309,8 @@ class VirtualGateway:
             predictor = self.predictor
             if predictor is not None and predictor.in_use(self.now, predictor.window_s):
                 self._tick()
+        elif kind == "idle_check":
+            self._check_idle()
         elif kind == "wake_deciders":
             self._wakeups.discard(data)  # type: ignore[arg-type]
         elif kind == "deadline":
@@ -335,6 +360,45 @@ class VirtualGateway:
             for command in self.core.step(wanted):
                 self.decisions.append(Decided(self.now, name, command))
                 self._carry_out(name, command)
+
+    def _idle_timer(self, name: str) -> None:
+        """Check `name`'s idleness once its timeout has passed (the driver checks every
+        0.25 s; checking just then decides the same)."""
+        live = self.live[name]
+        if self.idle_timeout > 0 and live.last_used is not None:
+            due = live.last_used + self.idle_timeout + IDLE_CHECK_INTERVAL_S
+            self._push(due, "idle_check", None)
+
+    def _check_idle(self) -> None:
+        """The driver's idle timer: the core picks the engines idle past their timeout."""
+        engines = []
+        for name, live in self.live.items():
+            idle = (
+                live.state is EngineState.READY
+                and live.in_flight == 0
+                and not live.waiters
+                and live.last_used is not None
+            )
+            engines.append(
+                IdleEngine(
+                    name,
+                    self.now - live.last_used if idle and live.last_used is not None else None,
+                    self.idle_timeout,
+                    self.models[name].pinned,
+                    self.models[name].sleep_level,
+                    model=name,
+                    running=live.state
+                    in (EngineState.READY, EngineState.STARTING, EngineState.WAKING),
+                )
+            )
+        for verdict in self.core.step(IdleCheck(tuple(engines))):
+            self.decisions.append(Decided(self.now, verdict.key, verdict))
+            if isinstance(verdict, PutToSleep):
+                self._evict((Sleep(verdict.key, verdict.level),))
+            else:
+                assert isinstance(verdict, StopIdle)
+                self._evict((Stop(verdict.key),))
+            self.log.append((self.now, verdict.key, f"idle: {verdict.reason}"))
 
     def _waste(self, name: str) -> None:
         """Evicted (or cancelled) before any request came: the pre-warm was wasted."""
