@@ -3,20 +3,20 @@
     python -m bench.placement.prewarm [TRACE.json ...]
 
 Each trace (default: the traces with structure in `structured/`, then the random ones in
-`traces/`) is replayed by `tests/core/virtual_gateway.py` three times: as today (no pre-
-warming), with a `Predictor` learning from the requests as they come, the core deciding each
-pre-warm, and with perfect foresight (`Foresight`: the chance is 1 for every model whose
-next request comes within the horizon, 0 for the others), under the same rules. The last is
-what knowing the future buys with the same decision rule while a pre-warm may use only free
-or idle memory and a free start slot (not a strict ceiling: its pre-warms change later
-evictions too, for better or worse). Printed side by side with footprint-LRU (a typical
-launcher's policy, from the simulator): total load-wait, the ratio to today's, pre-warms
-made, used and wasted, the wait they spared, and how many requests waited longer with pre-
-warming than without, compared request by request on the same trace. Of those, the column
-says in brackets how many had a pre-warm in their way (it evicted their idle or sleeping
-engine, or they waited for one to be cancelled or evicted); the rest waited longer because
-one decision changed every later one (another engine resident, another victim chosen), not
-because of a pre-warm at their moment.
+`traces/`) is replayed by `tests/core/virtual_gateway.py` three times: as today (no
+pre-warming), with a `Predictor` learning from the requests as they come, the core deciding
+each pre-warm, and with perfect foresight (`Foresight`: the chance is 1 for every model
+whose next request comes within the horizon, 0 for the others), under the same rules. The
+last is what knowing the future buys with the same decision rule while a pre-warm may use
+only free or idle memory and a free start slot (not a strict ceiling: its pre-warms change
+later evictions too, for better or worse). Printed side by side with footprint-LRU (a
+typical launcher's policy, from the simulator): total load-wait, the ratio to today's,
+pre-warms made, used and wasted, the wait they spared, and how many requests waited longer
+with pre-warming than without, compared request by request on the same trace. Of those, the
+column says in brackets how many had a pre-warm in their way (it evicted their idle or
+sleeping engine, or they waited for one to be cancelled or evicted); the rest waited longer
+because one decision changed every later one (another engine resident, another victim
+chosen), not because of a pre-warm at their moment.
 """
 
 from __future__ import annotations
