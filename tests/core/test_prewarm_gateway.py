@@ -8,7 +8,9 @@ served warm. The pre-warm is an event with its reason, and the metrics count it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -118,38 +120,40 @@ async def test_a_request_that_joined_a_cancelled_prewarm_is_served_by_a_start_of
 
 SLEEPER = {"a": vllm_on_gpu("10GiB", 0, sleep=1)}
 ONE_GPU = {"gpus": [{"index": 0, "memory": "24GiB"}]}
+CANCEL = CancelPreWarm("a", "b was asked for and needs its slot")
+
+
+@contextlib.asynccontextmanager
+async def asleep(tmp_path: Path) -> AsyncIterator[Harness]:
+    """A gateway whose model `a` served a request and went to sleep (a wake takes 1 s)."""
+    behaviour = {"a": Behaviour(sleep_mode=True, wake_after=1.0)}
+    async with in_process_gateway(tmp_path, SLEEPER, behaviour, **ONE_GPU) as h:
+        assert (await h.chat("a"))[0] == 200
+        await h.gateway.scheduler.sleep("a", 1, "test")
+        assert h.model_state("a") == "sleeping"
+        yield h
 
 
 async def test_a_cancelled_prewarm_of_a_sleeping_engine_keeps_the_sleeper(tmp_path: Path) -> None:
     # The core cancels a pre-warm while its evictions still run (its wake has not begun): the
     # sleeping engine stays asleep. Stopping it would turn its next request's wake (vLLM: 1-3
     # s) into a cold start (30-60 s on a GPU), for a pre-warm nobody asked for.
-    behaviour = {"a": Behaviour(sleep_mode=True, wake_after=1.0)}
-    async with in_process_gateway(tmp_path, SLEEPER, behaviour, **ONE_GPU) as h:
-        scheduler = h.gateway.scheduler
-        assert (await h.chat("a"))[0] == 200
-        await scheduler.sleep("a", 1, "test")
-        assert h.model_state("a") == "sleeping"
-        scheduler._cancel_prewarm(CancelPreWarm("a", "b was asked for and needs its slot"))
+    async with asleep(tmp_path) as h:
+        h.gateway.scheduler._cancel_prewarm(CANCEL)
         await asyncio.sleep(0.5)
         assert h.model_state("a") == "sleeping"
-        assert [e.model for e in h.gateway.events.recent(50) if e.kind == "prewarm_cancelled"] == [
-            "a"
-        ]
+        cancelled = [e.model for e in h.gateway.events.recent(50) if e.kind == "prewarm_cancelled"]
+        assert cancelled == ["a"]
 
 
 async def test_a_cancelled_prewarm_wake_is_left_to_finish_and_kept(tmp_path: Path) -> None:
     # A wake is not cut (vLLM would be left half awake): it finishes, and the engine stays
     # up, for the planner to put back to sleep if the real request needs its room, as any
     # idle engine. Stopping it after its wake would lose the sleeper and cost a 2-15 s stop.
-    behaviour = {"a": Behaviour(sleep_mode=True, wake_after=1.0)}
-    async with in_process_gateway(tmp_path, SLEEPER, behaviour, **ONE_GPU) as h:
-        scheduler = h.gateway.scheduler
-        assert (await h.chat("a"))[0] == 200
-        await scheduler.sleep("a", 1, "test")
-        load = asyncio.create_task(scheduler.load("a", "pre-warm: test"))
+    async with asleep(tmp_path) as h:
+        load = asyncio.create_task(h.gateway.scheduler.load("a", "pre-warm: test"))
         await h.wait_state("a", "waking", timeout=5.0)
-        scheduler._cancel_prewarm(CancelPreWarm("a", "b was asked for and needs its slot"))
+        h.gateway.scheduler._cancel_prewarm(CANCEL)
         await load
         await asyncio.sleep(0.5)
         assert h.model_state("a") == "ready"
