@@ -78,10 +78,11 @@ class Foresight(Predictor):
         return out
 
 
-def replay(
-    trace: Trace, prewarm: bool, foresight: bool = False, idle_timeout: float = IDLE_TIMEOUT_S
-) -> Run:
-    predictor = Foresight(trace) if foresight else Predictor() if prewarm else None
+def replayed(
+    trace: Trace, predictor: Predictor | None = None, idle_timeout: float = IDLE_TIMEOUT_S
+) -> VirtualGateway:
+    """The virtual gateway once it has served the whole trace (its outcomes, transitions and
+    pre-warms kept), pre-warming with `predictor` (None: as today)."""
     world = VirtualGateway(
         models_of(trace),
         [trace.gpu_bytes],
@@ -91,7 +92,16 @@ def replay(
     )
     for request in trace.requests:
         world.request(request.at, request.model, duration=request.service_s, key=request.key)
-    return Run(world.run(until=math.inf), world.prewarms)
+    world.run(until=math.inf)
+    return world
+
+
+def replay(
+    trace: Trace, prewarm: bool, foresight: bool = False, idle_timeout: float = IDLE_TIMEOUT_S
+) -> Run:
+    predictor = Foresight(trace) if foresight else Predictor() if prewarm else None
+    world = replayed(trace, predictor, idle_timeout)
+    return Run(world.outcomes, world.prewarms)
 
 
 @dataclass(frozen=True)

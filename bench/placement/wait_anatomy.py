@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -34,10 +33,7 @@ if __package__ in (None, ""):
     _ROOT = Path(__file__).resolve().parents[2]
     sys.path[:0] = [str(_ROOT), str(_ROOT / "src")]
 
-from tests.core.virtual_gateway import VirtualGateway
-
-from bench.placement.prewarm import IDLE_TIMEOUT_S, STRUCTURED
-from bench.placement.replay_core import models_of
+from bench.placement.prewarm import STRUCTURED, replayed
 from bench.placement.simulate import Trace
 
 EVICTED_MID_BURST = "same model, under a minute before"
@@ -60,15 +56,7 @@ def _kind(previous: tuple[float, str] | None, at: float, model: str) -> str:
 
 def anatomy(trace: Trace) -> Counter[str]:
     """Today's load-wait on `trace` (seconds), by the class of the load each wait was for."""
-    world = VirtualGateway(
-        models_of(trace),
-        [trace.gpu_bytes],
-        host_ram_for_sleep=trace.host_ram_for_sleep,
-        idle_timeout=IDLE_TIMEOUT_S,
-    )
-    for request in trace.requests:
-        world.request(request.at, request.model, duration=request.service_s, key=request.key)
-    outcomes = world.run(until=math.inf)
+    world = replayed(trace)
     changes: dict[str, tuple[list[float], list[str]]] = {}
     for at, model, _, after in world.transitions:
         times, states = changes.setdefault(model, ([], []))
@@ -84,7 +72,7 @@ def anatomy(trace: Trace) -> Counter[str]:
     waits: Counter[str] = Counter()
     previous: dict[str, tuple[float, str]] = {}
     load_kind: dict[str, str] = {}  # the kind of each model's latest load
-    for outcome, request in zip(outcomes, trace.requests, strict=True):
+    for outcome, request in zip(world.outcomes, trace.requests, strict=True):
         kind = _kind(previous.get(request.key), request.at, request.model)
         state = state_at(request.model, request.at)
         if state in AT_REST:

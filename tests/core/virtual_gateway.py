@@ -373,16 +373,13 @@ class VirtualGateway:
         """The driver's idle timer: the core picks the engines idle past their timeout."""
         engines = []
         for name, live in self.live.items():
-            idle = (
-                live.state is EngineState.READY
-                and live.in_flight == 0
-                and not live.waiters
-                and live.last_used is not None
-            )
+            idle_s = None
+            if live.state is EngineState.READY and not (live.in_flight or live.waiters):
+                idle_s = None if live.last_used is None else self.now - live.last_used
             engines.append(
                 IdleEngine(
                     name,
-                    self.now - live.last_used if idle and live.last_used is not None else None,
+                    idle_s,
                     self.idle_timeout,
                     self.models[name].pinned,
                     self.models[name].sleep_level,
