@@ -158,17 +158,17 @@ def user_habits(rng: random.Random, users: int) -> list[list[str]]:
     return [rng.sample(names, rng.choice([2, 3])) for _ in range(users)]
 
 
-def daily(rng: random.Random) -> list[list[Any]]:
+def daily(rng: random.Random, users: int = 3) -> list[list[Any]]:
     """Daily cycles: three working days; each user works 9:00-12:00 and 14:00-17:00 with
     their own chain, nobody at night (the trace's times are seconds since Monday 00:00)."""
     requests: list[list[Any]] = []
     monday = 4 * 24 * 3600.0  # Unix day 4 was a Monday: time-of-day patterns line up
-    habits = user_habits(rng, 3)  # the same people, with the same habits, every day
+    habits = user_habits(rng, users)  # the same people, with the same habits, every day
     for day in range(3):
         for hours in ((9, 12), (14, 17)):
             begin = monday + day * 86400.0 + hours[0] * 3600.0
             length = (hours[1] - hours[0]) * 3600.0
-            requests += chains(random.Random(rng.random()), 3, length, begin, habits)
+            requests += chains(random.Random(rng.random()), users, length, begin, habits)
     return requests
 
 
@@ -219,6 +219,11 @@ def main() -> None:
         ("agent-chains", 4, chains(random.Random(4), 3, DURATION_S, habits=AGENTS), "3 agents"),
         ("users-habits", 5, chains(random.Random(5), 6, DURATION_S), "6 users, own habits"),
         ("daily-cycle", 6, daily(random.Random(6)), "3 working days of 3 users' chains"),
+        # The same habits on a box that is not shared: one agent (its chain still needs 36
+        # GiB), one user's working days. Where the GPU is not full of other users' models in
+        # use, a pre-warm finds room.
+        ("agent-alone", 4, chains(random.Random(4), 1, DURATION_S, habits=AGENTS[:1]), "1 agent"),
+        ("daily-alone", 6, daily(random.Random(6), 1), "3 working days of 1 user's chains"),
     ):
         for sleep in (True, False):
             models = model_table() if sleep else [{**m, "sleep_level": 0} for m in model_table()]

@@ -4,8 +4,9 @@
 
 Each trace is replayed as today (no pre-warming) through `tests/core/virtual_gateway.py`.
 Every load (a start or a wake) is charged to the request that set it off (its model was
-stopped or asleep when it came), together with the waits of the requests that joined it
-while it ran. Each load is then classed by that request's key's previous request:
+stopped or asleep when it came, and no earlier request was still waiting for it), together
+with the waits of the requests that joined it, while it ran or while it waited its turn
+behind another start. Each load is then classed by that request's key's previous request:
 
 - **the same model, under a minute before:** the model was evicted in the middle of its
   user's burst, for another user's request. A pre-warm cannot bring it back earlier: the
@@ -16,9 +17,8 @@ while it ran. Each load is then classed by that request's key's previous request
 
 The share of the first class is what pre-warming cannot aim at: a pre-warming that spared
 every other load in full would still leave it. It is an estimate, not a proof (every pre-warm
-changes later evictions, for better or worse), and it is what rules the 0.5x goal of issue 28
-out on most of these traces. The traces with structure by default: the random ones name no
-users, so "the key's previous request" there is anybody's.
+changes later evictions, for better or worse). The traces with structure by default: the
+random ones name no users, so "the key's previous request" there is anybody's.
 """
 
 from __future__ import annotations
@@ -72,13 +72,18 @@ def anatomy(trace: Trace) -> Counter[str]:
     waits: Counter[str] = Counter()
     previous: dict[str, tuple[float, str]] = {}
     load_kind: dict[str, str] = {}  # the kind of each model's latest load
+    # When each model's latest load was done (its first request served). A request that
+    # comes before then joins that load, even while the model is still at rest: the load may
+    # be queued behind another GPU's start or an eviction, and has not begun yet.
+    load_done: dict[str, float] = {}
     for outcome, request in zip(world.outcomes, trace.requests, strict=True):
         kind = _kind(previous.get(request.key), request.at, request.model)
         state = state_at(request.model, request.at)
-        if state in AT_REST:
-            load_kind[request.model] = kind
-        elif state in JOINING:
+        if request.at < load_done.get(request.model, -1.0) or state in JOINING:
             kind = load_kind.get(request.model, kind)
+        elif state in AT_REST:
+            load_kind[request.model] = kind
+            load_done[request.model] = request.at + outcome.waited
         waits[kind] += outcome.waited
         previous[request.key] = (request.at, request.model)
     return waits

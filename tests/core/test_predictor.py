@@ -72,6 +72,34 @@ def test_a_burst_still_going_on_makes_the_successor_less_likely_yet() -> None:
     assert chance.probability == pytest.approx(0.6 * 20 / 61)
 
 
+def test_an_agent_s_next_model_is_foreseen_from_the_first_request_of_its_turn() -> None:
+    # An agent's round: four requests for the coder, 5 s apart, then the reasoner 30 s after
+    # the first. After any single coder request the next is the coder again three times in
+    # four, so counted per request the reasoner is unlikely (20 in 80 requests) until the
+    # burst has gone quiet, too late for its 40 s start. Counted per turn, 20 of 20 coder
+    # turns went on to the reasoner 30 s after they began: a start made at the turn's first
+    # request is ready about when the reasoner is asked for.
+    predictor = Predictor(window_s=300.0, half_life_s=math.inf)
+    t = 0.0
+    for _ in range(20):
+        for step in range(4):
+            predictor.observe(t + 5.0 * step, "agent", "coder")
+        predictor.observe(t + 30.0, "agent", "reasoner")
+        t += 1000.0
+    predictor.observe(t, "agent", "coder")
+    per_request = predictor.arrival(t, "coder", "reasoner", "agent", 0.0, 40.0)
+    assert per_request == pytest.approx(20 / 81)
+    [chance] = predictor.chances(t, {"reasoner": 40.0})
+    assert chance.probability == pytest.approx(20 / 21)
+    assert chance.reason == "after coder, 0.95 within 40 s"
+    # Later in the turn (its second request, 5 s on), the turn still began at t.
+    predictor.observe(t + 5.0, "agent", "coder")
+    [later] = predictor.chances(t + 6.0, {"reasoner": 40.0})
+    assert later.probability == pytest.approx(20 / 21)
+    # Once the reasoner's usual time has passed with no reasoner, the turn no longer says so.
+    assert predictor.turn_arrival(t + 40.0, "coder", "reasoner", "agent", 40.0, 40.0) == 0.0
+
+
 def test_a_successor_outside_the_window_is_not_a_transition() -> None:
     predictor = Predictor(window_s=60.0)
     t = rounds(predictor, 20, "coder", "reasoner", 120.0)

@@ -87,3 +87,21 @@ def test_the_wait_anatomy_charges_a_load_to_what_its_user_did_before() -> None:
     assert waits["the key's first request"] == today[0].waited + today[1].waited
     assert waits[EVICTED_MID_BURST] == today[2].waited + today[3].waited > 0
     assert waits["another model, 1-5 minutes before"] == today[4].waited == 30.0
+
+
+def test_a_request_queued_for_a_load_that_has_not_begun_joins_that_load() -> None:
+    # Bob's y starts at 0 s (30 s, one start at a time on the GPU); Alice's x, asked at 1 s,
+    # waits for the start slot, still stopped, when she asks for x again at 6 s. Her second
+    # request joins her first one's load: it is no mid-burst eviction (x was never loaded).
+    models = tuple(ModelSpec(name, 8 * GIB, 30.0, 1.0, 5.0, GIB // 2, 0) for name in ("x", "y"))
+    requests = (
+        Request(0.0, "y", 5.0, "bob"),
+        Request(1.0, "x", 5.0, "alice"),
+        Request(6.0, "x", 5.0, "alice"),
+    )
+    trace = Trace("queued", 24 * GIB, 0, models, requests)
+    today = replay(trace, prewarm=False).outcomes
+    assert today[2].waited > 30.0  # behind y's start, then x's own
+    waits = anatomy(trace)
+    assert waits[EVICTED_MID_BURST] == 0
+    assert waits["the key's first request"] == sum(outcome.waited for outcome in today)

@@ -17,6 +17,14 @@ Two counts, each decayed with a half-life so old habits fade:
   "some time within the window"), so a model is pre-warmed just before it is usually asked
   for, not as soon as X is. One unseen request is added to the count (Laplace), so thin
   evidence gives a lower chance, never a certainty.
+- the same transitions counted per turn: a key's turn of X begins with its first request for
+  X and lasts while its requests for X keep coming; how long after the turn began did the key
+  first ask for Y? An agent asks X a few times, seconds apart, then Y: after each single
+  request for X the next one is most likely X again, so the first count sees Y coming only
+  once the burst has gone quiet, too late for a 30-60 s start; the turn sees it coming from
+  the turn's first request. The same share is taken (turns whose Y came `e` to `e + h`
+  seconds after the turn began, among those with no other model by `e`), and the higher of
+  the two chances is the transition's.
 - the hour of the week (day of the week and time of day): how often Y was asked for in this
   hour, per week the history covers; in the first week, the hour of the day, per day. Requests
   arriving as a Poisson stream at that rate give `1 - exp(-rate * horizon)`.
@@ -75,10 +83,12 @@ class _Decayed:
 
 @dataclass
 class _Pending:
-    """A request for `model` by one key, still within the window for its successor."""
+    """A key's turn of `model`, still within the window for its successor: its latest
+    request came at `at`, its first at `began`."""
 
     model: str
     at: float
+    began: float
 
 
 @dataclass
@@ -98,6 +108,9 @@ class Predictor:
     # those followed by Y (X itself: the burst went on) after a gap in that bucket, Y "" any.
     _asked: dict[tuple[str, str], _Decayed] = field(default_factory=dict)
     _gaps: dict[tuple[str, str, str, int], _Decayed] = field(default_factory=dict)
+    # Per turn: (key, X, Y, bucket) the turns of X whose key asked Y first after a gap from the
+    # turn's beginning in that bucket, Y "" any. Turns are counted in `_seen`.
+    _turn_gaps: dict[tuple[str, str, str, int], _Decayed] = field(default_factory=dict)
     _last: dict[str, _Pending] = field(default_factory=dict)  # per key
     _hourly: dict[tuple[str, int], _Decayed] = field(default_factory=dict)  # hour of week
     _daily: dict[tuple[str, int], _Decayed] = field(default_factory=dict)  # hour of day
@@ -124,11 +137,16 @@ class Predictor:
         if pending is not None:
             # X's turn is over: it was seen once, and followed by `model` if that came in time.
             # (Counted only now, so an X still waiting for its successor does not count.)
+            turn = now - pending.began
             for who in {key, ""}:
                 self._count(self._seen, (who, pending.model), now)
                 if now - pending.at <= self.window_s:
                     self._count(self._followed, (who, pending.model, model), now)
-        self._last[key] = _Pending(model, now)
+                if turn <= self.window_s and model != pending.model:
+                    bucket = self._bucket(turn)
+                    self._count(self._turn_gaps, (who, pending.model, model, bucket), now)
+                    self._count(self._turn_gaps, (who, pending.model, "", bucket), now)
+        self._last[key] = _Pending(model, now, now)
         self._switches.add(now, self.switch_half_life_s)
         self._count(self._hourly, (model, hour_of_week(now)), now)
         self._count(self._daily, (model, hour_of_week(now) % 24), now)
@@ -141,30 +159,34 @@ class Predictor:
             return [[*key, count.value, count.at] for key, count in table.items()]
 
         return {
-            "version": 2,
+            "version": 3,
             "first": self._first,
             "seen": rows(self._seen),
             "followed": rows(self._followed),
             "asked": rows(self._asked),
             "gaps": rows(self._gaps),
+            "turn_gaps": rows(self._turn_gaps),
             "hourly": rows(self._hourly),
             "daily": rows(self._daily),
-            "last": [[key, p.model, p.at] for key, p in self._last.items()],
+            "last": [[key, p.model, p.at, p.began] for key, p in self._last.items()],
             "switches": [self._switches.value, self._switches.at],
         }
 
     def load(self, raw: dict[str, Any]) -> None:
         """Take the counts `to_dict` wrote (this predictor's own settings stay)."""
-        if raw.get("version") != 2:
+        if raw.get("version") != 3:
             raise ValueError(f"unknown pre-warm habits version {raw.get('version')!r}")
         self._first = raw["first"]
         self._seen = {(r[0], r[1]): _Decayed(r[2], r[3]) for r in raw["seen"]}
         self._followed = {(r[0], r[1], r[2]): _Decayed(r[3], r[4]) for r in raw["followed"]}
         self._asked = {(r[0], r[1]): _Decayed(r[2], r[3]) for r in raw["asked"]}
         self._gaps = {(r[0], r[1], r[2], int(r[3])): _Decayed(r[4], r[5]) for r in raw["gaps"]}
+        self._turn_gaps = {
+            (r[0], r[1], r[2], int(r[3])): _Decayed(r[4], r[5]) for r in raw["turn_gaps"]
+        }
         self._hourly = {(r[0], int(r[1])): _Decayed(r[2], r[3]) for r in raw["hourly"]}
         self._daily = {(r[0], int(r[1])): _Decayed(r[2], r[3]) for r in raw["daily"]}
-        self._last = {r[0]: _Pending(r[1], r[2]) for r in raw["last"]}
+        self._last = {r[0]: _Pending(r[1], r[2], r[3]) for r in raw["last"]}
         self._switches = _Decayed(*raw["switches"])
 
     def _count(self, table: dict[_K, _Decayed], key: _K, now: float) -> None:
@@ -193,9 +215,19 @@ class Predictor:
     def _bucket(self, gap: float) -> int:
         return min(bisect.bisect_right(self.edges(), gap), len(self.edges()) - 1)
 
-    def _mass(self, now: float, who: str, after: str, then: str, low: float, high: float) -> float:
-        """The decayed count of X's requests followed by `then` ("" any) after a gap in
-        [low, high), spreading each bucket's count evenly over the bucket."""
+    def _mass(
+        self,
+        table: dict[tuple[str, str, str, int], _Decayed],
+        now: float,
+        who: str,
+        after: str,
+        then: str,
+        low: float,
+        high: float,
+    ) -> float:
+        """The decayed count in `table` (`_gaps`: X's requests, `_turn_gaps`: X's turns)
+        followed by `then` ("" any) after a gap in [low, high), spreading each bucket's count
+        evenly over the bucket."""
         edges = self.edges()
         total = 0.0
         for index in range(self._bucket(low), len(edges)):
@@ -203,10 +235,28 @@ class Predictor:
             if lower >= high:
                 break
             overlap = min(high, edges[index]) - max(low, lower)
-            count = self._gaps.get((who, after, then, index))
+            count = table.get((who, after, then, index))
             if overlap > 0.0 and count is not None:
                 total += count.read(now, self.half_life_s) * overlap / (edges[index] - lower)
         return total
+
+    def _share(
+        self,
+        table: dict[tuple[str, str, str, int], _Decayed],
+        count: float,
+        now: float,
+        who: str,
+        after: str,
+        then: str,
+        elapsed: float,
+        horizon: float,
+    ) -> float:
+        """Of `count` requests (or turns) of `after` in `table`, the share followed by `then`
+        `elapsed` to `elapsed + horizon` after, among those followed by nothing by `elapsed`."""
+        ended = self._mass(table, now, who, after, "", 0.0, elapsed)
+        hits = self._mass(table, now, who, after, then, elapsed, elapsed + horizon)
+        # One more than counted (Laplace): thin evidence is never a certainty.
+        return min(hits / (max(count - ended, 0.0) + 1.0), 1.0)
 
     def arrival(
         self, now: float, after: str, then: str, key: str, elapsed: float, horizon: float
@@ -218,10 +268,20 @@ class Predictor:
             if seen is None or seen.read(now, self.half_life_s) < self.min_seen:
                 continue
             asked = self._asked[(who, after)].read(now, self.half_life_s)
-            ended = self._mass(now, who, after, "", 0.0, elapsed)
-            hits = self._mass(now, who, after, then, elapsed, elapsed + horizon)
-            # One more request than counted (Laplace): thin evidence is never a certainty.
-            return min(hits / (max(asked - ended, 0.0) + 1.0), 1.0)
+            return self._share(self._gaps, asked, now, who, after, then, elapsed, horizon)
+        return 0.0
+
+    def turn_arrival(
+        self, now: float, after: str, then: str, key: str, began: float, horizon: float
+    ) -> float:
+        """P(`then` is asked for by `key` within `horizon` from now | its turn of `after` began
+        `began` ago and it asked for no other model since): see the module docstring."""
+        for who in (key, ""):
+            seen = self._seen.get((who, after))
+            if seen is None or seen.read(now, self.half_life_s) < self.min_seen:
+                continue
+            turns = seen.read(now, self.half_life_s)
+            return self._share(self._turn_gaps, turns, now, who, after, then, began, horizon)
         return 0.0
 
     def switch_rate(self, now: float) -> float:
@@ -271,11 +331,16 @@ class Predictor:
             best, reason = 0.0, ""
             for key, pending in self._last.items():
                 # The successor comes within the window after X; past it, X says nothing.
-                if now - pending.at > self.window_s:
-                    continue
-                if pending.model == model:
+                if now - pending.at > self.window_s or pending.model == model:
                     continue
                 p = self.arrival(now, pending.model, model, key, now - pending.at, horizon)
+                if now - pending.began <= self.window_s:
+                    p = max(
+                        p,
+                        self.turn_arrival(
+                            now, pending.model, model, key, now - pending.began, horizon
+                        ),
+                    )
                 if p > best:
                     best = p
                     reason = f"after {pending.model}, {p:.2f} within {horizon:.0f} s"
