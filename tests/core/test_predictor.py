@@ -26,6 +26,20 @@ def rounds(
     return t
 
 
+def burst_rounds(
+    predictor: Predictor, burst: int, first: str, then: str, after: float, key: str = "k"
+) -> float:
+    """20 rounds, 1000 s apart, of `burst` requests for `first` 5 s apart, then `then` `after`
+    s after the round began; returns the clock."""
+    t = 0.0
+    for _ in range(20):
+        for step in range(burst):
+            predictor.observe(t + 5.0 * step, key, first)
+        predictor.observe(t + after, key, then)
+        t += 1000.0
+    return t
+
+
 def test_a_then_b_is_learned_with_its_reason() -> None:
     predictor = Predictor(window_s=60.0)
     t = rounds(predictor, 20, "coder", "reasoner", 10.0)
@@ -61,12 +75,7 @@ def test_a_burst_still_going_on_makes_the_successor_less_likely_yet() -> None:
     # a, the next request is another a two times in three: b within 8 s (3 s of the 5-10 s
     # bucket) is 3/5 of 20 in 60 requests for a (and one unseen).
     predictor = Predictor(window_s=60.0, half_life_s=math.inf)
-    t = 0.0
-    for _ in range(20):
-        for step in range(3):
-            predictor.observe(t + 5.0 * step, "k", "a")
-        predictor.observe(t + 15.0, "k", "b")
-        t += 1000.0
+    t = burst_rounds(predictor, 3, "a", "b", 15.0)
     predictor.observe(t, "k", "a")
     [chance] = predictor.chances(t, {"b": 8.0})
     assert chance.probability == pytest.approx(0.6 * 20 / 61)
@@ -80,12 +89,7 @@ def test_an_agent_s_next_model_is_foreseen_from_the_first_request_of_its_turn() 
     # turns went on to the reasoner 30 s after they began: a start made at the turn's first
     # request is ready about when the reasoner is asked for.
     predictor = Predictor(window_s=300.0, half_life_s=math.inf)
-    t = 0.0
-    for _ in range(20):
-        for step in range(4):
-            predictor.observe(t + 5.0 * step, "agent", "coder")
-        predictor.observe(t + 30.0, "agent", "reasoner")
-        t += 1000.0
+    t = burst_rounds(predictor, 4, "coder", "reasoner", 30.0, key="agent")
     predictor.observe(t, "agent", "coder")
     per_request = predictor.arrival(t, "coder", "reasoner", "agent", 0.0, 40.0)
     assert per_request == pytest.approx(20 / 81)
