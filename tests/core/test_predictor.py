@@ -122,6 +122,22 @@ def test_the_probability_is_the_share_of_rounds() -> None:
     assert predictor.transition(t, "a", "b", "k") == pytest.approx(0.7)
 
 
+def test_a_wall_clock_set_back_mid_turn_gives_no_chance_out_of_bounds() -> None:
+    # The gateway learns on the wall clock (habits span days), which NTP may set back: a
+    # turn then "began" in the future, and its gap is negative. It counts as an immediate
+    # switch, and every chance stays a probability.
+    predictor = Predictor(window_s=300.0, half_life_s=math.inf)
+    t = burst_rounds(predictor, 2, "coder", "reasoner", 20.0, key="agent")
+    predictor.observe(t, "agent", "coder")
+    predictor.observe(t - 3600.0, "agent", "reasoner")  # an hour back
+    predictor.observe(t - 3590.0, "agent", "coder")
+    for now in (t - 7200.0, t - 3590.0, t, t + 10.0):
+        for chance in predictor.chances(now, {"reasoner": 40.0, "coder": 40.0}):
+            assert 0.0 <= chance.probability <= 1.0
+    [chance] = predictor.chances(t - 3590.0, {"reasoner": 40.0})
+    assert chance.probability == pytest.approx(21 / 22)  # the set-back switch counts too
+
+
 def test_too_few_observations_predict_nothing() -> None:
     predictor = Predictor(window_s=60.0, min_seen=3.0)
     t = rounds(predictor, 2, "a", "b", 5.0)
