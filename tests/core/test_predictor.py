@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from pathlib import Path
 
@@ -242,4 +243,20 @@ def test_a_damaged_habits_file_is_set_aside(tmp_path: Path) -> None:
     predictor = Predictor()
     HabitsFile(tmp_path / "habits.json").read_into(predictor)
     assert predictor.to_dict()["seen"] == []
+    assert (tmp_path / "habits.damaged").exists()
+
+
+def test_habits_written_before_turns_were_counted_are_set_aside(tmp_path: Path) -> None:
+    # A version-2 file has no per-turn counts and its keys' turns have no beginning: read as
+    # they are, every turn would seem to begin at its latest request. Learning starts afresh.
+    predictor = Predictor(window_s=60.0)
+    rounds(predictor, 10, "a", "b", 5.0)
+    old = predictor.to_dict()
+    old["version"] = 2
+    del old["turn_gaps"]
+    old["last"] = [row[:3] for row in old["last"]]
+    (tmp_path / "habits.json").write_text(json.dumps(old))
+    fresh = Predictor(window_s=60.0)
+    HabitsFile(tmp_path / "habits.json").read_into(fresh)
+    assert fresh.to_dict()["seen"] == []
     assert (tmp_path / "habits.damaged").exists()
