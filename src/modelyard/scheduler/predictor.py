@@ -195,15 +195,26 @@ class Predictor:
     def transition(self, now: float, after: str, then: str, key: str = "") -> float:
         """P(`then` within the window | a request for `after` by `key`), from the counts at
         `now`: the key's own once it has seen `after` `min_seen` times, else every key's."""
+        whose = self._whose(now, after, key)
+        if whose is None:
+            return 0.0
+        who, turns = whose
+        followed = self._followed.get((who, after, then))
+        if followed is None:
+            return 0.0
+        return min(followed.read(now, self.half_life_s) / turns, 1.0)
+
+    def _whose(self, now: float, after: str, key: str) -> tuple[str, float] | None:
+        """Whose counts speak for `key` after `after`: its own once it has seen `after`'s turn
+        `min_seen` times, else every key's (""); with how many turns of `after` they saw.
+        None: too few yet."""
         for who in (key, ""):
             seen = self._seen.get((who, after))
-            if seen is None or seen.read(now, self.half_life_s) < self.min_seen:
-                continue
-            followed = self._followed.get((who, after, then))
-            if followed is None:
-                return 0.0
-            return min(followed.read(now, self.half_life_s) / seen.read(now, self.half_life_s), 1.0)
-        return 0.0
+            if seen is not None:
+                turns = seen.read(now, self.half_life_s)
+                if turns >= self.min_seen:
+                    return who, turns
+        return None
 
     def edges(self) -> list[float]:
         """The gap buckets' upper edges: `GAP_EDGES_S` below the window, then the window."""
@@ -263,26 +274,23 @@ class Predictor:
     ) -> float:
         """P(`then` is asked for by `key` within `horizon` from now | its last request, for
         `after`, was `elapsed` ago and nothing came since): see the module docstring."""
-        for who in (key, ""):
-            seen = self._seen.get((who, after))
-            if seen is None or seen.read(now, self.half_life_s) < self.min_seen:
-                continue
-            asked = self._asked[(who, after)].read(now, self.half_life_s)
-            return self._share(self._gaps, asked, now, who, after, then, elapsed, horizon)
-        return 0.0
+        whose = self._whose(now, after, key)
+        if whose is None:
+            return 0.0
+        who, _ = whose
+        asked = self._asked[(who, after)].read(now, self.half_life_s)
+        return self._share(self._gaps, asked, now, who, after, then, elapsed, horizon)
 
     def turn_arrival(
         self, now: float, after: str, then: str, key: str, began: float, horizon: float
     ) -> float:
         """P(`then` is asked for by `key` within `horizon` from now | its turn of `after` began
         `began` ago and it asked for no other model since): see the module docstring."""
-        for who in (key, ""):
-            seen = self._seen.get((who, after))
-            if seen is None or seen.read(now, self.half_life_s) < self.min_seen:
-                continue
-            turns = seen.read(now, self.half_life_s)
-            return self._share(self._turn_gaps, turns, now, who, after, then, began, horizon)
-        return 0.0
+        whose = self._whose(now, after, key)
+        if whose is None:
+            return 0.0
+        who, turns = whose
+        return self._share(self._turn_gaps, turns, now, who, after, then, began, horizon)
 
     def switch_rate(self, now: float) -> float:
         """First requests for a model (not the rest of a burst) per second, all keys, lately:
