@@ -52,6 +52,7 @@ LONGER_S = 1e-6
 class Run:
     outcomes: list[Outcome]
     prewarms: list[PreWarmRecord]
+    keeps: list[PreWarmRecord]  # engines the idle timer kept up for pre-warming
 
     @property
     def total_wait(self) -> float:
@@ -101,7 +102,7 @@ def replay(
 ) -> Run:
     predictor = Foresight(trace) if foresight else Predictor() if prewarm else None
     world = replayed(trace, predictor, idle_timeout)
-    return Run(world.outcomes, world.prewarms)
+    return Run(world.outcomes, world.prewarms, world.keeps)
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,8 @@ class Row:
     longer: int  # requests that waited longer with pre-warming
     longer_in_the_way: int  # of those, requests that had a pre-warm in their way
     foresight: float  # load-wait with perfect foresight, under the same rules
+    kept: int  # idle spells in which the idle timer kept an engine up for pre-warming
+    kept_used: int  # of those, ended by a request for it (not by a stop or a sleep)
 
     @property
     def ratio(self) -> float:
@@ -133,6 +136,7 @@ class Row:
             f"| **{self.learned:,.0f}** | {self.ratio:.2f}x | {self.made} | {self.used} "
             f"| {self.wasted} ({self.waste:.0%}) | {self.spared:,.0f} "
             f"| {self.longer} ({self.longer_in_the_way}) "
+            f"| {self.kept} ({self.kept_used}) "
             f"| {self.foresight:,.0f} ({self.foresight / self.today if self.today else 1:.2f}x) |"
         )
 
@@ -141,8 +145,8 @@ HEADER = (
     "| trace | requests | footprint-LRU (s) | modelyard today (s) | with pre-warming (s) "
     "| vs today | pre-warms | used | wasted | wait spared (s) "
     "| requests waiting longer (a pre-warm in the way) "
-    "| perfect foresight (s) |\n"
-    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    "| kept idle (then asked for) | perfect foresight (s) |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
@@ -169,6 +173,8 @@ def compare(trace: Trace) -> Row:
         len(longer),
         sum(1 for outcome in longer if outcome.prewarm_in_the_way is not None),
         replay(trace, prewarm=True, foresight=True).total_wait,
+        len(learned.keeps),
+        sum(k.used_at is not None for k in learned.keeps),
     )
 
 
@@ -182,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in paths:
         row = compare(Trace.load(path))
         print(row.markdown(), flush=True)
-        missed += goals_missed(row, structured=path.parent == STRUCTURED)
+        missed += goals_missed(row, structured=path.resolve().parent == STRUCTURED.resolve())
     print("\ngoals: " + (f"missed: {'; '.join(missed)}" if missed else "met on every trace"))
     return 0
 

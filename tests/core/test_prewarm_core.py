@@ -7,7 +7,8 @@
 - a real request that needs the start slot of a pre-warm has it cancelled, at once.
 
 And end to end in virtual time: an A-then-B habit learned over 20 rounds, the 21st B served
-warm (its start begun when A was asked for).
+warm (its start begun when A was asked for). The idle timer keeps an engine that pre-warming
+would start again at once: a working morning's pauses then find it up.
 """
 
 from __future__ import annotations
@@ -19,10 +20,15 @@ import pytest
 from modelyard.placement.policy import Engine, EngineState, GpuCapacity, Sleep, Stop, Target
 from modelyard.scheduler.core import (
     CancelPreWarm,
+    IdleCheck,
+    IdleEngine,
+    KeepIdle,
     PreWarmAsk,
     PreWarmNow,
+    PutToSleep,
     SchedulerCore,
     StartNow,
+    StopIdle,
     WaitUntil,
     Wanted,
 )
@@ -194,3 +200,142 @@ def test_a_cancelled_prewarm_start_frees_the_start_slot_at_once() -> None:
     [prewarm] = [p for p in world.prewarms if p.model == "b"][:1]
     assert prewarm.wasted
     assert (5.0, "b", "starting", "stopping") in world.transitions
+
+
+# ----- the idle timer keeps what pre-warming would start again -----
+
+
+def test_the_idle_timer_keeps_an_engine_that_prewarming_would_start_again() -> None:
+    """A model's last engine, idle past its timeout and unable to sleep, stays up while its
+    chance of being asked for within that timeout is a pre-warm's (0.7 or more); below it, as
+    a sleeper, as a replica above the last, or busy, the idle timer does as before."""
+    likely = "this hour of the day, 0.81 within 600 s"
+    engines = (
+        IdleEngine("chat", 700.0, 600.0, pinned=False, sleep_level=0),
+        IdleEngine("vision", 700.0, 600.0, pinned=False, sleep_level=0),
+        IdleEngine("coder", 700.0, 600.0, pinned=False, sleep_level=1),
+        IdleEngine("agent", 700.0, 600.0, pinned=False, sleep_level=0, model="agent"),
+        IdleEngine("agent#2", 700.0, 600.0, pinned=False, sleep_level=0, model="agent"),
+        IdleEngine("busy", None, 600.0, pinned=False, sleep_level=0),
+    )
+    expected = (
+        Chance("chat", 0.81, 600.0, likely),
+        Chance("vision", 0.69, 600.0, "after chat, 0.69 within 600 s"),
+        Chance("coder", 0.95, 600.0, likely),
+        Chance("agent", 0.9, 600.0, likely),
+        Chance("busy", 1.0, 600.0, likely),
+        # Hostile or stale: a chance for a model with no engine, or one outside [0, 1].
+        Chance("ghost", 1.0, 600.0, likely),
+        Chance("chat#2", 7.0, 600.0, likely),
+    )
+    verdicts = SchedulerCore().step(IdleCheck(engines, expected))
+    assert sorted(verdicts, key=repr) == sorted(
+        [
+            KeepIdle("chat", f"idle for 700s, kept: {likely}"),
+            StopIdle("vision", "idle for 700s"),
+            PutToSleep("coder", 1, "idle for 700s"),  # a wake spares little: it sleeps
+            StopIdle("agent#2", "scale down: idle for 700s", scale_down=True),
+            KeepIdle("agent", f"idle for 700s, kept: {likely}"),
+        ],
+        key=repr,
+    )
+    # Without pre-warming's chances, the same engines go as they always did.
+    plain = SchedulerCore().step(IdleCheck(engines))
+    assert not any(isinstance(verdict, KeepIdle) for verdict in plain)
+    assert len(plain) == 5
+
+
+def working_mornings(world: VirtualGateway, days: int) -> dict[int, list[int]]:
+    """A user's mornings, 9:00-12:00, Monday on: a request every 5.5 min (each the first of
+    its burst: more than the predictor's 5 min apart) four times, then one after a 12 min
+    pause (past the 10 min idle timeout), over and over: 8.8 an hour. Returns, per day, the
+    requests that came after a pause."""
+    monday = 4 * 86400.0  # Unix day 4 was a Monday
+    after_pause: dict[int, list[int]] = {}
+    for day in range(days):
+        t = monday + day * 86400.0 + 9 * 3600.0
+        while t + 3 * 330.0 + 720.0 < monday + day * 86400.0 + 12 * 3600.0:
+            for _ in range(4):
+                world.request(t, "chat", duration=5.0, key="alice")
+                t += 330.0
+            t += 720.0 - 330.0
+            after_pause.setdefault(day, []).append(world.request(t, "chat", 5.0, "alice"))
+            t += 330.0
+    return after_pause
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_a_working_mornings_pauses_start_cold_today_and_find_the_engine_kept_once_learned(
+    learned: bool,
+) -> None:
+    """A 40 s start (vLLM on a GPU), sleep off, the default 10 min idle timeout. Today the
+    engine stops in every 12 min pause and the next request waits for a cold start. Learned
+    (two mornings of history: about 8.8 requests an hour, so about 0.77 within 10 min), it is
+    kept through the pauses of the third morning, and stopped once the morning is over (no
+    request at noon, ever: the chance is 0)."""
+    models = {"chat": Model(bytes=8 * GIB, start_s=40.0, stop_s=5.0)}
+    world = VirtualGateway(
+        models, [24 * GIB], predictor=Predictor() if learned else None, idle_timeout=600.0
+    )
+    after_pause = working_mornings(world, days=3)
+    outcomes = world.run(until=1e9)
+    third = [outcomes[i].waited for i in after_pause[2]]
+    if not learned:
+        assert third == [pytest.approx(40.0)] * len(third)
+        assert world.keeps == []
+        return
+    # Served warm, but for one: the hour of 11 saw fewer requests on the first two mornings
+    # (the 34 min pattern does not fit the hour), and its chance, 0.6, keeps nothing.
+    assert len(third) == 5
+    assert sorted(third) == [0.0, 0.0, 0.0, 0.0, pytest.approx(40.0)]
+    assert all("this hour of the day" in k.reason for k in world.keeps)
+    stops = [at for at, name, _, after in world.transitions if after == "stopping"]
+    noon = 4 * 86400.0 + 2 * 86400.0 + 12 * 3600.0
+    last = max(outcome.arrived for outcome in outcomes)
+    assert last < noon
+    assert any(last + 600.0 <= at <= noon + 900.0 for at in stops)
+
+
+class KeepsChat(Predictor):
+    """Certain that chat comes within its idle timeout (600 s), but says nothing within a
+    start (so nothing is pre-warmed: the idle timer alone is under test)."""
+
+    def chances(self, now: float, horizons: dict[str, float]) -> list[Chance]:
+        return [
+            Chance(m, 1.0, h, "certain") for m, h in horizons.items() if m == "chat" and h >= 600.0
+        ]
+
+
+def test_a_kept_engine_gives_its_room_to_a_real_request() -> None:
+    """A kept engine is as idle as before: a model that needs its room evicts it (and waits
+    its stop, as for any idle engine: the bench counts such a request as one with a pre-warm
+    in its way)."""
+    models = {
+        "chat": Model(bytes=8 * GIB, start_s=40.0, stop_s=5.0),
+        "big": Model(bytes=20 * GIB, start_s=40.0, stop_s=5.0),
+    }
+    world = VirtualGateway(models, [24 * GIB], predictor=KeepsChat(), idle_timeout=600.0)
+    world.request(0.0, "chat", duration=5.0, key="alice")
+    big = world.request(2000.0, "big", duration=5.0, key="bob")
+    outcomes = world.run(until=1e9)
+    assert [k.model for k in world.keeps] == ["chat"]
+    assert world.keeps[0].wasted
+    assert outcomes[big].status == 200
+    assert outcomes[big].waited == pytest.approx(5.0 + 40.0)
+    assert outcomes[big].prewarm_in_the_way == "evicted chat, kept up past its idle stop"
+
+
+def test_an_engine_is_not_kept_where_the_next_start_would_have_to_evict_it() -> None:
+    """A 16 GiB engine on a 24 GiB GPU leaves 8 GiB beside it: another model its size could
+    not start without evicting it, so it stops at its idle timeout as it always did, and the
+    next model starts at once."""
+    models = {
+        "chat": Model(bytes=16 * GIB, start_s=40.0, stop_s=5.0),
+        "other": Model(bytes=16 * GIB, start_s=40.0, stop_s=5.0),
+    }
+    world = VirtualGateway(models, [24 * GIB], predictor=KeepsChat(), idle_timeout=600.0)
+    world.request(0.0, "chat", duration=5.0, key="alice")
+    other = world.request(2000.0, "other", duration=5.0, key="bob")
+    outcomes = world.run(until=1e9)
+    assert world.keeps == []
+    assert outcomes[other].waited == pytest.approx(40.0)

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from modelyard.scheduler.core import CancelPreWarm
+from modelyard.scheduler.predictor import Chance, Predictor
+from modelyard.scheduler.prewarm import LOOKAHEAD_S
 from modelyard.scheduler.supervisor import ModelUnavailable
 from tests.harness import Behaviour, Harness, engine_model, in_process_gateway, vllm_on_gpu
 
@@ -157,3 +159,53 @@ async def test_a_cancelled_prewarm_wake_is_left_to_finish_and_kept(tmp_path: Pat
         await load
         await asyncio.sleep(0.5)
         assert h.model_state("a") == "ready"
+
+
+class Habitual(Predictor):
+    """Stands for a learned "this hour of the day" habit: `model` is asked for within the
+    test's idle timeout (0.5 s), and nothing is said for a pre-warm's horizon (30 s or more:
+    nothing is pre-warmed, the idle timer alone is under test)."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__()
+        self.model = model
+
+    def chances(self, now: float, horizons: dict[str, float]) -> list[Chance]:
+        return [
+            Chance(m, 0.9, h, f"this hour of the day, 0.90 within {h:.0f} s")
+            for m, h in horizons.items()
+            if m == self.model and h < LOOKAHEAD_S
+        ]
+
+
+async def test_the_idle_timer_keeps_an_engine_that_prewarming_would_start_again(
+    tmp_path: Path,
+) -> None:
+    """`a` (pre-warming on) stays up past its idle timeout while its habit says it comes
+    within that timeout; `b` (pre-warming off) stops as it always did. The keep is one event
+    with its reason (not one per check), the metrics count it kept then used, and a's next
+    request is served warm. Once the habit says nothing, `a` stops at the next check."""
+    models = {"a": engine_model(), "b": {**engine_model(), "prewarm": "off"}}
+    slow = {name: Behaviour(ready_after=START_S) for name in models}
+    defaults = {"defaults": {"prewarm": "auto", "idle_timeout": "0.5s"}}
+    async with in_process_gateway(tmp_path, models, slow, **defaults) as h:
+        scheduler = h.gateway.scheduler
+        scheduler.predictor = Habitual("a")
+        assert (await h.chat("a"))[0] == 200
+        assert (await h.chat("b"))[0] == 200
+        await h.wait_state("b", "stopped", timeout=10.0)
+        await asyncio.sleep(1.0)  # four idle checks and more past a's timeout
+        assert h.model_state("a") == "ready"
+        kept = [e for e in h.gateway.events.recent(200) if e.kind == "prewarm_kept"]
+        assert [e.model for e in kept] == ["a"]
+        assert kept[0].reason.startswith("idle for ")
+        assert kept[0].reason.endswith(", kept: this hour of the day, 0.90 within 0 s")
+        began = time.monotonic()
+        assert (await h.chat("a"))[0] == 200
+        assert time.monotonic() - began < START_S / 2  # served warm
+        assert (scheduler.prewarm_stats.kept, scheduler.prewarm_stats.used) == (1, 1)
+        exposition = h.gateway.metrics.exposition().decode()
+        assert 'modelyard_prewarms_total{model="a",outcome="kept"} 1.0' in exposition
+        assert 'modelyard_prewarms_total{model="a",outcome="used"} 1.0' in exposition
+        scheduler.predictor = Predictor()  # the habit is gone: nothing keeps it
+        await h.wait_state("a", "stopped", timeout=10.0)

@@ -24,6 +24,7 @@ It records what the properties of issue 22 are checked on: every state change of
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass, field
 
 from modelyard.placement.policy import (
@@ -43,6 +44,7 @@ from modelyard.scheduler.core import (
     EvictionsDone,
     IdleCheck,
     IdleEngine,
+    KeepIdle,
     PreWarmAsk,
     PreWarmNow,
     PreWarmOver,
@@ -55,7 +57,7 @@ from modelyard.scheduler.core import (
     Wanted,
 )
 from modelyard.scheduler.decide import Ask, Snapshot, unlimited_gpus
-from modelyard.scheduler.predictor import Predictor
+from modelyard.scheduler.predictor import Chance, Predictor
 from modelyard.scheduler.prewarm import CHECK_EVERY_S, Candidate, horizon
 from modelyard.scheduler.scheduler import IDLE_CHECK_INTERVAL_S
 
@@ -170,9 +172,14 @@ class VirtualGateway:
         self.predictor = predictor
         self.prewarms: list[PreWarmRecord] = []
         self._open_prewarm: dict[str, PreWarmRecord] = {}  # not yet used, nor wasted
+        # Engines the idle timer kept for pre-warming (`KeepIdle`), one record per idle spell.
+        self.keeps: list[PreWarmRecord] = []
+        self._open_keep: dict[str, PreWarmRecord] = {}
+        self._idle_recheck = False
         # Engines a pre-warm evicted, until they are loaded again: what it was for.
         self._evicted_for_prewarm: dict[str, str] = {}
         self._ticking = False
+        self._last_arrival = -math.inf  # the driver's timer runs while requests are to come
         self.idle_timeout = idle_timeout
 
     # ----- the test's inputs -----
@@ -182,6 +189,7 @@ class VirtualGateway:
         self.outcomes.append(Outcome(index, model, at))
         self._durations[index] = duration
         self._keys[index] = key
+        self._last_arrival = max(self._last_arrival, at)
         self._push(at, "arrive", index)
         self._push(at + self.models[model].start_timeout, "deadline", index)
         return index
@@ -209,9 +217,10 @@ class VirtualGateway:
             self._decide_all()
             self._maybe_prewarm()
             self._check_memory()
-        for record in self._open_prewarm.values():
-            record.wasted = True  # never asked for before the trace ended
-        self._open_prewarm.clear()
+        for open_records in (self._open_prewarm, self._open_keep):
+            for record in open_records.values():
+                record.wasted = True  # never asked for before the trace ended
+            open_records.clear()
         return self.outcomes
 
     # ----- events -----
@@ -236,6 +245,9 @@ class VirtualGateway:
             if self.predictor is not None:
                 self.predictor.observe(self.now, self._keys[data], outcome.model)
                 self._tick()
+            kept = self._open_keep.pop(outcome.model, None)
+            if kept is not None:
+                kept.used_at = self.now
             record = self._open_prewarm.pop(outcome.model, None)
             if record is not None:
                 record.used_at = self.now
@@ -306,10 +318,12 @@ class VirtualGateway:
             self.core.step(EvictionsDone(target, number, ok=True))
         elif kind == "prewarm_tick":
             self._ticking = False
-            predictor = self.predictor
-            if predictor is not None and predictor.in_use(self.now, predictor.window_s):
+            if self.predictor is not None and self.now < self._last_arrival:
                 self._tick()
         elif kind == "idle_check":
+            self._check_idle()
+        elif kind == "idle_recheck":
+            self._idle_recheck = False
             self._check_idle()
         elif kind == "wake_deciders":
             self._wakeups.discard(data)  # type: ignore[arg-type]
@@ -388,24 +402,51 @@ class VirtualGateway:
                     in (EngineState.READY, EngineState.STARTING, EngineState.WAKING),
                 )
             )
-        for verdict in self.core.step(IdleCheck(tuple(engines))):
+        expected: tuple[Chance, ...] = ()
+        if self.predictor is not None:
+            past = {
+                e.key: e.idle_timeout
+                for e in engines
+                if e.idle_s is not None and e.idle_timeout and e.idle_s >= e.idle_timeout
+            }
+            expected = tuple(self.predictor.chances(self.now, past))
+        kept = False
+        check = IdleCheck(tuple(engines), expected, self._snapshot(""))
+        for verdict in self.core.step(check):
             self.decisions.append(Decided(self.now, verdict.key, verdict))
+            if isinstance(verdict, KeepIdle):
+                if verdict.key not in self._open_keep:
+                    record = PreWarmRecord(
+                        self.now, verdict.key, verdict.reason, self.models[verdict.key].start_s
+                    )
+                    self.keeps.append(record)
+                    self._open_keep[verdict.key] = record
+                    self.log.append((self.now, verdict.key, f"idle: {verdict.reason}"))
+                kept = True
+                continue
             if isinstance(verdict, PutToSleep):
                 self._evict((Sleep(verdict.key, verdict.level),))
             else:
                 assert isinstance(verdict, StopIdle)
                 self._evict((Stop(verdict.key),))
             self.log.append((self.now, verdict.key, f"idle: {verdict.reason}"))
+        # The driver checks again every 0.25 s; every 2 s decides alike here (and, a day after
+        # the trace's last request, the run ends: a chance may stay high forever).
+        if kept and not self._idle_recheck and self.now < self._last_arrival + 86400.0:
+            self._idle_recheck = True
+            self._push(self.now + CHECK_EVERY_S, "idle_recheck", None)
 
     def _waste(self, name: str) -> None:
-        """Evicted (or cancelled) before any request came: the pre-warm was wasted."""
-        record = self._open_prewarm.pop(name, None)
-        if record is not None:
-            record.wasted = True
+        """Evicted (or cancelled) before any request came: the pre-warm (or the idle timer's
+        keeping it) was wasted."""
+        for open_records in (self._open_prewarm, self._open_keep):
+            record = open_records.pop(name, None)
+            if record is not None:
+                record.wasted = True
 
     def _tick(self) -> None:
-        """Ask about pre-warms again in `CHECK_EVERY_S`, as the driver's timer does, while a
-        habit may be due (some key asked for something within the predictor's window)."""
+        """Ask about pre-warms again in `CHECK_EVERY_S`, as the driver's timer does (always,
+        whoever asked lately: a habit of the hour grows due after a quiet night)."""
         if not self._ticking:
             self._ticking = True
             self._push(self.now + CHECK_EVERY_S, "prewarm_tick", None)
@@ -516,6 +557,8 @@ class VirtualGateway:
             for action in command.actions:
                 if action.name in self._open_prewarm:
                     self._in_the_way(name, f"evicted the unused pre-warm of {action.name}")
+                elif action.name in self._open_keep:
+                    self._in_the_way(name, f"evicted {action.name}, kept up past its idle stop")
             at = self._evict(command.actions)
             self._push(at, "evicted", (name, command.number))
 

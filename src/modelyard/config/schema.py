@@ -186,7 +186,9 @@ class ModelConfig(StrictModel):
         default=None, description="readiness check path; default /health (vllm, command)"
     )
     idle_timeout: Duration | None = Field(
-        default=None, description="stop (or sleep) after this long unused; 0 = never"
+        default=None,
+        description="stop (or sleep) after this long unused; 0 = never (with prewarm: auto, "
+        "kept while pre-warming would start it again at once)",
     )
     start_timeout: Duration | None = Field(
         default=None,
@@ -547,7 +549,9 @@ class DefaultsConfig(StrictModel):
     """Settings every model gets unless it sets its own."""
 
     idle_timeout: Duration = Field(
-        default=600.0, description="stop (or sleep) an engine after this long unused; 0 = never"
+        default=600.0,
+        description="stop (or sleep) an engine after this long unused; 0 = never (with "
+        "prewarm: auto, one that pre-warming would start again at once is kept)",
     )
     start_timeout: Duration = Field(
         default=300.0, description="kill a start that shows no progress for this long"

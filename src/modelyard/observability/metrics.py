@@ -38,7 +38,12 @@ MAX_ROUTE_LABELS = 100
 OTHER = "other"
 
 
-PREWARM_OUTCOMES = {"prewarm": "made", "prewarm_used": "used", "prewarm_wasted": "wasted"}
+PREWARM_OUTCOMES = {
+    "prewarm": "made",
+    "prewarm_kept": "kept",
+    "prewarm_used": "used",
+    "prewarm_wasted": "wasted",
+}
 
 
 class SchedulerView(Protocol):
@@ -158,7 +163,8 @@ class GatewayMetrics:
         )
         self.prewarms = Counter(
             "modelyard_prewarms",
-            "Pre-warms by outcome: made, used (asked for before it went), wasted.",
+            "Pre-warms by outcome: made, kept (an idle engine kept up), used (asked for before it "
+            "went), wasted.",
             ["model", "outcome"],
             registry=registry,
         )

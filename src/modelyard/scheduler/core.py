@@ -22,9 +22,9 @@ busy (no second plan counts on them). A reservation ends when its target starts,
 or is abandoned by its requests.
 
 It also answers the queue bounds (`Arrived` -> a `RefuseNow` when a queue is full) and the idle
-timer (`IdleCheck` -> `PutToSleep` / `StopIdle`), which need no memory between steps, and
-decides replicas (`ScaleCheck` -> `ScaleUp`, scheduler/scaling.py), remembering since when
-each model has been overloaded.
+timer (`IdleCheck` -> `PutToSleep` / `StopIdle` / `KeepIdle`), which need no memory between
+steps, and decides replicas (`ScaleCheck` -> `ScaleUp`, scheduler/scaling.py), remembering
+since when each model has been overloaded.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ from modelyard.scheduler.decide import (
     Wait,
     decide,
 )
-from modelyard.scheduler.prewarm import Candidate, PreWarm, choose_prewarm
+from modelyard.scheduler.predictor import Chance
+from modelyard.scheduler.prewarm import MIN_PROBABILITY, Candidate, PreWarm, choose_prewarm
 from modelyard.scheduler.scaling import (
     SCALE_UP_AFTER_S,
     IdleSlot,
@@ -129,6 +130,11 @@ class IdleCheck:
     """The idle timer fired: which engines have been idle past their timeout?"""
 
     engines: tuple[IdleEngine, ...]
+    # For models with pre-warming on: the predictor's chance that each is asked for within
+    # its idle timeout (as long as a pre-warm made now would stay up unused), and the world
+    # as placement sees it (whether an engine kept up leaves room beside it).
+    expected: tuple[Chance, ...] = ()
+    snapshot: Snapshot | None = None
 
 
 @dataclass(frozen=True)
@@ -221,6 +227,15 @@ class PutToSleep:
 
 
 @dataclass(frozen=True)
+class KeepIdle:
+    """Idle past its timeout, but pre-warming would start it again at once: it stays up (as
+    idle as before: a request that needs its room still evicts it)."""
+
+    key: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class StopIdle:
     """Idle past its timeout: stop it, unless a request came meanwhile."""
 
@@ -264,6 +279,7 @@ Command = (
     | RefuseNow
     | PutToSleep
     | StopIdle
+    | KeepIdle
     | PreWarmNow
     | CancelPreWarm
     | ScaleUp
@@ -560,10 +576,31 @@ def _queue_bounds(event: Arrived) -> list[Command]:
     return [RefuseNow(event.model, 503, event.retry_after, "queue_full", message)]
 
 
+def _room_beside(snapshot: Snapshot | None, key: str) -> bool:
+    """Whether each of the engine's GPUs has as much free memory again as it holds: another
+    model of its size could start without evicting it. An engine kept up past its idle stop
+    must not be what the next start waits for (its stop takes 2-15 s), where the GPU is full
+    of other users' models. Without managed GPUs, memory decides nothing."""
+    if snapshot is None or not snapshot.gpus:
+        return True
+    engine = next((e for e in snapshot.engines if e.name == key), None)
+    if engine is None:
+        return False
+    for gpu in snapshot.gpus:
+        if gpu.index not in engine.gpus:
+            continue
+        held = sum(e.held_bytes_per_gpu for e in snapshot.engines if gpu.index in e.gpus)
+        if gpu.total_bytes - gpu.foreign_bytes - held < engine.held_bytes_per_gpu:
+            return False
+    return True
+
+
 def _idle_verdicts(event: IdleCheck) -> list[Command]:
     """Sleep (where it can) or stop every unpinned engine idle past its timeout, keeping each
     model's `min_replicas` running; a replica with another engine of its model running
-    stops (a scale-down)."""
+    stops (a scale-down). A model's last engine that pre-warming would start again (its
+    chance of being asked for within its idle timeout is a pre-warm's), and that leaves room
+    beside it, is kept."""
     slots = [
         IdleSlot(
             e.key,
@@ -577,10 +614,24 @@ def _idle_verdicts(event: IdleCheck) -> list[Command]:
         )
         for e in event.engines
     ]
+    expected = {chance.model: chance for chance in event.expected}
     verdicts: list[Command] = []
     for slot, scale_down in idle_stops(slots):
         reason = f"idle for {slot.idle_s or 0.0:.0f}s"
-        if scale_down:
+        chance = expected.get(slot.model)
+        if (
+            not scale_down
+            and not slot.sleep_level
+            and chance is not None
+            and chance.probability >= MIN_PROBABILITY
+            and _room_beside(event.snapshot, slot.key)
+        ):
+            # Stopped now, it would be pre-warmed again (or started cold) before its next
+            # idle stop: the stop and the start would spare nothing and cost a start. (One
+            # that can sleep goes to sleep: its next request waits a wake of 1-3 s, about as
+            # long as the sleep a real request would wait for if it needed the room.)
+            verdicts.append(KeepIdle(slot.key, f"{reason}, kept: {chance.reason}"))
+        elif scale_down:
             verdicts.append(StopIdle(slot.key, f"scale down: {reason}", scale_down=True))
         elif slot.sleep_level:
             verdicts.append(PutToSleep(slot.key, slot.sleep_level, reason))

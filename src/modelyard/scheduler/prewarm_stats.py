@@ -1,4 +1,5 @@
-"""What pre-warms did: made, used (a request came before the engine went idle-stopped or
+"""What pre-warms did: made, or kept (an engine the idle timer kept up because pre-warming
+would start it again at once); used (a request came before the engine was idle-stopped or
 evicted), wasted (it went first, or was cancelled), and the wait they spared."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from dataclasses import dataclass, field
 @dataclass
 class PreWarmStats:
     made: int = 0
+    kept: int = 0
     used: int = 0
     wasted: int = 0
     spared_s: float = 0.0
@@ -17,6 +19,10 @@ class PreWarmStats:
 
     def made_for(self, model: str, now: float, wait_s: float) -> None:
         self.made += 1
+        self._open[model] = (now, wait_s)
+
+    def kept_for(self, model: str, now: float, wait_s: float) -> None:
+        self.kept += 1
         self._open[model] = (now, wait_s)
 
     def asked_for(self, model: str, now: float) -> float | None:
@@ -41,6 +47,7 @@ class PreWarmStats:
     def as_dict(self) -> dict[str, float]:
         return {
             "made": self.made,
+            "kept": self.kept,
             "used": self.used,
             "wasted": self.wasted,
             "spared_s": round(self.spared_s, 3),

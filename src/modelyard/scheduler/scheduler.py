@@ -51,6 +51,7 @@ from modelyard.scheduler.core import (
     EvictionsDone,
     IdleCheck,
     IdleEngine,
+    KeepIdle,
     PreWarmAsk,
     PreWarmNow,
     PreWarmOver,
@@ -66,7 +67,7 @@ from modelyard.scheduler.core import (
 )
 from modelyard.scheduler.decide import Ask, Snapshot
 from modelyard.scheduler.names import Target, UnknownModel
-from modelyard.scheduler.predictor import Predictor
+from modelyard.scheduler.predictor import Chance, Predictor
 from modelyard.scheduler.prewarm import CHECK_EVERY_S, Candidate, horizon
 from modelyard.scheduler.prewarm_habits import HABITS_NAME, HabitsFile
 from modelyard.scheduler.prewarm_stats import PreWarmStats
@@ -156,6 +157,7 @@ class Scheduler:
         self._prewarm_for: GatewayConfig | None = None
         self._prewarm_any = False
         self._prewarm_checked = 0.0  # the timer's last pre-warm check (clock)
+        self._kept_idle: set[str] = set()  # engines the idle timer keeps up for pre-warming
         self._habits = HabitsFile(Path(config.state_dir).expanduser() / HABITS_NAME)
         self._habits.read_into(self.predictor)
 
@@ -1046,23 +1048,28 @@ class Scheduler:
         stops the others' idle timers: a failed sleep falls back to a stop.
         """
         acted = []
-        check = IdleCheck(
-            tuple(
-                IdleEngine(
-                    s.key,
-                    s.idle_for(now),
-                    self._kept_alive.get(name, s.settings.idle_timeout),
-                    self.config.models[name].pinned and s.key == name,
-                    (self.config.models[name].sleep or 0) if s.can_sleep else 0,
-                    model=name,
-                    running=s.state in RUNNING,
-                    min_replicas=self.config.models[name].replicas.min,
-                )
-                for name in self._supervisors
-                for s in self._slots(name)
+        engines = tuple(
+            IdleEngine(
+                s.key,
+                s.idle_for(now),
+                self._kept_alive.get(name, s.settings.idle_timeout),
+                self.config.models[name].pinned and s.key == name,
+                (self.config.models[name].sleep or 0) if s.can_sleep else 0,
+                model=name,
+                running=s.state in RUNNING,
+                min_replicas=self.config.models[name].replicas.min,
             )
+            for name in self._supervisors
+            for s in self._slots(name)
         )
-        for verdict in self._core.step(check):
+        expected = self._expected_while_idle(engines)
+        snapshot = self._snapshot("") if expected else None
+        verdicts = self._core.step(IdleCheck(engines, expected, snapshot))
+        kept = {v.key: v.reason for v in verdicts if isinstance(v, KeepIdle)}
+        self._note_kept(kept)
+        for verdict in verdicts:
+            if isinstance(verdict, KeepIdle):
+                continue
             assert isinstance(verdict, (PutToSleep, StopIdle))
             found, reason = self._slot(verdict.key), verdict.reason
             if found is None:
@@ -1091,6 +1098,34 @@ class Scheduler:
                 if isinstance(verdict, StopIdle) and verdict.scale_down:
                     self.events.emit("scale_down", supervisor.name, reason, replica=supervisor.key)
         return acted
+
+    def _expected_while_idle(self, engines: tuple[IdleEngine, ...]) -> tuple[Chance, ...]:
+        """For models with pre-warming on whose engine is idle past its timeout: the chance
+        each is asked for within that timeout (the core keeps it up if a pre-warm would
+        start it again)."""
+        if not self._prewarm_anywhere():
+            return ()
+        past = {
+            e.model: e.idle_timeout
+            for e in engines
+            if e.idle_s is not None
+            and e.idle_timeout > 0
+            and e.idle_s >= e.idle_timeout
+            and self._prewarm_on(e.model)
+        }
+        return tuple(self.predictor.chances(self._wall(), past)) if past else ()
+
+    def _note_kept(self, kept: dict[str, str]) -> None:
+        """An event (and a pre-warm's record: used or wasted later) for each engine the idle
+        timer began to keep up; once per idle spell, not at every check."""
+        for key in kept.keys() - self._kept_idle:
+            supervisor = self._slot(key)
+            if supervisor is None:
+                continue
+            self.events.emit("prewarm_kept", supervisor.name, kept[key])
+            start = supervisor.timings.last_start_s or supervisor.settings.start_timeout / 5
+            self.prewarm_stats.kept_for(supervisor.name, self._clock(), start)
+        self._kept_idle = set(kept)
 
     def check_scale(self) -> list[str]:
         """Add a replica to each model above its target for a moment (the core decides);
