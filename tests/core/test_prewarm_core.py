@@ -35,7 +35,7 @@ from modelyard.scheduler.core import (
 from modelyard.scheduler.decide import Ask, Snapshot
 from modelyard.scheduler.predictor import Chance, Predictor
 from modelyard.scheduler.prewarm import Candidate
-from tests.core.virtual_gateway import GIB, Model, VirtualGateway
+from tests.core.virtual_gateway import GIB, Model, Outcome, VirtualGateway
 
 STATES = [
     EngineState.READY,
@@ -306,36 +306,36 @@ class KeepsChat(Predictor):
         ]
 
 
+def chat_then_another(chat_gib: int, other_gib: int) -> tuple[VirtualGateway, Outcome]:
+    """Alice's chat request at 0 (a 40 s start, a 5 s stop, one 24 GiB GPU, sleep off), the
+    idle timer at 600 s with chat certain to come within it, then bob's request for another
+    model at 2000 s: the world after, and bob's outcome."""
+    models = {
+        "chat": Model(bytes=chat_gib * GIB, start_s=40.0, stop_s=5.0),
+        "other": Model(bytes=other_gib * GIB, start_s=40.0, stop_s=5.0),
+    }
+    world = VirtualGateway(models, [24 * GIB], predictor=KeepsChat(), idle_timeout=600.0)
+    world.request(0.0, "chat", duration=5.0, key="alice")
+    other = world.request(2000.0, "other", duration=5.0, key="bob")
+    return world, world.run(until=1e9)[other]
+
+
 def test_a_kept_engine_gives_its_room_to_a_real_request() -> None:
     """A kept engine is as idle as before: a model that needs its room evicts it (and waits
     its stop, as for any idle engine: the bench counts such a request as one with a pre-warm
     in its way)."""
-    models = {
-        "chat": Model(bytes=8 * GIB, start_s=40.0, stop_s=5.0),
-        "big": Model(bytes=20 * GIB, start_s=40.0, stop_s=5.0),
-    }
-    world = VirtualGateway(models, [24 * GIB], predictor=KeepsChat(), idle_timeout=600.0)
-    world.request(0.0, "chat", duration=5.0, key="alice")
-    big = world.request(2000.0, "big", duration=5.0, key="bob")
-    outcomes = world.run(until=1e9)
+    world, other = chat_then_another(chat_gib=8, other_gib=20)
     assert [k.model for k in world.keeps] == ["chat"]
     assert world.keeps[0].wasted
-    assert outcomes[big].status == 200
-    assert outcomes[big].waited == pytest.approx(5.0 + 40.0)
-    assert outcomes[big].prewarm_in_the_way == "evicted chat, kept up past its idle stop"
+    assert other.status == 200
+    assert other.waited == pytest.approx(5.0 + 40.0)
+    assert other.prewarm_in_the_way == "evicted chat, kept up past its idle stop"
 
 
 def test_an_engine_is_not_kept_where_the_next_start_would_have_to_evict_it() -> None:
     """A 16 GiB engine on a 24 GiB GPU leaves 8 GiB beside it: another model its size could
     not start without evicting it, so it stops at its idle timeout as it always did, and the
     next model starts at once."""
-    models = {
-        "chat": Model(bytes=16 * GIB, start_s=40.0, stop_s=5.0),
-        "other": Model(bytes=16 * GIB, start_s=40.0, stop_s=5.0),
-    }
-    world = VirtualGateway(models, [24 * GIB], predictor=KeepsChat(), idle_timeout=600.0)
-    world.request(0.0, "chat", duration=5.0, key="alice")
-    other = world.request(2000.0, "other", duration=5.0, key="bob")
-    outcomes = world.run(until=1e9)
+    world, other = chat_then_another(chat_gib=16, other_gib=16)
     assert world.keeps == []
-    assert outcomes[other].waited == pytest.approx(40.0)
+    assert other.waited == pytest.approx(40.0)
