@@ -404,14 +404,11 @@ class VirtualGateway:
             )
         expected: tuple[Chance, ...] = ()
         if self.predictor is not None:
-            past = {
-                e.key: e.idle_timeout
-                for e in engines
-                if e.idle_s is not None and e.idle_timeout and e.idle_s >= e.idle_timeout
-            }
+            past = {e.key: e.idle_timeout for e in engines if e.past_timeout}
             expected = tuple(self.predictor.chances(self.now, past))
         kept = False
-        check = IdleCheck(tuple(engines), expected, self._snapshot(""))
+        snapshot = self._snapshot("") if expected else None  # as the driver: only if asked
+        check = IdleCheck(tuple(engines), expected, snapshot)
         for verdict in self.core.step(check):
             self.decisions.append(Decided(self.now, verdict.key, verdict))
             if isinstance(verdict, KeepIdle):

@@ -198,6 +198,15 @@ class CannotFit:
     reason: str
 
 
+def free_bytes(
+    gpu: GpuCapacity, engines: Sequence[Engine], settings: PolicySettings = DEFAULT_SETTINGS
+) -> int:
+    """What `gpu` has free for a start: its memory less other processes', the headroom kept
+    free, and what `engines` hold on it (negative: over-committed)."""
+    held = sum(e.held_bytes_per_gpu for e in engines if gpu.index in e.gpus)
+    return gpu.total_bytes - gpu.foreign_bytes - settings.headroom_bytes - held
+
+
 def gib(size: int) -> str:
     return f"{size / GIB:.1f} GiB"
 
@@ -451,11 +460,7 @@ class _Planner:
         A sleeping target's residual is not in `engines`: waking turns it into part of the
         awake footprint, so only the other engines' memory stands in the way.
         """
-        need = []
-        for index in gpus:
-            held = sum(e.held_bytes_per_gpu for e in engines if index in e.gpus)
-            need.append(size - (self._usable(index) - held))
-        return need
+        return [size - free_bytes(self.gpus[index], engines, self.settings) for index in gpus]
 
     def _hard_shortfall(self, gpus: tuple[int, ...], engines: Sequence[Engine]) -> int | None:
         """The first GPU of the set where even evicting every unpinned engine is not enough."""

@@ -37,6 +37,7 @@ from modelyard.placement.policy import (
     Engine,
     EngineState,
     PolicySettings,
+    free_bytes,
 )
 from modelyard.scheduler.decide import (
     DEFAULT_RETRY_AFTER_S,
@@ -57,6 +58,7 @@ from modelyard.scheduler.scaling import (
     idle_stops,
     may_add,
     overloaded,
+    past_idle_timeout,
     spread,
 )
 
@@ -123,6 +125,10 @@ class IdleEngine:
     model: str = ""  # the model it serves ("": its key); engines of one model scale together
     running: bool = True  # ready, starting or waking
     min_replicas: int = 0  # engines of its model the idle timer keeps running
+
+    @property
+    def past_timeout(self) -> bool:
+        return past_idle_timeout(self.idle_s, self.idle_timeout)
 
 
 @dataclass(frozen=True)
@@ -336,7 +342,7 @@ class SchedulerCore:
         if isinstance(event, Arrived):
             return _queue_bounds(event)
         if isinstance(event, IdleCheck):
-            return _idle_verdicts(event)
+            return _idle_verdicts(event, self.settings)
         if isinstance(event, PreWarmAsk):
             return self._prewarm(event)
         if isinstance(event, PreWarmOver):
@@ -576,7 +582,7 @@ def _queue_bounds(event: Arrived) -> list[Command]:
     return [RefuseNow(event.model, 503, event.retry_after, "queue_full", message)]
 
 
-def _room_beside(snapshot: Snapshot | None, key: str) -> bool:
+def _room_beside(snapshot: Snapshot | None, key: str, settings: PolicySettings) -> bool:
     """Whether each of the engine's GPUs has as much free memory again as it holds: another
     model of its size could start without evicting it. An engine kept up past its idle stop
     must not be what the next start waits for (its stop takes 2-15 s), where the GPU is full
@@ -586,16 +592,14 @@ def _room_beside(snapshot: Snapshot | None, key: str) -> bool:
     engine = next((e for e in snapshot.engines if e.name == key), None)
     if engine is None:
         return False
-    for gpu in snapshot.gpus:
-        if gpu.index not in engine.gpus:
-            continue
-        held = sum(e.held_bytes_per_gpu for e in snapshot.engines if gpu.index in e.gpus)
-        if gpu.total_bytes - gpu.foreign_bytes - held < engine.held_bytes_per_gpu:
-            return False
-    return True
+    return all(
+        free_bytes(gpu, snapshot.engines, settings) >= engine.held_bytes_per_gpu
+        for gpu in snapshot.gpus
+        if gpu.index in engine.gpus
+    )
 
 
-def _idle_verdicts(event: IdleCheck) -> list[Command]:
+def _idle_verdicts(event: IdleCheck, settings: PolicySettings) -> list[Command]:
     """Sleep (where it can) or stop every unpinned engine idle past its timeout, keeping each
     model's `min_replicas` running; a replica with another engine of its model running
     stops (a scale-down). A model's last engine that pre-warming would start again (its
@@ -624,7 +628,7 @@ def _idle_verdicts(event: IdleCheck) -> list[Command]:
             and not slot.sleep_level
             and chance is not None
             and chance.probability >= MIN_PROBABILITY
-            and _room_beside(event.snapshot, slot.key)
+            and _room_beside(event.snapshot, slot.key, settings)
         ):
             # Stopped now, it would be pre-warmed again (or started cold) before its next
             # idle stop: the stop and the start would spare nothing and cost a start. (One

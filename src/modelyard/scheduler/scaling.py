@@ -79,6 +79,12 @@ def spread(
     return replace(target, gpus=left)
 
 
+def past_idle_timeout(idle_s: float | None, idle_timeout: float) -> bool:
+    """Idle (`idle_s` not None: ready, nothing in flight) for at least its timeout (0:
+    never)."""
+    return idle_s is not None and idle_timeout > 0 and idle_s >= idle_timeout
+
+
 @dataclass(frozen=True)
 class IdleSlot:
     """One engine's idleness, for the idle timer's verdicts (`idle_stops`)."""
@@ -112,10 +118,7 @@ def idle_stops(slots: Sequence[IdleSlot]) -> list[tuple[IdleSlot, bool]]:
         eligible = [
             slot
             for slot in group
-            if slot.idle_s is not None
-            and slot.idle_timeout > 0
-            and slot.idle_s >= slot.idle_timeout
-            and not slot.pinned
+            if past_idle_timeout(slot.idle_s, slot.idle_timeout) and not slot.pinned
         ]
         eligible.sort(key=lambda slot: (slot.key == model, -(slot.idle_s or 0.0)))
         for slot in eligible:

@@ -1106,12 +1106,7 @@ class Scheduler:
         if not self._prewarm_anywhere():
             return ()
         past = {
-            e.model: e.idle_timeout
-            for e in engines
-            if e.idle_s is not None
-            and e.idle_timeout > 0
-            and e.idle_s >= e.idle_timeout
-            and self._prewarm_on(e.model)
+            e.model: e.idle_timeout for e in engines if e.past_timeout and self._prewarm_on(e.model)
         }
         return tuple(self.predictor.chances(self._wall(), past)) if past else ()
 
