@@ -46,7 +46,7 @@ from tests.vllm.support import (
 from modelyard.config import load_config
 from modelyard.demo import DemoSetup, demo_config_path, prepare_demo
 from modelyard.engines.vllm import VllmEngine
-from modelyard.runtime.process import pick_free_port
+from modelyard.runtime.ports import kernel_free_port
 from modelyard.runtime.proctree import group_members
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,7 +114,7 @@ async def poll_until_healthy(session: aiohttp.ClientSession, url: str, alive: An
 async def start_direct(name: str, setup: DemoSetup, workdir: Path, max_tokens: int) -> Direct:
     """Start the engine alone, as the gateway would; time it to ready and its first answer."""
     config = load_config(demo_config_path(), {**os.environ, **setup.environ})
-    port = pick_free_port()
+    port = kernel_free_port()
     spec = VllmEngine().launch_spec(name, config.models[name], config, port, None)
     env = {**os.environ, **spec.env, "PYTHONUNBUFFERED": "1"}
     env.pop("PYTHONPATH", None)

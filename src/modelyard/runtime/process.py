@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import aiohttp
 from modelyard.engines.base import LaunchSpec
 from modelyard.redaction import MASK
 from modelyard.runtime.logs import EngineLog, pump_lines
+from modelyard.runtime.ports import LOCAL_HOST, NoFreePort, PortBook
 from modelyard.runtime.proctree import (
     group_members,
     is_zombie,
@@ -56,13 +56,6 @@ class EngineStartError(Exception):
         # The engine's node was lost under it: not the engine's failure, so it counts toward
         # no back-off, and the start is tried once more elsewhere.
         self.node_lost = node_lost
-
-
-def pick_free_port(host: str = "127.0.0.1") -> int:
-    """A port the kernel says is free now (the engine binds it moments later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -240,14 +233,28 @@ class ProcessRuntime:
         state_dir: Path,
         health_session: aiohttp.ClientSession,
         registry: ProcessRegistry | None = None,
+        ports: PortBook | None = None,
     ) -> None:
         self.state_dir = state_dir
         self.registry = registry
         self._health_session = health_session
+        self.ports = ports or PortBook()
 
     async def start(self, name: str, spec_for_port: Callable[[int], LaunchSpec]) -> EngineProcess:
-        port = pick_free_port()
-        spec = spec_for_port(port)
+        try:
+            port = self.ports.take(LOCAL_HOST)
+        except NoFreePort as error:
+            raise EngineStartError(f"engine for {name!r} has no port: {error}", None, []) from error
+        try:
+            engine = await self._start_on(name, spec_for_port(port), port)
+        except BaseException:
+            self.ports.release(LOCAL_HOST, port)
+            raise
+        # The port stays the engine's until its process is gone (then it is kept back a while).
+        engine.exited.add_done_callback(lambda _exit: self.ports.release(LOCAL_HOST, port))
+        return engine
+
+    async def _start_on(self, name: str, spec: LaunchSpec, port: int) -> EngineProcess:
         log = EngineLog(self.state_dir / "logs" / f"{_file_safe(spec.log_name or name)}.log")
         log.append(f"[modelyard] starting: {' '.join(redacted(spec.argv))}")
         env = {**os.environ, **spec.env, "PYTHONUNBUFFERED": "1"}

@@ -35,6 +35,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from modelyard.engines.base import LaunchSpec
 from modelyard.runtime.logs import EngineLog
+from modelyard.runtime.ports import OFFERS, PortBook
 from modelyard.runtime.process import EngineStartError, ExitInfo, redacted
 from modelyard.runtime.ray.cluster import RayCluster, end_actor
 from modelyard.runtime.ray.node_side import EngineActor
@@ -262,6 +263,7 @@ class RayRuntime:
         self.cluster = cluster
         self.state_dir = state_dir
         self._health_session = health_session
+        self.ports = PortBook()  # by node address: engines of ours on one node never share one
         self._engines: set[RayEngine] = set()
         self._count = 0
         self._spares: dict[str, tuple[Any, str]] = {}  # node id -> a warm, unused actor
@@ -347,6 +349,8 @@ class RayRuntime:
         engine.on_ready = self._warm
         self._engines.add(engine)
         engine.exited.add_done_callback(lambda _f: self._engines.discard(engine))
+        ip, port = str(launched.where["ip"]), int(launched.where["port"])
+        engine.exited.add_done_callback(lambda _f: self.ports.release(ip, port))
         if not self.cluster.node_alive(node_id):  # lost in the moment since the launch
             engine.node_lost(f"node {engine.node} was lost as its engine started")
         return engine
@@ -362,7 +366,10 @@ class RayRuntime:
         """An actor on the node, and the engine started under it."""
         began = time.monotonic()
         actor, actor_name, where = await self._take_actor(node_id)
+        claimed = False
         try:
+            where = await self._own_port(actor, where)
+            claimed = True
             spec = spec_for_port(int(where["port"]))
             env = dict(spec.env)
             if visible is not None:
@@ -377,9 +384,22 @@ class RayRuntime:
                 ACTOR_START_TIMEOUT_S,
             )
         except BaseException:
+            if claimed:
+                self.ports.release(str(where["ip"]), int(where["port"]))
             end_actor(actor)
             raise
         return _Launched(actor, actor_name, where, int(pid), spec)
+
+    async def _own_port(self, actor: Any, where: dict[str, Any]) -> dict[str, Any]:
+        """`where` with a port that no engine of ours on that node holds or held lately (the
+        actor's port is one the node's kernel calls free, as `PortBook.take` asks locally)."""
+        for _ in range(OFFERS):
+            if self.ports.claim(str(where["ip"]), int(where["port"])):
+                return where
+            where = await asyncio.wait_for(actor.where.remote(), SPARE_CHECK_TIMEOUT_S)
+        raise EngineStartError(
+            f"node {where['ip']} offered no port that is not in use by an engine", None, []
+        )
 
     # ----- actors -----
 
