@@ -1,7 +1,8 @@
 """The core's pre-warm decisions as properties, on random worlds (pure, no clock).
 
 - a pre-warm never evicts an engine in use (requests in flight or waiting, starting, waking,
-  draining, or asked for a moment ago), nor a pinned one;
+  draining, or asked for a moment ago), nor a pinned one, nor one (awake or asleep) the
+  predictor expects as much as the pre-warm's target;
 - it uses only free memory, or memory that sleeping or idle engines hold;
 - nothing is pre-warmed while a real request waits, nor on a GPU where a start is under way;
 - a real request that needs the start slot of a pre-warm has it cancelled, at once.
@@ -91,7 +92,10 @@ def random_world(rng: random.Random) -> tuple[Snapshot, tuple[Candidate, ...], s
 def test_a_prewarm_touches_only_free_or_idle_memory(seed: int) -> None:
     rng = random.Random(seed)
     snapshot, candidates, in_use = random_world(rng)
-    commands = SchedulerCore().step(PreWarmAsk(snapshot, candidates, in_use=frozenset(in_use)))
+    # The predictor's chances for the loaded models, awake or asleep (hostile: some above 1).
+    expected = {e.name: rng.choice([0.0, 0.5, 0.8, 0.95, 1.5]) for e in snapshot.engines}
+    ask = PreWarmAsk(snapshot, candidates, in_use=frozenset(in_use), expected=expected)
+    commands = SchedulerCore().step(ask)
     if not commands:
         return
     [command] = commands
@@ -103,6 +107,9 @@ def test_a_prewarm_touches_only_free_or_idle_memory(seed: int) -> None:
         assert victim.in_flight == 0
         assert not victim.pinned
         assert victim.name not in in_use
+        # An engine as likely to be asked for as the target is kept, awake or asleep (a
+        # sleeper's sleep dropped costs its next request a cold start, not a 1-3 s wake).
+        assert expected[victim.name] < prewarm.probability
         assert victim.state in (EngineState.READY, EngineState.SLEEPING)
         assert isinstance(action, Sleep | Stop)
     # The GPUs it goes on had no start, wake or eviction under way.
@@ -133,6 +140,36 @@ def test_an_unlikely_model_is_not_prewarmed() -> None:
     snapshot = Snapshot(0.0, (GpuCapacity(0, 24 * GIB),), ())
     candidate = Candidate(Target("b", 8 * GIB), Chance("b", 0.2, 40.0, "after a"), 40.0)
     assert SchedulerCore().step(PreWarmAsk(snapshot, (candidate,))) == []
+
+
+def test_a_sleeper_as_likely_as_the_target_keeps_its_sleep() -> None:
+    # 24 GiB: a 16 GiB engine serving, and `s` asleep (1 GiB left on the GPU, 8 GiB awake).
+    # An 8 GiB pre-warm fits only if s's sleep is dropped, so s's next request would start
+    # cold (40 s on a GPU) instead of waking (1 s). With s expected as much as the target, or
+    # more, nothing is pre-warmed; with s unlikely, s makes way.
+    def sleeper(name: str, state: EngineState, size: int, in_flight: int) -> Engine:
+        return Engine(
+            name=name,
+            state=state,
+            gpus=(0,),
+            awake_bytes_per_gpu=size * GIB,
+            asleep_bytes_per_gpu=GIB,
+            in_flight=in_flight,
+            last_used=0.0,
+            start_seconds=4.0,
+            wake_seconds=1.0,
+            sleep_level=1,
+            sleeping_level=1 if state is EngineState.SLEEPING else 0,
+        )
+
+    engines = (sleeper("busy", EngineState.READY, 16, 1), sleeper("s", EngineState.SLEEPING, 8, 0))
+    snapshot = Snapshot(1000.0, (GpuCapacity(0, 24 * GIB),), engines)
+    candidate = Candidate(Target("b", 8 * GIB), Chance("b", 0.9, 60.0, "after a"), 40.0)
+    core = SchedulerCore()
+    assert core.step(PreWarmAsk(snapshot, (candidate,), expected={"s": 0.9})) == []
+    [command] = core.step(PreWarmAsk(snapshot, (candidate,), expected={"s": 0.1}))
+    assert isinstance(command, PreWarmNow)
+    assert [(type(a), a.name) for a in command.prewarm.actions] == [(Stop, "s")]
 
 
 def test_a_real_request_takes_the_start_slot_of_a_prewarm() -> None:

@@ -12,10 +12,11 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from modelyard.scheduler.core import CancelPreWarm
+from modelyard.scheduler.core import CancelPreWarm, PreWarmAsk
 from modelyard.scheduler.predictor import Chance, Predictor
 from modelyard.scheduler.prewarm import LOOKAHEAD_S
 from modelyard.scheduler.supervisor import ModelUnavailable
@@ -209,3 +210,41 @@ async def test_the_idle_timer_keeps_an_engine_that_prewarming_would_start_again(
         assert 'modelyard_prewarms_total{model="a",outcome="used"} 1.0' in exposition
         scheduler.predictor = Predictor()  # the habit is gone: nothing keeps it
         await h.wait_state("a", "stopped", timeout=10.0)
+
+
+class Certain(Predictor):
+    """Every model asked about is due: 0.9 within the horizon asked."""
+
+    def chances(self, now: float, horizons: dict[str, float]) -> list[Chance]:
+        return [Chance(m, 0.9, h, "test") for m, h in horizons.items()]
+
+
+async def test_the_gateway_weighs_a_sleepers_chance_before_dropping_its_sleep(
+    tmp_path: Path,
+) -> None:
+    # The core keeps an engine as likely as the pre-warm's target, awake or asleep (a sleep
+    # dropped turns a 1-3 s wake into a cold start); the gateway must tell it the sleeper's
+    # chance, as it does an awake engine's (and as the simulator's driver always did).
+    models = {
+        "a": vllm_on_gpu("10GiB", 0, sleep=1, prewarm="auto"),
+        "b": vllm_on_gpu("8GiB", 0, prewarm="auto"),
+    }
+    behaviour = {"a": Behaviour(sleep_mode=True, wake_after=1.0)}
+    async with in_process_gateway(tmp_path, models, behaviour, **ONE_GPU) as h:
+        assert (await h.chat("a"))[0] == 200
+        scheduler = h.gateway.scheduler
+        await scheduler.sleep("a", 1, "test")
+        asks: list[PreWarmAsk] = []
+        step = scheduler._core.step
+
+        def recording(event: Any) -> Any:
+            if isinstance(event, PreWarmAsk):
+                asks.append(event)
+            return step(event)
+
+        scheduler._core.step = recording  # type: ignore[method-assign]
+        scheduler.predictor = Certain()
+        scheduler.maybe_prewarm()
+        [ask] = asks
+        assert {c.target.name for c in ask.candidates} == {"a", "b"}
+        assert ask.expected == {"a": 0.9}  # the sleeper, weighed as a possible victim

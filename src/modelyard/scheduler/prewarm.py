@@ -172,7 +172,9 @@ def choose_prewarm(
 def _untouchable(engine: Engine, in_use: frozenset[str]) -> Engine:
     """An engine a pre-warm may not evict is shown as pinned: the planner never evicts a
     pinned engine, so the plan uses only free memory and idle or sleeping engines."""
-    busy = engine.in_flight > 0 or (engine.state is EngineState.READY and engine.name in in_use)
+    busy = engine.in_flight > 0 or (
+        engine.state in (EngineState.READY, EngineState.SLEEPING) and engine.name in in_use
+    )
     if busy or engine.state not in (EngineState.READY, EngineState.SLEEPING):
         return replace(engine, pinned=True)
     return engine

@@ -608,9 +608,11 @@ class Scheduler:
         waits: dict[str, float] = {}
         for name, supervisor in self._supervisors.items():
             start = supervisor.timings.last_start_s or supervisor.settings.start_timeout / 5
-            if supervisor.state is ModelState.READY:
+            if supervisor.state in (ModelState.READY, ModelState.SLEEPING):
+                # A victim's chance, within the reload its eviction would cost: a sleeper
+                # whose sleep is dropped for room in host RAM must start again.
                 loaded[name] = start
-            elif self._prewarm_on(name) and supervisor.state is ModelState.STOPPED:
+            if self._prewarm_on(name) and supervisor.state is ModelState.STOPPED:
                 waits[name] = start
             elif self._prewarm_on(name) and supervisor.state is ModelState.SLEEPING:
                 waits[name] = min(supervisor.timings.last_wake_s or WAKE_GUESS_S, start)
