@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from tests.conftest import fake_model
+from tests.conftest import PYTHON, TESTS, fake_engine_command, fake_model
+
+SQUATTER = str(TESTS / "reliability" / "port_squatter.py")
 
 CHAT = {"messages": [{"role": "user", "content": "hello"}]}
 
@@ -174,3 +178,67 @@ async def test_an_engine_whose_requests_time_out_is_hung_even_if_health_is_200(g
         assert "upstream read timeout" in model["failure"]["message"]
         assert pid not in gateway.engine_pids()
         assert (await post(session, url, chat("chat")))[0] == 200
+
+
+def squatted(folder: Path, mode: str) -> dict[str, Any]:
+    """The test engine for `chat`, behind `port_squatter.py` (see there)."""
+    folder.mkdir()
+    command = [PYTHON, SQUATTER, str(folder), mode, "{port}", *fake_engine_command("chat")[1:]]
+    return {"chat": {"engine": "command", "command": command}}
+
+
+def stop_squatters(folder: Path) -> list[int]:
+    """Stop the programs that took ports; the ports they took."""
+    for record in folder.iterdir():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(record.read_text()), signal.SIGKILL)
+    return [int(record.name) for record in folder.iterdir()]
+
+
+async def test_an_engine_whose_port_another_program_took_is_started_again_on_another(
+    gateway_factory, tmp_path
+):
+    # Another program binds the engine's port between the gateway's choice and the engine's
+    # bind: the engine exits with "address already in use", as vLLM does. That is not the
+    # engine's fault: the gateway starts it once more at once, on another port, and the
+    # request that asked for it is served.
+    gateway = gateway_factory(squatted(tmp_path / "squats", "once"))
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = gateway.url + "/v1/chat/completions"
+            status, payload, text = await post(session, url, chat("chat"))
+            assert status == 200, text
+            assert payload["choices"]
+            [failed] = await events(session, gateway, "start_failed")
+            assert "address already in use" in "\n".join(failed["data"]["log_tail"]).lower()
+            [retry] = await events(session, gateway, "port_taken_retry")
+            assert retry["model"] == "chat"
+            assert len(await events(session, gateway, "start")) == 2
+            [model] = gateway.status()["models"]
+            assert model["state"] == "ready"
+    finally:
+        taken = stop_squatters(tmp_path / "squats")
+    assert model["port"] not in taken
+    assert len(taken) == 1
+
+
+async def test_an_engine_that_always_finds_its_port_taken_is_tried_twice_not_forever(
+    gateway_factory, tmp_path
+):
+    # Hostile: every start finds its port taken (as if the engine bound a second, fixed port
+    # that another program holds: vLLM's distributed init port, say). The gateway tries once
+    # more, then answers with the engine's error, and starts nothing more on its own.
+    gateway = gateway_factory(squatted(tmp_path / "squats", "always"))
+    try:
+        async with aiohttp.ClientSession() as session:
+            url = gateway.url + "/v1/chat/completions"
+            status, payload, _ = await post(session, url, chat("chat"))
+            assert status == 502
+            assert payload["error"]["code"] == "engine_start_failed"
+            assert "address already in use" in payload["error"]["message"]
+            await asyncio.sleep(1.0)
+            assert len(await events(session, gateway, "start")) == 2
+            assert len(await events(session, gateway, "port_taken_retry")) == 1
+    finally:
+        taken = stop_squatters(tmp_path / "squats")
+    assert len(taken) == 2

@@ -35,6 +35,7 @@ _KIND_STYLES = {
     "hung": "bold red",
     "oom_retry": "yellow",
     "node_lost_retry": "yellow",
+    "port_taken_retry": "yellow",
     "resent": "yellow",
 }
 

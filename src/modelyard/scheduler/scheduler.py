@@ -838,6 +838,17 @@ class Scheduler:
                 )
                 await self._start_once(supervisor)
                 return
+            if supervisor.port_was_taken:
+                # Another program bound the port between the gateway's choice and the
+                # engine's bind (vLLM binds once its imports are done, seconds later): not
+                # the engine's fault, so once more, on another port.
+                self.events.emit(
+                    "port_taken_retry",
+                    supervisor.name,
+                    f"its port was taken by another program; starting it once more: {error}",
+                )
+                await self._start_once(supervisor)
+                return
             if self._placement is None or self._remote(supervisor):
                 raise
             if not supervisor.ran_out_of_memory:

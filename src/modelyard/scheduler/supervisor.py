@@ -570,6 +570,11 @@ class ModelSupervisor:
         """The last failure's log says the engine ran out of GPU memory."""
         return _looks_out_of_memory(self.failure.log_tail if self.failure else [])
 
+    @property
+    def port_was_taken(self) -> bool:
+        """The last start failed because another program took the engine's port first."""
+        return _looks_port_taken(self.failure.log_tail if self.failure else [])
+
     @contextlib.contextmanager
     def placing_start(self) -> Iterator[None]:
         """Starting, while the caller decides where (and may refuse): it holds nothing yet.
@@ -976,6 +981,13 @@ _OOM_MARKERS = (
 def _looks_out_of_memory(log_tail: list[str]) -> bool:
     text = "\n".join(log_tail).lower()
     return any(marker in text for marker in _OOM_MARKERS)
+
+
+def _looks_port_taken(log_tail: list[str]) -> bool:
+    """The engine could not bind its port: another program bound it after the gateway chose
+    it (vLLM: "OSError: [Errno 98] Address already in use"; aiohttp and uvicorn say the
+    same words)."""
+    return "address already in use" in "\n".join(log_tail).lower()
 
 
 def _lost_with_node(engine: EngineHandle) -> bool:
