@@ -6,11 +6,14 @@ import os
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 
+from modelyard.runtime.ports import OFFERS, PortBook
+from modelyard.runtime.process import EngineStartError
 from modelyard.runtime.proctree import process_start_ticks
-from modelyard.runtime.ray.engine import bind_to
+from modelyard.runtime.ray.engine import RayRuntime, bind_to
 from modelyard.runtime.ray.node_side import (
     ENGINE_MARKER,
     OWNER_MARKER,
@@ -92,3 +95,32 @@ def test_stop_pids_never_signals_a_reused_pid():
 )
 def test_engines_bind_the_node_address(argv, expected):
     assert bind_to(argv, "10.0.0.7") == expected
+
+
+class PortOffers:
+    """An engine's actor whose `where` offers these ports on one node, in turn."""
+
+    def __init__(self, *ports: int) -> None:
+        self._ports = iter(ports)
+        self.where = self
+
+    async def remote(self) -> dict[str, object]:
+        return {"ip": "10.0.0.2", "port": next(self._ports)}
+
+
+async def test_a_node_port_an_engine_of_ours_holds_is_asked_for_again() -> None:
+    # Two engines started on one node within an engine's bind time can be offered one port by
+    # that node's kernel, as on one machine (tests/reliability/test_engine_ports.py): the
+    # gateway asks the actor again until the port is none of its engines'.
+    book = PortBook()
+    assert book.claim("10.0.0.2", 40001)
+    runtime = types.SimpleNamespace(ports=book)  # what `_own_port` uses of the runtime
+    actor = PortOffers(40001, 40003)
+    first = {"ip": "10.0.0.2", "port": 40001}
+    where = await RayRuntime._own_port(runtime, actor, first)  # type: ignore[arg-type]
+    assert where["port"] == 40003
+    assert book.holds("10.0.0.2", 40003)
+
+    stubborn = PortOffers(*[40001] * OFFERS)
+    with pytest.raises(EngineStartError, match="offered no port"):
+        await RayRuntime._own_port(runtime, stubborn, first)  # type: ignore[arg-type]
