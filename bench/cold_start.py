@@ -46,8 +46,8 @@ from tests.vllm.support import (
 from modelyard.config import load_config
 from modelyard.demo import DemoSetup, demo_config_path, prepare_demo
 from modelyard.engines.vllm import VllmEngine
+from modelyard.proctree import group_members
 from modelyard.runtime.ports import kernel_free_port
-from modelyard.runtime.proctree import group_members
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("chat", "coder")

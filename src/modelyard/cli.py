@@ -15,10 +15,10 @@ from rich.table import Table
 
 from modelyard.auth.commands import add_key_commands
 from modelyard.auth.exposure import auth_mode, exposure_problem, open_route_warnings
+from modelyard.checking.checks import config_warnings, load_checked_config
+from modelyard.checking.preflight import detected_gpus, preflight
 from modelyard.client import call_gateway
 from modelyard.config import ConfigError, GatewayConfig
-from modelyard.config.checks import config_warnings, load_checked_config
-from modelyard.config.preflight import detected_gpus, preflight
 from modelyard.config.units import format_bytes
 from modelyard.engines import engine_kind
 from modelyard.observability import console as views

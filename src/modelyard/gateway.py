@@ -15,8 +15,7 @@ import aiohttp
 
 from modelyard.auth.authenticator import Authenticator
 from modelyard.auth.exposure import exposure_problem
-from modelyard.config.checks import load_checked_config
-from modelyard.config.diff import ReloadPlan, plan_reload
+from modelyard.checking.checks import load_checked_config
 from modelyard.config.loader import ConfigError
 from modelyard.config.schema import GatewayConfig
 from modelyard.engines import engine_kind
@@ -44,6 +43,7 @@ from modelyard.redaction import register_secrets
 from modelyard.runtime import ProcessRegistry, ProcessRuntime
 from modelyard.runtime.remote import RemoteConnector, remote_answers
 from modelyard.runtime.vllm_sleep import VllmSleepControl
+from modelyard.scheduler.reload_plan import ReloadPlan, plan_reload
 from modelyard.scheduler.scheduler import Scheduler
 from modelyard.scheduler.watchdog import EngineWatchdog, WatchdogSettings, health_probe
 from modelyard.sharing.fair_queue import FairQueues

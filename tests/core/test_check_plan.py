@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
+from modelyard.checking.preflight import preflight
 from modelyard.config import ConfigError, parse_config
-from modelyard.config.preflight import preflight
 from modelyard.placement.policy import GpuCapacity
 
 GIB = 1024**3

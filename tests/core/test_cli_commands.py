@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from modelyard.checking.checks import config_warnings
 from modelyard.config import parse_config
-from modelyard.config.checks import config_warnings
 from modelyard.config.state_home import platform_state_dir
 from tests.conftest import fake_model, free_port
 from tests.security.keys import ADMIN_KEY, key_config

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from modelyard.config.diff import plan_reload
 from modelyard.config.loader import parse_config
+from modelyard.scheduler.reload_plan import plan_reload
 
 BASE: dict[str, Any] = {
     "models": {
@@ -93,8 +93,12 @@ async def test_a_reloaded_health_check_interval_starts_and_stops_the_watchdog():
 
 
 def test_every_top_level_setting_is_either_applied_live_or_reported():
-    from modelyard.config.diff import LIVE_SETTINGS, PER_MODEL_SETTINGS, START_ONLY_SETTINGS
     from modelyard.config.schema import GatewayConfig
+    from modelyard.scheduler.reload_plan import (
+        LIVE_SETTINGS,
+        PER_MODEL_SETTINGS,
+        START_ONLY_SETTINGS,
+    )
 
     # A new setting must be classified here, or a reload would silently ignore it.
     classified = {*LIVE_SETTINGS, *PER_MODEL_SETTINGS, *START_ONLY_SETTINGS}

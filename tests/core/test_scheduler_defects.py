@@ -21,13 +21,13 @@ from typing import Any
 import pytest
 
 from modelyard.config import parse_config
-from modelyard.config.diff import plan_reload
 from modelyard.engines.base import LaunchSpec
 from modelyard.lifecycle import ModelState
 from modelyard.observability.events import EventBus
 from modelyard.placement.coordinator import PlacementCoordinator
 from modelyard.placement.footprints import FootprintStore
 from modelyard.placement.inventory import DeclaredInventory
+from modelyard.scheduler.reload_plan import plan_reload
 from modelyard.scheduler.scheduler import Scheduler
 from modelyard.scheduler.supervisor import ModelUnavailable
 from tests.fakes import FakeClock, FakeEngine, FakeRuntime, FakeSleep, settle

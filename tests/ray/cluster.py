@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modelyard.runtime.proctree import process_start_ticks, process_tree
+from modelyard.proctree import process_start_ticks, process_tree
 from tests import fake_gpu
 
 RAY = str(Path(sys.executable).with_name("ray"))

@@ -10,9 +10,9 @@ import types
 
 import pytest
 
+from modelyard.proctree import process_start_ticks
 from modelyard.runtime.ports import OFFERS, PortBook
 from modelyard.runtime.process import EngineStartError
-from modelyard.runtime.proctree import process_start_ticks
 from modelyard.runtime.ray.engine import RayRuntime, bind_to
 from modelyard.runtime.ray.node_side import (
     ENGINE_MARKER,

@@ -24,7 +24,7 @@ from typing import Any
 
 from modelyard.config import load_config
 from modelyard.demo import DemoSetup, demo_config_path, write_adapters
-from modelyard.runtime.proctree import group_members, process_start_ticks, process_tree
+from modelyard.proctree import group_members, process_start_ticks, process_tree
 from tests.conftest import RunningGateway, processes_with, start_gateway
 
 LOCK_PATH = Path(tempfile.gettempdir()) / "modelyard-vllm-engine.lock"

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
-from modelyard.runtime.proctree import is_zombie, process_tree
+from modelyard.proctree import is_zombie, process_tree
 
 
 @dataclass(frozen=True)

@@ -15,15 +15,15 @@ from typing import Any
 import aiohttp
 
 from modelyard.engines.base import LaunchSpec
-from modelyard.redaction import MASK
-from modelyard.runtime.logs import EngineLog, pump_lines
-from modelyard.runtime.ports import LOCAL_HOST, NoFreePort, PortBook
-from modelyard.runtime.proctree import (
+from modelyard.proctree import (
     group_members,
     is_zombie,
     process_start_ticks,
     signal_group,
 )
+from modelyard.redaction import MASK
+from modelyard.runtime.logs import EngineLog, pump_lines
+from modelyard.runtime.ports import LOCAL_HOST, NoFreePort, PortBook
 from modelyard.runtime.registry import ProcessRegistry
 
 # Readiness polling: start fast, back off to a small cap. Any new line of engine output triggers

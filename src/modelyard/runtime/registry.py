@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelyard.runtime.proctree import group_members, process_start_ticks, signal_group
+from modelyard.proctree import group_members, process_start_ticks, signal_group
 
 
 @dataclass(frozen=True)

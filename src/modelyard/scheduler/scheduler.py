@@ -30,7 +30,6 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from modelyard.config.diff import ReloadPlan
 from modelyard.config.schema import GatewayConfig, ModelConfig
 from modelyard.engines import engine_kind, served_name
 from modelyard.engines.base import LaunchSpec, MemoryBudget
@@ -71,6 +70,7 @@ from modelyard.scheduler.predictor import Chance, Predictor
 from modelyard.scheduler.prewarm import CHECK_EVERY_S, Candidate, horizon
 from modelyard.scheduler.prewarm_habits import HABITS_NAME, HabitsFile
 from modelyard.scheduler.prewarm_stats import PreWarmStats
+from modelyard.scheduler.reload_plan import ReloadPlan
 from modelyard.scheduler.replica_set import RUNNING, ReplicaRouting, model_load, replicas_status
 from modelyard.scheduler.scaling import replica_key, spread
 from modelyard.scheduler.supervisor import (

@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from modelyard.placement.inventory import GpuInventoryError, NvmlInventory
-from modelyard.runtime.logs import pump_lines
-from modelyard.runtime.proctree import (
+from modelyard.proctree import (
     group_members,
     is_zombie,
     process_start_ticks,
     process_tree,
 )
+from modelyard.runtime.logs import pump_lines
 
 # Engines carry these in their environment: the node agent finds orphans by them.
 ENGINE_MARKER = "MODELYARD_RAY_ENGINE"
