@@ -8,6 +8,7 @@ import itertools
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import aiohttp
 from tests.conftest import PYTHON, TESTS, fake_engine_command, fake_model
 
 SQUATTER = str(TESTS / "reliability" / "port_squatter.py")
+COMPLETIONS = "/v1/chat/completions"
 
 CHAT = {"messages": [{"role": "user", "content": "hello"}]}
 
@@ -180,19 +182,20 @@ async def test_an_engine_whose_requests_time_out_is_hung_even_if_health_is_200(g
         assert (await post(session, url, chat("chat")))[0] == 200
 
 
-def squatted(folder: Path, mode: str) -> dict[str, Any]:
-    """The test engine for `chat`, behind `port_squatter.py` (see there)."""
+@contextlib.contextmanager
+def squatting(folder: Path, mode: str) -> Iterator[tuple[dict[str, Any], list[int]]]:
+    """The config of `chat`, its test engine behind `port_squatter.py` (see there), and, once
+    the block is over, the ports the squatters took (they are stopped then)."""
     folder.mkdir()
     command = [PYTHON, SQUATTER, str(folder), mode, "{port}", *fake_engine_command("chat")[1:]]
-    return {"chat": {"engine": "command", "command": command}}
-
-
-def stop_squatters(folder: Path) -> list[int]:
-    """Stop the programs that took ports; the ports they took."""
-    for record in folder.iterdir():
-        with contextlib.suppress(ProcessLookupError, ValueError):
-            os.kill(int(record.read_text()), signal.SIGKILL)
-    return [int(record.name) for record in folder.iterdir()]
+    taken: list[int] = []
+    try:
+        yield {"chat": {"engine": "command", "command": command}}, taken
+    finally:
+        for record in folder.iterdir():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(record.read_text()), signal.SIGKILL)
+            taken.append(int(record.name))
 
 
 async def test_an_engine_whose_port_another_program_took_is_started_again_on_another(
@@ -202,11 +205,10 @@ async def test_an_engine_whose_port_another_program_took_is_started_again_on_ano
     # bind: the engine exits with "address already in use", as vLLM does. That is not the
     # engine's fault: the gateway starts it once more at once, on another port, and the
     # request that asked for it is served.
-    gateway = gateway_factory(squatted(tmp_path / "squats", "once"))
-    try:
+    with squatting(tmp_path / "squats", "once") as (models, taken):
+        gateway = gateway_factory(models)
         async with aiohttp.ClientSession() as session:
-            url = gateway.url + "/v1/chat/completions"
-            status, payload, text = await post(session, url, chat("chat"))
+            status, payload, text = await post(session, gateway.url + COMPLETIONS, chat("chat"))
             assert status == 200, text
             assert payload["choices"]
             [failed] = await events(session, gateway, "start_failed")
@@ -214,12 +216,10 @@ async def test_an_engine_whose_port_another_program_took_is_started_again_on_ano
             [retry] = await events(session, gateway, "port_taken_retry")
             assert retry["model"] == "chat"
             assert len(await events(session, gateway, "start")) == 2
-            [model] = gateway.status()["models"]
-            assert model["state"] == "ready"
-    finally:
-        taken = stop_squatters(tmp_path / "squats")
-    assert model["port"] not in taken
+        [model] = gateway.status()["models"]
+        assert model["state"] == "ready"
     assert len(taken) == 1
+    assert model["port"] not in taken
 
 
 async def test_an_engine_that_always_finds_its_port_taken_is_tried_twice_not_forever(
@@ -228,17 +228,14 @@ async def test_an_engine_that_always_finds_its_port_taken_is_tried_twice_not_for
     # Hostile: every start finds its port taken (as if the engine bound a second, fixed port
     # that another program holds: vLLM's distributed init port, say). The gateway tries once
     # more, then answers with the engine's error, and starts nothing more on its own.
-    gateway = gateway_factory(squatted(tmp_path / "squats", "always"))
-    try:
+    with squatting(tmp_path / "squats", "always") as (models, taken):
+        gateway = gateway_factory(models)
         async with aiohttp.ClientSession() as session:
-            url = gateway.url + "/v1/chat/completions"
-            status, payload, _ = await post(session, url, chat("chat"))
+            status, payload, _ = await post(session, gateway.url + COMPLETIONS, chat("chat"))
             assert status == 502
             assert payload["error"]["code"] == "engine_start_failed"
             assert "address already in use" in payload["error"]["message"]
             await asyncio.sleep(1.0)
             assert len(await events(session, gateway, "start")) == 2
             assert len(await events(session, gateway, "port_taken_retry")) == 1
-    finally:
-        taken = stop_squatters(tmp_path / "squats")
     assert len(taken) == 2
