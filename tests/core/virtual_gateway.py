@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from modelyard.placement.policy import (
@@ -181,6 +182,9 @@ class VirtualGateway:
         self._ticking = False
         self._last_arrival = -math.inf  # the driver's timer runs while requests are to come
         self.idle_timeout = idle_timeout
+        # Told each request's index and when its client has the whole answer (served: once
+        # its duration is over; refused: at once): a closed-loop client sends its next then.
+        self.on_answered: Callable[[int, float], None] | None = None
 
     # ----- the test's inputs -----
 
@@ -193,6 +197,11 @@ class VirtualGateway:
         self._push(at, "arrive", index)
         self._push(at + self.models[model].start_timeout, "deadline", index)
         return index
+
+    def request_timer_until(self, at: float) -> None:
+        """Keep the driver's pre-warm timer running until `at`, for requests not given yet
+        (a closed-loop client's next request is known only once it has its answer)."""
+        self._last_arrival = max(self._last_arrival, at)
 
     def set_ready(
         self, model: str, at: float = 0.0, last_used: float | None = None, gpu: int | None = None
@@ -347,11 +356,15 @@ class VirtualGateway:
         self.live[name].in_flight += 1
         self.live[name].last_used = self.now
         self._push(self.now + self._durations[index], "done", name)
+        if self.on_answered is not None:
+            self.on_answered(index, self.now + self._durations[index])
 
     def _answer(self, index: int, status: int, code: str, retry: float, message: str) -> None:
         outcome = self.outcomes[index]
         outcome.refused_at, outcome.status, outcome.code = self.now, status, code
         outcome.retry_after, outcome.message = retry, message
+        if self.on_answered is not None:
+            self.on_answered(index, self.now)
 
     # ----- deciding: the core's commands, carried out as the driver does -----
 

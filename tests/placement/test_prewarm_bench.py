@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bench.placement.closed_loop import replay_closed
 from bench.placement.prewarm import compare, goals_missed, replay
 from bench.placement.simulate import Request, Trace
 from bench.placement.wait_anatomy import EVICTED_MID_BURST, anatomy
@@ -105,3 +106,29 @@ def test_a_request_queued_for_a_load_that_has_not_begun_joins_that_load() -> Non
     waits = anatomy(trace)
     assert waits[EVICTED_MID_BURST] == 0
     assert waits["the key's first request"] == sum(outcome.waited for outcome in today)
+
+
+def test_a_closed_loop_client_sends_its_next_request_once_answered() -> None:
+    # "a" starts in 30 s; each answer takes 5 s. In the trace Alice asks at 0 s and again at
+    # 10 s (5 s of thinking after an answer that had no wait). Closed-loop, her second request
+    # comes 5 s after her first answer: 30 + 5 + 5 = 40 s, and finds "a" ready. Carol asks for
+    # a model that can never fit (40 GiB on 24): refused at once, she thinks 15 s as in the
+    # trace, then asks "a".
+    models = (
+        ModelSpec("a", 8 * GIB, 30.0, 1.0, 5.0, GIB // 2, 0),
+        ModelSpec("huge", 40 * GIB, 30.0, 1.0, 5.0, GIB // 2, 0),
+    )
+    requests = (
+        Request(0.0, "a", 5.0, "alice"),
+        Request(0.0, "huge", 5.0, "carol"),
+        Request(10.0, "a", 5.0, "alice"),
+        Request(20.0, "a", 5.0, "carol"),
+    )
+    world = replay_closed(Trace("closed", 24 * GIB, 0, models, requests), None)
+    sent = sorted((o.arrived, o.model, o.status, round(o.waited, 3)) for o in world.outcomes)
+    assert sent[0] == (0.0, "a", 200, 30.0)
+    assert sent[1][:3] == (0.0, "huge", 503)
+    assert sent[1][3] == 0.0  # refused at once
+    assert sent[2] == (15.0, "a", 200, 15.0)  # joins the start under way
+    assert sent[3] == (40.0, "a", 200, 0.0)
+    assert len(world.outcomes) == 4
