@@ -35,7 +35,7 @@ from modelyard.scheduler.core import (
 )
 from modelyard.scheduler.decide import Ask, Snapshot
 from modelyard.scheduler.predictor import Chance, Predictor
-from modelyard.scheduler.prewarm import Candidate
+from modelyard.scheduler.prewarm import Candidate, ModelNow, Standing, ask_inputs
 from tests.core.virtual_gateway import GIB, Model, Outcome, VirtualGateway
 
 STATES = [
@@ -140,6 +140,25 @@ def test_an_unlikely_model_is_not_prewarmed() -> None:
     snapshot = Snapshot(0.0, (GpuCapacity(0, 24 * GIB),), ())
     candidate = Candidate(Target("b", 8 * GIB), Chance("b", 0.2, 40.0, "after a"), 40.0)
     assert SchedulerCore().step(PreWarmAsk(snapshot, (candidate,))) == []
+
+
+def test_the_drivers_ask_about_candidates_and_possible_victims_alike() -> None:
+    # The gateway and the simulator both build their ask with `ask_inputs` (the simulator's
+    # figures are the gateway's only if they ask alike). Candidates: stopped or asleep with
+    # pre-warming on; possible victims: awake or asleep, whatever their own setting.
+    models = [
+        ModelNow("up", Standing.READY, 40.0, 1.0, True),
+        ModelNow("asleep", Standing.ASLEEP, 40.0, 2.0, True),
+        ModelNow("asleep-off", Standing.ASLEEP, 40.0, 2.0, False),
+        ModelNow("down", Standing.STOPPED, 40.0, 1.0, True),
+        ModelNow("down-off", Standing.STOPPED, 40.0, 1.0, False),
+        ModelNow("starting", Standing.BUSY, 40.0, 1.0, True),
+        ModelNow("slow-wake", Standing.ASLEEP, 10.0, 30.0, True),  # a wake no faster than a start
+    ]
+    inputs = ask_inputs(models)
+    assert inputs.waits == {"asleep": 2.0, "down": 40.0, "slow-wake": 10.0}
+    assert inputs.horizons == {"asleep": 30.0, "down": 60.0, "slow-wake": 30.0}
+    assert inputs.loaded == {"up": 40.0, "asleep": 40.0, "asleep-off": 40.0, "slow-wake": 10.0}
 
 
 def test_a_sleeper_as_likely_as_the_target_keeps_its_sleep() -> None:

@@ -59,7 +59,13 @@ from modelyard.scheduler.core import (
 )
 from modelyard.scheduler.decide import Ask, Snapshot, unlimited_gpus
 from modelyard.scheduler.predictor import Chance, Predictor
-from modelyard.scheduler.prewarm import CHECK_EVERY_S, Candidate, horizon
+from modelyard.scheduler.prewarm import (
+    CHECK_EVERY_S,
+    Candidate,
+    ModelNow,
+    Standing,
+    ask_inputs,
+)
 from modelyard.scheduler.scheduler import IDLE_CHECK_INTERVAL_S
 
 GIB = 1024**3
@@ -465,25 +471,14 @@ class VirtualGateway:
         """With nobody waiting, offer the core the predictor's chances (as the driver does)."""
         if self.predictor is None or any(live.waiters for live in self.live.values()):
             return
-        waits = {}
-        for name, live in self.live.items():
-            if live.state is None:
-                waits[name] = self.models[name].start_s
-            elif live.state is EngineState.SLEEPING:
-                model = self.models[name]
-                wake = model.wake2_s if live.sleeping_level == 2 else None
-                waits[name] = wake if wake is not None else model.wake_s
-        horizons = {name: horizon(wait) for name, wait in waits.items()}
-        chances = self.predictor.chances(self.now, horizons)
+        inputs = ask_inputs(self._model_now(name) for name in self.live)
+        chances = self.predictor.chances(self.now, inputs.horizons)
         if not chances:
             return
-        loaded = {
-            name: self.models[name].start_s
-            for name, live in self.live.items()
-            if live.state in (EngineState.READY, EngineState.SLEEPING)
-        }
-        expected = {c.model: c.probability for c in self.predictor.chances(self.now, loaded)}
-        candidates = tuple(Candidate(self._target(c.model), c, waits[c.model]) for c in chances)
+        expected = {c.model: c.probability for c in self.predictor.chances(self.now, inputs.loaded)}
+        candidates = tuple(
+            Candidate(self._target(c.model), c, inputs.waits[c.model]) for c in chances
+        )
         for command in self.core.step(
             PreWarmAsk(
                 self._snapshot(""),
@@ -496,6 +491,19 @@ class VirtualGateway:
             assert isinstance(command, PreWarmNow)
             self.decisions.append(Decided(self.now, command.prewarm.target, command))
             self._carry_out(command.prewarm.target, command)
+
+    def _model_now(self, name: str) -> ModelNow:
+        """`name` as the driver sees it when it asks about pre-warms (every model's on)."""
+        live, model = self.live[name], self.models[name]
+        wake = model.wake2_s if live.sleeping_level == 2 else None
+        standing = {
+            None: Standing.STOPPED,
+            EngineState.READY: Standing.READY,
+            EngineState.SLEEPING: Standing.ASLEEP,
+        }.get(live.state, Standing.BUSY)
+        return ModelNow(
+            name, standing, model.start_s, wake if wake is not None else model.wake_s, True
+        )
 
     def _evict(self, actions: tuple[Action, ...]) -> float:
         """Sleep or stop `actions` one after the other; when the last is done."""

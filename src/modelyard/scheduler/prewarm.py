@@ -24,8 +24,9 @@ The rules that keep a pre-warm harmless hold by construction:
 
 from __future__ import annotations
 
+import enum
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from modelyard.placement.policy import (
@@ -64,6 +65,51 @@ def horizon(wait_s: float) -> float:
     """The time within which a request must be expected for a pre-warm that spares `wait_s`
     (its start or wake): the predictor's chances are asked for this horizon."""
     return max(START_MARGIN * wait_s, LOOKAHEAD_S)
+
+
+class Standing(enum.Enum):
+    """Where a model stands when a driver asks about pre-warms."""
+
+    READY = "ready"  # awake and idle or serving: a possible victim
+    ASLEEP = "asleep"  # a candidate (a wake), and a possible victim (its sleep dropped)
+    STOPPED = "stopped"  # a candidate (a start)
+    BUSY = "busy"  # starting, waking, stopping, failed: neither
+
+
+@dataclass(frozen=True)
+class ModelNow:
+    """One model as a driver sees it: the gateway from its supervisors, the simulator from
+    its virtual engines. Both drivers turn these into the core's ask with `ask_inputs`, so
+    the simulator's figures are the gateway's."""
+
+    name: str
+    standing: Standing
+    start_s: float  # its last measured start (or a guess)
+    wake_s: float  # its last measured wake (or a guess)
+    prewarm: bool  # pre-warming is on for it
+
+
+@dataclass(frozen=True)
+class AskInputs:
+    waits: dict[str, float]  # candidates: what a request for each would wait now
+    horizons: dict[str, float]  # candidates: the time within which their chance is asked
+    loaded: dict[str, float]  # possible victims: the reload their eviction would cost
+
+
+def ask_inputs(models: Iterable[ModelNow]) -> AskInputs:
+    """What to ask the predictor: the chances of the candidates (stopped or asleep, with
+    pre-warming on) within their horizon, and of the possible victims (awake or asleep,
+    whatever their own setting) within the reload their eviction would cost."""
+    waits: dict[str, float] = {}
+    loaded: dict[str, float] = {}
+    for model in models:
+        if model.standing in (Standing.READY, Standing.ASLEEP):
+            loaded[model.name] = model.start_s
+        if model.prewarm and model.standing is Standing.STOPPED:
+            waits[model.name] = model.start_s
+        elif model.prewarm and model.standing is Standing.ASLEEP:
+            waits[model.name] = min(model.wake_s, model.start_s)
+    return AskInputs(waits, {name: horizon(wait) for name, wait in waits.items()}, loaded)
 
 
 @dataclass(frozen=True)

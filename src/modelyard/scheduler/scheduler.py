@@ -67,7 +67,13 @@ from modelyard.scheduler.core import (
 from modelyard.scheduler.decide import Ask, Snapshot
 from modelyard.scheduler.names import Target, UnknownModel
 from modelyard.scheduler.predictor import Chance, Predictor
-from modelyard.scheduler.prewarm import CHECK_EVERY_S, Candidate, horizon
+from modelyard.scheduler.prewarm import (
+    CHECK_EVERY_S,
+    Candidate,
+    ModelNow,
+    Standing,
+    ask_inputs,
+)
 from modelyard.scheduler.prewarm_habits import HABITS_NAME, HabitsFile
 from modelyard.scheduler.prewarm_stats import PreWarmStats
 from modelyard.scheduler.reload_plan import ReloadPlan
@@ -92,6 +98,12 @@ log = logging.getLogger("modelyard.scheduler")
 IDLE_CHECK_INTERVAL_S = 0.25
 # A sleeper's wake before one was measured (vLLM documents 0.3-3 s).
 WAKE_GUESS_S = 2.0
+# A supervisor's state as pre-warming sees it (any other: neither a candidate nor a victim).
+_STANDING = {
+    ModelState.READY: Standing.READY,
+    ModelState.SLEEPING: Standing.ASLEEP,
+    ModelState.STOPPED: Standing.STOPPED,
+}
 
 
 class Scheduler:
@@ -603,33 +615,28 @@ class Scheduler:
         if not self._prewarm_anywhere() or self._closing or self.total_waiting():
             return
         now = self._wall()
-        horizons: dict[str, float] = {}
-        loaded: dict[str, float] = {}
-        waits: dict[str, float] = {}
-        for name, supervisor in self._supervisors.items():
-            start = supervisor.timings.last_start_s or supervisor.settings.start_timeout / 5
-            if supervisor.state in (ModelState.READY, ModelState.SLEEPING):
-                # A victim's chance, within the reload its eviction would cost: a sleeper
-                # whose sleep is dropped for room in host RAM must start again.
-                loaded[name] = start
-            if self._prewarm_on(name) and supervisor.state is ModelState.STOPPED:
-                waits[name] = start
-            elif self._prewarm_on(name) and supervisor.state is ModelState.SLEEPING:
-                waits[name] = min(supervisor.timings.last_wake_s or WAKE_GUESS_S, start)
-            if name in waits:
-                horizons[name] = horizon(waits[name])
-        chances = self.predictor.chances(now, horizons)
+        inputs = ask_inputs(
+            ModelNow(
+                name,
+                _STANDING.get(supervisor.state, Standing.BUSY),
+                supervisor.timings.last_start_s or supervisor.settings.start_timeout / 5,
+                supervisor.timings.last_wake_s or WAKE_GUESS_S,
+                self._prewarm_on(name),
+            )
+            for name, supervisor in self._supervisors.items()
+        )
+        chances = self.predictor.chances(now, inputs.horizons)
         if not chances:
             return
         candidates = tuple(
-            Candidate(self._planning.target(self._supervisors[c.model]), c, waits[c.model])
+            Candidate(self._planning.target(self._supervisors[c.model]), c, inputs.waits[c.model])
             for c in chances
         )
         ask = PreWarmAsk(
             self._snapshot(""),
             candidates,
             in_use=frozenset(self.predictor.in_use(now)),
-            expected={c.model: c.probability for c in self.predictor.chances(now, loaded)},
+            expected={c.model: c.probability for c in self.predictor.chances(now, inputs.loaded)},
             switch_rate=self.predictor.switch_rate(now),
         )
         for command in self._core.step(ask):
