@@ -21,8 +21,7 @@ from pathlib import Path
 
 from tests.core.virtual_gateway import VirtualGateway
 
-from bench.placement.prewarm import IDLE_TIMEOUT_S, STRUCTURED
-from bench.placement.replay_core import models_of
+from bench.placement.prewarm import STRUCTURED, Run, world_for
 from bench.placement.simulate import Request, Trace
 from modelyard.scheduler.predictor import Predictor
 
@@ -35,13 +34,7 @@ TIMER_BEYOND_END_S = 2 * 3600.0
 def replay_closed(trace: Trace, predictor: Predictor | None) -> VirtualGateway:
     """The virtual gateway once every key's requests were sent, each after the answer to the
     one before it and the trace's think time."""
-    world = VirtualGateway(
-        models_of(trace),
-        [trace.gpu_bytes],
-        host_ram_for_sleep=trace.host_ram_for_sleep,
-        predictor=predictor,
-        idle_timeout=IDLE_TIMEOUT_S,
-    )
+    world = world_for(trace, predictor)
     by_key: dict[str, list[Request]] = defaultdict(list)
     for request in trace.requests:
         by_key[request.key].append(request)
@@ -96,18 +89,12 @@ HEADER = (
 
 
 def compare_closed(trace: Trace) -> ClosedRow:
-    today = replay_closed(trace, None)
-    learned = replay_closed(trace, Predictor())
+    today, learned = (
+        Run(world.outcomes, world.prewarms, world.keeps)
+        for world in (replay_closed(trace, None), replay_closed(trace, Predictor()))
+    )
     return ClosedRow(
-        trace.name,
-        len(learned.outcomes),
-        sum(o.waited for o in today.outcomes),
-        sum(o.waited for o in learned.outcomes),
-        len(learned.prewarms),
-        sum(p.used_at is not None for p in learned.prewarms),
-        sum(p.wasted for p in learned.prewarms),
-        len(learned.keeps),
-        sum(k.used_at is not None for k in learned.keeps),
+        trace.name, len(learned.outcomes), today.total_wait, learned.total_wait, *learned.tally()
     )
 
 

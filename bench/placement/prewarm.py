@@ -58,6 +58,16 @@ class Run:
     def total_wait(self) -> float:
         return sum(outcome.waited for outcome in self.outcomes)
 
+    def tally(self) -> tuple[int, int, int, int, int]:
+        """Pre-warms made, used and wasted; idle spells kept up, and those a request ended."""
+        return (
+            len(self.prewarms),
+            sum(p.used_at is not None for p in self.prewarms),
+            sum(p.wasted for p in self.prewarms),
+            len(self.keeps),
+            sum(k.used_at is not None for k in self.keeps),
+        )
+
 
 class Foresight(Predictor):
     """Knows the trace: a model's chance is 1 when its next request comes within the horizon
@@ -79,18 +89,25 @@ class Foresight(Predictor):
         return out
 
 
-def replayed(
-    trace: Trace, predictor: Predictor | None = None, idle_timeout: float = IDLE_TIMEOUT_S
+def world_for(
+    trace: Trace, predictor: Predictor | None, idle_timeout: float = IDLE_TIMEOUT_S
 ) -> VirtualGateway:
-    """The virtual gateway once it has served the whole trace (its outcomes, transitions and
-    pre-warms kept), pre-warming with `predictor` (None: as today)."""
-    world = VirtualGateway(
+    """A virtual gateway with the trace's models, GPU and host RAM, nothing sent yet."""
+    return VirtualGateway(
         models_of(trace),
         [trace.gpu_bytes],
         host_ram_for_sleep=trace.host_ram_for_sleep,
         predictor=predictor,
         idle_timeout=idle_timeout,
     )
+
+
+def replayed(
+    trace: Trace, predictor: Predictor | None = None, idle_timeout: float = IDLE_TIMEOUT_S
+) -> VirtualGateway:
+    """The virtual gateway once it has served the whole trace (its outcomes, transitions and
+    pre-warms kept), pre-warming with `predictor` (None: as today)."""
+    world = world_for(trace, predictor, idle_timeout)
     for request in trace.requests:
         world.request(request.at, request.model, duration=request.service_s, key=request.key)
     world.run(until=math.inf)
@@ -158,23 +175,25 @@ def compare(trace: Trace) -> Row:
         for before, after in zip(today.outcomes, learned.outcomes, strict=True)
         if after.waited > before.waited + LONGER_S
     ]
-    used = [p for p in learned.prewarms if p.used_at is not None]
-    spared = sum(min((p.used_at or p.at) - p.at, p.spared_s) for p in used)
+    made, used, wasted, kept, kept_used = learned.tally()
+    spared = sum(
+        min(p.used_at - p.at, p.spared_s) for p in learned.prewarms if p.used_at is not None
+    )
     return Row(
         trace.name,
         len(trace.requests),
         Simulation(trace, LruByFootprint()).run().total_wait,
         today.total_wait,
         learned.total_wait,
-        len(learned.prewarms),
-        len(used),
-        sum(p.wasted for p in learned.prewarms),
+        made,
+        used,
+        wasted,
         spared,
         len(longer),
         sum(1 for outcome in longer if outcome.prewarm_in_the_way is not None),
         replay(trace, prewarm=True, foresight=True).total_wait,
-        len(learned.keeps),
-        sum(k.used_at is not None for k in learned.keeps),
+        kept,
+        kept_used,
     )
 
 
