@@ -568,12 +568,17 @@ class ModelSupervisor:
     @property
     def ran_out_of_memory(self) -> bool:
         """The last failure's log says the engine ran out of GPU memory."""
-        return _looks_out_of_memory(self.failure.log_tail if self.failure else [])
+        return self._failure_log_says(_OOM_MARKERS)
 
     @property
     def port_was_taken(self) -> bool:
         """The last start failed because another program took the engine's port first."""
-        return _looks_port_taken(self.failure.log_tail if self.failure else [])
+        return self._failure_log_says(_PORT_TAKEN_MARKERS)
+
+    def _failure_log_says(self, markers: tuple[str, ...]) -> bool:
+        """The last failure's log lines hold one of `markers` (lower case)."""
+        text = "\n".join(self.failure.log_tail if self.failure else []).lower()
+        return any(marker in text for marker in markers)
 
     @contextlib.contextmanager
     def placing_start(self) -> Iterator[None]:
@@ -978,16 +983,9 @@ _OOM_MARKERS = (
 )
 
 
-def _looks_out_of_memory(log_tail: list[str]) -> bool:
-    text = "\n".join(log_tail).lower()
-    return any(marker in text for marker in _OOM_MARKERS)
-
-
-def _looks_port_taken(log_tail: list[str]) -> bool:
-    """The engine could not bind its port: another program bound it after the gateway chose
-    it (vLLM: "OSError: [Errno 98] Address already in use"; aiohttp and uvicorn say the
-    same words)."""
-    return "address already in use" in "\n".join(log_tail).lower()
+# The engine could not bind its port: another program bound it after the gateway chose it
+# (vLLM: "OSError: [Errno 98] Address already in use"; aiohttp and uvicorn say the same words).
+_PORT_TAKEN_MARKERS = ("address already in use",)
 
 
 def _lost_with_node(engine: EngineHandle) -> bool:
