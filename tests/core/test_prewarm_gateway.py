@@ -51,7 +51,7 @@ async def test_an_a_then_b_habit_learned_over_20_rounds_serves_the_21st_b_warm(
     defaults = {"defaults": {"prewarm": "auto", "idle_timeout": f"{IDLE_S}s"}}
     async with in_process_gateway(tmp_path, models, slow, **defaults) as h:
         # Learn over the 20 rounds first (counts decay a little meanwhile: 19.5, not 20).
-        h.gateway.scheduler.predictor.min_seen = 19.5
+        h.gateway.scheduler.prewarming.predictor.min_seen = 19.5
         waits = []
         for _ in range(20):
             waits.append(await a_round(h))
@@ -59,7 +59,7 @@ async def test_an_a_then_b_habit_learned_over_20_rounds_serves_the_21st_b_warm(
         assert min(waits) >= START_S * 0.9  # B started cold every time: nothing learned yet
         warm = await a_round(h)
         assert warm < START_S / 2, f"B waited {warm:.2f} s"
-        stats = h.gateway.scheduler.prewarm_stats
+        stats = h.gateway.scheduler.prewarming.stats
         assert stats.made >= 1
         assert stats.used >= 1
         events = [e for e in h.gateway.events.recent(200) if e.kind == "prewarm"]
@@ -191,7 +191,7 @@ async def test_the_idle_timer_keeps_an_engine_that_prewarming_would_start_again(
     defaults = {"defaults": {"prewarm": "auto", "idle_timeout": "0.5s"}}
     async with in_process_gateway(tmp_path, models, slow, **defaults) as h:
         scheduler = h.gateway.scheduler
-        scheduler.predictor = Habitual("a")
+        scheduler.prewarming.predictor = Habitual("a")
         assert (await h.chat("a"))[0] == 200
         assert (await h.chat("b"))[0] == 200
         await h.wait_state("b", "stopped", timeout=10.0)
@@ -204,11 +204,11 @@ async def test_the_idle_timer_keeps_an_engine_that_prewarming_would_start_again(
         began = time.monotonic()
         assert (await h.chat("a"))[0] == 200
         assert time.monotonic() - began < START_S / 2  # served warm
-        assert (scheduler.prewarm_stats.kept, scheduler.prewarm_stats.used) == (1, 1)
+        assert (scheduler.prewarming.stats.kept, scheduler.prewarming.stats.used) == (1, 1)
         exposition = h.gateway.metrics.exposition().decode()
         assert 'modelyard_prewarms_total{model="a",outcome="kept"} 1.0' in exposition
         assert 'modelyard_prewarms_total{model="a",outcome="used"} 1.0' in exposition
-        scheduler.predictor = Predictor()  # the habit is gone: nothing keeps it
+        scheduler.prewarming.predictor = Predictor()  # the habit is gone: nothing keeps it
         await h.wait_state("a", "stopped", timeout=10.0)
 
 
@@ -243,8 +243,52 @@ async def test_the_gateway_weighs_a_sleepers_chance_before_dropping_its_sleep(
             return step(event)
 
         scheduler._core.step = recording  # type: ignore[method-assign]
-        scheduler.predictor = Certain()
+        scheduler.prewarming.predictor = Certain()
         scheduler.maybe_prewarm()
         [ask] = asks
         assert {c.target.name for c in ask.candidates} == {"a", "b"}
         assert ask.expected == {"a": 0.9}  # the sleeper, weighed as a possible victim
+
+
+def taught(predictor: Predictor, start: float) -> float:
+    """Six turns of `a` by alice, an hour apart, every other one followed by `b` 20 s later:
+    after `a`, `b` is 3 in 6 of the five answered turns (one unseen turn counted), a little
+    less once decayed. Returns the time after them."""
+    now = start
+    for round_ in range(6):
+        predictor.observe(now, "alice", "a")
+        if round_ % 2 == 0:
+            predictor.observe(now + 20.0, "alice", "b")
+        now += 3600.0
+    return now
+
+
+async def test_the_status_shows_what_prewarming_expects_of_each_model(tmp_path: Path) -> None:
+    """`GET /gateway/status`, as the dashboard reads it: once alice asks for `a`, the stopped
+    `b` carries the predictor's chance and its reason (0.5: shown, and not pre-warmed, being
+    under 0.7); `c`, with pre-warming off, says so and nothing more; `a`, ready, is no
+    candidate. Before anyone asks for `a`, nothing points to `b`."""
+    models = {"a": engine_model(), "b": engine_model(), "c": {**engine_model(), "prewarm": "off"}}
+    async with in_process_gateway(tmp_path, models, defaults={"prewarm": "auto"}) as h:
+        prewarming = h.gateway.scheduler.prewarming
+        clock = [taught(prewarming.predictor, 1_800_000_000.0)]
+        prewarming.wall = lambda: clock[0]
+
+        async def prewarm_status() -> dict[str, Any]:
+            response = await h.client.get("/gateway/status")
+            assert response.status == 200
+            return {m["name"]: m["prewarm"] for m in (await response.json())["models"]}
+
+        quiet = await prewarm_status()
+        assert quiet["b"] == {"on": True, "chance": None, "within_s": None, "reason": None}
+        assert (await h.chat("a"))[0] == 200  # anonymous: a new key borrows everyone's habits
+        clock[0] += 2.0
+        shown = await prewarm_status()
+        assert shown["b"]["on"] is True
+        assert shown["b"]["chance"] == pytest.approx(0.5, abs=0.01)
+        assert shown["b"]["reason"].startswith("after a, 0.50 within ")
+        assert shown["b"]["within_s"] >= LOOKAHEAD_S
+        assert shown["c"] == {"on": False, "chance": None, "within_s": None, "reason": None}
+        assert shown["a"]["chance"] is None  # ready: nothing to pre-warm
+        assert h.model_state("b") == "stopped"
+        assert not [e for e in h.gateway.events.recent(100) if e.kind == "prewarm"]

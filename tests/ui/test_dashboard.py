@@ -312,3 +312,41 @@ def test_dashboard_shows_a_models_replicas(browser, gateway_factory, tmp_path, p
         sender.join()
     assert page_errors == []
     page.close()
+
+
+def test_dashboard_shows_what_prewarming_expects_of_a_stopped_model(browser, tmp_path, page_errors):
+    """With `prewarm: auto` and habits learned before a restart (the state dir's habits
+    file), a request for `a` makes the stopped `b` show the predictor's chance under its
+    state, its reason on hover; at 50 % (under 70 %) it is not pre-warmed."""
+    import time
+
+    from playwright.sync_api import expect
+
+    from modelyard.scheduler.predictor import Predictor
+    from modelyard.scheduler.prewarm_habits import HABITS_NAME
+    from tests.conftest import start_gateway
+    from tests.core.test_prewarm_gateway import taught
+
+    predictor = Predictor()
+    taught(predictor, time.time() - 6 * 3600.0)  # a, and b 20 s after every other a
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / HABITS_NAME).write_text(json.dumps(predictor.to_dict()))
+    gateway = start_gateway(
+        tmp_path, {"a": fake_model("a"), "b": fake_model("b")}, defaults={"prewarm": "auto"}
+    )
+    try:
+        page = open_page(browser, page_errors)
+        page.goto(gateway.url + "/ui")
+        row = page.locator('tr[data-model="b"]')
+        expect(row).to_be_visible()
+        expect(row.locator(".prewarm")).to_have_count(0)  # nothing asked: nothing expected
+        assert chat_request(gateway.url, "a")["choices"]
+        hint = row.locator(".prewarm")
+        expect(hint).to_have_text(re.compile(r"next: 50 % within \d+ s"))
+        assert hint.get_attribute("title").startswith("after a, 0.50 within ")
+        expect(row).to_have_attribute("data-state", "stopped")
+        assert page_errors == []
+        page.close()
+    finally:
+        gateway.stop()
+    assert gateway.engine_pids() == []

@@ -51,7 +51,6 @@ from modelyard.scheduler.core import (
     IdleCheck,
     IdleEngine,
     KeepIdle,
-    PreWarmAsk,
     PreWarmNow,
     PreWarmOver,
     PutToSleep,
@@ -66,16 +65,8 @@ from modelyard.scheduler.core import (
 )
 from modelyard.scheduler.decide import Ask, Snapshot
 from modelyard.scheduler.names import Target, UnknownModel
-from modelyard.scheduler.predictor import Chance, Predictor
-from modelyard.scheduler.prewarm import (
-    CHECK_EVERY_S,
-    Candidate,
-    ModelNow,
-    Standing,
-    ask_inputs,
-)
-from modelyard.scheduler.prewarm_habits import HABITS_NAME, HabitsFile
-from modelyard.scheduler.prewarm_stats import PreWarmStats
+from modelyard.scheduler.prewarm import ModelNow, Standing
+from modelyard.scheduler.prewarming import PreWarming
 from modelyard.scheduler.reload_plan import ReloadPlan
 from modelyard.scheduler.replica_set import RUNNING, ReplicaRouting, model_load, replicas_status
 from modelyard.scheduler.scaling import replica_key, spread
@@ -161,17 +152,7 @@ class Scheduler:
             placement if placement is not None else UnmanagedGpus(config, self._engines_by_key)
         )
         self.adapter_targets: dict[str, Target] = {}
-        # Learned pre-warming: the predictor counts on the wall clock (its hour-of-week
-        # patterns need one); decisions and deadlines stay on `clock`.
-        self.predictor = Predictor()
-        self.prewarm_stats = PreWarmStats()
-        self._wall: Callable[[], float] = time.time
-        self._prewarm_for: GatewayConfig | None = None
-        self._prewarm_any = False
-        self._prewarm_checked = 0.0  # the timer's last pre-warm check (clock)
-        self._kept_idle: set[str] = set()  # engines the idle timer keeps up for pre-warming
-        self._habits = HabitsFile(Path(config.state_dir).expanduser() / HABITS_NAME)
-        self._habits.read_into(self.predictor)
+        self.prewarming = PreWarming(Path(config.state_dir).expanduser(), events, clock)
 
     def set_adapter_targets(self, targets: dict[str, Target]) -> None:
         """The LoRA adapters on disk now, by public name (the adapter manager's scan)."""
@@ -587,64 +568,40 @@ class Scheduler:
 
     # ----- learned pre-warming -----
 
-    def _prewarm_on(self, name: str) -> bool:
-        model = self.config.models[name]
-        return (model.prewarm or self.config.defaults.prewarm) == "auto"
-
-    def _prewarm_anywhere(self) -> bool:
-        """Whether any model may be pre-warmed (on every request's path: cached per config)."""
-        if self._prewarm_for is not self.config:
-            self._prewarm_for = self.config
-            self._prewarm_any = any(self._prewarm_on(name) for name in self.config.models)
-        return self._prewarm_any
+    def _model_now(self, name: str) -> ModelNow:
+        """`name` as pre-warming sees it: where it stands, what a request for it would wait."""
+        supervisor = self._supervisors[name]
+        return ModelNow(
+            name,
+            _STANDING.get(supervisor.state, Standing.BUSY),
+            _start_guess(supervisor),
+            supervisor.timings.last_wake_s or WAKE_GUESS_S,
+            self.prewarming.on(self.config, name),
+        )
 
     def note_request(self, model: str, key: str) -> None:
         """A request for `model` from `key` came: learn from it. (The pre-warm it may lead to
         is asked for once it holds its engine: its own start goes first.)"""
-        if not self._prewarm_anywhere():
+        if not self.prewarming.anywhere(self.config):
             return
-        self.predictor.observe(self._wall(), key, model)
-        spared = self.prewarm_stats.asked_for(model, self._clock())
-        if spared is not None:
-            self.events.emit("prewarm_used", model, "asked for after its pre-warm", spared)
+        self.prewarming.observe(model, key)
         if model in self._core.prewarming():
             self._core.step(PreWarmOver(model))  # a real start now: never cancelled
 
     def maybe_prewarm(self) -> None:
         """Offer the core the predictor's chances for the models that are not ready."""
-        if not self._prewarm_anywhere() or self._closing or self.total_waiting():
+        if not self.prewarming.anywhere(self.config) or self._closing or self.total_waiting():
             return
-        now = self._wall()
-        inputs = ask_inputs(
-            ModelNow(
-                name,
-                _STANDING.get(supervisor.state, Standing.BUSY),
-                supervisor.timings.last_start_s or supervisor.settings.start_timeout / 5,
-                supervisor.timings.last_wake_s or WAKE_GUESS_S,
-                self._prewarm_on(name),
-            )
-            for name, supervisor in self._supervisors.items()
+        ask = self.prewarming.ask(
+            (self._model_now(name) for name in self._supervisors),
+            lambda name: self._planning.target(self._supervisors[name]),
+            lambda: self._snapshot(""),
         )
-        chances = self.predictor.chances(now, inputs.horizons)
-        if not chances:
+        if ask is None:
             return
-        candidates = tuple(
-            Candidate(self._planning.target(self._supervisors[c.model]), c, inputs.waits[c.model])
-            for c in chances
-        )
-        ask = PreWarmAsk(
-            self._snapshot(""),
-            candidates,
-            in_use=frozenset(self.predictor.in_use(now)),
-            expected={c.model: c.probability for c in self.predictor.chances(now, inputs.loaded)},
-            switch_rate=self.predictor.switch_rate(now),
-        )
         for command in self._core.step(ask):
             assert isinstance(command, PreWarmNow)
-            prewarm = command.prewarm
-            self.events.emit("prewarm", prewarm.target, prewarm.reason)
-            spared = next(c.wait_s for c in candidates if c.target.name == prewarm.target)
-            self.prewarm_stats.made_for(prewarm.target, self._clock(), spared)
+            self.prewarming.made(command.prewarm, ask)
             self._in_background(self._prewarm(command), self._evicting)
 
     async def _prewarm(self, command: PreWarmNow) -> None:
@@ -677,14 +634,10 @@ class Scheduler:
         any other, for the planner to evict (put back to sleep) if the request needs its
         room. Stopping a sleeper would turn its next wake into a cold start."""
         self.events.emit("prewarm_cancelled", cancel.target, cancel.reason)
-        self._prewarm_gone(cancel.target, "cancelled")
+        self.prewarming.gone(cancel.target, "cancelled")
         supervisor = self._supervisors.get(cancel.target)
         if supervisor is not None:
             supervisor.cancel_prewarm()
-
-    def _prewarm_gone(self, model: str, why: str) -> None:
-        if self.prewarm_stats.gone(model):
-            self.events.emit("prewarm_wasted", model, f"{why} before any request came")
 
     def _supervisor_to_wait_on(
         self, model: str, affinity: str | None = None, adapter: str | None = None
@@ -1000,7 +953,7 @@ class Scheduler:
     async def _evict_one(self, action: Action, target: str) -> bool:
         """Sleep or stop one victim; whether it is asleep or stopped now."""
         victim = self._engines_by_key()[action.name]
-        self._prewarm_gone(victim.name, "evicted")
+        self.prewarming.gone(victim.name, "evicted")
         group = self.config.exclusive_group_of(target)
         if group is not None and self.config.exclusive_group_of(action.name) == group:
             reason = f"exclusive group: {target!r} is starting"
@@ -1050,12 +1003,8 @@ class Scheduler:
         while True:
             await asyncio.sleep(IDLE_CHECK_INTERVAL_S)
             try:
-                if self._prewarm_anywhere():
-                    await self._habits.save_every(self.predictor, self._clock())
-                    if self._clock() - self._prewarm_checked >= CHECK_EVERY_S:
-                        # A habit grows due with time alone: nothing else would ask.
-                        self._prewarm_checked = self._clock()
-                        self.maybe_prewarm()
+                if await self.prewarming.tick(self.config):
+                    self.maybe_prewarm()
                 await self.reap_idle(self._clock())
                 self.check_scale()
             except Exception:  # the reaper must outlive any one bug (issue 11, defect 2)
@@ -1082,11 +1031,11 @@ class Scheduler:
             for name in self._supervisors
             for s in self._slots(name)
         )
-        expected = self._expected_while_idle(engines)
+        expected = self.prewarming.expected_while_idle(self.config, engines)
         snapshot = self._snapshot("") if expected else None
         verdicts = self._core.step(IdleCheck(engines, expected, snapshot))
         kept = {v.key: v.reason for v in verdicts if isinstance(v, KeepIdle)}
-        self._note_kept(kept)
+        self.prewarming.note_kept(kept, self._kept_engine)
         for verdict in verdicts:
             if isinstance(verdict, KeepIdle):
                 continue
@@ -1113,34 +1062,30 @@ class Scheduler:
                 self.events.emit("idle_stop_failed", supervisor.name, str(error))
                 continue
             if done:
-                self._prewarm_gone(supervisor.name, "idle")
+                self.prewarming.gone(supervisor.name, "idle")
                 acted.append(supervisor.key)
                 if isinstance(verdict, StopIdle) and verdict.scale_down:
                     self.events.emit("scale_down", supervisor.name, reason, replica=supervisor.key)
         return acted
 
-    def _expected_while_idle(self, engines: tuple[IdleEngine, ...]) -> tuple[Chance, ...]:
-        """For models with pre-warming on whose engine is idle past its timeout: the chance
-        each is asked for within that timeout (the core keeps it up if a pre-warm would
-        start it again)."""
-        if not self._prewarm_anywhere():
-            return ()
-        past = {
-            e.model: e.idle_timeout for e in engines if e.past_timeout and self._prewarm_on(e.model)
+    def _prewarm_status(self, name: str) -> dict[str, Any]:
+        """Whether pre-warming is on for `name`, and, while it is stopped or asleep, what the
+        predictor expects of it now: why it was pre-warmed, or was not yet."""
+        on = self.prewarming.on(self.config, name)
+        chance = self.prewarming.outlook(self._model_now(name)) if on else None
+        return {
+            "on": on,
+            "chance": None if chance is None else round(chance.probability, 3),
+            "within_s": None if chance is None else round(chance.horizon_s, 1),
+            "reason": None if chance is None else chance.reason,
         }
-        return tuple(self.predictor.chances(self._wall(), past)) if past else ()
 
-    def _note_kept(self, kept: dict[str, str]) -> None:
-        """An event (and a pre-warm's record: used or wasted later) for each engine the idle
-        timer began to keep up; once per idle spell, not at every check."""
-        for key in kept.keys() - self._kept_idle:
-            supervisor = self._slot(key)
-            if supervisor is None:
-                continue
-            self.events.emit("prewarm_kept", supervisor.name, kept[key])
-            start = supervisor.timings.last_start_s or supervisor.settings.start_timeout / 5
-            self.prewarm_stats.kept_for(supervisor.name, self._clock(), start)
-        self._kept_idle = set(kept)
+    def _kept_engine(self, key: str) -> tuple[str, float] | None:
+        """A kept engine's model and what its start would cost (None: gone by a reload)."""
+        supervisor = self._slot(key)
+        if supervisor is None:
+            return None
+        return supervisor.name, _start_guess(supervisor)
 
     def check_scale(self) -> list[str]:
         """Add a replica to each model above its target for a moment (the core decides);
@@ -1246,9 +1191,9 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reaper
         await self.drained(grace)
-        if self._prewarm_anywhere():
+        if self.prewarming.anywhere(self.config):
             with contextlib.suppress(Exception):  # losing what was learned never blocks a stop
-                await self._habits.save(self.predictor)
+                await self.prewarming.save()
         await asyncio.gather(
             *(s.stop("gateway shutdown", drain=False) for s in self._all_supervisors()),
             return_exceptions=True,
@@ -1304,6 +1249,7 @@ class Scheduler:
             "starts": supervisor.timings.starts,
             "crashes": supervisor.timings.crashes,
             "gpus": list(supervisor.budget.gpu_indexes) if supervisor.budget else [],
+            "prewarm": self._prewarm_status(name),
             "failure": None
             if failure is None
             else {
@@ -1313,6 +1259,11 @@ class Scheduler:
                 "retry_in_s": supervisor.backoff_remaining(),
             },
         }
+
+
+def _start_guess(supervisor: ModelSupervisor) -> float:
+    """What a start of its model takes: the last one measured, or a fifth of its timeout."""
+    return supervisor.timings.last_start_s or supervisor.settings.start_timeout / 5
 
 
 def _pick(value: float | None, default: float) -> float:

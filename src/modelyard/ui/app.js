@@ -273,6 +273,14 @@ function renderModels(models) {
         cells.state.append(bar);
       }
     }
+    const expected = model.prewarm;
+    if (expected && expected.chance) {
+      // Pre-warming on, the model stopped or asleep: how likely a request for it is soon, and
+      // why (a pre-warm goes at 70 % or more, when it is worth its cost).
+      const hint = el("span", "prewarm", `next: ${Math.round(expected.chance * 100)} % within ${Math.round(expected.within_s)} s`);
+      hint.title = expected.reason;
+      cells.state.append(hint);
+    }
     row.dataset.state = model.state;
 
     const footprint = model.footprint_bytes;
