@@ -90,7 +90,10 @@ class Foresight(Predictor):
 
 
 def world_for(
-    trace: Trace, predictor: Predictor | None, idle_timeout: float = IDLE_TIMEOUT_S
+    trace: Trace,
+    predictor: Predictor | None,
+    idle_timeout: float = IDLE_TIMEOUT_S,
+    exact_chances: bool = False,
 ) -> VirtualGateway:
     """A virtual gateway with the trace's models, GPU and host RAM, nothing sent yet."""
     return VirtualGateway(
@@ -99,15 +102,19 @@ def world_for(
         host_ram_for_sleep=trace.host_ram_for_sleep,
         predictor=predictor,
         idle_timeout=idle_timeout,
+        exact_chances=exact_chances,
     )
 
 
 def replayed(
-    trace: Trace, predictor: Predictor | None = None, idle_timeout: float = IDLE_TIMEOUT_S
+    trace: Trace,
+    predictor: Predictor | None = None,
+    idle_timeout: float = IDLE_TIMEOUT_S,
+    exact_chances: bool = False,
 ) -> VirtualGateway:
     """The virtual gateway once it has served the whole trace (its outcomes, transitions and
     pre-warms kept), pre-warming with `predictor` (None: as today)."""
-    world = world_for(trace, predictor, idle_timeout)
+    world = world_for(trace, predictor, idle_timeout, exact_chances)
     for request in trace.requests:
         world.request(request.at, request.model, duration=request.service_s, key=request.key)
     world.run(until=math.inf)

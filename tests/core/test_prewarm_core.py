@@ -14,6 +14,7 @@ would start again at once: a working morning's pauses then find it up.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -88,13 +89,51 @@ def random_world(rng: random.Random) -> tuple[Snapshot, tuple[Candidate, ...], s
     return Snapshot(1000.0, gpus, tuple(engines)), candidates, in_use
 
 
+def test_exact_chances_leave_only_recencys_guess_out_of_a_prewarms_cost() -> None:
+    """The bench's perfect foresight (`exact`): an idle engine used 10 s ago costs a learned
+    pre-warm its reload (recency says it is likely back), so a 12 GiB target due at 0.95 is
+    not worth it; with exact chances the same engine, not due, is evicted for it. One that
+    is due (expected 1.0) is kept, exact or not, and one with a request in flight is never
+    touched."""
+    gpu = (GpuCapacity(0, 24 * GIB),)
+    idle = Engine(
+        name="idle",
+        state=EngineState.READY,
+        gpus=(0,),
+        awake_bytes_per_gpu=16 * GIB,
+        last_used=990.0,
+        start_seconds=40.0,
+    )
+    target = Candidate(Target("next", 12 * GIB), Chance("next", 0.95, 60.0, "test"), 40.0)
+
+    def decided(engine: Engine, exact: bool, expected: float = 0.0) -> list[object]:
+        ask = PreWarmAsk(
+            Snapshot(1000.0, gpu, (engine,)),
+            (target,),
+            expected={"idle": expected},
+            exact=exact,
+        )
+        return list(SchedulerCore().step(ask))
+
+    assert decided(idle, exact=False) == []
+    [go] = decided(idle, exact=True)
+    assert isinstance(go, PreWarmNow)
+    assert go.prewarm.actions == (Stop("idle"),)
+    assert decided(idle, exact=True, expected=1.0) == []
+    busy = dataclasses.replace(idle, in_flight=1)
+    assert decided(busy, exact=True) == []
+
+
 @pytest.mark.parametrize("seed", range(300))
 def test_a_prewarm_touches_only_free_or_idle_memory(seed: int) -> None:
     rng = random.Random(seed)
     snapshot, candidates, in_use = random_world(rng)
     # The predictor's chances for the loaded models, awake or asleep (hostile: some above 1).
     expected = {e.name: rng.choice([0.0, 0.5, 0.8, 0.95, 1.5]) for e in snapshot.engines}
-    ask = PreWarmAsk(snapshot, candidates, in_use=frozenset(in_use), expected=expected)
+    # Half the worlds with exact chances (the bench's foresight: evictions cost nothing more):
+    # the rules hold all the same.
+    exact = rng.random() < 0.5
+    ask = PreWarmAsk(snapshot, candidates, in_use=frozenset(in_use), expected=expected, exact=exact)
     commands = SchedulerCore().step(ask)
     if not commands:
         return

@@ -154,11 +154,13 @@ class VirtualGateway:
         nodes: list[str] | None = None,
         predictor: Predictor | None = None,
         idle_timeout: float = 0.0,
+        exact_chances: bool = False,
     ) -> None:
         """`gpus`: the GPUs' sizes in bytes; None for a machine without managed GPUs.
         `nodes`: on a cluster, the node each GPU is in. `predictor`: learn from the requests
         and pre-warm (None: never pre-warm, today's policy). `idle_timeout`: every model's
-        (0: engines are never idle-stopped)."""
+        (0: engines are never idle-stopped). `exact_chances`: the predictor knows the future
+        (the bench's foresight; the core leaves recency's guess out of a pre-warm's cost)."""
         self.models = models
         self.gpus = gpus
         self.nodes = nodes
@@ -177,6 +179,7 @@ class VirtualGateway:
         self._keys: dict[int, str] = {}
         self._wakeups: set[float] = set()
         self.predictor = predictor
+        self.exact_chances = exact_chances
         self.prewarms: list[PreWarmRecord] = []
         self._open_prewarm: dict[str, PreWarmRecord] = {}  # not yet used, nor wasted
         # Engines the idle timer kept for pre-warming (`KeepIdle`), one record per idle spell.
@@ -486,6 +489,7 @@ class VirtualGateway:
                 in_use=frozenset(self.predictor.in_use(self.now)),
                 expected=expected,
                 switch_rate=self.predictor.switch_rate(self.now),
+                exact=self.exact_chances,
             )
         ):
             assert isinstance(command, PreWarmNow)

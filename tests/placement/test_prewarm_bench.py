@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from bench.placement.closed_loop import replay_closed
-from bench.placement.prewarm import compare, goals_missed, replay
+from bench.placement.foresight import InFlightOnly, foresight_run, row
+from bench.placement.prewarm import Foresight, compare, goals_missed, replay
 from bench.placement.simulate import Request, Trace
 from bench.placement.wait_anatomy import EVICTED_MID_BURST, anatomy
 from bench.placement.world import ModelSpec
@@ -132,3 +133,32 @@ def test_a_closed_loop_client_sends_its_next_request_once_answered() -> None:
     assert sent[2] == (15.0, "a", 200, 15.0)  # joins the start under way
     assert sent[3] == (40.0, "a", 200, 0.0)
     assert len(world.outcomes) == 4
+
+
+def test_foresight_with_the_rules_loosened_pre_warms_past_an_engine_used_a_moment_ago() -> None:
+    # One 24 GiB GPU, sleep off: alice uses "a" (16 GiB) at 0 s and 30 s, then asks for "b"
+    # (12 GiB, a 40 s start) at 100 s; "a" is never asked for again. Under the shipped rules
+    # even perfect foresight may not stop "a" while it is "in use" (asked within the last
+    # minute, until 90 s), and then its recency still weighs: "b" waits. With evictions free
+    # and traffic only in flight, foresight stops "a" once "b" is due within its horizon
+    # (60 s, from 40 s) and "b" is ready when asked for.
+    models = (
+        ModelSpec("a", 16 * GIB, 30.0, 1.0, 5.0, GIB // 2, 0),
+        ModelSpec("b", 12 * GIB, 40.0, 1.0, 5.0, GIB // 2, 0),
+    )
+    requests = (
+        Request(0.0, "a", 5.0, "alice"),
+        Request(30.0, "a", 5.0, "alice"),
+        Request(100.0, "b", 5.0, "alice"),
+    )
+    trace = Trace("loosened", 24 * GIB, 0, models, requests)
+    today = replay(trace, prewarm=False)
+    shipped = foresight_run(trace, Foresight(trace), evictions_free=False)
+    loosest = foresight_run(trace, InFlightOnly(trace), evictions_free=True)
+    assert today.outcomes[2].waited == 42.0  # a stop of "a" (2 s), then the start of "b"
+    assert shipped.outcomes[2].waited > 0.0
+    assert [p.model for p in loosest.prewarms] == ["b"]
+    assert loosest.outcomes[2].waited == 0.0
+    # Today 72 s (a's first start, 30 s, and b's 42 s); evictions free alone change nothing
+    # here ("a" is in use until 90 s); only "a"'s first start is left at the loosest.
+    assert row(trace) == "| loosened | 72 | 0.89x | 0 of 1 | 0 (0) | 0.89x | 0.42x |"

@@ -153,6 +153,8 @@ class PreWarmAsk:
     in_use: frozenset[str] = frozenset()  # asked for a moment ago: never evicted for it
     expected: dict[str, float] = field(default_factory=dict)  # chances of loaded models
     switch_rate: float = 0.0  # first requests for a model per second, all users
+    # The chances are certain (the simulator's perfect foresight): see `choose_prewarm`.
+    exact: bool = False
 
 
 @dataclass(frozen=True)
@@ -364,6 +366,7 @@ class SchedulerCore:
             expected=event.expected,
             switch_rate=event.switch_rate,
             settings=self.settings,
+            exact=event.exact,
         )
         if chosen is None:
             return []

@@ -146,13 +146,18 @@ def choose_prewarm(
     switch_rate: float = 0.0,
     settings: PolicySettings = DEFAULT_SETTINGS,
     min_probability: float = MIN_PROBABILITY,
+    exact: bool = False,
 ) -> PreWarm | None:
     """The best pre-warm worth its cost now, or None (see the module docstring).
 
     `in_use`: models with traffic a moment ago (the predictor's "in use now"); idle this
     instant, between two requests of a burst, they are still never evicted. `expected`: the
     predictor's chance for models that are loaded (a victim as likely as the target is kept).
-    `switch_rate`: first requests for a model per second, all users together."""
+    `switch_rate`: first requests for a model per second, all users together. `exact`: the
+    chances are certain (only the simulator's perfect foresight knows them so): a loaded
+    model's chance in `expected` says whether it is due, and one due is kept, so evicting an
+    idle engine costs nothing more (the plan's cost, recency's guess of the same, is left
+    out). It measures what the goals' rules allow, not what a predictor can do."""
     expected = expected or {}
     if requests_waiting or not candidates:
         return None
@@ -197,7 +202,8 @@ def choose_prewarm(
         # A wasted pre-warm is undone later: a stop, or a sleep (its copy takes about as
         # long as the wake).
         undo = candidate.wait_s if plan.wake else CANCEL_STOP_S
-        cost = plan.cost + risk + cancelled * yielding + (1.0 - chance.probability) * undo
+        eviction = 0.0 if exact else plan.cost
+        cost = eviction + risk + cancelled * yielding + (1.0 - chance.probability) * undo
         if saving <= cost:
             continue
         if best is None or saving - cost > best.saving_s - best.cost_s:
