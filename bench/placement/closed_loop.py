@@ -13,15 +13,13 @@ Run: python -m bench.placement.closed_loop [TRACE.json ...]   (default: bench/pl
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
 from tests.core.virtual_gateway import VirtualGateway
 
-from bench.placement.prewarm import STRUCTURED, Run, world_for
+from bench.placement.prewarm import Run, trace_paths, world_for
 from bench.placement.simulate import Request, Trace
 from modelyard.scheduler.predictor import Predictor
 
@@ -99,11 +97,8 @@ def compare_closed(trace: Trace) -> ClosedRow:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("traces", nargs="*", type=Path, help="trace files (default: structured)")
-    args = parser.parse_args(argv)
     print(HEADER)
-    for path in args.traces or sorted(STRUCTURED.glob("*.json")):
+    for path in trace_paths(argv, __doc__, random_too=False):
         print(compare_closed(Trace.load(path)).markdown(), flush=True)
     return 0
 

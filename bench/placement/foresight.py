@@ -24,7 +24,6 @@ About five minutes here.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -34,13 +33,13 @@ if __package__ in (None, ""):
 
 from bench.placement.prewarm import (
     LONGER_S,
-    STRUCTURED,
     Foresight,
     Run,
     replay,
     replayed,
+    trace_paths,
 )
-from bench.placement.simulate import TRACES, Trace
+from bench.placement.simulate import Trace
 
 HEADER = (
     "| trace | modelyard today (s) | perfect foresight, shipped rules | its pre-warms wasted "
@@ -86,10 +85,7 @@ def row(trace: Trace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("traces", nargs="*", type=Path, help="trace files (default: all shipped)")
-    args = parser.parse_args(argv)
-    paths = args.traces or sorted(STRUCTURED.glob("*.json")) + sorted(TRACES.glob("*.json"))
+    paths = trace_paths(argv, __doc__)
     print(HEADER)
     for path in paths:
         print(row(Trace.load(path)), flush=True)

@@ -204,11 +204,19 @@ def compare(trace: Trace) -> Row:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("traces", nargs="*", type=Path, help="trace files (default: all shipped)")
+def trace_paths(argv: list[str] | None, doc: str, random_too: bool = True) -> list[Path]:
+    """The trace files named on a bench's command line (`doc`: its docstring, for --help),
+    else the shipped ones: those with structure, then (`random_too`) the random ones."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    default = "all shipped" if random_too else "the traces with structure"
+    parser.add_argument("traces", nargs="*", type=Path, help=f"trace files (default: {default})")
     args = parser.parse_args(argv)
-    paths = args.traces or sorted(STRUCTURED.glob("*.json")) + sorted(TRACES.glob("*.json"))
+    random = sorted(TRACES.glob("*.json")) if random_too else []
+    return list(args.traces) or sorted(STRUCTURED.glob("*.json")) + random
+
+
+def main(argv: list[str] | None = None) -> int:
+    paths = trace_paths(argv, __doc__)
     print(HEADER)
     missed = []
     for path in paths:

@@ -23,7 +23,6 @@ random ones name no users, so "the key's previous request" there is anybody's.
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import sys
 from collections import Counter
@@ -33,7 +32,7 @@ if __package__ in (None, ""):
     _ROOT = Path(__file__).resolve().parents[2]
     sys.path[:0] = [str(_ROOT), str(_ROOT / "src")]
 
-from bench.placement.prewarm import STRUCTURED, replayed
+from bench.placement.prewarm import replayed, trace_paths
 from bench.placement.simulate import Trace
 
 EVICTED_MID_BURST = "same model, under a minute before"
@@ -90,11 +89,7 @@ def anatomy(trace: Trace) -> Counter[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("traces", nargs="*", type=Path, help="trace files (default: all shipped)")
-    args = parser.parse_args(argv)
-    paths = args.traces or sorted(STRUCTURED.glob("*.json"))
-    for path in paths:
+    for path in trace_paths(argv, __doc__, random_too=False):
         waits = anatomy(Trace.load(path))
         total = sum(waits.values())
         print(f"{path.stem}: {total:,.0f} s of load-wait today")
