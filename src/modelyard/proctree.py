@@ -73,3 +73,50 @@ def rss_bytes(pid: int) -> int | None:
     except OSError:
         return None
     return None
+
+
+# A TCP socket's state in /proc/net/tcp (include/net/tcp_states.h): 0A is LISTEN.
+_LISTEN = "0A"
+
+
+def listening_inodes(port: int, netns_pid: int) -> set[int]:
+    """The inodes of the TCP sockets listening on `port`, any address, IPv4 or IPv6, in the
+    network namespace of process `netns_pid`."""
+    inodes = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = (_PROC / str(netns_pid) / "net" / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            # sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode ...
+            if (
+                len(fields) > 9
+                and fields[3] == _LISTEN
+                and int(fields[1].rsplit(":")[1], 16) == port
+            ):
+                inodes.add(int(fields[9]))
+    return inodes
+
+
+def socket_holders(inodes: set[int], pids: list[int] | None = None) -> list[int]:
+    """The processes (of `pids`, or all) with a file descriptor on one of these sockets; a
+    process whose descriptors cannot be read (another user's) is not counted."""
+    wanted = {f"socket:[{inode}]" for inode in inodes}
+    holders = []
+    for pid in pids if pids is not None else _all_pids():
+        try:
+            descriptors = list((_PROC / str(pid) / "fd").iterdir())
+        except OSError:
+            continue
+        for descriptor in descriptors:
+            with contextlib.suppress(OSError):
+                if os.readlink(descriptor) in wanted:
+                    holders.append(pid)
+                    break
+    return holders
+
+
+def _all_pids() -> list[int]:
+    return [int(entry.name) for entry in _PROC.iterdir() if entry.name.isdigit()]

@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,14 +186,23 @@ async def test_an_engine_whose_requests_time_out_is_hung_even_if_health_is_200(g
 @contextlib.contextmanager
 def squatting(folder: Path, mode: str) -> Iterator[tuple[dict[str, Any], list[int]]]:
     """The config of `chat`, its test engine behind `port_squatter.py` (see there), and, once
-    the block is over, the ports the squatters took (they are stopped then)."""
+    the block is over, the ports the squatters took (they are stopped then). With mode
+    `answered`, the answering squatter runs from the start of the block, before any engine."""
     folder.mkdir()
     command = [PYTHON, SQUATTER, str(folder), mode, "{port}", *fake_engine_command("chat")[1:]]
     taken: list[int] = []
+    answering = None
+    if mode == "answered":
+        answering = subprocess.Popen([PYTHON, SQUATTER, "answer", str(folder)])
     try:
         yield {"chat": {"engine": "command", "command": command}}, taken
     finally:
+        if answering is not None:
+            answering.kill()
+            answering.wait()
         for record in folder.iterdir():
+            if not record.name.isdigit():
+                continue  # the port handed to the answering squatter, not a pid
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(record.read_text()), signal.SIGKILL)
             taken.append(int(record.name))
@@ -220,6 +230,59 @@ async def test_an_engine_whose_port_another_program_took_is_started_again_on_ano
         assert model["state"] == "ready"
     assert len(taken) == 1
     assert model["port"] not in taken
+
+
+async def test_another_programs_server_answering_on_the_engines_port_is_not_the_engine(
+    gateway_factory, tmp_path
+):
+    # Hostile: another program, running before the engine was started, binds the engine's
+    # port before the engine does and answers 200 to everything, `/health` included (a
+    # `command` engine's only readiness check). It is not the engine: the gateway must not
+    # route the request to it (before, it did: the client got the squatter's answer). The
+    # engine then fails to bind and exits ("address already in use"); the gateway starts it
+    # again on another port, and the request is served by the engine.
+    with squatting(tmp_path / "squats", "answered") as (models, taken):
+        gateway = gateway_factory(models)
+        async with aiohttp.ClientSession() as session:
+            status, payload, text = await post(session, gateway.url + COMPLETIONS, chat("chat"))
+            assert status == 200, text
+            assert payload.get("object") != "squatter"
+            assert payload["choices"]
+            [failed] = await events(session, gateway, "start_failed")
+            assert "address already in use" in "\n".join(failed["data"]["log_tail"]).lower()
+            assert len(await events(session, gateway, "port_taken_retry")) == 1
+        [model] = gateway.status()["models"]
+        assert model["state"] == "ready"
+        engine_log = "\n".join(p.read_text() for p in (gateway.state_dir / "logs").glob("*"))
+        assert "answers, but from another program" in engine_log
+    assert len(taken) == 1
+    assert model["port"] not in taken
+
+
+async def test_an_engines_server_outside_its_process_tree_is_still_the_engine(
+    gateway_factory, tmp_path
+):
+    # What the check above must not refuse: `command: docker run -p {port}:8000 ...` (here a
+    # stand-in, port_squatter.py's "detached"). What listens on the port is none of the
+    # engine's processes (docker-proxy, or the container's process, is the daemon's child),
+    # but it was started after the engine's command: it is taken as the engine's, and the
+    # request is routed to it.
+    folder = tmp_path / "container"
+    folder.mkdir()
+    command = [PYTHON, SQUATTER, "detached", str(folder), "{port}"]
+    try:
+        # Refused, it would never be ready: a short start timeout makes that a clear failure.
+        boxed = {"engine": "command", "command": command, "start_timeout": "15s"}
+        gateway = gateway_factory({"boxed": boxed})
+        async with aiohttp.ClientSession() as session:
+            status, payload, text = await post(session, gateway.url + COMPLETIONS, chat("boxed"))
+            assert status == 200, text
+            assert payload == {"object": "squatter"}  # what the "container" answers
+            assert await events(session, gateway, "port_taken_retry") == []
+    finally:
+        for record in folder.iterdir():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(record.read_text()), signal.SIGKILL)
 
 
 async def test_an_engine_that_always_finds_its_port_taken_is_tried_twice_not_forever(

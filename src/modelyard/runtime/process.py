@@ -18,8 +18,11 @@ from modelyard.engines.base import LaunchSpec
 from modelyard.proctree import (
     group_members,
     is_zombie,
+    listening_inodes,
     process_start_ticks,
+    process_tree,
     signal_group,
+    socket_holders,
 )
 from modelyard.redaction import MASK
 from modelyard.runtime.logs import EngineLog, pump_lines
@@ -95,6 +98,7 @@ class EngineProcess:
         self._registry = registry
         self._health_session = health_session
         self._output_seen = asyncio.Event()
+        self._told_squatter = False  # the log says once that another program answered
         self._unsubscribe = log.subscribe(lambda _line: self._output_seen.set())
         assert process.stdout is not None
         self._pump = asyncio.create_task(pump_lines(process.stdout, log.append))
@@ -160,6 +164,8 @@ class EngineProcess:
                 delay = min(delay * POLL_GROWTH, MAX_POLL_S)
 
     async def _is_ready(self, session: aiohttp.ClientSession) -> bool:
+        """Its health check answers 200 (and it lists its served name, when expected), and
+        what answers is not another program that took its port."""
         timeout = aiohttp.ClientTimeout(total=HEALTH_REQUEST_TIMEOUT_S)
         headers = self.spec.upstream_headers  # an engine started with --api-key wants it
         try:
@@ -168,18 +174,44 @@ class EngineProcess:
             ) as resp:
                 if resp.status != 200:
                     return False
-            if self.spec.expect_served_name is None:
-                return True
-            async with session.get(
-                self.base_url + "/v1/models", timeout=timeout, headers=headers
-            ) as resp:
-                if resp.status != 200:
+            if self.spec.expect_served_name is not None:
+                async with session.get(
+                    self.base_url + "/v1/models", timeout=timeout, headers=headers
+                ) as resp:
+                    if resp.status != 200:
+                        return False
+                    listing = await resp.json(content_type=None)
+                names = {entry.get("id") for entry in listing.get("data", [])}
+                if self.spec.expect_served_name not in names:
                     return False
-                listing = await resp.json(content_type=None)
-            names = {entry.get("id") for entry in listing.get("data", [])}
-            return self.spec.expect_served_name in names
         except (TimeoutError, aiohttp.ClientError, ValueError, AttributeError):
             return False
+        squatter = await asyncio.to_thread(self._another_program_listening)
+        if squatter is not None and not self._told_squatter:
+            self._told_squatter = True
+            self.log.append(
+                f"[modelyard] port {self.port} answers, but from another program (pid "
+                f"{squatter}, running since before this engine started): not ready"
+            )
+        return squatter is None
+
+    def _another_program_listening(self) -> int | None:
+        """The pid of the program listening on the engine's port, when it is provably not
+        the engine: none of the engine's processes, and running since before the engine was
+        started (it took the port between the gateway's choice and the engine's bind; the
+        engine will fail to bind and exit). What cannot be told here counts as the engine's:
+        a listener in another namespace or of another user, or one started after the engine
+        (docker-proxy for a `command: docker run -p ...` engine's container)."""
+        inodes = listening_inodes(self.port, self.pid)
+        born = process_start_ticks(self.pid)
+        if not inodes or born is None or socket_holders(inodes, [self.pid]):
+            return None  # (most often the engine's own process listens: no tree to read)
+        if socket_holders(inodes, process_tree(self.pid)):
+            return None
+        holders = socket_holders(inodes)
+        if holders and all((process_start_ticks(pid) or 0) < born for pid in holders):
+            return holders[0]
+        return None
 
     def _start_error(self, what: str) -> EngineStartError:
         code = self.exit_code()
