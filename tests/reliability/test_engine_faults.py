@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.conftest import PYTHON, TESTS, fake_engine_command, fake_model
 
@@ -208,40 +209,20 @@ def squatting(folder: Path, mode: str) -> Iterator[tuple[dict[str, Any], list[in
             taken.append(int(record.name))
 
 
+@pytest.mark.parametrize("squatter", ["silent", "answering"])
 async def test_an_engine_whose_port_another_program_took_is_started_again_on_another(
-    gateway_factory, tmp_path
+    gateway_factory, tmp_path, squatter
 ):
     # Another program binds the engine's port between the gateway's choice and the engine's
     # bind: the engine exits with "address already in use", as vLLM does. That is not the
     # engine's fault: the gateway starts it once more at once, on another port, and the
     # request that asked for it is served.
-    with squatting(tmp_path / "squats", "once") as (models, taken):
-        gateway = gateway_factory(models)
-        async with aiohttp.ClientSession() as session:
-            status, payload, text = await post(session, gateway.url + COMPLETIONS, chat("chat"))
-            assert status == 200, text
-            assert payload["choices"]
-            [failed] = await events(session, gateway, "start_failed")
-            assert "address already in use" in "\n".join(failed["data"]["log_tail"]).lower()
-            [retry] = await events(session, gateway, "port_taken_retry")
-            assert retry["model"] == "chat"
-            assert len(await events(session, gateway, "start")) == 2
-        [model] = gateway.status()["models"]
-        assert model["state"] == "ready"
-    assert len(taken) == 1
-    assert model["port"] not in taken
-
-
-async def test_another_programs_server_answering_on_the_engines_port_is_not_the_engine(
-    gateway_factory, tmp_path
-):
-    # Hostile: another program, running before the engine was started, binds the engine's
-    # port before the engine does and answers 200 to everything, `/health` included (a
-    # `command` engine's only readiness check). It is not the engine: the gateway must not
-    # route the request to it (before, it did: the client got the squatter's answer). The
-    # engine then fails to bind and exits ("address already in use"); the gateway starts it
-    # again on another port, and the request is served by the engine.
-    with squatting(tmp_path / "squats", "answered") as (models, taken):
+    # Hostile, "answering": that program, running since before the engine was started,
+    # answers 200 to everything, `/health` included (a `command` engine's only readiness
+    # check). It is not the engine: the request must not be routed to it (before, it was:
+    # the client got the squatter's answer).
+    mode = {"silent": "once", "answering": "answered"}[squatter]
+    with squatting(tmp_path / "squats", mode) as (models, taken):
         gateway = gateway_factory(models)
         async with aiohttp.ClientSession() as session:
             status, payload, text = await post(session, gateway.url + COMPLETIONS, chat("chat"))
@@ -250,11 +231,14 @@ async def test_another_programs_server_answering_on_the_engines_port_is_not_the_
             assert payload["choices"]
             [failed] = await events(session, gateway, "start_failed")
             assert "address already in use" in "\n".join(failed["data"]["log_tail"]).lower()
-            assert len(await events(session, gateway, "port_taken_retry")) == 1
+            [retry] = await events(session, gateway, "port_taken_retry")
+            assert retry["model"] == "chat"
+            assert len(await events(session, gateway, "start")) == 2
         [model] = gateway.status()["models"]
         assert model["state"] == "ready"
         engine_log = "\n".join(p.read_text() for p in (gateway.state_dir / "logs").glob("*"))
-        assert "answers, but from another program" in engine_log
+        told = "answers, but from another program" in engine_log
+        assert told == (squatter == "answering")
     assert len(taken) == 1
     assert model["port"] not in taken
 
