@@ -32,24 +32,20 @@ def is_zombie(pid: int) -> bool:
 def group_members(pgid: int) -> list[int]:
     """Live (non-zombie) processes whose process group is `pgid`."""
     members = []
-    for entry in _PROC.iterdir():
-        if not entry.name.isdigit():
-            continue
-        fields = _stat_fields(int(entry.name))
+    for pid in _all_pids():
+        fields = _stat_fields(pid)
         if fields and int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry.name))
+            members.append(pid)
     return members
 
 
 def process_tree(root: int) -> list[int]:
     """`root` and all its descendants that are alive now."""
     children: dict[int, list[int]] = {}
-    for entry in _PROC.iterdir():
-        if not entry.name.isdigit():
-            continue
-        fields = _stat_fields(int(entry.name))
+    for pid in _all_pids():
+        fields = _stat_fields(pid)
         if fields:
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
+            children.setdefault(int(fields[1]), []).append(pid)
     tree, todo = [], [root]
     while todo:
         pid = todo.pop()
@@ -119,4 +115,5 @@ def socket_holders(inodes: set[int], pids: list[int] | None = None) -> list[int]
 
 
 def _all_pids() -> list[int]:
+    """Every process's pid (a process may be gone by the time it is read)."""
     return [int(entry.name) for entry in _PROC.iterdir() if entry.name.isdigit()]

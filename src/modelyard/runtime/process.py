@@ -205,11 +205,11 @@ class EngineProcess:
         inodes = listening_inodes(self.port, self.pid)
         born = process_start_ticks(self.pid)
         if not inodes or born is None or socket_holders(inodes, [self.pid]):
-            return None  # (most often the engine's own process listens: no tree to read)
-        if socket_holders(inodes, process_tree(self.pid)):
-            return None
+            return None  # (most often the engine's own process listens: nothing more to read)
         holders = socket_holders(inodes)
-        if holders and all((process_start_ticks(pid) or 0) < born for pid in holders):
+        if not holders or set(holders) & set(process_tree(self.pid)):
+            return None
+        if all((process_start_ticks(pid) or 0) < born for pid in holders):
             return holders[0]
         return None
 

@@ -904,10 +904,10 @@ class Scheduler(EngineViews):
     def _prewarm_status(self, name: str) -> dict[str, Any]:
         """Whether pre-warming is on for `name`, and, while it is stopped or asleep, what the
         predictor expects of it now: why it was pre-warmed, or was not yet."""
-        on = self.prewarming.on(self.config, name)
-        chance = self.prewarming.outlook(self._model_now(name)) if on else None
+        model = self._model_now(name)
+        chance = self.prewarming.outlook(model)  # (None when pre-warming is off for it)
         return {
-            "on": on,
+            "on": model.prewarm,
             "chance": None if chance is None else round(chance.probability, 3),
             "within_s": None if chance is None else round(chance.horizon_s, 1),
             "reason": None if chance is None else chance.reason,
