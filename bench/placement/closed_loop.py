@@ -88,8 +88,7 @@ HEADER = (
 
 def compare_closed(trace: Trace) -> ClosedRow:
     today, learned = (
-        Run(world.outcomes, world.prewarms, world.keeps)
-        for world in (replay_closed(trace, None), replay_closed(trace, Predictor()))
+        Run.of(world) for world in (replay_closed(trace, None), replay_closed(trace, Predictor()))
     )
     return ClosedRow(
         trace.name, len(learned.outcomes), today.total_wait, learned.total_wait, *learned.tally()

@@ -32,7 +32,6 @@ if __package__ in (None, ""):
     sys.path[:0] = [str(_ROOT), str(_ROOT / "src")]
 
 from bench.placement.prewarm import (
-    LONGER_S,
     Foresight,
     Run,
     replay,
@@ -58,8 +57,7 @@ class InFlightOnly(Foresight):
 
 
 def foresight_run(trace: Trace, predictor: Foresight, evictions_free: bool) -> Run:
-    world = replayed(trace, predictor, exact_chances=evictions_free)
-    return Run(world.outcomes, world.prewarms, world.keeps)
+    return Run.of(replayed(trace, predictor, exact_chances=evictions_free))
 
 
 def row(trace: Trace) -> str:
@@ -67,12 +65,7 @@ def row(trace: Trace) -> str:
     shipped = foresight_run(trace, Foresight(trace), evictions_free=False)
     free = foresight_run(trace, Foresight(trace), evictions_free=True)
     loosest = foresight_run(trace, InFlightOnly(trace), evictions_free=True)
-    longer = [
-        after
-        for before, after in zip(today.outcomes, shipped.outcomes, strict=True)
-        if after.waited > before.waited + LONGER_S
-    ]
-    in_the_way = sum(1 for outcome in longer if outcome.prewarm_in_the_way is not None)
+    longer, in_the_way = shipped.longer_than(today)
     made, _, wasted, _, _ = shipped.tally()
 
     def ratio(run: Run) -> str:
@@ -80,7 +73,7 @@ def row(trace: Trace) -> str:
 
     return (
         f"| {trace.name} | {today.total_wait:,.0f} | {ratio(shipped)} | {wasted} of {made} "
-        f"| {len(longer)} ({in_the_way}) | {ratio(free)} | {ratio(loosest)} |"
+        f"| {longer} ({in_the_way}) | {ratio(free)} | {ratio(loosest)} |"
     )
 
 

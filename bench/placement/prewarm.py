@@ -54,9 +54,23 @@ class Run:
     prewarms: list[PreWarmRecord]
     keeps: list[PreWarmRecord]  # engines the idle timer kept up for pre-warming
 
+    @classmethod
+    def of(cls, world: VirtualGateway) -> Run:
+        return cls(world.outcomes, world.prewarms, world.keeps)
+
     @property
     def total_wait(self) -> float:
         return sum(outcome.waited for outcome in self.outcomes)
+
+    def longer_than(self, today: Run) -> tuple[int, int]:
+        """How many requests waited longer here than in `today` (the same trace), compared
+        request by request, and how many of those had a pre-warm in their way."""
+        longer = [
+            after
+            for before, after in zip(today.outcomes, self.outcomes, strict=True)
+            if after.waited > before.waited + LONGER_S
+        ]
+        return len(longer), sum(1 for o in longer if o.prewarm_in_the_way is not None)
 
     def tally(self) -> tuple[int, int, int, int, int]:
         """Pre-warms made, used and wasted; idle spells kept up, and those a request ended."""
@@ -125,8 +139,7 @@ def replay(
     trace: Trace, prewarm: bool, foresight: bool = False, idle_timeout: float = IDLE_TIMEOUT_S
 ) -> Run:
     predictor = Foresight(trace) if foresight else Predictor() if prewarm else None
-    world = replayed(trace, predictor, idle_timeout)
-    return Run(world.outcomes, world.prewarms, world.keeps)
+    return Run.of(replayed(trace, predictor, idle_timeout))
 
 
 @dataclass(frozen=True)
@@ -177,11 +190,7 @@ HEADER = (
 def compare(trace: Trace) -> Row:
     today = replay(trace, prewarm=False)
     learned = replay(trace, prewarm=True)
-    longer = [
-        after
-        for before, after in zip(today.outcomes, learned.outcomes, strict=True)
-        if after.waited > before.waited + LONGER_S
-    ]
+    longer, in_the_way = learned.longer_than(today)
     made, used, wasted, kept, kept_used = learned.tally()
     spared = sum(
         min(p.used_at - p.at, p.spared_s) for p in learned.prewarms if p.used_at is not None
@@ -196,8 +205,8 @@ def compare(trace: Trace) -> Row:
         used,
         wasted,
         spared,
-        len(longer),
-        sum(1 for outcome in longer if outcome.prewarm_in_the_way is not None),
+        longer,
+        in_the_way,
         replay(trace, prewarm=True, foresight=True).total_wait,
         kept,
         kept_used,
